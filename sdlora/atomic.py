@@ -1,0 +1,66 @@
+"""Atomic outputs: write to a temporary name in the destination folder, then rename into place.
+
+A crash or a full disk leaves either the old file or none, never a half-written one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+TMP_PREFIX = ".sdlora-tmp-"
+
+
+def check_writable_target(path: str | os.PathLike, *, is_dir: bool = False) -> Path:
+    """Raise a one-line error if `path` cannot become a new output (parent missing/unwritable, wrong kind)."""
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if is_dir and path.exists() and not path.is_dir():
+        raise FileExistsError(f"output {path} is an existing file, expected a folder")
+    if not is_dir and path.is_dir():
+        raise IsADirectoryError(f"output {path} is a folder, expected a file name")
+    if parent.exists() and not parent.is_dir():
+        raise NotADirectoryError(f"cannot write {path}: {parent} is a file")
+    if parent.exists() and not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write to folder {parent}: permission denied")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success it is fsynced and renamed to `path`."""
+    path = check_writable_target(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder beside `path`; on success it replaces `path` (an old folder is removed)."""
+    path = check_writable_target(path, is_dir=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=TMP_PREFIX + "old-", dir=path.parent))
+            os.replace(path, old / "x")
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

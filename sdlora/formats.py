@@ -1,0 +1,389 @@
+"""The one place that renames LoRA keys: detect a file's format and convert it to and from `LoraState`.
+
+Renaming is driven by tables (segment vocabulary, LDM block layout, per-format suffixes); any key that maps to
+nothing raises a `ValueError` naming it, never is dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterable, Mapping
+
+import torch
+
+from .state import LoraModule, LoraState
+
+DIFFUSERS = "diffusers"  # unet.<path>.lora_A.weight + lora_adapter_metadata (what save_lora_weights writes)
+KOHYA = "kohya"  # lora_unet_<path_with_underscores>.lora_down.weight / .lora_up.weight / .alpha
+KOHYA_LDM = "kohya-ldm"  # lora_unet_input_blocks_1_1_... (original LDM/SGM block names)
+DIFFUSERS_OLD = "diffusers-old"  # unet.<path>.lora.down.weight, text encoder ...lora_linear_layer.down.weight
+ATTN_PROCS = "diffusers-attn-procs"  # unet.<path>.processor.to_q_lora.down.weight
+PEFT = "peft"  # base_model.model.<path>.lora_A.weight + adapter_config.json
+FORMATS = (DIFFUSERS, KOHYA, KOHYA_LDM, DIFFUSERS_OLD, ATTN_PROCS, PEFT)
+WRITABLE = (DIFFUSERS, KOHYA)
+
+METADATA_KEY = "lora_adapter_metadata"  # diffusers' header key for the peft LoraConfig of each component
+
+# kohya prefix <-> component (SD1 text encoder is `lora_te_`; SDXL has two)
+KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2"}
+KOHYA_WRITE_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
+KOHYA_SDXL_WRITE_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+
+# Names of module-path segments that contain underscores, so `lora_unet_a_b_c` can be split back unambiguously
+# by longest match. Plain words (attentions, resnets, ff, net, proj, ...) and numbers need no entry.
+SEGMENTS = {
+    "down_blocks", "up_blocks", "mid_block", "transformer_blocks", "proj_in", "proj_out",
+    "to_q", "to_k", "to_v", "to_out", "add_k_proj", "add_v_proj", "conv_shortcut", "time_emb_proj",
+    "conv_in", "conv_out", "conv_norm_out", "time_embedding", "linear_1", "linear_2", "add_embedding",
+    "encoder_hid_proj", "class_embedding", "text_model", "self_attn", "q_proj", "k_proj", "v_proj", "out_proj",
+    "token_embedding", "position_embedding", "final_layer_norm", "text_projection", "layer_norm1", "layer_norm2",
+}  # fmt: skip
+_MAX_SEGMENT_PARTS = max(len(s.split("_")) for s in SEGMENTS)
+
+# Per-format key suffixes: (down, up) weight names after the module path
+_SUFFIXES = {
+    DIFFUSERS: (".lora_A.weight", ".lora_B.weight"),
+    PEFT: (".lora_A.weight", ".lora_B.weight"),
+    KOHYA: (".lora_down.weight", ".lora_up.weight"),
+    KOHYA_LDM: (".lora_down.weight", ".lora_up.weight"),
+}
+_OLD_SUFFIXES = ((".lora.down.weight", ".lora.up.weight"), (".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight"))
+# attention-processor LoRA: processor.<name>_lora -> the projection it adapts
+_ATTN_PROC_TARGETS = {"to_q_lora": "to_q", "to_k_lora": "to_k", "to_v_lora": "to_v", "to_out_lora": "to_out.0"}
+
+_UNSUPPORTED_MARKERS = {
+    "hada_w1": "LoHa (LyCORIS)",
+    "lokr_w1": "LoKr (LyCORIS)",
+    "dora_scale": "DoRA",
+    "lora_magnitude_vector": "DoRA",
+    "diff_b": "full-weight diff",
+}
+
+
+# ---------------------------------------------------------------- detection
+
+
+def detect_format(keys: Iterable[str]) -> str:
+    """Name the format of a LoRA state dict from its keys; raise ValueError if it is none we read."""
+    keys = list(keys)
+    if not keys:
+        raise ValueError("the file holds no tensors")
+    for marker, name in _UNSUPPORTED_MARKERS.items():
+        if any(marker in key for key in keys):
+            raise ValueError(f"{name} weights (key {next(k for k in keys if marker in k)!r}) are not supported: sdlora reads plain LoRA only")
+    if any(key.startswith(tuple(KOHYA_PREFIXES)) for key in keys):
+        unet_keys = [key for key in keys if key.startswith("lora_unet_")]
+        if any(key.startswith(("lora_unet_input_blocks", "lora_unet_output_blocks", "lora_unet_middle_block")) for key in unet_keys):
+            return KOHYA_LDM
+        return KOHYA
+    if any(key.startswith("base_model.model.") for key in keys):
+        return PEFT
+    if any(".processor." in key and "_lora." in key for key in keys):
+        return ATTN_PROCS
+    if any(key.endswith(suffix) for key in keys for pair in _OLD_SUFFIXES for suffix in pair):
+        return DIFFUSERS_OLD
+    if any(key.endswith(".lora_A.weight") for key in keys):
+        return DIFFUSERS
+    raise ValueError(f"unknown LoRA format: no key matches a known layout (first key: {keys[0]!r})")
+
+
+# ---------------------------------------------------------------- reading
+
+
+def to_lora_state(
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str] | None = None,
+    fmt: str | None = None,
+    adapter_config: Mapping | None = None,
+) -> LoraState:
+    """Read a state dict in any supported format into a `LoraState` (metadata is kept as is)."""
+    metadata = dict(metadata or {})
+    fmt = fmt or detect_format(tensors)
+    readers = {
+        DIFFUSERS: _read_diffusers,
+        PEFT: _read_peft,
+        KOHYA: _read_kohya,
+        KOHYA_LDM: _read_kohya,
+        DIFFUSERS_OLD: _read_diffusers_old,
+        ATTN_PROCS: _read_attn_procs,
+    }
+    if fmt not in readers:
+        raise ValueError(f"unknown format {fmt!r}: use one of {', '.join(FORMATS)}")
+    modules = readers[fmt](dict(tensors), metadata, adapter_config)
+    if not modules:
+        raise ValueError("the file holds no LoRA modules")
+    return LoraState(dict(sorted(modules.items())), metadata)
+
+
+def _pair_up(tensors: dict[str, torch.Tensor], suffixes: tuple[str, str], extra: tuple[str, ...] = ()) -> dict[str, dict[str, torch.Tensor]]:
+    """Group keys by module: {module_key: {"down": t, "up": t, "alpha": t}}; raise on any other key."""
+    down_suffix, up_suffix = suffixes
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        for role, suffix in (("down", down_suffix), ("up", up_suffix), *((("alpha", s) for s in extra))):
+            if key.endswith(suffix):
+                groups.setdefault(key[: -len(suffix)], {})[role] = tensor
+                break
+        else:
+            raise ValueError(f"LoRA key {key!r} maps to no module (expected a name ending in {down_suffix}, {up_suffix}{''.join(', ' + s for s in extra)})")
+    for module_key, group in groups.items():
+        if "down" not in group or "up" not in group:
+            missing = down_suffix if "down" not in group else up_suffix
+            raise ValueError(f"LoRA module {module_key!r} has no {missing} tensor")
+    return groups
+
+
+def _read_diffusers(tensors, metadata, _adapter_config) -> dict[str, LoraModule]:
+    configs = _component_configs(metadata)
+    modules = {}
+    for key, group in _pair_up(tensors, _SUFFIXES[DIFFUSERS], extra=(".alpha",)).items():
+        component, path = _split_component(key, default="unet")
+        path = canonical_path(component, path, key)
+        alpha = float(group["alpha"]) if "alpha" in group else _config_alpha(configs.get(component), path, group["down"].shape[0])
+        modules[f"{component}.{path}"] = LoraModule(group["down"], group["up"], alpha)
+    return modules
+
+
+def _read_peft(tensors, metadata, adapter_config) -> dict[str, LoraModule]:
+    config = dict(adapter_config or {})
+    if not config and METADATA_KEY in metadata:
+        config = json.loads(metadata[METADATA_KEY])
+    modules = {}
+    for key, group in _pair_up(tensors, _SUFFIXES[PEFT]).items():
+        path = key.removeprefix("base_model.model.")
+        component = "text_encoder" if path.startswith(("text_model.", "encoder.layers.")) else "unet"
+        path = canonical_path(component, path, key)
+        modules[f"{component}.{path}"] = LoraModule(group["down"], group["up"], _config_alpha(config or None, path, group["down"].shape[0]))
+    return modules
+
+
+def _read_kohya(tensors, _metadata, _adapter_config) -> dict[str, LoraModule]:
+    ldm_table = _ldm_table(tensors) if any(k.startswith(("lora_unet_input_blocks", "lora_unet_output_blocks", "lora_unet_middle_block")) for k in tensors) else {}
+    modules = {}
+    for key, group in _pair_up(tensors, _SUFFIXES[KOHYA], extra=(".alpha",)).items():
+        prefix = next((p for p in sorted(KOHYA_PREFIXES, key=len, reverse=True) if key.startswith(p)), None)
+        if prefix is None:
+            raise ValueError(f"LoRA key {key!r} maps to no module (kohya keys start with {', '.join(KOHYA_PREFIXES)})")
+        component = KOHYA_PREFIXES[prefix]
+        name = key[len(prefix):]
+        if component == "unet" and ldm_table:
+            name = _ldm_to_diffusers(name, ldm_table, key)
+        path = canonical_path(component, split_underscored(name, key), key)
+        alpha = float(group["alpha"]) if "alpha" in group else None
+        modules[f"{component}.{path}"] = LoraModule(group["down"], group["up"], alpha)
+    return modules
+
+
+def _read_diffusers_old(tensors, _metadata, _adapter_config) -> dict[str, LoraModule]:
+    modules = {}
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for suffixes in _OLD_SUFFIXES:
+        part = {k: v for k, v in tensors.items() if k.endswith(suffixes)}
+        groups.update(_pair_up(part, suffixes) if part else {})
+    leftover = set(tensors) - {k for k in tensors if any(k.endswith(s) for pair in _OLD_SUFFIXES for s in pair)}
+    alphas = {k.removesuffix(".alpha"): float(tensors[k]) for k in leftover if k.endswith(".alpha")}
+    for key in sorted(leftover - {k + ".alpha" for k in alphas}):
+        raise ValueError(f"LoRA key {key!r} maps to no module (diffusers non-peft keys end in .lora.down.weight or .lora_linear_layer.down.weight)")
+    for key, group in groups.items():
+        component, path = _split_component(key, default="unet")
+        path = canonical_path(component, path, key)
+        modules[f"{component}.{path}"] = LoraModule(group["down"], group["up"], alphas.get(key))
+    return modules
+
+
+def _read_attn_procs(tensors, _metadata, _adapter_config) -> dict[str, LoraModule]:
+    modules = {}
+    for key, group in _pair_up(tensors, (".down.weight", ".up.weight")).items():
+        component, path = _split_component(key, default="unet")
+        block, _, proc = path.rpartition(".processor.")
+        if not block or proc not in _ATTN_PROC_TARGETS:
+            raise ValueError(f"LoRA key {key!r} maps to no module (expected <attention>.processor.to_q_lora|to_k_lora|to_v_lora|to_out_lora)")
+        modules[f"{component}.{block}.{_ATTN_PROC_TARGETS[proc]}"] = LoraModule(group["down"], group["up"], None)
+    return modules
+
+
+def _split_component(key: str, default: str) -> tuple[str, str]:
+    head, _, rest = key.partition(".")
+    if head in ("unet", "text_encoder", "text_encoder_2"):
+        return head, rest
+    return default, key
+
+
+def _component_configs(metadata: Mapping[str, str]) -> dict[str, dict]:
+    """Per-component LoraConfig kwargs from diffusers' `lora_adapter_metadata` header ({'unet.r': 4, ...})."""
+    if METADATA_KEY not in metadata:
+        return {}
+    try:
+        flat = json.loads(metadata[METADATA_KEY])
+    except json.JSONDecodeError as err:
+        raise ValueError(f"header {METADATA_KEY} is not valid JSON: {err}") from err
+    configs: dict[str, dict] = {}
+    for key, value in flat.items():
+        component, _, field = key.partition(".")
+        configs.setdefault(component, {})[field] = value
+    return configs
+
+
+def _config_alpha(config: Mapping | None, path: str, rank: int) -> float | None:
+    """Alpha of module `path` under a peft LoraConfig (alpha_pattern, rsLoRA folded in as alpha*sqrt(r))."""
+    if not config:
+        return None
+    alpha = config.get("lora_alpha")
+    patterns = config.get("alpha_pattern") or {}
+    for pattern, value in patterns.items():
+        # peft's rule: a pattern matches a module name ending in it
+        if re.match(rf"(.*\.)?({pattern})$", path) or re.match(rf"(.*\.)?({pattern})$", path.removeprefix("text_model.")):
+            alpha = value
+            break
+    if alpha is None:
+        return None
+    alpha = float(alpha)
+    if config.get("use_rslora"):
+        alpha = alpha * math.sqrt(rank)  # rsLoRA scales by alpha/sqrt(r) = (alpha*sqrt(r))/r
+    return alpha
+
+
+# ---------------------------------------------------------------- module paths
+
+
+def canonical_path(component: str, path: str, key: str) -> str:
+    """Component-relative module path as LoraState keeps it: text encoders always with `text_model.`."""
+    if component.startswith("text_encoder"):
+        if path.startswith(("encoder.", "embeddings.", "final_layer_norm")):
+            path = "text_model." + path
+        if not path.startswith("text_model."):
+            raise ValueError(f"LoRA key {key!r} maps to no text-encoder module (expected text_model.encoder.layers...)")
+    return path
+
+
+def split_underscored(name: str, key: str) -> str:
+    """`down_blocks_0_attentions_0_proj_in` -> `down_blocks.0.attentions.0.proj_in` by longest known segment."""
+    parts = name.split("_")
+    segments, i = [], 0
+    while i < len(parts):
+        for width in range(min(_MAX_SEGMENT_PARTS, len(parts) - i), 0, -1):
+            candidate = "_".join(parts[i : i + width])
+            if width == 1 or candidate in SEGMENTS:
+                break
+        if width == 1 and not re.fullmatch(r"[a-z]+[0-9]*|[0-9]+", candidate):
+            raise ValueError(f"LoRA key {key!r} maps to no module (cannot read segment {candidate!r})")
+        segments.append(candidate)
+        i += width
+    return ".".join(segments)
+
+
+def resolve_module_path(path: str, module_names: set[str]) -> str | None:
+    """Match a LoraState component path to the installed model's module names (with or without `text_model.`)."""
+    if path in module_names:
+        return path
+    alternative = path.removeprefix("text_model.") if path.startswith("text_model.") else "text_model." + path
+    return alternative if alternative in module_names else None
+
+
+# ---------------------------------------------------------------- kohya with LDM block names
+
+
+def _ldm_unet_table(levels: int, down_attention: tuple[int, ...], up_attention: tuple[int, ...], layers: int = 2) -> dict[str, str]:
+    """Map LDM UNet block prefixes (underscored) to diffusers ones, for a UNet of `levels` resolution levels."""
+    table = {"input_blocks_0_0": "conv_in", "out_2": "conv_out", "time_embed_0": "time_embedding_linear_1", "time_embed_2": "time_embedding_linear_2",
+             "label_emb_0_0": "add_embedding_linear_1", "label_emb_0_2": "add_embedding_linear_2",
+             "middle_block_0": "mid_block_resnets_0", "middle_block_1": "mid_block_attentions_0", "middle_block_2": "mid_block_resnets_1"}  # fmt: skip
+    for level in range(levels):
+        for layer in range(layers):
+            index = 1 + level * (layers + 1) + layer
+            table[f"input_blocks_{index}_0"] = f"down_blocks_{level}_resnets_{layer}"
+            if level in down_attention:
+                table[f"input_blocks_{index}_1"] = f"down_blocks_{level}_attentions_{layer}"
+        if level < levels - 1:
+            table[f"input_blocks_{(level + 1) * (layers + 1)}_0_op"] = f"down_blocks_{level}_downsamplers_0_conv"
+        for layer in range(layers + 1):
+            index = level * (layers + 1) + layer
+            table[f"output_blocks_{index}_0"] = f"up_blocks_{level}_resnets_{layer}"
+            if level in up_attention:
+                table[f"output_blocks_{index}_1"] = f"up_blocks_{level}_attentions_{layer}"
+        if level < levels - 1:
+            upsampler_index = 2 if level in up_attention else 1
+            table[f"output_blocks_{level * (layers + 1) + layers}_{upsampler_index}_conv"] = f"up_blocks_{level}_upsamplers_0_conv"
+    return table
+
+
+LDM_SD1 = _ldm_unet_table(4, down_attention=(0, 1, 2), up_attention=(1, 2, 3))
+LDM_SDXL = _ldm_unet_table(3, down_attention=(1, 2), up_attention=(0, 1))
+# layer names inside an LDM ResBlock -> diffusers ResnetBlock2D
+LDM_RESNET_LAYERS = {"in_layers_2": "conv1", "out_layers_3": "conv2", "emb_layers_1": "time_emb_proj", "skip_connection": "conv_shortcut"}
+
+
+def _ldm_table(tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """SDXL's table when the file has SDXL's layout (two text encoders, or attention in output block 0), else SD1's."""
+    keys = list(tensors)
+    sdxl = any(k.startswith(("lora_te1_", "lora_te2_", "lora_unet_output_blocks_0_1_", "lora_unet_label_emb")) for k in keys)
+    return LDM_SDXL if sdxl else LDM_SD1
+
+
+def _ldm_to_diffusers(name: str, table: Mapping[str, str], key: str) -> str:
+    """`input_blocks_1_1_proj_in` -> `down_blocks_0_attentions_0_proj_in` (still underscored)."""
+    for ldm_prefix in sorted(table, key=len, reverse=True):
+        if name == ldm_prefix or name.startswith(ldm_prefix + "_"):
+            rest = name[len(ldm_prefix):].lstrip("_")
+            target = table[ldm_prefix]
+            if "_resnets_" in target and rest:
+                if rest not in LDM_RESNET_LAYERS:
+                    raise ValueError(f"LoRA key {key!r} maps to no module (unknown ResBlock layer {rest!r})")
+                rest = LDM_RESNET_LAYERS[rest]
+            return f"{target}_{rest}" if rest else target
+    raise ValueError(f"LoRA key {key!r} maps to no module (unknown LDM block in {name!r})")
+
+
+# ---------------------------------------------------------------- writing
+
+
+def lora_config_kwargs(state: LoraState, component: str) -> dict:
+    """peft LoraConfig kwargs for one component: the common rank/alpha plus per-module patterns."""
+    # patterns without `text_model.` match both transformers 4 (text_model.encoder...) and 5 (encoder...) trees
+    modules = {path.removeprefix("text_model."): m for path, m in state.for_component(component).items()}
+    rank, alpha = state.most_common_rank_alpha(component)
+    return {
+        "r": rank,
+        "lora_alpha": alpha,
+        "rank_pattern": {path: m.rank for path, m in modules.items() if m.rank != rank},
+        "alpha_pattern": {path: m.effective_alpha for path, m in modules.items() if m.effective_alpha != alpha},
+        "target_modules": sorted(modules),
+        "use_dora": False,
+        "lora_bias": False,
+    }
+
+
+def to_diffusers_layers(state: LoraState) -> dict[str, tuple[dict[str, torch.Tensor], dict]]:
+    """{component: (peft state dict without the component prefix, LoraConfig kwargs)} for save_lora_weights."""
+    layers = {}
+    for component in state.components():
+        tensors = {}
+        for path, module in state.for_component(component).items():
+            tensors[f"{path}.lora_A.weight"] = module.down.contiguous()
+            tensors[f"{path}.lora_B.weight"] = module.up.contiguous()
+        layers[component] = (tensors, lora_config_kwargs(state, component))
+    return layers
+
+
+def to_diffusers(state: LoraState) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The diffusers file's tensors and header, exactly as `save_lora_weights` writes them."""
+    tensors, flat_config = {}, {}
+    for component, (layers, config) in to_diffusers_layers(state).items():
+        tensors.update({f"{component}.{key}": value for key, value in layers.items()})
+        flat_config.update({f"{component}.{key}": value for key, value in config.items()})
+    return tensors, {"format": "pt", METADATA_KEY: json.dumps(flat_config, indent=2, sort_keys=True)}
+
+
+def to_kohya(state: LoraState, sdxl: bool = False) -> dict[str, torch.Tensor]:
+    """kohya/A1111/ComfyUI tensors: lora_down/lora_up/alpha per module, `lora_te_` for SD1 text encoders."""
+    prefixes = KOHYA_SDXL_WRITE_PREFIX if sdxl else KOHYA_WRITE_PREFIX
+    tensors = {}
+    for path, module in state.modules.items():
+        component, _, module_path = path.partition(".")
+        key = prefixes[component] + module_path.replace(".", "_")
+        tensors[f"{key}.lora_down.weight"] = module.down.contiguous()
+        tensors[f"{key}.lora_up.weight"] = module.up.contiguous()
+        tensors[f"{key}.alpha"] = torch.tensor(module.effective_alpha, dtype=torch.float32)
+    return tensors

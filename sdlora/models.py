@@ -1,0 +1,122 @@
+"""Load a Stable Diffusion pipeline from `tiny`, a local diffusers folder, a single-file checkpoint or a hub id."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from .atomic import atomic_dir
+from .tiny import build_sd15_shaped_pipeline, build_tiny_pipeline, tiny_clip_vocab
+
+TINY = "tiny"
+SD15_SHAPED = "sd15-shaped"
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """'fp32' | 'fp16' | 'bf16' -> torch dtype."""
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}: use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def save_pipeline(pipe, out_dir: str | os.PathLike) -> Path:
+    """Write a pipeline folder atomically; the tokenizer also gets vocab.json/merges.txt for transformers 4 users."""
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        _write_tokenizer_files(pipe.tokenizer, tmp / "tokenizer")
+    return out_dir
+
+
+def _write_tokenizer_files(tokenizer, folder: Path) -> None:
+    if (folder / "vocab.json").exists():
+        return
+    vocab, merges = tiny_clip_vocab()
+    if tokenizer.get_vocab() != vocab:  # a real tokenizer saves its own files
+        return
+    (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+
+
+def write_tiny_model(out_dir: str | os.PathLike, variant: str = TINY, seed: int = 0) -> Path:
+    """Write the tiny (or SD1.5-shaped) random-weight pipeline as a loadable diffusers folder."""
+    builders = {TINY: build_tiny_pipeline, SD15_SHAPED: build_sd15_shaped_pipeline}
+    if variant not in builders:
+        raise ValueError(f"unknown tiny-model variant {variant!r}: use one of {', '.join(builders)}")
+    return save_pipeline(builders[variant](seed=seed), out_dir)
+
+
+def load_pipeline(
+    model: str,
+    *,
+    dtype: torch.dtype = torch.float32,
+    config: str | None = None,
+    allow_pickle: bool = False,
+):
+    """A StableDiffusionPipeline from `tiny`, a diffusers folder, a single-file checkpoint or a hub id.
+
+    `config` points a single-file checkpoint at a local diffusers folder (or hub id) for its configs, so it
+    loads offline. Pickle checkpoints (.ckpt/.bin) load only with `allow_pickle`.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    if model == TINY:
+        return build_tiny_pipeline().to(dtype=dtype)
+    if model == SD15_SHAPED:
+        return build_sd15_shaped_pipeline().to(dtype=dtype)
+    path = Path(model).expanduser()
+    if path.is_dir():
+        check_model_dir(path)
+        return StableDiffusionPipeline.from_pretrained(path, torch_dtype=dtype, local_files_only=True, safety_checker=None)
+    if path.suffix.lower() in SINGLE_FILE_SUFFIXES:
+        if not path.is_file():
+            raise FileNotFoundError(f"model file not found: {path}")
+        if path.suffix.lower() in PICKLE_SUFFIXES and not allow_pickle:
+            raise ValueError(f"{path} is a pickle checkpoint, which can run code when loaded: convert it to .safetensors or pass --allow-pickle")
+        kwargs = {"torch_dtype": dtype}
+        if config:
+            kwargs["config"] = config
+        try:
+            return StableDiffusionPipeline.from_single_file(str(path), **kwargs)
+        except OSError as err:
+            raise ValueError(f"could not load single-file checkpoint {path} ({_first_line(err)}); offline, pass --config pointing at a local diffusers folder of the same architecture") from err
+    if _looks_like_path(model):
+        raise FileNotFoundError(f"model not found: {model} (expected a diffusers folder, a .safetensors file, a hub id or 'tiny')")
+    return _from_hub(model, dtype)
+
+
+def _from_hub(repo_id: str, dtype: torch.dtype):
+    from diffusers import StableDiffusionPipeline
+
+    try:
+        return StableDiffusionPipeline.from_pretrained(repo_id, torch_dtype=dtype, safety_checker=None)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"could not load {repo_id!r} from the Hugging Face hub ({_first_line(err)}); without internet, pass a local diffusers folder or .safetensors file") from err
+
+
+def check_model_dir(path: Path) -> None:
+    """Raise a one-line error if `path` is not a Stable Diffusion diffusers folder."""
+    if not (path / "model_index.json").is_file():
+        raise FileNotFoundError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
+    for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        if not (path / part).is_dir():
+            raise FileNotFoundError(f"model folder {path} has no {part}/ subfolder")
+
+
+def _looks_like_path(model: str) -> bool:
+    """True unless `model` has the shape of a hub id: `name` or `owner/name`."""
+    return model.startswith((".", "~")) or not HUB_ID.fullmatch(model)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
