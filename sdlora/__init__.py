@@ -19,6 +19,15 @@ _API = {
     "write_tiny_model": "models",
     "build_tiny_pipeline": "tiny",
     "describe": "describe",
+    "load_lora": "pipeline",
+    "set_lora_scales": "pipeline",
+    "unload_loras": "pipeline",
+    "generate": "images",
+    "save_images": "images",
+    "merge_lora": "merge",
+    "merge_model": "merge",
+    "TrainConfig": "config",
+    "train": "train",
 }
 
 __all__ = sorted(_API) + ["__version__"]

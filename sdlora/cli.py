@@ -12,6 +12,23 @@ EXIT_USER_ERROR = 2
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError, OSError, KeyError)
 
 
+# ---------------------------------------------------------------- train
+
+
+def _train_args(parser: argparse.ArgumentParser) -> None:
+    from .config import add_arguments
+
+    add_arguments(parser)
+
+
+def _train_run(args: argparse.Namespace) -> None:
+    from .config import config_from_args
+    from .train import train
+
+    path = train(config_from_args(args))
+    print(f"wrote {path} and {path.parent}")
+
+
 # ---------------------------------------------------------------- tiny-model
 
 
@@ -68,13 +85,110 @@ def _inspect_run(args: argparse.Namespace) -> None:
     print(to_json(info) if args.json else format_description(info))
 
 
+# ---------------------------------------------------------------- generate
+
+
+def _generate_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="tiny", help="'tiny', a diffusers folder, a single-file checkpoint or a hub id (default: tiny)")
+    parser.add_argument("--config", default=None, help="for a single-file checkpoint offline: a local diffusers folder of the same architecture")
+    parser.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]", help="LoRA file in any supported format, with its weight (default 1); repeat for several")
+    parser.add_argument("--prompt", required=True, help="text prompt")
+    parser.add_argument("--negative-prompt", default="", help="what to steer away from")
+    parser.add_argument("--steps", type=int, default=20, help="denoising steps")
+    parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    parser.add_argument("--seed", type=int, default=None, help="seed of the first image; image i uses seed + i (default: random, recorded in each PNG)")
+    parser.add_argument("--num-images", type=int, default=1, help="how many images")
+    parser.add_argument("--height", type=int, default=None, help="image height, a multiple of 8 (default: the model's)")
+    parser.add_argument("--width", type=int, default=None, help="image width, a multiple of 8 (default: the model's)")
+    parser.add_argument("--out", required=True, help="folder for NNNNN-<seed>.png files and grid.png (images are added, never replaced)")
+    parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None, help="model dtype (default: fp32 on CPU, fp16 on GPU)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps (default: auto)")
+    parser.add_argument("--allow-pickle", action="store_true", help="allow pickle LoRA files and checkpoints (weights only)")
+
+
+def _generate_run(args: argparse.Namespace) -> None:
+    import warnings
+
+    from .atomic import check_writable_target
+    from .images import GRID_NAME, check_image_size, default_dtype, generate, model_label, resolve_device, save_images
+    from .lorafile import read_lora
+    from .merge import parse_lora_arg
+    from .models import load_pipeline, parse_dtype
+    from .pipeline import LoraMatchWarning, load_lora
+
+    # every check a user can fail comes before the model loads and before anything is written
+    check_image_size(args.height, "--height")
+    check_image_size(args.width, "--width")
+    check_writable_target(args.out, is_dir=True)
+    loras = [parse_lora_arg(text) for text in args.lora]
+    for path, _ in loras:
+        read_lora(path, allow_pickle=args.allow_pickle)
+    device = resolve_device(args.device)
+    dtype = parse_dtype(args.dtype) if args.dtype else default_dtype(device)
+    pipe = load_pipeline(args.model, dtype=dtype, config=args.config, allow_pickle=args.allow_pickle).to(device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", LoraMatchWarning)
+        for path, scale in loras:
+            load_lora(pipe, path, scale=scale, allow_pickle=args.allow_pickle)
+    for warning in caught:
+        if issubclass(warning.category, LoraMatchWarning):
+            print(f"sdlora generate: warning: {warning.message}", file=sys.stderr)
+        else:
+            warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
+    images = generate(
+        pipe, args.prompt, args.negative_prompt, steps=args.steps, guidance=args.guidance, seed=args.seed,
+        num_images=args.num_images, height=args.height, width=args.width, model_name=model_label(args.model),
+    )  # fmt: skip
+    paths = save_images(images, args.out)
+    print(f"wrote {len(images)} images and {GRID_NAME} to {args.out} (seeds {images[0].info['seed']}..{images[-1].info['seed']}): {', '.join(p.name for p in paths)}")
+
+
+# ---------------------------------------------------------------- merge / unmerge
+
+
+def _merge_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="diffusers folder, single-file .safetensors checkpoint, 'tiny' or a hub id")
+    parser.add_argument("--lora", action="append", required=True, metavar="FILE[:SCALE]", help="LoRA file in any supported format, with its scale (default 1); repeat for several")
+    output = parser.add_mutually_exclusive_group(required=True)
+    output.add_argument("--out", default=None, help="folder to write the merged pipeline to (replaced if it exists)")
+    output.add_argument("--single-file", default=None, metavar="OUT.safetensors", help="write a single-file checkpoint instead (needs a single-file .safetensors --model)")
+    parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None, help="dtype of every floating tensor written (default: keep); updates are computed in fp32")
+    parser.add_argument("--config", default=None, help="for a single-file checkpoint written as a folder offline: a local diffusers folder of the same architecture")
+    parser.add_argument("--allow-pickle", action="store_true", help="allow pickle LoRA files and checkpoints (weights only)")
+
+
+def _merge_run(args: argparse.Namespace, unmerge: bool = False) -> None:
+    from .merge import MergeStats, merge_model, negate, parse_lora_arg
+
+    loras = [parse_lora_arg(text) for text in args.lora]
+    stats = MergeStats()
+    out = merge_model(
+        args.model, negate(loras) if unmerge else loras, out_dir=args.out, dtype=args.dtype, single_file=args.single_file,
+        allow_pickle=args.allow_pickle, config=args.config, stats=stats,
+    )  # fmt: skip
+    verb = "unmerged" if unmerge else "merged"
+    print(f"{verb} {stats.modules} LoRA modules into {stats.tensors} weights of {out} (update arithmetic {stats.arithmetic_s:.2f} s over {stats.bytes_touched / 1e9:.3f} GB)")
+
+
+def _unmerge_args(parser: argparse.ArgumentParser) -> None:
+    _merge_args(parser)
+
+
+def _unmerge_run(args: argparse.Namespace) -> None:
+    _merge_run(args, unmerge=True)
+
+
 # ---------------------------------------------------------------- registry
 
 Command = tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], None]]
 COMMANDS: list[Command] = [
+    ("train", "train a LoRA on a folder of images with captions", _train_args, _train_run),
     ("convert", "convert a LoRA file between formats", _convert_args, _convert_run),
+    ("generate", "generate images with LoRAs; PNGs record prompt, seed, steps and LoRAs as A1111 does", _generate_args, _generate_run),
     ("inspect", "show a LoRA file's format, ranks, alphas, architecture and metadata", _inspect_args, _inspect_run),
+    ("merge", "merge LoRAs into a model's weights (W + scale * alpha/r * up @ down) and write the model", _merge_args, _merge_run),
     ("tiny-model", "write a tiny random-weight Stable Diffusion pipeline (offline tests and examples)", _tiny_model_args, _tiny_model_run),
+    ("unmerge", "undo a merge: the same arguments as merge, with every scale negated (merge with -SCALE)", _unmerge_args, _unmerge_run),
 ]
 
 

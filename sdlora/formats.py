@@ -49,9 +49,12 @@ _SUFFIXES = {
     KOHYA: (".lora_down.weight", ".lora_up.weight"),
     KOHYA_LDM: (".lora_down.weight", ".lora_up.weight"),
 }
-_OLD_SUFFIXES = ((".lora.down.weight", ".lora.up.weight"), (".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight"))
-# attention-processor LoRA: processor.<name>_lora -> the projection it adapts
-_ATTN_PROC_TARGETS = {"to_q_lora": "to_q", "to_k_lora": "to_k", "to_v_lora": "to_v", "to_out_lora": "to_out.0"}
+# Old diffusers (non-peft and attention processors) keys are <module key>.down.weight / .up.weight; the module
+# key's last name says what it adapts: `.lora` the module itself, `<proj>_lora` a projection of the attention
+# (`attn1.processor.to_q_lora` -> attn1.to_q; in CLIP `self_attn.to_q_lora` -> self_attn.q_proj).
+_OLD_UNET_ENDINGS = {".lora": "", ".to_q_lora": ".to_q", ".to_k_lora": ".to_k", ".to_v_lora": ".to_v", ".to_out_lora": ".to_out.0"}
+_OLD_TEXT_ENCODER_ENDINGS = {".lora": "", ".lora_linear_layer": "", ".to_q_lora": ".q_proj", ".to_k_lora": ".k_proj", ".to_v_lora": ".v_proj", ".to_out_lora": ".out_proj"}
+_ATTN_PROC_ENDINGS = (".to_q_lora", ".to_k_lora", ".to_v_lora", ".to_out_lora")
 
 _UNSUPPORTED_MARKERS = {
     "hada_w1": "LoHa (LyCORIS)",
@@ -74,15 +77,13 @@ def detect_format(keys: Iterable[str]) -> str:
         if any(marker in key for key in keys):
             raise ValueError(f"{name} weights (key {next(k for k in keys if marker in k)!r}) are not supported: sdlora reads plain LoRA only")
     if any(key.startswith(tuple(KOHYA_PREFIXES)) for key in keys):
-        unet_keys = [key for key in keys if key.startswith("lora_unet_")]
-        if any(key.startswith(("lora_unet_input_blocks", "lora_unet_output_blocks", "lora_unet_middle_block")) for key in unet_keys):
-            return KOHYA_LDM
-        return KOHYA
+        return KOHYA_LDM if _has_ldm_names(keys) else KOHYA
     if any(key.startswith("base_model.model.") for key in keys):
         return PEFT
-    if any(".processor." in key and "_lora." in key for key in keys):
+    old_module_keys = [key.rsplit(".", 2)[0] for key in keys if key.endswith((".down.weight", ".up.weight"))]
+    if any(key.endswith(_ATTN_PROC_ENDINGS) for key in old_module_keys):
         return ATTN_PROCS
-    if any(key.endswith(suffix) for key in keys for pair in _OLD_SUFFIXES for suffix in pair):
+    if any(key.endswith((".lora", ".lora_linear_layer")) for key in old_module_keys):
         return DIFFUSERS_OLD
     if any(key.endswith(".lora_A.weight") for key in keys):
         return DIFFUSERS
@@ -107,7 +108,7 @@ def to_lora_state(
         KOHYA: _read_kohya,
         KOHYA_LDM: _read_kohya,
         DIFFUSERS_OLD: _read_diffusers_old,
-        ATTN_PROCS: _read_attn_procs,
+        ATTN_PROCS: _read_diffusers_old,  # one reader: diffusers wrote files mixing both layouts
     }
     if fmt not in readers:
         raise ValueError(f"unknown format {fmt!r}: use one of {', '.join(FORMATS)}")
@@ -135,6 +136,13 @@ def _pair_up(tensors: dict[str, torch.Tensor], suffixes: tuple[str, str], extra:
     return groups
 
 
+def _add_module(modules: dict[str, LoraModule], path: str, module: LoraModule, key: str) -> None:
+    """Add one module; two keys naming the same module would silently drop one, so that is an error."""
+    if path in modules:
+        raise ValueError(f"LoRA key {key!r} adapts {path}, which another key in the file already adapts")
+    modules[path] = module
+
+
 def _read_diffusers(tensors, metadata, _adapter_config) -> dict[str, LoraModule]:
     configs = _component_configs(metadata)
     modules = {}
@@ -142,7 +150,7 @@ def _read_diffusers(tensors, metadata, _adapter_config) -> dict[str, LoraModule]
         component, path = _split_component(key, default="unet")
         path = canonical_path(component, path, key)
         alpha = float(group["alpha"]) if "alpha" in group else _config_alpha(configs.get(component), path, group["down"].shape[0])
-        modules[f"{component}.{path}"] = LoraModule(group["down"], group["up"], alpha)
+        _add_module(modules, f"{component}.{path}", LoraModule(group["down"], group["up"], alpha), key)
     return modules
 
 
@@ -155,12 +163,12 @@ def _read_peft(tensors, metadata, adapter_config) -> dict[str, LoraModule]:
         path = key.removeprefix("base_model.model.")
         component = "text_encoder" if path.startswith(("text_model.", "encoder.layers.")) else "unet"
         path = canonical_path(component, path, key)
-        modules[f"{component}.{path}"] = LoraModule(group["down"], group["up"], _config_alpha(config or None, path, group["down"].shape[0]))
+        _add_module(modules, f"{component}.{path}", LoraModule(group["down"], group["up"], _config_alpha(config or None, path, group["down"].shape[0])), key)
     return modules
 
 
 def _read_kohya(tensors, _metadata, _adapter_config) -> dict[str, LoraModule]:
-    ldm_table = _ldm_table(tensors) if any(k.startswith(("lora_unet_input_blocks", "lora_unet_output_blocks", "lora_unet_middle_block")) for k in tensors) else {}
+    ldm_table = LDM_KOHYA if _has_ldm_names(tensors) else {}
     modules = {}
     for key, group in _pair_up(tensors, _SUFFIXES[KOHYA], extra=(".alpha",)).items():
         prefix = next((p for p in sorted(KOHYA_PREFIXES, key=len, reverse=True) if key.startswith(p)), None)
@@ -172,35 +180,26 @@ def _read_kohya(tensors, _metadata, _adapter_config) -> dict[str, LoraModule]:
             name = _ldm_to_diffusers(name, ldm_table, key)
         path = canonical_path(component, split_underscored(name, key), key)
         alpha = float(group["alpha"]) if "alpha" in group else None
-        modules[f"{component}.{path}"] = LoraModule(group["down"], group["up"], alpha)
+        _add_module(modules, f"{component}.{path}", LoraModule(group["down"], group["up"], alpha), key)
     return modules
 
 
 def _read_diffusers_old(tensors, _metadata, _adapter_config) -> dict[str, LoraModule]:
-    modules = {}
-    groups: dict[str, dict[str, torch.Tensor]] = {}
-    for suffixes in _OLD_SUFFIXES:
-        part = {k: v for k, v in tensors.items() if k.endswith(suffixes)}
-        groups.update(_pair_up(part, suffixes) if part else {})
-    leftover = set(tensors) - {k for k in tensors if any(k.endswith(s) for pair in _OLD_SUFFIXES for s in pair)}
-    alphas = {k.removesuffix(".alpha"): float(tensors[k]) for k in leftover if k.endswith(".alpha")}
-    for key in sorted(leftover - {k + ".alpha" for k in alphas}):
-        raise ValueError(f"LoRA key {key!r} maps to no module (diffusers non-peft keys end in .lora.down.weight or .lora_linear_layer.down.weight)")
-    for key, group in groups.items():
+    # an alpha, where a converter stored one, sits beside the module: <component>.<path>.alpha
+    alphas = {key: tensor for key, tensor in tensors.items() if key.endswith(".alpha")}
+    weights = {key: tensor for key, tensor in tensors.items() if key not in alphas}
+    modules: dict[str, LoraModule] = {}
+    for key, group in _pair_up(weights, (".down.weight", ".up.weight")).items():
         component, path = _split_component(key, default="unet")
-        path = canonical_path(component, path, key)
-        modules[f"{component}.{path}"] = LoraModule(group["down"], group["up"], alphas.get(key))
-    return modules
-
-
-def _read_attn_procs(tensors, _metadata, _adapter_config) -> dict[str, LoraModule]:
-    modules = {}
-    for key, group in _pair_up(tensors, (".down.weight", ".up.weight")).items():
-        component, path = _split_component(key, default="unet")
-        block, _, proc = path.rpartition(".processor.")
-        if not block or proc not in _ATTN_PROC_TARGETS:
-            raise ValueError(f"LoRA key {key!r} maps to no module (expected <attention>.processor.to_q_lora|to_k_lora|to_v_lora|to_out_lora)")
-        modules[f"{component}.{block}.{_ATTN_PROC_TARGETS[proc]}"] = LoraModule(group["down"], group["up"], None)
+        endings = _OLD_UNET_ENDINGS if component == "unet" else _OLD_TEXT_ENCODER_ENDINGS
+        ending = next((e for e in endings if path.endswith(e)), None)
+        if ending is None:
+            raise ValueError(f"LoRA key {key + '.down.weight'!r} maps to no module (old diffusers names end in {', '.join(e + '.down.weight' for e in endings)})")
+        module_path = canonical_path(component, path[: -len(ending)].removesuffix(".processor") + endings[ending], key)
+        alpha = alphas.pop(key[: -len(ending)] + ".alpha", None)
+        _add_module(modules, f"{component}.{module_path}", LoraModule(group["down"], group["up"], None if alpha is None else float(alpha)), key)
+    if alphas:
+        raise ValueError(f"LoRA key {next(iter(alphas))!r} maps to no module (no .down.weight/.up.weight pair beside it)")
     return modules
 
 
@@ -253,7 +252,7 @@ def canonical_path(component: str, path: str, key: str) -> str:
     if component.startswith("text_encoder"):
         if path.startswith(("encoder.", "embeddings.", "final_layer_norm")):
             path = "text_model." + path
-        if not path.startswith("text_model."):
+        if not path.startswith(("text_model.", "text_projection")):  # text_projection: SDXL's second encoder
             raise ValueError(f"LoRA key {key!r} maps to no text-encoder module (expected text_model.encoder.layers...)")
     return path
 
@@ -315,11 +314,16 @@ LDM_SDXL = _ldm_unet_table(3, down_attention=(1, 2), up_attention=(0, 1))
 LDM_RESNET_LAYERS = {"in_layers_2": "conv1", "out_layers_3": "conv2", "emb_layers_1": "time_emb_proj", "skip_connection": "conv_shortcut"}
 
 
-def _ldm_table(tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
-    """SDXL's table when the file has SDXL's layout (two text encoders, or attention in output block 0), else SD1's."""
-    keys = list(tensors)
-    sdxl = any(k.startswith(("lora_te1_", "lora_te2_", "lora_unet_output_blocks_0_1_", "lora_unet_label_emb")) for k in keys)
-    return LDM_SDXL if sdxl else LDM_SD1
+# SD1 and SDXL name every block they share alike (an index is level * (layers + 1) + layer in both), so one table
+# reads both; only the upsampler after an attention-less level differs (output_blocks_2_1_conv vs _2_2_conv)
+# and both spellings are in it. No need to guess the architecture from a file that may adapt a few blocks.
+LDM_KOHYA = {**LDM_SD1, **LDM_SDXL}
+# first names that only LDM/SGM UNets have (diffusers' are conv_in, time_embedding, down_blocks, mid_block, ...)
+_LDM_ONLY_BLOCKS = ("input_blocks_", "middle_block_", "output_blocks_", "time_embed_", "label_emb_", "out_2")
+
+
+def _has_ldm_names(keys: Iterable[str]) -> bool:
+    return any(key.startswith("lora_unet_") and key[len("lora_unet_"):].startswith(_LDM_ONLY_BLOCKS) for key in keys)
 
 
 def _ldm_to_diffusers(name: str, table: Mapping[str, str], key: str) -> str:
@@ -387,3 +391,85 @@ def to_kohya(state: LoraState, sdxl: bool = False) -> dict[str, torch.Tensor]:
         tensors[f"{key}.lora_up.weight"] = module.up.contiguous()
         tensors[f"{key}.alpha"] = torch.tensor(module.effective_alpha, dtype=torch.float32)
     return tensors
+
+
+# ---------------------------------------------------------------- single-file (LDM) checkpoint keys, for merge.py
+# Built from the same tables the kohya-LDM reader uses (LDM_SD1/_ldm_unet_table, LDM_RESNET_LAYERS), inverted.
+
+SINGLE_FILE_UNET_PREFIX = "model.diffusion_model."
+# SD1 checkpoints, then SDXL's first (CLIP-L) text encoder; both keep transformers' `text_model.` level
+SINGLE_FILE_TEXT_ENCODER_PREFIXES = ("cond_stage_model.transformer.", "conditioner.embedders.0.transformer.")
+# whole-checkpoint layers no LoRA targets, so the reader's tables lack them
+_LDM_NORM_LAYERS = {"in_layers_0": "norm1", "out_layers_0": "norm2"}
+_LDM_NORM_BLOCKS = {"out_0": "conv_norm_out"}
+
+
+def ldm_unet_table_for_config(config: Mapping) -> dict[str, str]:
+    """The LDM <-> diffusers block table of a UNet from its diffusers config (block types, layers per block)."""
+    layers = config.get("layers_per_block", 2)
+    if not isinstance(layers, int):
+        raise ValueError(f"UNet layers_per_block {layers!r} differs per block: no single-file layout for it")
+    return _ldm_unet_table(
+        len(config["block_out_channels"]),
+        down_attention=tuple(i for i, kind in enumerate(config["down_block_types"]) if "Attn" in kind),
+        up_attention=tuple(i for i, kind in enumerate(config["up_block_types"]) if "Attn" in kind),
+        layers=layers,
+    )
+
+
+def ldm_unet_table_from_keys(keys: Iterable[str], prefix: str = SINGLE_FILE_UNET_PREFIX) -> dict[str, str]:
+    """The block table of a single-file checkpoint's UNet, read off its keys (levels, layers, attention blocks)."""
+    names = [key[len(prefix):] for key in keys if key.startswith(prefix)]
+    if not names:
+        raise ValueError(f"no {prefix}* keys: not a Stable Diffusion single-file checkpoint")
+    downsamplers = sorted({int(m.group(1)) for n in names if (m := re.match(r"input_blocks\.(\d+)\.0\.op\.", n))})
+    inputs = {int(m.group(1)) for n in names if (m := re.match(r"input_blocks\.(\d+)\.", n))}
+    # a level is `layers` blocks then a downsampler, so the first downsampler sits at index layers + 1
+    layers = downsamplers[0] - 1 if downsamplers else max(inputs, default=0)
+    levels = len(downsamplers) + 1
+    stride = layers + 1
+
+    def has(start: str) -> bool:
+        return any(n.startswith(start) for n in names)
+
+    return _ldm_unet_table(
+        levels,
+        down_attention=tuple(level for level in range(levels) if has(f"input_blocks.{1 + level * stride}.1.")),
+        up_attention=tuple(level for level in range(levels) if has(f"output_blocks.{level * stride}.1.")),
+        layers=layers,
+    )
+
+
+def _dotted_ldm(prefix: str) -> str:
+    """`input_blocks_3_0_op` -> `input_blocks.3.0.op` (LDM block names keep their underscores, indices do not)."""
+    return re.sub(r"_(?=\d|op$|conv$)", ".", prefix)
+
+
+def ldm_unet_key(diffusers_key: str, table: Mapping[str, str]) -> str:
+    """`down_blocks.0.resnets.0.conv1.weight` -> `input_blocks.1.0.in_layers.2.weight` (no checkpoint prefix)."""
+    blocks = {**table, **_LDM_NORM_BLOCKS}
+    best: tuple[str, str] | None = None
+    for ldm_prefix, diffusers_prefix in blocks.items():
+        dotted = split_underscored(diffusers_prefix, diffusers_key)
+        if (diffusers_key == dotted or diffusers_key.startswith(dotted + ".")) and (best is None or len(dotted) > len(best[1])):
+            best = (ldm_prefix, dotted)
+    if best is None:
+        raise ValueError(f"UNet weight {diffusers_key!r} has no single-file (LDM) name")
+    ldm_prefix, dotted = best
+    rest = diffusers_key[len(dotted) + 1:]
+    if ".resnets." in dotted:
+        layer, _, param = rest.partition(".")
+        inverse = {diffusers: ldm for ldm, diffusers in {**LDM_RESNET_LAYERS, **_LDM_NORM_LAYERS}.items()}
+        if layer not in inverse:
+            raise ValueError(f"UNet weight {diffusers_key!r} has no single-file (LDM) name (unknown ResBlock layer {layer!r})")
+        rest = f"{_dotted_ldm(inverse[layer])}.{param}"
+    return f"{_dotted_ldm(ldm_prefix)}.{rest}" if rest else _dotted_ldm(ldm_prefix)
+
+
+def single_file_key(component: str, diffusers_key: str, unet_table: Mapping[str, str], text_encoder_prefix: str = SINGLE_FILE_TEXT_ENCODER_PREFIXES[0]) -> str:
+    """The single-file checkpoint key of a component's weight (`unet` -> `model.diffusion_model.input_blocks...`)."""
+    if component == "unet":
+        return SINGLE_FILE_UNET_PREFIX + ldm_unet_key(diffusers_key, unet_table)
+    if component == "text_encoder":
+        return text_encoder_prefix + canonical_path(component, diffusers_key, diffusers_key)
+    raise ValueError(f"{component} weights ({diffusers_key!r}) have no single-file name sdlora knows (SD1 UNet and CLIP text encoder only)")

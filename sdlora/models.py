@@ -69,11 +69,9 @@ def load_pipeline(
     """
     from diffusers import StableDiffusionPipeline
 
-    if model == TINY:
-        return build_tiny_pipeline().to(dtype=dtype)
-    if model == SD15_SHAPED:
-        return build_sd15_shaped_pipeline().to(dtype=dtype)
     path = Path(model).expanduser()
+    if model in (TINY, SD15_SHAPED) and not path.exists():  # an existing folder of that name wins, as in merge
+        return (build_tiny_pipeline() if model == TINY else build_sd15_shaped_pipeline()).to(dtype=dtype)
     if path.is_dir():
         check_model_dir(path)
         return StableDiffusionPipeline.from_pretrained(path, torch_dtype=dtype, local_files_only=True, safety_checker=None)
