@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -38,9 +39,15 @@ def _read_pickle(path: Path, allow_pickle: bool) -> tuple[dict[str, torch.Tensor
     if not allow_pickle:
         raise ValueError(f"{path} is a pickle file, which can run code when loaded: convert it to .safetensors or pass --allow-pickle")
     try:
-        # weights_only: tensors and plain containers only, never arbitrary objects, even with the flag
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch warns on stderr about plain (non-zip) pickles; the error below says all a user needs
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            # weights_only: tensors and plain containers only, never arbitrary objects, even with the flag
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
+        if "Weights only load failed" in str(err):
+            # torch's own message suggests weights_only=False: the one thing we must not do
+            raise ValueError(f"{path} holds Python objects besides tensors, which could run code when loaded: refused even with --allow-pickle") from err
         raise ValueError(f"{path} could not be loaded as a weights-only pickle ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from err
     if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
         loaded = loaded["state_dict"]
@@ -82,8 +89,6 @@ def _check_finite(state: LoraState) -> None:
 
 def write_diffusers(state: LoraState, out_path: str | os.PathLike) -> Path:
     """Write the diffusers format through `StableDiffusionPipeline.save_lora_weights` (LoraConfig in the header)."""
-    from diffusers import StableDiffusionPipeline
-
     out_path = check_writable_target(out_path)
     _check_finite(state)
     layers = formats.to_diffusers_layers(state)
@@ -91,6 +96,8 @@ def write_diffusers(state: LoraState, out_path: str | os.PathLike) -> Path:
     te_layers, te_config = layers.get("text_encoder", (None, None))
     if "text_encoder_2" in layers:
         raise ValueError("this LoRA has a second text encoder (SDXL): write it with --to kohya")
+    from diffusers import StableDiffusionPipeline  # after the checks: importing it takes seconds
+
     with atomic_file(out_path) as tmp:
         StableDiffusionPipeline.save_lora_weights(
             save_directory=str(tmp.parent),
