@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 
 EXIT_USER_ERROR = 2
 # errors a user can fix; anything else is a bug and keeps its traceback
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError, OSError, KeyError)
+USER_ERRORS = (ValueError, OSError)  # OSError covers missing files, permissions, a full disk
 
 
 # ---------------------------------------------------------------- train

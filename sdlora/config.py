@@ -141,7 +141,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default = item.default if item.default is not MISSING else item.default_factory()
         help_text = f"{item.metadata['help']} (default: {default})"
         if item.metadata.get("positional"):
-            parser.add_argument(item.name, help=item.metadata["help"])
+            parser.add_argument(item.name, nargs="?", default=argparse.SUPPRESS, help=item.metadata["help"] + " (or data_dir in --config)")
             continue
         flags = ["--" + item.name.replace("_", "-")] + (["--output"] if item.name == "output_dir" else [])
         kwargs: dict[str, Any] = {"dest": item.name, "help": help_text, "default": argparse.SUPPRESS}
@@ -184,8 +184,6 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if getattr(args, "config", None):
         options.update(load_toml(args.config))
     given = {k: v for k, v in vars(args).items() if k in {item.name for item in fields(TrainConfig)} and v is not None}
-    if given.get("data_dir") == "-":  # `-`: take the data folder from the config file
-        given.pop("data_dir")
     options.update(given)
     return TrainConfig(**options).validate()
 

@@ -23,7 +23,7 @@ def test_defaults_are_an_sd15_style_lora():
 def test_every_option_is_a_flag_and_a_toml_key(tmp_path):
     config_file = tmp_path / "train.toml"
     config_file.write_text('data_dir = "images"\noutput_dir = "out"\nrank = 4\nalpha = 2.5\nbuckets = true\nvalidation_prompts = ["a", "b"]\nlr = 3e-4\n')
-    config = parse(["-", "--config", str(config_file), "--rank", "8", "--no-buckets", "--validation-prompts", "c"])
+    config = parse(["--config", str(config_file), "--rank", "8", "--no-buckets", "--validation-prompts", "c"])
     assert config.rank == 8  # flag beats file
     assert config.alpha == 2.5 and config.lr == 3e-4  # file beats default
     assert config.buckets is False and config.validation_prompts == ["c"]
