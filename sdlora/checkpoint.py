@@ -1,6 +1,6 @@
 """Resumable training checkpoints: `OUT_DIR/checkpoints/step-00000500/`, written atomically, the last K kept.
 
-A checkpoint folder holds `lora.safetensors` (trainable tensors by name), `optimizer.pt` (loads with
+A checkpoint folder holds `trainable.safetensors` (trainable tensors by name), `optimizer.pt` (loads with
 `torch.load(weights_only=True)`), `scheduler.json`, `state.json` (step, data position, Python RNG, extra),
 `rng.safetensors` (torch generator states), any extra files the trainer adds, and a `COMPLETE` marker listing
 every file's size, written last. The folder is built under a temporary name and renamed into place, so a crash
@@ -28,7 +28,7 @@ from .atomic import TMP_PREFIX, atomic_dir
 
 FORMAT_VERSION = 1
 COMPLETE = "COMPLETE"
-LORA_FILE = "lora.safetensors"
+LORA_FILE = "trainable.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.json"
 STATE_FILE = "state.json"

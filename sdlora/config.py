@@ -89,6 +89,9 @@ class TrainConfig:
             raise ValueError("data_dir is required: the folder of training images")
         if not self.output_dir:
             raise ValueError("--output is required: the folder to write the LoRA to")
+        data_dir, output_dir = Path(self.data_dir).resolve(), Path(self.output_dir).resolve()
+        if output_dir == data_dir or data_dir in output_dir.parents:
+            raise ValueError(f"--output {self.output_dir} is inside the data folder {self.data_dir}: its sample images would become training data; choose another folder")
         _check(self.resolution >= 64 and self.resolution % 8 == 0, "resolution", self.resolution, "a multiple of 8, at least 64")
         for name in ("rank", "steps", "batch_size", "grad_accum", "sample_steps"):
             _check(getattr(self, name) >= 1, name, getattr(self, name), "at least 1")

@@ -140,7 +140,7 @@ def test_checkpoint_files_are_safetensors_json_and_weights_only_pickle(tmp_path)
     assert state["step"] == 2 and len(state["python_rng"][1]) == 625
     assert json.loads((path / "scheduler.json").read_text())["last_epoch"] == 2
     marker = json.loads((path / "COMPLETE").read_text())
-    assert marker["files"]["lora.safetensors"] == (path / "lora.safetensors").stat().st_size
+    assert marker["files"]["trainable.safetensors"] == (path / "trainable.safetensors").stat().st_size
     assert checkpoint.checkpoint_size(path) == sum(p.stat().st_size for p in path.iterdir()) > 0
 
 
@@ -186,7 +186,7 @@ def test_latest_skips_incomplete_damaged_and_temporary_folders(tmp_path):
     no_marker = shutil.copytree(good, checkpoints_dir / "step-00000009")
     (no_marker / "COMPLETE").unlink()
     truncated = shutil.copytree(good, checkpoints_dir / "step-00000008")
-    (truncated / "lora.safetensors").write_bytes((truncated / "lora.safetensors").read_bytes()[:100])
+    (truncated / "trainable.safetensors").write_bytes((truncated / "trainable.safetensors").read_bytes()[:100])
     shutil.copytree(good, checkpoints_dir / f"{TMP_PREFIX}abc123")  # a killed save's leftover, marker and all
     shutil.copytree(good, checkpoints_dir / "step-00000012.bak")
 

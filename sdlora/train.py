@@ -1,0 +1,334 @@
+"""`train(config) -> Path`: the one training loop, read top to bottom: setup -> (resume) -> steps -> outputs.
+
+Each optimizer step: take `grad_accum` micro-batches (each from one aspect bucket), turn images into latents
+(cached distribution or VAE), captions into embeddings (cached or text encoder), compute the noise-prediction
+loss, backpropagate into the LoRA parameters only, clip, step. Checkpoints, validation and the final files are
+helpers below the loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import checkpoint, data, lora, objective, report
+from .cache import EmbeddingCache, LatentCache, model_fingerprint
+from .config import TrainConfig
+from .metrics import MetricsLogger, progress_bar
+from .models import load_pipeline
+
+DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
+
+
+class TrainingDiverged(ValueError):
+    """The loss or the gradients stopped being finite."""
+
+
+@dataclass
+class Run:
+    """Everything the loop touches, built once by `_setup`."""
+
+    config: TrainConfig
+    accelerator: object
+    pipe: object
+    unet: torch.nn.Module  # possibly wrapped by accelerate (DDP)
+    text_encoder: torch.nn.Module
+    noise_scheduler: object
+    records: list
+    val_records: list
+    sampler: data.BucketBatchSampler
+    buckets: list
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    trainable: dict[str, torch.nn.Parameter]
+    latent_cache: LatentCache | None
+    embedding_cache: EmbeddingCache | None
+    generator: torch.Generator  # noise, timesteps and latent samples
+    rng: random.Random  # flips, crops, caption dropout and shuffling
+    objective: objective.ObjectiveConfig
+    weight_dtype: torch.dtype
+
+
+def train(config: TrainConfig) -> Path:
+    """Train a LoRA as `config` says; returns the path of the diffusers-format file in `config.output_dir`."""
+    from accelerate import Accelerator
+
+    config.validate()
+    out = Path(config.output_dir)
+    # several processes without CUDA (torchrun/accelerate launch on CPUs) need accelerate's CPU mode for gloo
+    multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=multi_cpu)
+    run = _setup(config, accelerator)
+    metrics = MetricsLogger(out, enabled=accelerator.is_main_process)
+    state = _start_or_resume(run, metrics)
+    if state.step == 0 and run.val_records:
+        metrics.log(0, val_loss=_validation_loss(run))  # the base model's loss, to compare the LoRA against
+    bar = progress_bar(config.steps, state.step, disable=not accelerator.is_local_main_process)
+    batches = _batches(run, state)
+    while state.step < config.steps:
+        loss, grad_norm = _optimizer_step(run, batches, state)
+        state.step += 1
+        lr = run.lr_scheduler.get_last_lr()[0]
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+        metrics.log(state.step, loss=loss, lr=lr, grad_norm=grad_norm, epoch=state.epoch)
+        if config.checkpoint_every and state.step % config.checkpoint_every == 0 and state.step < config.steps:
+            _save_checkpoint(run, state)
+        if config.validate_every and state.step % config.validate_every == 0 and state.step < config.steps:
+            _validate(run, metrics, state.step)
+    bar.close()
+    _save_checkpoint(run, state)
+    _validate(run, metrics, state.step)
+    if accelerator.num_processes > 1:
+        metrics.log(state.step, processes_in_sync=_check_processes_in_sync(run))
+    metrics.close()
+    return _save_outputs(run, out)
+
+
+# ---------------------------------------------------------------- setup
+
+
+def _setup(config: TrainConfig, accelerator) -> Run:
+    """Load the model and data, add LoRA, build the optimizer, schedule and caches."""
+    from diffusers import DDPMScheduler
+    from diffusers.optimization import get_scheduler
+
+    out = Path(config.output_dir)
+    if accelerator.is_main_process:
+        report.check_output_dir(out)
+    torch.manual_seed(config.seed)
+    records = data.find_images(config.data_dir, caption=config.caption, trigger=config.trigger)
+    records, val_records = data.split_validation(records, config.val_split, config.seed)
+    # frozen base weights in half precision under mixed precision; LoRA parameters stay fp32 (lora.add_lora)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
+    pipe = load_pipeline(config.model, dtype=weight_dtype, config=config.model_config, allow_pickle=config.allow_pickle)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to(accelerator.device)
+    for part in (pipe.vae, pipe.text_encoder, pipe.unet):
+        part.requires_grad_(False)
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    unet_params = lora.add_lora(pipe.unet, lora.unet_target_modules(pipe.unet, config.preset), config.rank, config.alpha, config.dropout)
+    param_groups = [{"params": unet_params, "lr": config.lr}]
+    if config.train_text_encoder:
+        te_params = lora.add_lora(pipe.text_encoder, lora.text_encoder_target_modules(pipe.text_encoder), config.rank, config.alpha, config.dropout)
+        param_groups.append({"params": te_params, "lr": config.text_encoder_lr or config.lr / 2})
+    if config.gradient_checkpointing:
+        pipe.unet.enable_gradient_checkpointing()
+        if config.train_text_encoder:
+            pipe.text_encoder.gradient_checkpointing_enable()
+    trainable = {f"unet.{n}": p for n, p in pipe.unet.named_parameters() if p.requires_grad}
+    trainable.update({f"text_encoder.{n}": p for n, p in pipe.text_encoder.named_parameters() if p.requires_grad})
+    optimizer = torch.optim.AdamW(param_groups, lr=config.lr, weight_decay=config.weight_decay)
+    # stepped once per optimizer step by the loop, not prepared: accelerate would step it once per process
+    lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps, num_training_steps=config.steps)
+    if config.train_text_encoder:
+        unet, text_encoder, optimizer = accelerator.prepare(pipe.unet, pipe.text_encoder, optimizer)
+    else:
+        (unet, optimizer), text_encoder = accelerator.prepare(pipe.unet, optimizer), pipe.text_encoder
+    choices = data.bucket_sizes(config.resolution) if config.buckets else [(config.resolution, config.resolution)]
+    record_buckets = [data.assign_bucket(r.width, r.height, choices) for r in records]
+    sampler = data.BucketBatchSampler(record_buckets, config.batch_size, seed=config.seed, num_replicas=accelerator.num_processes, rank=accelerator.process_index)
+    latent_cache, embedding_cache = _caches(config, pipe, accelerator, out)
+    generator = torch.Generator().manual_seed(config.seed + 1000 * accelerator.process_index)
+    rng = random.Random(config.seed + 1000 * accelerator.process_index)
+    objective_config = objective.ObjectiveConfig(config.prediction_type, config.snr_gamma, config.noise_offset, config.caption_dropout)
+    return Run(config, accelerator, pipe, unet, text_encoder, noise_scheduler, records, val_records, sampler, record_buckets, optimizer, lr_scheduler, trainable, latent_cache, embedding_cache, generator, rng, objective_config, weight_dtype)
+
+
+def _caches(config: TrainConfig, pipe, accelerator, out: Path) -> tuple[LatentCache | None, EmbeddingCache | None]:
+    """Latent cache unless off or crops are random; embedding cache unless the text encoder trains or captions are shuffled."""
+    if config.cache == "off":
+        return None, None
+    latent_cache = None
+    if config.crop != "random":
+        cache_dir = out / "cache" if config.cache == "disk" else None
+        latent_cache = LatentCache(lambda pixels: _encode_distribution(pipe, pixels, accelerator.device), model_fingerprint(config.model, pipe.vae), cache_dir)
+    embedding_cache = None
+    if not config.train_text_encoder and not config.shuffle_captions:
+        embedding_cache = EmbeddingCache(lambda captions: _encode_captions(pipe, pipe.text_encoder, captions, accelerator.device))
+    return latent_cache, embedding_cache
+
+
+# ---------------------------------------------------------------- one step
+
+
+def _batches(run: Run, state: checkpoint.TrainState):
+    """Batches of dataset indices in a seeded order, from the resume position on; advances state's epoch/position."""
+    while True:
+        run.sampler.set_epoch(state.epoch)
+        epoch_batches = list(run.sampler)
+        while state.batch_in_epoch < len(epoch_batches):
+            batch = epoch_batches[state.batch_in_epoch]
+            state.batch_in_epoch += 1
+            yield batch
+        state.epoch += 1
+        state.batch_in_epoch = 0
+
+
+def _optimizer_step(run: Run, batches, state: checkpoint.TrainState) -> tuple[float, float]:
+    """grad_accum micro-batches, clip, step; raises TrainingDiverged on a non-finite loss or gradient."""
+    config, accelerator = run.config, run.accelerator
+    # randomness is a function of (seed, step, process): a resumed run and every rank draw exactly what they would have
+    step_seed = (config.seed * 1_000_003 + (state.step + 1) * 1_009 + accelerator.process_index) % 2**63
+    run.generator.manual_seed(step_seed)
+    run.rng.seed(step_seed)
+    torch.manual_seed(step_seed)  # LoRA dropout draws from the global generator
+    total = 0.0
+    for micro in range(config.grad_accum):
+        indices = next(batches)
+        latents, embeddings = _encode_batch(run, indices)
+        sync = contextlib.nullcontext() if micro == config.grad_accum - 1 else accelerator.no_sync(run.unet)
+        with sync, accelerator.autocast():
+            loss = objective.diffusion_loss(run.unet, run.noise_scheduler, latents, embeddings, run.objective, generator=run.generator)
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(_diverged_message(state.step + 1, f"the loss became {loss.item()}", run))
+        accelerator.backward(loss / config.grad_accum)
+        total += loss.item() / config.grad_accum
+    params = list(run.trainable.values())
+    grad_norm = float(accelerator.clip_grad_norm_(params, config.max_grad_norm or math.inf))  # inf: measure, do not clip
+    if not math.isfinite(grad_norm):
+        raise TrainingDiverged(_diverged_message(state.step + 1, f"the gradient norm became {grad_norm}", run))
+    run.optimizer.step()
+    run.lr_scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return total, grad_norm
+
+
+def _diverged_message(step: int, what: str, run: Run) -> str:
+    found = checkpoint.latest_checkpoint(Path(run.config.output_dir) / "checkpoints")
+    kept = f"the last good checkpoint is {found}" if found else "no checkpoint was written yet"
+    hint = "use --mixed-precision bf16 instead of fp16, " if run.config.mixed_precision == "fp16" else ""
+    return f"training stopped at step {step}: {what}; {kept}. Try {hint}a lower --lr (now {run.config.lr:g}) or --max-grad-norm 1"
+
+
+def _encode_batch(run: Run, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Latents (sampled from the cached or fresh VAE distribution) and caption embeddings for one micro-batch."""
+    config, device = run.config, run.accelerator.device
+    means, stds, captions = [], [], []
+    for index in indices:
+        record, size = run.records[index], run.buckets[index]
+        flip = config.flip and run.rng.random() < 0.5
+        load = lambda: data.load_image(record, size, crop=config.crop, flip=flip, rng=run.rng)  # noqa: E731
+        if run.latent_cache is not None:
+            mean, std = run.latent_cache.get(record.path, size, config.crop, flip, load)
+        else:
+            mean, std = _encode_distribution(run.pipe, load().unsqueeze(0), device)
+            mean, std = mean[0], std[0]
+        means.append(mean)
+        stds.append(std)
+        captions.append(_shuffled(record.caption, config.trigger, run.rng) if config.shuffle_captions else record.caption)
+    captions = objective.drop_captions(captions, config.caption_dropout, run.rng)
+    mean, std = torch.stack(means).to(device, torch.float32), torch.stack(stds).to(device, torch.float32)
+    noise = torch.randn(mean.shape, generator=run.generator).to(device)
+    latents = (mean + std * noise) * run.pipe.vae.config.scaling_factor
+    if run.embedding_cache is not None:
+        embeddings = run.embedding_cache.get(captions).to(device)
+    else:
+        embeddings = _encode_captions(run.pipe, run.text_encoder, captions, device)
+    return latents.to(run.weight_dtype), embeddings.to(run.weight_dtype)
+
+
+def _shuffled(caption: str, trigger: str | None, rng: random.Random) -> str:
+    tags = [t.strip() for t in caption.split(",") if t.strip()]
+    head = [tags.pop(0)] if trigger and tags and tags[0] == trigger else []
+    rng.shuffle(tags)
+    return ", ".join(head + tags)
+
+
+@torch.no_grad()
+def _encode_distribution(pipe, pixels: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+    distribution = pipe.vae.encode(pixels.to(device, pipe.vae.dtype)).latent_dist
+    return distribution.mean.float(), distribution.std.float()
+
+
+def _encode_captions(pipe, text_encoder, captions: list[str], device) -> torch.Tensor:
+    tokens = pipe.tokenizer(captions, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt")
+    with torch.set_grad_enabled(torch.is_grad_enabled() and any(p.requires_grad for p in text_encoder.parameters())):
+        return text_encoder(tokens.input_ids.to(device))[0]
+
+
+# ---------------------------------------------------------------- checkpoints, validation, outputs
+
+
+def _start_or_resume(run: Run, metrics: MetricsLogger) -> checkpoint.TrainState:
+    state = checkpoint.TrainState(step=0, epoch=0, batch_in_epoch=0)
+    if run.config.resume:
+        path = checkpoint.find_checkpoint(Path(run.config.output_dir), run.config.resume)
+        state = checkpoint.load_checkpoint(path, run.trainable, run.optimizer, run.lr_scheduler)
+        checkpoint.restore_rngs(state, run.rng, run.generator)
+        metrics.truncate_after(state.step)
+    else:
+        metrics.truncate_after(-1)  # a fresh run into an old output folder starts a fresh log
+    return state
+
+
+def _save_checkpoint(run: Run, state: checkpoint.TrainState) -> Path | None:
+    run.accelerator.wait_for_everyone()
+    path = None
+    if run.accelerator.is_main_process:
+        state.capture_rngs(run.rng, run.generator)
+        lora_state = _lora_state(run)
+        extra = {DIFFUSERS_FILE: lambda p: report.write_lora_files(lora_state, p, None, run), f"{run.config.name}.safetensors": lambda p: report.write_lora_files(lora_state, None, p, run)}
+        path = checkpoint.save_checkpoint(Path(run.config.output_dir) / "checkpoints", state, run.trainable, run.optimizer, run.lr_scheduler, run.config.keep_checkpoints, extra)
+    run.accelerator.wait_for_everyone()
+    return path
+
+
+def _lora_state(run: Run):
+    unet = run.accelerator.unwrap_model(run.unet)
+    text_encoder = run.accelerator.unwrap_model(run.text_encoder) if run.config.train_text_encoder else None
+    return lora.extract_lora_state(unet, text_encoder)
+
+
+@torch.no_grad()
+def _validation_loss(run: Run) -> float:
+    """Mean loss on held-out images at fixed noise and timesteps, so it compares between steps."""
+    generator = torch.Generator().manual_seed(run.config.seed + 7)
+    losses = []
+    choices = data.bucket_sizes(run.config.resolution) if run.config.buckets else [(run.config.resolution, run.config.resolution)]
+    for record in run.val_records:
+        size = data.assign_bucket(record.width, record.height, choices)
+        mean, std = _encode_distribution(run.pipe, data.load_image(record, size, crop="center", flip=False).unsqueeze(0), run.accelerator.device)
+        latents = (mean + std * torch.randn(mean.shape, generator=generator).to(mean.device)) * run.pipe.vae.config.scaling_factor
+        noise = torch.randn(latents.shape, generator=generator).to(latents.device)
+        timesteps = torch.randint(0, run.noise_scheduler.config.num_train_timesteps, (1,), generator=generator).to(latents.device)
+        embeddings = _encode_captions(run.pipe, run.text_encoder, [record.caption], run.accelerator.device)
+        with run.accelerator.autocast():
+            loss = objective.diffusion_loss(run.unet, run.noise_scheduler, latents.to(run.weight_dtype), embeddings.to(run.weight_dtype), run.objective, timesteps=timesteps, noise=noise.to(run.weight_dtype))
+        losses.append(loss.item())
+    return sum(losses) / len(losses)
+
+
+def _validate(run: Run, metrics: MetricsLogger, step: int) -> None:
+    values = {"val_loss": _validation_loss(run)} if run.val_records else {}
+    if run.accelerator.is_main_process:
+        report.save_samples(run, step)
+        if values:
+            metrics.log(step, **values)
+    run.accelerator.wait_for_everyone()
+
+
+def _check_processes_in_sync(run: Run) -> int:
+    """Every process must hold bit-identical LoRA weights (DDP all-reduces the gradients); returns the count."""
+    flat = torch.cat([p.detach().flatten().to(torch.float32) for p in run.trainable.values()]).unsqueeze(0)
+    gathered = run.accelerator.gather(flat.to(run.accelerator.device)).cpu()
+    if not all(torch.equal(gathered[0], row) for row in gathered[1:]):
+        raise RuntimeError("the training processes ended with different LoRA weights: a distributed-setup bug")
+    return int(gathered.shape[0])
+
+
+def _save_outputs(run: Run, out: Path) -> Path:
+    """The diffusers file, the kohya file, config.toml and the model card."""
+    run.accelerator.wait_for_everyone()
+    if run.accelerator.is_main_process:
+        lora_state = _lora_state(run)
+        report.write_lora_files(lora_state, out / DIFFUSERS_FILE, out / f"{run.config.name}.safetensors", run)
+        report.write_config_and_card(run, out)
+    run.accelerator.wait_for_everyone()
+    return out / DIFFUSERS_FILE
