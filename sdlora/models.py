@@ -74,7 +74,11 @@ def load_pipeline(
         return (build_tiny_pipeline() if model == TINY else build_sd15_shaped_pipeline()).to(dtype=dtype)
     if path.is_dir():
         check_model_dir(path)
-        return StableDiffusionPipeline.from_pretrained(path, torch_dtype=dtype, local_files_only=True, safety_checker=None)
+        components = {}
+        if _unet_weight_files(path / "unet"):
+            # read the UNet tensor by tensor (in the target dtype): peak memory is one UNet, not a mapped file + a copy
+            components["unet"] = load_unet_streaming(path / "unet", dtype)
+        return StableDiffusionPipeline.from_pretrained(path, torch_dtype=dtype, local_files_only=True, safety_checker=None, **components)
     if path.suffix.lower() in SINGLE_FILE_SUFFIXES:
         if not path.is_file():
             raise FileNotFoundError(f"model file not found: {path}")
@@ -99,6 +103,37 @@ def _from_hub(repo_id: str, dtype: torch.dtype):
         return StableDiffusionPipeline.from_pretrained(repo_id, torch_dtype=dtype, safety_checker=None)
     except (OSError, ValueError) as err:
         raise ValueError(f"could not load {repo_id!r} from the Hugging Face hub ({_first_line(err)}); without internet, pass a local diffusers folder or .safetensors file") from err
+
+
+def _unet_weight_files(folder: Path) -> list[Path]:
+    index = folder / "diffusion_pytorch_model.safetensors.index.json"
+    if index.is_file():
+        return sorted({folder / name for name in json.loads(index.read_text())["weight_map"].values()})
+    single = folder / "diffusion_pytorch_model.safetensors"
+    return [single] if single.is_file() else []
+
+
+def load_unet_streaming(folder: Path, dtype: torch.dtype):
+    """A UNet2DConditionModel from a diffusers folder, each tensor read and cast on its own (no fp32 copy of the whole)."""
+    from diffusers import UNet2DConditionModel
+
+    from .safetensors_stream import read_header, read_tensor
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder))
+    state = {}
+    for file in _unet_weight_files(folder):
+        header = read_header(file)
+        fd = os.open(file, os.O_RDONLY)
+        try:
+            for name, info in header.tensors.items():
+                state[name] = read_tensor(fd, info).to(dtype)
+        finally:
+            os.close(fd)
+    missing, unexpected = unet.load_state_dict(state, strict=False, assign=True)
+    if missing or unexpected:
+        raise ValueError(f"{folder}: UNet weights do not fit its config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return unet.eval()
 
 
 def check_model_dir(path: Path) -> None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from . import checkpoint, data, lora, objective, report
 from .cache import EmbeddingCache, LatentCache, model_fingerprint
@@ -138,7 +139,23 @@ def _setup(config: TrainConfig, accelerator) -> Run:
     generator = torch.Generator().manual_seed(config.seed + 1000 * accelerator.process_index)
     rng = random.Random(config.seed + 1000 * accelerator.process_index)
     objective_config = objective.ObjectiveConfig(config.prediction_type, config.snr_gamma, config.noise_offset, config.caption_dropout)
-    return Run(config, accelerator, pipe, unet, text_encoder, noise_scheduler, records, val_records, sampler, record_buckets, optimizer, lr_scheduler, trainable, latent_cache, embedding_cache, generator, rng, objective_config, weight_dtype)
+    run = Run(config, accelerator, pipe, unet, text_encoder, noise_scheduler, records, val_records, sampler, record_buckets, optimizer, lr_scheduler, trainable, latent_cache, embedding_cache, generator, rng, objective_config, weight_dtype)
+    _fill_caches(run)
+    return run
+
+
+def _fill_caches(run: Run) -> None:
+    """Encode every image (both flips when flipping) and caption once, before the first step."""
+    config = run.config
+    if run.latent_cache is not None:
+        flips = (False, True) if config.flip else (False,)
+        jobs = [(record, size, flip) for record, size in zip(run.records, run.buckets) for flip in flips]
+        for record, size, flip in tqdm(jobs, desc="caching latents", disable=not run.accelerator.is_local_main_process):
+            run.latent_cache.get(record.path, size, config.crop, flip, lambda: data.load_image(record, size, crop=config.crop, flip=flip))
+    if run.embedding_cache is not None:
+        captions = sorted({record.caption for record in run.records} | ({""} if config.caption_dropout else set()))
+        for start in range(0, len(captions), 16):
+            run.embedding_cache.get(captions[start : start + 16])
 
 
 def _caches(config: TrainConfig, pipe, accelerator, out: Path) -> tuple[LatentCache | None, EmbeddingCache | None]:

@@ -92,3 +92,19 @@ def test_cli_tiny_model(tmp_path):
     assert result.returncode == 0, result.stderr
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".sdlora-tmp")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_streamed_unet_equals_from_pretrained(tiny_model_dir, dtype):
+    from diffusers import UNet2DConditionModel
+
+    from sdlora.models import load_unet_streaming
+
+    streamed = load_unet_streaming(tiny_model_dir / "unet", dtype)
+    reference = UNet2DConditionModel.from_pretrained(tiny_model_dir / "unet", torch_dtype=dtype)
+    reference_state = reference.state_dict()
+    assert streamed.state_dict().keys() == reference_state.keys()
+    for name, tensor in streamed.state_dict().items():
+        assert tensor.dtype == dtype and not tensor.is_meta, name
+        assert torch.equal(tensor, reference_state[name]), name
+    assert load_pipeline(str(tiny_model_dir), dtype=dtype).unet.dtype == dtype
