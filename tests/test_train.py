@@ -123,3 +123,31 @@ def test_two_cpu_processes_end_with_identical_lora(dataset, tmp_path):
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [line["processes_in_sync"] for line in lines if "processes_in_sync" in line] == [2]
     assert (out / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_text_encoder_lora_disk_cache_buckets_and_accumulation(dataset, tmp_path, monkeypatch):
+    import sdlora.train as train_module
+
+    runs = []
+    original_setup = train_module._setup
+    monkeypatch.setattr(train_module, "_setup", lambda *a: runs.append(original_setup(*a)) or runs[-1])
+    out = tmp_path / "run"
+    config = tiny_config(dataset, out, steps=2, buckets=True, cache="disk", grad_accum=2, gradient_checkpointing=True,
+                         checkpoint_every=0, train_text_encoder=True, text_encoder_lr=5e-4)
+    path = train(config)
+    state_keys = lora_tensors(path).keys()
+    assert any(k.startswith("text_encoder.text_model.encoder.layers.0.self_attn.q_proj") for k in state_keys)
+    run = runs[-1]
+    # a trained text encoder rules out the embedding cache; latents still come from the disk cache
+    assert run.embedding_cache is None and run.latent_cache is not None
+    sizes = {size for size in run.buckets}
+    assert any(w != h for w, h in sizes), sizes  # portrait and landscape images keep their aspect
+    for (width, height), record in zip(run.buckets, run.records):
+        assert (width > height) == (record.width > record.height) and (width < height) == (record.width < record.height)
+    cache_files = list((out / "cache").glob("*.safetensors"))
+    assert len(cache_files) == len(run.records)
+    groups = {g["lr"] for g in run.optimizer.param_groups}
+    assert groups == {1e-3, 5e-4}
+    # a second run finds every latent on disk and encodes nothing
+    monkeypatch.setattr(train_module, "_encode_distribution", lambda *a: (_ for _ in ()).throw(AssertionError("encoded again")))
+    train(tiny_config(dataset, tmp_path / "run", steps=1, buckets=True, cache="disk", checkpoint_every=0, sample_steps=1))
