@@ -156,6 +156,10 @@ def _fill_caches(run: Run) -> None:
         captions = sorted({record.caption for record in run.records} | ({""} if config.caption_dropout else set()))
         for start in range(0, len(captions), 16):
             run.embedding_cache.get(captions[start : start + 16])
+    if run.accelerator.is_local_main_process and (run.latent_cache or run.embedding_cache):
+        size = sum(cache.size_bytes() for cache in (run.latent_cache, run.embedding_cache) if cache is not None)
+        where = f" (on disk: {run.latent_cache.cache_dir})" if run.latent_cache and run.latent_cache.cache_dir else ""
+        tqdm.write(f"cache: {len(run.latent_cache.memory) if run.latent_cache else 0} latents, {len(run.embedding_cache.memory) if run.embedding_cache else 0} captions, {size / 2**20:.1f} MiB{where}")
 
 
 def _caches(config: TrainConfig, pipe, accelerator, out: Path) -> tuple[LatentCache | None, EmbeddingCache | None]:
