@@ -41,7 +41,7 @@ ADAPTABLE_LAYERS = (nn.Linear, nn.Conv2d)
 TEXT_MODEL_PREFIX = "text_model."  # LoraState keeps it for the text encoder whatever the installed tree says
 
 
-def _base_layers(model: nn.Module) -> dict[str, nn.Module]:
+def base_layers(model: nn.Module) -> dict[str, nn.Module]:
     """The model's layers by name as before any LoRA: a peft layer stands for its base, its inner layers are skipped."""
     from peft.tuners.lora import LoraLayer
 
@@ -64,7 +64,7 @@ def unet_target_modules(unet: nn.Module, preset: str) -> list[str]:
     patterns = [re.compile(p) for p in PRESETS[preset]]
     names = [
         name
-        for name, layer in _base_layers(unet).items()
+        for name, layer in base_layers(unet).items()
         if isinstance(layer, ADAPTABLE_LAYERS) and any(p.search(name) for p in patterns)
     ]
     if not names:
@@ -76,7 +76,7 @@ def text_encoder_target_modules(text_encoder: nn.Module) -> list[str]:
     """The full names of the CLIP text encoder's attention projections (q/k/v/out_proj), as in its module tree."""
     names = [
         name
-        for name, layer in _base_layers(text_encoder).items()
+        for name, layer in base_layers(text_encoder).items()
         if isinstance(layer, nn.Linear) and name.rpartition(".")[2] in TEXT_ENCODER_TARGETS
     ]
     if not names:

@@ -20,6 +20,7 @@ import torch
 
 from . import formats
 from .describe import guess_architecture
+from .lora import base_layers
 from .state import LoraModule, LoraState
 
 LOADABLE_COMPONENTS = ("unet", "text_encoder")
@@ -76,7 +77,7 @@ def load_lora(
 
 def match_to_pipeline(state: LoraState, pipe, label: str = "the LoRA") -> LoraState:
     """The modules of `state` the pipeline has, shaped like its layers; raise or warn about the others."""
-    model_modules = {c: _base_modules(getattr(pipe, c)) for c in LOADABLE_COMPONENTS if getattr(pipe, c, None) is not None}
+    model_modules = {c: base_layers(getattr(pipe, c)) for c in LOADABLE_COMPONENTS if getattr(pipe, c, None) is not None}
     module_names = {c: set(modules) for c, modules in model_modules.items()}
     adaptable = sum(isinstance(m, ADAPTABLE_LAYERS) for modules in model_modules.values() for m in modules.values())
     if "text_encoder_2" in state.components():
@@ -111,22 +112,6 @@ def match_to_pipeline(state: LoraState, pipe, label: str = "the LoRA") -> LoraSt
             stacklevel=3,
         )
     return LoraState(matched, dict(state.metadata))
-
-
-def _base_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """The model's modules by name as they were before any LoRA: a peft layer stands for its base layer."""
-    from peft.tuners.lora import LoraLayer
-
-    modules: dict[str, torch.nn.Module] = {}
-    wrapped: list[str] = []
-    for name, module in model.named_modules():
-        if any(name.startswith(prefix) for prefix in wrapped):
-            continue  # base_layer, lora_A, lora_B... of an already adapted layer
-        if isinstance(module, LoraLayer):
-            wrapped.append(name + ".")
-            module = module.get_base_layer()
-        modules[name] = module
-    return modules
 
 
 def _fit_to_layer(module: LoraModule, layer: torch.nn.Module) -> LoraModule | None:
