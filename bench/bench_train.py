@@ -35,7 +35,7 @@ CHILD = r"""
 import json, resource, sys, time
 from pathlib import Path
 from sdlora.config import TrainConfig
-from sdlora.train import train
+from sdlora.trainer import train
 options = json.loads(sys.argv[1])
 start = time.perf_counter()
 train(TrainConfig(**options).validate())

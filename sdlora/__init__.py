@@ -18,7 +18,7 @@ _API = {
     "load_pipeline": "models",
     "write_tiny_model": "models",
     "build_tiny_pipeline": "tiny",
-    "describe": "describe",
+    "describe": "inspection",
     "load_lora": "pipeline",
     "set_lora_scales": "pipeline",
     "unload_loras": "pipeline",
@@ -27,7 +27,7 @@ _API = {
     "merge_lora": "merge",
     "merge_model": "merge",
     "TrainConfig": "config",
-    "train": "train",
+    "train": "trainer",
 }
 
 __all__ = sorted(_API) + ["__version__"]

@@ -23,7 +23,7 @@ def _train_args(parser: argparse.ArgumentParser) -> None:
 
 def _train_run(args: argparse.Namespace) -> None:
     from .config import config_from_args
-    from .train import train
+    from .trainer import train
 
     path = train(config_from_args(args))
     print(f"wrote {path} and {path.parent}")
@@ -78,7 +78,7 @@ def _inspect_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _inspect_run(args: argparse.Namespace) -> None:
-    from .describe import describe, format_description, to_json
+    from .inspection import describe, format_description, to_json
     from .lorafile import read_lora
 
     info = describe(read_lora(args.file, allow_pickle=args.allow_pickle), args.file)

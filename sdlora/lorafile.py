@@ -112,7 +112,7 @@ def write_diffusers(state: LoraState, out_path: str | os.PathLike) -> Path:
 
 def kohya_metadata(state: LoraState, extra: dict[str, str] | None = None) -> dict[str, str]:
     """The `ss_*` header a UI shows: network dim/alpha, module, base model version (from shapes)."""
-    from .describe import guess_architecture
+    from .inspection import guess_architecture
 
     rank, alpha = state.most_common_rank_alpha()
     architecture = guess_architecture(state)
@@ -143,7 +143,7 @@ def _conv_args(state: LoraState) -> dict[str, str]:
 
 def write_kohya(state: LoraState, out_path: str | os.PathLike, extra_metadata: dict[str, str] | None = None) -> Path:
     """Write the kohya/A1111/ComfyUI format with a real `.alpha` per module and `ss_*` metadata."""
-    from .describe import guess_architecture
+    from .inspection import guess_architecture
 
     out_path = check_writable_target(out_path)
     _check_finite(state)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from . import formats
-from .describe import guess_architecture
+from .inspection import guess_architecture
 from .lora import base_layers
 from .state import LoraModule, LoraState
 

@@ -16,7 +16,7 @@ from .lorafile import write_diffusers, write_kohya
 from .state import LoraState
 
 if TYPE_CHECKING:
-    from .train import Run
+    from .trainer import Run
 
 SAMPLES_DIR = "samples"
 STARTED_AT = str(int(time.time()))

@@ -16,7 +16,7 @@ import torch
 from conftest import random_lora_state
 from safetensors import safe_open
 from safetensors.torch import save_file
-from test_describe import EXPECTED_ALPHA, RANK, write_format_file
+from test_inspection import EXPECTED_ALPHA, RANK, write_format_file
 
 from sdlora import formats
 from sdlora.atomic import TMP_PREFIX

@@ -1,4 +1,4 @@
-"""train.py end to end on the tiny model: outputs, loading, resume equivalence, divergence, two processes."""
+"""trainer.py end to end on the tiny model: outputs, loading, resume equivalence, divergence, two processes."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from sdlora.config import TrainConfig
-from sdlora.train import TrainingDiverged, train
+from sdlora.trainer import TrainingDiverged, train
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
@@ -126,7 +126,7 @@ def test_two_cpu_processes_end_with_identical_lora(dataset, tmp_path):
 
 
 def test_text_encoder_lora_disk_cache_buckets_and_accumulation(dataset, tmp_path, monkeypatch):
-    import sdlora.train as train_module
+    import sdlora.trainer as train_module
 
     runs = []
     original_setup = train_module._setup

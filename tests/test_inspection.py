@@ -1,4 +1,4 @@
-"""describe.py (`sdlora inspect`): format, rank, alpha and base architecture of a file in every format."""
+"""inspection.py (`sdlora inspect`): format, rank, alpha and base architecture of a file in every format."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from sdlora import formats
-from sdlora.describe import describe, format_description, guess_architecture, to_json
+from sdlora.inspection import describe, format_description, guess_architecture, to_json
 from sdlora.lorafile import read_lora, write_kohya
 from sdlora.state import LoraModule, LoraState
 
