@@ -218,6 +218,14 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=".*(TypedStorage|torch.load|IProgress).*")
+    warnings.formatwarning = _one_line_warning
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """`sdlora: warning: ...` on one line, instead of Python's file:line and source-line form."""
+    text = str(message).strip().splitlines()[0] if str(message).strip() else category.__name__
+    return f"sdlora: warning: {text}\n"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -73,7 +73,7 @@ def find_images(data_dir: str | os.PathLike, caption: str | None = None, trigger
             uncaptioned.append(relative)
             text = fixed or ""
         records.append(ImageRecord(path, _with_trigger(text, trigger), *size))
-    if unreadable:
+    if unreadable and records:
         warnings.warn(f"skipped {len(unreadable)} unreadable images in {root}: {_names(unreadable)}", stacklevel=2)
     if not records:
         raise ValueError(f"no readable images in {root}: all {len(unreadable)} failed to open ({_names(unreadable)})")

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from .atomic import atomic_dir
+from .safetensors_stream import read_header
 from .tiny import build_sd15_shaped_pipeline, build_tiny_pipeline, tiny_clip_vocab
 
 TINY = "tiny"
@@ -84,12 +85,16 @@ def load_pipeline(
             raise FileNotFoundError(f"model file not found: {path}")
         if path.suffix.lower() in PICKLE_SUFFIXES and not allow_pickle:
             raise ValueError(f"{path} is a pickle checkpoint, which can run code when loaded: convert it to .safetensors or pass --allow-pickle")
+        if path.suffix.lower() == ".safetensors":
+            read_header(path)  # a truncated or mislabelled file fails here with one line, not deep inside diffusers
         kwargs = {"torch_dtype": dtype}
         if config:
             kwargs["config"] = config
         try:
             return StableDiffusionPipeline.from_single_file(str(path), **kwargs)
         except OSError as err:
+            if path.suffix.lower() in PICKLE_SUFFIXES:
+                _explain_pickle_failure(path)
             raise ValueError(f"could not load single-file checkpoint {path} ({_first_line(err)}); offline, pass --config pointing at a local diffusers folder of the same architecture") from err
     if _looks_like_path(model):
         raise FileNotFoundError(f"model not found: {model} (expected a diffusers folder, a .safetensors file, a hub id or 'tiny')")
@@ -143,6 +148,13 @@ def check_model_dir(path: Path) -> None:
     for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
         if not (path / part).is_dir():
             raise FileNotFoundError(f"model folder {path} has no {part}/ subfolder")
+
+
+def _explain_pickle_failure(path: Path) -> None:
+    """diffusers' error for a pickle it would not load says nothing useful: load it weights-only to say why."""
+    from .lorafile import read_tensors  # raises the one-line reason: code inside, truncated, not a pickle
+
+    read_tensors(path, allow_pickle=True)
 
 
 def _looks_like_path(model: str) -> bool:

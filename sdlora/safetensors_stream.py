@@ -73,8 +73,10 @@ def read_header(path: str | os.PathLike) -> Header:
     tensors = []
     for name, entry in entries.items():
         begin, end = entry["data_offsets"]
-        if entry["dtype"] not in TORCH_DTYPES or data_start + end > size:
-            raise ValueError(f"{path}: tensor {name!r} has dtype {entry['dtype']} or offsets beyond the file")
+        if entry["dtype"] not in TORCH_DTYPES:
+            raise ValueError(f"{path}: tensor {name!r} has the unsupported dtype {entry['dtype']}")
+        if data_start + end > size:
+            raise ValueError(f"{path}: tensor {name!r} ends past the end of the file ({size} bytes): is the file truncated?")
         tensors.append(TensorInfo(name, entry["dtype"], tuple(entry["shape"]), data_start + begin, data_start + end))
     tensors.sort(key=lambda info: info.begin)
     return Header(path, {info.name: info for info in tensors}, metadata, prefix + text)

@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint, data, lora, objective, report
+from .atomic import check_writable_target, remove_leftover_temporaries
 from .cache import EmbeddingCache, LatentCache, model_fingerprint
 from .config import TrainConfig
 from .metrics import MetricsLogger, progress_bar
@@ -101,14 +102,16 @@ def _setup(config: TrainConfig, accelerator) -> Run:
     from diffusers.optimization import get_scheduler
 
     out = Path(config.output_dir)
-    if accelerator.is_main_process:
-        report.check_output_dir(out)
+    check_writable_target(out, is_dir=True)  # fail before the slow parts; nothing is created until data and model load
     torch.manual_seed(config.seed)
     records = data.find_images(config.data_dir, caption=config.caption, trigger=config.trigger)
     records, val_records = data.split_validation(records, config.val_split, config.seed)
     # frozen base weights in half precision under mixed precision; LoRA parameters stay fp32 (lora.add_lora)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
     pipe = load_pipeline(config.model, dtype=weight_dtype, config=config.model_config, allow_pickle=config.allow_pickle)
+    if accelerator.is_main_process:
+        report.check_output_dir(out)
+        remove_leftover_temporaries(out)  # what a killed run was writing when it died
     pipe.set_progress_bar_config(disable=True)
     pipe.to(accelerator.device)
     for part in (pipe.vae, pipe.text_encoder, pipe.unet):
