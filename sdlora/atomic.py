@@ -6,6 +6,7 @@ A crash or a full disk leaves either the old file or none, never a half-written 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
@@ -30,6 +31,36 @@ def check_writable_target(path: str | os.PathLike, *, is_dir: bool = False) -> P
     return path
 
 
+MIN_FREE_BYTES = 1 << 20  # a write that failed with less free space than this failed for want of space
+
+
+@contextlib.contextmanager
+def _name_the_output(path: Path) -> Iterator[None]:
+    """Errors while writing name the output, not its temporary name; a full disk is always an ENOSPC OSError.
+
+    Writers that are not plain Python file writes (torch.save's zip writer, safetensors' Rust writer) report a
+    full disk as RuntimeError or their own error type; a failed write on a disk with under 1 MiB free is one.
+    """
+    try:
+        yield
+    except OSError as err:
+        if err.errno is None:
+            raise
+        raise OSError(err.errno, err.strerror, str(path)) from err
+    except Exception as err:
+        if _free_bytes(path.parent) < MIN_FREE_BYTES:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from err
+        raise
+
+
+def _free_bytes(folder: Path) -> int:
+    try:
+        stats = os.statvfs(folder)
+    except (OSError, AttributeError):  # no statvfs on Windows
+        return MIN_FREE_BYTES
+    return stats.f_bavail * stats.f_frsize
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -45,9 +76,10 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        yield tmp
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
+        with _name_the_output(path):
+            yield tmp
+            with open(tmp, "rb") as handle:
+                os.fsync(handle.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the mode a plain open() would give
         os.replace(tmp, path)
     finally:
@@ -61,7 +93,8 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=path.parent))
     try:
-        yield tmp
+        with _name_the_output(path):
+            yield tmp
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=TMP_PREFIX + "old-", dir=path.parent))

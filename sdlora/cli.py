@@ -228,6 +228,17 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     return f"sdlora: warning: {text}\n"
 
 
+def _one_line(err: Exception) -> str:
+    """The first line of an error; an OSError as `reason: file` without Python's `[Errno N]` prefix."""
+    if isinstance(err, OSError) and err.strerror:
+        text = err.strerror
+        if err.filename and str(err.filename) not in text:
+            text = f"{text}: {err.filename}"
+    else:
+        text = str(err).strip() or type(err).__name__
+    return text.strip().splitlines()[0]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `sdlora` console script."""
     args = build_parser().parse_args(argv)
@@ -238,7 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("sdlora: interrupted", file=sys.stderr)
         return 130
     except USER_ERRORS as err:
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        message = _one_line(err)
         print(f"sdlora {args.command}: error: {message}", file=sys.stderr)
         return EXIT_USER_ERROR
     return 0

@@ -65,26 +65,38 @@ def train(config: TrainConfig) -> Path:
     out = Path(config.output_dir)
     # several processes without CUDA (torchrun/accelerate launch on CPUs) need accelerate's CPU mode for gloo
     multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    # accelerate keeps its settings per process: a second train() (a notebook) with another precision would be refused.
+    # Only the accelerator-level state is cleared; the process group (PartialState) stays.
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
     accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=multi_cpu)
-    run = _setup(config, accelerator)
-    metrics = MetricsLogger(out, enabled=accelerator.is_main_process)
-    state = _start_or_resume(run, metrics)
+    state = checkpoint.TrainState(step=0, epoch=0, batch_in_epoch=0)
+    with _explain_full_disk(out, lambda: state.step):
+        run = _setup(config, accelerator)
+        metrics = MetricsLogger(out, enabled=accelerator.is_main_process)
+        state = _start_or_resume(run, metrics)
+        return _loop(run, metrics, state)
+
+
+def _loop(run: Run, metrics: MetricsLogger, state: checkpoint.TrainState) -> Path:
+    config, accelerator, out = run.config, run.accelerator, Path(run.config.output_dir)
     if state.step == 0 and run.val_records:
         metrics.log(0, val_loss=_validation_loss(run))  # the base model's loss, to compare the LoRA against
     bar = progress_bar(config.steps, state.step, disable=not accelerator.is_local_main_process)
     batches = _batches(run, state)
-    while state.step < config.steps:
-        loss, grad_norm = _optimizer_step(run, batches, state)
-        state.step += 1
-        lr = run.lr_scheduler.get_last_lr()[0]
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-        metrics.log(state.step, loss=loss, lr=lr, grad_norm=grad_norm, epoch=state.epoch)
-        if config.checkpoint_every and state.step % config.checkpoint_every == 0 and state.step < config.steps:
-            _save_checkpoint(run, state)
-        if config.validate_every and state.step % config.validate_every == 0 and state.step < config.steps:
-            _validate(run, metrics, state.step)
-    bar.close()
+    with contextlib.closing(bar):  # closed on errors too, so an error message starts on a line of its own
+        while state.step < config.steps:
+            loss, grad_norm = _optimizer_step(run, batches, state)
+            state.step += 1
+            lr = run.lr_scheduler.get_last_lr()[0]
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+            metrics.log(state.step, loss=loss, lr=lr, grad_norm=grad_norm, epoch=state.epoch)
+            if config.checkpoint_every and state.step % config.checkpoint_every == 0 and state.step < config.steps:
+                _save_checkpoint(run, state)
+            if config.validate_every and state.step % config.validate_every == 0 and state.step < config.steps:
+                _validate(run, metrics, state.step)
     _save_checkpoint(run, state)
     _validate(run, metrics, state.step)
     if accelerator.num_processes > 1:
@@ -224,6 +236,20 @@ def _optimizer_step(run: Run, batches, state: checkpoint.TrainState) -> tuple[fl
     return total, grad_norm
 
 
+@contextlib.contextmanager
+def _explain_full_disk(out: Path, step):
+    """A full disk anywhere in a run (cache, checkpoint, samples, outputs) becomes one line that says what to do."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in checkpoint.DISK_FULL or "--resume latest" in str(err):
+            raise
+        last = checkpoint.latest_checkpoint(out / "checkpoints")
+        then = f"the last complete checkpoint is {last}: free space, then rerun with --resume latest" if last else "no checkpoint was written yet: free space, then run again"
+        where = f" writing {err.filename}" if err.filename else ""
+        raise OSError(err.errno, f"no space left on device{where} at step {step()}; {then}") from err
+
+
 def _diverged_message(step: int, what: str, run: Run) -> str:
     found = checkpoint.latest_checkpoint(Path(run.config.output_dir) / "checkpoints")
     kept = f"the last good checkpoint is {found}" if found else "no checkpoint was written yet"
@@ -300,6 +326,8 @@ def _save_checkpoint(run: Run, state: checkpoint.TrainState) -> Path | None:
         lora_state = _lora_state(run)
         extra = {DIFFUSERS_FILE: lambda p: report.write_lora_files(lora_state, p, None, run), f"{run.config.name}.safetensors": lambda p: report.write_lora_files(lora_state, None, p, run)}
         path = checkpoint.save_checkpoint(Path(run.config.output_dir) / "checkpoints", state, run.trainable, run.optimizer, run.lr_scheduler, run.config.keep_checkpoints, extra)
+        if run.accelerator.is_local_main_process:
+            tqdm.write(f"checkpoint {path}: {checkpoint.checkpoint_size(path) / 2**20:.2f} MiB")
     run.accelerator.wait_for_everyone()
     return path
 
