@@ -107,3 +107,57 @@ class EmbeddingCache:
 
     def size_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.memory.values())
+
+
+# ---------------------------------------------------------------- encoders, and the caches a training run uses
+
+
+@torch.no_grad()
+def encode_distribution(vae, pixels: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) of the VAE's latent distribution for a batch of [-1, 1] pixels, in fp32."""
+    distribution = vae.encode(pixels.to(device, vae.dtype)).latent_dist
+    return distribution.mean.float(), distribution.std.float()
+
+
+def encode_captions(tokenizer, text_encoder, captions: list[str], device) -> torch.Tensor:
+    """CLIP hidden states for captions padded to the tokenizer's length; with gradients only if the encoder trains."""
+    tokens = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt")
+    with torch.set_grad_enabled(torch.is_grad_enabled() and any(p.requires_grad for p in text_encoder.parameters())):
+        return text_encoder(tokens.input_ids.to(device))[0]
+
+
+def build_caches(config, pipe, device, out: Path) -> tuple[LatentCache | None, EmbeddingCache | None]:
+    """Latent cache unless off or crops are random; embedding cache unless the text encoder trains or captions are shuffled."""
+    if config.cache == "off":
+        return None, None
+    latent_cache = None
+    if config.crop != "random":
+        cache_dir = out / "cache" if config.cache == "disk" else None
+        latent_cache = LatentCache(lambda pixels: encode_distribution(pipe.vae, pixels, device), model_fingerprint(config.model, pipe.vae), cache_dir)
+    embedding_cache = None
+    if not config.train_text_encoder and not config.shuffle_captions:
+        embedding_cache = EmbeddingCache(lambda captions: encode_captions(pipe.tokenizer, pipe.text_encoder, captions, device))
+    return latent_cache, embedding_cache
+
+
+def fill_caches(config, records, buckets, latent_cache: LatentCache | None, embedding_cache: EmbeddingCache | None, show: bool) -> None:
+    """Encode every image (both flips when flipping) and caption once, before the first step; report the size."""
+    from tqdm.auto import tqdm
+
+    from .data import load_image
+
+    if latent_cache is not None:
+        flips = (False, True) if config.flip else (False,)
+        jobs = [(record, size, flip) for record, size in zip(records, buckets) for flip in flips]
+        for record, size, flip in tqdm(jobs, desc="caching latents", disable=not show):
+            latent_cache.get(record.path, size, config.crop, flip, lambda: load_image(record, size, crop=config.crop, flip=flip))
+    if embedding_cache is not None:
+        captions = sorted({record.caption for record in records} | ({""} if config.caption_dropout else set()))
+        for start in range(0, len(captions), 16):
+            embedding_cache.get(captions[start : start + 16])
+    if show and (latent_cache or embedding_cache):
+        size = sum(cache.size_bytes() for cache in (latent_cache, embedding_cache) if cache is not None)
+        where = f" (on disk: {latent_cache.cache_dir})" if latent_cache and latent_cache.cache_dir else ""
+        latents = len(latent_cache.memory) if latent_cache else 0
+        captions = len(embedding_cache.memory) if embedding_cache else 0
+        tqdm.write(f"cache: {latents} latents, {captions} captions, {size / 2**20:.1f} MiB{where}")

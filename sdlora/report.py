@@ -84,8 +84,7 @@ def model_card(run: Run, out: Path) -> str:
     sample = f"![samples]({SAMPLES_DIR}/{grids[-1].name})\n" if grids else ""
     trigger = f"Trigger word: **{config.trigger}** (put it in your prompt).\n" if config.trigger else "No trigger word.\n"
     return f"""---
-base_model: {config.model}
-library_name: diffusers
+{_base_model_line(config.model)}library_name: diffusers
 tags: [stable-diffusion, lora, sdlora]
 ---
 # {config.name}
@@ -112,12 +111,28 @@ A LoRA for Stable Diffusion trained with sdlora on {len(run.records)} images fro
 
 ## Use with diffusers
 ```python
-from diffusers import StableDiffusionPipeline
-pipe = StableDiffusionPipeline.from_pretrained("{config.model}")
+{_pipeline_code(config.model)}
 pipe.load_lora_weights("{out}")
 image = pipe("{(config.validation_prompts or [config.trigger or 'a picture'])[0]}").images[0]
 ```
 """
+
+
+def _base_model_line(model: str) -> str:
+    """`base_model:` for the hub's model card metadata: only a hub id belongs there, not a local path or `tiny`."""
+    looks_like_hub_id = model.count("/") == 1 and not Path(model).exists() and not model.startswith((".", "/", "~"))
+    return f"base_model: {model}\n" if looks_like_hub_id else ""
+
+
+def _pipeline_code(model: str) -> str:
+    """The lines that load the base model in plain diffusers (or sdlora, for its embedded test models)."""
+    from .models import SD15_SHAPED, SINGLE_FILE_SUFFIXES, TINY
+
+    if model in (TINY, SD15_SHAPED) and not Path(model).exists():
+        return f'from sdlora import load_pipeline\npipe = load_pipeline("{model}")  # sdlora\'s embedded random-weight test model'
+    if Path(model).suffix.lower() in SINGLE_FILE_SUFFIXES:
+        return f'from diffusers import StableDiffusionPipeline\npipe = StableDiffusionPipeline.from_single_file("{model}")'
+    return f'from diffusers import StableDiffusionPipeline\npipe = StableDiffusionPipeline.from_pretrained("{model}")'
 
 
 def sample_prompts(run: Run) -> list[str]:

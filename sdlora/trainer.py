@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import checkpoint, data, lora, objective, report
+from . import cache, checkpoint, data, lora, objective, report, validation
 from .atomic import check_writable_target, remove_leftover_temporaries
-from .cache import EmbeddingCache, LatentCache, model_fingerprint
+from .cache import EmbeddingCache, LatentCache
 from .config import TrainConfig
 from .metrics import MetricsLogger, progress_bar
 from .models import load_pipeline
@@ -82,7 +82,7 @@ def train(config: TrainConfig) -> Path:
 def _loop(run: Run, metrics: MetricsLogger, state: checkpoint.TrainState) -> Path:
     config, accelerator, out = run.config, run.accelerator, Path(run.config.output_dir)
     if state.step == 0 and run.val_records:
-        metrics.log(0, val_loss=_validation_loss(run))  # the base model's loss, to compare the LoRA against
+        metrics.log(0, val_loss=validation.validation_loss(run))  # the base model's loss, to compare the LoRA against
     bar = progress_bar(config.steps, state.step, disable=not accelerator.is_local_main_process)
     batches = _batches(run, state)
     with contextlib.closing(bar):  # closed on errors too, so an error message starts on a line of its own
@@ -96,9 +96,9 @@ def _loop(run: Run, metrics: MetricsLogger, state: checkpoint.TrainState) -> Pat
             if config.checkpoint_every and state.step % config.checkpoint_every == 0 and state.step < config.steps:
                 _save_checkpoint(run, state)
             if config.validate_every and state.step % config.validate_every == 0 and state.step < config.steps:
-                _validate(run, metrics, state.step)
+                validation.validate(run, metrics, state.step)
     _save_checkpoint(run, state)
-    _validate(run, metrics, state.step)
+    validation.validate(run, metrics, state.step)
     if accelerator.num_processes > 1:
         metrics.log(state.step, processes_in_sync=_check_processes_in_sync(run))
     metrics.close()
@@ -150,45 +150,13 @@ def _setup(config: TrainConfig, accelerator) -> Run:
     choices = data.bucket_sizes(config.resolution) if config.buckets else [(config.resolution, config.resolution)]
     record_buckets = [data.assign_bucket(r.width, r.height, choices) for r in records]
     sampler = data.BucketBatchSampler(record_buckets, config.batch_size, seed=config.seed, num_replicas=accelerator.num_processes, rank=accelerator.process_index)
-    latent_cache, embedding_cache = _caches(config, pipe, accelerator, out)
+    latent_cache, embedding_cache = cache.build_caches(config, pipe, accelerator.device, out)
     generator = torch.Generator().manual_seed(config.seed + 1000 * accelerator.process_index)
     rng = random.Random(config.seed + 1000 * accelerator.process_index)
     objective_config = objective.ObjectiveConfig(config.prediction_type, config.snr_gamma, config.noise_offset, config.caption_dropout)
     run = Run(config, accelerator, pipe, unet, text_encoder, noise_scheduler, records, val_records, sampler, record_buckets, optimizer, lr_scheduler, trainable, latent_cache, embedding_cache, generator, rng, objective_config, weight_dtype)
-    _fill_caches(run)
+    cache.fill_caches(config, records, record_buckets, latent_cache, embedding_cache, show=accelerator.is_local_main_process)
     return run
-
-
-def _fill_caches(run: Run) -> None:
-    """Encode every image (both flips when flipping) and caption once, before the first step."""
-    config = run.config
-    if run.latent_cache is not None:
-        flips = (False, True) if config.flip else (False,)
-        jobs = [(record, size, flip) for record, size in zip(run.records, run.buckets) for flip in flips]
-        for record, size, flip in tqdm(jobs, desc="caching latents", disable=not run.accelerator.is_local_main_process):
-            run.latent_cache.get(record.path, size, config.crop, flip, lambda: data.load_image(record, size, crop=config.crop, flip=flip))
-    if run.embedding_cache is not None:
-        captions = sorted({record.caption for record in run.records} | ({""} if config.caption_dropout else set()))
-        for start in range(0, len(captions), 16):
-            run.embedding_cache.get(captions[start : start + 16])
-    if run.accelerator.is_local_main_process and (run.latent_cache or run.embedding_cache):
-        size = sum(cache.size_bytes() for cache in (run.latent_cache, run.embedding_cache) if cache is not None)
-        where = f" (on disk: {run.latent_cache.cache_dir})" if run.latent_cache and run.latent_cache.cache_dir else ""
-        tqdm.write(f"cache: {len(run.latent_cache.memory) if run.latent_cache else 0} latents, {len(run.embedding_cache.memory) if run.embedding_cache else 0} captions, {size / 2**20:.1f} MiB{where}")
-
-
-def _caches(config: TrainConfig, pipe, accelerator, out: Path) -> tuple[LatentCache | None, EmbeddingCache | None]:
-    """Latent cache unless off or crops are random; embedding cache unless the text encoder trains or captions are shuffled."""
-    if config.cache == "off":
-        return None, None
-    latent_cache = None
-    if config.crop != "random":
-        cache_dir = out / "cache" if config.cache == "disk" else None
-        latent_cache = LatentCache(lambda pixels: _encode_distribution(pipe, pixels, accelerator.device), model_fingerprint(config.model, pipe.vae), cache_dir)
-    embedding_cache = None
-    if not config.train_text_encoder and not config.shuffle_captions:
-        embedding_cache = EmbeddingCache(lambda captions: _encode_captions(pipe, pipe.text_encoder, captions, accelerator.device))
-    return latent_cache, embedding_cache
 
 
 # ---------------------------------------------------------------- one step
@@ -268,7 +236,7 @@ def _encode_batch(run: Run, indices: list[int]) -> tuple[torch.Tensor, torch.Ten
         if run.latent_cache is not None:
             mean, std = run.latent_cache.get(record.path, size, config.crop, flip, load)
         else:
-            mean, std = _encode_distribution(run.pipe, load().unsqueeze(0), device)
+            mean, std = cache.encode_distribution(run.pipe.vae, load().unsqueeze(0), device)
             mean, std = mean[0], std[0]
         means.append(mean)
         stds.append(std)
@@ -280,7 +248,7 @@ def _encode_batch(run: Run, indices: list[int]) -> tuple[torch.Tensor, torch.Ten
     if run.embedding_cache is not None:
         embeddings = run.embedding_cache.get(captions).to(device)
     else:
-        embeddings = _encode_captions(run.pipe, run.text_encoder, captions, device)
+        embeddings = cache.encode_captions(run.pipe.tokenizer, run.text_encoder, captions, device)
     return latents.to(run.weight_dtype), embeddings.to(run.weight_dtype)
 
 
@@ -289,18 +257,6 @@ def _shuffled(caption: str, trigger: str | None, rng: random.Random) -> str:
     head = [tags.pop(0)] if trigger and tags and tags[0] == trigger else []
     rng.shuffle(tags)
     return ", ".join(head + tags)
-
-
-@torch.no_grad()
-def _encode_distribution(pipe, pixels: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
-    distribution = pipe.vae.encode(pixels.to(device, pipe.vae.dtype)).latent_dist
-    return distribution.mean.float(), distribution.std.float()
-
-
-def _encode_captions(pipe, text_encoder, captions: list[str], device) -> torch.Tensor:
-    tokens = pipe.tokenizer(captions, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt")
-    with torch.set_grad_enabled(torch.is_grad_enabled() and any(p.requires_grad for p in text_encoder.parameters())):
-        return text_encoder(tokens.input_ids.to(device))[0]
 
 
 # ---------------------------------------------------------------- checkpoints, validation, outputs
@@ -336,34 +292,6 @@ def _lora_state(run: Run):
     unet = run.accelerator.unwrap_model(run.unet)
     text_encoder = run.accelerator.unwrap_model(run.text_encoder) if run.config.train_text_encoder else None
     return lora.extract_lora_state(unet, text_encoder)
-
-
-@torch.no_grad()
-def _validation_loss(run: Run) -> float:
-    """Mean loss on held-out images at fixed noise and timesteps, so it compares between steps."""
-    generator = torch.Generator().manual_seed(run.config.seed + 7)
-    losses = []
-    choices = data.bucket_sizes(run.config.resolution) if run.config.buckets else [(run.config.resolution, run.config.resolution)]
-    for record in run.val_records:
-        size = data.assign_bucket(record.width, record.height, choices)
-        mean, std = _encode_distribution(run.pipe, data.load_image(record, size, crop="center", flip=False).unsqueeze(0), run.accelerator.device)
-        latents = (mean + std * torch.randn(mean.shape, generator=generator).to(mean.device)) * run.pipe.vae.config.scaling_factor
-        noise = torch.randn(latents.shape, generator=generator).to(latents.device)
-        timesteps = torch.randint(0, run.noise_scheduler.config.num_train_timesteps, (1,), generator=generator).to(latents.device)
-        embeddings = _encode_captions(run.pipe, run.text_encoder, [record.caption], run.accelerator.device)
-        with run.accelerator.autocast():
-            loss = objective.diffusion_loss(run.unet, run.noise_scheduler, latents.to(run.weight_dtype), embeddings.to(run.weight_dtype), run.objective, timesteps=timesteps, noise=noise.to(run.weight_dtype))
-        losses.append(loss.item())
-    return sum(losses) / len(losses)
-
-
-def _validate(run: Run, metrics: MetricsLogger, step: int) -> None:
-    values = {"val_loss": _validation_loss(run)} if run.val_records else {}
-    if run.accelerator.is_main_process:
-        report.save_samples(run, step)
-        if values:
-            metrics.log(step, **values)
-    run.accelerator.wait_for_everyone()
 
 
 def _check_processes_in_sync(run: Run) -> int:

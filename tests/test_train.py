@@ -126,6 +126,7 @@ def test_two_cpu_processes_end_with_identical_lora(dataset, tmp_path):
 
 
 def test_text_encoder_lora_disk_cache_buckets_and_accumulation(dataset, tmp_path, monkeypatch):
+    import sdlora.cache
     import sdlora.trainer as train_module
 
     runs = []
@@ -149,5 +150,27 @@ def test_text_encoder_lora_disk_cache_buckets_and_accumulation(dataset, tmp_path
     groups = {g["lr"] for g in run.optimizer.param_groups}
     assert groups == {1e-3, 5e-4}
     # a second run finds every latent on disk and encodes nothing
-    monkeypatch.setattr(train_module, "_encode_distribution", lambda *a: (_ for _ in ()).throw(AssertionError("encoded again")))
+    monkeypatch.setattr(sdlora.cache, "encode_distribution", lambda *a: (_ for _ in ()).throw(AssertionError("encoded again")))
     train(tiny_config(dataset, tmp_path / "run", steps=1, buckets=True, cache="disk", checkpoint_every=0, sample_steps=1))
+
+
+def test_model_card_code_runs_and_names_the_right_loader(dataset, tmp_path):
+    """The card's Python block loads the base model and the LoRA as written (for `tiny`, through sdlora)."""
+    import re
+
+    from sdlora.report import _base_model_line, _pipeline_code
+
+    out = tmp_path / "run"
+    train(tiny_config(dataset, out, steps=1, checkpoint_every=0, validation_prompts=["sks, a red circle"]))
+    card = (out / "README.md").read_text()
+    (code,) = re.findall(r"```python\n(.*?)```", card, re.S)
+    assert 'load_pipeline("tiny")' in code and "from_pretrained" not in code
+    code = code.replace(".images[0]", "")  # keep the pipeline call, on the tiny model at 1 step
+    code = code.replace('pipe("sks, a red circle")', 'pipe("sks, a red circle", num_inference_steps=1)')
+    namespace: dict = {}
+    exec(code, namespace)
+    assert sum(1 for _, m in namespace["pipe"].unet.named_modules() if hasattr(m, "lora_A")) > 0
+    assert "base_model:" not in card.split("---")[1]  # `tiny` is no hub id
+    assert _base_model_line("stable-diffusion-v1-5/stable-diffusion-v1-5") == "base_model: stable-diffusion-v1-5/stable-diffusion-v1-5\n"
+    assert "from_single_file(\"/models/v1-5.safetensors\")" in _pipeline_code("/models/v1-5.safetensors")
+    assert "from_pretrained(\"/models/sd15\")" in _pipeline_code("/models/sd15")
