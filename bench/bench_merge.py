@@ -76,11 +76,11 @@ with open(sys.argv[1], "w") as report:
 """
 
 
-def run_measured(command: list[str]) -> tuple[float, float, str]:
-    """Wall seconds, peak RSS (GiB, of that process alone) and output of a command."""
+def run_measured(command: list[str], env: dict[str, str] | None = None) -> tuple[float, float, str]:
+    """Wall seconds, peak RSS (GiB, of that process alone) and output of a command (extra environment: `env`)."""
     with tempfile.TemporaryDirectory() as folder:
         report = Path(folder, "report")
-        result = subprocess.run([sys.executable, "-c", LAUNCHER, str(report), *command], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        result = subprocess.run([sys.executable, "-c", LAUNCHER, str(report), *command], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
         seconds, max_rss_kib, returncode = report.read_text().split() if report.exists() else (0, 0, result.returncode or 1)
     if int(returncode) != 0:
         raise SystemExit(f"{' '.join(command)} failed ({returncode}):\n{(result.stdout + result.stderr)[-3000:]}")

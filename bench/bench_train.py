@@ -7,9 +7,14 @@ steps after a warm-up, peak RSS is the process's own (ru_maxrss).
 
 The reference is diffusers' examples/text_to_image/train_text_to_image_lora.py as the issue measured it on this
 machine class with the same models and settings (0.89 s/step tiny; 3.75 s/step and 5.6 GiB SD1.5-shaped, fp32);
-the ratios use those figures. Running the reference side by side is not built yet.
+the ratios use those figures. With `--reference PATH` (that script: fetch it yourself, never commit it) it also
+runs the reference side by side, on the same model folders, data (it reads the same folder through its
+metadata.jsonl), resolution, rank, batch and precision, and the ratios use its figures from this run. Its time
+per step is the difference between a run of 2 + N steps and a run of 2 steps, divided by N, so its start-up,
+model loading and final save cancel out; its peak RSS is that of the longer run. It needs `datasets` and a
+torchvision that imports beside your torch; when it cannot run, the table says why and keeps the quoted figures.
 
-    python bench/bench_train.py [--repeats 3] [--steps 8] [--only tiny|sd15]
+    python bench/bench_train.py [--repeats 3] [--steps 8] [--only tiny|sd15] [--reference train_text_to_image_lora.py]
 """
 
 from __future__ import annotations
@@ -57,7 +62,55 @@ def make_dataset(folder: Path, count: int, size: int) -> Path:
         ImageDraw.Draw(image).rectangle((size // 5, size // 5, size * 4 // 5, size * 4 // 5), fill=(40 * index % 255, 90, 160))
         image.save(folder / f"{index:03d}.png")
         (folder / f"{index:03d}.txt").write_text(f"benchstyle, a square number {index}")
+    # the same captions for the reference script, which reads an `imagefolder` with metadata.jsonl
+    lines = [json.dumps({"file_name": f"{index:03d}.png", "text": f"benchstyle, a square number {index}"}) for index in range(count)]
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
     return folder
+
+
+def run_reference(script: Path, model_dir: Path, data: Path, out: Path, settings: dict, precision: str, steps: int) -> dict:
+    """diffusers' reference script at the same settings: s/step from a (2 + steps)-step run minus a 2-step run."""
+    from bench_merge import run_measured
+
+    def command(total: int, folder: Path) -> list[str]:
+        return [sys.executable, str(script), "--pretrained_model_name_or_path", str(model_dir), "--train_data_dir", str(data),
+                "--resolution", str(settings["resolution"]), "--center_crop", "--train_batch_size", str(settings["batch_size"]),
+                "--rank", str(settings["rank"]), "--max_train_steps", str(total), "--learning_rate", "1e-4", "--lr_scheduler", "constant",
+                "--lr_warmup_steps", "0", "--checkpointing_steps", "1000000", "--mixed_precision", precision, "--seed", "0",
+                "--output_dir", str(folder)]  # fmt: skip
+
+    def launched(total: int, folder: Path) -> list[str]:
+        argv = command(total, folder)
+        return [argv[0], "-c", SHIM_LAUNCHER, str(SHIMS), *argv[1:]] if needs_torchvision_shim() else argv
+
+    short_s, _, _ = run_measured(launched(2, out / "short"))
+    long_s, rss, _ = run_measured(launched(2 + steps, out / "long"))
+    return {"s_per_step": (long_s - short_s) / steps, "peak_rss_gib": rss}
+
+
+SHIMS = Path(__file__).resolve().parent / "reference_shims"
+# Runs the reference script with the torchvision stand-in importable, while transformers and diffusers are told
+# torchvision is absent (so they keep to their Pillow code paths instead of importing torchvision internals).
+SHIM_LAUNCHER = r"""
+import runpy, sys
+shims, script, args = sys.argv[1], sys.argv[2], sys.argv[3:]
+import transformers.utils, transformers.utils.import_utils
+import diffusers.utils.import_utils
+for module in (transformers.utils, transformers.utils.import_utils, diffusers.utils.import_utils):
+    for name in ("is_torchvision_available", "is_torchvision_v2_available"):
+        if hasattr(module, name):
+            setattr(module, name, lambda: False)
+diffusers.utils.import_utils._torchvision_available = False
+sys.path.insert(0, shims)
+sys.argv = [script, *args]
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+def needs_torchvision_shim() -> bool:
+    """True when torchvision cannot be imported here (PyPI's does not import beside the CPU torch build)."""
+    probe = subprocess.run([sys.executable, "-c", "import torchvision.transforms"], capture_output=True)
+    return probe.returncode != 0
 
 
 def run_ours(model: str, data: Path, out: Path, settings: dict, precision: str, cache: str, steps: int) -> dict:
@@ -77,19 +130,34 @@ def main() -> None:
     parser.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "sdlora-bench"), help="folder for the SD1.5-shaped model and data")
     parser.add_argument("--precisions", nargs="+", default=["no", "bf16"])
     parser.add_argument("--caches", nargs="+", default=["memory", "off"])
+    parser.add_argument("--reference", type=Path, default=None, help="path of diffusers' examples/text_to_image/train_text_to_image_lora.py, to run side by side")
     args = parser.parse_args()
     work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
     rows = []
+    reference_notes = []
     for name, settings in CONFIGS.items():
         if args.only and name != args.only:
             continue
-        model = "tiny"
-        if name == "sd15":
-            model = str(work / "sd15-shaped")
-            if not Path(model, "model_index.json").is_file():
-                subprocess.run([sys.executable, "-m", "sdlora", "tiny-model", model, "--variant", "sd15-shaped"], check=True)
+        # a model folder for both (ours would build `tiny` in memory; the reference needs files)
+        model = str(work / ("sd15-shaped" if name == "sd15" else "tiny"))
+        if not Path(model, "model_index.json").is_file():
+            subprocess.run([sys.executable, "-m", "sdlora", "tiny-model", model, "--variant", "sd15-shaped" if name == "sd15" else "tiny"], check=True)
         data = make_dataset(work / f"data-{name}", count=8, size=settings["resolution"])
         for precision in args.precisions:
+            reference = None
+            if args.reference:
+                try:
+                    measured = []
+                    for repeat in range(args.repeats):
+                        with tempfile.TemporaryDirectory(dir=work) as out:
+                            measured.append(run_reference(args.reference, Path(model), data, Path(out), settings, precision, args.steps))
+                    reference = (statistics.median(r["s_per_step"] for r in measured), statistics.median(r["peak_rss_gib"] for r in measured))
+                    rows.append((name, precision, "reference", reference[0], reference[1], 1.0, 1.0))
+                    print(f"{name} {precision} reference: {reference[0]:.3f} s/step, {reference[1]:.2f} GiB", file=sys.stderr, flush=True)
+                except SystemExit as failure:
+                    last = str(failure).strip().splitlines()[-1] if str(failure).strip() else "failed"
+                    reference_notes.append(f"{name} {'fp32' if precision == 'no' else precision}: the reference did not run ({last[:200]}); ratios use the quoted figures")
             for cache in args.caches:
                 results = []
                 for repeat in range(args.repeats):
@@ -97,7 +165,7 @@ def main() -> None:
                         results.append(run_ours(model, data, Path(out) / "run", settings, precision, cache, args.steps))
                 s_per_step = statistics.median(r["s_per_step"] for r in results)
                 rss = statistics.median(r["peak_rss_gib"] for r in results)
-                ref_s, ref_rss = QUOTED_REFERENCE[name]
+                ref_s, ref_rss = reference or QUOTED_REFERENCE[name]
                 rows.append((name, precision, cache, s_per_step, rss, ref_s / s_per_step, rss / ref_rss if ref_rss else None))
                 print(f"{name} {precision} cache={cache}: {s_per_step:.3f} s/step, {rss:.2f} GiB", file=sys.stderr, flush=True)
     print(f"\nload average at the end: {os.getloadavg()[0]:.2f} (2 cores); {args.repeats} runs each, median; {args.steps} steps, first 2 warm-up\n")
@@ -106,7 +174,12 @@ def main() -> None:
     for name, precision, cache, s_per_step, rss, speed, memory in rows:
         memory_text = f"{memory:.2f}x" if memory is not None else "n/a"
         print(f"| {name} | {'fp32' if precision == 'no' else precision} | {cache} | {s_per_step:.3f} | {1 / s_per_step:.2f} | {rss:.2f} GiB | {speed:.2f}x | {memory_text} |")
-    print("\nreference: the issue's measurement of diffusers' train_text_to_image_lora.py on this machine class (fp32): tiny 0.89 s/step; SD1.5-shaped 3.75 s/step, 5.6 GiB")
+    if args.reference and needs_torchvision_shim():
+        print("\nthe reference ran with bench/reference_shims/torchvision (Pillow transforms): torchvision does not import here")
+    for note in reference_notes:
+        print(f"\n{note}")
+    if not args.reference or reference_notes:
+        print("\nreference: the issue's measurement of diffusers' train_text_to_image_lora.py on this machine class (fp32): tiny 0.89 s/step; SD1.5-shaped 3.75 s/step, 5.6 GiB")
 
 
 if __name__ == "__main__":
