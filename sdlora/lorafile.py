@@ -82,9 +82,9 @@ def _adapter_config_beside(path: Path) -> dict | None:
 
 
 def _check_finite(state: LoraState) -> None:
-    for path, module in state.modules.items():
-        if not (torch.isfinite(module.down).all() and torch.isfinite(module.up).all()):
-            raise ValueError(f"LoRA module {path} holds NaN or inf values: refusing to write a broken file")
+    bad = state.non_finite_modules()
+    if bad:
+        raise ValueError(f"LoRA module {bad[0]} holds NaN or inf values: refusing to write a broken file")
 
 
 def write_diffusers(state: LoraState, out_path: str | os.PathLike) -> Path:

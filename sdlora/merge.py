@@ -158,6 +158,7 @@ def _load_loras(loras: Sequence[LoraSpec], allow_pickle: bool) -> list[_Lora]:
             loaded.append(_Lora(f"LoRA #{index + 1}", source, float(scale)))
         else:
             loaded.append(_Lora(str(source), read_lora(source, allow_pickle=allow_pickle), float(scale)))
+        loaded[-1].state.check_finite(loaded[-1].label)
     return loaded
 
 

@@ -67,6 +67,7 @@ def load_lora(
         state = read_lora(path_or_state, allow_pickle=allow_pickle)
         label, file_hash, stem = str(path_or_state), lora_file_hash(path_or_state), Path(path_or_state).stem
     _check_scale(scale)
+    state.check_finite(label)
     name = _adapter_name(pipe, adapter_name, stem)
     matched = match_to_pipeline(state, pipe, label)
     _load_into_components(pipe, matched, name, label)

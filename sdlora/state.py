@@ -88,6 +88,16 @@ class LoraState:
     def alphas(self) -> list[float]:
         return sorted({m.effective_alpha for m in self.modules.values()})
 
+    def non_finite_modules(self) -> list[str]:
+        """Paths of the modules whose down or up holds NaN or inf (a broken file, e.g. from a diverged run)."""
+        return [path for path, m in self.modules.items() if not (torch.isfinite(m.down).all() and torch.isfinite(m.up).all())]
+
+    def check_finite(self, label: str) -> None:
+        """Raise a one-line ValueError naming `label` when any module holds NaN or inf."""
+        bad = self.non_finite_modules()
+        if bad:
+            raise ValueError(f"{label} holds NaN or inf values in {len(bad)} modules (first: {bad[0]}): the file is broken, perhaps saved from a diverged run")
+
     def most_common_rank_alpha(self, component: str | None = None) -> tuple[int, float]:
         """The (rank, alpha) most modules share: the base of a peft LoraConfig with rank/alpha patterns."""
         modules = self.modules.values() if component is None else self.for_component(component).values()

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import random_lora_state
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from test_train import make_dataset
 
 from sdlora.atomic import TMP_PREFIX
@@ -154,6 +154,11 @@ def build_cases(root: Path) -> dict[str, Case]:
     for module in xl_state.modules.values():  # SDXL-sized inputs: the shapes do not fit SD1
         module.down = module.down.new_ones(module.rank, 2048)
     xl = write_kohya(xl_state, root / "loras" / "sdxl.safetensors")
+    poisoned_tensors = load_file(good_lora)
+    first_down = sorted(key for key in poisoned_tensors if key.endswith("lora_down.weight"))[0]
+    poisoned_tensors[first_down][0, 0] = float("nan")
+    poisoned = root / "loras" / "diverged.safetensors"
+    save_file(poisoned_tensors, str(poisoned))
     pickled = root / "loras" / "lora.bin"
     torch.save(load_file(good_lora), pickled)
     evil = root / "loras" / "evil.ckpt"
@@ -165,6 +170,7 @@ def build_cases(root: Path) -> dict[str, Case]:
         "lora-other-architecture": (xl, "SDXL", []),
         "lora-pickle-without-flag": (pickled, "--allow-pickle", []),
         "lora-code-running-pickle-with-flag": (evil, "could run code", ["--allow-pickle"]),
+        "lora-nan-values": (poisoned, "NaN or inf", []),
     }
     for case, (lora_path, reason, extra) in lora_cases.items():
         watch = out(f"generate-{case}")
@@ -199,7 +205,7 @@ def hostile(tmp_path_factory) -> tuple[Path, dict[str, Case], dict[str, tuple[in
     return root, cases, results, before
 
 
-LORA_CASES = ["lora-truncated", "lora-text-named-safetensors", "lora-other-architecture", "lora-pickle-without-flag", "lora-code-running-pickle-with-flag"]
+LORA_CASES = ["lora-truncated", "lora-text-named-safetensors", "lora-other-architecture", "lora-pickle-without-flag", "lora-code-running-pickle-with-flag", "lora-nan-values"]
 CASE_NAMES = [
     "empty-data-folder", "only-corrupt-images", "no-caption-no-fallback", "metadata-bad-line", "metadata-parent-path",
     "metadata-absolute-path", "model-missing", "model-folder-without-unet", "model-truncated-safetensors",
@@ -232,15 +238,27 @@ def test_hostile_input_is_one_actionable_line(hostile, name):
 
 
 @pytest.mark.slow
-def test_a_corrupt_image_among_good_ones_is_skipped_with_a_warning_naming_it(tmp_path):
+def test_corrupt_images_among_good_ones_are_skipped_with_a_warning_naming_them(tmp_path):
+    import struct
+    import zlib
+
     data = make_dataset(tmp_path / "data", count=4)
     (data / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0" + os.urandom(200))
     (data / "broken.txt").write_text("a broken photo")
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+    # a 100000 x 100000 PNG header over a few bytes of data: a decompression bomb, refused before decoding
+    header = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 0, 0, 0, 0)
+    (data / "bomb.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b""))
+    (data / "bomb.txt").write_text("a bomb")
     out = tmp_path / "out"
     code, stdout, stderr = run_case(Case(["train", str(data), "--model", "tiny", "--output", str(out), *TRAIN_FAST, "--trigger", "sks"], "", "", tmp_path))
     assert code == 0, stderr[-3000:]
     warnings = [line for line in stderr.splitlines() if line.startswith("sdlora: warning:")]
-    assert len(warnings) == 1 and "broken.jpg" in warnings[0] and "skipped 1 unreadable" in warnings[0], stderr[-3000:]
+    assert len(warnings) == 1 and "skipped 2 unreadable" in warnings[0], stderr[-3000:]
+    assert "broken.jpg" in warnings[0] and "bomb.png (DecompressionBombError" in warnings[0], warnings[0]
     assert "Traceback" not in stderr
     assert (out / "pytorch_lora_weights.safetensors").is_file()
     metadata = json.loads(subprocess.run([sys.executable, "-m", "sdlora", "inspect", "--json", str(out / "lora.safetensors")], capture_output=True, text=True, env=ENV, check=True).stdout)["metadata"]
