@@ -20,6 +20,7 @@ torchvision that imports beside your torch; when it cannot run, the table says w
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -107,6 +108,7 @@ runpy.run_path(script, run_name="__main__")
 """
 
 
+@functools.cache
 def needs_torchvision_shim() -> bool:
     """True when torchvision cannot be imported here (PyPI's does not import beside the CPU torch build)."""
     probe = subprocess.run([sys.executable, "-c", "import torchvision.transforms"], capture_output=True)

@@ -107,23 +107,17 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def remove_leftover_temporaries(folder: str | os.PathLike) -> list[Path]:
-    """Delete the temporary files and folders a killed process left under `folder` (any depth); returns them.
+def remove_leftover_temporaries(folder: str | os.PathLike) -> None:
+    """Delete the temporary files and folders a killed process left under `folder` (any depth).
 
     Only for folders one process owns while it runs (a training run's output folder): a temporary name there is
     never a live write of someone else's.
     """
     folder = Path(folder)
     if not folder.is_dir():
-        return []
-    found = sorted(folder.rglob(TMP_PREFIX + "*"), key=lambda p: len(p.parts))
-    removed = []
-    for path in found:
-        if not path.exists() and not path.is_symlink():
-            continue  # inside a temporary folder removed just before
+        return
+    for path in sorted(folder.rglob(TMP_PREFIX + "*"), key=lambda p: len(p.parts)):  # outermost first
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path, ignore_errors=True)
         else:
-            path.unlink(missing_ok=True)
-        removed.append(path)
-    return removed
+            path.unlink(missing_ok=True)  # also fine when it sat in a folder removed just before

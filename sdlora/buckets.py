@@ -38,6 +38,11 @@ def bucket_sizes(resolution: int, min_side: int | None = None, max_side: int | N
     return sorted(sizes)
 
 
+def training_sizes(resolution: int, buckets: bool) -> list[Size]:
+    """The sizes images are fitted to: the aspect buckets, or only the square."""
+    return bucket_sizes(resolution) if buckets else [(resolution, resolution)]
+
+
 def assign_bucket(width: int, height: int, buckets: Sequence[Size]) -> Size:
     """The bucket whose aspect ratio is closest to the image's (in log ratio); ties go to the larger bucket."""
     if not buckets:

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .atomic import TMP_PREFIX, atomic_dir
+from .atomic import TMP_PREFIX, atomic_dir, remove_leftover_temporaries
 
 FORMAT_VERSION = 1
 COMPLETE = "COMPLETE"
@@ -36,6 +36,10 @@ RNG_FILE = "rng.safetensors"
 OWN_FILES = (LORA_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, STATE_FILE, RNG_FILE, COMPLETE)
 STEP_DIR = re.compile(r"step-(\d+)")
 DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))  # EDQUOT: over quota, same remedy
+
+
+class DiskFullError(OSError):
+    """A full disk, already explained: what was (not) written, the last complete checkpoint, what to do."""
 
 
 @dataclass
@@ -92,7 +96,7 @@ def save_checkpoint(
     checkpoints_dir = Path(checkpoints_dir)
     target = checkpoints_dir / f"step-{state.step:08d}"
     checkpoints_dir.mkdir(parents=True, exist_ok=True)
-    _remove_leftover_temps(checkpoints_dir)
+    remove_leftover_temporaries(checkpoints_dir)  # what a killed save left behind
     try:
         with atomic_dir(target) as tmp:
             _write_contents(tmp, state, trainable, optimizer, lr_scheduler, extra_files or {})
@@ -101,7 +105,7 @@ def save_checkpoint(
         if err.errno in DISK_FULL:
             last = latest_checkpoint(checkpoints_dir)
             kept = f"the last complete one is {last}" if last else "no earlier checkpoint exists"
-            raise OSError(err.errno, f"no space left on device while writing checkpoint {target} (nothing was written; {kept}): free space, then resume with --resume latest") from err
+            raise DiskFullError(err.errno, f"no space left on device while writing checkpoint {target} (nothing was written; {kept}): free space, then resume with --resume latest") from err
         raise
     _prune(checkpoints_dir, target, state.step, keep)
     return target
@@ -161,13 +165,6 @@ def _fsync_dir(folder: Path) -> None:
             os.fsync(descriptor)
         finally:
             os.close(descriptor)
-
-
-def _remove_leftover_temps(checkpoints_dir: Path) -> None:
-    """Temporary folders are what a killed save leaves behind; nothing else writes into checkpoints_dir."""
-    for path in checkpoints_dir.iterdir():
-        if path.name.startswith(TMP_PREFIX) and path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
 
 
 def _prune(checkpoints_dir: Path, new: Path, new_step: int, keep: int) -> None:

@@ -19,11 +19,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from .buckets import BucketBatchSampler, Size, assign_bucket, bucket_sizes, bucket_step
+from .buckets import BucketBatchSampler, Size, assign_bucket, bucket_sizes, bucket_step, training_sizes
 
 __all__ = [
     "IMAGE_EXTENSIONS", "METADATA_FILE", "ImageRecord", "find_images", "load_image", "crop_box", "ImageCaptionDataset",
-    "split_validation", "BucketBatchSampler", "assign_bucket", "bucket_sizes", "bucket_step",
+    "split_validation", "BucketBatchSampler", "assign_bucket", "bucket_sizes", "bucket_step", "training_sizes",
 ]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")

@@ -71,7 +71,7 @@ def load_pipeline(
     from diffusers import StableDiffusionPipeline
 
     path = Path(model).expanduser()
-    if model in (TINY, SD15_SHAPED) and not path.exists():  # an existing folder of that name wins, as in merge
+    if is_builtin_model(model):
         return (build_tiny_pipeline() if model == TINY else build_sd15_shaped_pipeline()).to(dtype=dtype)
     if path.is_dir():
         check_model_dir(path)
@@ -155,6 +155,16 @@ def _explain_pickle_failure(path: Path) -> None:
     from .lorafile import read_tensors  # raises the one-line reason: code inside, truncated, not a pickle
 
     read_tensors(path, allow_pickle=True)
+
+
+def is_builtin_model(model: str) -> bool:
+    """`tiny` or `sd15-shaped`, built in memory; an existing folder of that name wins, as in merge."""
+    return model in (TINY, SD15_SHAPED) and not Path(model).expanduser().exists()
+
+
+def is_hub_id(model: str) -> bool:
+    """`owner/name` that is no local path: what a model card's `base_model` may name."""
+    return "/" in model and not _looks_like_path(model) and not Path(model).expanduser().exists()
 
 
 def _looks_like_path(model: str) -> bool:

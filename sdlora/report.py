@@ -120,15 +120,16 @@ image = pipe("{(config.validation_prompts or [config.trigger or 'a picture'])[0]
 
 def _base_model_line(model: str) -> str:
     """`base_model:` for the hub's model card metadata: only a hub id belongs there, not a local path or `tiny`."""
-    looks_like_hub_id = model.count("/") == 1 and not Path(model).exists() and not model.startswith((".", "/", "~"))
-    return f"base_model: {model}\n" if looks_like_hub_id else ""
+    from .models import is_hub_id
+
+    return f"base_model: {model}\n" if is_hub_id(model) else ""
 
 
 def _pipeline_code(model: str) -> str:
     """The lines that load the base model in plain diffusers (or sdlora, for its embedded test models)."""
-    from .models import SD15_SHAPED, SINGLE_FILE_SUFFIXES, TINY
+    from .models import SINGLE_FILE_SUFFIXES, is_builtin_model
 
-    if model in (TINY, SD15_SHAPED) and not Path(model).exists():
+    if is_builtin_model(model):
         return f'from sdlora import load_pipeline\npipe = load_pipeline("{model}")  # sdlora\'s embedded random-weight test model'
     if Path(model).suffix.lower() in SINGLE_FILE_SUFFIXES:
         return f'from diffusers import StableDiffusionPipeline\npipe = StableDiffusionPipeline.from_single_file("{model}")'

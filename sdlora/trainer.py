@@ -147,7 +147,7 @@ def _setup(config: TrainConfig, accelerator) -> Run:
         unet, text_encoder, optimizer = accelerator.prepare(pipe.unet, pipe.text_encoder, optimizer)
     else:
         (unet, optimizer), text_encoder = accelerator.prepare(pipe.unet, optimizer), pipe.text_encoder
-    choices = data.bucket_sizes(config.resolution) if config.buckets else [(config.resolution, config.resolution)]
+    choices = data.training_sizes(config.resolution, config.buckets)
     record_buckets = [data.assign_bucket(r.width, r.height, choices) for r in records]
     sampler = data.BucketBatchSampler(record_buckets, config.batch_size, seed=config.seed, num_replicas=accelerator.num_processes, rank=accelerator.process_index)
     latent_cache, embedding_cache = cache.build_caches(config, pipe, accelerator.device, out)
@@ -210,12 +210,12 @@ def _explain_full_disk(out: Path, step):
     try:
         yield
     except OSError as err:
-        if err.errno not in checkpoint.DISK_FULL or "--resume latest" in str(err):
+        if err.errno not in checkpoint.DISK_FULL or isinstance(err, checkpoint.DiskFullError):
             raise
         last = checkpoint.latest_checkpoint(out / "checkpoints")
         then = f"the last complete checkpoint is {last}: free space, then rerun with --resume latest" if last else "no checkpoint was written yet: free space, then run again"
         where = f" writing {err.filename}" if err.filename else ""
-        raise OSError(err.errno, f"no space left on device{where} at step {step()}; {then}") from err
+        raise checkpoint.DiskFullError(err.errno, f"no space left on device{where} at step {step()}; {then}") from err
 
 
 def _diverged_message(step: int, what: str, run: Run) -> str:

@@ -32,7 +32,7 @@ def validation_loss(run: Run) -> float:
     """Mean loss over the held-out images and the fixed timesteps."""
     config, device = run.config, run.accelerator.device
     generator = torch.Generator().manual_seed(config.seed + 7)
-    choices = data.bucket_sizes(config.resolution) if config.buckets else [(config.resolution, config.resolution)]
+    choices = data.training_sizes(config.resolution, config.buckets)
     timesteps = fixed_timesteps(run.noise_scheduler.config.num_train_timesteps).to(device)
     losses = []
     for record in run.val_records:
