@@ -14,7 +14,7 @@ per step is the difference between a run of 2 + N steps and a run of 2 steps, di
 model loading and final save cancel out; its peak RSS is that of the longer run. It needs `datasets` and a
 torchvision that imports beside your torch; when it cannot run, the table says why and keeps the quoted figures.
 
-    python bench/bench_train.py [--repeats 3] [--steps 8] [--only tiny|sd15] [--reference train_text_to_image_lora.py]
+    python bench/bench_train.py [--repeats 3] [--steps 8] [--only tiny|sd15] [--floor] [--reference train_text_to_image_lora.py]
 """
 
 from __future__ import annotations
@@ -67,6 +67,49 @@ def make_dataset(folder: Path, count: int, size: int) -> Path:
     lines = [json.dumps({"file_name": f"{index:03d}.png", "text": f"benchstyle, a square number {index}"}) for index in range(count)]
     (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
     return folder
+
+
+# The floor: the bare UNet with the same LoRA, forward + loss + backward + AdamW on random latents of the trainer's
+# shapes, at the same precision (frozen weights in bf16 under bf16 autocast, LoRA in fp32), nothing else in memory.
+# No trainer can step faster than this without making the UNet itself faster; the ratio reference / floor is the
+# most any caching or loop work can buy.
+FLOOR_CHILD = r"""
+import json, resource, sys, time, torch
+from sdlora import lora
+from sdlora.models import load_unet_streaming
+from pathlib import Path
+o = json.loads(sys.argv[1])
+dtype = torch.bfloat16 if o["precision"] == "bf16" else torch.float32
+unet = load_unet_streaming(Path(o["model"]) / "unet", dtype)
+unet.requires_grad_(False)
+params = lora.add_lora(unet, lora.unet_target_modules(unet, "attn"), o["rank"], o["alpha"], 0.0)
+unet.train()
+optimizer = torch.optim.AdamW(params, lr=1e-4)
+vae_config = json.loads(Path(o["model"], "vae", "config.json").read_text())
+side = o["resolution"] // 2 ** (len(vae_config["block_out_channels"]) - 1)  # the tiny VAE halves, SD's divides by 8
+latents = torch.randn(o["batch_size"], unet.config.in_channels, side, side)
+embeddings = torch.randn(o["batch_size"], 77, unet.config.cross_attention_dim)
+timesteps = torch.randint(0, 1000, (o["batch_size"],))
+times = []
+for step in range(o["steps"]):
+    start = time.perf_counter()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        prediction = unet(latents, timesteps, embeddings).sample
+    torch.nn.functional.mse_loss(prediction.float(), latents).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    times.append(time.perf_counter() - start)
+warm = times[2:]
+print(json.dumps({"s_per_step": sum(warm) / len(warm), "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+"""
+
+
+def run_floor(model: str, settings: dict, precision: str, steps: int) -> dict:
+    options = dict(model=model, precision=precision, steps=steps, **settings)
+    result = subprocess.run([sys.executable, "-c", FLOOR_CHILD, json.dumps(options)], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if result.returncode != 0:
+        raise RuntimeError(result.stderr[-2000:])
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def run_reference(script: Path, model_dir: Path, data: Path, out: Path, settings: dict, precision: str, steps: int) -> dict:
@@ -132,6 +175,7 @@ def main() -> None:
     parser.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "sdlora-bench"), help="folder for the SD1.5-shaped model and data")
     parser.add_argument("--precisions", nargs="+", default=["no", "bf16"])
     parser.add_argument("--caches", nargs="+", default=["memory", "off"])
+    parser.add_argument("--floor", action="store_true", help="also time the bare UNet forward + backward + AdamW at the same shapes (the floor)")
     parser.add_argument("--reference", type=Path, default=None, help="path of diffusers' examples/text_to_image/train_text_to_image_lora.py, to run side by side")
     args = parser.parse_args()
     work = Path(args.work)
@@ -160,6 +204,13 @@ def main() -> None:
                 except SystemExit as failure:
                     last = str(failure).strip().splitlines()[-1] if str(failure).strip() else "failed"
                     reference_notes.append(f"{name} {'fp32' if precision == 'no' else precision}: the reference did not run ({last[:200]}); ratios use the quoted figures")
+            if args.floor:
+                floors = [run_floor(model, settings, precision, args.steps) for _ in range(args.repeats)]
+                floor_s = statistics.median(r["s_per_step"] for r in floors)
+                floor_rss = statistics.median(r["peak_rss_gib"] for r in floors)
+                ref_s, ref_rss = reference or QUOTED_REFERENCE[name]
+                rows.append((name, precision, "UNet alone (floor)", floor_s, floor_rss, ref_s / floor_s, floor_rss / ref_rss if ref_rss else None))
+                print(f"{name} {precision} floor: {floor_s:.3f} s/step, {floor_rss:.2f} GiB", file=sys.stderr, flush=True)
             for cache in args.caches:
                 results = []
                 for repeat in range(args.repeats):

@@ -55,6 +55,7 @@ class Run:
     rng: random.Random  # flips, crops, caption dropout and shuffling
     objective: objective.ObjectiveConfig
     weight_dtype: torch.dtype
+    held_out: list | None = None  # validation.HeldOut per held-out image, filled at the first validation
 
 
 def train(config: TrainConfig) -> Path:

@@ -8,6 +8,7 @@ schedule, one noise tensor, all drawn from a generator seeded by the run's seed.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -27,23 +28,46 @@ def fixed_timesteps(num_train_timesteps: int, count: int = TIMESTEPS) -> torch.T
     return ((torch.arange(count, dtype=torch.float64) + 0.5) * num_train_timesteps / count).long()
 
 
+@dataclass
+class HeldOut:
+    """One held-out image's fixed inputs: a latent sample, one noise per timestep, and its caption embedding."""
+
+    latents: torch.Tensor  # (1, C, H, W), scaled
+    noise: torch.Tensor  # (TIMESTEPS, C, H, W)
+    caption: str
+    embeddings: torch.Tensor | None  # None while the text encoder trains: it is encoded afresh each time
+
+
+@torch.no_grad()
+def held_out_inputs(run: Run) -> list[HeldOut]:
+    """The fixed inputs of every held-out image, encoded once per run (VAE and, unless trained, text encoder)."""
+    if run.held_out is None:
+        config, device = run.config, run.accelerator.device
+        generator = torch.Generator().manual_seed(config.seed + 7)
+        choices = data.training_sizes(config.resolution, config.buckets)
+        run.held_out = []
+        for record in run.val_records:
+            size = data.assign_bucket(record.width, record.height, choices)
+            mean, std = encode_distribution(run.pipe.vae, data.load_image(record, size, crop="center", flip=False).unsqueeze(0), device)
+            latents = (mean + std * torch.randn(mean.shape, generator=generator).to(device)) * run.pipe.vae.config.scaling_factor
+            noise = torch.randn((TIMESTEPS, *latents.shape[1:]), generator=generator).to(device)
+            embeddings = None if config.train_text_encoder else encode_captions(run.pipe.tokenizer, run.text_encoder, [record.caption], device)
+            run.held_out.append(HeldOut(latents, noise, record.caption, embeddings))
+    return run.held_out
+
+
 @torch.no_grad()
 def validation_loss(run: Run) -> float:
     """Mean loss over the held-out images and the fixed timesteps."""
-    config, device = run.config, run.accelerator.device
-    generator = torch.Generator().manual_seed(config.seed + 7)
-    choices = data.training_sizes(config.resolution, config.buckets)
+    device = run.accelerator.device
     timesteps = fixed_timesteps(run.noise_scheduler.config.num_train_timesteps).to(device)
     losses = []
-    for record in run.val_records:
-        size = data.assign_bucket(record.width, record.height, choices)
-        mean, std = encode_distribution(run.pipe.vae, data.load_image(record, size, crop="center", flip=False).unsqueeze(0), device)
-        latents = (mean + std * torch.randn(mean.shape, generator=generator).to(device)) * run.pipe.vae.config.scaling_factor
-        latents = latents.expand(len(timesteps), *latents.shape[1:])
-        noise = torch.randn(latents.shape, generator=generator).to(device)
-        embeddings = encode_captions(run.pipe.tokenizer, run.text_encoder, [record.caption], device).expand(len(timesteps), -1, -1)
+    for held in held_out_inputs(run):
+        latents = held.latents.expand(len(timesteps), *held.latents.shape[1:])
+        embeddings = held.embeddings if held.embeddings is not None else encode_captions(run.pipe.tokenizer, run.text_encoder, [held.caption], device)
+        embeddings = embeddings.expand(len(timesteps), -1, -1)
         with run.accelerator.autocast():
-            loss = objective.diffusion_loss(run.unet, run.noise_scheduler, latents.to(run.weight_dtype), embeddings.to(run.weight_dtype), run.objective, timesteps=timesteps, noise=noise)
+            loss = objective.diffusion_loss(run.unet, run.noise_scheduler, latents.to(run.weight_dtype), embeddings.to(run.weight_dtype), run.objective, timesteps=timesteps, noise=held.noise)
         losses.append(loss.item())
     return sum(losses) / len(losses)
 
