@@ -54,6 +54,7 @@ class TrainConfig:
     dropout: float = _opt(0.0, "dropout on the LoRA path; 0.05-0.1 against overfitting small sets")
     preset: str = _opt("attn", "which UNet layers get LoRA: attn, attn-ff, all (LoCon-style)", PRESETS)
     train_text_encoder: bool = _opt(False, "also train LoRA on CLIP's attention projections")
+    init_lora: str | None = _opt(None, "start from this LoRA file (diffusers, kohya or peft) instead of a fresh LoRA, to train it further; its layers and rank must be this run's (--preset, --rank, --train-text-encoder)")
     text_encoder_lr: float | None = _opt(None, "learning rate for the text encoder LoRA (default: lr / 2)")
     # --- optimisation
     steps: int = _opt(1000, "optimizer steps to train")
@@ -98,6 +99,8 @@ class TrainConfig:
         for name in ("lr", "alpha"):
             value = getattr(self, name)
             _check(math.isfinite(value) and value > 0, name, value, "a positive finite number")
+        if self.init_lora is not None and not Path(self.init_lora).is_file():
+            raise ValueError(f"--init-lora {self.init_lora}: no such file")
         if self.text_encoder_lr is not None:
             _check(math.isfinite(self.text_encoder_lr) and self.text_encoder_lr > 0, "text_encoder_lr", self.text_encoder_lr, "a positive finite number")
         for name in ("dropout", "caption_dropout"):

@@ -149,6 +149,51 @@ def _init_from_generator(model: nn.Module, adapter_name: str, init: str, generat
         weight.copy_(values)
 
 
+@torch.no_grad()
+def load_state_into(state: LoraState, unet: nn.Module, text_encoder: nn.Module | None = None, adapter_name: str = "default", label: str = "the LoRA") -> int:
+    """Copy `state` into the adapter `adapter_name` already added to `unet` (and `text_encoder`); return the count.
+
+    The file and the adapter must cover the same layers with the same rank each; a different alpha is absorbed
+    into `up`, so the update (alpha / r) * up @ down is the file's exactly. Raises a one-line ValueError naming
+    `label` and what to change otherwise.
+    """
+    layers = {f"unet.{name}": layer for name, layer in _lora_layers(unet, adapter_name).items()}
+    if text_encoder is not None:
+        for name, layer in _lora_layers(text_encoder, adapter_name).items():
+            layers[f"text_encoder.{TEXT_MODEL_PREFIX}{name.removeprefix(TEXT_MODEL_PREFIX)}"] = layer
+    extra, missing = sorted(set(state.modules) - set(layers)), sorted(set(layers) - set(state.modules))
+    if extra or missing:
+        hint = _layer_set_hint(state, unet, text_encoder is not None)
+        if extra:
+            raise ValueError(f"{label} adapts {len(extra)} layers this run does not (first: {extra[0]}){hint}")
+        raise ValueError(f"{label} lacks {len(missing)} of the {len(layers)} layers this run adapts (first: {missing[0]}){hint}")
+    for path, layer in layers.items():
+        module = state.modules[path]
+        down, up = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
+        if module.rank != layer.r[adapter_name]:
+            raise ValueError(f"{label} has rank {module.rank} at {path}, this run rank {layer.r[adapter_name]}: set --rank {module.rank}")
+        if module.down.numel() != down.numel() or module.up.numel() != up.numel():
+            raise ValueError(f"{label} does not fit {path} ({tuple(module.weight_shape())} vs the model's): was it trained on another base model?")
+        down.copy_(module.down.reshape(down.shape).to(down.dtype))
+        up.copy_((module.up.to(torch.float32) * (module.scale / layer.scaling[adapter_name])).reshape(up.shape).to(up.dtype))
+    return len(layers)
+
+
+def _layer_set_hint(state: LoraState, unet: nn.Module, text_encoder_adapted: bool) -> str:
+    """What to change so that this run adapts the layers `state` holds: the preset, or --train-text-encoder."""
+    has_text = any(path.startswith("text_encoder.") for path in state.modules)
+    if has_text != text_encoder_adapted:
+        return ": add --train-text-encoder" if has_text else ": it has no text-encoder layers, drop --train-text-encoder"
+    in_file = {path.removeprefix("unet.") for path in state.modules if path.startswith("unet.")}
+    for preset in PRESETS:
+        try:
+            if set(unet_target_modules(unet, preset)) == in_file:
+                return f": it was trained with --preset {preset}"
+        except ValueError:
+            continue
+    return ": no --preset adapts exactly its layers"
+
+
 def _lora_layers(model: nn.Module, adapter_name: str | None) -> dict[str, nn.Module]:
     """peft LoRA layers by module name, those holding `adapter_name` (any adapter when None)."""
     from peft.tuners.lora import LoraLayer

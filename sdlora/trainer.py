@@ -23,6 +23,7 @@ from .atomic import check_writable_target, remove_leftover_temporaries
 from .cache import EmbeddingCache, LatentCache
 from .config import TrainConfig
 from .metrics import MetricsLogger, progress_bar
+from .lorafile import read_lora
 from .models import load_pipeline
 
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
@@ -122,9 +123,6 @@ def _setup(config: TrainConfig, accelerator) -> Run:
     # frozen base weights in half precision under mixed precision; LoRA parameters stay fp32 (lora.add_lora)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
     pipe = load_pipeline(config.model, dtype=weight_dtype, config=config.model_config, allow_pickle=config.allow_pickle)
-    if accelerator.is_main_process:
-        report.check_output_dir(out)
-        remove_leftover_temporaries(out)  # what a killed run was writing when it died
     pipe.set_progress_bar_config(disable=True)
     pipe.to(accelerator.device)
     for part in (pipe.vae, pipe.text_encoder, pipe.unet):
@@ -135,6 +133,13 @@ def _setup(config: TrainConfig, accelerator) -> Run:
     if config.train_text_encoder:
         te_params = lora.add_lora(pipe.text_encoder, lora.text_encoder_target_modules(pipe.text_encoder), config.rank, config.alpha, config.dropout)
         param_groups.append({"params": te_params, "lr": config.text_encoder_lr or config.lr / 2})
+    if config.init_lora:  # a LoRA trained further; a resumed checkpoint later overrides it
+        state = read_lora(config.init_lora, allow_pickle=config.allow_pickle)
+        state.check_finite(config.init_lora)
+        lora.load_state_into(state, pipe.unet, pipe.text_encoder if config.train_text_encoder else None, label=config.init_lora)
+    if accelerator.is_main_process:
+        report.check_output_dir(out)
+        remove_leftover_temporaries(out)  # what a killed run was writing when it died
     if config.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
         if config.train_text_encoder:

@@ -177,6 +177,12 @@ def build_cases(root: Path) -> dict[str, Case]:
         cases[f"generate-{case}"] = Case(["generate", "--model", "tiny", "--prompt", "a cat", "--steps", "1", "--lora", f"{lora_path}:0.8", "--out", str(watch / "images"), *extra], str(lora_path), reason, watch)
         watch = out(f"merge-{case}")
         cases[f"merge-{case}"] = Case(["merge", "--model", str(model_dir), "--lora", f"{lora_path}:0.8", "--out", str(watch / "merged"), *extra], str(lora_path), reason, watch)
+    # ---- a LoRA to train further (--init-lora) that cannot be
+    missing_lora = root / "loras" / "gone.safetensors"
+    train("init-lora-missing", good_data, "--init-lora", str(missing_lora), names=str(missing_lora), reason="no such file")
+    train("init-lora-other-rank", good_data, "--init-lora", str(good_lora), "--train-text-encoder", "--rank", "8", names=str(good_lora), reason="--rank 4")
+    train("init-lora-text-encoder-layers", good_data, "--init-lora", str(good_lora), names=str(good_lora), reason="--train-text-encoder")
+    train("init-lora-nan-values", good_data, "--init-lora", str(poisoned), "--train-text-encoder", names=str(poisoned), reason="NaN or inf")
     watch = out("merge-model-without-unet")
     cases["merge-model-without-unet"] = Case(["merge", "--model", str(no_unet), "--lora", str(good_lora), "--out", str(watch / "merged")], str(no_unet), "unet", watch)
     watch = out("merge-output-is-a-file")
@@ -212,6 +218,7 @@ CASE_NAMES = [
     "model-text-named-safetensors", "model-pickle-without-flag", "model-code-running-pickle-with-flag", "option--rank=0", "option--steps=-1", "option--lr=nan",
     "option--resolution=30", "output-is-a-file", "output-folder-unwritable",
     *[f"{command}-{case}" for case in LORA_CASES for command in ("generate", "merge")],
+    "init-lora-missing", "init-lora-other-rank", "init-lora-text-encoder-layers", "init-lora-nan-values",
     "merge-model-without-unet", "merge-output-is-a-file", "convert-truncated", "generate-model-missing",
 ]  # fmt: skip
 
