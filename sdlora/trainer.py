@@ -234,21 +234,24 @@ def _diverged_message(step: int, what: str, run: Run) -> str:
 def _encode_batch(run: Run, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Latents (sampled from the cached or fresh VAE distribution) and caption embeddings for one micro-batch."""
     config, device = run.config, run.accelerator.device
-    means, stds, captions = [], [], []
+    means, stds, pixels, captions = [], [], [], []
     for index in indices:
         record, size = run.records[index], run.buckets[index]
         flip = config.flip and run.rng.random() < 0.5
         load = lambda: data.load_image(record, size, crop=config.crop, flip=flip, rng=run.rng)  # noqa: E731
         if run.latent_cache is not None:
             mean, std = run.latent_cache.get(record.path, size, config.crop, flip, load)
+            means.append(mean)
+            stds.append(std)
         else:
-            mean, std = cache.encode_distribution(run.pipe.vae, load().unsqueeze(0), device)
-            mean, std = mean[0], std[0]
-        means.append(mean)
-        stds.append(std)
+            pixels.append(load())
         captions.append(_shuffled(record.caption, config.trigger, run.rng) if config.shuffle_captions else record.caption)
     captions = objective.drop_captions(captions, config.caption_dropout, run.rng)
-    mean, std = torch.stack(means).to(device, torch.float32), torch.stack(stds).to(device, torch.float32)
+    if pixels:  # no cache: the micro-batch (one bucket, so one size) through the VAE in one call
+        mean, std = cache.encode_distribution(run.pipe.vae, torch.stack(pixels), device)
+    else:
+        mean, std = torch.stack(means), torch.stack(stds)
+    mean, std = mean.to(device, torch.float32), std.to(device, torch.float32)
     noise = torch.randn(mean.shape, generator=run.generator).to(device)
     latents = (mean + std * noise) * run.pipe.vae.config.scaling_factor
     if run.embedding_cache is not None:
