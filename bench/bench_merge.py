@@ -24,7 +24,9 @@ from pathlib import Path
 
 import torch
 
-UNET_TARGETS = re.compile(r"attentions\.\d+\.(proj_in|proj_out|transformer_blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2)))\.weight$")
+UNET_TARGETS = re.compile(
+    r"attentions\.\d+\.(proj_in|proj_out|transformer_blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2)))\.weight$"
+)
 TEXT_TARGETS = re.compile(r"(self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.(fc1|fc2))\.weight$")
 SUMMARY = re.compile(r"merged (\d+) LoRA modules into (\d+) weights .*\(update arithmetic ([\d.]+) s over ([\d.]+) GB\)")
 
@@ -32,13 +34,16 @@ SUMMARY = re.compile(r"merged (\d+) LoRA modules into (\d+) weights .*\(update a
 def write_bench_lora(model: Path, rank: int, out: Path) -> tuple[Path, int]:
     """A random diffusers-format LoRA (alpha = rank / 2) shaped from the model's weight headers, no model loaded,
     and the FLOPs of merging it (2 * rank per weight element)."""
-    from sdlora.lorafile import write_lora
-    from sdlora.safetensors_stream import read_header
-    from sdlora.state import LoraModule, LoraState
+    from sdlora.core.files import write_lora
+    from sdlora.core.state import LoraModule, LoraState
+    from sdlora.storage.safetensors_stream import read_header
 
     generator = torch.Generator().manual_seed(rank)
     modules, flops = {}, 0
-    for component, file, pattern in (("unet", "unet/diffusion_pytorch_model.safetensors", UNET_TARGETS), ("text_encoder", "text_encoder/model.safetensors", TEXT_TARGETS)):
+    for component, file, pattern in (
+        ("unet", "unet/diffusion_pytorch_model.safetensors", UNET_TARGETS),
+        ("text_encoder", "text_encoder/model.safetensors", TEXT_TARGETS),
+    ):
         for name, info in read_header(model / file).tensors.items():
             if not pattern.search(name):
                 continue
@@ -80,7 +85,12 @@ def run_measured(command: list[str], env: dict[str, str] | None = None) -> tuple
     """Wall seconds, peak RSS (GiB, of that process alone) and output of a command (extra environment: `env`)."""
     with tempfile.TemporaryDirectory() as folder:
         report = Path(folder, "report")
-        result = subprocess.run([sys.executable, "-c", LAUNCHER, str(report), *command], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
+        result = subprocess.run(
+            [sys.executable, "-c", LAUNCHER, str(report), *command],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
+        )
         seconds, max_rss_kib, returncode = report.read_text().split() if report.exists() else (0, 0, result.returncode or 1)
     if int(returncode) != 0:
         raise SystemExit(f"{' '.join(command)} failed ({returncode}):\n{(result.stdout + result.stderr)[-3000:]}")
@@ -124,7 +134,11 @@ def same_merge(a: Path, b: Path, name: str) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "sdlora-bench"), help="folder for the model, LoRAs and outputs (the model is reused)")
+    parser.add_argument(
+        "--work",
+        default=str(Path(tempfile.gettempdir()) / "sdlora-bench"),
+        help="folder for the model, LoRAs and outputs (the model is reused)",
+    )
     parser.add_argument("--ranks", type=int, nargs="+", default=[16, 128])
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
@@ -134,13 +148,26 @@ def main() -> None:
     if not (model / "model_index.json").is_file():
         run_measured([sys.executable, "-m", "sdlora", "tiny-model", str(model), "--variant", "sd15-shaped"])
     bandwidth, compute = copy_bandwidth(), matmul_flops()
-    print(f"machine: {os.cpu_count()} CPUs, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(
+        f"machine: {os.cpu_count()} CPUs, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB; torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
     print(f"memory bandwidth (1 GiB fp32 tensor copy, read + write): {bandwidth / 1e9:.1f} GB/s; fp32 matmul: {compute / 1e9:.0f} GFLOP/s")
     rows = []
     for rank in args.ranks:
         lora, flops = write_bench_lora(model, rank, work / f"lora-r{rank}.safetensors")
         commands = {
-            "sdlora": [sys.executable, "-m", "sdlora", "merge", "--model", str(model), "--lora", str(lora), "--out", str(work / "out-sdlora")],
+            "sdlora": [
+                sys.executable,
+                "-m",
+                "sdlora",
+                "merge",
+                "--model",
+                str(model),
+                "--lora",
+                str(lora),
+                "--out",
+                str(work / "out-sdlora"),
+            ],
             "diffusers": [sys.executable, __file__, "--reference", str(model), str(lora), str(work / "out-diffusers")],
         }
         runs: dict[str, list[tuple[float, float]]] = {tool: [] for tool in commands}
@@ -154,20 +181,41 @@ def main() -> None:
                     modules, tensors, arithmetic_s, gigabytes = SUMMARY.search(text).groups()
                     arithmetic.append(float(arithmetic_s))
                 print(f"  rank {rank} run {repeat + 1} {tool}: {seconds:.1f} s, {rss:.2f} GiB", flush=True)
-        difference = same_merge(work / "out-sdlora", work / "out-diffusers", "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight")
+        difference = same_merge(
+            work / "out-sdlora", work / "out-diffusers", "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight"
+        )
         sd_time, sd_rss = (statistics.median(v) for v in zip(*runs["sdlora"]))
         ref_time, ref_rss = (statistics.median(v) for v in zip(*runs["diffusers"]))
         floor = float(gigabytes) * 1e9 / bandwidth
-        rows.append((rank, modules, tensors, sd_time, ref_time, sd_rss, ref_rss, statistics.median(arithmetic), float(gigabytes), floor, flops / compute, difference))
+        rows.append(
+            (
+                rank,
+                modules,
+                tensors,
+                sd_time,
+                ref_time,
+                sd_rss,
+                ref_rss,
+                statistics.median(arithmetic),
+                float(gigabytes),
+                floor,
+                flops / compute,
+                difference,
+            )
+        )
     shutil.rmtree(work / "out-sdlora", ignore_errors=True)
     shutil.rmtree(work / "out-diffusers", ignore_errors=True)
     print(f"\nmedian of {args.repeats}; time end to end (process start to exit), peak RSS of the process")
     print("| rank | sdlora merge | diffusers | speed-up | sdlora peak RSS | diffusers peak RSS | memory ratio | max rel. diff |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for rank, _, _, sd_time, ref_time, sd_rss, ref_rss, *_, difference in rows:
-        print(f"| {rank} | {sd_time:.1f} s | {ref_time:.1f} s | {ref_time / sd_time:.1f}x | {sd_rss:.2f} GiB | {ref_rss:.2f} GiB | {sd_rss / ref_rss:.2f} | {difference:.1e} |")
+        print(
+            f"| {rank} | {sd_time:.1f} s | {ref_time:.1f} s | {ref_time / sd_time:.1f}x | {sd_rss:.2f} GiB | {ref_rss:.2f} GiB | {sd_rss / ref_rss:.2f} | {difference:.1e} |"
+        )
     print("\nmerge arithmetic (fp32 update of the adapted weights, file I/O excluded) against its floors")
-    print("| rank | LoRA modules / weights | arithmetic | bytes touched | bandwidth floor | arithmetic / bandwidth floor | matmul compute floor | arithmetic / max(floors) |")
+    print(
+        "| rank | LoRA modules / weights | arithmetic | bytes touched | bandwidth floor | arithmetic / bandwidth floor | matmul compute floor | arithmetic / max(floors) |"
+    )
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for rank, modules, tensors, *_, arith, gigabytes, floor, compute_floor, _ in rows:
         print(

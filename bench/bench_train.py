@@ -27,7 +27,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 QUOTED_REFERENCE = {"tiny": (0.89, None), "sd15": (3.75, 5.6)}  # s/step, peak RSS GiB (fp32, measured by the issue)
@@ -41,10 +40,10 @@ CHILD = r"""
 import json, resource, sys, time
 from pathlib import Path
 from sdlora.config import TrainConfig
-from sdlora.trainer import train
+from sdlora.training.recipe import train
 options = json.loads(sys.argv[1])
 start = time.perf_counter()
-train(TrainConfig(**options).validate())
+train(TrainConfig(**options))
 total = time.perf_counter() - start
 lines = [json.loads(l) for l in Path(options["output_dir"], "metrics.jsonl").read_text().splitlines()]
 times = [l["time"] for l in lines if "loss" in l]
@@ -75,14 +74,14 @@ def make_dataset(folder: Path, count: int, size: int) -> Path:
 # most any caching or loop work can buy.
 FLOOR_CHILD = r"""
 import json, resource, sys, time, torch
-from sdlora import lora
-from sdlora.models import load_unet_streaming
+from sdlora.training import network
+from sdlora.models.loading import load_unet_streaming
 from pathlib import Path
 o = json.loads(sys.argv[1])
 dtype = torch.bfloat16 if o["precision"] == "bf16" else torch.float32
 unet = load_unet_streaming(Path(o["model"]) / "unet", dtype)
 unet.requires_grad_(False)
-params = lora.add_lora(unet, lora.unet_target_modules(unet, "attn"), o["rank"], o["alpha"], 0.0)
+params = network.add_lora(unet, network.unet_target_modules(unet, "attn"), o["rank"], o["alpha"], 0.0)
 unet.train()
 optimizer = torch.optim.AdamW(params, lr=1e-4)
 vae_config = json.loads(Path(o["model"], "vae", "config.json").read_text())
@@ -106,7 +105,9 @@ print(json.dumps({"s_per_step": sum(warm) / len(warm), "peak_rss_gib": resource.
 
 def run_floor(model: str, settings: dict, precision: str, steps: int) -> dict:
     options = dict(model=model, precision=precision, steps=steps, **settings)
-    result = subprocess.run([sys.executable, "-c", FLOOR_CHILD, json.dumps(options)], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    result = subprocess.run(
+        [sys.executable, "-c", FLOOR_CHILD, json.dumps(options)], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
     if result.returncode != 0:
         raise RuntimeError(result.stderr[-2000:])
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -159,9 +160,23 @@ def needs_torchvision_shim() -> bool:
 
 
 def run_ours(model: str, data: Path, out: Path, settings: dict, precision: str, cache: str, steps: int) -> dict:
-    options = dict(data_dir=str(data), output_dir=str(out), model=model, steps=steps, lr=1e-4, mixed_precision=precision, cache=cache,
-                   checkpoint_every=0, validate_every=0, sample_steps=1, seed=0, **settings)
-    result = subprocess.run([sys.executable, "-c", CHILD, json.dumps(options)], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    options = dict(
+        data_dir=str(data),
+        output_dir=str(out),
+        model=model,
+        steps=steps,
+        lr=1e-4,
+        mixed_precision=precision,
+        cache=cache,
+        checkpoint_every=0,
+        validate_every=0,
+        sample_steps=1,
+        seed=0,
+        **settings,
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", CHILD, json.dumps(options)], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
     if result.returncode != 0:
         raise RuntimeError(result.stderr[-2000:])
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -172,11 +187,20 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=8, help="optimizer steps per run; the first 2 are warm-up")
     parser.add_argument("--only", choices=tuple(CONFIGS), default=None)
-    parser.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "sdlora-bench"), help="folder for the SD1.5-shaped model and data")
+    parser.add_argument(
+        "--work", default=str(Path(tempfile.gettempdir()) / "sdlora-bench"), help="folder for the SD1.5-shaped model and data"
+    )
     parser.add_argument("--precisions", nargs="+", default=["no", "bf16"])
     parser.add_argument("--caches", nargs="+", default=["memory", "off"])
-    parser.add_argument("--floor", action="store_true", help="also time the bare UNet forward + backward + AdamW at the same shapes (the floor)")
-    parser.add_argument("--reference", type=Path, default=None, help="path of diffusers' examples/text_to_image/train_text_to_image_lora.py, to run side by side")
+    parser.add_argument(
+        "--floor", action="store_true", help="also time the bare UNet forward + backward + AdamW at the same shapes (the floor)"
+    )
+    parser.add_argument(
+        "--reference",
+        type=Path,
+        default=None,
+        help="path of diffusers' examples/text_to_image/train_text_to_image_lora.py, to run side by side",
+    )
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -188,32 +212,41 @@ def main() -> None:
         # a model folder for both (ours would build `tiny` in memory; the reference needs files)
         model = str(work / ("sd15-shaped" if name == "sd15" else "tiny"))
         if not Path(model, "model_index.json").is_file():
-            subprocess.run([sys.executable, "-m", "sdlora", "tiny-model", model, "--variant", "sd15-shaped" if name == "sd15" else "tiny"], check=True)
+            subprocess.run(
+                [sys.executable, "-m", "sdlora", "tiny-model", model, "--variant", "sd15-shaped" if name == "sd15" else "tiny"], check=True
+            )
         data = make_dataset(work / f"data-{name}", count=8, size=settings["resolution"])
         for precision in args.precisions:
             reference = None
             if args.reference:
                 try:
                     measured = []
-                    for repeat in range(args.repeats):
+                    for _ in range(args.repeats):
                         with tempfile.TemporaryDirectory(dir=work) as out:
                             measured.append(run_reference(args.reference, Path(model), data, Path(out), settings, precision, args.steps))
-                    reference = (statistics.median(r["s_per_step"] for r in measured), statistics.median(r["peak_rss_gib"] for r in measured))
+                    reference = (
+                        statistics.median(r["s_per_step"] for r in measured),
+                        statistics.median(r["peak_rss_gib"] for r in measured),
+                    )
                     rows.append((name, precision, "reference", reference[0], reference[1], 1.0, 1.0))
                     print(f"{name} {precision} reference: {reference[0]:.3f} s/step, {reference[1]:.2f} GiB", file=sys.stderr, flush=True)
                 except SystemExit as failure:
                     last = str(failure).strip().splitlines()[-1] if str(failure).strip() else "failed"
-                    reference_notes.append(f"{name} {'fp32' if precision == 'no' else precision}: the reference did not run ({last[:200]}); ratios use the quoted figures")
+                    reference_notes.append(
+                        f"{name} {'fp32' if precision == 'no' else precision}: the reference did not run ({last[:200]}); ratios use the quoted figures"
+                    )
             if args.floor:
                 floors = [run_floor(model, settings, precision, args.steps) for _ in range(args.repeats)]
                 floor_s = statistics.median(r["s_per_step"] for r in floors)
                 floor_rss = statistics.median(r["peak_rss_gib"] for r in floors)
                 ref_s, ref_rss = reference or QUOTED_REFERENCE[name]
-                rows.append((name, precision, "UNet alone (floor)", floor_s, floor_rss, ref_s / floor_s, floor_rss / ref_rss if ref_rss else None))
+                rows.append(
+                    (name, precision, "UNet alone (floor)", floor_s, floor_rss, ref_s / floor_s, floor_rss / ref_rss if ref_rss else None)
+                )
                 print(f"{name} {precision} floor: {floor_s:.3f} s/step, {floor_rss:.2f} GiB", file=sys.stderr, flush=True)
             for cache in args.caches:
                 results = []
-                for repeat in range(args.repeats):
+                for _ in range(args.repeats):
                     with tempfile.TemporaryDirectory(dir=work) as out:
                         results.append(run_ours(model, data, Path(out) / "run", settings, precision, cache, args.steps))
                 s_per_step = statistics.median(r["s_per_step"] for r in results)
@@ -221,18 +254,24 @@ def main() -> None:
                 ref_s, ref_rss = reference or QUOTED_REFERENCE[name]
                 rows.append((name, precision, cache, s_per_step, rss, ref_s / s_per_step, rss / ref_rss if ref_rss else None))
                 print(f"{name} {precision} cache={cache}: {s_per_step:.3f} s/step, {rss:.2f} GiB", file=sys.stderr, flush=True)
-    print(f"\nload average at the end: {os.getloadavg()[0]:.2f} (2 cores); {args.repeats} runs each, median; {args.steps} steps, first 2 warm-up\n")
+    print(
+        f"\nload average at the end: {os.getloadavg()[0]:.2f} (2 cores); {args.repeats} runs each, median; {args.steps} steps, first 2 warm-up\n"
+    )
     print("| model | precision | cache | s/step | steps/s | peak RSS | speed vs reference | memory vs reference |")
     print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for name, precision, cache, s_per_step, rss, speed, memory in rows:
         memory_text = f"{memory:.2f}x" if memory is not None else "n/a"
-        print(f"| {name} | {'fp32' if precision == 'no' else precision} | {cache} | {s_per_step:.3f} | {1 / s_per_step:.2f} | {rss:.2f} GiB | {speed:.2f}x | {memory_text} |")
+        print(
+            f"| {name} | {'fp32' if precision == 'no' else precision} | {cache} | {s_per_step:.3f} | {1 / s_per_step:.2f} | {rss:.2f} GiB | {speed:.2f}x | {memory_text} |"
+        )
     if args.reference and needs_torchvision_shim():
         print("\nthe reference ran with bench/reference_shims/torchvision (Pillow transforms): torchvision does not import here")
     for note in reference_notes:
         print(f"\n{note}")
     if not args.reference or reference_notes:
-        print("\nreference: the issue's measurement of diffusers' train_text_to_image_lora.py on this machine class (fp32): tiny 0.89 s/step; SD1.5-shaped 3.75 s/step, 5.6 GiB")
+        print(
+            "\nreference: the issue's measurement of diffusers' train_text_to_image_lora.py on this machine class (fp32): tiny 0.89 s/step; SD1.5-shaped 3.75 s/step, 5.6 GiB"
+        )
 
 
 if __name__ == "__main__":

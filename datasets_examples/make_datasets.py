@@ -98,8 +98,17 @@ def _ink_background(colour: str, noun: str) -> str:
 
 
 STYLES = (
-    Style("flat_poster", "flatposter", 1, "flat colours, bold black outlines", Words(lambda c: c, lambda c, noun: f"{c} {noun}"), _render_poster),
-    Style("ink_hatch", "inkhatch", 2, "black ink line drawing, cross-hatching, cream paper", Words(_ink_fill, _ink_background), _render_ink),
+    Style(
+        "flat_poster",
+        "flatposter",
+        1,
+        "flat colours, bold black outlines",
+        Words(lambda c: c, lambda c, noun: f"{c} {noun}"),
+        _render_poster,
+    ),
+    Style(
+        "ink_hatch", "inkhatch", 2, "black ink line drawing, cross-hatching, cream paper", Words(_ink_fill, _ink_background), _render_ink
+    ),
 )
 
 
@@ -179,7 +188,11 @@ def write(style: Style, folder: Path) -> tuple[int, int]:
 def check(style: Style, folder: Path) -> list[str]:
     """Differences between a fresh build and the files in `folder`, one line each (empty when identical)."""
     files = build(style)
-    problems = [f"{folder / name}: {'missing' if not (folder / name).exists() else 'differs'}" for name, content in files.items() if not same_content(folder / name, content)]
+    problems = [
+        f"{folder / name}: {'missing' if not (folder / name).exists() else 'differs'}"
+        for name, content in files.items()
+        if not same_content(folder / name, content)
+    ]
     extra = sorted(path.name for path in folder.glob(f"{style.name}_*") if path.suffix in (".png", ".txt") and path.name not in files)
     return problems + [f"{folder / name}: not made by the generator" for name in extra]
 

@@ -27,7 +27,9 @@ def countryside(c: Canvas, rng: random.Random, w: Words) -> tuple[list[Part], st
     ground = px(c.height * rng.uniform(0.68, 0.8))
     parts, behind = [_backdrop(c, sky)], []
     if rng.random() < 0.7:
-        sun_parts, sun_phrase = sun(c, rng, w, px(c.width * rng.choice((0.2, 0.8))), px(c.height * 0.17), min(c.width, c.height) // 10, (sky,))
+        sun_parts, sun_phrase = sun(
+            c, rng, w, px(c.width * rng.choice((0.2, 0.8))), px(c.height * 0.17), min(c.width, c.height) // 10, (sky,)
+        )
         parts += sun_parts
         behind.append(f"under {sun_phrase}")
     if c.width >= c.height and rng.random() < 0.6:
@@ -60,7 +62,9 @@ def seaside(c: Canvas, rng: random.Random, w: Words) -> tuple[list[Part], str]:
     parts = [_backdrop(c, sky)]
     phrase_tail = ""
     if rng.random() < 0.7:
-        sun_parts, sun_phrase = sun(c, rng, w, px(c.width * rng.choice((0.2, 0.78))), px(c.height * 0.2), min(c.width, c.height) // 11, (sky,))
+        sun_parts, sun_phrase = sun(
+            c, rng, w, px(c.width * rng.choice((0.2, 0.78))), px(c.height * 0.2), min(c.width, c.height) // 11, (sky,)
+        )
         parts += sun_parts
         phrase_tail = f" under {sun_phrase}"
     parts.append(_band(c, horizon, sea))

@@ -17,10 +17,21 @@ from raster import Canvas, ellipse, polygon, polyline, rectangle, segment
 
 # the limited poster palette; "black" is also the outline colour
 COLOURS = {
-    "black": (28, 26, 30), "white": (248, 246, 238), "cream": (244, 230, 196), "red": (212, 58, 48),
-    "orange": (238, 136, 38), "yellow": (246, 202, 58), "pink": (236, 140, 162), "purple": (122, 76, 150),
-    "light blue": (150, 200, 228), "blue": (46, 96, 172), "navy": (32, 46, 88), "teal": (36, 140, 140),
-    "green": (78, 158, 84), "dark green": (36, 92, 56), "brown": (128, 82, 50),
+    "black": (28, 26, 30),
+    "white": (248, 246, 238),
+    "cream": (244, 230, 196),
+    "red": (212, 58, 48),
+    "orange": (238, 136, 38),
+    "yellow": (246, 202, 58),
+    "pink": (236, 140, 162),
+    "purple": (122, 76, 150),
+    "light blue": (150, 200, 228),
+    "blue": (46, 96, 172),
+    "navy": (32, 46, 88),
+    "teal": (36, 140, 140),
+    "green": (78, 158, 84),
+    "dark green": (36, 92, 56),
+    "brown": (128, 82, 50),
 }
 BRIGHT = ("red", "orange", "yellow", "pink", "purple", "blue", "teal", "green")
 
@@ -60,7 +71,11 @@ def house(c: Canvas, rng: random.Random, w: Words, x: int, ground: int, width: i
     """A house standing on `ground`: walls, triangular roof, door and window."""
     height = px(width * rng.uniform(0.9, 1.2))
     top, eaves = ground - height, ground - px(height * 0.55)
-    body, roof, door = pick_colour(rng, BRIGHT + ("cream", "white"), *avoid), pick_colour(rng, BRIGHT, *avoid), pick_colour(rng, ("brown", "navy", "red", "teal"))
+    body, roof, door = (
+        pick_colour(rng, BRIGHT + ("cream", "white"), *avoid),
+        pick_colour(rng, BRIGHT, *avoid),
+        pick_colour(rng, ("brown", "navy", "red", "teal")),
+    )
     roof = roof if roof != body else pick_colour(rng, BRIGHT, body, *avoid)
     door = door if door != body else pick_colour(rng, ("brown", "navy", "red", "teal"), body)
     overhang, door_width = width // 10, width // 4
@@ -85,7 +100,11 @@ def tree(c: Canvas, rng: random.Random, w: Words, x: int, ground: int, width: in
         parts.append(Part(ellipse(c, x + width // 2, ground - px(height * 0.65), width // 2, px(height * 0.33)), crown))
         return parts, f"a round {w.fill(crown)} tree"
     for tier in range(3):  # a pine: three stacked triangles, narrower towards the top
-        base, tip, half = ground - px(height * (0.3 + 0.2 * tier)), ground - px(height * (0.62 + 0.19 * tier)), px(width * (0.5 - 0.1 * tier))
+        base, tip, half = (
+            ground - px(height * (0.3 + 0.2 * tier)),
+            ground - px(height * (0.62 + 0.19 * tier)),
+            px(width * (0.5 - 0.1 * tier)),
+        )
         parts.append(Part(polygon(c, [(x + width // 2 - half, base), (x + width // 2, tip), (x + width // 2 + half, base)]), crown))
     return parts, f"a pointed {w.fill(crown)} pine tree"
 
@@ -115,7 +134,19 @@ def mountains(c: Canvas, rng: random.Random, w: Words, ground: int, avoid: tuple
         peak_y = ground - rng.randint(c.height // 5, c.height // 3)
         parts.append(Part(polygon(c, [(peak_x - half, ground), (peak_x, peak_y), (peak_x + half, ground)]), colour))
         cap = (ground - peak_y) // 4  # a snow cap: the top quarter of the same triangle
-        parts.append(Part(polygon(c, [(peak_x - half * cap // (ground - peak_y), peak_y + cap), (peak_x, peak_y), (peak_x + half * cap // (ground - peak_y), peak_y + cap)]), "white"))
+        parts.append(
+            Part(
+                polygon(
+                    c,
+                    [
+                        (peak_x - half * cap // (ground - peak_y), peak_y + cap),
+                        (peak_x, peak_y),
+                        (peak_x + half * cap // (ground - peak_y), peak_y + cap),
+                    ],
+                ),
+                "white",
+            )
+        )
     return parts, f"{w.fill(colour)} mountains with {w.fill('white')} snowy peaks"
 
 
@@ -128,7 +159,10 @@ def fish(c: Canvas, rng: random.Random, w: Words, cx: int, cy: int, length: int,
     back = cx - facing * rx
     parts = [
         Part(polygon(c, [(back + facing * rx // 4, cy), (back - facing * rx // 2, cy - ry), (back - facing * rx // 2, cy + ry)]), tail),
-        Part(polygon(c, [(cx - facing * rx // 3, cy - ry + ry // 4), (cx, cy - ry - ry // 2), (cx + facing * rx // 3, cy - ry + ry // 4)]), tail),
+        Part(
+            polygon(c, [(cx - facing * rx // 3, cy - ry + ry // 4), (cx, cy - ry - ry // 2), (cx + facing * rx // 3, cy - ry + ry // 4)]),
+            tail,
+        ),
         Part(ellipse(c, cx, cy, rx, ry), body),
         Part(ellipse(c, cx + facing * rx // 2, cy - ry // 4, max(3, ry // 4), max(3, ry // 4)), "white"),
         Part(ellipse(c, cx + facing * rx // 2, cy - ry // 4, max(1, ry // 9), max(1, ry // 9)), "black", outline=False),
@@ -149,7 +183,18 @@ def cat_face(c: Canvas, rng: random.Random, w: Words, cx: int, cy: int, radius: 
         parts.append(Part(ellipse(c, ex, cy - ry // 5, radius // 6, radius // 5), eyes))
         parts.append(Part(ellipse(c, ex, cy - ry // 5, max(1, radius // 20), radius // 6), "black", outline=False))
         for dy in (-1, 1):  # whiskers
-            parts.append(Part(segment(c, (cx + sx * radius // 4, cy + ry // 4 + dy * radius // 14), (cx + sx * radius * 4 // 5, cy + ry // 4 + dy * radius // 5), max(2, radius // 40)), "black", outline=False))
+            parts.append(
+                Part(
+                    segment(
+                        c,
+                        (cx + sx * radius // 4, cy + ry // 4 + dy * radius // 14),
+                        (cx + sx * radius * 4 // 5, cy + ry // 4 + dy * radius // 5),
+                        max(2, radius // 40),
+                    ),
+                    "black",
+                    outline=False,
+                )
+            )
     nose = radius // 9
     parts.append(Part(polygon(c, [(cx - nose, cy + ry // 10), (cx + nose, cy + ry // 10), (cx, cy + ry // 10 + nose)]), "pink"))
     mouth = [(cx - radius // 6, cy + ry * 2 // 5), (cx, cy + ry // 10 + nose), (cx + radius // 6, cy + ry * 2 // 5)]
@@ -157,20 +202,45 @@ def cat_face(c: Canvas, rng: random.Random, w: Words, cx: int, cy: int, radius: 
     return parts, f"a {w.fill(fur)} cat face with {w.fill(eyes)} eyes"
 
 
-def boat(c: Canvas, rng: random.Random, w: Words, cx: int, waterline: int, width: int, avoid: tuple[str, ...] = ()) -> tuple[list[Part], str]:
+def boat(
+    c: Canvas, rng: random.Random, w: Words, cx: int, waterline: int, width: int, avoid: tuple[str, ...] = ()
+) -> tuple[list[Part], str]:
     """A sailing boat: hull, mast and a triangular sail, floating at `waterline`."""
     hull = pick_colour(rng, ("red", "brown", "navy", "yellow", "teal"), *avoid)
     sail = pick_colour(rng, ("white", "cream", "orange", "pink", "red"), hull, *avoid)
     deck, mast_top = waterline - width // 6, waterline - width
     parts = [
         Part(segment(c, (cx, deck), (cx, mast_top), max(3, width // 40)), "brown"),
-        Part(polygon(c, [(cx + width // 30, mast_top + width // 20), (cx + width // 30, deck - width // 12), (cx + width * 2 // 5, deck - width // 12)]), sail),
-        Part(polygon(c, [(cx - width // 2, deck), (cx + width // 2, deck), (cx + width * 3 // 10, waterline + width // 12), (cx - width * 3 // 10, waterline + width // 12)]), hull),
+        Part(
+            polygon(
+                c,
+                [
+                    (cx + width // 30, mast_top + width // 20),
+                    (cx + width // 30, deck - width // 12),
+                    (cx + width * 2 // 5, deck - width // 12),
+                ],
+            ),
+            sail,
+        ),
+        Part(
+            polygon(
+                c,
+                [
+                    (cx - width // 2, deck),
+                    (cx + width // 2, deck),
+                    (cx + width * 3 // 10, waterline + width // 12),
+                    (cx - width * 3 // 10, waterline + width // 12),
+                ],
+            ),
+            hull,
+        ),
     ]
     return parts, f"a {w.fill(hull)} sailing boat with a {w.fill(sail)} triangular sail"
 
 
-def flower(c: Canvas, rng: random.Random, w: Words, cx: int, cy: int, radius: int, ground: int, avoid: tuple[str, ...] = ()) -> tuple[list[Part], str]:
+def flower(
+    c: Canvas, rng: random.Random, w: Words, cx: int, cy: int, radius: int, ground: int, avoid: tuple[str, ...] = ()
+) -> tuple[list[Part], str]:
     """A flower: round petals around a centre, on a stem with a leaf reaching down to `ground`."""
     petal = pick_colour(rng, ("red", "pink", "purple", "orange", "white", "yellow"), *avoid)
     centre = pick_colour(rng, ("yellow", "orange", "brown"), petal)

@@ -4,30 +4,30 @@ from __future__ import annotations
 
 import importlib
 
-__version__ = "0.1.0"
+from .core.version import __version__
 
 # public API -> module; imported on first use so `import sdlora` stays light
 _API = {
-    "LoraModule": "state",
-    "LoraState": "state",
-    "read_lora": "lorafile",
-    "write_lora": "lorafile",
-    "write_diffusers": "lorafile",
-    "write_kohya": "lorafile",
-    "detect_format": "formats",
-    "load_pipeline": "models",
-    "write_tiny_model": "models",
-    "build_tiny_pipeline": "tiny",
-    "describe": "inspection",
-    "load_lora": "pipeline",
-    "set_lora_scales": "pipeline",
-    "unload_loras": "pipeline",
-    "generate": "images",
-    "save_images": "images",
-    "merge_lora": "merge",
-    "merge_model": "merge",
-    "TrainConfig": "config",
-    "train": "trainer",
+    "LoraModule": "core.state",
+    "LoraState": "core.state",
+    "read_lora": "core.files",
+    "write_lora": "core.files",
+    "write_diffusers": "core.files",
+    "write_kohya": "core.files",
+    "detect_format": "core.formats",
+    "describe": "core.inspection",
+    "load_pipeline": "models.loading",
+    "write_tiny_model": "models.loading",
+    "build_tiny_pipeline": "models.tiny",
+    "load_lora": "inference.adapters",
+    "set_lora_scales": "inference.adapters",
+    "unload_loras": "inference.adapters",
+    "generate": "inference.generation",
+    "save_images": "inference.generation",
+    "merge_lora": "inference.merge",
+    "merge_model": "inference.merge",
+    "TrainConfig": "training.config",
+    "train": "training.recipe",
 }
 
 __all__ = sorted(_API) + ["__version__"]

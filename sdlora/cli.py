@@ -1,11 +1,19 @@
-"""`sdlora` command line: parses arguments and calls the library; user errors become one line on stderr."""
+"""`sdlora` command line: parses arguments and calls the library; user errors become one line on stderr.
+
+Each command imports the library parts it runs when it runs (the imports inside the `_*_run` functions), so
+`sdlora --help` and argument errors answer at once instead of after torch's second of import time.
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+import warnings
 from collections.abc import Callable, Sequence
+
+from .config import add_arguments, config_from_args
+from .core.version import __version__
 
 EXIT_USER_ERROR = 2
 # errors a user can fix; anything else is a bug and keeps its traceback
@@ -16,14 +24,11 @@ USER_ERRORS = (ValueError, OSError)  # OSError covers missing files, permissions
 
 
 def _train_args(parser: argparse.ArgumentParser) -> None:
-    from .config import add_arguments
-
     add_arguments(parser)
 
 
 def _train_run(args: argparse.Namespace) -> None:
-    from .config import config_from_args
-    from .trainer import train
+    from .training.recipe import train  # lazy: see the module docstring
 
     path = train(config_from_args(args))
     print(f"wrote {path} and {path.parent}")
@@ -34,12 +39,17 @@ def _train_run(args: argparse.Namespace) -> None:
 
 def _tiny_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out_dir", help="folder to write the pipeline to (replaced if it exists)")
-    parser.add_argument("--variant", choices=("tiny", "sd15-shaped"), default="tiny", help="tiny: 64 px test model (8 MB); sd15-shaped: real SD1.5 UNet/VAE shapes, random weights (3.6 GB, for benchmarks)")
+    parser.add_argument(
+        "--variant",
+        choices=("tiny", "sd15-shaped"),
+        default="tiny",
+        help="tiny: 64 px test model (8 MB); sd15-shaped: real SD1.5 UNet/VAE shapes, random weights (3.6 GB, for benchmarks)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
 
 
 def _tiny_model_run(args: argparse.Namespace) -> None:
-    from .models import write_tiny_model
+    from .models.loading import write_tiny_model  # lazy: see the module docstring
 
     out = write_tiny_model(args.out_dir, variant=args.variant, seed=args.seed)
     print(f"wrote {args.variant} pipeline to {out}")
@@ -51,15 +61,25 @@ def _tiny_model_run(args: argparse.Namespace) -> None:
 def _convert_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", help="LoRA file in any supported format (detected from its keys)")
     parser.add_argument("output", help="file to write (.safetensors)")
-    parser.add_argument("--to", choices=("diffusers", "kohya"), required=True, help="diffusers: for load_lora_weights; kohya: for A1111, ComfyUI and kohya's sd-scripts")
-    parser.add_argument("--from", dest="from_format", default=None, help="input format, when detection should be overridden (diffusers, kohya, kohya-ldm, diffusers-old, diffusers-attn-procs, peft)")
+    parser.add_argument(
+        "--to",
+        choices=("diffusers", "kohya"),
+        required=True,
+        help="diffusers: for load_lora_weights; kohya: for A1111, ComfyUI and kohya's sd-scripts",
+    )
+    parser.add_argument(
+        "--from",
+        dest="from_format",
+        default=None,
+        help="input format, when detection should be overridden (diffusers, kohya, kohya-ldm, diffusers-old, diffusers-attn-procs, peft)",
+    )
     parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None, help="cast the LoRA weights (default: keep)")
     parser.add_argument("--allow-pickle", action="store_true", help="allow reading a pickle .bin/.ckpt file (weights only)")
 
 
 def _convert_run(args: argparse.Namespace) -> None:
-    from .lorafile import read_lora, write_lora
-    from .models import parse_dtype
+    from .core.files import read_lora, write_lora  # lazy: see the module docstring
+    from .models.loading import parse_dtype
 
     state = read_lora(args.input, allow_pickle=args.allow_pickle, fmt=args.from_format)
     if args.dtype:
@@ -78,8 +98,8 @@ def _inspect_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _inspect_run(args: argparse.Namespace) -> None:
-    from .inspection import describe, format_description, to_json
-    from .lorafile import read_lora
+    from .core.files import read_lora  # lazy: see the module docstring
+    from .core.inspection import describe, format_description, to_json
 
     info = describe(read_lora(args.file, allow_pickle=args.allow_pickle), args.file)
     print(to_json(info) if args.json else format_description(info))
@@ -90,13 +110,23 @@ def _inspect_run(args: argparse.Namespace) -> None:
 
 def _generate_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="tiny", help="'tiny', a diffusers folder, a single-file checkpoint or a hub id (default: tiny)")
-    parser.add_argument("--config", default=None, help="for a single-file checkpoint offline: a local diffusers folder of the same architecture")
-    parser.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]", help="LoRA file in any supported format, with its weight (default 1); repeat for several")
+    parser.add_argument(
+        "--config", default=None, help="for a single-file checkpoint offline: a local diffusers folder of the same architecture"
+    )
+    parser.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="FILE[:SCALE]",
+        help="LoRA file in any supported format, with its weight (default 1); repeat for several",
+    )
     parser.add_argument("--prompt", required=True, help="text prompt")
     parser.add_argument("--negative-prompt", default="", help="what to steer away from")
     parser.add_argument("--steps", type=int, default=20, help="denoising steps")
     parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
-    parser.add_argument("--seed", type=int, default=None, help="seed of the first image; image i uses seed + i (default: random, recorded in each PNG)")
+    parser.add_argument(
+        "--seed", type=int, default=None, help="seed of the first image; image i uses seed + i (default: random, recorded in each PNG)"
+    )
     parser.add_argument("--num-images", type=int, default=1, help="how many images")
     parser.add_argument("--height", type=int, default=None, help="image height, a multiple of 8 (default: the model's)")
     parser.add_argument("--width", type=int, default=None, help="image width, a multiple of 8 (default: the model's)")
@@ -107,29 +137,25 @@ def _generate_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _generate_run(args: argparse.Namespace) -> None:
-    import warnings
-
-    from .atomic import check_writable_target
-    from .images import GRID_NAME, check_image_size, default_dtype, generate, model_label, resolve_device, save_images
-    from .lorafile import read_lora
-    from .merge import parse_lora_arg
-    from .models import load_pipeline, parse_dtype
-    from .pipeline import LoraMatchWarning, load_lora
+    from .core.files import open_lora  # lazy: see the module docstring
+    from .inference.adapters import LoraMatchWarning, load_lora
+    from .inference.generation import GRID_NAME, check_image_size, default_dtype, generate, model_label, resolve_device, save_images
+    from .inference.merge import parse_lora_arg
+    from .models.loading import load_pipeline, parse_dtype
+    from .storage.atomic import check_writable_target
 
     # every check a user can fail comes before the model loads and before anything is written
     check_image_size(args.height, "--height")
     check_image_size(args.width, "--width")
     check_writable_target(args.out, is_dir=True)
-    loras = [parse_lora_arg(text) for text in args.lora]
-    for path, _ in loras:
-        read_lora(path, allow_pickle=args.allow_pickle)
+    loras = [(open_lora(path, allow_pickle=args.allow_pickle), scale) for path, scale in map(parse_lora_arg, args.lora)]
     device = resolve_device(args.device)
     dtype = parse_dtype(args.dtype) if args.dtype else default_dtype(device)
     pipe = load_pipeline(args.model, dtype=dtype, config=args.config, allow_pickle=args.allow_pickle).to(device)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", LoraMatchWarning)
-        for path, scale in loras:
-            load_lora(pipe, path, scale=scale, allow_pickle=args.allow_pickle)
+        for lora, scale in loras:
+            load_lora(pipe, lora, scale=scale)
     for warning in caught:
         if issubclass(warning.category, LoraMatchWarning):
             print(f"sdlora generate: warning: {warning.message}", file=sys.stderr)
@@ -140,7 +166,9 @@ def _generate_run(args: argparse.Namespace) -> None:
         num_images=args.num_images, height=args.height, width=args.width, model_name=model_label(args.model),
     )  # fmt: skip
     paths = save_images(images, args.out)
-    print(f"wrote {len(images)} images and {GRID_NAME} to {args.out} (seeds {images[0].info['seed']}..{images[-1].info['seed']}): {', '.join(p.name for p in paths)}")
+    print(
+        f"wrote {len(images)} images and {GRID_NAME} to {args.out} (seeds {images[0].info['seed']}..{images[-1].info['seed']}): {', '.join(p.name for p in paths)}"
+    )
 
 
 # ---------------------------------------------------------------- merge / unmerge
@@ -148,17 +176,37 @@ def _generate_run(args: argparse.Namespace) -> None:
 
 def _merge_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="diffusers folder, single-file .safetensors checkpoint, 'tiny' or a hub id")
-    parser.add_argument("--lora", action="append", required=True, metavar="FILE[:SCALE]", help="LoRA file in any supported format, with its scale (default 1); repeat for several")
+    parser.add_argument(
+        "--lora",
+        action="append",
+        required=True,
+        metavar="FILE[:SCALE]",
+        help="LoRA file in any supported format, with its scale (default 1); repeat for several",
+    )
     output = parser.add_mutually_exclusive_group(required=True)
     output.add_argument("--out", default=None, help="folder to write the merged pipeline to (replaced if it exists)")
-    output.add_argument("--single-file", default=None, metavar="OUT.safetensors", help="write a single-file checkpoint instead (needs a single-file .safetensors --model)")
-    parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None, help="dtype of every floating tensor written (default: keep); updates are computed in fp32")
-    parser.add_argument("--config", default=None, help="for a single-file checkpoint written as a folder offline: a local diffusers folder of the same architecture")
+    output.add_argument(
+        "--single-file",
+        default=None,
+        metavar="OUT.safetensors",
+        help="write a single-file checkpoint instead (needs a single-file .safetensors --model)",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=("fp32", "fp16", "bf16"),
+        default=None,
+        help="dtype of every floating tensor written (default: keep); updates are computed in fp32",
+    )
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="for a single-file checkpoint written as a folder offline: a local diffusers folder of the same architecture",
+    )
     parser.add_argument("--allow-pickle", action="store_true", help="allow pickle LoRA files and checkpoints (weights only)")
 
 
 def _merge_run(args: argparse.Namespace, unmerge: bool = False) -> None:
-    from .merge import MergeStats, merge_model, negate, parse_lora_arg
+    from .inference.merge import MergeStats, merge_model, negate, parse_lora_arg  # lazy: see the module docstring
 
     loras = [parse_lora_arg(text) for text in args.lora]
     stats = MergeStats()
@@ -167,7 +215,9 @@ def _merge_run(args: argparse.Namespace, unmerge: bool = False) -> None:
         allow_pickle=args.allow_pickle, config=args.config, stats=stats,
     )  # fmt: skip
     verb = "unmerged" if unmerge else "merged"
-    print(f"{verb} {stats.modules} LoRA modules into {stats.tensors} weights of {out} (update arithmetic {stats.arithmetic_s:.2f} s over {stats.bytes_touched / 1e9:.3f} GB)")
+    print(
+        f"{verb} {stats.modules} LoRA modules into {stats.tensors} weights of {out} (update arithmetic {stats.arithmetic_s:.2f} s over {stats.bytes_touched / 1e9:.3f} GB)"
+    )
 
 
 def _unmerge_args(parser: argparse.ArgumentParser) -> None:
@@ -195,25 +245,17 @@ COMMANDS: list[Command] = [
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser (also used to generate the README's CLI reference)."""
     parser = argparse.ArgumentParser(prog="sdlora", description="Train, convert, load and merge LoRA adapters for Stable Diffusion.")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, help_text, add_arguments, run in COMMANDS:
+    for name, help_text, add_command_arguments, run in COMMANDS:
         sub = subparsers.add_parser(name, help=help_text, description=help_text)
-        add_arguments(sub)
+        add_command_arguments(sub)
         sub.set_defaults(run=run)
     return parser
 
 
-def _version() -> str:
-    from . import __version__
-
-    return __version__
-
-
 def _quiet_libraries() -> None:
     """Keep library chatter (deprecations, torchvision notices) off a user's terminal."""
-    import warnings
-
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     warnings.filterwarnings("ignore", category=FutureWarning)

@@ -1,137 +1,27 @@
-"""`TrainConfig`: every training option with its default and why, TOML file + CLI overrides, validation in one place."""
+"""`TrainConfig` from the command line: one flag per field, a TOML file of options, flags overriding the file."""
 
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, fields
 from pathlib import Path
-from typing import Any, get_args, get_origin
+from typing import Any, get_args, get_origin, get_type_hints
+
+from .training.config import TrainConfig
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
-PRESETS = ("attn", "attn-ff", "all")
-MIXED_PRECISION = ("no", "fp16", "bf16")
-CACHE_MODES = ("memory", "disk", "off")
-LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
-CROPS = ("center", "random")
-
-
-def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None, positional: bool = False) -> Any:
-    metadata = {"help": help, "choices": choices, "positional": positional}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=metadata)
-    return field(default=default, metadata=metadata)
-
-
-@dataclass
-class TrainConfig:
-    """Options of `sdlora train`. Defaults are for an SD1.5 style LoRA; each says when to change it."""
-
-    # --- inputs and outputs
-    data_dir: str = _opt("", "folder of images with .txt captions or a metadata.jsonl", positional=True)
-    output_dir: str = _opt("", "folder for the LoRA files, checkpoints, samples and logs")
-    model: str = _opt("tiny", "base model: diffusers folder, .safetensors checkpoint, hub id, or 'tiny' (offline test model)")
-    model_config: str | None = _opt(None, "for a single-file checkpoint offline: a local diffusers folder with its configs")
-    allow_pickle: bool = _opt(False, "allow a pickle .ckpt base model (loaded weights-only)")
-    name: str = _opt("lora", "file name of the kohya-format LoRA (<name>.safetensors) for A1111/ComfyUI")
-    # --- data
-    caption: str | None = _opt(None, "caption for images that have none (or for all, if no captions exist)")
-    trigger: str | None = _opt(None, "word prepended to every caption; the word that calls up the style")
-    resolution: int = _opt(512, "training side in pixels; 512 for SD1.x, 768 for SD2.x-v")
-    buckets: bool = _opt(False, "aspect-ratio buckets of about resolution^2 pixels instead of square crops")
-    crop: str = _opt("center", "crop when an image does not fit its bucket", CROPS)
-    flip: bool = _opt(False, "random horizontal flips; off when the style has handedness (text, logos)")
-    val_split: float = _opt(0.0, "fraction of images held out for the validation loss (0 = none)")
-    # --- LoRA
-    rank: int = _opt(16, "LoRA rank: 4-8 for a light style, 32-128 for detailed subjects")
-    alpha: float = _opt(16.0, "LoRA alpha; the update is scaled by alpha/rank")
-    dropout: float = _opt(0.0, "dropout on the LoRA path; 0.05-0.1 against overfitting small sets")
-    preset: str = _opt("attn", "which UNet layers get LoRA: attn, attn-ff, all (LoCon-style)", PRESETS)
-    train_text_encoder: bool = _opt(False, "also train LoRA on CLIP's attention projections")
-    init_lora: str | None = _opt(None, "start from this LoRA file (diffusers, kohya or peft) instead of a fresh LoRA, to train it further; its layers and rank must be this run's (--preset, --rank, --train-text-encoder)")
-    text_encoder_lr: float | None = _opt(None, "learning rate for the text encoder LoRA (default: lr / 2)")
-    # --- optimisation
-    steps: int = _opt(1000, "optimizer steps to train")
-    batch_size: int = _opt(1, "images per step per process")
-    grad_accum: int = _opt(1, "micro-batches accumulated per optimizer step (effective batch = batch_size * grad_accum * processes)")
-    lr: float = _opt(1e-4, "learning rate of the UNet LoRA (AdamW)")
-    weight_decay: float = _opt(1e-2, "AdamW weight decay")
-    lr_scheduler: str = _opt("constant", "learning-rate schedule (diffusers get_scheduler)", LR_SCHEDULERS)
-    lr_warmup_steps: int = _opt(0, "linear warm-up steps")
-    max_grad_norm: float = _opt(1.0, "gradient clipping norm (0 = off)")
-    mixed_precision: str = _opt("no", "fp16 or bf16 autocast with fp32 LoRA weights; bf16 is the safe choice on recent GPUs", MIXED_PRECISION)
-    gradient_checkpointing: bool = _opt(False, "trade compute for memory in the UNet")
-    seed: int = _opt(42, "seed of data order, noise, timesteps and LoRA init")
-    # --- objective
-    prediction_type: str | None = _opt(None, "epsilon or v_prediction (default: the scheduler's)")
-    snr_gamma: float | None = _opt(None, "min-SNR-gamma loss weighting; 5.0 is the usual value")
-    noise_offset: float = _opt(0.0, "noise offset; 0.05-0.1 helps very dark/bright styles")
-    caption_dropout: float = _opt(0.0, "probability of training on an empty caption")
-    shuffle_captions: bool = _opt(False, "shuffle comma-separated caption tags each step (keeps the trigger first)")
-    # --- caching, checkpoints, validation
-    cache: str = _opt("memory", "cache VAE latents and text embeddings: memory, disk (OUT/cache) or off", CACHE_MODES)
-    checkpoint_every: int = _opt(500, "steps between resumable checkpoints (0 = only at the end)")
-    keep_checkpoints: int = _opt(3, "how many checkpoints to keep")
-    resume: str | None = _opt(None, "resume from 'latest' or a checkpoint folder")
-    validate_every: int = _opt(250, "steps between sample images and validation loss (0 = only at the end)")
-    validation_prompts: list[str] = _opt([], "prompts for sample images (default: the trigger, or the first caption)")
-    sample_steps: int = _opt(20, "denoising steps for sample images")
-    sample_seed: int = _opt(1234, "seed of the sample images, fixed so samples compare between steps")
-
-    def validate(self) -> TrainConfig:
-        """Raise a one-line ValueError naming the option for any value that cannot work."""
-        if not self.data_dir:
-            raise ValueError("data_dir is required: the folder of training images")
-        if not self.output_dir:
-            raise ValueError("--output is required: the folder to write the LoRA to")
-        data_dir, output_dir = Path(self.data_dir).resolve(), Path(self.output_dir).resolve()
-        if output_dir == data_dir or data_dir in output_dir.parents:
-            raise ValueError(f"--output {self.output_dir} is inside the data folder {self.data_dir}: its sample images would become training data; choose another folder")
-        _check(self.resolution >= 64 and self.resolution % 8 == 0, "resolution", self.resolution, "a multiple of 8, at least 64")
-        for name in ("rank", "steps", "batch_size", "grad_accum", "sample_steps"):
-            _check(getattr(self, name) >= 1, name, getattr(self, name), "at least 1")
-        for name in ("lr", "alpha"):
-            value = getattr(self, name)
-            _check(math.isfinite(value) and value > 0, name, value, "a positive finite number")
-        if self.init_lora is not None and not Path(self.init_lora).is_file():
-            raise ValueError(f"--init-lora {self.init_lora}: no such file")
-        if self.text_encoder_lr is not None:
-            _check(math.isfinite(self.text_encoder_lr) and self.text_encoder_lr > 0, "text_encoder_lr", self.text_encoder_lr, "a positive finite number")
-        for name in ("dropout", "caption_dropout"):
-            _check(0.0 <= getattr(self, name) < 1.0, name, getattr(self, name), "in [0, 1)")
-        _check(0.0 <= self.val_split < 1.0, "val_split", self.val_split, "in [0, 1)")
-        for name in ("weight_decay", "max_grad_norm", "noise_offset", "lr_warmup_steps", "checkpoint_every", "validate_every"):
-            value = getattr(self, name)
-            _check(math.isfinite(value) and value >= 0, name, value, "zero or more")
-        _check(self.keep_checkpoints >= 1, "keep_checkpoints", self.keep_checkpoints, "at least 1")
-        if self.snr_gamma is not None:
-            _check(math.isfinite(self.snr_gamma) and self.snr_gamma > 0, "snr_gamma", self.snr_gamma, "a positive number")
-        if self.prediction_type is not None:
-            _check(self.prediction_type in ("epsilon", "v_prediction"), "prediction_type", self.prediction_type, "epsilon or v_prediction")
-        for item in fields(self):
-            choices = item.metadata.get("choices")
-            if choices:
-                _check(getattr(self, item.name) in choices, item.name, getattr(self, item.name), "one of " + ", ".join(choices))
-        return self
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def _check(ok: bool, name: str, value: Any, expected: str) -> None:
-    if not ok:
-        raise ValueError(f"--{name.replace('_', '-')} {value!r} is invalid: it must be {expected}")
+__all__ = ["TrainConfig", "add_arguments", "config_from_args", "load_toml"]
 
 
 def _field_type(item) -> type:
     """The plain type of a field (str, int, float, bool, list) with Optional removed."""
-    annotation = eval(item.type, globals()) if isinstance(item.type, str) else item.type  # annotations are strings here
+    annotation = get_type_hints(TrainConfig)[item.name]  # the annotations are strings (`from __future__ import annotations`)
     args = [a for a in get_args(annotation) if a is not type(None)]
     origin = get_origin(annotation)
     if origin is list:
@@ -191,25 +81,4 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         options.update(load_toml(args.config))
     given = {k: v for k, v in vars(args).items() if k in {item.name for item in fields(TrainConfig)} and v is not None}
     options.update(given)
-    return TrainConfig(**options).validate()
-
-
-def to_toml(config: TrainConfig) -> str:
-    """The effective config as TOML (None values left out), written beside the trained LoRA."""
-    lines = []
-    for key, value in config.to_dict().items():
-        if value is None:
-            continue
-        lines.append(f"{key} = {_toml_value(value)}")
-    return "\n".join(lines) + "\n"
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    escaped = str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-    return f'"{escaped}"'
+    return TrainConfig(**options)

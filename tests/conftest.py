@@ -1,8 +1,13 @@
-"""Shared tiny fixtures: the tiny pipeline (in memory and as a folder) and small random LoRAs."""
+"""Shared fixtures: the tiny pipeline (in memory and as a folder), small random LoRAs, LoRA files spelled as each
+format documents them, a tiny training set and a fast training config. Helpers that build things are fixtures
+returning the function, so tests take them as arguments instead of importing each other."""
 
 from __future__ import annotations
 
+import concurrent.futures
+import json
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -11,10 +16,32 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import pytest
 import torch
+from PIL import Image, ImageDraw
+from safetensors.torch import save_file
 
-from sdlora.models import write_tiny_model
-from sdlora.state import LoraModule, LoraState
-from sdlora.tiny import build_tiny_pipeline
+from sdlora.core import formats
+from sdlora.core.state import LoraModule, LoraState
+from sdlora.models.loading import write_tiny_model
+from sdlora.models.tiny import build_tiny_pipeline
+from sdlora.training.config import TrainConfig
+
+
+def _read_line(stream, timeout: float = 120.0) -> str:
+    """The next line of a child process's output, or a test failure after `timeout` seconds (never a hang)."""
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    future = pool.submit(stream.readline)
+    try:
+        return future.result(timeout=timeout)
+    except concurrent.futures.TimeoutError:
+        pytest.fail(f"no line from the child process within {timeout:g} s")
+    finally:
+        pool.shutdown(wait=False)  # a reader still blocked ends when the test kills the child
+
+
+@pytest.fixture(scope="session")
+def read_line():
+    """`read_line(stream, timeout=120.0) -> str`: readline() that fails the test instead of hanging."""
+    return _read_line
 
 
 @pytest.fixture(scope="session")
@@ -29,7 +56,7 @@ def tiny_pipe():
     return build_tiny_pipeline()
 
 
-def random_lora_state(
+def _random_lora_state(
     pipe,
     rank: int = 4,
     alpha: float = 8.0,
@@ -64,7 +91,160 @@ def random_lora_state(
     return LoraState(modules)
 
 
+@pytest.fixture(scope="session")
+def random_lora_state():
+    """`random_lora_state(pipe, rank=4, alpha=8.0, unet_targets=..., text_encoder=True, seed=1, std=0.1)`."""
+    return _random_lora_state
+
+
 @pytest.fixture
 def lora_state(tiny_pipe):
     """A rank-4, alpha-8 LoRA on the tiny UNet's attention projections and the text encoder's."""
-    return random_lora_state(tiny_pipe)
+    return _random_lora_state(tiny_pipe)
+
+
+# ---------------------------------------------------------------- LoRA files spelled as each format documents them
+
+RANK, ALPHA = 4, 8.0
+CROSS_K = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"  # input width = text-embedding width
+SELF_Q = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+TE_Q = "text_model.encoder.layers.0.self_attn.q_proj"
+# per format, the documented name of each module (kohya LDM: SD1/SDXL input block 4 = down_blocks.1 attention 0)
+_LDM = {CROSS_K: "input_blocks_4_1_transformer_blocks_0_attn2_to_k", SELF_Q: "input_blocks_4_1_transformer_blocks_0_attn1_to_q"}
+_ATTN_PROCS = {CROSS_K: "down_blocks.1.attentions.0.transformer_blocks.0.attn2.processor.to_k_lora",
+               SELF_Q: "down_blocks.1.attentions.0.transformer_blocks.0.attn1.processor.to_q_lora",
+               TE_Q: "text_model.encoder.layers.0.self_attn.to_q_lora"}  # fmt: skip
+# the alpha each format implies: stored (kohya .alpha, diffusers/peft lora_alpha) or none (= rank, scale 1)
+EXPECTED_ALPHA = {
+    formats.DIFFUSERS: ALPHA,
+    formats.KOHYA: ALPHA,
+    formats.KOHYA_LDM: ALPHA,
+    formats.DIFFUSERS_OLD: RANK,
+    formats.ATTN_PROCS: RANK,
+    formats.PEFT: ALPHA,
+}
+
+
+def _write_format_file(
+    folder: Path, fmt: str, cross_width: int = 768, text_width: int | None = 768, text2_width: int | None = None
+) -> Path:
+    """A small LoRA file in `fmt` with keys spelled as the format documents them (not written by sdlora)."""
+    generator = torch.Generator().manual_seed(0)
+
+    def pair(width_in: int, width_out: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.randn(RANK, width_in, generator=generator), torch.randn(width_out, RANK, generator=generator)
+
+    unet = {CROSS_K: pair(cross_width, 640), SELF_Q: pair(640, 640)}
+    te = {TE_Q: pair(text_width, text_width)} if text_width and fmt != formats.PEFT else {}
+    te2 = {TE_Q: pair(text2_width, text2_width)} if text2_width else {}
+    tensors: dict[str, torch.Tensor] = {}
+    metadata: dict[str, str] = {}
+
+    def put(name: str, down_suffix: str, up_suffix: str, lora: tuple[torch.Tensor, torch.Tensor], alpha_key: str | None = None) -> None:
+        tensors[name + down_suffix], tensors[name + up_suffix] = lora
+        if alpha_key:
+            tensors[name + alpha_key] = torch.tensor(ALPHA)
+
+    underscored = "_".join
+    if fmt == formats.DIFFUSERS:
+        for prefix, modules in (("unet", unet), ("text_encoder", te)):
+            for path, lora in modules.items():
+                put(f"{prefix}.{path}", ".lora_A.weight", ".lora_B.weight", lora)
+        header = {"unet.r": RANK, "unet.lora_alpha": ALPHA, "text_encoder.r": RANK, "text_encoder.lora_alpha": ALPHA}
+        metadata = {"format": "pt", formats.METADATA_KEY: json.dumps(header)}
+    elif fmt in (formats.KOHYA, formats.KOHYA_LDM):
+        te_prefix = "lora_te1_" if te2 else "lora_te_"
+        for path, lora in unet.items():
+            name = _LDM[path] if fmt == formats.KOHYA_LDM else underscored(path.split("."))
+            put("lora_unet_" + name, ".lora_down.weight", ".lora_up.weight", lora, ".alpha")
+        for prefix, modules in ((te_prefix, te), ("lora_te2_", te2)):
+            for path, lora in modules.items():
+                put(prefix + underscored(path.split(".")), ".lora_down.weight", ".lora_up.weight", lora, ".alpha")
+        metadata = {"ss_network_dim": str(RANK), "ss_network_alpha": str(ALPHA)}
+    elif fmt == formats.DIFFUSERS_OLD:
+        for path, lora in unet.items():
+            put(f"unet.{path}", ".lora.down.weight", ".lora.up.weight", lora)
+        for path, lora in te.items():
+            put(f"text_encoder.{path}", ".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight", lora)
+    elif fmt == formats.ATTN_PROCS:
+        for prefix, modules in (("unet", unet), ("text_encoder", te)):
+            for path, lora in modules.items():
+                put(f"{prefix}.{_ATTN_PROCS[path]}", ".down.weight", ".up.weight", lora)
+    elif fmt == formats.PEFT:
+        for path, lora in unet.items():
+            put(f"base_model.model.{path}", ".lora_A.weight", ".lora_B.weight", lora)
+        (folder / "adapter_config.json").write_text(
+            json.dumps({"peft_type": "LORA", "r": RANK, "lora_alpha": ALPHA, "target_modules": list(unet)})
+        )
+    path = folder / ("adapter_model.safetensors" if fmt == formats.PEFT else f"{fmt}.safetensors")
+    save_file(tensors, str(path), metadata=metadata or None)
+    return path
+
+
+@pytest.fixture(scope="session")
+def write_format_file():
+    """`write_format_file(folder, fmt, cross_width=768, text_width=768, text2_width=None) -> Path`."""
+    return _write_format_file
+
+
+@pytest.fixture(scope="session")
+def format_rank_alpha():
+    """(rank, {format: the alpha a reader must find}) of the files `write_format_file` writes."""
+    return RANK, EXPECTED_ALPHA
+
+
+# ---------------------------------------------------------------- training on the tiny model
+
+
+def _make_dataset(folder: Path, count: int = 6, size: int = 64) -> Path:
+    """Flat-colour shapes with sidecar captions, a few portrait/landscape for buckets."""
+    folder.mkdir(parents=True, exist_ok=True)
+    colours = ["red", "blue", "green", "yellow", "purple", "orange"]
+    for index in range(count):
+        width, height = (size, size) if index % 3 == 0 else (size, size * 3 // 2) if index % 3 == 1 else (size * 3 // 2, size)
+        image = Image.new("RGB", (width, height), (240, 235, 220))
+        draw = ImageDraw.Draw(image)
+        colour = colours[index % len(colours)]
+        draw.ellipse((width // 6, height // 6, width * 5 // 6, height * 5 // 6), fill=colour)
+        image.save(folder / f"img{index:02d}.png")
+        (folder / f"img{index:02d}.txt").write_text(f"a {colour} circle, flat poster")
+    return folder
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    """Six captioned images (square, portrait, landscape) in tmp_path/data."""
+    return _make_dataset(tmp_path / "data")
+
+
+def _tiny_config(dataset: Path, out: Path, **overrides) -> TrainConfig:
+    options = dict(
+        data_dir=str(dataset),
+        output_dir=str(out),
+        model="tiny",
+        resolution=64,
+        rank=4,
+        alpha=8.0,
+        steps=4,
+        batch_size=2,
+        lr=1e-3,
+        checkpoint_every=2,
+        validate_every=0,
+        sample_steps=2,
+        trigger="sks",
+        seed=3,
+    )
+    options.update(overrides)
+    return TrainConfig(**options)
+
+
+@pytest.fixture(scope="session")
+def make_dataset():
+    """`make_dataset(folder, count=6, size=64) -> folder` of flat-colour shapes with sidecar captions."""
+    return _make_dataset
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    """`tiny_config(dataset, out, **overrides) -> TrainConfig`: 4 fast steps on the tiny model."""
+    return _tiny_config

@@ -1,0 +1,227 @@
+"""Model families as data: what differs between Stable Diffusion 1, 2 and XL, in one table.
+
+Code that must know which model it handles asks the family (its pipeline class, text encoders, kohya names,
+metadata strings, single-file layout) instead of assuming SD1. `detect_family` tells the family from a pipeline,
+a `model_index.json`, a UNet config or a single-file checkpoint's keys.
+
+The training resolution is not in the table: a model's own config says it (UNet sample size x VAE factor), which
+also tells SD2's 512 px and 768 px models apart.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from .state import LoraState
+
+
+@dataclass(frozen=True)
+class TextEncoderSpec:
+    """One text encoder of a family: where it sits in the pipeline and in single-file checkpoints."""
+
+    component: str  # the pipeline attribute and folder: text_encoder, text_encoder_2
+    tokenizer: str  # its tokenizer's attribute and folder
+    hidden_layer: int  # the hidden state the UNet reads: -1 the last (SD1, SD2), -2 the penultimate (SDXL)
+    pooled: bool  # whether its pooled, projected embedding conditions the UNet too (SDXL's second encoder)
+    kohya_prefix: str  # kohya's key prefix: lora_te_ when a model has one text encoder, lora_te1_/lora_te2_ for two
+    single_file_prefix: str  # where its weights sit in a single-file checkpoint
+    single_file_layout: str  # "hf": transformers' names; "openclip": resblocks with q/k/v fused in in_proj_weight
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """Everything sdlora needs to know about one Stable Diffusion generation."""
+
+    name: str  # sd1, sd2, sdxl
+    label: str  # what messages and `sdlora inspect` call it
+    pipeline_class: str  # the diffusers pipeline class that loads, saves LoRAs for and runs it
+    text_encoders: tuple[TextEncoderSpec, ...]
+    cross_attention_dim: int  # width of the text the UNet attends to (real checkpoints; test models differ)
+    time_ids: bool  # SDXL's extra conditioning on original size, crop and target size
+    kohya_unet_names: str  # "diffusers": lora_unet_down_blocks_0_...; "ldm": lora_unet_input_blocks_1_1_... (kohya's SDXL)
+    ss_base_model_version: str  # kohya's metadata value, shown by A1111 and civitai
+    modelspec_architecture: str  # the modelspec.architecture of a LoRA for it
+    vae_fp32_when_half: bool  # its VAE overflows in fp16 and runs in fp32 when the rest is half precision
+    single_file_marker: str  # a key prefix that only this family's single-file checkpoints have
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        """The pipeline components a LoRA can adapt: the UNet, then each text encoder."""
+        return ("unet", *(spec.component for spec in self.text_encoders))
+
+    @property
+    def required_parts(self) -> tuple[str, ...]:
+        """The subfolders a diffusers folder of this family must have."""
+        tokenizers = tuple(spec.tokenizer for spec in self.text_encoders)
+        return ("unet", "vae", *(spec.component for spec in self.text_encoders), *tokenizers, "scheduler")
+
+    def text_encoder(self, component: str) -> TextEncoderSpec:
+        for spec in self.text_encoders:
+            if spec.component == component:
+                return spec
+        raise ValueError(
+            f"{self.label} models have no {component} (their text encoders: {', '.join(s.component for s in self.text_encoders)})"
+        )
+
+
+UNET_SINGLE_FILE_PREFIX = "model.diffusion_model."
+VAE_SINGLE_FILE_PREFIX = "first_stage_model."
+
+SD1 = ModelFamily(
+    name="sd1",
+    label="SD1.x",
+    pipeline_class="StableDiffusionPipeline",
+    text_encoders=(TextEncoderSpec("text_encoder", "tokenizer", -1, False, "lora_te_", "cond_stage_model.transformer.", "hf"),),
+    cross_attention_dim=768,
+    time_ids=False,
+    kohya_unet_names="diffusers",
+    ss_base_model_version="sd_v1",
+    modelspec_architecture="stable-diffusion-v1/lora",
+    vae_fp32_when_half=False,
+    single_file_marker="cond_stage_model.transformer.",
+)
+# diffusers keeps SD2's OpenCLIP ViT-H encoder converted to CLIPTextModel without its last layer, so "last" is
+# the penultimate layer of the original, as SD2 was trained
+SD2 = ModelFamily(
+    name="sd2",
+    label="SD2.x",
+    pipeline_class="StableDiffusionPipeline",
+    text_encoders=(TextEncoderSpec("text_encoder", "tokenizer", -1, False, "lora_te_", "cond_stage_model.model.", "openclip"),),
+    cross_attention_dim=1024,
+    time_ids=False,
+    kohya_unet_names="diffusers",
+    ss_base_model_version="sd_v2",
+    modelspec_architecture="stable-diffusion-v2-512/lora",
+    vae_fp32_when_half=False,
+    single_file_marker="cond_stage_model.model.",
+)
+SDXL = ModelFamily(
+    name="sdxl",
+    label="SDXL",
+    pipeline_class="StableDiffusionXLPipeline",
+    text_encoders=(
+        TextEncoderSpec("text_encoder", "tokenizer", -2, False, "lora_te1_", "conditioner.embedders.0.transformer.", "hf"),
+        TextEncoderSpec("text_encoder_2", "tokenizer_2", -2, True, "lora_te2_", "conditioner.embedders.1.model.", "openclip"),
+    ),
+    cross_attention_dim=2048,
+    time_ids=True,
+    kohya_unet_names="ldm",
+    ss_base_model_version="sdxl_base_v1-0",
+    modelspec_architecture="stable-diffusion-xl-v1-base/lora",
+    vae_fp32_when_half=True,
+    single_file_marker="conditioner.embedders.1.",
+)
+FAMILIES: tuple[ModelFamily, ...] = (SD1, SD2, SDXL)
+BY_NAME = {family.name: family for family in FAMILIES}
+
+
+def family_by_name(name: str) -> ModelFamily:
+    if name not in BY_NAME:
+        raise ValueError(f"unknown model family {name!r}: use one of {', '.join(BY_NAME)}")
+    return BY_NAME[name]
+
+
+# ---------------------------------------------------------------- detection
+
+
+def family_of_unet_config(config: Mapping) -> ModelFamily:
+    """The family of a UNet from its diffusers config: SDXL's added time conditioning, else the text width.
+
+    A UNet of another text width (the tiny test models) counts as SD1, whose architecture they copy.
+    """
+    if config.get("addition_embed_type") == "text_time":
+        return SDXL
+    return SD2 if config.get("cross_attention_dim") == SD2.cross_attention_dim else SD1
+
+
+def family_of_pipeline(pipe) -> ModelFamily:
+    """The family of a loaded diffusers pipeline."""
+    if type(pipe).__name__.startswith("StableDiffusionXL") or getattr(pipe, "text_encoder_2", None) is not None:
+        return SDXL
+    return family_of_unet_config(pipe.unet.config)
+
+
+def family_of_model_index(index: Mapping, unet_config: Mapping | None = None) -> ModelFamily:
+    """The family a `model_index.json` names; SD1 and SD2 share a pipeline class, so the UNet config tells them apart."""
+    if str(index.get("_class_name", "")).startswith("StableDiffusionXL") or "text_encoder_2" in index:
+        return SDXL
+    return family_of_unet_config(unet_config) if unet_config is not None else SD1
+
+
+def family_of_folder(folder: str | Path) -> ModelFamily:
+    """The family of a diffusers folder, from `model_index.json` and the UNet's config."""
+    folder = Path(folder)
+    unet_config = folder / "unet" / "config.json"
+    return family_of_model_index(_read_json(folder / "model_index.json"), _read_json(unet_config) if unet_config.is_file() else None)
+
+
+def family_of_single_file(keys: Iterable[str]) -> ModelFamily:
+    """The family of a single-file checkpoint from the text encoders its keys hold (SDXL, SD2, else SD1)."""
+    keys = list(keys)
+    for family in (SDXL, SD2, SD1):
+        if any(key.startswith(family.single_file_marker) for key in keys):
+            return family
+    if not any(key.startswith(UNET_SINGLE_FILE_PREFIX) for key in keys):
+        raise ValueError(f"no {UNET_SINGLE_FILE_PREFIX}* keys: not a Stable Diffusion single-file checkpoint")
+    return SD1
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot read {path} ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from err
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} is not a JSON object")
+    return value
+
+
+def describe_model(family: ModelFamily, cross_attention_dim: int) -> str:
+    """`SD1.x (cross-attention width 768)`, or the width alone for a model of no known family's width."""
+    if cross_attention_dim == family.cross_attention_dim:
+        return f"{family.label} (cross-attention width {cross_attention_dim})"
+    return f"a Stable Diffusion model of cross-attention width {cross_attention_dim}"
+
+
+# ---------------------------------------------------------------- which family a LoRA was made for
+
+_CROSS_ATTENTION_WIDTH = {family.cross_attention_dim: family.label for family in FAMILIES}
+# CLIP's hidden width per family with one text encoder (SD1: CLIP-L 768, SD2: OpenCLIP-H 1024)
+_TEXT_HIDDEN_WIDTH = {768: SD1.label, 1024: SD2.label}
+_BY_LABEL = {family.label: family for family in FAMILIES}
+
+
+def guess_architecture(state: LoraState) -> str:
+    """'SD1.x', 'SD2.x', 'SDXL' from tensor shapes, or 'unknown (...)' with the width seen."""
+    if "text_encoder_2" in state.components():
+        return SDXL.label
+    for path, module in state.modules.items():
+        if path.startswith("unet.") and path.endswith(("attn2.to_k", "attn2.to_v")):
+            width = int(module.down.shape[1])
+            return _CROSS_ATTENTION_WIDTH.get(width, f"unknown (cross-attention width {width})")
+    for path, module in state.modules.items():
+        if path.startswith("text_encoder.") and path.endswith(("q_proj", "k_proj", "v_proj")):
+            width = int(module.down.shape[1])
+            return _TEXT_HIDDEN_WIDTH.get(width, f"unknown (text-encoder width {width})")
+    if any(".transformer_blocks.1." in path for path in state.modules):
+        return SDXL.label  # only SDXL stacks several transformer blocks per attention
+    return "unknown (no cross-attention or text-encoder module to measure)"
+
+
+def lora_architecture(state: LoraState) -> str:
+    """The architecture a LoRA was made for, as error messages name it (`SDXL (cross-attention width 2048)`)."""
+    architecture = guess_architecture(state)
+    widths = [int(m.down.shape[1]) for p, m in state.modules.items() if p.startswith("unet.") and p.endswith(("attn2.to_k", "attn2.to_v"))]
+    if widths and not architecture.startswith("unknown"):
+        return f"{architecture} (cross-attention width {widths[0]})"
+    if architecture.startswith("unknown"):
+        return f"an architecture sdlora cannot tell ({architecture.removeprefix('unknown').strip(' ()')})"
+    return architecture
+
+
+def family_of_lora(state: LoraState) -> ModelFamily | None:
+    """The family a LoRA was made for, judged from its tensor shapes, or None when they match no family."""
+    return _BY_LABEL.get(guess_architecture(state))

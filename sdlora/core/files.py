@@ -1,0 +1,205 @@
+"""Read and write LoRA files: safetensors first, pickle only when asked; atomic writes; metadata; A1111's hash."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from ..storage.atomic import atomic_file, check_writable_target
+from . import formats
+from .families import SD1, ModelFamily, family_of_lora
+from .state import FORMAT_METADATA_KEY, LoraState
+
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
+
+
+def read_tensors(path: str | os.PathLike, allow_pickle: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors and the string header of a LoRA file; pickle files only with `allow_pickle` (weights_only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"LoRA file not found: {path}")
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        return _read_pickle(path, allow_pickle)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = dict(handle.metadata() or {})
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise ValueError(
+            f"{path} is not a readable .safetensors file ({str(err).splitlines()[0] if str(err) else type(err).__name__}): is it truncated or of another kind?"
+        ) from err
+    return tensors, metadata
+
+
+def _read_pickle(path: Path, allow_pickle: bool) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    if not allow_pickle:
+        raise ValueError(f"{path} is a pickle file, which can run code when loaded: convert it to .safetensors or pass --allow-pickle")
+    try:
+        with warnings.catch_warnings():
+            # torch warns on stderr about plain (non-zip) pickles; the error below says all a user needs
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            # weights_only: tensors and plain containers only, never arbitrary objects, even with the flag
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
+        if "Weights only load failed" in str(err):
+            # torch's own message suggests weights_only=False: the one thing we must not do
+            raise ValueError(
+                f"{path} holds Python objects besides tensors, which could run code when loaded: refused even with --allow-pickle"
+            ) from err
+        raise ValueError(
+            f"{path} could not be loaded as a weights-only pickle ({str(err).splitlines()[0] if str(err) else type(err).__name__})"
+        ) from err
+    if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
+        loaded = loaded["state_dict"]
+    if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+        raise ValueError(f"{path} does not hold a flat dictionary of tensors")
+    return dict(loaded), {}
+
+
+def read_lora(path: str | os.PathLike, allow_pickle: bool = False, fmt: str | None = None) -> LoraState:
+    """Read a LoRA file of any supported format (detected from its keys) into a `LoraState`."""
+    path = Path(path)
+    tensors, metadata = read_tensors(path, allow_pickle)
+    adapter_config = _adapter_config_beside(path)
+    try:
+        fmt = fmt or formats.detect_format(tensors)
+        state = formats.to_lora_state(tensors, metadata, fmt, adapter_config)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from err
+    state.metadata[FORMAT_METADATA_KEY] = fmt
+    return state
+
+
+@dataclass
+class LoraFile:
+    """A LoRA file read once: its path, its LoraState and A1111's short hash of it."""
+
+    path: Path
+    state: LoraState
+    file_hash: str
+
+
+def open_lora(path: str | os.PathLike, allow_pickle: bool = False) -> LoraFile:
+    """Read a LoRA file of any supported format and hash it (what loading it into a pipeline records)."""
+    return LoraFile(Path(path), read_lora(path, allow_pickle=allow_pickle), lora_file_hash(path))
+
+
+def _adapter_config_beside(path: Path) -> dict | None:
+    """peft's adapter_config.json next to a peft-native adapter_model.safetensors."""
+    config_path = path.parent / "adapter_config.json"
+    if not config_path.is_file():
+        return None
+    try:
+        return json.loads(config_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{config_path} is not valid JSON: {err}") from err
+
+
+def _check_finite(state: LoraState) -> None:
+    bad = state.non_finite_modules()
+    if bad:
+        raise ValueError(f"LoRA module {bad[0]} holds NaN or inf values: refusing to write a broken file")
+
+
+def lora_family(state: LoraState) -> ModelFamily:
+    """The family whose files `state` is written as: the one its shapes say, SD1 when they say none (test models)."""
+    return family_of_lora(state) or SD1
+
+
+def write_diffusers(state: LoraState, out_path: str | os.PathLike) -> Path:
+    """Write the diffusers format through the family pipeline's `save_lora_weights` (LoraConfig in the header)."""
+    out_path = check_writable_target(out_path)
+    _check_finite(state)
+    family = lora_family(state)
+    layers = formats.to_diffusers_layers(state)
+    if "text_encoder_2" in layers:
+        raise ValueError("this LoRA has a second text encoder (SDXL): write it with --to kohya")
+    kwargs = {}
+    for component, (tensors, config) in layers.items():
+        if component not in family.components:
+            raise ValueError(f"this LoRA has {component} modules, which {family.label} models do not have")
+        kwargs[f"{component}_lora_layers"] = tensors
+        kwargs[f"{component}_lora_adapter_metadata"] = config
+    import diffusers  # after the checks: importing it takes seconds
+
+    pipeline_class = getattr(diffusers, family.pipeline_class)
+    with atomic_file(out_path) as tmp:
+        pipeline_class.save_lora_weights(save_directory=str(tmp.parent), weight_name=tmp.name, **kwargs)
+    return out_path
+
+
+def kohya_metadata(state: LoraState, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The `ss_*` header a UI shows: network dim/alpha, module, base model version (from shapes)."""
+    rank, alpha = state.most_common_rank_alpha()
+    family = family_of_lora(state)  # None: shapes of no known family (test models): said as "unknown"
+    metadata = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(rank),
+        "ss_network_alpha": f"{alpha:g}",
+        "ss_base_model_version": family.ss_base_model_version if family else "unknown",
+        "ss_v2": str(family is not None and family.name == "sd2"),
+        "ss_network_args": json.dumps(_conv_args(state)),
+        "sshs_legacy_hash": "",
+        "ss_training_comment": "written by sdlora",
+        "modelspec.architecture": family.modelspec_architecture if family else "unknown",
+    }
+    metadata.update(
+        {k: v for k, v in state.metadata.items() if k.startswith(("ss_", "modelspec.", "sdlora_")) and k != FORMAT_METADATA_KEY}
+    )
+    metadata.update(extra or {})
+    return metadata
+
+
+def _conv_args(state: LoraState) -> dict[str, str]:
+    """kohya's conv_dim/conv_alpha for 3x3-conv (LoCon) modules, which UIs show beside network dim/alpha."""
+    conv = [m for m in state.modules.values() if m.is_conv and m.down.shape[-1] > 1]
+    if not conv:
+        return {}
+    return {"conv_dim": str(max(m.rank for m in conv)), "conv_alpha": f"{max(m.effective_alpha for m in conv):g}"}
+
+
+def write_kohya(state: LoraState, out_path: str | os.PathLike, extra_metadata: dict[str, str] | None = None) -> Path:
+    """Write the kohya/A1111/ComfyUI format with a real `.alpha` per module and `ss_*` metadata."""
+    out_path = check_writable_target(out_path)
+    _check_finite(state)
+    tensors = formats.to_kohya(state, lora_family(state))
+    metadata = kohya_metadata(state, extra_metadata)
+    with atomic_file(out_path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    return out_path
+
+
+def write_lora(state: LoraState, out_path: str | os.PathLike, fmt: str, extra_metadata: dict[str, str] | None = None) -> Path:
+    """Write `state` in `fmt` ('diffusers' or 'kohya')."""
+    if fmt == formats.DIFFUSERS:
+        return write_diffusers(state, out_path)
+    if fmt == formats.KOHYA:
+        return write_kohya(state, out_path, extra_metadata)
+    raise ValueError(f"cannot write format {fmt!r}: use one of {', '.join(formats.WRITABLE)}")
+
+
+def lora_file_hash(path: str | os.PathLike) -> str:
+    """A1111's short hash of a LoRA file: sha256 of a .safetensors file's tensor data (header skipped), 12 hex digits.
+
+    Skipping the header keeps the hash when only metadata changes; other files are hashed whole.
+    """
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        if Path(path).suffix.lower() == ".safetensors":
+            header = handle.read(8)
+            if len(header) == 8:
+                handle.seek(8 + struct.unpack("<Q", header)[0])
+            else:
+                handle.seek(0)
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:12]

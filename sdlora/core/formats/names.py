@@ -1,0 +1,115 @@
+"""The key tables every format shares: format names, per-format suffixes, kohya's prefixes and segment vocabulary.
+
+A kohya key is a module path with its dots turned into underscores (`lora_unet_down_blocks_0_attentions_0_proj_in`),
+so reading one back needs to know which underscores belong to a name. `SEGMENTS` is that vocabulary: every name a
+module path of a Stable Diffusion UNet or CLIP text encoder is made of. The reader splits with it and the writer
+joins with it, so a path the writer accepts always reads back, and a word outside it raises when a file is read,
+naming the key.
+"""
+
+from __future__ import annotations
+
+import re
+
+from ..families import FAMILIES
+
+DIFFUSERS = "diffusers"  # unet.<path>.lora_A.weight + lora_adapter_metadata (what save_lora_weights writes)
+KOHYA = "kohya"  # lora_unet_<path_with_underscores>.lora_down.weight / .lora_up.weight / .alpha
+KOHYA_LDM = "kohya-ldm"  # lora_unet_input_blocks_1_1_... (original LDM/SGM block names)
+DIFFUSERS_OLD = "diffusers-old"  # unet.<path>.lora.down.weight, text encoder ...lora_linear_layer.down.weight
+ATTN_PROCS = "diffusers-attn-procs"  # unet.<path>.processor.to_q_lora.down.weight
+PEFT = "peft"  # base_model.model.<path>.lora_A.weight + adapter_config.json
+FORMATS = (DIFFUSERS, KOHYA, KOHYA_LDM, DIFFUSERS_OLD, ATTN_PROCS, PEFT)
+WRITABLE = (DIFFUSERS, KOHYA)
+
+METADATA_KEY = "lora_adapter_metadata"  # diffusers' header key for the peft LoraConfig of each component
+
+# per-format (down, up) weight names after the module path
+SUFFIXES = {
+    DIFFUSERS: (".lora_A.weight", ".lora_B.weight"),
+    PEFT: (".lora_A.weight", ".lora_B.weight"),
+    KOHYA: (".lora_down.weight", ".lora_up.weight"),
+    KOHYA_LDM: (".lora_down.weight", ".lora_up.weight"),
+}
+KOHYA_ALPHA = ".alpha"
+KOHYA_UNET_PREFIX = "lora_unet_"
+# kohya prefix -> component, from the family table (lora_te_ for one text encoder, lora_te1_/lora_te2_ for two)
+KOHYA_PREFIXES = {KOHYA_UNET_PREFIX: "unet"} | {spec.kohya_prefix: spec.component for family in FAMILIES for spec in family.text_encoders}
+
+# Old diffusers (non-peft and attention processors) keys are <module key>.down.weight / .up.weight; the module
+# key's last name says what it adapts: `.lora` the module itself, `<proj>_lora` a projection of the attention
+# (`attn1.processor.to_q_lora` -> attn1.to_q; in CLIP `self_attn.to_q_lora` -> self_attn.q_proj).
+OLD_UNET_ENDINGS = {".lora": "", ".to_q_lora": ".to_q", ".to_k_lora": ".to_k", ".to_v_lora": ".to_v", ".to_out_lora": ".to_out.0"}
+OLD_TEXT_ENCODER_ENDINGS = {
+    ".lora": "",
+    ".lora_linear_layer": "",
+    ".to_q_lora": ".q_proj",
+    ".to_k_lora": ".k_proj",
+    ".to_v_lora": ".v_proj",
+    ".to_out_lora": ".out_proj",
+}
+ATTN_PROC_ENDINGS = (".to_q_lora", ".to_k_lora", ".to_v_lora", ".to_out_lora")
+
+# Every name (between dots) of a module path in SD1/SD2/SDXL UNets and CLIP text encoders; numbers are indices.
+SEGMENTS = frozenset({
+    # UNet blocks and layers
+    "conv_in", "conv_out", "conv_norm_out", "time_embedding", "linear_1", "linear_2", "add_embedding",
+    "class_embedding", "encoder_hid_proj", "down_blocks", "mid_block", "up_blocks", "attentions", "resnets",
+    "downsamplers", "upsamplers", "conv", "conv1", "conv2", "conv_shortcut", "time_emb_proj", "norm", "norm1",
+    "norm2", "norm3", "proj_in", "proj_out", "transformer_blocks", "attn1", "attn2", "to_q", "to_k", "to_v", "to_out",
+    "add_k_proj", "add_v_proj", "ff", "net", "proj",
+    # CLIP text encoders
+    "text_model", "embeddings", "token_embedding", "position_embedding", "encoder", "layers", "self_attn", "q_proj",
+    "k_proj", "v_proj", "out_proj", "layer_norm1", "layer_norm2", "mlp", "fc1", "fc2", "final_layer_norm",
+    "text_projection",
+})  # fmt: skip
+_MAX_SEGMENT_PARTS = max(len(segment.split("_")) for segment in SEGMENTS)
+
+
+def kohya_name(path: str, key_for_errors: str | None = None) -> str:
+    """`down_blocks.0.attentions.0.proj_in` -> `down_blocks_0_attentions_0_proj_in`; a name outside SEGMENTS raises."""
+    for segment in path.split("."):
+        if not (segment.isdigit() or segment in SEGMENTS):
+            raise ValueError(
+                f"module {key_for_errors or path!r} has the name {segment!r}, which kohya names cannot hold (known: SD UNet and CLIP layers)"
+            )
+    return path.replace(".", "_")
+
+
+def split_kohya_name(name: str, key: str) -> str:
+    """`down_blocks_0_attentions_0_proj_in` -> `down_blocks.0.attentions.0.proj_in` by longest known segment."""
+    parts = name.split("_")
+    segments, i = [], 0
+    while i < len(parts):
+        for width in range(min(_MAX_SEGMENT_PARTS, len(parts) - i), 0, -1):
+            candidate = "_".join(parts[i : i + width])
+            if candidate in SEGMENTS or candidate.isdigit():
+                break
+        else:
+            raise ValueError(f"LoRA key {key!r} maps to no module (unknown name {parts[i]!r} in {name!r})")
+        segments.append(candidate)
+        i += width
+    return ".".join(segments)
+
+
+def canonical_path(component: str, path: str, key: str) -> str:
+    """Component-relative module path as LoraState keeps it: text encoders always with `text_model.`."""
+    if component.startswith("text_encoder"):
+        if path.startswith(("encoder.", "embeddings.", "final_layer_norm")):
+            path = "text_model." + path
+        if not path.startswith(("text_model.", "text_projection")):  # text_projection: SDXL's second encoder
+            raise ValueError(f"LoRA key {key!r} maps to no text-encoder module (expected text_model.encoder.layers...)")
+    return path
+
+
+def split_component(key: str, default: str) -> tuple[str, str]:
+    """`unet.down_blocks...` -> ("unet", "down_blocks..."); a key without a component prefix belongs to `default`."""
+    head, _, rest = key.partition(".")
+    if head in ("unet", "text_encoder", "text_encoder_2"):
+        return head, rest
+    return default, key
+
+
+def peft_pattern_matches(pattern: str, path: str) -> bool:
+    """peft's rule for rank/alpha patterns: a pattern matches a module name ending in it."""
+    return bool(re.match(rf"(.*\.)?({pattern})$", path))

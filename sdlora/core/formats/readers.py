@@ -1,0 +1,188 @@
+"""Read a state dict of any supported format into a `LoraState`; a key that maps to nothing raises naming it."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+
+import torch
+
+from ..state import LoraModule, LoraState
+from .detect import detect_format
+from .ldm import LDM_KOHYA, has_ldm_names, ldm_to_diffusers
+from .names import (
+    ATTN_PROCS,
+    DIFFUSERS,
+    DIFFUSERS_OLD,
+    FORMATS,
+    KOHYA,
+    KOHYA_ALPHA,
+    KOHYA_LDM,
+    KOHYA_PREFIXES,
+    METADATA_KEY,
+    OLD_TEXT_ENCODER_ENDINGS,
+    OLD_UNET_ENDINGS,
+    PEFT,
+    SUFFIXES,
+    canonical_path,
+    peft_pattern_matches,
+    split_component,
+    split_kohya_name,
+)
+
+
+def to_lora_state(
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str] | None = None,
+    fmt: str | None = None,
+    adapter_config: Mapping | None = None,
+) -> LoraState:
+    """Read a state dict in any supported format into a `LoraState` (metadata is kept as is)."""
+    metadata = dict(metadata or {})
+    fmt = fmt or detect_format(tensors)
+    readers = {
+        DIFFUSERS: _read_diffusers,
+        PEFT: _read_peft,
+        KOHYA: _read_kohya,
+        KOHYA_LDM: _read_kohya,
+        DIFFUSERS_OLD: _read_diffusers_old,
+        ATTN_PROCS: _read_diffusers_old,  # one reader: diffusers wrote files mixing both layouts
+    }
+    if fmt not in readers:
+        raise ValueError(f"unknown format {fmt!r}: use one of {', '.join(FORMATS)}")
+    modules = readers[fmt](dict(tensors), metadata, adapter_config)
+    if not modules:
+        raise ValueError("the file holds no LoRA modules")
+    return LoraState(dict(sorted(modules.items())), metadata)
+
+
+def _pair_up(
+    tensors: dict[str, torch.Tensor], suffixes: tuple[str, str], extra: tuple[str, ...] = ()
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Group keys by module: {module_key: {"down": t, "up": t, "alpha": t}}; raise on any other key."""
+    down_suffix, up_suffix = suffixes
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        for role, suffix in (("down", down_suffix), ("up", up_suffix), *(("alpha", s) for s in extra)):
+            if key.endswith(suffix):
+                groups.setdefault(key[: -len(suffix)], {})[role] = tensor
+                break
+        else:
+            raise ValueError(
+                f"LoRA key {key!r} maps to no module (expected a name ending in {down_suffix}, {up_suffix}{''.join(', ' + s for s in extra)})"
+            )
+    for module_key, group in groups.items():
+        if "down" not in group or "up" not in group:
+            missing = down_suffix if "down" not in group else up_suffix
+            raise ValueError(f"LoRA module {module_key!r} has no {missing} tensor")
+    return groups
+
+
+def _add_module(modules: dict[str, LoraModule], path: str, module: LoraModule, key: str) -> None:
+    """Add one module; two keys naming the same module would silently drop one, so that is an error."""
+    if path in modules:
+        raise ValueError(f"LoRA key {key!r} adapts {path}, which another key in the file already adapts")
+    modules[path] = module
+
+
+def _read_diffusers(tensors, metadata, _adapter_config) -> dict[str, LoraModule]:
+    configs = _component_configs(metadata)
+    modules = {}
+    for key, group in _pair_up(tensors, SUFFIXES[DIFFUSERS], extra=(KOHYA_ALPHA,)).items():
+        component, path = split_component(key, default="unet")
+        path = canonical_path(component, path, key)
+        alpha = float(group["alpha"]) if "alpha" in group else _config_alpha(configs.get(component), path, group["down"].shape[0])
+        _add_module(modules, f"{component}.{path}", LoraModule(group["down"], group["up"], alpha), key)
+    return modules
+
+
+def _read_peft(tensors, metadata, adapter_config) -> dict[str, LoraModule]:
+    config = dict(adapter_config or {})
+    if not config and METADATA_KEY in metadata:
+        config = json.loads(metadata[METADATA_KEY])
+    modules = {}
+    for key, group in _pair_up(tensors, SUFFIXES[PEFT]).items():
+        path = key.removeprefix("base_model.model.")
+        component = "text_encoder" if path.startswith(("text_model.", "encoder.layers.")) else "unet"
+        path = canonical_path(component, path, key)
+        _add_module(
+            modules,
+            f"{component}.{path}",
+            LoraModule(group["down"], group["up"], _config_alpha(config or None, path, group["down"].shape[0])),
+            key,
+        )
+    return modules
+
+
+def _read_kohya(tensors, _metadata, _adapter_config) -> dict[str, LoraModule]:
+    ldm_table = LDM_KOHYA if has_ldm_names(tensors) else {}
+    modules = {}
+    for key, group in _pair_up(tensors, SUFFIXES[KOHYA], extra=(KOHYA_ALPHA,)).items():
+        prefix = next((p for p in sorted(KOHYA_PREFIXES, key=len, reverse=True) if key.startswith(p)), None)
+        if prefix is None:
+            raise ValueError(f"LoRA key {key!r} maps to no module (kohya keys start with {', '.join(KOHYA_PREFIXES)})")
+        component = KOHYA_PREFIXES[prefix]
+        name = key[len(prefix) :]
+        if component == "unet" and ldm_table:
+            name = ldm_to_diffusers(name, ldm_table, key)
+        path = canonical_path(component, split_kohya_name(name, key), key)
+        alpha = float(group["alpha"]) if "alpha" in group else None
+        _add_module(modules, f"{component}.{path}", LoraModule(group["down"], group["up"], alpha), key)
+    return modules
+
+
+def _read_diffusers_old(tensors, _metadata, _adapter_config) -> dict[str, LoraModule]:
+    # an alpha, where a converter stored one, sits beside the module: <component>.<path>.alpha
+    alphas = {key: tensor for key, tensor in tensors.items() if key.endswith(".alpha")}
+    weights = {key: tensor for key, tensor in tensors.items() if key not in alphas}
+    modules: dict[str, LoraModule] = {}
+    for key, group in _pair_up(weights, (".down.weight", ".up.weight")).items():
+        component, path = split_component(key, default="unet")
+        endings = OLD_UNET_ENDINGS if component == "unet" else OLD_TEXT_ENCODER_ENDINGS
+        ending = next((e for e in endings if path.endswith(e)), None)
+        if ending is None:
+            raise ValueError(
+                f"LoRA key {key + '.down.weight'!r} maps to no module (old diffusers names end in {', '.join(e + '.down.weight' for e in endings)})"
+            )
+        module_path = canonical_path(component, path[: -len(ending)].removesuffix(".processor") + endings[ending], key)
+        alpha = alphas.pop(key[: -len(ending)] + ".alpha", None)
+        _add_module(
+            modules, f"{component}.{module_path}", LoraModule(group["down"], group["up"], None if alpha is None else float(alpha)), key
+        )
+    if alphas:
+        raise ValueError(f"LoRA key {next(iter(alphas))!r} maps to no module (no .down.weight/.up.weight pair beside it)")
+    return modules
+
+
+def _component_configs(metadata: Mapping[str, str]) -> dict[str, dict]:
+    """Per-component LoraConfig kwargs from diffusers' `lora_adapter_metadata` header ({'unet.r': 4, ...})."""
+    if METADATA_KEY not in metadata:
+        return {}
+    try:
+        flat = json.loads(metadata[METADATA_KEY])
+    except json.JSONDecodeError as err:
+        raise ValueError(f"header {METADATA_KEY} is not valid JSON: {err}") from err
+    configs: dict[str, dict] = {}
+    for key, value in flat.items():
+        component, _, field = key.partition(".")
+        configs.setdefault(component, {})[field] = value
+    return configs
+
+
+def _config_alpha(config: Mapping | None, path: str, rank: int) -> float | None:
+    """Alpha of module `path` under a peft LoraConfig (alpha_pattern, rsLoRA folded in as alpha*sqrt(r))."""
+    if not config:
+        return None
+    alpha = config.get("lora_alpha")
+    patterns = config.get("alpha_pattern") or {}
+    for pattern, value in patterns.items():
+        if peft_pattern_matches(pattern, path) or peft_pattern_matches(pattern, path.removeprefix("text_model.")):
+            alpha = value
+            break
+    if alpha is None:
+        return None
+    alpha = float(alpha)
+    if config.get("use_rslora"):
+        alpha = alpha * math.sqrt(rank)  # rsLoRA scales by alpha/sqrt(r) = (alpha*sqrt(r))/r
+    return alpha

@@ -1,0 +1,70 @@
+"""Turn a `LoraState` into the tensors and headers of the formats sdlora writes (diffusers, kohya)."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from ..families import ModelFamily
+from ..state import LoraState
+from .names import DIFFUSERS, KOHYA, KOHYA_ALPHA, KOHYA_UNET_PREFIX, METADATA_KEY, SUFFIXES, kohya_name
+
+
+def lora_config_kwargs(state: LoraState, component: str) -> dict:
+    """peft LoraConfig kwargs for one component: the common rank/alpha plus per-module patterns."""
+    # patterns without `text_model.` match both transformers 4 (text_model.encoder...) and 5 (encoder...) trees
+    modules = {path.removeprefix("text_model."): m for path, m in state.for_component(component).items()}
+    rank, alpha = state.most_common_rank_alpha(component)
+    return {
+        "r": rank,
+        "lora_alpha": alpha,
+        "rank_pattern": {path: m.rank for path, m in modules.items() if m.rank != rank},
+        "alpha_pattern": {path: m.effective_alpha for path, m in modules.items() if m.effective_alpha != alpha},
+        "target_modules": sorted(modules),
+        "use_dora": False,
+        "lora_bias": False,
+    }
+
+
+def to_diffusers_layers(state: LoraState) -> dict[str, tuple[dict[str, torch.Tensor], dict]]:
+    """{component: (peft state dict without the component prefix, LoraConfig kwargs)} for save_lora_weights."""
+    down_suffix, up_suffix = SUFFIXES[DIFFUSERS]
+    layers = {}
+    for component in state.components():
+        tensors = {}
+        for path, module in state.for_component(component).items():
+            tensors[path + down_suffix] = module.down.contiguous()
+            tensors[path + up_suffix] = module.up.contiguous()
+        layers[component] = (tensors, lora_config_kwargs(state, component))
+    return layers
+
+
+def to_diffusers(state: LoraState) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The diffusers file's tensors and header, exactly as `save_lora_weights` writes them."""
+    tensors, flat_config = {}, {}
+    for component, (layers, config) in to_diffusers_layers(state).items():
+        tensors.update({f"{component}.{key}": value for key, value in layers.items()})
+        flat_config.update({f"{component}.{key}": value for key, value in config.items()})
+    return tensors, {"format": "pt", METADATA_KEY: json.dumps(flat_config, indent=2, sort_keys=True)}
+
+
+def kohya_prefixes(family: ModelFamily) -> dict[str, str]:
+    """component -> kohya key prefix for a family: lora_unet_, and lora_te_ or lora_te1_/lora_te2_."""
+    return {"unet": KOHYA_UNET_PREFIX} | {spec.component: spec.kohya_prefix for spec in family.text_encoders}
+
+
+def to_kohya(state: LoraState, family: ModelFamily) -> dict[str, torch.Tensor]:
+    """kohya/A1111/ComfyUI tensors: lora_down/lora_up/alpha per module, prefixed as `family`'s kohya files are."""
+    prefixes = kohya_prefixes(family)
+    down_suffix, up_suffix = SUFFIXES[KOHYA]
+    tensors = {}
+    for path, module in state.modules.items():
+        component, _, module_path = path.partition(".")
+        if component not in prefixes:
+            raise ValueError(f"LoRA module {path} is for {component}, which {family.label} models do not have")
+        key = prefixes[component] + kohya_name(module_path, path)
+        tensors[key + down_suffix] = module.down.contiguous()
+        tensors[key + up_suffix] = module.up.contiguous()
+        tensors[key + KOHYA_ALPHA] = torch.tensor(module.effective_alpha, dtype=torch.float32)
+    return tensors

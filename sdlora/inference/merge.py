@@ -1,0 +1,331 @@
+"""Merge LoRAs into model weights: W' = W + scale * (alpha / r) * up @ down, for Linear, 1x1 and 3x3 conv weights.
+
+`merge_model` streams a diffusers folder (or a single-file checkpoint) tensor by tensor: each adapted weight is read,
+updated in fp32 and written, every other tensor is copied byte for byte, so peak memory stays near one tensor plus
+the LoRAs. `merge_lora` does the same arithmetic on a pipeline in memory. Unmerging is merging with negated scales:
+W' - scale * delta gives W back to float rounding.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from ..core.families import ModelFamily, describe_model, family_of_folder, family_of_pipeline, family_of_single_file
+from ..core.files import read_lora
+from ..core.formats.ldm import ldm_unet_table_from_keys, single_file_key
+from ..core.matching import Layer, LayerLookup, match_lora
+from ..core.state import COMPONENTS, LoraModule, LoraState
+from ..models import loading as models
+from ..storage.atomic import atomic_dir, atomic_file
+from ..storage.safetensors_stream import DTYPE_NAMES, FLOAT_DTYPES, TORCH_DTYPES, Header, TensorInfo, read_header, rewrite
+from .adapters import describe_pipeline, pipeline_layers
+
+LoraSpec = tuple[LoraState | str | os.PathLike, float]
+# weight key -> [(LoRA module label, module, scale)], the updates one weight receives
+Plan = dict[str, list[tuple[str, LoraModule, float]]]
+PICKLE_WEIGHTS = (".bin", ".ckpt", ".pt", ".pth")
+_SHARD = re.compile(r"-\d+-of-\d+(?=\.safetensors$)")
+
+
+class _Lora(NamedTuple):
+    label: str  # the file, or "LoRA #n" for an in-memory state: names the culprit in errors
+    state: LoraState
+    scale: float
+
+
+@dataclass
+class MergeStats:
+    """What a merge did: counts, and the bytes and seconds of the update arithmetic alone (file I/O excluded)."""
+
+    modules: int = 0  # LoRA modules merged, over all LoRAs
+    tensors: int = 0  # weight tensors changed
+    bytes_touched: int = 0  # weight bytes read and written plus LoRA bytes read by the arithmetic
+    arithmetic_s: float = 0.0
+
+
+def parse_lora_arg(text: str) -> tuple[str, float]:
+    """`FILE[:SCALE]` -> (file, scale); the last ':' separates a scale only if what follows parses as a number."""
+    path, sep, tail = text.rpartition(":")
+    if not sep or not path:
+        return text, 1.0
+    try:
+        scale = float(tail)
+    except ValueError:
+        return text, 1.0
+    if not math.isfinite(scale):
+        raise ValueError(f"--lora {text}: the scale must be a finite number")
+    return path, scale
+
+
+def negate(loras: Sequence[LoraSpec]) -> list[LoraSpec]:
+    """The same LoRAs with opposite scales: merging them undoes a merge."""
+    return [(source, -float(scale)) for source, scale in loras]
+
+
+def merge_lora(pipe, loras: Sequence[LoraSpec], allow_pickle: bool = False, stats: MergeStats | None = None) -> int:
+    """Merge LoRAs into a pipeline in memory (UNet, text encoders); returns the number of LoRA modules merged.
+
+    Nothing changes if any module fails to match, does not fit, or would give NaN/inf."""
+    return _merge_pipeline(pipe, _load_loras(loras, allow_pickle), stats if stats is not None else MergeStats())
+
+
+def _merge_pipeline(pipe, loaded: list[_Lora], stats: MergeStats) -> int:
+    layers = pipeline_layers(pipe, family_of_pipeline(pipe))
+    for component in _components(loaded):
+        if component not in layers:
+            raise ValueError(f"the LoRA has {component} modules but the pipeline has no {component}")
+    plan = _plan(loaded, layers, "the pipeline", describe_pipeline(pipe))
+    weights = {}
+    for component in {key.partition(".")[0] for key in plan}:
+        model = getattr(pipe, component)
+        modules = dict(model.named_modules())
+        for key in plan:
+            if key.startswith(component + "."):
+                name = key[len(component) + 1 :].removesuffix(".weight")
+                # a peft-wrapped layer keeps its base weight one level down
+                weights[key] = modules[f"{name}.base_layer"].weight if f"{name}.base_layer" in modules else modules[name].weight
+    with torch.no_grad():
+        for key, updates in plan.items():  # first pass only checks, so a refusal leaves the pipeline as it was
+            _merged(weights[key].detach().clone(), updates, weights[key].dtype, key, MergeStats())
+        for key, updates in plan.items():
+            weights[key].copy_(_merged(weights[key].detach().clone(), updates, weights[key].dtype, key, stats))
+    count = sum(len(updates) for updates in plan.values())
+    stats.modules += count
+    return count
+
+
+def merge_model(
+    model: str | os.PathLike,
+    loras: Sequence[LoraSpec],
+    out_dir: str | os.PathLike | None = None,
+    dtype: torch.dtype | str | None = None,
+    single_file: str | os.PathLike | None = None,
+    allow_pickle: bool = False,
+    config: str | None = None,
+    stats: MergeStats | None = None,
+) -> Path:
+    """Write `model` with `loras` merged: a diffusers folder at `out_dir`, or (from a single-file .safetensors
+    checkpoint) a single-file checkpoint at `single_file`. `model` is a diffusers folder, a single-file checkpoint,
+    `tiny`/`sd15-shaped` (unless a path of that name exists), or a hub id. `dtype` casts every floating tensor
+    written (default: keep each tensor's dtype); updates are computed in fp32 either way. Output is atomic: a
+    failure leaves nothing behind. Unmerge by passing the same LoRAs with negated scales (`negate`)."""
+    if (out_dir is None) == (single_file is None):
+        raise ValueError("give either an output folder (--out) or a single-file output (--single-file)")
+    out_dtype = models.parse_dtype(dtype) if isinstance(dtype, str) else dtype
+    stats = stats if stats is not None else MergeStats()
+    target = Path(single_file if single_file is not None else out_dir).expanduser()
+    loaded = _load_loras(loras, allow_pickle)  # before any output, so a bad LoRA leaves nothing behind
+    if str(model) in (models.TINY, models.SD15_SHAPED) and not Path(model).exists() and single_file is None:
+        with tempfile.TemporaryDirectory(prefix="sdlora-merge-") as folder:
+            source = models.write_tiny_model(Path(folder, "model"), variant=str(model))
+            return _merge_folder(source, loaded, target, out_dtype, stats)
+    path = Path(model).expanduser()
+    if path.exists() and (target.resolve() == path.resolve() or target.resolve().is_relative_to(path.resolve())):
+        raise ValueError(f"output {target} is (inside) the input model {path}: write the merge elsewhere")
+    if single_file is not None:
+        if not (path.is_file() and path.suffix.lower() == ".safetensors"):
+            raise ValueError(f"--single-file needs a single-file .safetensors checkpoint as --model, got {model}")
+        if target.suffix.lower() != ".safetensors":
+            raise ValueError(f"--single-file output {target} must end in .safetensors")
+        return _merge_single_file(path, loaded, target, out_dtype, stats)
+    if path.is_dir():
+        models.check_model_dir(path)
+        return _merge_folder(path, loaded, target, out_dtype, stats)
+    # a checkpoint or hub id becomes a diffusers folder only through a full load, so merge it in memory
+    pipe = models.load_pipeline(str(model), config=config, allow_pickle=allow_pickle)
+    _merge_pipeline(pipe, loaded, stats)
+    if out_dtype is not None:
+        pipe.to(dtype=out_dtype)
+    return models.save_pipeline(pipe, target)
+
+
+# ---------------------------------------------------------------- planning: which weight each module updates
+
+
+def _load_loras(loras: Sequence[LoraSpec], allow_pickle: bool) -> list[_Lora]:
+    if not loras:
+        raise ValueError("no LoRA given: pass at least one --lora FILE[:SCALE]")
+    loaded = []
+    for index, (source, scale) in enumerate(loras):
+        if not math.isfinite(float(scale)):
+            raise ValueError(f"LoRA scale {scale} is not a finite number")
+        if isinstance(source, LoraState):
+            loaded.append(_Lora(f"LoRA #{index + 1}", source, float(scale)))
+        else:
+            loaded.append(_Lora(str(source), read_lora(source, allow_pickle=allow_pickle), float(scale)))
+        loaded[-1].state.check_finite(loaded[-1].label)
+    return loaded
+
+
+def _components(loras: Sequence[_Lora]) -> list[str]:
+    present = {component for lora in loras for component in lora.state.components()}
+    return [component for component in COMPONENTS if component in present]
+
+
+def _plan(
+    loras: Sequence[_Lora],
+    layers: Mapping[str, LayerLookup],
+    where: str,
+    model_description: str,
+    weight_key: Callable[[str, str], str] = lambda component, name: f"{component}.{name}.weight",
+    component: str | None = None,
+) -> Plan:
+    """The updates each weight receives (of one `component`'s modules, or all), keyed by `weight_key(component,
+    layer name)`; a module that matches no weight or does not fit is an error."""
+    plan: Plan = {}
+    for lora in loras:
+        state = lora.state if component is None else lora.state.restricted_to(component)
+        match = match_lora(state, layers, lora.label, model_description)
+        match.require_all(lora.label, where)
+        for path, (name, module) in match.modules.items():
+            plan.setdefault(weight_key(path.partition(".")[0], name), []).append((path, module, lora.scale))
+    return plan
+
+
+# ---------------------------------------------------------------- arithmetic
+
+
+def _merged(weight: torch.Tensor, updates: list, out_dtype: torch.dtype, name: str, stats: MergeStats) -> torch.Tensor:
+    """weight + sum(scale * update), in fp32 (in place when `weight` is fp32), cast to `out_dtype`."""
+    start = time.perf_counter()
+    work = weight.to(torch.float32).contiguous()
+    for _, module, scale in updates:
+        module.add_to(work, scale)
+        stats.bytes_touched += module.up.nbytes + module.down.nbytes
+    result = work.to(out_dtype)
+    # the sum is a cheap screen; only a non-finite sum (overflow or a real NaN/inf) pays for the exact check
+    if not torch.isfinite(result.sum(dtype=torch.float32)) and not bool(torch.isfinite(result).all()):
+        culprits = ", ".join(sorted({label for label, _, _ in updates}))
+        raise ValueError(
+            f"merging {culprits} gives NaN or inf in weight {name} ({str(out_dtype).removeprefix('torch.')}): refusing to write; is the LoRA broken or a scale too large?"
+        )
+    stats.tensors += 1
+    stats.bytes_touched += weight.nbytes + result.nbytes
+    stats.arithmetic_s += time.perf_counter() - start
+    return result
+
+
+def _stream(header: Header, target: Path, plan: Plan, out_dtype: torch.dtype | None, stats: MergeStats) -> int:
+    """Rewrite one safetensors file: planned weights merged, floats cast to `out_dtype`, the rest copied as bytes."""
+    cast_to = DTYPE_NAMES[out_dtype] if out_dtype is not None else None
+    changed = {}
+    for name, info in header.tensors.items():
+        dtype = cast_to if cast_to and info.dtype in FLOAT_DTYPES else info.dtype
+        if name in plan or dtype != info.dtype:
+            changed[name] = dtype
+
+    def transform(info: TensorInfo, tensor: torch.Tensor) -> torch.Tensor:
+        dtype = TORCH_DTYPES[changed[info.name]]
+        return _merged(tensor, plan[info.name], dtype, info.name, stats) if info.name in plan else tensor.to(dtype)
+
+    stats.modules += sum(len(updates) for updates in plan.values())
+    return rewrite(header, target, changed, transform)
+
+
+# ---------------------------------------------------------------- sources
+
+
+def _merge_folder(source: Path, loras: list[_Lora], out_dir: Path, out_dtype: torch.dtype | None, stats: MergeStats) -> Path:
+    """Copy a diffusers folder, merging into the weight files of each component the LoRAs adapt."""
+    plans: dict[Path, Plan] = {}
+    headers: dict[Path, Header] = {}
+    adapted = _components(loras)
+    description = _describe_folder(source)
+    for component in adapted:
+        folder = source / component
+        files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+        if not files:
+            raise ValueError(f"the LoRA has {component} modules but {folder} holds no .safetensors weights")
+        groups: dict[str, list[Path]] = {}  # one group per variant (fp16...), its shards together
+        for file in files:
+            groups.setdefault(_SHARD.sub("", file.name), []).append(file)
+        for group in groups.values():
+            headers.update({file: read_header(file) for file in group})
+            owner = {name: file for file in group for name in headers[file].tensors}
+            layers = {
+                key.removesuffix(".weight"): Layer(headers[file].tensors[key].shape)
+                for key, file in owner.items()
+                if key.endswith(".weight")
+            }
+            plan = _plan(loras, {component: layers}, str(group[0]), description, lambda _, name: f"{name}.weight", component)
+            for key, updates in plan.items():
+                plans.setdefault(owner[key], {})[key] = updates
+    written: dict[Path, int] = {}
+    with atomic_dir(out_dir) as tmp:
+        indexes = []
+        for file in sorted(path for path in source.rglob("*") if not path.is_dir()):
+            relative = file.relative_to(source)
+            target = tmp / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if file in plans or (out_dtype is not None and file.suffix == ".safetensors"):
+                written[relative] = _stream(headers.get(file) or read_header(file), target, plans.get(file, {}), out_dtype, stats)
+            elif relative.parts[0] in adapted and file.suffix.lower() in PICKLE_WEIGHTS:
+                continue  # a pickle copy of merged weights would still hold the unmerged ones
+            elif out_dtype is not None and file.name.endswith(".safetensors.index.json"):
+                indexes.append(relative)
+            else:
+                shutil.copy2(file, target)
+        for relative in indexes:  # a cast changes the shards' sizes, which the index records
+            index = json.loads((source / relative).read_text(encoding="utf-8"))
+            shards = {relative.parent / name for name in index.get("weight_map", {}).values()}
+            index.setdefault("metadata", {})["total_size"] = sum(written.get(shard, 0) for shard in shards)
+            (tmp / relative).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return out_dir
+
+
+def _describe_folder(source: Path) -> str:
+    config = source / "unet" / "config.json"
+    width = json.loads(config.read_text(encoding="utf-8")).get("cross_attention_dim") if config.is_file() else None
+    return describe_model(family_of_folder(source), width) if isinstance(width, int) else f"the model in {source}"
+
+
+class _SingleFileLayers:
+    """One component's layers of a single-file checkpoint under their diffusers names, looked up through the LDM
+    tables (a `LayerLookup`: the checkpoint's own names are never turned back into diffusers ones)."""
+
+    def __init__(self, header: Header, component: str, family: ModelFamily, unet_table: Mapping[str, str]):
+        self.header, self.component, self.unet_table = header, component, unet_table
+        self.text_encoder = next((spec for spec in family.text_encoders if spec.component == component), None)
+
+    def key(self, name: str) -> str | None:
+        try:
+            key = single_file_key(self.component, name + ".weight", self.unet_table, self.text_encoder)
+        except ValueError:
+            return None  # reported by the matcher as a module matching no weight
+        return key if key in self.header.tensors else None
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and self.key(name) is not None
+
+    def __getitem__(self, name: str) -> Layer:
+        key = self.key(name)
+        if key is None:
+            raise KeyError(name)
+        return Layer(self.header.tensors[key].shape)
+
+
+def _merge_single_file(path: Path, loras: list[_Lora], out_file: Path, out_dtype: torch.dtype | None, stats: MergeStats) -> Path:
+    """Merge into a single-file (LDM-named) checkpoint, written as one."""
+    header = read_header(path)
+    family = family_of_single_file(header.tensors)
+    components = _components(loras)
+    unet_table = ldm_unet_table_from_keys(header.tensors) if "unet" in components else {}
+    layers = {component: _SingleFileLayers(header, component, family, unet_table) for component in components}
+    widths = [info.shape[1] for key, info in header.tensors.items() if key.endswith("attn2.to_k.weight")]
+    description = describe_model(family, widths[0]) if widths else family.label
+    plan = _plan(loras, layers, str(path), description, lambda component, name: layers[component].key(name))
+    with atomic_file(out_file) as tmp:
+        _stream(header, tmp, plan, out_dtype, stats)
+    return out_file

@@ -1,0 +1,207 @@
+"""Load a Stable Diffusion pipeline from `tiny`, a local diffusers folder, a single-file checkpoint or a hub id.
+
+The model family (SD1, SD2, SDXL) is read off the model itself (`model_index.json` and the UNet config, or a single
+file's keys) and picks the diffusers pipeline class, so no flag is needed.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from ..core.families import SD1, ModelFamily, family_of_folder, family_of_model_index, family_of_pipeline, family_of_single_file
+from ..core.files import read_tensors
+from ..storage.atomic import atomic_dir
+from ..storage.safetensors_stream import read_header, read_tensor
+from .tiny import build_sd15_shaped_pipeline, build_tiny_pipeline, tiny_clip_vocab
+
+TINY = "tiny"
+SD15_SHAPED = "sd15-shaped"
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """'fp32' | 'fp16' | 'bf16' -> torch dtype."""
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}: use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def pipeline_class(family: ModelFamily):
+    """The diffusers pipeline class of a family."""
+    import diffusers  # takes seconds to import: only when a pipeline is made
+
+    return getattr(diffusers, family.pipeline_class)
+
+
+def save_pipeline(pipe, out_dir: str | os.PathLike) -> Path:
+    """Write a pipeline folder atomically; tokenizers also get vocab.json/merges.txt for transformers 4 users."""
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        for spec in family_of_pipeline(pipe).text_encoders:
+            _write_tokenizer_files(getattr(pipe, spec.tokenizer), tmp / spec.tokenizer)
+    return out_dir
+
+
+def _write_tokenizer_files(tokenizer, folder: Path) -> None:
+    if (folder / "vocab.json").exists():
+        return
+    vocab, merges = tiny_clip_vocab()
+    if tokenizer.get_vocab() != vocab:  # a real tokenizer saves its own files
+        return
+    (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+
+
+def write_tiny_model(out_dir: str | os.PathLike, variant: str = TINY, seed: int = 0) -> Path:
+    """Write the tiny (or SD1.5-shaped) random-weight pipeline as a loadable diffusers folder."""
+    builders = {TINY: build_tiny_pipeline, SD15_SHAPED: build_sd15_shaped_pipeline}
+    if variant not in builders:
+        raise ValueError(f"unknown tiny-model variant {variant!r}: use one of {', '.join(builders)}")
+    return save_pipeline(builders[variant](seed=seed), out_dir)
+
+
+def load_pipeline(
+    model: str,
+    *,
+    dtype: torch.dtype = torch.float32,
+    config: str | None = None,
+    allow_pickle: bool = False,
+):
+    """A diffusers pipeline of the model's family from `tiny`, a diffusers folder, a single-file checkpoint or a hub id.
+
+    `config` points a single-file checkpoint at a local diffusers folder (or hub id) for its configs, so it
+    loads offline. Pickle checkpoints (.ckpt/.bin) load only with `allow_pickle`.
+    """
+    path = Path(model).expanduser()
+    if is_builtin_model(model):
+        return (build_tiny_pipeline() if model == TINY else build_sd15_shaped_pipeline()).to(dtype=dtype)
+    if path.is_dir():
+        family = check_model_dir(path)
+        components = {}
+        if _unet_weight_files(path / "unet"):
+            # read the UNet tensor by tensor (in the target dtype): peak memory is one UNet, not a mapped file + a copy
+            components["unet"] = load_unet_streaming(path / "unet", dtype)
+        cls = pipeline_class(family)
+        return cls.from_pretrained(path, torch_dtype=dtype, local_files_only=True, **_no_safety_checker(cls), **components)
+    if path.suffix.lower() in SINGLE_FILE_SUFFIXES:
+        if not path.is_file():
+            raise FileNotFoundError(f"model file not found: {path}")
+        if path.suffix.lower() in PICKLE_SUFFIXES and not allow_pickle:
+            raise ValueError(
+                f"{path} is a pickle checkpoint, which can run code when loaded: convert it to .safetensors or pass --allow-pickle"
+            )
+        family = SD1  # a pickle's keys cannot be read without unpickling it: diffusers' SD1 loader, as before
+        if path.suffix.lower() == ".safetensors":
+            # a truncated or mislabelled file fails here with one line, not deep inside diffusers
+            family = family_of_single_file(read_header(path).tensors)
+        kwargs = {"torch_dtype": dtype}
+        if config:
+            kwargs["config"] = config
+        try:
+            return pipeline_class(family).from_single_file(str(path), **kwargs)
+        except OSError as err:
+            if path.suffix.lower() in PICKLE_SUFFIXES:
+                _explain_pickle_failure(path)
+            raise ValueError(
+                f"could not load single-file checkpoint {path} ({_first_line(err)}); offline, pass --config pointing at a local diffusers folder of the same architecture"
+            ) from err
+    if _looks_like_path(model):
+        raise FileNotFoundError(f"model not found: {model} (expected a diffusers folder, a .safetensors file, a hub id or 'tiny')")
+    return _from_hub(model, dtype)
+
+
+def _from_hub(repo_id: str, dtype: torch.dtype):
+    from diffusers import DiffusionPipeline  # takes seconds to import: only when a pipeline is made
+
+    try:
+        index = DiffusionPipeline.load_config(repo_id)
+        # SD1 and SD2 share a pipeline class, so the index alone picks the right one
+        cls = pipeline_class(family_of_model_index(index))
+        return cls.from_pretrained(repo_id, torch_dtype=dtype, **_no_safety_checker(cls))
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"could not load {repo_id!r} from the Hugging Face hub ({_first_line(err)}); without internet, pass a local diffusers folder or .safetensors file"
+        ) from err
+
+
+def _unet_weight_files(folder: Path) -> list[Path]:
+    index = folder / "diffusion_pytorch_model.safetensors.index.json"
+    if index.is_file():
+        return sorted({folder / name for name in json.loads(index.read_text())["weight_map"].values()})
+    single = folder / "diffusion_pytorch_model.safetensors"
+    return [single] if single.is_file() else []
+
+
+def load_unet_streaming(folder: Path, dtype: torch.dtype):
+    """A UNet2DConditionModel from a diffusers folder, each tensor read and cast on its own (no fp32 copy of the whole)."""
+    from diffusers import UNet2DConditionModel  # takes seconds to import: only when a model is loaded
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder))
+    state = {}
+    for file in _unet_weight_files(folder):
+        header = read_header(file)
+        fd = os.open(file, os.O_RDONLY)
+        try:
+            for name, info in header.tensors.items():
+                state[name] = read_tensor(fd, info).to(dtype)
+        finally:
+            os.close(fd)
+    missing, unexpected = unet.load_state_dict(state, strict=False, assign=True)
+    if missing or unexpected:
+        raise ValueError(f"{folder}: UNet weights do not fit its config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return unet.eval()
+
+
+def check_model_dir(path: Path) -> ModelFamily:
+    """The family of a diffusers folder; a one-line error if it is not a Stable Diffusion folder with every part."""
+    if not (path / "model_index.json").is_file():
+        raise FileNotFoundError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
+    family = family_of_folder(path)
+    for part in family.required_parts:
+        if not (path / part).is_dir():
+            raise FileNotFoundError(
+                f"model folder {path} has no {part}/ subfolder ({family.label} models need {', '.join(family.required_parts)})"
+            )
+    return family
+
+
+def _no_safety_checker(cls) -> dict:
+    """`safety_checker=None` for the pipelines that have one (SD1/SD2): sdlora generates what it is asked."""
+    return {"safety_checker": None} if "safety_checker" in inspect.signature(cls.__init__).parameters else {}
+
+
+def _explain_pickle_failure(path: Path) -> None:
+    """diffusers' error for a pickle it would not load says nothing useful: load it weights-only to say why."""
+    read_tensors(path, allow_pickle=True)  # raises the one-line reason: code inside, truncated, not a pickle
+
+
+def is_builtin_model(model: str) -> bool:
+    """`tiny` or `sd15-shaped`, built in memory; an existing folder of that name wins, as in merge."""
+    return model in (TINY, SD15_SHAPED) and not Path(model).expanduser().exists()
+
+
+def is_hub_id(model: str) -> bool:
+    """`owner/name` that is no local path: what a model card's `base_model` may name."""
+    return "/" in model and not _looks_like_path(model) and not Path(model).expanduser().exists()
+
+
+def _looks_like_path(model: str) -> bool:
+    """True unless `model` has the shape of a hub id: `name` or `owner/name`."""
+    return model.startswith((".", "~")) or not HUB_ID.fullmatch(model)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__

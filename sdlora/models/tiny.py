@@ -1,0 +1,222 @@
+"""Stable Diffusion pipelines with random weights built from configs: the tiny offline model and an SD1.5-shaped one.
+
+The tiny model is the SD1 architecture in miniature (cross-attention UNet, AutoencoderKL, CLIP text encoder and a
+CLIP tokenizer whose vocabulary is learnt here from a fixed word list). It serves tests, examples and `--model tiny`.
+The SD1.5-shaped model has the real SD1.5 UNet and VAE configs with a short text encoder, for benchmarks.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import tempfile
+from collections import Counter
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+TINY_SEED = 0
+MAX_TOKENS = 77
+
+# Words the tiny tokenizer learns merges from; anything else still tokenizes, byte by byte.
+_TINY_WORDS = (
+    "a an the of in on with and by at to for photo painting drawing illustration poster style art sks ohwx "
+    "cat dog bird horse fish person man woman girl boy child face portrait landscape city street house tree "
+    "forest mountain river sea sky sun moon cloud flower garden car road night day red orange yellow green "
+    "blue purple pink black white grey gray brown colour color flat ink hatched line lines pattern shape "
+    "circle square triangle stripe stripes dots texture paper canvas oil watercolor pencil sketch detailed "
+    "simple bold bright dark light soft sharp high quality masterpiece background foreground standing "
+    "sitting looking walking smiling"
+).split()
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP byte-level alphabet: printable bytes map to themselves, the rest to code points above 255."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    mapping, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            mapping[byte] = chr(byte)
+        else:
+            mapping[byte] = chr(256 + extra)
+            extra += 1
+    return mapping
+
+
+@lru_cache(maxsize=1)
+def tiny_clip_vocab(num_merges: int = 400) -> tuple[dict[str, int], list[str]]:
+    """(vocab, merges) of a small CLIP BPE tokenizer, learnt deterministically from `_TINY_WORDS`."""
+    alphabet = list(_bytes_to_unicode().values())
+    tokens = ["<|startoftext|>", "<|endoftext|>"] + alphabet + [ch + "</w>" for ch in alphabet]
+    words = Counter(tuple(word[:-1]) + (word[-1] + "</w>",) for word in _TINY_WORDS)
+    merges: list[str] = []
+    for _ in range(num_merges):
+        pairs: Counter = Counter()
+        for word, count in words.items():
+            for pair in zip(word, word[1:]):
+                pairs[pair] += count
+        if not pairs:
+            break
+        best = max(pairs.items(), key=lambda item: (item[1], item[0]))[0]
+        merges.append(f"{best[0]} {best[1]}")
+        tokens.append(best[0] + best[1])
+        words = Counter({_merge_pair(word, best): count for word, count in words.items()})
+    return {token: index for index, token in enumerate(tokens)}, merges
+
+
+def _merge_pair(word: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
+    merged, i = [], 0
+    while i < len(word):
+        if i + 1 < len(word) and (word[i], word[i + 1]) == pair:
+            merged.append(word[i] + word[i + 1])
+            i += 2
+        else:
+            merged.append(word[i])
+            i += 1
+    return tuple(merged)
+
+
+def tiny_tokenizer():
+    """A CLIPTokenizer over the tiny vocabulary with model_max_length 77."""
+    from transformers import CLIPTokenizer  # transformers takes seconds to import: only when a tiny model is built
+
+    vocab, merges = tiny_clip_vocab()
+    if "vocab" in inspect.signature(CLIPTokenizer.__init__).parameters:
+        # transformers 5: vocab=/merges= objects; it ignores vocab_file/merges_file silently
+        pairs = [tuple(merge.split(" ")) for merge in merges]
+        return CLIPTokenizer(vocab=dict(vocab), merges=pairs, model_max_length=MAX_TOKENS)
+    with tempfile.TemporaryDirectory() as folder:  # transformers 4 reads the two files
+        vocab_file, merges_file = Path(folder, "vocab.json"), Path(folder, "merges.txt")
+        vocab_file.write_text(json.dumps(vocab), encoding="utf-8")
+        merges_file.write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+        return CLIPTokenizer(vocab_file=str(vocab_file), merges_file=str(merges_file), model_max_length=MAX_TOKENS)
+
+
+def _scheduler():
+    from diffusers import DDIMScheduler  # diffusers takes seconds to import: only when a tiny model is built
+
+    # Stable Diffusion's training noise schedule
+    return DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="epsilon",
+    )
+
+
+def _text_encoder(hidden: int, intermediate: int, heads: int, layers: int, projection: int):
+    from transformers import CLIPTextConfig, CLIPTextModel  # only when a tiny model is built
+
+    vocab, _ = tiny_clip_vocab()
+    config = CLIPTextConfig(
+        vocab_size=len(vocab),
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_attention_heads=heads,
+        num_hidden_layers=layers,
+        projection_dim=projection,
+        max_position_embeddings=MAX_TOKENS,
+        bos_token_id=vocab["<|startoftext|>"],
+        eos_token_id=vocab["<|endoftext|>"],
+        pad_token_id=vocab["<|endoftext|>"],
+        hidden_act="quick_gelu",
+    )
+    return CLIPTextModel(config)
+
+
+def _assemble(unet, vae, text_encoder):
+    from diffusers import StableDiffusionPipeline  # only when a tiny model is built
+
+    return StableDiffusionPipeline(
+        unet=unet.eval(),
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        tokenizer=tiny_tokenizer(),
+        scheduler=_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def build_tiny_pipeline(seed: int = TINY_SEED):
+    """The tiny SD1-architecture pipeline (64x64 images), random weights from `seed`."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel  # only when a tiny model is built
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=(2, 4),
+        norm_num_groups=32,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(32, 64),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        sample_size=64,
+        norm_num_groups=32,
+        scaling_factor=TINY_VAE_SCALING,
+    )
+    _make_encoder_near_deterministic(vae)
+    text_encoder = _text_encoder(hidden=32, intermediate=37, heads=4, layers=5, projection=32)
+    return _assemble(unet, vae, text_encoder)
+
+
+# A random VAE's posterior has std ~0.97 per latent element against ~0.27 of spread in its means, so ~97% of a
+# training latent (mean + std * noise) would be sampling noise and a LoRA could learn nothing about the images.
+# Trained VAEs are near-deterministic (SD's posterior std is ~0.01); the tiny one is made so too: log-variance
+# outputs fixed at -12 (std 0.0025), and a scaling factor giving its latents unit variance on the example
+# datasets (1 / 0.275), as SD's 0.18215 does for SD's VAE.
+TINY_VAE_LOGVAR = -12.0
+TINY_VAE_SCALING = 3.64
+
+
+def _make_encoder_near_deterministic(vae) -> None:
+    latent_channels = vae.config.latent_channels
+    with torch.no_grad():
+        vae.quant_conv.weight[latent_channels:] = 0.0
+        vae.quant_conv.bias[latent_channels:] = TINY_VAE_LOGVAR
+
+
+def build_sd15_shaped_pipeline(seed: int = TINY_SEED, text_layers: int = 2):
+    """SD1.5's real UNet and VAE architecture with random weights and a short 768-wide text encoder (benchmarks)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel  # only when a tiny model is built
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=64,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=768,
+        attention_head_dim=8,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=2,
+        sample_size=512,
+    )
+    text_encoder = _text_encoder(hidden=768, intermediate=3072, heads=12, layers=text_layers, projection=768)
+    return _assemble(unet, vae, text_encoder)

@@ -1,0 +1,228 @@
+"""Encode images to VAE latent distributions and captions to text embeddings once, reuse them every epoch; and
+turn one micro-batch of dataset indices into the UNet's inputs (`BatchEncoder`), from the caches or afresh.
+
+Latents are cached as the distribution (mean, std), not a sample: training still draws a fresh sample each step
+from its own generator, exactly as without the cache, so cached and uncached runs train the same model.
+Entries are keyed by image content hash, bucket size, crop, flip and the model's fingerprint.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from ..core.families import ModelFamily
+from ..storage.atomic import atomic_file
+from .buckets import Size
+from .data import ImageRecord, drop_captions, load_image, shuffle_tags
+
+CACHE_VERSION = "1"
+
+
+def model_fingerprint(model_name: str, module: torch.nn.Module) -> str:
+    """A short hash of a model's config and first weights, so caches of different models never mix."""
+    digest = hashlib.sha256(f"{CACHE_VERSION}|{model_name}|".encode())
+    config = getattr(module, "config", None)
+    if config is not None:
+        digest.update(json.dumps(dict(config), sort_keys=True, default=str).encode())
+    first = next(iter(module.state_dict().values()))
+    digest.update(first.detach().to(torch.float32).cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:24]
+
+
+class LatentCache:
+    """(mean, std) of the VAE latent distribution per (image, size, crop, flip), in memory and optionally on disk."""
+
+    def __init__(
+        self, encode: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], fingerprint: str, cache_dir: Path | None = None
+    ):
+        self.encode = encode
+        self.fingerprint = fingerprint
+        self.cache_dir = cache_dir
+        self.memory: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._digests: dict[Path, str] = {}
+        if cache_dir is not None:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+
+    def key(self, path: Path, size: tuple[int, int], crop: str, flip: bool) -> str:
+        if path not in self._digests:
+            self._digests[path] = file_digest(path)
+        return f"{self._digests[path]}-{size[0]}x{size[1]}-{crop}-{'flip' if flip else 'noflip'}-{self.fingerprint}"
+
+    def get(
+        self, path: Path, size: tuple[int, int], crop: str, flip: bool, load_pixels: Callable[[], torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cached (mean, std) for an image, encoding `load_pixels()` ([3, H, W] in [-1, 1]) on a miss."""
+        key = self.key(path, size, crop, flip)
+        if key in self.memory:
+            return self.memory[key]
+        entry = self._read_disk(key)
+        if entry is None:
+            mean, std = self.encode(load_pixels().unsqueeze(0))
+            entry = (mean[0].to(torch.float32).cpu().contiguous(), std[0].to(torch.float32).cpu().contiguous())
+            self._write_disk(key, entry)
+        self.memory[key] = entry
+        return entry
+
+    def _read_disk(self, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self.cache_dir is None or not (self.cache_dir / f"{key}.safetensors").is_file():
+            return None
+        try:
+            tensors = load_file(self.cache_dir / f"{key}.safetensors")
+            return tensors["mean"], tensors["std"]
+        except Exception:  # a damaged entry is re-encoded, never trusted
+            return None
+
+    def _write_disk(self, key: str, entry: tuple[torch.Tensor, torch.Tensor]) -> None:
+        if self.cache_dir is None:
+            return
+        with atomic_file(self.cache_dir / f"{key}.safetensors") as tmp:
+            save_file({"mean": entry[0], "std": entry[1]}, str(tmp))
+
+    def size_bytes(self) -> int:
+        """The cache's size: the bytes held in memory, or on disk when its folder holds more (entries of earlier runs)."""
+        in_memory = sum(m.numel() * m.element_size() + s.numel() * s.element_size() for m, s in self.memory.values())
+        on_disk = sum(p.stat().st_size for p in self.cache_dir.glob("*.safetensors")) if self.cache_dir else 0
+        return max(in_memory, on_disk)
+
+
+class EmbeddingCache:
+    """Text-encoder hidden states per caption (the text encoders are frozen when this is used)."""
+
+    def __init__(self, encode: Callable[[list[str]], torch.Tensor]):
+        self.encode = encode
+        self.memory: dict[str, torch.Tensor] = {}
+
+    def get(self, captions: list[str]) -> torch.Tensor:
+        missing = sorted({c for c in captions if c not in self.memory})
+        if missing:
+            for caption, embedding in zip(missing, self.encode(missing)):
+                self.memory[caption] = embedding.detach().to(torch.float32).cpu()
+        return torch.stack([self.memory[c] for c in captions])
+
+    def size_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.memory.values())
+
+
+# ---------------------------------------------------------------- encoders, and the caches a training run uses
+
+
+@torch.no_grad()
+def encode_distribution(vae, pixels: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) of the VAE's latent distribution for a batch of [-1, 1] pixels, in fp32."""
+    distribution = vae.encode(pixels.to(device, vae.dtype)).latent_dist
+    return distribution.mean.float(), distribution.std.float()
+
+
+def encode_captions(pipe, text_encoders: dict[str, torch.nn.Module], family: ModelFamily, captions: list[str], device) -> torch.Tensor:
+    """The hidden states the UNet attends to, for captions padded to each tokenizer's length: each of the family's
+    text encoders (`text_encoders`, by component) at its layer, joined along the width; with gradients only if an
+    encoder trains."""
+    hidden = []
+    for spec in family.text_encoders:
+        tokenizer, encoder = getattr(pipe, spec.tokenizer), text_encoders[spec.component]
+        tokens = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt")
+        with torch.set_grad_enabled(torch.is_grad_enabled() and any(p.requires_grad for p in encoder.parameters())):
+            output = encoder(tokens.input_ids.to(device), output_hidden_states=spec.hidden_layer != -1)
+        # -1 is the encoder's output (after its final layer norm, as the pipelines use it); others are raw layers
+        hidden.append(output[0] if spec.hidden_layer == -1 else output.hidden_states[spec.hidden_layer])
+    return torch.cat(hidden, dim=-1)
+
+
+def build_caches(
+    config, pipe, text_encoders: dict[str, torch.nn.Module], family: ModelFamily, device, out: Path
+) -> tuple[LatentCache | None, EmbeddingCache | None]:
+    """Latent cache unless off or crops are random; embedding cache unless a text encoder trains or captions are shuffled."""
+    if config.cache == "off":
+        return None, None
+    latent_cache = None
+    if config.crop != "random":
+        cache_dir = out / "cache" if config.cache == "disk" else None
+        latent_cache = LatentCache(
+            lambda pixels: encode_distribution(pipe.vae, pixels, device), model_fingerprint(config.model, pipe.vae), cache_dir
+        )
+    embedding_cache = None
+    if not config.train_text_encoder and not config.shuffle_captions:
+        embedding_cache = EmbeddingCache(lambda captions: encode_captions(pipe, text_encoders, family, captions, device))
+    return latent_cache, embedding_cache
+
+
+def fill_caches(config, records, buckets, latent_cache: LatentCache | None, embedding_cache: EmbeddingCache | None, show: bool) -> None:
+    """Encode every image (both flips when flipping) and caption once, before the first step; report the size."""
+    if latent_cache is not None:
+        flips = (False, True) if config.flip else (False,)
+        jobs = [(record, size, flip) for record, size in zip(records, buckets) for flip in flips]
+        for record, size, flip in tqdm(jobs, desc="caching latents", disable=not show):
+            latent_cache.get(record.path, size, config.crop, flip, functools.partial(load_image, record, size, crop=config.crop, flip=flip))
+    if embedding_cache is not None:
+        captions = sorted({record.caption for record in records} | ({""} if config.caption_dropout else set()))
+        for start in range(0, len(captions), 16):
+            embedding_cache.get(captions[start : start + 16])
+    if show and (latent_cache or embedding_cache):
+        size = sum(cache.size_bytes() for cache in (latent_cache, embedding_cache) if cache is not None)
+        where = f" (on disk: {latent_cache.cache_dir})" if latent_cache and latent_cache.cache_dir else ""
+        latents = len(latent_cache.memory) if latent_cache else 0
+        captions = len(embedding_cache.memory) if embedding_cache else 0
+        tqdm.write(f"cache: {latents} latents, {captions} captions, {size / 2**20:.1f} MiB{where}")
+
+
+@dataclass
+class BatchEncoder:
+    """Turns a micro-batch of dataset indices into (latents, caption embeddings): flips, crops and caption shuffling
+    and dropout drawn from the step's `rng`, latent samples from its `generator`."""
+
+    config: object  # TrainConfig
+    pipe: object
+    text_encoders: dict[str, torch.nn.Module]  # possibly wrapped for training (DDP)
+    family: ModelFamily
+    records: Sequence[ImageRecord]
+    sizes: Sequence[Size]  # each record's bucket
+    latent_cache: LatentCache | None
+    embedding_cache: EmbeddingCache | None
+    device: torch.device
+    dtype: torch.dtype  # what the UNet runs in
+
+    def __call__(self, indices: list[int], rng: random.Random, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        config, device = self.config, self.device
+        means, stds, pixels, captions = [], [], [], []
+        for index in indices:
+            record, size = self.records[index], self.sizes[index]
+            flip = config.flip and rng.random() < 0.5
+            load = functools.partial(load_image, record, size, crop=config.crop, flip=flip, rng=rng)
+            if self.latent_cache is not None:
+                mean, std = self.latent_cache.get(record.path, size, config.crop, flip, load)
+                means.append(mean)
+                stds.append(std)
+            else:
+                pixels.append(load())
+            captions.append(shuffle_tags(record.caption, config.trigger, rng) if config.shuffle_captions else record.caption)
+        captions = drop_captions(captions, config.caption_dropout, rng)
+        if pixels:  # no cache: the micro-batch (one bucket, so one size) through the VAE in one call
+            mean, std = encode_distribution(self.pipe.vae, torch.stack(pixels), device)
+        else:
+            mean, std = torch.stack(means), torch.stack(stds)
+        mean, std = mean.to(device, torch.float32), std.to(device, torch.float32)
+        noise = torch.randn(mean.shape, generator=generator).to(device)
+        latents = (mean + std * noise) * self.pipe.vae.config.scaling_factor
+        if self.embedding_cache is not None:
+            embeddings = self.embedding_cache.get(captions).to(device)
+        else:
+            embeddings = encode_captions(self.pipe, self.text_encoders, self.family, captions, device)
+        return latents.to(self.dtype), embeddings.to(self.dtype)

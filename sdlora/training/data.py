@@ -1,0 +1,260 @@
+"""Find training images and their captions, turn an image into a bucket-sized tensor, hold some out.
+
+Captions come from `metadata.jsonl` (`file_name`, `text`) at the top of the data folder, else a sidecar `.txt`
+beside the image, else the fixed `--caption`; `--trigger` is put in front of every caption.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath, PureWindowsPath
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from .buckets import Size
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+METADATA_FILE = "metadata.jsonl"
+_SWAPPED_ORIENTATIONS = {5, 6, 7, 8}  # EXIF orientations that rotate by 90 degrees: width and height trade places
+_LISTED = 5  # file names shown in one warning or error line before "and N more"
+
+
+@dataclass
+class ImageRecord:
+    """One training image: its path, final caption, and its size as displayed (EXIF rotation applied)."""
+
+    path: Path
+    caption: str
+    width: int
+    height: int
+
+
+def find_images(data_dir: str | os.PathLike, caption: str | None = None, trigger: str | None = None) -> list[ImageRecord]:
+    """Every readable image under `data_dir` (nested folders too) with its caption, sorted by relative path.
+
+    Unreadable images are skipped with a warning; no images at all, an image left without any caption,
+    or a bad `metadata.jsonl` line raise a one-line ValueError naming the file.
+    """
+    root = Path(data_dir)
+    if not root.exists():
+        raise FileNotFoundError(f"data folder {root} does not exist")
+    if not root.is_dir():
+        raise ValueError(f"data folder {root} is not a folder")
+    listed = _read_metadata(root)
+    found = {path.relative_to(root).as_posix(): path for path in _walk_images(root)}
+    if not found and not listed:
+        raise ValueError(f"no images ({', '.join(e[1:] for e in IMAGE_EXTENSIONS)}) found in {root}")
+    fixed = caption.strip() if caption and caption.strip() else None
+    trigger = trigger.strip() if trigger and trigger.strip() else None
+    records: list[ImageRecord] = []
+    unreadable: list[str] = []
+    uncaptioned: list[str] = []
+    for relative in sorted(found.keys() | listed.keys()):
+        path = found.get(relative, root / relative)
+        size = _displayed_size(path)
+        if isinstance(size, str):
+            unreadable.append(f"{relative} ({size})")
+            continue
+        text = listed[relative] if relative in listed else _sidecar_caption(path)
+        if not text:
+            uncaptioned.append(relative)
+            text = fixed or ""
+        records.append(ImageRecord(path, _with_trigger(text, trigger), *size))
+    if unreadable and records:
+        warnings.warn(f"skipped {len(unreadable)} unreadable images in {root}: {_names(unreadable)}", stacklevel=2)
+    if not records:
+        raise ValueError(f"no readable images in {root}: all {len(unreadable)} failed to open ({_names(unreadable)})")
+    if uncaptioned and not (fixed or trigger):
+        raise ValueError(
+            f"{len(uncaptioned)} images have no caption ({_names(uncaptioned)}): pass --caption or --trigger or add .txt files"
+        )
+    # every image uncaptioned with a fixed caption is the intended "one caption for all" mode: nothing to warn about
+    if uncaptioned and (not fixed or len(uncaptioned) < len(records)):
+        using = f"the caption {fixed!r}" if fixed else "the trigger alone"
+        using += f" after {trigger!r}" if fixed and trigger else ""
+        warnings.warn(f"{len(uncaptioned)} images have no caption and use {using}: {_names(uncaptioned)}", stacklevel=2)
+    return records
+
+
+def _walk_images(root: Path) -> list[Path]:
+    """Image files under `root`, skipping hidden files and folders (.git, .ipynb_checkpoints, temp files)."""
+    images = []
+    for folder, subfolders, files in os.walk(root):
+        subfolders[:] = [name for name in subfolders if not name.startswith(".")]
+        images += [Path(folder, name) for name in files if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")]
+    return images
+
+
+def _read_metadata(root: Path) -> dict[str, str | None]:
+    """`metadata.jsonl` as {relative posix path: caption or None}; a bad line raises naming its number."""
+    path = root / METADATA_FILE
+    if not path.is_file():
+        return {}
+    entries: dict[str, str | None] = {}
+    for number, line in enumerate(_read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path} line {number}"
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{where}: not valid JSON ({err.msg})") from None
+        if not isinstance(entry, dict) or not isinstance(entry.get("file_name"), str):
+            raise ValueError(f'{where}: expected an object with a "file_name" string')
+        text = entry.get("text")
+        if text is not None and not isinstance(text, str):
+            raise ValueError(f'{where}: "text" must be a string, got {type(text).__name__}')
+        relative = _relative_inside(entry["file_name"], where)
+        if relative in entries:
+            raise ValueError(f"{where}: {relative} is listed twice")
+        if not relative.lower().endswith(IMAGE_EXTENSIONS):
+            raise ValueError(f"{where}: {relative} is not a {'/'.join(e[1:] for e in IMAGE_EXTENSIONS)} image")
+        if not (root / relative).is_file():
+            raise FileNotFoundError(f"{where}: {relative} not found in {root}")
+        entries[relative] = text.strip() if text else None
+    return entries
+
+
+def _relative_inside(file_name: str, where: str) -> str:
+    """`file_name` as a normalised path inside the data folder; absolute or escaping paths are refused."""
+    # refused lexically, before touching the disk: a caption file must never make us read outside the folder
+    if PurePosixPath(file_name).is_absolute() or PureWindowsPath(file_name).anchor:
+        raise ValueError(f"{where}: file_name {file_name!r} is an absolute path; give it relative to the data folder")
+    normal = os.path.normpath(file_name).replace(os.sep, "/")
+    if normal == "." or normal == ".." or normal.startswith("../"):
+        raise ValueError(f"{where}: file_name {file_name!r} points outside the data folder")
+    return normal
+
+
+def _sidecar_caption(image: Path) -> str | None:
+    sidecar = image.with_suffix(".txt")
+    return _read_text(sidecar).strip() or None if sidecar.is_file() else None
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8-sig")  # -sig: Windows editors start UTF-8 files with a BOM
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+
+
+def _with_trigger(text: str, trigger: str | None) -> str:
+    if not trigger:
+        return text
+    if not text or text == trigger:
+        return trigger
+    # captions already written with the trigger in front are not given it twice
+    return text if text.startswith(trigger + ",") else f"{trigger}, {text}"
+
+
+def _displayed_size(path: Path) -> tuple[int, int] | str:
+    """(width, height) after EXIF rotation, or the reason the file cannot be read."""
+    try:
+        with Image.open(path) as image:
+            image.verify()  # walks PNG chunks with their CRCs and starts the WebP decoder: catches truncation
+        with Image.open(path) as image:  # verify() leaves the image unusable: open it again for size and EXIF
+            width, height = image.size
+            swapped = image.getexif().get(0x0112) in _SWAPPED_ORIENTATIONS
+            if image.format == "JPEG":
+                # verify() does nothing for JPEG; a 1/8-scale DCT decode still reaches the end of the data, cheaply
+                image.draft("RGB", (max(1, width // 8), max(1, height // 8)))
+                image.load()
+    except Exception as err:  # Pillow raises OSError, SyntaxError, ValueError, DecompressionBombError...
+        return f"{type(err).__name__}: {err}".splitlines()[0]
+    return (height, width) if swapped else (width, height)
+
+
+def _names(items: Sequence[str]) -> str:
+    shown = ", ".join(items[:_LISTED])
+    return shown + (f" and {len(items) - _LISTED} more" if len(items) > _LISTED else "")
+
+
+def crop_box(image_size: Size, size: Size, crop: str = "center", rng: random.Random | None = None) -> tuple[float, float, float]:
+    """(scale, left, top): resize by `scale` to cover `size`, then cut at (left, top) in the resized image."""
+    (width, height), (target_width, target_height) = image_size, size
+    scale = max(target_width / width, target_height / height)
+    spare_x = max(0, round(width * scale) - target_width)
+    spare_y = max(0, round(height * scale) - target_height)
+    if crop == "center":
+        return scale, spare_x // 2, spare_y // 2
+    if crop == "random":
+        rng = rng or random.Random()
+        return scale, rng.randint(0, spare_x), rng.randint(0, spare_y)
+    raise ValueError(f"crop must be 'center' or 'random', got {crop!r}")
+
+
+def load_image(record: ImageRecord, size: Size, crop: str = "center", flip: bool = False, rng: random.Random | None = None) -> torch.Tensor:
+    """The image resized to cover `size` = (width, height), cropped, optionally mirrored: float32 [3, H, W] in [-1, 1]."""
+    target_width, target_height = size
+    try:
+        with Image.open(record.path) as image:
+            cover = max(target_width / record.width, target_height / record.height)
+            # JPEG only: decode at 1/2, 1/4 or 1/8 scale when that still covers the target (much faster, same look)
+            image.draft("RGB", (max(1, int(image.width * cover)), max(1, int(image.height * cover))))
+            image = _to_rgb(ImageOps.exif_transpose(image))
+            scale, left, top = crop_box(image.size, size, crop, rng)
+            # resize straight from the crop window in source pixels: one resample, exact aspect, no big intermediate
+            box = (
+                left / scale,
+                top / scale,
+                min(image.width, (left + target_width) / scale),
+                min(image.height, (top + target_height) / scale),
+            )
+            image = image.resize(size, Image.Resampling.LANCZOS, box=box)
+    except OSError as err:
+        raise ValueError(f"cannot read image {record.path}: {err}") from None
+    if flip:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy())
+    return (pixels / 127.5 - 1.0).permute(2, 0, 1).contiguous()
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB; transparency is laid on white, 16-bit greyscale scaled down instead of clipped."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        grey = np.clip(np.asarray(image, dtype=np.float64) / 257.0, 0, 255).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        # white: transparent cut-outs and drawings are meant on paper; dropping alpha shows whatever RGB hid there
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB") if image.mode != "RGB" else image
+
+
+def shuffle_tags(caption: str, trigger: str | None, rng: random.Random) -> str:
+    """The caption's comma-separated tags in a random order; a leading trigger word stays first."""
+    tags = [t.strip() for t in caption.split(",") if t.strip()]
+    head = [tags.pop(0)] if trigger and tags and tags[0] == trigger else []
+    rng.shuffle(tags)
+    return ", ".join(head + tags)
+
+
+def drop_captions(captions: list[str], p: float, rng: random.Random) -> list[str]:
+    """Each caption replaced by "" with probability `p` (one draw from `rng` per caption; none when p is 0)."""
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"caption_dropout must be in [0, 1], got {p}")
+    if p == 0.0:
+        return list(captions)
+    return ["" if rng.random() < p else caption for caption in captions]
+
+
+def split_validation(records: Sequence[ImageRecord], fraction: float, seed: int) -> tuple[list[ImageRecord], list[ImageRecord]]:
+    """Hold out round(fraction * N) images (at least 1 when fraction > 0), chosen by seed; both lists keep their order."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"val_split must be in [0, 1), got {fraction}")
+    if fraction == 0.0:
+        return list(records), []
+    count = max(1, round(fraction * len(records)))
+    if count >= len(records):
+        raise ValueError(f"val_split {fraction} holds out {count} of {len(records)} images and leaves none to train on")
+    held_out = set(random.Random(seed).sample(range(len(records)), count))
+    train = [r for i, r in enumerate(records) if i not in held_out]
+    return train, [r for i, r in enumerate(records) if i in held_out]

@@ -1,0 +1,230 @@
+"""Which layers get LoRA, adding it through peft, and reading the trained LoRA back as a `LoraState`.
+
+UNet presets (`unet_target_modules` resolves them to exact module names on a given UNet; only nn.Linear and
+nn.Conv2d layers are ever chosen, and conv_in, conv_out, time_embedding and add_embedding never are):
+
+- `attn`: the attention projections `to_q`, `to_k`, `to_v`, `to_out.0` of every attention (`attn1` self,
+  `attn2` cross) inside the transformer blocks of the down, mid and up blocks. 8 per transformer block.
+- `attn-ff`: `attn` plus the feed-forward `ff.net.0.proj` (GEGLU input) and `ff.net.2` of each transformer
+  block, and the `proj_in` / `proj_out` of each `Transformer2DModel` (1x1 convs in SD1, Linear in SD2/SDXL).
+- `all` (LoCon-style, as kohya's conv LoRA): every Linear and Conv2d inside the down/mid/up blocks'
+  `attentions` (the `attn-ff` set) and `resnets` (`conv1`, `conv2` 3x3, `time_emb_proj`, `conv_shortcut` 1x1),
+  plus the `downsamplers` / `upsamplers` convs (3x3).
+
+The text encoder (`--train-text-encoder`) gets LoRA on CLIP's `q_proj`, `k_proj`, `v_proj`, `out_proj`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+from torch import nn
+
+from ..core.matching import ADAPTABLE_LAYERS, TEXT_MODEL_PREFIX, Layer, base_layers, match_lora
+from ..core.state import LoraModule, LoraState
+
+_ATTENTION = r"\.transformer_blocks\.\d+\.attn\d+\.(to_q|to_k|to_v|to_out\.0)$"
+_FEED_FORWARD = r"\.transformer_blocks\.\d+\.ff\.net\.(0\.proj|2)$"
+_PROJECTIONS = r"\.attentions\.\d+\.(proj_in|proj_out)$"
+_BLOCK_LAYERS = r"^(down_blocks\.\d+|mid_block|up_blocks\.\d+)\.(attentions|resnets|downsamplers|upsamplers)\.\d+\."
+
+# preset -> regular expressions searched in full UNet module names (a Linear or Conv2d matching any is adapted)
+PRESETS: dict[str, tuple[str, ...]] = {
+    "attn": (_ATTENTION,),
+    "attn-ff": (_ATTENTION, _FEED_FORWARD, _PROJECTIONS),
+    "all": (_BLOCK_LAYERS,),
+}
+TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+INITS = ("gaussian", "default")
+
+
+def unet_target_modules(unet: nn.Module, preset: str) -> list[str]:
+    """The full names of the UNet's Linear/Conv2d layers that `preset` adapts (see the module docstring)."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown LoRA preset {preset!r}: use one of {', '.join(PRESETS)}")
+    patterns = [re.compile(p) for p in PRESETS[preset]]
+    names = [
+        name for name, layer in base_layers(unet).items() if isinstance(layer, ADAPTABLE_LAYERS) and any(p.search(name) for p in patterns)
+    ]
+    if not names:
+        raise ValueError(f"LoRA preset {preset!r} matches no layer of this UNet ({type(unet).__name__}): is it a Stable Diffusion UNet?")
+    return names
+
+
+def text_encoder_target_modules(text_encoder: nn.Module) -> list[str]:
+    """The full names of the CLIP text encoder's attention projections (q/k/v/out_proj), as in its module tree."""
+    names = [
+        name
+        for name, layer in base_layers(text_encoder).items()
+        if isinstance(layer, nn.Linear) and name.rpartition(".")[2] in TEXT_ENCODER_TARGETS
+    ]
+    if not names:
+        raise ValueError(f"the text encoder ({type(text_encoder).__name__}) has no {'/'.join(TEXT_ENCODER_TARGETS)} layers to adapt")
+    return names
+
+
+def add_lora(
+    model: nn.Module,
+    target_modules: list[str],
+    rank: int,
+    alpha: float,
+    dropout: float = 0.0,
+    adapter_name: str = "default",
+    init: str = "gaussian",
+    generator: torch.Generator | None = None,
+) -> list[nn.Parameter]:
+    """Add a peft LoRA adapter to `target_modules` of `model`; return its (trainable, fp32) parameters.
+
+    Every other parameter of `model` is frozen. The LoRA parameters are fp32 even when the base is fp16/bf16, so
+    the optimizer updates them at full precision (peft casts the input to the LoRA dtype in forward).
+    `init`: "gaussian" (A ~ N(0, 1/r)) or "default" (A Kaiming-uniform); B starts at zero either way, so the
+    model is unchanged until the first step. With `generator`, A is drawn from it instead of torch's global RNG.
+    """
+    from peft import LoraConfig, inject_adapter_in_model  # peft takes a second to import: only when training
+
+    if rank < 1:
+        raise ValueError(f"LoRA rank must be 1 or more, got {rank}")
+    if not (math.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"LoRA alpha must be a positive number, got {alpha}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
+    if init not in INITS:
+        raise ValueError(f"unknown LoRA init {init!r}: use one of {', '.join(INITS)}")
+    if not target_modules:
+        raise ValueError("no target modules given for LoRA")
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=list(target_modules),
+        init_lora_weights="gaussian" if init == "gaussian" else True,
+    )
+    if hasattr(model, "add_adapter"):  # diffusers ModelMixin / transformers PreTrainedModel: also registers peft_config
+        model.add_adapter(config, adapter_name=adapter_name)
+    else:
+        inject_adapter_in_model(config, model, adapter_name)
+    model.requires_grad_(False)
+    params = lora_parameters(model, adapter_name)
+    for param in params:
+        # fp32 master weights under mixed precision (what diffusers' cast_training_params does)
+        param.data = param.data.to(torch.float32)
+        param.requires_grad_(True)
+    if generator is not None:
+        _init_from_generator(model, adapter_name, init, generator)
+    return params
+
+
+@torch.no_grad()
+def _init_from_generator(model: nn.Module, adapter_name: str, init: str, generator: torch.Generator) -> None:
+    """Redraw every lora_A from `generator` with peft's distribution for `init`; B stays zero."""
+    for layer in _lora_layers(model, adapter_name).values():
+        weight = layer.lora_A[adapter_name].weight
+        # drawn on the generator's device, so a CPU generator gives the same values whatever device the model is on
+        values = torch.empty(weight.shape, dtype=torch.float32, device=generator.device)
+        if init == "gaussian":
+            nn.init.normal_(values, std=1.0 / layer.r[adapter_name], generator=generator)
+        else:
+            nn.init.kaiming_uniform_(values, a=math.sqrt(5), generator=generator)
+        weight.copy_(values)
+
+
+@torch.no_grad()
+def load_state_into(state: LoraState, models: dict[str, nn.Module], adapter_name: str = "default", label: str = "the LoRA") -> int:
+    """Copy `state` into the adapter `adapter_name` already added to `models` ({component: model}); return the count.
+
+    The file and the adapter must cover the same layers with the same rank each; a different alpha is absorbed
+    into `up`, so the update (alpha / r) * up @ down is the file's exactly. Raises a one-line ValueError naming
+    `label` and what to change otherwise.
+    """
+    adapted = {component: _lora_layers(model, adapter_name) for component, model in models.items()}
+    layers = {c: {name: Layer(tuple(layer.get_base_layer().weight.shape)) for name, layer in found.items()} for c, found in adapted.items()}
+    match = match_lora(state, layers, label, "the model being trained")
+    hint = _layer_set_hint(state, models)
+    if match.unmatched:
+        raise ValueError(f"{label} adapts {len(match.unmatched)} layers this run does not (first: {match.unmatched[0]}){hint}")
+    hit = {(path.partition(".")[0], name) for path, (name, _) in match.modules.items()}
+    missing = sorted(f"{c}.{_canonical(c, name)}" for c, found in adapted.items() for name in found if (c, name) not in hit)
+    if missing:
+        total = sum(len(found) for found in adapted.values())
+        raise ValueError(f"{label} lacks {len(missing)} of the {total} layers this run adapts (first: {missing[0]}){hint}")
+    for path, (name, module) in match.modules.items():
+        layer = adapted[path.partition(".")[0]][name]
+        down, up = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
+        if module.rank != layer.r[adapter_name]:
+            raise ValueError(f"{label} has rank {module.rank} at {path}, this run rank {layer.r[adapter_name]}: set --rank {module.rank}")
+        down.copy_(module.down.reshape(down.shape).to(down.dtype))
+        up.copy_((module.up.to(torch.float32) * (module.scale / layer.scaling[adapter_name])).reshape(up.shape).to(up.dtype))
+    return len(match.modules)
+
+
+def _canonical(component: str, name: str) -> str:
+    """A layer name as LoraState spells it: text encoders with `text_model.` whatever the installed tree says."""
+    return name if component == "unet" else TEXT_MODEL_PREFIX + name.removeprefix(TEXT_MODEL_PREFIX)
+
+
+def _layer_set_hint(state: LoraState, models: dict[str, nn.Module]) -> str:
+    """What to change so that this run adapts the layers `state` holds: the preset, or --train-text-encoder."""
+    has_text = any(path.startswith("text_encoder") for path in state.modules)
+    text_encoder_adapted = any(component != "unet" for component in models)
+    if has_text != text_encoder_adapted:
+        return ": add --train-text-encoder" if has_text else ": it has no text-encoder layers, drop --train-text-encoder"
+    in_file = {path.removeprefix("unet.") for path in state.modules if path.startswith("unet.")}
+    for preset in PRESETS:
+        try:
+            if set(unet_target_modules(models["unet"], preset)) == in_file:
+                return f": it was trained with --preset {preset}"
+        except ValueError:
+            continue
+    return ": no --preset adapts exactly its layers"
+
+
+def _lora_layers(model: nn.Module, adapter_name: str | None) -> dict[str, nn.Module]:
+    """peft LoRA layers by module name, those holding `adapter_name` (any adapter when None)."""
+    from peft.tuners.lora import LoraLayer  # peft takes a second to import: only when training
+
+    layers = {name: module for name, module in model.named_modules() if isinstance(module, LoraLayer)}
+    if adapter_name is None:
+        return {name: layer for name, layer in layers.items() if len(layer.lora_A) > 0}
+    return {name: layer for name, layer in layers.items() if adapter_name in layer.lora_A}
+
+
+def lora_parameters(model: nn.Module, adapter_name: str | None = None) -> list[nn.Parameter]:
+    """The lora_A/lora_B parameters of `model` (of one adapter, or all adapters when `adapter_name` is None)."""
+    params: list[nn.Parameter] = []
+    for layer in _lora_layers(model, adapter_name).values():
+        for name in layer.lora_A if adapter_name is None else [adapter_name]:
+            params.extend(layer.lora_A[name].parameters())
+            params.extend(layer.lora_B[name].parameters())
+    return params
+
+
+def _to_lora_module(layer: nn.Module, name: str, adapter_name: str) -> LoraModule:
+    # getattr: layers of older peft versions have no lora_bias at all
+    if layer.use_dora.get(adapter_name, False) or getattr(layer, "lora_bias", {}).get(adapter_name, False):
+        raise ValueError(f"LoRA layer {name} uses DoRA or a LoRA bias, which LoRA files cannot hold")
+    rank = layer.r[adapter_name]
+    # scaling is alpha / r (alpha / sqrt(r) with rsLoRA, times any set_adapters weight): alpha in our sense is scaling * r
+    alpha = layer.scaling[adapter_name] * rank
+    configured = float(layer.lora_alpha[adapter_name])
+    if math.isclose(alpha, configured, rel_tol=1e-9):
+        alpha = configured  # the exact configured value, not one rounded through alpha / r * r
+    down = layer.lora_A[adapter_name].weight.detach().to("cpu", torch.float32, copy=True)
+    up = layer.lora_B[adapter_name].weight.detach().to("cpu", torch.float32, copy=True)
+    return LoraModule(down, up, alpha)
+
+
+def extract_lora_state(models: dict[str, nn.Module], adapter_name: str = "default") -> LoraState:
+    """The adapter `adapter_name` of `models` ({component: model}) as a `LoraState`: fp32 CPU copies, alpha per module.
+
+    Paths are `unet.<module>` and `text_encoder.text_model.<module>`: text encoders always with `text_model.`,
+    also under transformers 5 whose CLIPTextModel tree drops that level.
+    """
+    modules: dict[str, LoraModule] = {}
+    for component, model in models.items():
+        for name, layer in _lora_layers(model, adapter_name).items():
+            modules[f"{component}.{_canonical(component, name)}"] = _to_lora_module(layer, name, adapter_name)
+    if not modules:
+        raise ValueError(f"the model has no LoRA adapter named {adapter_name!r}")
+    return LoraState(modules)

@@ -1,0 +1,134 @@
+"""What a training run leaves for people: LoRA files with kohya's training metadata, config.toml, the model card."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from ..core.families import ModelFamily
+from ..core.files import write_diffusers, write_kohya
+from ..core.state import LoraState
+from ..models.loading import SINGLE_FILE_SUFFIXES, is_builtin_model, is_hub_id
+from ..storage.atomic import atomic_file, check_writable_target
+from .config import TrainConfig, to_toml
+from .validation import SAMPLES_DIR
+
+DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
+STARTED_AT = str(int(time.time()))
+
+
+def check_output_dir(out: Path) -> None:
+    """The output folder must be creatable and writable; an existing file there is an error."""
+    check_writable_target(out, is_dir=True)
+    out.mkdir(parents=True, exist_ok=True)
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write to output folder {out}: permission denied")
+
+
+def kohya_file(config: TrainConfig) -> str:
+    """The kohya-format file's name: `<name>.safetensors`."""
+    return f"{config.name}.safetensors"
+
+
+def training_metadata(config: TrainConfig, num_images: int) -> dict[str, str]:
+    """kohya's `ss_*` training keys, which A1111/ComfyUI/civitai show for a LoRA."""
+    return {
+        "ss_output_name": config.name,
+        "ss_sd_model_name": Path(config.model).name or config.model,
+        "ss_training_started_at": STARTED_AT,
+        "ss_learning_rate": f"{config.lr:g}",
+        "ss_unet_lr": f"{config.lr:g}",
+        "ss_text_encoder_lr": f"{(config.text_encoder_lr or config.lr / 2) if config.train_text_encoder else 0:g}",
+        "ss_max_train_steps": str(config.steps),
+        "ss_num_train_images": str(num_images),
+        "ss_batch_size_per_device": str(config.batch_size),
+        "ss_gradient_accumulation_steps": str(config.grad_accum),
+        "ss_resolution": f"({config.resolution}, {config.resolution})",
+        "ss_enable_bucket": str(config.buckets),
+        "ss_flip_aug": str(config.flip),
+        "ss_seed": str(config.seed),
+        "ss_mixed_precision": config.mixed_precision,
+        "ss_lr_scheduler": config.lr_scheduler,
+        "ss_lr_warmup_steps": str(config.lr_warmup_steps),
+        "ss_network_dropout": f"{config.dropout:g}",
+        "ss_noise_offset": f"{config.noise_offset:g}",
+        "ss_min_snr_gamma": f"{config.snr_gamma:g}" if config.snr_gamma else "None",
+        "ss_caption_dropout_rate": f"{config.caption_dropout:g}",
+        "ss_optimizer": "torch.optim.AdamW",
+        "ss_tag_frequency": "{}" if not config.trigger else f'{{"{config.trigger}": {num_images}}}',
+        "sdlora_preset": config.preset,
+        "sdlora_trigger": config.trigger or "",
+    }
+
+
+def lora_writers(state: LoraState, config: TrainConfig, num_images: int) -> dict[str, Callable[[Path], None]]:
+    """The run's two LoRA files by name, each as a function that writes it to a path: the diffusers file
+    (save_lora_weights, alpha in its header) and the kohya file with the training metadata."""
+    metadata = training_metadata(config, num_images)
+    return {
+        DIFFUSERS_FILE: lambda path: write_diffusers(state, path),
+        kohya_file(config): lambda path: write_kohya(state, path, metadata),
+    }
+
+
+def write_config_and_card(config: TrainConfig, family: ModelFamily, num_images: int, out: Path) -> None:
+    """config.toml (the effective config) and README.md (model card)."""
+    with atomic_file(out / "config.toml") as tmp:
+        tmp.write_text(to_toml(config), encoding="utf-8")
+    with atomic_file(out / "README.md") as tmp:
+        tmp.write_text(model_card(config, family, num_images, out), encoding="utf-8")
+
+
+def model_card(config: TrainConfig, family: ModelFamily, num_images: int, out: Path) -> str:
+    """The run's README.md: what it was trained on, its settings, its files and how to use it."""
+    grids = sorted((out / SAMPLES_DIR).glob("step-*.png"))
+    sample = f"![samples]({SAMPLES_DIR}/{grids[-1].name})\n" if grids else ""
+    trigger = f"Trigger word: **{config.trigger}** (put it in your prompt).\n" if config.trigger else "No trigger word.\n"
+    return f"""---
+{_base_model_line(config.model)}library_name: diffusers
+tags: [stable-diffusion, lora, sdlora]
+---
+# {config.name}
+
+A LoRA for Stable Diffusion trained with sdlora on {num_images} images from `{config.data_dir}`.
+{trigger}
+{sample}
+| setting | value |
+| --- | --- |
+| base model | `{config.model}` |
+| rank / alpha | {config.rank} / {config.alpha:g} |
+| layers | `{config.preset}`{" + text encoder" if config.train_text_encoder else ""} |
+| steps x batch | {config.steps} x {config.batch_size} (accumulation {config.grad_accum}) |
+| learning rate | {config.lr:g} ({config.lr_scheduler}, warm-up {config.lr_warmup_steps}) |
+| resolution | {config.resolution}{" with aspect buckets" if config.buckets else ""} |
+| mixed precision | {config.mixed_precision} |
+| seed | {config.seed} |
+
+## Files
+- `pytorch_lora_weights.safetensors`: diffusers (`pipe.load_lora_weights(folder)`).
+- `{config.name}.safetensors`: A1111 / Forge (`models/Lora`), ComfyUI (`models/loras`), kohya's sd-scripts.
+- `config.toml`: the exact settings; `sdlora train --config config.toml` repeats the run.
+- `metrics.jsonl`: loss, learning rate and validation loss per step.
+
+## Use with diffusers
+```python
+{_pipeline_code(config.model, family)}
+pipe.load_lora_weights("{out}")
+image = pipe("{(config.validation_prompts or [config.trigger or "a picture"])[0]}").images[0]
+```
+"""
+
+
+def _base_model_line(model: str) -> str:
+    """`base_model:` for the hub's model card metadata: only a hub id belongs there, not a local path or `tiny`."""
+    return f"base_model: {model}\n" if is_hub_id(model) else ""
+
+
+def _pipeline_code(model: str, family: ModelFamily) -> str:
+    """The lines that load the base model in plain diffusers (or sdlora, for its embedded test models)."""
+    if is_builtin_model(model):
+        return f'from sdlora import load_pipeline\npipe = load_pipeline("{model}")  # sdlora\'s embedded random-weight test model'
+    loader = "from_single_file" if Path(model).suffix.lower() in SINGLE_FILE_SUFFIXES else "from_pretrained"
+    return f'from diffusers import {family.pipeline_class}\npipe = {family.pipeline_class}.{loader}("{model}")'

@@ -1,0 +1,129 @@
+"""Validation during training: the held-out denoising loss at fixed noise and timesteps, and sample grids.
+
+The loss is comparable between steps and against the base model (step 0) because everything random in it is
+fixed: each held-out image gets one latent sample and, for each of `TIMESTEPS` timesteps spread evenly over the
+schedule, one noise tensor, all drawn from a generator seeded by the run's seed. Averaging over the schedule
+(rather than one random timestep per image) keeps the figure steady on small validation sets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..core.families import ModelFamily
+from ..inference.generation import image_grid
+from ..storage.atomic import atomic_file
+from .buckets import assign_bucket, training_sizes
+from .cache import encode_captions, encode_distribution
+from .config import TrainConfig
+from .data import ImageRecord, load_image
+from .metrics import MetricsLogger
+from .objective import ObjectiveConfig, diffusion_loss
+
+TIMESTEPS = 8  # per held-out image, one UNet batch
+SAMPLES_DIR = "samples"
+
+
+def fixed_timesteps(num_train_timesteps: int, count: int = TIMESTEPS) -> torch.Tensor:
+    """`count` timesteps at the middles of equal slices of [0, num_train_timesteps)."""
+    return ((torch.arange(count, dtype=torch.float64) + 0.5) * num_train_timesteps / count).long()
+
+
+@dataclass
+class HeldOut:
+    """One held-out image's fixed inputs: a latent sample, one noise per timestep, and its caption embedding."""
+
+    latents: torch.Tensor  # (1, C, H, W), scaled
+    noise: torch.Tensor  # (TIMESTEPS, C, H, W)
+    caption: str
+    embeddings: torch.Tensor | None  # None while a text encoder trains: it is encoded afresh each time
+
+
+@dataclass
+class Validator:
+    """The held-out loss and the sample grids of one run; the held-out inputs are encoded once, at first use."""
+
+    config: TrainConfig
+    accelerator: object
+    pipe: object
+    unet: torch.nn.Module  # possibly wrapped by accelerate (DDP)
+    text_encoders: dict[str, torch.nn.Module]
+    family: ModelFamily
+    noise_scheduler: object
+    objective: ObjectiveConfig
+    weight_dtype: torch.dtype
+    records: list[ImageRecord]  # the held-out images
+    sample_prompts: list[str]
+    held_out: list[HeldOut] | None = field(default=None, repr=False)
+
+    @torch.no_grad()
+    def held_out_inputs(self) -> list[HeldOut]:
+        """The fixed inputs of every held-out image, encoded once per run (VAE and, unless trained, text encoders)."""
+        if self.held_out is None:
+            config, device = self.config, self.accelerator.device
+            generator = torch.Generator().manual_seed(config.seed + 7)
+            choices = training_sizes(config.resolution, config.buckets)
+            self.held_out = []
+            for record in self.records:
+                size = assign_bucket(record.width, record.height, choices)
+                pixels = load_image(record, size, crop="center", flip=False).unsqueeze(0)
+                mean, std = encode_distribution(self.pipe.vae, pixels, device)
+                latents = (mean + std * torch.randn(mean.shape, generator=generator).to(device)) * self.pipe.vae.config.scaling_factor
+                noise = torch.randn((TIMESTEPS, *latents.shape[1:]), generator=generator).to(device)
+                embeddings = None if config.train_text_encoder else self._embed(record.caption)
+                self.held_out.append(HeldOut(latents, noise, record.caption, embeddings))
+        return self.held_out
+
+    def _embed(self, caption: str) -> torch.Tensor:
+        return encode_captions(self.pipe, self.text_encoders, self.family, [caption], self.accelerator.device)
+
+    @torch.no_grad()
+    def loss(self) -> float:
+        """Mean loss over the held-out images and the fixed timesteps."""
+        device = self.accelerator.device
+        timesteps = fixed_timesteps(self.noise_scheduler.config.num_train_timesteps).to(device)
+        losses = []
+        for held in self.held_out_inputs():
+            latents = held.latents.expand(len(timesteps), *held.latents.shape[1:])
+            embeddings = held.embeddings if held.embeddings is not None else self._embed(held.caption)
+            embeddings = embeddings.expand(len(timesteps), -1, -1)
+            with self.accelerator.autocast():
+                loss = diffusion_loss(
+                    self.unet, self.noise_scheduler, latents.to(self.weight_dtype), embeddings.to(self.weight_dtype),
+                    self.objective, timesteps=timesteps, noise=held.noise,
+                )  # fmt: skip
+            losses.append(loss.item())
+        return sum(losses) / len(losses)
+
+    @torch.no_grad()
+    def save_samples(self, step: int) -> Path:
+        """A grid of images for the sample prompts at a fixed seed, saved as samples/step-XXXXXXXX.png."""
+        config, pipe = self.config, self.pipe
+        was_training = pipe.unet.training
+        pipe.unet.eval()
+        generator = torch.Generator().manual_seed(config.sample_seed)
+        with self.accelerator.autocast():
+            images = pipe(
+                self.sample_prompts,
+                num_inference_steps=config.sample_steps,
+                generator=generator,
+                height=config.resolution,
+                width=config.resolution,
+            ).images
+        pipe.unet.train(was_training)
+        path = Path(config.output_dir) / SAMPLES_DIR / f"step-{step:08d}.png"
+        with atomic_file(path) as tmp:
+            image_grid(images).save(tmp, format="PNG")
+        return path
+
+    def evaluate(self, metrics: MetricsLogger, step: int) -> None:
+        """Held-out loss (with --val-split) and a sample grid; the main process writes them."""
+        values = {"val_loss": self.loss()} if self.records else {}
+        if self.accelerator.is_main_process:
+            self.save_samples(step)
+            if values:
+                metrics.log(step, **values)
+        self.accelerator.wait_for_everyone()

@@ -1,0 +1,111 @@
+"""models.py and tiny.py: the tiny offline pipeline and model loading from every kind of source."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from sdlora.models.loading import load_pipeline, write_tiny_model
+from sdlora.models.tiny import MAX_TOKENS, tiny_clip_vocab, tiny_tokenizer
+
+
+def test_tiny_tokenizer_gives_words_their_own_ids():
+    tokenizer = tiny_tokenizer()
+    ids = tokenizer(["a photo of a cat", "a painting of a dog"]).input_ids
+    assert ids[0][0] == tokenizer.bos_token_id and ids[0][-1] == tokenizer.eos_token_id
+    cat, dog = ids[0][-2], ids[1][-2]
+    assert cat != dog and tokenizer.unk_token_id not in (cat, dog)
+    assert len(set(ids[0][1:-1])) == 4  # a, photo, of, cat (a twice)
+    assert tokenizer.model_max_length == MAX_TOKENS
+    assert len(tokenizer("x", padding="max_length").input_ids) == MAX_TOKENS
+
+
+def test_tiny_vocab_is_deterministic():
+    tiny_clip_vocab.cache_clear()
+    first = tiny_clip_vocab()
+    tiny_clip_vocab.cache_clear()
+    assert tiny_clip_vocab() == first
+
+
+def test_tiny_model_folder_loads_and_generates_64px(tiny_model_dir):
+    for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "model_index.json"):
+        assert (tiny_model_dir / part).exists()
+    # transformers 4 reads these two files
+    assert json.loads((tiny_model_dir / "tokenizer" / "vocab.json").read_text())["<|startoftext|>"] == 0
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir)
+    scheduler = pipe.scheduler.config
+    assert scheduler.beta_schedule == "scaled_linear" and scheduler.beta_start == 0.00085 and scheduler.beta_end == 0.012
+    assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
+    image = pipe("a photo of a cat", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert image.shape == (1, 64, 64, 3)
+    assert 0.0 <= image.min() and image.max() <= 1.0 and image.std() > 0
+
+
+def test_tiny_model_is_reproducible_from_seed(tmp_path):
+    first = write_tiny_model(tmp_path / "a")
+    second = write_tiny_model(tmp_path / "b")
+    name = "unet/diffusion_pytorch_model.safetensors"
+    assert (first / name).read_bytes() == (second / name).read_bytes()
+    third = write_tiny_model(tmp_path / "c", seed=1)
+    assert (first / name).read_bytes() != (third / name).read_bytes()
+
+
+def test_load_pipeline_tiny_and_folder_match(tiny_model_dir):
+    from_memory = load_pipeline("tiny")
+    from_folder = load_pipeline(str(tiny_model_dir))
+    for name, tensor in from_memory.unet.state_dict().items():
+        assert torch.equal(tensor, from_folder.unet.state_dict()[name]), name
+    assert load_pipeline("tiny", dtype=torch.float16).unet.dtype == torch.float16
+
+
+def test_load_pipeline_errors(tiny_model_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="model not found"):
+        load_pipeline(str(tmp_path / "nowhere"))
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    shutil.rmtree(broken / "unet")
+    with pytest.raises(FileNotFoundError, match="no unet/"):
+        load_pipeline(str(broken))
+    with pytest.raises(FileNotFoundError, match="model file not found"):
+        load_pipeline(str(tmp_path / "missing.safetensors"))
+    pickle_file = tmp_path / "model.ckpt"
+    torch.save({"state_dict": {}}, pickle_file)
+    with pytest.raises(ValueError, match="allow-pickle"):
+        load_pipeline(str(pickle_file))
+
+
+def test_hub_id_offline_says_to_pass_a_local_path(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match="local diffusers folder"):
+        load_pipeline("someone/some-sd15-model")
+
+
+@pytest.mark.slow  # over a second: subprocesses or several training runs
+def test_cli_tiny_model(tmp_path):
+    out = tmp_path / "tiny"
+    result = subprocess.run([sys.executable, "-m", "sdlora", "tiny-model", str(out)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".sdlora-tmp")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_streamed_unet_equals_from_pretrained(tiny_model_dir, dtype):
+    from diffusers import UNet2DConditionModel
+
+    from sdlora.models.loading import load_unet_streaming
+
+    streamed = load_unet_streaming(tiny_model_dir / "unet", dtype)
+    reference = UNet2DConditionModel.from_pretrained(tiny_model_dir / "unet", torch_dtype=dtype)
+    reference_state = reference.state_dict()
+    assert streamed.state_dict().keys() == reference_state.keys()
+    for name, tensor in streamed.state_dict().items():
+        assert tensor.dtype == dtype and not tensor.is_meta, name
+        assert torch.equal(tensor, reference_state[name]), name
+    assert load_pipeline(str(tiny_model_dir), dtype=dtype).unet.dtype == dtype
