@@ -14,7 +14,11 @@ per step is the difference between a run of 2 + N steps and a run of 2 steps, di
 model loading and final save cancel out; its peak RSS is that of the longer run. It needs `datasets` and a
 torchvision that imports beside your torch; when it cannot run, the table says why and keeps the quoted figures.
 
-    python bench/bench_train.py [--repeats 3] [--steps 8] [--only tiny|sd15] [--floor] [--reference train_text_to_image_lora.py]
+    python bench/bench_train.py [--repeats 3] [--steps 8] [--only tiny|sd15|sdxl] [--floor] [--reference SCRIPT]
+
+SCRIPT is train_text_to_image_lora.py for tiny and sd15, train_text_to_image_lora_sdxl.py for sdxl (with --only
+sdxl): the SDXL-shaped model (`sdlora tiny-model DIR --variant sdxl-shaped`, bf16 on disk) at 256 px, rank 16,
+batch 1, gradient checkpointing.
 """
 
 from __future__ import annotations
@@ -29,11 +33,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-QUOTED_REFERENCE = {"tiny": (0.89, None), "sd15": (3.75, 5.6)}  # s/step, peak RSS GiB (fp32, measured by the issue)
+QUOTED_REFERENCE = {"tiny": (0.89, None), "sd15": (3.75, 5.6), "sdxl": (None, None)}  # s/step, peak RSS GiB (fp32, measured by the issue)
 CONFIGS = {
     "tiny": dict(resolution=64, rank=4, alpha=4.0, batch_size=4),
     "sd15": dict(resolution=256, rank=16, alpha=16.0, batch_size=1),
+    # SDXL's UNet at 256 px with gradient checkpointing: what fits this 24 GiB machine for both trainers
+    "sdxl": dict(resolution=256, rank=16, alpha=16.0, batch_size=1, gradient_checkpointing=True),
 }
+MODEL_VARIANTS = {"tiny": "tiny", "sd15": "sd15-shaped", "sdxl": "sdxl-shaped"}
 
 # One training run in a child process: times each optimizer step through the metrics log's timestamps.
 CHILD = r"""
@@ -82,6 +89,8 @@ dtype = torch.bfloat16 if o["precision"] == "bf16" else torch.float32
 unet = load_unet_streaming(Path(o["model"]) / "unet", dtype)
 unet.requires_grad_(False)
 params = network.add_lora(unet, network.unet_target_modules(unet, "attn"), o["rank"], o["alpha"], 0.0)
+if o.get("gradient_checkpointing"):
+    unet.enable_gradient_checkpointing()
 unet.train()
 optimizer = torch.optim.AdamW(params, lr=1e-4)
 vae_config = json.loads(Path(o["model"], "vae", "config.json").read_text())
@@ -89,11 +98,15 @@ side = o["resolution"] // 2 ** (len(vae_config["block_out_channels"]) - 1)  # th
 latents = torch.randn(o["batch_size"], unet.config.in_channels, side, side)
 embeddings = torch.randn(o["batch_size"], 77, unet.config.cross_attention_dim)
 timesteps = torch.randint(0, 1000, (o["batch_size"],))
+added = None
+if unet.config.addition_embed_type == "text_time":  # SDXL: the pooled text embedding and the 6 time ids
+    pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+    added = {"text_embeds": torch.randn(o["batch_size"], pooled), "time_ids": torch.tensor([[o["resolution"]] * 2 + [0, 0] + [o["resolution"]] * 2] * o["batch_size"], dtype=torch.float32)}
 times = []
 for step in range(o["steps"]):
     start = time.perf_counter()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-        prediction = unet(latents, timesteps, embeddings).sample
+        prediction = unet(latents, timesteps, embeddings, added_cond_kwargs=added).sample
     torch.nn.functional.mse_loss(prediction.float(), latents).backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -122,7 +135,7 @@ def run_reference(script: Path, model_dir: Path, data: Path, out: Path, settings
                 "--resolution", str(settings["resolution"]), "--center_crop", "--train_batch_size", str(settings["batch_size"]),
                 "--rank", str(settings["rank"]), "--max_train_steps", str(total), "--learning_rate", "1e-4", "--lr_scheduler", "constant",
                 "--lr_warmup_steps", "0", "--checkpointing_steps", "1000000", "--mixed_precision", precision, "--seed", "0",
-                "--output_dir", str(folder)]  # fmt: skip
+                "--output_dir", str(folder)] + (["--gradient_checkpointing"] if settings.get("gradient_checkpointing") else [])  # fmt: skip
 
     def launched(total: int, folder: Path) -> list[str]:
         argv = command(total, folder)
@@ -210,11 +223,9 @@ def main() -> None:
         if args.only and name != args.only:
             continue
         # a model folder for both (ours would build `tiny` in memory; the reference needs files)
-        model = str(work / ("sd15-shaped" if name == "sd15" else "tiny"))
+        model = str(work / MODEL_VARIANTS[name])
         if not Path(model, "model_index.json").is_file():
-            subprocess.run(
-                [sys.executable, "-m", "sdlora", "tiny-model", model, "--variant", "sd15-shaped" if name == "sd15" else "tiny"], check=True
-            )
+            subprocess.run([sys.executable, "-m", "sdlora", "tiny-model", model, "--variant", MODEL_VARIANTS[name]], check=True)
         data = make_dataset(work / f"data-{name}", count=8, size=settings["resolution"])
         for precision in args.precisions:
             reference = None
@@ -241,7 +252,7 @@ def main() -> None:
                 floor_rss = statistics.median(r["peak_rss_gib"] for r in floors)
                 ref_s, ref_rss = reference or QUOTED_REFERENCE[name]
                 rows.append(
-                    (name, precision, "UNet alone (floor)", floor_s, floor_rss, ref_s / floor_s, floor_rss / ref_rss if ref_rss else None)
+                    (name, precision, "UNet alone (floor)", floor_s, floor_rss, ref_s / floor_s if ref_s else None, floor_rss / ref_rss if ref_rss else None)
                 )
                 print(f"{name} {precision} floor: {floor_s:.3f} s/step, {floor_rss:.2f} GiB", file=sys.stderr, flush=True)
             for cache in args.caches:
@@ -252,7 +263,7 @@ def main() -> None:
                 s_per_step = statistics.median(r["s_per_step"] for r in results)
                 rss = statistics.median(r["peak_rss_gib"] for r in results)
                 ref_s, ref_rss = reference or QUOTED_REFERENCE[name]
-                rows.append((name, precision, cache, s_per_step, rss, ref_s / s_per_step, rss / ref_rss if ref_rss else None))
+                rows.append((name, precision, cache, s_per_step, rss, ref_s / s_per_step if ref_s else None, rss / ref_rss if ref_rss else None))
                 print(f"{name} {precision} cache={cache}: {s_per_step:.3f} s/step, {rss:.2f} GiB", file=sys.stderr, flush=True)
     print(
         f"\nload average at the end: {os.getloadavg()[0]:.2f} (2 cores); {args.repeats} runs each, median; {args.steps} steps, first 2 warm-up\n"
@@ -261,8 +272,9 @@ def main() -> None:
     print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for name, precision, cache, s_per_step, rss, speed, memory in rows:
         memory_text = f"{memory:.2f}x" if memory is not None else "n/a"
+        speed_text = f"{speed:.2f}x" if speed is not None else "n/a"
         print(
-            f"| {name} | {'fp32' if precision == 'no' else precision} | {cache} | {s_per_step:.3f} | {1 / s_per_step:.2f} | {rss:.2f} GiB | {speed:.2f}x | {memory_text} |"
+            f"| {name} | {'fp32' if precision == 'no' else precision} | {cache} | {s_per_step:.3f} | {1 / s_per_step:.2f} | {rss:.2f} GiB | {speed_text} | {memory_text} |"
         )
     if args.reference and needs_torchvision_shim():
         print("\nthe reference ran with bench/reference_shims/torchvision (Pillow transforms): torchvision does not import here")

@@ -41,9 +41,11 @@ def _tiny_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out_dir", help="folder to write the pipeline to (replaced if it exists)")
     parser.add_argument(
         "--variant",
-        choices=("tiny", "sd15-shaped"),
+        choices=("tiny", "sd15-shaped", "sdxl", "sdxl-shaped"),
         default="tiny",
-        help="tiny: 64 px test model (8 MB); sd15-shaped: real SD1.5 UNet/VAE shapes, random weights (3.6 GB, for benchmarks)",
+        help="tiny: 64 px SD1-architecture test model (8 MB); sd15-shaped: real SD1.5 UNet/VAE shapes, random weights (3.6 GB, "
+        "for benchmarks); sdxl: 64 px SDXL-architecture test model (what --model tiny-sdxl builds); sdxl-shaped: real SDXL "
+        "UNet/VAE shapes (bf16, 5 GB, for benchmarks)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
 
@@ -109,7 +111,11 @@ def _inspect_run(args: argparse.Namespace) -> None:
 
 
 def _generate_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="tiny", help="'tiny', a diffusers folder, a single-file checkpoint or a hub id (default: tiny)")
+    parser.add_argument(
+        "--model",
+        default="tiny",
+        help="a diffusers folder, a single-file checkpoint, a hub id, or 'tiny' / 'tiny-sdxl' (offline test models); SD1, SD2 or SDXL, told from the model (default: tiny)",
+    )
     parser.add_argument(
         "--config", default=None, help="for a single-file checkpoint offline: a local diffusers folder of the same architecture"
     )
@@ -175,7 +181,11 @@ def _generate_run(args: argparse.Namespace) -> None:
 
 
 def _merge_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="diffusers folder, single-file .safetensors checkpoint, 'tiny' or a hub id")
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="diffusers folder, single-file .safetensors checkpoint (SD1, SD2 or SDXL), 'tiny', 'tiny-sdxl' or a hub id",
+    )
     parser.add_argument(
         "--lora",
         action="append",

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from sdlora.core import formats
 from sdlora.core.state import LoraModule, LoraState
 from sdlora.models.loading import write_tiny_model
-from sdlora.models.tiny import build_tiny_pipeline
+from sdlora.models.tiny import build_tiny_pipeline, build_tiny_sdxl_pipeline
 from sdlora.training.config import TrainConfig
 
 
@@ -48,6 +48,18 @@ def read_line():
 def tiny_model_dir(tmp_path_factory):
     """A saved tiny pipeline folder (read-only for tests: copy it before changing it)."""
     return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory):
+    """A saved tiny SDXL pipeline folder (read-only for tests: copy it before changing it)."""
+    return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny-sdxl", variant="sdxl")
+
+
+@pytest.fixture
+def tiny_sdxl_pipe():
+    """A fresh in-memory tiny SDXL pipeline (fp32; text encoders 32 and 48 wide, UNet cross-attention 80)."""
+    return build_tiny_sdxl_pipeline()
 
 
 @pytest.fixture
@@ -83,11 +95,12 @@ def _random_lora_state(
         if any(name == t or name.endswith("." + t) for t in unet_targets) and isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)):
             add("unet." + name, layer)
     if text_encoder:
-        for name, layer in pipe.text_encoder.named_modules():
-            if name.endswith(("q_proj", "k_proj", "v_proj", "out_proj")):
-                # files always spell the text encoder with `text_model.`; transformers 5 dropped it from the tree
-                path = name if name.startswith("text_model.") else "text_model." + name
-                add("text_encoder." + path, layer)
+        for component in ("text_encoder", "text_encoder_2"):  # both of SDXL's
+            for name, layer in getattr(pipe, component, torch.nn.Module()).named_modules():
+                if name.endswith(("q_proj", "k_proj", "v_proj", "out_proj")):
+                    # files always spell the text encoder with `text_model.`; transformers 5 dropped it from the tree
+                    path = name if name.startswith("text_model.") else "text_model." + name
+                    add(f"{component}.{path}", layer)
     return LoraState(modules)
 
 
@@ -248,3 +261,67 @@ def make_dataset():
 def tiny_config():
     """`tiny_config(dataset, out, **overrides) -> TrainConfig`: 4 fast steps on the tiny model."""
     return _tiny_config
+
+
+# ---------------------------------------------------------------- an SDXL single-file checkpoint, built by hand
+
+
+def _openclip_tensors(text_encoder_2: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """SDXL's second text encoder in OpenCLIP's layout, written from its documented names (not by sdlora's tables):
+    q/k/v fused into attn.in_proj_*, c_fc/c_proj, ln_1/ln_2, positional_embedding, ln_final, text_projection as x @ P."""
+    out: dict[str, torch.Tensor] = {}
+    layers = sorted({int(k.split(".")[3]) for k in text_encoder_2 if k.startswith("text_model.encoder.layers.")})
+    names = {
+        "self_attn.out_proj": "attn.out_proj",
+        "mlp.fc1": "mlp.c_fc",
+        "mlp.fc2": "mlp.c_proj",
+        "layer_norm1": "ln_1",
+        "layer_norm2": "ln_2",
+    }
+    for layer in layers:
+        source, block = f"text_model.encoder.layers.{layer}.", f"{prefix}transformer.resblocks.{layer}."
+        for param in ("weight", "bias"):
+            out[f"{block}attn.in_proj_{param}"] = torch.cat([text_encoder_2[f"{source}self_attn.{p}_proj.{param}"] for p in "qkv"])
+            for ours, theirs in names.items():
+                out[f"{block}{theirs}.{param}"] = text_encoder_2[f"{source}{ours}.{param}"]
+    out[prefix + "token_embedding.weight"] = text_encoder_2["text_model.embeddings.token_embedding.weight"]
+    out[prefix + "positional_embedding"] = text_encoder_2["text_model.embeddings.position_embedding.weight"]
+    out[prefix + "ln_final.weight"] = text_encoder_2["text_model.final_layer_norm.weight"]
+    out[prefix + "ln_final.bias"] = text_encoder_2["text_model.final_layer_norm.bias"]
+    out[prefix + "text_projection"] = text_encoder_2["text_projection.weight"].T.contiguous()
+    return out
+
+
+def _write_sdxl_single_file(model_dir: Path, out: Path, text_encoder_2: bool = True) -> Path:
+    """The tiny SDXL folder as an SGM single-file checkpoint (UNet in LDM names, the first text encoder in
+    transformers' names, the second in OpenCLIP's), the way A1111 and ComfyUI keep SDXL models."""
+    from safetensors.torch import load_file
+
+    from sdlora.core.families import SDXL
+    from sdlora.core.formats.ldm import ldm_unet_table_for_config
+    from sdlora.core.formats.single_file import single_file_slot
+
+    table = ldm_unet_table_for_config(json.loads((model_dir / "unet" / "config.json").read_text()))
+    tensors = {
+        single_file_slot("unet", k, table, None, {}).key: v
+        for k, v in load_file(model_dir / "unet/diffusion_pytorch_model.safetensors").items()
+    }
+    first = SDXL.text_encoders[0]
+    for key, value in load_file(model_dir / "text_encoder/model.safetensors").items():
+        if not key.endswith("position_ids"):
+            tensors[single_file_slot("text_encoder", key, table, first, {}).key] = value
+    if text_encoder_2:
+        second = {
+            k if k.startswith(("text_model.", "text_projection")) else "text_model." + k: v
+            for k, v in load_file(model_dir / "text_encoder_2/model.safetensors").items()
+        }
+        tensors.update(_openclip_tensors(second, SDXL.text_encoders[1].single_file_prefix))
+    tensors.update({"first_stage_model." + k: v for k, v in load_file(model_dir / "vae/diffusion_pytorch_model.safetensors").items()})
+    save_file(tensors, str(out), metadata={"format": "pt", "note": "kept"})
+    return out
+
+
+@pytest.fixture(scope="session")
+def write_sdxl_single_file():
+    """`write_sdxl_single_file(model_dir, out, text_encoder_2=True) -> out`."""
+    return _write_sdxl_single_file

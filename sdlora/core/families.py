@@ -41,11 +41,14 @@ class ModelFamily:
     text_encoders: tuple[TextEncoderSpec, ...]
     cross_attention_dim: int  # width of the text the UNet attends to (real checkpoints; test models differ)
     time_ids: bool  # SDXL's extra conditioning on original size, crop and target size
+    empty_prompt_zeros: bool  # an empty prompt conditions with zeros, not the encoded "" (SDXL's force_zeros_for_empty_prompt)
+    buckets_by_default: bool  # aspect-ratio buckets unless told otherwise (SDXL was trained on them)
     kohya_unet_names: str  # "diffusers": lora_unet_down_blocks_0_...; "ldm": lora_unet_input_blocks_1_1_... (kohya's SDXL)
+    ldm_layout: tuple[int, tuple[int, ...], tuple[int, ...]]  # UNet levels, levels with attention down and up: LDM names
     ss_base_model_version: str  # kohya's metadata value, shown by A1111 and civitai
     modelspec_architecture: str  # the modelspec.architecture of a LoRA for it
     vae_fp32_when_half: bool  # its VAE overflows in fp16 and runs in fp32 when the rest is half precision
-    single_file_marker: str  # a key prefix that only this family's single-file checkpoints have
+    single_file_marker: str  # a key prefix that only this family's single-file checkpoints have (SDXL's checked first)
 
     @property
     def components(self) -> tuple[str, ...]:
@@ -77,7 +80,10 @@ SD1 = ModelFamily(
     text_encoders=(TextEncoderSpec("text_encoder", "tokenizer", -1, False, "lora_te_", "cond_stage_model.transformer.", "hf"),),
     cross_attention_dim=768,
     time_ids=False,
+    empty_prompt_zeros=False,
+    buckets_by_default=False,
     kohya_unet_names="diffusers",
+    ldm_layout=(4, (0, 1, 2), (1, 2, 3)),
     ss_base_model_version="sd_v1",
     modelspec_architecture="stable-diffusion-v1/lora",
     vae_fp32_when_half=False,
@@ -92,7 +98,10 @@ SD2 = ModelFamily(
     text_encoders=(TextEncoderSpec("text_encoder", "tokenizer", -1, False, "lora_te_", "cond_stage_model.model.", "openclip"),),
     cross_attention_dim=1024,
     time_ids=False,
+    empty_prompt_zeros=False,
+    buckets_by_default=False,
     kohya_unet_names="diffusers",
+    ldm_layout=(4, (0, 1, 2), (1, 2, 3)),
     ss_base_model_version="sd_v2",
     modelspec_architecture="stable-diffusion-v2-512/lora",
     vae_fp32_when_half=False,
@@ -108,11 +117,14 @@ SDXL = ModelFamily(
     ),
     cross_attention_dim=2048,
     time_ids=True,
+    empty_prompt_zeros=True,
+    buckets_by_default=True,
     kohya_unet_names="ldm",
+    ldm_layout=(3, (1, 2), (0, 1)),  # SDXL's first level has no attention, its last none on the way up
     ss_base_model_version="sdxl_base_v1-0",
     modelspec_architecture="stable-diffusion-xl-v1-base/lora",
     vae_fp32_when_half=True,
-    single_file_marker="conditioner.embedders.1.",
+    single_file_marker="conditioner.embedders.",  # SGM's conditioner: only SDXL single files have one
 )
 FAMILIES: tuple[ModelFamily, ...] = (SD1, SD2, SDXL)
 BY_NAME = {family.name: family for family in FAMILIES}
@@ -166,7 +178,19 @@ def family_of_single_file(keys: Iterable[str]) -> ModelFamily:
             return family
     if not any(key.startswith(UNET_SINGLE_FILE_PREFIX) for key in keys):
         raise ValueError(f"no {UNET_SINGLE_FILE_PREFIX}* keys: not a Stable Diffusion single-file checkpoint")
-    return SD1
+    # no text encoder at all: SDXL's UNet alone still has its added (time and pooled text) embedding
+    return SDXL if any(key.startswith(UNET_SINGLE_FILE_PREFIX + "label_emb.") for key in keys) else SD1
+
+
+def check_single_file_parts(keys: Iterable[str], family: ModelFamily, label: str, components: Iterable[str] | None = None) -> None:
+    """Raise a one-line error if a single-file checkpoint lacks one of its family's text encoders (of `components`)."""
+    keys = list(keys)
+    wanted = set(family.components if components is None else components)
+    for spec in (spec for spec in family.text_encoders if spec.component in wanted):
+        if not any(key.startswith(spec.single_file_prefix) for key in keys):
+            raise ValueError(
+                f"{label} has no {spec.component} ({spec.single_file_prefix}* keys): {family.label} checkpoints need all {len(family.text_encoders)} text encoders"
+            )
 
 
 def _read_json(path: Path) -> dict:
@@ -223,5 +247,10 @@ def lora_architecture(state: LoraState) -> str:
 
 
 def family_of_lora(state: LoraState) -> ModelFamily | None:
-    """The family a LoRA was made for, judged from its tensor shapes, or None when they match no family."""
-    return _BY_LABEL.get(guess_architecture(state))
+    """The family a LoRA was made for: what its tensor shapes say, else what its kohya metadata says (a file written
+    for a test model of no real width), else None."""
+    family = _BY_LABEL.get(guess_architecture(state))
+    if family is None:
+        version = state.metadata.get("ss_base_model_version", "")
+        family = next((f for f in FAMILIES if version == f.ss_base_model_version), None)
+    return family

@@ -111,18 +111,18 @@ def _check_finite(state: LoraState) -> None:
 
 
 def lora_family(state: LoraState) -> ModelFamily:
-    """The family whose files `state` is written as: the one its shapes say, SD1 when they say none (test models)."""
+    """The family whose files `state` is written as: the one its shapes or metadata say, else SD1 (test models)."""
     return family_of_lora(state) or SD1
 
 
-def write_diffusers(state: LoraState, out_path: str | os.PathLike) -> Path:
-    """Write the diffusers format through the family pipeline's `save_lora_weights` (LoraConfig in the header)."""
+def write_diffusers(state: LoraState, out_path: str | os.PathLike, family: ModelFamily | None = None) -> Path:
+    """Write the diffusers format through the family pipeline's `save_lora_weights` (LoraConfig in the header).
+
+    `family`: the model the LoRA is for, when the caller knows it (training); else judged from the LoRA."""
     out_path = check_writable_target(out_path)
     _check_finite(state)
-    family = lora_family(state)
+    family = family or lora_family(state)
     layers = formats.to_diffusers_layers(state)
-    if "text_encoder_2" in layers:
-        raise ValueError("this LoRA has a second text encoder (SDXL): write it with --to kohya")
     kwargs = {}
     for component, (tensors, config) in layers.items():
         if component not in family.components:
@@ -137,10 +137,10 @@ def write_diffusers(state: LoraState, out_path: str | os.PathLike) -> Path:
     return out_path
 
 
-def kohya_metadata(state: LoraState, extra: dict[str, str] | None = None) -> dict[str, str]:
+def kohya_metadata(state: LoraState, extra: dict[str, str] | None = None, family: ModelFamily | None = None) -> dict[str, str]:
     """The `ss_*` header a UI shows: network dim/alpha, module, base model version (from shapes)."""
     rank, alpha = state.most_common_rank_alpha()
-    family = family_of_lora(state)  # None: shapes of no known family (test models): said as "unknown"
+    family = family or family_of_lora(state)  # None: shapes of no known family (test models): said as "unknown"
     metadata = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(rank),
@@ -167,12 +167,14 @@ def _conv_args(state: LoraState) -> dict[str, str]:
     return {"conv_dim": str(max(m.rank for m in conv)), "conv_alpha": f"{max(m.effective_alpha for m in conv):g}"}
 
 
-def write_kohya(state: LoraState, out_path: str | os.PathLike, extra_metadata: dict[str, str] | None = None) -> Path:
+def write_kohya(
+    state: LoraState, out_path: str | os.PathLike, extra_metadata: dict[str, str] | None = None, family: ModelFamily | None = None
+) -> Path:
     """Write the kohya/A1111/ComfyUI format with a real `.alpha` per module and `ss_*` metadata."""
     out_path = check_writable_target(out_path)
     _check_finite(state)
-    tensors = formats.to_kohya(state, lora_family(state))
-    metadata = kohya_metadata(state, extra_metadata)
+    tensors = formats.to_kohya(state, family or lora_family(state))
+    metadata = kohya_metadata(state, extra_metadata, family)
     with atomic_file(out_path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
     return out_path

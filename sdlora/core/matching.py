@@ -15,7 +15,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from .families import lora_architecture
+from .families import ModelFamily, lora_architecture
 from .state import LoraModule, LoraState
 
 ADAPTABLE_LAYERS = (nn.Linear, nn.Conv2d)
@@ -108,13 +108,27 @@ def fit_to_shape(module: LoraModule, shape: tuple[int, ...]) -> LoraModule | Non
     return LoraModule(module.down.reshape(module.down.shape[:2]), module.up.reshape(module.up.shape[:2]), module.alpha)
 
 
-def match_lora(state: LoraState, layers: Mapping[str, LayerLookup], label: str, model_description: str) -> Match:
+def check_components(state: LoraState, family: ModelFamily, label: str, model_description: str) -> None:
+    """Refuse a LoRA with modules for a component the model's family does not have (an SDXL LoRA's second text
+    encoder in an SD1 model), naming both architectures."""
+    extra = [component for component in state.components() if component not in family.components]
+    if extra:
+        raise ValueError(
+            f"{label} has modules for {extra[0]}, which {family.label} models do not have; "
+            f"it was made for {lora_architecture(state)}, and this model is {model_description}"
+        )
+
+
+def match_lora(
+    state: LoraState, layers: Mapping[str, LayerLookup], label: str, model_description: str, made_for: str | None = None
+) -> Match:
     """Resolve every module of `state` against `layers` ({component: {layer name: Layer}}).
 
     A module whose layer exists but cannot take LoRA, or whose update has another shape, is an error naming the
-    architecture the LoRA was made for and `model_description`; modules with no layer are listed in `unmatched`
-    for the caller to refuse (merge) or warn about (loading).
+    architecture the LoRA was made for (`made_for`, default: judged from `state`) and `model_description`; modules
+    with no layer are listed in `unmatched` for the caller to refuse (merge) or warn about (loading).
     """
+    made_for = made_for or lora_architecture(state)
     match = Match()
     for path, module in state.modules.items():
         component, _, module_path = path.partition(".")
@@ -130,7 +144,7 @@ def match_lora(state: LoraState, layers: Mapping[str, LayerLookup], label: str, 
         if fitted is None:
             raise ValueError(
                 f"{label}: LoRA module {path} makes a {list(module.weight_shape())} update but weight {component}.{name}.weight is {list(layer.shape)}: "
-                f"the LoRA was made for {lora_architecture(state)}, and this model is {model_description}"
+                f"the LoRA was made for {made_for}, and this model is {model_description}"
             )
         match.modules[path] = (name, fitted)
     return match

@@ -20,7 +20,7 @@ import torch
 from ..core import formats
 from ..core.families import ModelFamily, describe_model, family_of_pipeline, lora_architecture
 from ..core.files import LoraFile, open_lora
-from ..core.matching import ADAPTABLE_KINDS, layers_of, match_lora
+from ..core.matching import ADAPTABLE_KINDS, check_components, layers_of, match_lora
 from ..core.state import LoraState
 
 _REGISTRY_ATTRIBUTE = "_sdlora_loras"  # {adapter name: LoadedLora} kept on the pipeline itself
@@ -85,11 +85,7 @@ def describe_pipeline(pipe) -> str:
 def match_to_pipeline(state: LoraState, pipe, label: str = "the LoRA") -> LoraState:
     """The modules of `state` the pipeline has, shaped like its layers; raise or warn about the others."""
     family = family_of_pipeline(pipe)
-    extra = [c for c in state.components() if c not in family.components]
-    if extra:
-        raise ValueError(
-            f"{label} has modules for {extra[0]}, which {family.label} models do not have; it was made for {lora_architecture(state)}, and this model is {describe_pipeline(pipe)}"
-        )
+    check_components(state, family, label, describe_pipeline(pipe))
     layers = pipeline_layers(pipe, family)
     match = match_lora(state, layers, label, describe_pipeline(pipe))
     if not match.modules:

@@ -22,10 +22,19 @@ from typing import NamedTuple
 
 import torch
 
-from ..core.families import ModelFamily, describe_model, family_of_folder, family_of_pipeline, family_of_single_file
+from ..core.families import (
+    ModelFamily,
+    check_single_file_parts,
+    describe_model,
+    family_of_folder,
+    family_of_pipeline,
+    family_of_single_file,
+    lora_architecture,
+)
 from ..core.files import read_lora
-from ..core.formats.ldm import ldm_unet_table_from_keys, single_file_key
-from ..core.matching import Layer, LayerLookup, match_lora
+from ..core.formats.ldm import ldm_unet_table_from_keys
+from ..core.formats.single_file import WeightSlot, single_file_slot
+from ..core.matching import Layer, LayerLookup, base_layers, check_components, match_lora
 from ..core.state import COMPONENTS, LoraModule, LoraState
 from ..models import loading as models
 from ..storage.atomic import atomic_dir, atomic_file
@@ -33,8 +42,19 @@ from ..storage.safetensors_stream import DTYPE_NAMES, FLOAT_DTYPES, TORCH_DTYPES
 from .adapters import describe_pipeline, pipeline_layers
 
 LoraSpec = tuple[LoraState | str | os.PathLike, float]
-# weight key -> [(LoRA module label, module, scale)], the updates one weight receives
-Plan = dict[str, list[tuple[str, LoraModule, float]]]
+
+
+class _Update(NamedTuple):
+    """One LoRA module's update of a stored weight: the module, its scale, and where in the stored tensor it lands."""
+
+    label: str  # the module's LoraState path: names the culprit in errors
+    module: LoraModule
+    scale: float
+    target: WeightSlot
+
+
+# weight key -> the updates one stored weight receives
+Plan = dict[str, list[_Update]]
 PICKLE_WEIGHTS = (".bin", ".ckpt", ".pt", ".pth")
 _SHARD = re.compile(r"-\d+-of-\d+(?=\.safetensors$)")
 
@@ -82,20 +102,16 @@ def merge_lora(pipe, loras: Sequence[LoraSpec], allow_pickle: bool = False, stat
 
 
 def _merge_pipeline(pipe, loaded: list[_Lora], stats: MergeStats) -> int:
-    layers = pipeline_layers(pipe, family_of_pipeline(pipe))
-    for component in _components(loaded):
-        if component not in layers:
-            raise ValueError(f"the LoRA has {component} modules but the pipeline has no {component}")
-    plan = _plan(loaded, layers, "the pipeline", describe_pipeline(pipe))
-    weights = {}
-    for component in {key.partition(".")[0] for key in plan}:
-        model = getattr(pipe, component)
-        modules = dict(model.named_modules())
-        for key in plan:
-            if key.startswith(component + "."):
-                name = key[len(component) + 1 :].removesuffix(".weight")
-                # a peft-wrapped layer keeps its base weight one level down
-                weights[key] = modules[f"{name}.base_layer"].weight if f"{name}.base_layer" in modules else modules[name].weight
+    family = family_of_pipeline(pipe)
+    layers = pipeline_layers(pipe, family)
+    plan = _plan(loaded, family, layers, "the pipeline", describe_pipeline(pipe))
+    # by the plan's keys; a peft-wrapped layer stands for its base layer, whose weight is the one to update
+    weights = {
+        f"{component}.{name}.weight": layer.weight
+        for component in layers
+        for name, layer in base_layers(getattr(pipe, component)).items()
+        if isinstance(getattr(layer, "weight", None), torch.Tensor)
+    }
     with torch.no_grad():
         for key, updates in plan.items():  # first pass only checks, so a refusal leaves the pipeline as it was
             _merged(weights[key].detach().clone(), updates, weights[key].dtype, key, MergeStats())
@@ -127,7 +143,7 @@ def merge_model(
     stats = stats if stats is not None else MergeStats()
     target = Path(single_file if single_file is not None else out_dir).expanduser()
     loaded = _load_loras(loras, allow_pickle)  # before any output, so a bad LoRA leaves nothing behind
-    if str(model) in (models.TINY, models.SD15_SHAPED) and not Path(model).exists() and single_file is None:
+    if models.is_builtin_model(str(model)) and single_file is None:
         with tempfile.TemporaryDirectory(prefix="sdlora-merge-") as folder:
             source = models.write_tiny_model(Path(folder, "model"), variant=str(model))
             return _merge_folder(source, loaded, target, out_dtype, stats)
@@ -176,21 +192,25 @@ def _components(loras: Sequence[_Lora]) -> list[str]:
 
 def _plan(
     loras: Sequence[_Lora],
+    family: ModelFamily,
     layers: Mapping[str, LayerLookup],
     where: str,
     model_description: str,
-    weight_key: Callable[[str, str], str] = lambda component, name: f"{component}.{name}.weight",
+    locate: Callable[[str, str], WeightSlot] = lambda component, name: WeightSlot(f"{component}.{name}.weight"),
     component: str | None = None,
 ) -> Plan:
-    """The updates each weight receives (of one `component`'s modules, or all), keyed by `weight_key(component,
-    layer name)`; a module that matches no weight or does not fit is an error."""
+    """The updates each weight receives (of one `component`'s modules, or all), keyed by where `locate(component,
+    layer name)` puts them; a component the family lacks, a module that matches no weight or does not fit is an
+    error naming both architectures."""
     plan: Plan = {}
     for lora in loras:
+        check_components(lora.state, family, lora.label, model_description)
         state = lora.state if component is None else lora.state.restricted_to(component)
-        match = match_lora(state, layers, lora.label, model_description)
+        match = match_lora(state, layers, lora.label, model_description, made_for=lora_architecture(lora.state))
         match.require_all(lora.label, where)
         for path, (name, module) in match.modules.items():
-            plan.setdefault(weight_key(path.partition(".")[0], name), []).append((path, module, lora.scale))
+            target = locate(path.partition(".")[0], name)
+            plan.setdefault(target.key, []).append(_Update(path, module, lora.scale, target))
     return plan
 
 
@@ -201,13 +221,18 @@ def _merged(weight: torch.Tensor, updates: list, out_dtype: torch.dtype, name: s
     """weight + sum(scale * update), in fp32 (in place when `weight` is fp32), cast to `out_dtype`."""
     start = time.perf_counter()
     work = weight.to(torch.float32).contiguous()
-    for _, module, scale in updates:
-        module.add_to(work, scale)
-        stats.bytes_touched += module.up.nbytes + module.down.nbytes
+    for update in updates:
+        rows = update.target.rows
+        part = work if rows is None else work[rows[0] : rows[1]]  # a row slice of a contiguous tensor stays contiguous
+        if update.target.transposed:  # stored for x @ W: update W, store it back transposed (a small matrix)
+            part.copy_(update.module.add_to(part.T.contiguous(), update.scale).T)
+        else:
+            update.module.add_to(part, update.scale)
+        stats.bytes_touched += update.module.up.nbytes + update.module.down.nbytes
     result = work.to(out_dtype)
     # the sum is a cheap screen; only a non-finite sum (overflow or a real NaN/inf) pays for the exact check
     if not torch.isfinite(result.sum(dtype=torch.float32)) and not bool(torch.isfinite(result).all()):
-        culprits = ", ".join(sorted({label for label, _, _ in updates}))
+        culprits = ", ".join(sorted({update.label for update in updates}))
         raise ValueError(
             f"merging {culprits} gives NaN or inf in weight {name} ({str(out_dtype).removeprefix('torch.')}): refusing to write; is the LoRA broken or a scale too large?"
         )
@@ -242,7 +267,9 @@ def _merge_folder(source: Path, loras: list[_Lora], out_dir: Path, out_dtype: to
     plans: dict[Path, Plan] = {}
     headers: dict[Path, Header] = {}
     adapted = _components(loras)
-    description = _describe_folder(source)
+    family, description = _describe_folder(source)
+    for lora in loras:  # before any component folder is looked at
+        check_components(lora.state, family, lora.label, description)
     for component in adapted:
         folder = source / component
         files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
@@ -259,7 +286,9 @@ def _merge_folder(source: Path, loras: list[_Lora], out_dir: Path, out_dtype: to
                 for key, file in owner.items()
                 if key.endswith(".weight")
             }
-            plan = _plan(loras, {component: layers}, str(group[0]), description, lambda _, name: f"{name}.weight", component)
+            plan = _plan(
+                loras, family, {component: layers}, str(group[0]), description, lambda _, name: WeightSlot(f"{name}.weight"), component
+            )
             for key, updates in plan.items():
                 plans.setdefault(owner[key], {})[key] = updates
     written: dict[Path, int] = {}
@@ -285,35 +314,37 @@ def _merge_folder(source: Path, loras: list[_Lora], out_dir: Path, out_dtype: to
     return out_dir
 
 
-def _describe_folder(source: Path) -> str:
-    config = source / "unet" / "config.json"
+def _describe_folder(source: Path) -> tuple[ModelFamily, str]:
+    """A diffusers folder's family, and the model as messages name it."""
+    family, config = family_of_folder(source), source / "unet" / "config.json"
     width = json.loads(config.read_text(encoding="utf-8")).get("cross_attention_dim") if config.is_file() else None
-    return describe_model(family_of_folder(source), width) if isinstance(width, int) else f"the model in {source}"
+    return family, describe_model(family, width) if isinstance(width, int) else f"the {family.label} model in {source}"
 
 
 class _SingleFileLayers:
     """One component's layers of a single-file checkpoint under their diffusers names, looked up through the LDM
-    tables (a `LayerLookup`: the checkpoint's own names are never turned back into diffusers ones)."""
+    tables and the text encoder's layout (a `LayerLookup`: the file's own names are never turned back)."""
 
     def __init__(self, header: Header, component: str, family: ModelFamily, unet_table: Mapping[str, str]):
         self.header, self.component, self.unet_table = header, component, unet_table
         self.text_encoder = next((spec for spec in family.text_encoders if spec.component == component), None)
+        self.shapes = {key: info.shape for key, info in header.tensors.items()}
 
-    def key(self, name: str) -> str | None:
+    def target(self, name: str) -> WeightSlot | None:
         try:
-            key = single_file_key(self.component, name + ".weight", self.unet_table, self.text_encoder)
+            target = single_file_slot(self.component, name + ".weight", self.unet_table, self.text_encoder, self.shapes)
         except ValueError:
             return None  # reported by the matcher as a module matching no weight
-        return key if key in self.header.tensors else None
+        return target if target.key in self.shapes else None
 
     def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and self.key(name) is not None
+        return isinstance(name, str) and self.target(name) is not None
 
     def __getitem__(self, name: str) -> Layer:
-        key = self.key(name)
-        if key is None:
+        target = self.target(name)
+        if target is None:
             raise KeyError(name)
-        return Layer(self.header.tensors[key].shape)
+        return Layer(target.shape(self.shapes[target.key]))
 
 
 def _merge_single_file(path: Path, loras: list[_Lora], out_file: Path, out_dtype: torch.dtype | None, stats: MergeStats) -> Path:
@@ -321,11 +352,12 @@ def _merge_single_file(path: Path, loras: list[_Lora], out_file: Path, out_dtype
     header = read_header(path)
     family = family_of_single_file(header.tensors)
     components = _components(loras)
+    check_single_file_parts(header.tensors, family, str(path), components)
     unet_table = ldm_unet_table_from_keys(header.tensors) if "unet" in components else {}
     layers = {component: _SingleFileLayers(header, component, family, unet_table) for component in components}
     widths = [info.shape[1] for key, info in header.tensors.items() if key.endswith("attn2.to_k.weight")]
     description = describe_model(family, widths[0]) if widths else family.label
-    plan = _plan(loras, layers, str(path), description, lambda component, name: layers[component].key(name))
+    plan = _plan(loras, family, layers, str(path), description, lambda component, name: layers[component].target(name))
     with atomic_file(out_file) as tmp:
         _stream(header, tmp, plan, out_dtype, stats)
     return out_file

@@ -14,14 +14,33 @@ from pathlib import Path
 
 import torch
 
-from ..core.families import SD1, ModelFamily, family_of_folder, family_of_model_index, family_of_pipeline, family_of_single_file
+from ..core.families import (
+    SD1,
+    ModelFamily,
+    check_single_file_parts,
+    family_of_folder,
+    family_of_model_index,
+    family_of_pipeline,
+    family_of_single_file,
+)
 from ..core.files import read_tensors
 from ..storage.atomic import atomic_dir
 from ..storage.safetensors_stream import read_header, read_tensor
-from .tiny import build_sd15_shaped_pipeline, build_tiny_pipeline, tiny_clip_vocab
+from .tiny import build_sd15_shaped_pipeline, build_sdxl_shaped_pipeline, build_tiny_pipeline, build_tiny_sdxl_pipeline, tiny_clip_vocab
 
 TINY = "tiny"
 SD15_SHAPED = "sd15-shaped"
+TINY_SDXL = "tiny-sdxl"
+SDXL_SHAPED = "sdxl-shaped"
+# `--model NAME` builds these in memory (random weights); the shaped ones have the real UNet and VAE, for benchmarks
+BUILTIN_MODELS = {
+    TINY: build_tiny_pipeline,
+    SD15_SHAPED: build_sd15_shaped_pipeline,
+    TINY_SDXL: build_tiny_sdxl_pipeline,
+    SDXL_SHAPED: build_sdxl_shaped_pipeline,
+}
+# `sdlora tiny-model DIR --variant NAME` -> the built-in model it writes
+TINY_MODEL_VARIANTS = {"tiny": TINY, "sd15-shaped": SD15_SHAPED, "sdxl": TINY_SDXL, "sdxl-shaped": SDXL_SHAPED}
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
@@ -63,12 +82,11 @@ def _write_tokenizer_files(tokenizer, folder: Path) -> None:
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
 
 
-def write_tiny_model(out_dir: str | os.PathLike, variant: str = TINY, seed: int = 0) -> Path:
-    """Write the tiny (or SD1.5-shaped) random-weight pipeline as a loadable diffusers folder."""
-    builders = {TINY: build_tiny_pipeline, SD15_SHAPED: build_sd15_shaped_pipeline}
-    if variant not in builders:
-        raise ValueError(f"unknown tiny-model variant {variant!r}: use one of {', '.join(builders)}")
-    return save_pipeline(builders[variant](seed=seed), out_dir)
+def write_tiny_model(out_dir: str | os.PathLike, variant: str = "tiny", seed: int = 0) -> Path:
+    """Write a random-weight built-in pipeline (`tiny`, `sd15-shaped`, `sdxl`, `sdxl-shaped`) as a diffusers folder."""
+    if variant not in TINY_MODEL_VARIANTS and variant not in BUILTIN_MODELS:
+        raise ValueError(f"unknown tiny-model variant {variant!r}: use one of {', '.join(TINY_MODEL_VARIANTS)}")
+    return save_pipeline(BUILTIN_MODELS[TINY_MODEL_VARIANTS.get(variant, variant)](seed=seed), out_dir)
 
 
 def load_pipeline(
@@ -85,7 +103,7 @@ def load_pipeline(
     """
     path = Path(model).expanduser()
     if is_builtin_model(model):
-        return (build_tiny_pipeline() if model == TINY else build_sd15_shaped_pipeline()).to(dtype=dtype)
+        return BUILTIN_MODELS[model]().to(dtype=dtype)
     if path.is_dir():
         family = check_model_dir(path)
         components = {}
@@ -93,7 +111,7 @@ def load_pipeline(
             # read the UNet tensor by tensor (in the target dtype): peak memory is one UNet, not a mapped file + a copy
             components["unet"] = load_unet_streaming(path / "unet", dtype)
         cls = pipeline_class(family)
-        return cls.from_pretrained(path, torch_dtype=dtype, local_files_only=True, **_no_safety_checker(cls), **components)
+        return cls.from_pretrained(path, torch_dtype=dtype, local_files_only=True, **_pipeline_options(cls), **components)
     if path.suffix.lower() in SINGLE_FILE_SUFFIXES:
         if not path.is_file():
             raise FileNotFoundError(f"model file not found: {path}")
@@ -103,9 +121,11 @@ def load_pipeline(
             )
         family = SD1  # a pickle's keys cannot be read without unpickling it: diffusers' SD1 loader, as before
         if path.suffix.lower() == ".safetensors":
-            # a truncated or mislabelled file fails here with one line, not deep inside diffusers
-            family = family_of_single_file(read_header(path).tensors)
-        kwargs = {"torch_dtype": dtype}
+            # a truncated or mislabelled file, or one missing a part, fails here with one line, not deep inside diffusers
+            keys = read_header(path).tensors
+            family = family_of_single_file(keys)
+            check_single_file_parts(keys, family, str(path))
+        kwargs = {"torch_dtype": dtype, **_pipeline_options(pipeline_class(family))}
         if config:
             kwargs["config"] = config
         try:
@@ -121,6 +141,38 @@ def load_pipeline(
     return _from_hub(model, dtype)
 
 
+def load_vae(source: str, dtype: torch.dtype = torch.float32, allow_pickle: bool = False):
+    """An AutoencoderKL from a VAE folder (or a pipeline folder's vae/), a single .safetensors file or a hub id,
+    to use in place of a model's own (e.g. a VAE fixed to run in fp16)."""
+    from diffusers import AutoencoderKL  # takes seconds to import: only when a model is loaded
+
+    path = Path(source).expanduser()
+    if path.is_dir():
+        folder = path / "vae" if (path / "vae" / "config.json").is_file() else path
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"--vae {source}: no config.json there (expected a diffusers VAE folder)")
+        return AutoencoderKL.from_pretrained(folder, torch_dtype=dtype, local_files_only=True)
+    if path.suffix.lower() in SINGLE_FILE_SUFFIXES:
+        if not path.is_file():
+            raise FileNotFoundError(f"VAE file not found: {path}")
+        if path.suffix.lower() in PICKLE_SUFFIXES and not allow_pickle:
+            raise ValueError(f"{path} is a pickle file, which can run code when loaded: convert it to .safetensors or pass --allow-pickle")
+        if path.suffix.lower() == ".safetensors":
+            read_header(path)  # a truncated or mislabelled file fails here with one line
+        try:
+            return AutoencoderKL.from_single_file(str(path), torch_dtype=dtype)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"could not load the VAE file {path} ({_first_line(err)}); offline, pass a diffusers VAE folder") from err
+    if _looks_like_path(source):
+        raise FileNotFoundError(f"VAE not found: {source} (expected a diffusers VAE folder, a .safetensors file or a hub id)")
+    try:
+        return AutoencoderKL.from_pretrained(source, torch_dtype=dtype)
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"could not load the VAE {source!r} from the Hugging Face hub ({_first_line(err)}); without internet, pass a local VAE folder"
+        ) from err
+
+
 def _from_hub(repo_id: str, dtype: torch.dtype):
     from diffusers import DiffusionPipeline  # takes seconds to import: only when a pipeline is made
 
@@ -128,7 +180,7 @@ def _from_hub(repo_id: str, dtype: torch.dtype):
         index = DiffusionPipeline.load_config(repo_id)
         # SD1 and SD2 share a pipeline class, so the index alone picks the right one
         cls = pipeline_class(family_of_model_index(index))
-        return cls.from_pretrained(repo_id, torch_dtype=dtype, **_no_safety_checker(cls))
+        return cls.from_pretrained(repo_id, torch_dtype=dtype, **_pipeline_options(cls))
     except (OSError, ValueError) as err:
         raise ValueError(
             f"could not load {repo_id!r} from the Hugging Face hub ({_first_line(err)}); without internet, pass a local diffusers folder or .safetensors file"
@@ -177,9 +229,12 @@ def check_model_dir(path: Path) -> ModelFamily:
     return family
 
 
-def _no_safety_checker(cls) -> dict:
-    """`safety_checker=None` for the pipelines that have one (SD1/SD2): sdlora generates what it is asked."""
-    return {"safety_checker": None} if "safety_checker" in inspect.signature(cls.__init__).parameters else {}
+def _pipeline_options(cls) -> dict:
+    """No safety checker (SD1/SD2 pipelines: sdlora generates what it is asked) and no watermark (SDXL: it needs an
+    optional package and changes every image), for the pipeline classes that have them."""
+    parameters = inspect.signature(cls.__init__).parameters
+    options = {"safety_checker": None, "add_watermarker": False}
+    return {name: value for name, value in options.items() if name in parameters}
 
 
 def _explain_pickle_failure(path: Path) -> None:
@@ -188,8 +243,8 @@ def _explain_pickle_failure(path: Path) -> None:
 
 
 def is_builtin_model(model: str) -> bool:
-    """`tiny` or `sd15-shaped`, built in memory; an existing folder of that name wins, as in merge."""
-    return model in (TINY, SD15_SHAPED) and not Path(model).expanduser().exists()
+    """A built-in model name (`tiny`, `sd15-shaped`, `tiny-sdxl`, `sdxl-shaped`); an existing folder of that name wins."""
+    return model in BUILTIN_MODELS and not Path(model).expanduser().exists()
 
 
 def is_hub_id(model: str) -> bool:

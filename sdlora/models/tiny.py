@@ -108,8 +108,9 @@ def _scheduler():
     )
 
 
-def _text_encoder(hidden: int, intermediate: int, heads: int, layers: int, projection: int):
-    from transformers import CLIPTextConfig, CLIPTextModel  # only when a tiny model is built
+def _text_encoder(hidden: int, intermediate: int, heads: int, layers: int, projection: int, with_projection: bool = False):
+    """A CLIP text encoder over the tiny vocabulary; `with_projection`: SDXL's second encoder (pooled, projected output)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection  # only when a tiny model is built
 
     vocab, _ = tiny_clip_vocab()
     config = CLIPTextConfig(
@@ -125,7 +126,7 @@ def _text_encoder(hidden: int, intermediate: int, heads: int, layers: int, proje
         pad_token_id=vocab["<|endoftext|>"],
         hidden_act="quick_gelu",
     )
-    return CLIPTextModel(config)
+    return CLIPTextModelWithProjection(config) if with_projection else CLIPTextModel(config)
 
 
 def _assemble(unet, vae, text_encoder):
@@ -145,7 +146,7 @@ def _assemble(unet, vae, text_encoder):
 
 def build_tiny_pipeline(seed: int = TINY_SEED):
     """The tiny SD1-architecture pipeline (64x64 images), random weights from `seed`."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel  # only when a tiny model is built
+    from diffusers import UNet2DConditionModel  # only when a tiny model is built
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
@@ -160,6 +161,24 @@ def build_tiny_pipeline(seed: int = TINY_SEED):
         attention_head_dim=(2, 4),
         norm_num_groups=32,
     )
+    vae = _tiny_vae()
+    text_encoder = _text_encoder(hidden=32, intermediate=37, heads=4, layers=5, projection=32)
+    return _assemble(unet, vae, text_encoder)
+
+
+# A random VAE's posterior has std ~0.97 per latent element against ~0.27 of spread in its means, so ~97% of a
+# training latent (mean + std * noise) would be sampling noise and a LoRA could learn nothing about the images.
+# Trained VAEs are near-deterministic (SD's posterior std is ~0.01); the tiny one is made so too: log-variance
+# outputs fixed at -12 (std 0.0025), and a scaling factor giving its latents unit variance on the example
+# datasets (1 / 0.275), as SD's 0.18215 does for SD's VAE.
+TINY_VAE_LOGVAR = -12.0
+TINY_VAE_SCALING = 3.64
+
+
+def _tiny_vae():
+    """The tiny models' VAE: 2 levels (a factor 2), its encoder near-deterministic."""
+    from diffusers import AutoencoderKL  # only when a tiny model is built
+
     vae = AutoencoderKL(
         block_out_channels=(32, 64),
         in_channels=3,
@@ -172,17 +191,7 @@ def build_tiny_pipeline(seed: int = TINY_SEED):
         scaling_factor=TINY_VAE_SCALING,
     )
     _make_encoder_near_deterministic(vae)
-    text_encoder = _text_encoder(hidden=32, intermediate=37, heads=4, layers=5, projection=32)
-    return _assemble(unet, vae, text_encoder)
-
-
-# A random VAE's posterior has std ~0.97 per latent element against ~0.27 of spread in its means, so ~97% of a
-# training latent (mean + std * noise) would be sampling noise and a LoRA could learn nothing about the images.
-# Trained VAEs are near-deterministic (SD's posterior std is ~0.01); the tiny one is made so too: log-variance
-# outputs fixed at -12 (std 0.0025), and a scaling factor giving its latents unit variance on the example
-# datasets (1 / 0.275), as SD's 0.18215 does for SD's VAE.
-TINY_VAE_LOGVAR = -12.0
-TINY_VAE_SCALING = 3.64
+    return vae
 
 
 def _make_encoder_near_deterministic(vae) -> None:
@@ -220,3 +229,119 @@ def build_sd15_shaped_pipeline(seed: int = TINY_SEED, text_layers: int = 2):
     )
     text_encoder = _text_encoder(hidden=768, intermediate=3072, heads=12, layers=text_layers, projection=768)
     return _assemble(unet, vae, text_encoder)
+
+
+# ---------------------------------------------------------------- SDXL
+
+# SDXL's added conditioning: 6 time ids (original size, crop top-left, target size) embedded at this width each
+_TINY_TIME_EMBED = 8
+
+
+def _sdxl_scheduler():
+    from diffusers import EulerDiscreteScheduler  # only when a tiny model is built
+
+    # SDXL's training noise schedule and its pipeline's default sampler
+    return EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="leading",
+        prediction_type="epsilon",
+    )
+
+
+def _assemble_sdxl(unet, vae, text_encoder, text_encoder_2):
+    from diffusers import StableDiffusionXLPipeline  # only when a tiny model is built
+
+    return StableDiffusionXLPipeline(
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        text_encoder_2=text_encoder_2.eval(),
+        tokenizer=tiny_tokenizer(),
+        tokenizer_2=tiny_tokenizer(),
+        unet=unet.eval(),
+        scheduler=_sdxl_scheduler(),
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,  # the watermark needs an optional package and changes every image
+    )
+
+
+def build_tiny_sdxl_pipeline(seed: int = TINY_SEED):
+    """The tiny SDXL-architecture pipeline (64x64 images), random weights from `seed`.
+
+    Its two text encoders have different widths (32 and 48, the second with a 48-wide projection), so wiring one in
+    place of the other fails on shape; the UNet attends to their concatenation (80) and takes SDXL's pooled
+    embedding and time ids, with two transformer blocks per attention in its second level as SDXL stacks them.
+    """
+    from diffusers import UNet2DConditionModel  # only when a tiny model is built
+
+    torch.manual_seed(seed)
+    text_encoder = _text_encoder(hidden=32, intermediate=37, heads=4, layers=5, projection=32)
+    text_encoder_2 = _text_encoder(hidden=48, intermediate=53, heads=4, layers=5, projection=48, with_projection=True)
+    unet = UNet2DConditionModel(
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32 + 48,
+        attention_head_dim=(2, 4),
+        transformer_layers_per_block=(1, 2),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=_TINY_TIME_EMBED,
+        projection_class_embeddings_input_dim=6 * _TINY_TIME_EMBED + 48,
+        norm_num_groups=32,
+    )
+    return _assemble_sdxl(unet, _tiny_vae(), text_encoder, text_encoder_2)
+
+
+def build_sdxl_shaped_pipeline(seed: int = TINY_SEED, text_layers: int = 2):
+    """SDXL's real UNet and VAE architecture with random weights and short text encoders of SDXL's widths
+    (benchmarks), built in bf16: 5 GB instead of 10, and never an fp32 copy of the UNet in memory."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        return _build_sdxl_shaped(seed, text_layers)
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _build_sdxl_shaped(seed: int, text_layers: int):
+    from diffusers import AutoencoderKL, UNet2DConditionModel  # only when a tiny model is built
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=128,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        block_out_channels=(320, 640, 1280),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=2048,
+        attention_head_dim=(5, 10, 20),
+        transformer_layers_per_block=(1, 2, 10),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=2,
+        sample_size=1024,
+        scaling_factor=0.13025,
+        force_upcast=True,
+    )
+    text_encoder = _text_encoder(hidden=768, intermediate=3072, heads=12, layers=text_layers, projection=768)
+    text_encoder_2 = _text_encoder(hidden=1280, intermediate=5120, heads=20, layers=text_layers, projection=1280, with_projection=True)
+    return _assemble_sdxl(unet, vae, text_encoder, text_encoder_2)

@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 from ..core.families import ModelFamily
 from ..storage.atomic import atomic_file
 from .buckets import Size
-from .data import ImageRecord, drop_captions, load_image, shuffle_tags
+from .data import ImageRecord, crop_window, drop_captions, load_image, sdxl_time_ids, shuffle_tags
+from .objective import Conditioning
 
 CACHE_VERSION = "1"
 
@@ -51,7 +52,10 @@ class LatentCache:
     """(mean, std) of the VAE latent distribution per (image, size, crop, flip), in memory and optionally on disk."""
 
     def __init__(
-        self, encode: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], fingerprint: str, cache_dir: Path | None = None
+        self,
+        encode: Callable[[torch.Tensor, list[Path]], tuple[torch.Tensor, torch.Tensor]],
+        fingerprint: str,
+        cache_dir: Path | None = None,
     ):
         self.encode = encode
         self.fingerprint = fingerprint
@@ -75,7 +79,7 @@ class LatentCache:
             return self.memory[key]
         entry = self._read_disk(key)
         if entry is None:
-            mean, std = self.encode(load_pixels().unsqueeze(0))
+            mean, std = self.encode(load_pixels().unsqueeze(0), [path])
             entry = (mean[0].to(torch.float32).cpu().contiguous(), std[0].to(torch.float32).cpu().contiguous())
             self._write_disk(key, entry)
         self.memory[key] = entry
@@ -104,21 +108,30 @@ class LatentCache:
 
 
 class EmbeddingCache:
-    """Text-encoder hidden states per caption (the text encoders are frozen when this is used)."""
+    """Per caption, the text-encoder hidden states and (SDXL) the pooled embedding; the encoders are frozen when
+    this is used."""
 
-    def __init__(self, encode: Callable[[list[str]], torch.Tensor]):
+    def __init__(self, encode: Callable[[list[str]], tuple[torch.Tensor, torch.Tensor | None]]):
         self.encode = encode
-        self.memory: dict[str, torch.Tensor] = {}
+        self.memory: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
-    def get(self, captions: list[str]) -> torch.Tensor:
+    def get(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(hidden states, pooled embeddings or None) of `captions`, stacked in their order."""
         missing = sorted({c for c in captions if c not in self.memory})
         if missing:
-            for caption, embedding in zip(missing, self.encode(missing)):
-                self.memory[caption] = embedding.detach().to(torch.float32).cpu()
-        return torch.stack([self.memory[c] for c in captions])
+            hidden, pooled = self.encode(missing)
+            for index, caption in enumerate(missing):
+                self.memory[caption] = (_cpu(hidden[index]), None if pooled is None else _cpu(pooled[index]))
+        entries = [self.memory[c] for c in captions]
+        pooled = [p for _, p in entries]
+        return torch.stack([h for h, _ in entries]), None if pooled[0] is None else torch.stack(pooled)
 
     def size_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.memory.values())
+        return sum(t.numel() * t.element_size() for entry in self.memory.values() for t in entry if t is not None)
+
+
+def _cpu(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().to(torch.float32).cpu()
 
 
 # ---------------------------------------------------------------- encoders, and the caches a training run uses
@@ -131,11 +144,29 @@ def encode_distribution(vae, pixels: torch.Tensor, device) -> tuple[torch.Tensor
     return distribution.mean.float(), distribution.std.float()
 
 
-def encode_captions(pipe, text_encoders: dict[str, torch.nn.Module], family: ModelFamily, captions: list[str], device) -> torch.Tensor:
-    """The hidden states the UNet attends to, for captions padded to each tokenizer's length: each of the family's
-    text encoders (`text_encoders`, by component) at its layer, joined along the width; with gradients only if an
-    encoder trains."""
-    hidden = []
+def encode_images(vae, pixels: torch.Tensor, images: Sequence[Path], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """`encode_distribution` of the pixels of `images`; NaN or inf latents (a VAE overflowing in fp16) are a
+    one-line error naming the first image that gave them."""
+    mean, std = encode_distribution(vae, pixels, device)
+    bad = ~(torch.isfinite(mean).flatten(1).all(1) & torch.isfinite(std).flatten(1).all(1))
+    if bool(bad.any()):
+        image = images[int(bad.nonzero()[0])]
+        where = f"in {str(vae.dtype).removeprefix('torch.')}" if vae.dtype != torch.float32 else "even in fp32"
+        raise ValueError(
+            f"the VAE gives NaN or inf latents for {image} ({where}): pass --vae with a VAE fixed for fp16, or --mixed-precision bf16 or no"
+        )
+    return mean, std
+
+
+def encode_captions(
+    pipe, text_encoders: dict[str, torch.nn.Module], family: ModelFamily, captions: list[str], device
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(hidden states, pooled embedding or None) the UNet is conditioned on, for captions padded to each
+    tokenizer's length: each of the family's text encoders (`text_encoders`, by component) at its hidden layer,
+    joined along the width, and the pooled, projected output of the encoder that gives one (SDXL's second). An
+    empty caption gives zeros where the family's pipeline does so for an empty prompt (SDXL). With gradients only
+    if an encoder trains."""
+    hidden, pooled = [], None
     for spec in family.text_encoders:
         tokenizer, encoder = getattr(pipe, spec.tokenizer), text_encoders[spec.component]
         tokens = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt")
@@ -143,7 +174,14 @@ def encode_captions(pipe, text_encoders: dict[str, torch.nn.Module], family: Mod
             output = encoder(tokens.input_ids.to(device), output_hidden_states=spec.hidden_layer != -1)
         # -1 is the encoder's output (after its final layer norm, as the pipelines use it); others are raw layers
         hidden.append(output[0] if spec.hidden_layer == -1 else output.hidden_states[spec.hidden_layer])
-    return torch.cat(hidden, dim=-1)
+        if spec.pooled:
+            pooled = output[0]  # CLIPTextModelWithProjection's first output: the projected pooled embedding
+    hidden = torch.cat(hidden, dim=-1)
+    if family.empty_prompt_zeros and "" in captions:
+        keep = torch.tensor([caption != "" for caption in captions], device=hidden.device)
+        hidden = hidden * keep.view(-1, 1, 1).to(hidden.dtype)
+        pooled = None if pooled is None else pooled * keep.view(-1, 1).to(pooled.dtype)
+    return hidden, pooled
 
 
 def build_caches(
@@ -156,7 +194,7 @@ def build_caches(
     if config.crop != "random":
         cache_dir = out / "cache" if config.cache == "disk" else None
         latent_cache = LatentCache(
-            lambda pixels: encode_distribution(pipe.vae, pixels, device), model_fingerprint(config.model, pipe.vae), cache_dir
+            lambda pixels, paths: encode_images(pipe.vae, pixels, paths, device), model_fingerprint(config.model, pipe.vae), cache_dir
         )
     embedding_cache = None
     if not config.train_text_encoder and not config.shuffle_captions:
@@ -185,8 +223,9 @@ def fill_caches(config, records, buckets, latent_cache: LatentCache | None, embe
 
 @dataclass
 class BatchEncoder:
-    """Turns a micro-batch of dataset indices into (latents, caption embeddings): flips, crops and caption shuffling
-    and dropout drawn from the step's `rng`, latent samples from its `generator`."""
+    """Turns a micro-batch of dataset indices into (latents, conditioning): flips, crops and caption shuffling and
+    dropout drawn from the step's `rng`, latent samples from its `generator`; SDXL's time ids from each image's size
+    and crop."""
 
     config: object  # TrainConfig
     pipe: object
@@ -199,13 +238,14 @@ class BatchEncoder:
     device: torch.device
     dtype: torch.dtype  # what the UNet runs in
 
-    def __call__(self, indices: list[int], rng: random.Random, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, indices: list[int], rng: random.Random, generator: torch.Generator) -> tuple[torch.Tensor, Conditioning]:
         config, device = self.config, self.device
-        means, stds, pixels, captions = [], [], [], []
+        means, stds, pixels, captions, time_ids = [], [], [], [], []
         for index in indices:
             record, size = self.records[index], self.sizes[index]
             flip = config.flip and rng.random() < 0.5
-            load = functools.partial(load_image, record, size, crop=config.crop, flip=flip, rng=rng)
+            window = crop_window(record, size, config.crop, rng)
+            load = functools.partial(load_image, record, size, flip=flip, window=window)
             if self.latent_cache is not None:
                 mean, std = self.latent_cache.get(record.path, size, config.crop, flip, load)
                 means.append(mean)
@@ -213,16 +253,18 @@ class BatchEncoder:
             else:
                 pixels.append(load())
             captions.append(shuffle_tags(record.caption, config.trigger, rng) if config.shuffle_captions else record.caption)
+            time_ids.append(sdxl_time_ids(record, size, window, flip))
         captions = drop_captions(captions, config.caption_dropout, rng)
         if pixels:  # no cache: the micro-batch (one bucket, so one size) through the VAE in one call
-            mean, std = encode_distribution(self.pipe.vae, torch.stack(pixels), device)
+            mean, std = encode_images(self.pipe.vae, torch.stack(pixels), [self.records[index].path for index in indices], device)
         else:
             mean, std = torch.stack(means), torch.stack(stds)
         mean, std = mean.to(device, torch.float32), std.to(device, torch.float32)
         noise = torch.randn(mean.shape, generator=generator).to(device)
         latents = (mean + std * noise) * self.pipe.vae.config.scaling_factor
         if self.embedding_cache is not None:
-            embeddings = self.embedding_cache.get(captions).to(device)
+            hidden, pooled = self.embedding_cache.get(captions)
         else:
-            embeddings = encode_captions(self.pipe, self.text_encoders, self.family, captions, device)
-        return latents.to(self.dtype), embeddings.to(self.dtype)
+            hidden, pooled = encode_captions(self.pipe, self.text_encoders, self.family, captions, device)
+        conditioning = Conditioning(hidden, pooled, torch.tensor(time_ids, dtype=torch.float32) if self.family.time_ids else None)
+        return latents.to(self.dtype), conditioning.to(device, self.dtype)

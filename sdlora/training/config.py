@@ -28,15 +28,23 @@ class TrainConfig:
     # --- inputs and outputs
     data_dir: str = _opt("", "folder of images with .txt captions or a metadata.jsonl", positional=True)
     output_dir: str = _opt("", "folder for the LoRA files, checkpoints, samples and logs")
-    model: str = _opt("tiny", "base model: diffusers folder, .safetensors checkpoint, hub id, or 'tiny' (offline test model)")
+    model: str = _opt(
+        "tiny",
+        "base model (SD1, SD2 or SDXL, told from the model): diffusers folder, .safetensors checkpoint, hub id, or 'tiny' / 'tiny-sdxl' (offline test models)",
+    )
     model_config: str | None = _opt(None, "for a single-file checkpoint offline: a local diffusers folder with its configs")
+    vae: str | None = _opt(
+        None, "a VAE to use instead of the model's: diffusers folder, .safetensors file or hub id (e.g. an fp16-fixed SDXL VAE)"
+    )
     allow_pickle: bool = _opt(False, "allow a pickle .ckpt base model (loaded weights-only)")
     name: str = _opt("lora", "file name of the kohya-format LoRA (<name>.safetensors) for A1111/ComfyUI")
     # --- data
     caption: str | None = _opt(None, "caption for images that have none (or for all, if no captions exist)")
     trigger: str | None = _opt(None, "word prepended to every caption; the word that calls up the style")
     resolution: int | None = _opt(None, "training side in pixels; when not given, the model's own size (512 for SD1.5, 768 for SD2.x-v)")
-    buckets: bool = _opt(False, "aspect-ratio buckets of about resolution^2 pixels instead of square crops")
+    buckets: bool | None = _opt(
+        None, "aspect-ratio buckets of about resolution^2 pixels instead of square crops (when not given: on for SDXL, off for SD1/SD2)"
+    )
     crop: str = _opt("center", "crop when an image does not fit its bucket", CROPS)
     flip: bool = _opt(False, "random horizontal flips; off when the style has handedness (text, logos)")
     val_split: float = _opt(0.0, "fraction of images held out for the validation loss (0 = none)")
@@ -45,12 +53,13 @@ class TrainConfig:
     alpha: float = _opt(16.0, "LoRA alpha; the update is scaled by alpha/rank")
     dropout: float = _opt(0.0, "dropout on the LoRA path; 0.05-0.1 against overfitting small sets")
     preset: str = _opt("attn", "which UNet layers get LoRA: attn, attn-ff, all (LoCon-style)", PRESETS)
-    train_text_encoder: bool = _opt(False, "also train LoRA on CLIP's attention projections")
+    train_text_encoder: bool = _opt(False, "also train LoRA on the attention projections of the text encoder(s) (SDXL: both)")
     init_lora: str | None = _opt(
         None,
         "start from this LoRA file (diffusers, kohya or peft) instead of a fresh LoRA, to train it further; its layers and rank must be this run's (--preset, --rank, --train-text-encoder)",
     )
     text_encoder_lr: float | None = _opt(None, "learning rate for the text encoder LoRA (default: lr / 2)")
+    text_encoder_2_lr: float | None = _opt(None, "learning rate for the second text encoder's LoRA, SDXL only (default: --text-encoder-lr)")
     # --- optimisation
     steps: int = _opt(1000, "optimizer steps to train")
     batch_size: int = _opt(1, "images per step per process")
@@ -101,13 +110,10 @@ class TrainConfig:
             _check(math.isfinite(value) and value > 0, name, value, "a positive finite number")
         if self.init_lora is not None and not Path(self.init_lora).is_file():
             raise ValueError(f"--init-lora {self.init_lora}: no such file")
-        if self.text_encoder_lr is not None:
-            _check(
-                math.isfinite(self.text_encoder_lr) and self.text_encoder_lr > 0,
-                "text_encoder_lr",
-                self.text_encoder_lr,
-                "a positive finite number",
-            )
+        for name in ("text_encoder_lr", "text_encoder_2_lr"):
+            value = getattr(self, name)
+            if value is not None:
+                _check(math.isfinite(value) and value > 0, name, value, "a positive finite number")
         for name in ("dropout", "caption_dropout"):
             _check(0.0 <= getattr(self, name) < 1.0, name, getattr(self, name), "in [0, 1)")
         _check(0.0 <= self.val_split < 1.0, "val_split", self.val_split, "in [0, 1)")
@@ -123,6 +129,13 @@ class TrainConfig:
             choices = item.metadata.get("choices")
             if choices:
                 _check(getattr(self, item.name) in choices, item.name, getattr(self, item.name), "one of " + ", ".join(choices))
+
+    def lr_of(self, component: str) -> float:
+        """The learning rate of one component's LoRA: `lr` for the UNet, the text encoders' own (or lr / 2)."""
+        if component == "unet":
+            return self.lr
+        first = self.text_encoder_lr or self.lr / 2
+        return (self.text_encoder_2_lr or first) if component == "text_encoder_2" else first
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

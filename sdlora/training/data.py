@@ -190,22 +190,40 @@ def crop_box(image_size: Size, size: Size, crop: str = "center", rng: random.Ran
     raise ValueError(f"crop must be 'center' or 'random', got {crop!r}")
 
 
-def load_image(record: ImageRecord, size: Size, crop: str = "center", flip: bool = False, rng: random.Random | None = None) -> torch.Tensor:
-    """The image resized to cover `size` = (width, height), cropped, optionally mirrored: float32 [3, H, W] in [-1, 1]."""
+Window = tuple[float, float, float]  # (scale, left, top): resize by scale, cut at (left, top) in the resized image
+
+
+def crop_window(record: ImageRecord, size: Size, crop: str = "center", rng: random.Random | None = None) -> Window:
+    """Where `record` is cut to fit `size`: `crop_box` over its displayed size (a random crop draws from `rng`)."""
+    return crop_box((record.width, record.height), size, crop, rng)
+
+
+def load_image(
+    record: ImageRecord,
+    size: Size,
+    crop: str = "center",
+    flip: bool = False,
+    rng: random.Random | None = None,
+    window: Window | None = None,
+) -> torch.Tensor:
+    """The image resized to cover `size` = (width, height), cut at `window` (default: `crop_window(record, size,
+    crop, rng)`), optionally mirrored: float32 [3, H, W] in [-1, 1]."""
     target_width, target_height = size
+    scale, left, top = window if window is not None else crop_window(record, size, crop, rng)
     try:
         with Image.open(record.path) as image:
             cover = max(target_width / record.width, target_height / record.height)
             # JPEG only: decode at 1/2, 1/4 or 1/8 scale when that still covers the target (much faster, same look)
             image.draft("RGB", (max(1, int(image.width * cover)), max(1, int(image.height * cover))))
             image = _to_rgb(ImageOps.exif_transpose(image))
-            scale, left, top = crop_box(image.size, size, crop, rng)
+            # the window is in the displayed image's pixels; a draft decode is smaller by this factor
+            shrink_x, shrink_y = image.width / record.width, image.height / record.height
             # resize straight from the crop window in source pixels: one resample, exact aspect, no big intermediate
             box = (
-                left / scale,
-                top / scale,
-                min(image.width, (left + target_width) / scale),
-                min(image.height, (top + target_height) / scale),
+                left / scale * shrink_x,
+                top / scale * shrink_y,
+                min(image.width, (left + target_width) / scale * shrink_x),
+                min(image.height, (top + target_height) / scale * shrink_y),
             )
             image = image.resize(size, Image.Resampling.LANCZOS, box=box)
     except OSError as err:
@@ -214,6 +232,17 @@ def load_image(record: ImageRecord, size: Size, crop: str = "center", flip: bool
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy())
     return (pixels / 127.5 - 1.0).permute(2, 0, 1).contiguous()
+
+
+def sdxl_time_ids(record: ImageRecord, size: Size, window: Window, flip: bool) -> list[int]:
+    """SDXL's added conditioning for one training image, as diffusers' SDXL scripts compute it: original size
+    (height, width), the crop's top-left corner (top, left) in the resized image, and the target size (height, width).
+    A mirrored image's crop is mirrored too: its left edge is measured from the other side."""
+    scale, left, top = window
+    width, height = size
+    if flip:
+        left = max(0, round(record.width * scale) - width - left)
+    return [record.height, record.width, int(top), int(left), height, width]
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

@@ -16,6 +16,37 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
 @dataclass
+class Conditioning:
+    """What the UNet is conditioned on: the text it attends to, and for SDXL the pooled text embedding and the time
+    ids (original size, crop top-left, target size per image)."""
+
+    hidden: torch.Tensor  # (batch, tokens, width)
+    pooled: torch.Tensor | None = None  # (batch, width of the pooled encoder's projection)
+    time_ids: torch.Tensor | None = None  # (batch, 6)
+
+    def to(self, device, dtype: torch.dtype) -> Conditioning:
+        def cast(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            return None if tensor is None else tensor.to(device, dtype)
+
+        return Conditioning(cast(self.hidden), cast(self.pooled), cast(self.time_ids))
+
+    def repeat(self, count: int) -> Conditioning:
+        """One image's conditioning for `count` rows (the validation loss's timesteps)."""
+
+        def expand(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            return None if tensor is None else tensor.expand(count, *tensor.shape[1:])
+
+        return Conditioning(expand(self.hidden), expand(self.pooled), expand(self.time_ids))
+
+    def unet_kwargs(self) -> dict:
+        """The keyword arguments a diffusers UNet2DConditionModel takes them as."""
+        kwargs = {"encoder_hidden_states": self.hidden}
+        if self.pooled is not None:
+            kwargs["added_cond_kwargs"] = {"text_embeds": self.pooled, "time_ids": self.time_ids}
+        return kwargs
+
+
+@dataclass
 class ObjectiveConfig:
     """Options of the noise-prediction loss."""
 
@@ -99,7 +130,7 @@ def diffusion_loss(
     unet,
     scheduler,
     latents: torch.Tensor,
-    encoder_hidden_states: torch.Tensor,
+    conditioning: Conditioning | torch.Tensor,
     config: ObjectiveConfig,
     generator: torch.Generator | None = None,
     timesteps: torch.Tensor | None = None,
@@ -120,7 +151,11 @@ def diffusion_loss(
         timesteps = sample_timesteps(clean.shape[0], scheduler.config.num_train_timesteps, generator, clean.device)
     timesteps = timesteps.to(clean.device)
     noisy = scheduler.add_noise(clean, noise, timesteps)
-    prediction = unet(noisy.to(latents.dtype), timesteps, encoder_hidden_states.to(latents.dtype), return_dict=False)[0]
+    if isinstance(conditioning, torch.Tensor):  # the text alone (SD1/SD2)
+        conditioning = Conditioning(conditioning)
+    prediction = unet(
+        noisy.to(latents.dtype), timesteps, **conditioning.to(latents.device, latents.dtype).unet_kwargs(), return_dict=False
+    )[0]
     target = target_for(scheduler, clean, noise, timesteps, prediction_type)
     per_sample = F.mse_loss(prediction.float(), target, reduction="none").mean(dim=tuple(range(1, target.ndim)))
     if config.snr_gamma is not None:

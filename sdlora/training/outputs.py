@@ -40,7 +40,7 @@ def training_metadata(config: TrainConfig, num_images: int) -> dict[str, str]:
         "ss_training_started_at": STARTED_AT,
         "ss_learning_rate": f"{config.lr:g}",
         "ss_unet_lr": f"{config.lr:g}",
-        "ss_text_encoder_lr": f"{(config.text_encoder_lr or config.lr / 2) if config.train_text_encoder else 0:g}",
+        "ss_text_encoder_lr": f"{config.lr_of('text_encoder') if config.train_text_encoder else 0:g}",
         "ss_max_train_steps": str(config.steps),
         "ss_num_train_images": str(num_images),
         "ss_batch_size_per_device": str(config.batch_size),
@@ -63,13 +63,13 @@ def training_metadata(config: TrainConfig, num_images: int) -> dict[str, str]:
     }
 
 
-def lora_writers(state: LoraState, config: TrainConfig, num_images: int) -> dict[str, Callable[[Path], None]]:
+def lora_writers(state: LoraState, config: TrainConfig, family: ModelFamily, num_images: int) -> dict[str, Callable[[Path], None]]:
     """The run's two LoRA files by name, each as a function that writes it to a path: the diffusers file
-    (save_lora_weights, alpha in its header) and the kohya file with the training metadata."""
+    (save_lora_weights, alpha in its header) and the kohya file with the training metadata, both for `family`."""
     metadata = training_metadata(config, num_images)
     return {
-        DIFFUSERS_FILE: lambda path: write_diffusers(state, path),
-        kohya_file(config): lambda path: write_kohya(state, path, metadata),
+        DIFFUSERS_FILE: lambda path: write_diffusers(state, path, family),
+        kohya_file(config): lambda path: write_kohya(state, path, metadata, family),
     }
 
 

@@ -14,6 +14,7 @@ import dataclasses
 import math
 import os
 import random
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from tqdm.auto import tqdm
 
 from ..core.families import ModelFamily, family_of_pipeline
 from ..core.files import read_lora
-from ..models.loading import load_pipeline
+from ..models.loading import load_pipeline, load_vae
 from ..storage.atomic import check_writable_target, remove_leftover_temporaries
 from . import checkpoint, network, outputs
 from .buckets import BucketBatchSampler, Size, assign_bucket, training_sizes
@@ -67,9 +68,16 @@ class Run:
 
 def train(config: TrainConfig) -> Path:
     """Train a LoRA as `config` says; returns the path of the diffusers-format file in `config.output_dir`."""
+    out = Path(config.output_dir)
     run: Run | None = None
-    with _explain_full_disk(Path(config.output_dir), lambda: run.state.step if run else 0):
-        run = setup(config)
+    with _explain_full_disk(out, lambda: run.state.step if run else 0):
+        created = not out.exists()
+        try:
+            run = setup(config)
+        except BaseException:
+            if created:  # a run that fails before its first step leaves no output folder it made
+                shutil.rmtree(out, ignore_errors=True)
+            raise
         run_steps(run)
         return save_outputs(run)
 
@@ -92,11 +100,12 @@ def setup(config: TrainConfig) -> Run:
     # the model: frozen base weights in half precision under mixed precision; LoRA parameters stay fp32
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
     pipe = load_pipeline(config.model, dtype=weight_dtype, config=config.model_config, allow_pickle=config.allow_pickle)
+    if config.vae:
+        pipe.vae = load_vae(config.vae, weight_dtype, allow_pickle=config.allow_pickle)
     family = family_of_pipeline(pipe)
-    if family.time_ids:
-        raise ValueError(f"training {family.label} models is not supported yet: sdlora trains SD1.x and SD2.x LoRAs")
-    if config.resolution is None:  # the model's own size, as its pipeline generates by default
-        config = dataclasses.replace(config, resolution=pipe.unet.config.sample_size * pipe.vae_scale_factor)
+    if family.vae_fp32_when_half and weight_dtype != torch.float32 and pipe.vae.config.get("force_upcast", False):
+        pipe.vae.to(torch.float32)  # SDXL's VAE overflows in half precision unless fixed (its config says so)
+    config = _model_defaults(config, pipe, family)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(accelerator.device)
     text_encoders = {spec.component: getattr(pipe, spec.component) for spec in family.text_encoders}
@@ -113,7 +122,7 @@ def setup(config: TrainConfig) -> Run:
     if config.train_text_encoder:
         for component, encoder in text_encoders.items():
             params = network.add_lora(encoder, network.text_encoder_target_modules(encoder), config.rank, config.alpha, config.dropout)
-            param_groups.append({"params": params, "lr": config.text_encoder_lr or config.lr / 2})
+            param_groups.append({"params": params, "lr": config.lr_of(component)})
             trained[component] = encoder
     if config.init_lora:
         state = read_lora(config.init_lora, allow_pickle=config.allow_pickle)
@@ -145,6 +154,10 @@ def setup(config: TrainConfig) -> Run:
     )
     latent_cache, embedding_cache = build_caches(config, pipe, text_encoders, family, accelerator.device, out)
     fill_caches(config, records, buckets, latent_cache, embedding_cache, show=accelerator.is_local_main_process)
+    # what the caches now hold, the steps no longer need: the VAE and frozen text encoders leave the accelerator
+    offloaded = ([pipe.vae] if latent_cache is not None else []) + ([*text_encoders.values()] if embedding_cache is not None else [])
+    for part in offloaded:
+        part.to("cpu")
     encoder = BatchEncoder(
         config=config, pipe=pipe, text_encoders=text_encoders, family=family, records=records, sizes=buckets,
         latent_cache=latent_cache, embedding_cache=embedding_cache, device=accelerator.device, dtype=weight_dtype,
@@ -153,7 +166,7 @@ def setup(config: TrainConfig) -> Run:
     validator = Validator(
         config=config, accelerator=accelerator, pipe=pipe, unet=unet, text_encoders=text_encoders, family=family,
         noise_scheduler=noise_scheduler, objective=objective, weight_dtype=weight_dtype, records=val_records,
-        sample_prompts=list(config.validation_prompts) or [config.trigger or records[0].caption],
+        sample_prompts=list(config.validation_prompts) or [config.trigger or records[0].caption], offloaded=offloaded,
     )  # fmt: skip
     run = Run(
         config=config, accelerator=accelerator, family=family, pipe=pipe, unet=unet, text_encoders=text_encoders,
@@ -166,6 +179,14 @@ def setup(config: TrainConfig) -> Run:
     )  # fmt: skip
     _start_or_resume(run)
     return run
+
+
+def _model_defaults(config: TrainConfig, pipe, family: ModelFamily) -> TrainConfig:
+    """The options left to the model filled in: its own resolution (as its pipeline generates by default) and
+    its family's bucketing (on for SDXL)."""
+    resolution = config.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    buckets = family.buckets_by_default if config.buckets is None else config.buckets
+    return dataclasses.replace(config, resolution=resolution, buckets=buckets)
 
 
 def _accelerator(config: TrainConfig):
@@ -300,7 +321,7 @@ def _save_checkpoint(run: Run) -> Path | None:
     path = None
     if run.accelerator.is_main_process:
         run.state.capture_rngs(run.rng, run.generator)
-        files = outputs.lora_writers(lora_state(run), run.config, len(run.records))
+        files = outputs.lora_writers(lora_state(run), run.config, run.family, len(run.records))
         path = checkpoint.save_checkpoint(
             Path(run.config.output_dir) / "checkpoints",
             run.state,
@@ -331,7 +352,7 @@ def save_outputs(run: Run) -> Path:
     run.metrics.close()
     run.accelerator.wait_for_everyone()
     if run.accelerator.is_main_process:
-        for name, write in outputs.lora_writers(lora_state(run), run.config, len(run.records)).items():
+        for name, write in outputs.lora_writers(lora_state(run), run.config, run.family, len(run.records)).items():
             write(out / name)
         outputs.write_config_and_card(run.config, run.family, len(run.records), out)
     run.accelerator.wait_for_everyone()

@@ -8,6 +8,8 @@ schedule, one noise tensor, all drawn from a generator seeded by the run's seed.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,11 +19,11 @@ from ..core.families import ModelFamily
 from ..inference.generation import image_grid
 from ..storage.atomic import atomic_file
 from .buckets import assign_bucket, training_sizes
-from .cache import encode_captions, encode_distribution
+from .cache import encode_captions, encode_images
 from .config import TrainConfig
-from .data import ImageRecord, load_image
+from .data import ImageRecord, crop_window, load_image, sdxl_time_ids
 from .metrics import MetricsLogger
-from .objective import ObjectiveConfig, diffusion_loss
+from .objective import Conditioning, ObjectiveConfig, diffusion_loss
 
 TIMESTEPS = 8  # per held-out image, one UNet batch
 SAMPLES_DIR = "samples"
@@ -34,12 +36,13 @@ def fixed_timesteps(num_train_timesteps: int, count: int = TIMESTEPS) -> torch.T
 
 @dataclass
 class HeldOut:
-    """One held-out image's fixed inputs: a latent sample, one noise per timestep, and its caption embedding."""
+    """One held-out image's fixed inputs: a latent sample, one noise per timestep, its caption and its conditioning."""
 
     latents: torch.Tensor  # (1, C, H, W), scaled
     noise: torch.Tensor  # (TIMESTEPS, C, H, W)
     caption: str
-    embeddings: torch.Tensor | None  # None while a text encoder trains: it is encoded afresh each time
+    time_ids: torch.Tensor | None  # (1, 6) for SDXL
+    embeddings: Conditioning | None  # None while a text encoder trains: it is encoded afresh each time
 
 
 @dataclass
@@ -57,28 +60,50 @@ class Validator:
     weight_dtype: torch.dtype
     records: list[ImageRecord]  # the held-out images
     sample_prompts: list[str]
+    offloaded: list[torch.nn.Module] = field(default_factory=list)  # kept off the accelerator between validations
     held_out: list[HeldOut] | None = field(default=None, repr=False)
+
+    @contextlib.contextmanager
+    def _visiting(self) -> Iterator[None]:
+        """The offloaded VAE and text encoders on the accelerator for the duration (a no-op on the CPU)."""
+        device = self.accelerator.device
+        if not self.offloaded or torch.device(device).type == "cpu":
+            yield
+            return
+        for module in self.offloaded:
+            module.to(device)
+        try:
+            yield
+        finally:
+            for module in self.offloaded:
+                module.to("cpu")
 
     @torch.no_grad()
     def held_out_inputs(self) -> list[HeldOut]:
         """The fixed inputs of every held-out image, encoded once per run (VAE and, unless trained, text encoders)."""
         if self.held_out is None:
-            config, device = self.config, self.accelerator.device
-            generator = torch.Generator().manual_seed(config.seed + 7)
-            choices = training_sizes(config.resolution, config.buckets)
-            self.held_out = []
-            for record in self.records:
-                size = assign_bucket(record.width, record.height, choices)
-                pixels = load_image(record, size, crop="center", flip=False).unsqueeze(0)
-                mean, std = encode_distribution(self.pipe.vae, pixels, device)
-                latents = (mean + std * torch.randn(mean.shape, generator=generator).to(device)) * self.pipe.vae.config.scaling_factor
-                noise = torch.randn((TIMESTEPS, *latents.shape[1:]), generator=generator).to(device)
-                embeddings = None if config.train_text_encoder else self._embed(record.caption)
-                self.held_out.append(HeldOut(latents, noise, record.caption, embeddings))
+            generator = torch.Generator().manual_seed(self.config.seed + 7)
+            with self._visiting():
+                self.held_out = [self._held_out(record, generator) for record in self.records]
         return self.held_out
 
-    def _embed(self, caption: str) -> torch.Tensor:
-        return encode_captions(self.pipe, self.text_encoders, self.family, [caption], self.accelerator.device)
+    def _held_out(self, record: ImageRecord, generator: torch.Generator) -> HeldOut:
+        config, device = self.config, self.accelerator.device
+        size = assign_bucket(record.width, record.height, training_sizes(config.resolution, config.buckets))
+        window = crop_window(record, size, "center")
+        pixels = load_image(record, size, flip=False, window=window).unsqueeze(0)
+        mean, std = encode_images(self.pipe.vae, pixels, [record.path], device)
+        latents = (mean + std * torch.randn(mean.shape, generator=generator).to(device)) * self.pipe.vae.config.scaling_factor
+        noise = torch.randn((TIMESTEPS, *latents.shape[1:]), generator=generator).to(device)
+        time_ids = torch.tensor([sdxl_time_ids(record, size, window, False)], dtype=torch.float32) if self.family.time_ids else None
+        held = HeldOut(latents, noise, record.caption, time_ids, None)
+        if not config.train_text_encoder:
+            held.embeddings = self._conditioning(held)
+        return held
+
+    def _conditioning(self, held: HeldOut) -> Conditioning:
+        hidden, pooled = encode_captions(self.pipe, self.text_encoders, self.family, [held.caption], self.accelerator.device)
+        return Conditioning(hidden, pooled, held.time_ids)
 
     @torch.no_grad()
     def loss(self) -> float:
@@ -88,11 +113,10 @@ class Validator:
         losses = []
         for held in self.held_out_inputs():
             latents = held.latents.expand(len(timesteps), *held.latents.shape[1:])
-            embeddings = held.embeddings if held.embeddings is not None else self._embed(held.caption)
-            embeddings = embeddings.expand(len(timesteps), -1, -1)
+            conditioning = (held.embeddings if held.embeddings is not None else self._conditioning(held)).repeat(len(timesteps))
             with self.accelerator.autocast():
                 loss = diffusion_loss(
-                    self.unet, self.noise_scheduler, latents.to(self.weight_dtype), embeddings.to(self.weight_dtype),
+                    self.unet, self.noise_scheduler, latents.to(self.weight_dtype), conditioning.to(device, self.weight_dtype),
                     self.objective, timesteps=timesteps, noise=held.noise,
                 )  # fmt: skip
             losses.append(loss.item())
@@ -105,7 +129,7 @@ class Validator:
         was_training = pipe.unet.training
         pipe.unet.eval()
         generator = torch.Generator().manual_seed(config.sample_seed)
-        with self.accelerator.autocast():
+        with self._visiting(), self.accelerator.autocast():
             images = pipe(
                 self.sample_prompts,
                 num_inference_steps=config.sample_steps,

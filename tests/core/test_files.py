@@ -267,8 +267,8 @@ def test_write_errors(tmp_path, conv_lora):
         write_diffusers(conv_lora, tmp_path)
     with pytest.raises(ValueError, match="cannot write format 'peft'"):
         write_lora(conv_lora, tmp_path / "x.safetensors", "peft")
-    with pytest.raises(ValueError, match="second text encoder"):
-        write_diffusers(_sized_state(2048, 768, 1280), tmp_path / "x.safetensors")
+    with pytest.raises(ValueError, match="text_encoder_2 modules, which SD1.x models do not have"):
+        write_diffusers(_sized_state(2048, 768, 1280), tmp_path / "x.safetensors", family=SD1)
     assert list(tmp_path.iterdir()) == []
 
 

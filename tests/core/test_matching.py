@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from sdlora.core.families import SD1, family_of_pipeline
 from sdlora.core.formats import ldm
+from sdlora.core.formats.single_file import single_file_slot
 from sdlora.core.matching import Layer, fit_to_shape, layers_of, match_lora, resolve_module_path
 from sdlora.core.state import LoraModule, LoraState
 from sdlora.inference import merge
@@ -73,7 +74,9 @@ def test_pipeline_folder_and_single_file_layers_match_a_lora_to_the_same_weights
     unet_only = lora_state.restricted_to("unet")
     assert {p: n for p, (n, _) in match_lora(unet_only, from_folder, "L", "M").modules.items()} == expected
     table = ldm.ldm_unet_table_for_config(json.loads((tiny_model_dir / "unet" / "config.json").read_text()))
-    save_file({ldm.single_file_key("unet", k, table): v for k, v in load_file(unet_file).items()}, str(tmp_path / "model.safetensors"))
+    save_file(
+        {single_file_slot("unet", k, table, None, {}).key: v for k, v in load_file(unet_file).items()}, str(tmp_path / "model.safetensors")
+    )
     single = {"unet": merge._SingleFileLayers(read_header(tmp_path / "model.safetensors"), "unet", SD1, table)}
     assert {p: n for p, (n, _) in match_lora(unet_only, single, "L", "M").modules.items()} == expected
 

@@ -17,6 +17,7 @@ from sdlora.cli import main
 from sdlora.core.families import SD1
 from sdlora.core.files import write_lora
 from sdlora.core.formats import ldm
+from sdlora.core.formats.single_file import single_file_slot
 from sdlora.core.state import LoraModule, LoraState
 from sdlora.inference.merge import MergeStats, merge_lora, merge_model, parse_lora_arg
 from sdlora.models import loading as models
@@ -60,9 +61,9 @@ def _tensors_bytes(path) -> dict[str, bytes]:
 def _single_file_checkpoint(model_dir, out):
     """The tiny pipeline as an SD1 single-file checkpoint, UNet and text encoder named by formats' LDM functions."""
     table = ldm.ldm_unet_table_for_config(json.loads((model_dir / "unet/config.json").read_text()))
-    tensors = {ldm.single_file_key("unet", k, table): v for k, v in load_file(model_dir / UNET_FILE).items()}
+    tensors = {single_file_slot("unet", k, table, None, {}).key: v for k, v in load_file(model_dir / UNET_FILE).items()}
     tensors.update(
-        {ldm.single_file_key("text_encoder", k, table, SD1.text_encoders[0]): v for k, v in load_file(model_dir / TE_FILE).items()}
+        {single_file_slot("text_encoder", k, table, SD1.text_encoders[0], {}).key: v for k, v in load_file(model_dir / TE_FILE).items()}
     )
     tensors.update({"first_stage_model." + k: v for k, v in load_file(model_dir / "vae/diffusion_pytorch_model.safetensors").items()})
     save_file(tensors, out, metadata={"format": "pt", "note": "kept"})
@@ -267,9 +268,9 @@ def test_single_file_merge_equals_folder_merge(two_loras, tiny_model_dir, tmp_pa
     folder = merge_model(tiny_model_dir, loras, tmp_path / "merged")
     out = merge_model(checkpoint, loras, single_file=tmp_path / "merged.safetensors")
     merged, before = _tensors_bytes(out), _tensors_bytes(checkpoint)
-    expected = {ldm.single_file_key("unet", k, table): v for k, v in load_file(folder / UNET_FILE).items()}
+    expected = {single_file_slot("unet", k, table, None, {}).key: v for k, v in load_file(folder / UNET_FILE).items()}
     expected.update(
-        {ldm.single_file_key("text_encoder", k, table, SD1.text_encoders[0]): v for k, v in load_file(folder / TE_FILE).items()}
+        {single_file_slot("text_encoder", k, table, SD1.text_encoders[0], {}).key: v for k, v in load_file(folder / TE_FILE).items()}
     )
     adapted = [key for key in expected if merged[key] != before[key]]
     assert len(adapted) == len({p for state in two_loras for p in state.modules})

@@ -10,8 +10,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 
-from ..families import UNET_SINGLE_FILE_PREFIX, TextEncoderSpec
-from .names import KOHYA_UNET_PREFIX, canonical_path, split_kohya_name
+from ..families import SD1, SDXL, UNET_SINGLE_FILE_PREFIX, ModelFamily
+from .names import KOHYA_UNET_PREFIX, split_kohya_name
 
 
 def _ldm_unet_table(levels: int, down_attention: tuple[int, ...], up_attention: tuple[int, ...], layers: int = 2) -> dict[str, str]:
@@ -38,8 +38,14 @@ def _ldm_unet_table(levels: int, down_attention: tuple[int, ...], up_attention: 
     return table
 
 
-LDM_SD1 = _ldm_unet_table(4, down_attention=(0, 1, 2), up_attention=(1, 2, 3))
-LDM_SDXL = _ldm_unet_table(3, down_attention=(1, 2), up_attention=(0, 1))
+def ldm_table_of(family: ModelFamily) -> dict[str, str]:
+    """The LDM <-> diffusers block table of a family's UNet (from its layout in the family table)."""
+    levels, down_attention, up_attention = family.ldm_layout
+    return _ldm_unet_table(levels, down_attention=down_attention, up_attention=up_attention)
+
+
+LDM_SD1 = ldm_table_of(SD1)
+LDM_SDXL = ldm_table_of(SDXL)
 # layer names inside an LDM ResBlock -> diffusers ResnetBlock2D
 LDM_RESNET_LAYERS = {"in_layers_2": "conv1", "out_layers_3": "conv2", "emb_layers_1": "time_emb_proj", "skip_connection": "conv_shortcut"}
 
@@ -138,16 +144,3 @@ def ldm_unet_key(diffusers_key: str, table: Mapping[str, str]) -> str:
             raise ValueError(f"UNet weight {diffusers_key!r} has no single-file (LDM) name (unknown ResBlock layer {layer!r})")
         rest = f"{_dotted_ldm(inverse[layer])}.{param}"
     return f"{_dotted_ldm(ldm_prefix)}.{rest}" if rest else _dotted_ldm(ldm_prefix)
-
-
-def single_file_key(component: str, diffusers_key: str, unet_table: Mapping[str, str], text_encoder: TextEncoderSpec | None = None) -> str:
-    """The single-file checkpoint key of a component's weight (`unet` -> `model.diffusion_model.input_blocks...`)."""
-    if component == "unet":
-        return UNET_SINGLE_FILE_PREFIX + ldm_unet_key(diffusers_key, unet_table)
-    if text_encoder is not None and text_encoder.component == component and text_encoder.single_file_layout == "hf":
-        # transformers' layout keeps its `text_model.` level in single files (SD1, SDXL's first encoder)
-        return text_encoder.single_file_prefix + canonical_path(component, diffusers_key, diffusers_key)
-    layout = f" ({text_encoder.single_file_layout} layout)" if text_encoder is not None else ""
-    raise ValueError(
-        f"{component} weights ({diffusers_key!r}) have no single-file name sdlora knows{layout}: only the UNet and CLIP text encoders in transformers' layout"
-    )

@@ -8,6 +8,7 @@ import torch
 
 from ..families import ModelFamily
 from ..state import LoraState
+from .ldm import ldm_table_of, ldm_unet_key
 from .names import DIFFUSERS, KOHYA, KOHYA_ALPHA, KOHYA_UNET_PREFIX, METADATA_KEY, SUFFIXES, kohya_name
 
 
@@ -54,8 +55,21 @@ def kohya_prefixes(family: ModelFamily) -> dict[str, str]:
     return {"unet": KOHYA_UNET_PREFIX} | {spec.component: spec.kohya_prefix for spec in family.text_encoders}
 
 
+def kohya_module_name(component: str, module_path: str, family: ModelFamily, label: str) -> str:
+    """A module's kohya name without its prefix: the diffusers path underscored, or for families whose kohya code
+    names the UNet in LDM terms (SDXL: kohya's sd-scripts load network weights non-strictly, so other names are
+    silently ignored there) the LDM path underscored: `input_blocks_4_1_transformer_blocks_0_attn1_to_q`."""
+    if component == "unet" and family.kohya_unet_names == "ldm":
+        try:
+            ldm_path = ldm_unet_key(module_path + ".weight", ldm_table_of(family)).removesuffix(".weight")
+        except ValueError as err:
+            raise ValueError(f"LoRA module {label} has no LDM name in {family.label}'s UNet, which kohya files need") from err
+        return ldm_path.replace(".", "_")
+    return kohya_name(module_path, label)
+
+
 def to_kohya(state: LoraState, family: ModelFamily) -> dict[str, torch.Tensor]:
-    """kohya/A1111/ComfyUI tensors: lora_down/lora_up/alpha per module, prefixed as `family`'s kohya files are."""
+    """kohya/A1111/ComfyUI tensors: lora_down/lora_up/alpha per module, named as `family`'s kohya files are."""
     prefixes = kohya_prefixes(family)
     down_suffix, up_suffix = SUFFIXES[KOHYA]
     tensors = {}
@@ -63,7 +77,7 @@ def to_kohya(state: LoraState, family: ModelFamily) -> dict[str, torch.Tensor]:
         component, _, module_path = path.partition(".")
         if component not in prefixes:
             raise ValueError(f"LoRA module {path} is for {component}, which {family.label} models do not have")
-        key = prefixes[component] + kohya_name(module_path, path)
+        key = prefixes[component] + kohya_module_name(component, module_path, family, path)
         tensors[key + down_suffix] = module.down.contiguous()
         tensors[key + up_suffix] = module.up.contiguous()
         tensors[key + KOHYA_ALPHA] = torch.tensor(module.effective_alpha, dtype=torch.float32)
