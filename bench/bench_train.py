@@ -252,7 +252,15 @@ def main() -> None:
                 floor_rss = statistics.median(r["peak_rss_gib"] for r in floors)
                 ref_s, ref_rss = reference or QUOTED_REFERENCE[name]
                 rows.append(
-                    (name, precision, "UNet alone (floor)", floor_s, floor_rss, ref_s / floor_s if ref_s else None, floor_rss / ref_rss if ref_rss else None)
+                    (
+                        name,
+                        precision,
+                        "UNet alone (floor)",
+                        floor_s,
+                        floor_rss,
+                        ref_s / floor_s if ref_s else None,
+                        floor_rss / ref_rss if ref_rss else None,
+                    )
                 )
                 print(f"{name} {precision} floor: {floor_s:.3f} s/step, {floor_rss:.2f} GiB", file=sys.stderr, flush=True)
             for cache in args.caches:
@@ -263,7 +271,9 @@ def main() -> None:
                 s_per_step = statistics.median(r["s_per_step"] for r in results)
                 rss = statistics.median(r["peak_rss_gib"] for r in results)
                 ref_s, ref_rss = reference or QUOTED_REFERENCE[name]
-                rows.append((name, precision, cache, s_per_step, rss, ref_s / s_per_step if ref_s else None, rss / ref_rss if ref_rss else None))
+                rows.append(
+                    (name, precision, cache, s_per_step, rss, ref_s / s_per_step if ref_s else None, rss / ref_rss if ref_rss else None)
+                )
                 print(f"{name} {precision} cache={cache}: {s_per_step:.3f} s/step, {rss:.2f} GiB", file=sys.stderr, flush=True)
     print(
         f"\nload average at the end: {os.getloadavg()[0]:.2f} (2 cores); {args.repeats} runs each, median; {args.steps} steps, first 2 warm-up\n"
