@@ -1,4 +1,4 @@
-"""The torchvision.transforms subset diffusers' train_text_to_image_lora.py uses, on PIL images (see __init__)."""
+"""The torchvision.transforms subset diffusers' train_text_to_image_lora(_sdxl).py scripts use, on PIL images."""
 
 from __future__ import annotations
 
