@@ -7,6 +7,7 @@ median of N runs, as a ratio; and the merge arithmetic's time against the memory
 touches (bandwidth measured here with a large tensor copy).
 
     python bench/bench_merge.py [--work /tmp/sdlora-bench] [--ranks 16 128] [--repeats 3]
+    python bench/bench_merge.py --e2e [--repeats 5]    # the fp16 folder end to end against import torch + cp -r
 """
 
 from __future__ import annotations
@@ -132,6 +133,62 @@ def same_merge(a: Path, b: Path, name: str) -> float:
     return float((tensors[0] - tensors[1]).abs().max() / tensors[1].abs().max())
 
 
+def fp16_copy(model: Path, out: Path) -> Path:
+    """The model folder with every floating tensor in fp16 (as SD1.5 is usually shared: 1.8 GB)."""
+    from safetensors.torch import load_file, save_file
+
+    if (out / "model_index.json").is_file():
+        return out
+    for file in sorted(p for p in model.rglob("*") if p.is_file()):
+        target = out / file.relative_to(model)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if file.suffix == ".safetensors":
+            tensors = load_file(file)
+            save_file({k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}, str(target), metadata={"format": "pt"})
+        else:
+            shutil.copy2(file, target)
+    return out
+
+
+def end_to_end(work: Path, model: Path, repeats: int) -> None:
+    """`sdlora merge` of an fp16 SD1.5-shaped folder end to end, against torch's import time plus a plain `cp -r`."""
+    folder = fp16_copy(model, work / "sd15-shaped-fp16")
+    lora, _ = write_bench_lora(model, 16, work / "lora-r16.safetensors")
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    timings: dict[str, list[float]] = {"import torch": [], "cp -r": [], "sdlora merge": []}
+    for _ in range(repeats):
+        for name, command in {
+            "import torch": [sys.executable, "-c", "import torch"],
+            "cp -r": ["cp", "-r", str(folder), str(work / "out-copy")],
+            "sdlora merge": [
+                sys.executable,
+                "-m",
+                "sdlora",
+                "merge",
+                "--model",
+                str(folder),
+                "--lora",
+                f"{lora}:0.8",
+                "--out",
+                str(work / "out-sdlora"),
+            ],
+        }.items():
+            shutil.rmtree(work / "out-copy", ignore_errors=True)
+            shutil.rmtree(work / "out-sdlora", ignore_errors=True)
+            seconds, _, _ = run_measured(command)
+            timings[name].append(seconds)
+    shutil.rmtree(work / "out-copy", ignore_errors=True)
+    shutil.rmtree(work / "out-sdlora", ignore_errors=True)
+    medians = {name: statistics.median(values) for name, values in timings.items()}
+    target = medians["import torch"] + 1.5 * medians["cp -r"]
+    print(f"\nend to end, the fp16 SD1.5-shaped folder ({size / 1e9:.2f} GB), rank-16 LoRA on 204 modules; median of {repeats}")
+    print("| import torch | cp -r | target: import + 1.5 x cp | sdlora merge | sdlora / target |")
+    print("| ---: | ---: | ---: | ---: | ---: |")
+    print(
+        f"| {medians['import torch']:.2f} s | {medians['cp -r']:.2f} s | {target:.2f} s | {medians['sdlora merge']:.2f} s | {medians['sdlora merge'] / target:.2f} |"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -141,12 +198,18 @@ def main() -> None:
     )
     parser.add_argument("--ranks", type=int, nargs="+", default=[16, 128])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--e2e", action="store_true", help="instead: sdlora merge of the fp16 folder end to end against import torch + cp -r"
+    )
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     model = work / "sd15-shaped"
     if not (model / "model_index.json").is_file():
         run_measured([sys.executable, "-m", "sdlora", "tiny-model", str(model), "--variant", "sd15-shaped"])
+    if args.e2e:
+        end_to_end(work, model, args.repeats)
+        return
     bandwidth, compute = copy_bandwidth(), matmul_flops()
     print(
         f"machine: {os.cpu_count()} CPUs, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB; torch {torch.__version__}, {torch.get_num_threads()} threads"

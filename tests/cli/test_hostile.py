@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from sdlora.core.files import write_kohya
 from sdlora.models.loading import write_tiny_model
-from sdlora.models.tiny import build_tiny_pipeline
+from sdlora.models.tiny import build_tiny_pipeline, build_tiny_sdxl_pipeline
 from sdlora.storage.atomic import TMP_PREFIX
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -79,7 +79,7 @@ def snapshot(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) if folder.exists() else []
 
 
-def build_cases(root: Path, random_lora_state, make_dataset) -> dict[str, Case]:
+def build_cases(root: Path, random_lora_state, make_dataset, write_sdxl_single_file) -> dict[str, Case]:
     pipe = build_tiny_pipeline()
     model_dir = write_tiny_model(root / "models" / "tiny")
     good_lora = write_kohya(random_lora_state(pipe, rank=4, alpha=8.0), root / "loras" / "good.safetensors")
@@ -278,6 +278,40 @@ def build_cases(root: Path, random_lora_state, make_dataset) -> dict[str, Case]:
     cases["convert-truncated"] = Case(
         ["convert", str(truncated), str(watch / "lora.safetensors"), "--to", "diffusers"], str(truncated), "truncated", watch
     )
+    # ---- one family's LoRA or model where another's belongs (SDXL)
+    sdxl_dir = write_tiny_model(root / "models" / "tiny-sdxl", variant="sdxl")
+    sdxl_lora = write_kohya(random_lora_state(build_tiny_sdxl_pipeline(), rank=4, alpha=8.0), root / "loras" / "xl-three-parts.safetensors")
+    # generate builds the tiny models in memory (a folder would print diffusers' loading progress); merge streams folders
+    for case, built_in, folder, lora_path, reason in [
+        ("sdxl-lora-into-sd1", "tiny", model_dir, sdxl_lora, "SDXL"),
+        ("sd1-lora-into-sdxl", "tiny-sdxl", sdxl_dir, good_lora, "cross-attention width 80"),
+    ]:
+        watch = out(f"generate-{case}")
+        cases[f"generate-{case}"] = Case(
+            [
+                "generate",
+                "--model",
+                built_in,
+                "--prompt",
+                "a cat",
+                "--steps",
+                "1",
+                "--lora",
+                str(lora_path),
+                "--out",
+                str(watch / "images"),
+            ],
+            str(lora_path),
+            reason,
+            watch,
+        )
+        watch = out(f"merge-{case}")
+        cases[f"merge-{case}"] = Case(
+            ["merge", "--model", str(folder), "--lora", str(lora_path), "--out", str(watch / "merged")], str(lora_path), reason, watch
+        )
+    no_te2 = write_sdxl_single_file(sdxl_dir, root / "models" / "xl-no-te2.safetensors", text_encoder_2=False)
+    train("sdxl-single-file-without-text-encoder-2", good_data, "--model", str(no_te2), names=str(no_te2), reason="text_encoder_2")
+
     watch = out("generate-model-missing")
     cases["generate-model-missing"] = Case(
         ["generate", "--model", str(root / "models" / "gone"), "--prompt", "a cat", "--out", str(watch / "images")],
@@ -297,10 +331,10 @@ def run_case(case: Case) -> tuple[int, str, str]:
 
 @pytest.fixture(scope="module")
 def hostile(
-    tmp_path_factory, random_lora_state, make_dataset
+    tmp_path_factory, random_lora_state, make_dataset, write_sdxl_single_file
 ) -> tuple[Path, dict[str, Case], dict[str, tuple[int, str, str]], dict[str, list[str]]]:
     root = tmp_path_factory.mktemp("hostile")
-    cases = build_cases(root, random_lora_state, make_dataset)
+    cases = build_cases(root, random_lora_state, make_dataset, write_sdxl_single_file)
     assert set(cases) <= set(CASE_NAMES) and set(CASE_NAMES) - set(cases) <= {"output-folder-unwritable"}
     before = {name: snapshot(case.watch) for name, case in cases.items()}
     with ThreadPoolExecutor(PARALLEL) as pool:
@@ -324,6 +358,8 @@ CASE_NAMES = [
     *[f"{command}-{case}" for case in LORA_CASES for command in ("generate", "merge")],
     "init-lora-missing", "init-lora-other-rank", "init-lora-text-encoder-layers", "init-lora-nan-values",
     "merge-model-without-unet", "merge-output-is-a-file", "convert-truncated", "generate-model-missing",
+    *[f"{command}-{case}" for case in ("sdxl-lora-into-sd1", "sd1-lora-into-sdxl") for command in ("generate", "merge")],
+    "sdxl-single-file-without-text-encoder-2",
 ]  # fmt: skip
 
 

@@ -215,3 +215,15 @@ def test_nan_latents_in_fp16_are_one_line_naming_the_image_and_leave_nothing(tmp
         err[-1].startswith("sdlora train: error: the VAE gives NaN or inf latents for ") and "img0" in err[-1] and "(in float16)" in err[-1]
     )
     assert "--vae" in err[-1] and not out.exists()
+
+
+def test_what_the_caches_hold_leaves_the_accelerator(tmp_path, dataset, tiny_config):
+    """Once the caches are filled, the steps need neither the VAE nor the frozen text encoders: they are offloaded
+    (moved back only while validation draws samples); a trained encoder stays."""
+    cached = recipe.setup(_sdxl_config(tiny_config, dataset, tmp_path / "cached", steps=1, checkpoint_every=0))
+    pipe = cached.pipe
+    assert cached.validator.offloaded == [pipe.vae, pipe.text_encoder, pipe.text_encoder_2]
+    training_encoders = recipe.setup(_sdxl_config(tiny_config, dataset, tmp_path / "te", steps=1, checkpoint_every=0, train_text_encoder=True))
+    assert training_encoders.validator.offloaded == [training_encoders.pipe.vae]
+    uncached = recipe.setup(_sdxl_config(tiny_config, dataset, tmp_path / "off", steps=1, checkpoint_every=0, cache="off"))
+    assert uncached.validator.offloaded == []
