@@ -149,8 +149,10 @@ def main() -> None:
         runs: dict[str, list[tuple[float, float]]] = {tool: [] for tool in commands}
         for repeat in range(args.repeats):
             for tool, command in commands.items():
-                shutil.rmtree(work / "out-diffusers", ignore_errors=True)
-                (work / "out-sdlora.safetensors").unlink(missing_ok=True)
+                if tool == "sdlora":
+                    (work / "out-sdlora.safetensors").unlink(missing_ok=True)
+                else:
+                    shutil.rmtree(work / "out-diffusers", ignore_errors=True)
                 seconds, rss, _ = run_measured(command)
                 runs[tool].append((seconds, rss))
                 print(f"  rank {rank} run {repeat + 1} {tool}: {seconds:.1f} s, {rss:.2f} GiB", flush=True)

@@ -58,15 +58,18 @@ class LoraModule:
             return (self.up.shape[0], self.down.shape[1], self.down.shape[2], self.down.shape[3])
         return (self.up.shape[0], self.down.shape[1])
 
-    def add_to(self, weight: torch.Tensor, multiplier: float = 1.0) -> torch.Tensor:
+    def add_to(self, weight: torch.Tensor, multiplier: float = 1.0, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """W += multiplier * (alpha / r) * up @ down, in place on a contiguous fp32 `weight`; returns it.
 
         `weight` may be [out, in] or [out, in, kh, kw] (a 1x1 conv and a Linear are the same map): the update is
-        one fused pass over W (`addmm_`), with no full-size temporary.
+        one fused pass over W (`addmm_`), with no full-size temporary. With `rows`, `weight` holds only those output
+        rows of the base weight and gets their part of the update.
         """
         if weight.dtype != torch.float32 or not weight.is_contiguous():
             raise ValueError(f"add_to needs a contiguous fp32 weight, got {weight.dtype}")
         up = self.up.to(device=weight.device, dtype=torch.float32).reshape(self.up.shape[0], self.rank)
+        if rows is not None:
+            up = up[rows[0] : rows[1]]
         down = self.down.to(device=weight.device, dtype=torch.float32).reshape(self.rank, -1)
         weight.view(weight.shape[0], -1).addmm_(up, down, alpha=multiplier * self.scale)
         return weight

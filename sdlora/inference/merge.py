@@ -217,29 +217,47 @@ def _plan(
 # ---------------------------------------------------------------- arithmetic
 
 
+_PIECE_BYTES = 1 << 20  # rows merged at a time: about 1 MiB of fp32, so a piece stays in a core's cache
+
+
 def _merged(weight: torch.Tensor, updates: list, out_dtype: torch.dtype, name: str, stats: MergeStats) -> torch.Tensor:
-    """weight + sum(scale * update), in fp32 (in place when `weight` is fp32), cast to `out_dtype`."""
+    """weight + sum(scale * update), computed in fp32 and cast to `out_dtype`, in pieces of rows small enough to stay
+    in cache: each stored row is read once and written once, whatever its dtype. `weight` (a buffer of the caller's)
+    is overwritten when `out_dtype` is its own dtype."""
     start = time.perf_counter()
-    work = weight.to(torch.float32).contiguous()
-    for update in updates:
-        rows = update.target.rows
-        part = work if rows is None else work[rows[0] : rows[1]]  # a row slice of a contiguous tensor stays contiguous
-        if update.target.transposed:  # stored for x @ W: update W, store it back transposed (a small matrix)
-            part.copy_(update.module.add_to(part.T.contiguous(), update.scale).T)
-        else:
-            update.module.add_to(part, update.scale)
-        stats.bytes_touched += update.module.up.nbytes + update.module.down.nbytes
-    result = work.to(out_dtype)
-    # the sum is a cheap screen; only a non-finite sum (overflow or a real NaN/inf) pays for the exact check
-    if not torch.isfinite(result.sum(dtype=torch.float32)) and not bool(torch.isfinite(result).all()):
+    flat = weight.reshape(weight.shape[0], -1)
+    result = flat if out_dtype == weight.dtype else torch.empty(flat.shape, dtype=out_dtype)
+    # a transposed update (OpenCLIP's text_projection, a small matrix) needs the whole tensor at once
+    rows_per_piece = flat.shape[0] if any(u.target.transposed for u in updates) else max(1, _PIECE_BYTES // (4 * flat.shape[1]))
+    finite = True
+    for begin in range(0, flat.shape[0], rows_per_piece):
+        end = min(flat.shape[0], begin + rows_per_piece)
+        piece = flat[begin:end].to(torch.float32)  # a copy, or the rows themselves when fp32 (updated in place)
+        for update in updates:
+            first, last = update.target.rows or (0, flat.shape[0])  # the stored rows this module's update covers
+            low, high = max(begin, first), min(end, last)
+            if low >= high:
+                continue
+            part = piece[low - begin : high - begin]  # a row slice of a contiguous tensor stays contiguous
+            if update.target.transposed:  # stored for x @ W: update W, store it back transposed
+                part.copy_(update.module.add_to(part.T.contiguous(), update.scale).T)
+            else:
+                update.module.add_to(
+                    part.view(high - low, *update.module.weight_shape()[1:]), update.scale, rows=(low - first, high - first)
+                )
+        if piece.data_ptr() != result[begin:end].data_ptr():
+            result[begin:end] = piece
+        # the sum is a cheap screen (of the cast values: fp16 can overflow); a non-finite one pays for the exact check
+        finite = finite and bool(torch.isfinite(result[begin:end].sum(dtype=torch.float32)) or torch.isfinite(result[begin:end]).all())
+    if not finite:
         culprits = ", ".join(sorted({update.label for update in updates}))
         raise ValueError(
             f"merging {culprits} gives NaN or inf in weight {name} ({str(out_dtype).removeprefix('torch.')}): refusing to write; is the LoRA broken or a scale too large?"
         )
     stats.tensors += 1
-    stats.bytes_touched += weight.nbytes + result.nbytes
+    stats.bytes_touched += weight.nbytes + result.nbytes + sum(u.module.up.nbytes + u.module.down.nbytes for u in updates)
     stats.arithmetic_s += time.perf_counter() - start
-    return result
+    return result.view(weight.shape)
 
 
 def _stream(header: Header, target: Path, plan: Plan, out_dtype: torch.dtype | None, stats: MergeStats) -> int:

@@ -82,12 +82,34 @@ def test_pipeline_folder_and_single_file_layers_match_a_lora_to_the_same_weights
 
 
 def test_every_merge_path_updates_weights_through_the_one_arithmetic(tiny_pipe, tiny_model_dir, lora_state, tmp_path, monkeypatch):
-    calls = []
+    updated: list[int] = []
     original = LoraModule.add_to
-    monkeypatch.setattr(LoraModule, "add_to", lambda self, weight, multiplier=1.0: calls.append(1) or original(self, weight, multiplier))
+    monkeypatch.setattr(
+        LoraModule,
+        "add_to",
+        lambda self, weight, multiplier=1.0, rows=None: updated.append(id(self)) or original(self, weight, multiplier, rows),
+    )
+    every_module = {id(m) for m in lora_state.modules.values()}
     merge.merge_lora(tiny_pipe, [(lora_state, 0.5)])
-    in_memory = len(calls)
+    in_memory, updated[:] = set(updated), []
     merge.merge_model(shutil.copytree(tiny_model_dir, tmp_path / "model"), [(lora_state, 0.5)], out_dir=tmp_path / "merged")
-    # the in-memory merge checks every update once before it writes any, then applies it: two passes
-    assert in_memory == 2 * len(lora_state) and len(calls) - in_memory == len(lora_state)
+    assert in_memory == set(updated) == every_module  # in memory and streamed, every update went through add_to
     assert all(isinstance(layer, Layer) for layer in layers_of(tiny_pipe.unet).values())
+
+
+def test_a_weight_merged_in_pieces_equals_it_merged_whole(monkeypatch):
+    """Pieces of rows (to stay in cache) and OpenCLIP row slices give exactly the whole-tensor update."""
+    generator = torch.Generator().manual_seed(0)
+    module = LoraModule(torch.randn(3, 40, generator=generator), torch.randn(96, 3, generator=generator), alpha=1.5)
+    weight = torch.randn(96, 40, generator=generator).half()
+    whole = module.add_to(weight.float().contiguous(), 0.7).half()
+    monkeypatch.setattr(merge, "_PIECE_BYTES", 4 * 40 * 7)  # 7 rows a piece: pieces end inside no boundary of 96
+    pieces = merge._merged(weight.clone(), [merge._Update("m", module, 0.7, merge.WeightSlot("w"))], torch.float16, "w", merge.MergeStats())
+    assert torch.equal(pieces, whole)
+    fused = torch.randn(3 * 32, 40, generator=generator)  # q, k, v rows; the update lands on k's
+    k_rows = LoraModule(module.down, module.up[:32], 1.5)
+    merged = merge._merged(
+        fused.clone(), [merge._Update("k", k_rows, 1.0, merge.WeightSlot("in_proj", rows=(32, 64)))], torch.float32, "w", merge.MergeStats()
+    )
+    assert torch.equal(merged[:32], fused[:32]) and torch.equal(merged[64:], fused[64:])
+    torch.testing.assert_close(merged[32:64], k_rows.add_to(fused[32:64].clone(), 1.0))  # addmm rounding: 1 ulp

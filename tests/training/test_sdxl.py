@@ -223,7 +223,9 @@ def test_what_the_caches_hold_leaves_the_accelerator(tmp_path, dataset, tiny_con
     cached = recipe.setup(_sdxl_config(tiny_config, dataset, tmp_path / "cached", steps=1, checkpoint_every=0))
     pipe = cached.pipe
     assert cached.validator.offloaded == [pipe.vae, pipe.text_encoder, pipe.text_encoder_2]
-    training_encoders = recipe.setup(_sdxl_config(tiny_config, dataset, tmp_path / "te", steps=1, checkpoint_every=0, train_text_encoder=True))
+    training_encoders = recipe.setup(
+        _sdxl_config(tiny_config, dataset, tmp_path / "te", steps=1, checkpoint_every=0, train_text_encoder=True)
+    )
     assert training_encoders.validator.offloaded == [training_encoders.pipe.vae]
     uncached = recipe.setup(_sdxl_config(tiny_config, dataset, tmp_path / "off", steps=1, checkpoint_every=0, cache="off"))
     assert uncached.validator.offloaded == []
