@@ -102,11 +102,16 @@ def reference_merge(checkpoint: str, config: str, lora: str, out: str) -> None:
 
 
 def same_merge(ours: Path, theirs: Path) -> float:
+    """Largest relative difference of one merged UNet weight between our fp16 file and diffusers' (sharded) fp32 folder."""
+    import json
+
     from safetensors import safe_open
 
     with safe_open(str(ours), "pt") as handle:
         a = handle.get_tensor(CHECKED[1]).float()
-    with safe_open(str(theirs / FILES["unet"]), "pt") as handle:
+    index = theirs / "unet" / "diffusion_pytorch_model.safetensors.index.json"
+    shard = json.loads(index.read_text())["weight_map"][CHECKED[0]] if index.is_file() else "diffusion_pytorch_model.safetensors"
+    with safe_open(str(theirs / "unet" / shard), "pt") as handle:
         b = handle.get_tensor(CHECKED[0]).float()
     return float((a - b).abs().max() / b.abs().max())
 
@@ -145,13 +150,15 @@ def main() -> None:
                 str(work / "out-sdlora.safetensors"),
             ],
             "diffusers": [sys.executable, __file__, "--reference", str(checkpoint), str(model), str(lora), str(work / "out-diffusers")],
+            "cp": ["cp", str(checkpoint), str(work / "out-copy.safetensors")],  # the I/O floor: the file copied as it is
         }
         runs: dict[str, list[tuple[float, float]]] = {tool: [] for tool in commands}
         for repeat in range(args.repeats):
             for tool, command in commands.items():
+                (work / "out-copy.safetensors").unlink(missing_ok=True)
                 if tool == "sdlora":
                     (work / "out-sdlora.safetensors").unlink(missing_ok=True)
-                else:
+                elif tool == "diffusers":
                     shutil.rmtree(work / "out-diffusers", ignore_errors=True)
                 seconds, rss, _ = run_measured(command)
                 runs[tool].append((seconds, rss))
