@@ -7,6 +7,7 @@ Used for kohya files with LDM block names (`lora_unet_input_blocks_1_1_...`) and
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Mapping
 
@@ -125,14 +126,24 @@ def _dotted_ldm(prefix: str) -> str:
     return re.sub(r"_(?=\d|op$|conv$)", ".", prefix)
 
 
+@functools.lru_cache(maxsize=8)
+def _dotted_blocks(table: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
+    """(LDM block, its diffusers prefix with dots) for a block table, longest prefix first."""
+    blocks = {**dict(table), **_LDM_NORM_BLOCKS}
+    dotted = ((ldm, split_kohya_name(diffusers, diffusers)) for ldm, diffusers in blocks.items())
+    return tuple(sorted(dotted, key=lambda pair: len(pair[1]), reverse=True))
+
+
 def ldm_unet_key(diffusers_key: str, table: Mapping[str, str]) -> str:
     """`down_blocks.0.resnets.0.conv1.weight` -> `input_blocks.1.0.in_layers.2.weight` (no checkpoint prefix)."""
-    blocks = {**table, **_LDM_NORM_BLOCKS}
-    best: tuple[str, str] | None = None
-    for ldm_prefix, diffusers_prefix in blocks.items():
-        dotted = split_kohya_name(diffusers_prefix, diffusers_key)
-        if (diffusers_key == dotted or diffusers_key.startswith(dotted + ".")) and (best is None or len(dotted) > len(best[1])):
-            best = (ldm_prefix, dotted)
+    best = next(
+        (
+            (ldm, dotted)
+            for ldm, dotted in _dotted_blocks(tuple(table.items()))
+            if diffusers_key == dotted or diffusers_key.startswith(dotted + ".")
+        ),
+        None,
+    )
     if best is None:
         raise ValueError(f"UNet weight {diffusers_key!r} has no single-file (LDM) name")
     ldm_prefix, dotted = best
