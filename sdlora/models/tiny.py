@@ -201,9 +201,19 @@ def _make_encoder_near_deterministic(vae) -> None:
         vae.quant_conv.bias[latent_channels:] = TINY_VAE_LOGVAR
 
 
+def _sd_vae(**config):
+    """Stable Diffusion's real VAE architecture (a factor 8, 4 latent channels), random weights."""
+    from diffusers import AutoencoderKL  # only when a model is built
+
+    layout = dict(
+        block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4
+    )
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, **layout, **config)
+
+
 def build_sd15_shaped_pipeline(seed: int = TINY_SEED, text_layers: int = 2):
     """SD1.5's real UNet and VAE architecture with random weights and a short 768-wide text encoder (benchmarks)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel  # only when a tiny model is built
+    from diffusers import UNet2DConditionModel  # only when a tiny model is built
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
@@ -217,16 +227,7 @@ def build_sd15_shaped_pipeline(seed: int = TINY_SEED, text_layers: int = 2):
         cross_attention_dim=768,
         attention_head_dim=8,
     )
-    vae = AutoencoderKL(
-        block_out_channels=(128, 256, 512, 512),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        layers_per_block=2,
-        sample_size=512,
-    )
+    vae = _sd_vae(sample_size=512)
     text_encoder = _text_encoder(hidden=768, intermediate=3072, heads=12, layers=text_layers, projection=768)
     return _assemble(unet, vae, text_encoder)
 
@@ -311,7 +312,7 @@ def build_sdxl_shaped_pipeline(seed: int = TINY_SEED, text_layers: int = 2):
 
 
 def _build_sdxl_shaped(seed: int, text_layers: int):
-    from diffusers import AutoencoderKL, UNet2DConditionModel  # only when a tiny model is built
+    from diffusers import UNet2DConditionModel  # only when a tiny model is built
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
@@ -330,18 +331,7 @@ def _build_sdxl_shaped(seed: int, text_layers: int):
         addition_time_embed_dim=256,
         projection_class_embeddings_input_dim=2816,
     )
-    vae = AutoencoderKL(
-        block_out_channels=(128, 256, 512, 512),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        layers_per_block=2,
-        sample_size=1024,
-        scaling_factor=0.13025,
-        force_upcast=True,
-    )
+    vae = _sd_vae(sample_size=1024, scaling_factor=0.13025, force_upcast=True)  # SDXL's: same layout, other scale
     text_encoder = _text_encoder(hidden=768, intermediate=3072, heads=12, layers=text_layers, projection=768)
     text_encoder_2 = _text_encoder(hidden=1280, intermediate=5120, heads=20, layers=text_layers, projection=1280, with_projection=True)
     return _assemble_sdxl(unet, vae, text_encoder, text_encoder_2)
