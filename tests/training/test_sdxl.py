@@ -115,6 +115,7 @@ def test_cli_trains_two_steps_and_writes_every_output(tmp_path, make_dataset):
     assert "buckets = true" in (out / "config.toml").read_text() and 'prediction_type = "v_prediction"' in (out / "config.toml").read_text()
 
 
+@pytest.mark.slow  # two training runs
 def test_cached_and_uncached_runs_train_the_same_sdxl_lora(tmp_path, dataset, tiny_config):
     # batch 1: the uncached path encodes one image per VAE call, as the cache does; captions are still encoded 16 at
     # a time into the cache and one at a time without it, which Adam turns into differences of a few 1e-6
