@@ -216,12 +216,12 @@ def _merge_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _merge_run(args: argparse.Namespace, unmerge: bool = False) -> None:
-    from .inference.merge import MergeStats, merge_model, negate, parse_lora_arg  # lazy: see the module docstring
+    from .inference.merge import MergeStats, merge_model, parse_lora_arg  # lazy: see the module docstring
 
     loras = [parse_lora_arg(text) for text in args.lora]
     stats = MergeStats()
     out = merge_model(
-        args.model, negate(loras) if unmerge else loras, out_dir=args.out, dtype=args.dtype, single_file=args.single_file,
+        args.model, loras, out_dir=args.out, dtype=args.dtype, single_file=args.single_file, unmerge=unmerge,
         allow_pickle=args.allow_pickle, config=args.config, stats=stats,
     )  # fmt: skip
     verb = "unmerged" if unmerge else "merged"

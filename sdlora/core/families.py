@@ -218,18 +218,22 @@ _TEXT_HIDDEN_WIDTH = {768: SD1.label, 1024: SD2.label}
 _BY_LABEL = {family.label: family for family in FAMILIES}
 
 
+def _input_widths(state: LoraState, prefix: str, endings: tuple[str, ...]) -> list[int]:
+    """The input widths of the modules at `prefix`...`endings` whose update knows it (an OFT's or IA3's may not)."""
+    shapes = (m.weight_shape() for p, m in state.modules.items() if p.startswith(prefix) and p.endswith(endings))
+    return [int(shape[1]) for shape in shapes if shape[1] is not None]
+
+
 def guess_architecture(state: LoraState) -> str:
     """'SD1.x', 'SD2.x', 'SDXL' from tensor shapes, or 'unknown (...)' with the width seen."""
     if "text_encoder_2" in state.components():
         return SDXL.label
-    for path, module in state.modules.items():
-        if path.startswith("unet.") and path.endswith(("attn2.to_k", "attn2.to_v")):
-            width = int(module.down.shape[1])
-            return _CROSS_ATTENTION_WIDTH.get(width, f"unknown (cross-attention width {width})")
-    for path, module in state.modules.items():
-        if path.startswith("text_encoder.") and path.endswith(("q_proj", "k_proj", "v_proj")):
-            width = int(module.down.shape[1])
-            return _TEXT_HIDDEN_WIDTH.get(width, f"unknown (text-encoder width {width})")
+    widths = _input_widths(state, "unet.", ("attn2.to_k", "attn2.to_v"))
+    if widths:
+        return _CROSS_ATTENTION_WIDTH.get(widths[0], f"unknown (cross-attention width {widths[0]})")
+    widths = _input_widths(state, "text_encoder.", ("q_proj", "k_proj", "v_proj"))
+    if widths:
+        return _TEXT_HIDDEN_WIDTH.get(widths[0], f"unknown (text-encoder width {widths[0]})")
     if any(".transformer_blocks.1." in path for path in state.modules):
         return SDXL.label  # only SDXL stacks several transformer blocks per attention
     return "unknown (no cross-attention or text-encoder module to measure)"
@@ -238,7 +242,7 @@ def guess_architecture(state: LoraState) -> str:
 def lora_architecture(state: LoraState) -> str:
     """The architecture a LoRA was made for, as error messages name it (`SDXL (cross-attention width 2048)`)."""
     architecture = guess_architecture(state)
-    widths = [int(m.down.shape[1]) for p, m in state.modules.items() if p.startswith("unet.") and p.endswith(("attn2.to_k", "attn2.to_v"))]
+    widths = _input_widths(state, "unet.", ("attn2.to_k", "attn2.to_v"))
     if widths and not architecture.startswith("unknown"):
         return f"{architecture} (cross-attention width {widths[0]})"
     if architecture.startswith("unknown"):

@@ -141,8 +141,10 @@ def kohya_metadata(state: LoraState, extra: dict[str, str] | None = None, family
     """The `ss_*` header a UI shows: network dim/alpha, module, base model version (from shapes)."""
     rank, alpha = state.most_common_rank_alpha()
     family = family or family_of_lora(state)  # None: shapes of no known family (test models): said as "unknown"
+    kinds = state.kinds()
     metadata = {
-        "ss_network_module": "networks.lora",
+        # kohya's and the UIs' name for the code that made the network: LyCORIS's for its kinds
+        "ss_network_module": "networks.lora" if kinds == ["lora"] else "lycoris.kohya",
         "ss_network_dim": str(rank),
         "ss_network_alpha": f"{alpha:g}",
         "ss_base_model_version": family.ss_base_model_version if family else "unknown",
@@ -160,11 +162,19 @@ def kohya_metadata(state: LoraState, extra: dict[str, str] | None = None, family
 
 
 def _conv_args(state: LoraState) -> dict[str, str]:
-    """kohya's conv_dim/conv_alpha for 3x3-conv (LoCon) modules, which UIs show beside network dim/alpha."""
-    conv = [m for m in state.modules.values() if m.is_conv and m.down.shape[-1] > 1]
-    if not conv:
-        return {}
-    return {"conv_dim": str(max(m.rank for m in conv)), "conv_alpha": f"{max(m.effective_alpha for m in conv):g}"}
+    """kohya's network args UIs show beside network dim/alpha: conv_dim/conv_alpha of 3x3-conv (LoCon) modules,
+    LyCORIS's `algo` (and `dora_wd`) for its kinds."""
+    args = {}
+    kinds = [kind for kind in state.kinds() if kind != "dora"]
+    if state.kinds() != ["lora"]:
+        # LyCORIS's algo names (`lycoris.kohya` reads them), where they are not the kind's own
+        args["algo"] = "+".join({"lora": "locon", "oft": "diag-oft"}.get(kind, kind) for kind in kinds)
+    if "dora" in state.kinds():
+        args["dora_wd"] = "True"
+    conv = [m for m in state.modules.values() if m.rank is not None and len(m.weight_shape()) == 4 and m.weight_shape()[-1] > 1]
+    if conv:
+        args |= {"conv_dim": str(max(m.rank for m in conv)), "conv_alpha": f"{max(m.effective_alpha for m in conv):g}"}
+    return args
 
 
 def write_kohya(

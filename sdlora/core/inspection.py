@@ -8,16 +8,26 @@ from collections import Counter
 from pathlib import Path
 
 from .families import guess_architecture
+from .kinds import KIND_NAMES
 from .state import FORMAT_METADATA_KEY, LoraState
 
 
 def describe(state: LoraState, path: str | os.PathLike | None = None) -> dict:
     """A JSON-ready summary of a LoRA."""
     per_component = Counter(p.split(".", 1)[0] for p in state.modules)
-    kinds = Counter(
-        "conv3x3" if m.is_conv and m.down.shape[-1] > 1 else "conv1x1" if m.is_conv else "linear" for m in state.modules.values()
-    )
+    kinds = Counter(_layer_kind(m.weight_shape()) for m in state.modules.values())
     rank, alpha = state.most_common_rank_alpha()
+    adapter_kinds: dict[str, dict] = {}
+    for module in state.modules.values():
+        name = _kind_name(module)
+        entry = adapter_kinds.setdefault(name, {"modules": 0, "ranks": set(), "alphas": set(), "blocks": set()})
+        entry["modules"] += 1
+        if module.rank is not None:
+            entry["ranks"].add(module.rank)
+            entry["alphas"].add(module.effective_alpha)
+        elif module.kind in ("oft", "boft"):  # no rank: its size is its rotation blocks', its alpha a constraint
+            entry["blocks"].add(int(module.blocks.shape[-1]))
+            entry["alphas"].add(module.alpha)
     info = {
         "file": str(path) if path else None,
         "format": state.metadata.get(FORMAT_METADATA_KEY, "unknown"),
@@ -25,17 +35,45 @@ def describe(state: LoraState, path: str | os.PathLike | None = None) -> dict:
         "components": dict(per_component),
         "modules": len(state),
         "layer_kinds": dict(kinds),
+        "adapter_kinds": {
+            name: {"modules": e["modules"], "ranks": sorted(e["ranks"]), "alphas": sorted(e["alphas"])}
+            | ({"block_sizes": sorted(e["blocks"])} if e["blocks"] else {})
+            for name, e in sorted(adapter_kinds.items())
+        },
         "rank": rank,
         "ranks": state.ranks(),
         "alpha": alpha,
         "alphas": state.alphas(),
-        "scale": alpha / rank,
+        "scale": alpha / rank if rank else 1.0,
         "dtype": str(state.dtype()).removeprefix("torch."),
-        "parameters": sum(m.down.numel() + m.up.numel() for m in state.modules.values()),
+        "parameters": sum(t.numel() for m in state.modules.values() for t in m.factors().values()),
         "size_bytes": Path(path).stat().st_size if path else None,
         "metadata": {k: v for k, v in state.metadata.items() if k != FORMAT_METADATA_KEY},
     }
     return info
+
+
+def _kind_name(module) -> str:
+    """LoRA, LoHa, LoKr, full diff, or `DoRA (LoRA)` for a DoRA of a kind."""
+    if module.kind == "dora":
+        return f"DoRA ({KIND_NAMES[module.base_kind]})"
+    return KIND_NAMES[module.kind]
+
+
+def _kind_line(name: str, entry: dict) -> str:
+    def listed(values) -> str:
+        return "/".join(f"{v:g}" for v in values)
+
+    sizes = f", dim {listed(entry['ranks'])}, alpha {listed(entry['alphas'])}" if entry["ranks"] else ""
+    if entry.get("block_sizes"):
+        sizes = f", blocks of {listed(entry['block_sizes'])}, constraint {listed(entry['alphas'])}"
+    return f"{name} ({entry['modules']} modules{sizes})"
+
+
+def _layer_kind(shape: tuple[int, ...]) -> str:
+    if len(shape) == 4:
+        return "conv3x3" if shape[-1] > 1 else "conv1x1"
+    return "linear"
 
 
 def format_description(info: dict) -> str:
@@ -46,6 +84,7 @@ def format_description(info: dict) -> str:
         f"architecture:  {info['architecture']}",
         f"components:    {', '.join(f'{c} ({n} modules)' for c, n in info['components'].items())}",
         f"modules:       {info['modules']} ({', '.join(f'{n} {k}' for k, n in info['layer_kinds'].items())})",
+        f"kinds:         {', '.join(_kind_line(name, entry) for name, entry in info['adapter_kinds'].items())}",
         f"rank:          {info['rank']}" + (f" (all: {', '.join(map(str, info['ranks']))})" if len(info["ranks"]) > 1 else ""),
         f"alpha:         {info['alpha']:g}" + (f" (all: {', '.join(f'{a:g}' for a in info['alphas'])})" if len(info["alphas"]) > 1 else ""),
         f"scale:         {info['scale']:g} (alpha / rank)",

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .families import ModelFamily, lora_architecture
+from .kinds import KIND_NAMES
 from .state import LoraModule, LoraState
 
 ADAPTABLE_LAYERS = (nn.Linear, nn.Conv2d)
@@ -97,15 +98,29 @@ def squeezed(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def fit_to_shape(module: LoraModule, shape: tuple[int, ...]) -> LoraModule | None:
-    """`module` reshaped to a layer of weight `shape` (SD1's 1x1-conv proj_in is SD2's Linear), or None if it differs."""
+    """`module` reshaped to a layer of weight `shape` (SD1's 1x1-conv proj_in is SD2's Linear), or None if it differs.
+
+    A plain LoRA is reshaped (it loads as a peft layer of the layer's kind); the other kinds apply their update to
+    the weight in whatever shape it has and say themselves what they fit (`fits`)."""
     shape = tuple(shape)
     if module.weight_shape() == shape:
         return module
+    if module.kind != "lora":
+        return module if module.fits(shape) else None
     if squeezed(module.weight_shape()) != squeezed(shape) or len(squeezed(shape)) != 2:
         return None
     if len(shape) == 4:
         return LoraModule(module.down.reshape(*module.down.shape[:2], 1, 1), module.up.reshape(*module.up.shape[:2], 1, 1), module.alpha)
     return LoraModule(module.down.reshape(module.down.shape[:2]), module.up.reshape(module.up.shape[:2]), module.alpha)
+
+
+def _kind_label(module) -> str:
+    return "LoRA" if module.kind == "lora" else KIND_NAMES[module.kind]
+
+
+def _shape_text(shape: tuple) -> str:
+    """[320, 768], with `any` where the update takes the layer's size (an OFT's input width)."""
+    return "[" + ", ".join("any" if size is None else str(size) for size in shape) + "]"
 
 
 def check_components(state: LoraState, family: ModelFamily, label: str, model_description: str) -> None:
@@ -143,7 +158,7 @@ def match_lora(
         fitted = fit_to_shape(module, layer.shape)
         if fitted is None:
             raise ValueError(
-                f"{label}: LoRA module {path} makes a {list(module.weight_shape())} update but weight {component}.{name}.weight is {list(layer.shape)}: "
+                f"{label}: {_kind_label(module)} module {path} makes a {_shape_text(module.weight_shape())} update but weight {component}.{name}.weight is {list(layer.shape)}: "
                 f"the LoRA was made for {made_for}, and this model is {model_description}"
             )
         match.modules[path] = (name, fitted)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
@@ -21,17 +22,31 @@ FORMAT_METADATA_KEY = "sdlora_format"  # the format a file was read from, kept i
 
 @dataclass
 class LoraModule:
-    """One adapted module: `down` is A ([r, in] or [r, in, kh, kw]), `up` is B ([out, r] or [out, r, 1, 1])."""
+    """One LoRA (LoCon) module: `down` is A ([r, in] or [r, in, kh, kw]), `up` is B ([out, r] or [out, r, 1, 1]);
+    with Tucker's `mid` ([r, r, kh, kw], LyCORIS's `lora_mid`), `down` is [r, in, 1, 1] and the kernel lives in `mid`.
+
+    Every adapter kind (`core.kinds`) has this one's interface: `kind`, `additive`, `weight_shape()`, `factors()`,
+    `apply(weight, multiplier, rows)` (the weight update, the one arithmetic merges use), `to(dtype)`.
+    """
 
     down: torch.Tensor
     up: torch.Tensor
     alpha: float | None = None  # None means alpha = rank (scale 1), as in formats that store no alpha
+    mid: torch.Tensor | None = None  # Tucker's core for a conv kernel (LyCORIS `use_tucker`)
+
+    kind: ClassVar[str] = "lora"
+    additive: ClassVar[bool] = True  # W' = W + s * dW: merging the negated scale undoes it
+    by_rows: ClassVar[bool] = True  # `apply` can update a range of output rows on its own
 
     def __post_init__(self) -> None:
         if self.down.ndim not in (2, 4) or self.up.ndim not in (2, 4):
             raise ValueError(f"LoRA weights must be 2-D or 4-D, got down {tuple(self.down.shape)}, up {tuple(self.up.shape)}")
         if self.up.shape[1] != self.down.shape[0]:
             raise ValueError(f"LoRA rank mismatch: down {tuple(self.down.shape)} vs up {tuple(self.up.shape)}")
+        if self.mid is not None and (self.mid.ndim != 4 or self.mid.shape[:2] != (self.rank, self.rank) or self.down.ndim != 4):
+            raise ValueError(
+                f"LoRA Tucker core lora_mid {tuple(self.mid.shape)} does not fit down {tuple(self.down.shape)} (expected [{self.rank}, {self.rank}, kh, kw])"
+            )
         if self.alpha is not None:
             self.alpha = float(self.alpha)
 
@@ -54,9 +69,15 @@ class LoraModule:
 
     def weight_shape(self) -> tuple[int, ...]:
         """Shape of the base weight this LoRA adapts."""
-        if self.is_conv:
-            return (self.up.shape[0], self.down.shape[1], self.down.shape[2], self.down.shape[3])
-        return (self.up.shape[0], self.down.shape[1])
+        kernel = self.mid.shape[2:] if self.mid is not None else self.down.shape[2:]
+        return (self.up.shape[0], self.down.shape[1], *kernel)
+
+    def factors(self) -> dict[str, torch.Tensor]:
+        """The module's tensors by field name."""
+        return {"down": self.down, "up": self.up} | ({"mid": self.mid} if self.mid is not None else {})
+
+    def to(self, dtype: torch.dtype) -> LoraModule:
+        return LoraModule(self.down.to(dtype), self.up.to(dtype), self.alpha, None if self.mid is None else self.mid.to(dtype))
 
     def add_to(self, weight: torch.Tensor, multiplier: float = 1.0, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """W += multiplier * (alpha / r) * up @ down, in place on a contiguous fp32 `weight`; returns it.
@@ -71,8 +92,14 @@ class LoraModule:
         if rows is not None:
             up = up[rows[0] : rows[1]]
         down = self.down.to(device=weight.device, dtype=torch.float32).reshape(self.rank, -1)
+        if self.mid is not None:
+            # Tucker: dW[o, i, k, l] = sum_ab up[o, a] mid[a, b, k, l] down[b, i] (LyCORIS rebuild_tucker, ComfyUI)
+            mid = self.mid.to(device=weight.device, dtype=torch.float32)
+            down = torch.einsum("abkl,bi->aikl", mid, down).reshape(self.rank, -1)
         weight.view(weight.shape[0], -1).addmm_(up, down, alpha=multiplier * self.scale)
         return weight
+
+    apply = add_to  # the interface every adapter kind shares
 
     def delta(self, multiplier: float = 1.0) -> torch.Tensor:
         """multiplier * (alpha / r) * up @ down in fp32, shaped like the base weight."""
@@ -83,7 +110,7 @@ class LoraModule:
 class LoraState:
     """All adapted modules of a LoRA, keyed by component-first diffusers path, plus file metadata."""
 
-    modules: dict[str, LoraModule] = field(default_factory=dict)
+    modules: dict[str, LoraModule] = field(default_factory=dict)  # or any adapter kind of `core.kinds`
     metadata: dict[str, str] = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -103,15 +130,21 @@ class LoraState:
         """The modules of one component, keeping their full paths (and the metadata)."""
         return LoraState({p: m for p, m in self.modules.items() if p.startswith(component + ".")}, dict(self.metadata))
 
+    def kinds(self) -> list[str]:
+        """The adapter kinds present (lora, loha, lokr, full, dora, ...), sorted."""
+        return sorted({m.kind for m in self.modules.values()})
+
     def ranks(self) -> list[int]:
-        return sorted({m.rank for m in self.modules.values()})
+        """The ranks (LyCORIS: dims) of the modules that have one; a full diff or IA3 has none."""
+        return sorted({m.rank for m in self.modules.values() if m.rank is not None})
 
     def alphas(self) -> list[float]:
-        return sorted({m.effective_alpha for m in self.modules.values()})
+        """The alphas of the modules with a rank (an OFT's alpha is a constraint, not a scale)."""
+        return sorted({m.effective_alpha for m in self.modules.values() if m.rank is not None and m.effective_alpha is not None})
 
     def non_finite_modules(self) -> list[str]:
-        """Paths of the modules whose down or up holds NaN or inf (a broken file, e.g. from a diverged run)."""
-        return [path for path, m in self.modules.items() if not (torch.isfinite(m.down).all() and torch.isfinite(m.up).all())]
+        """Paths of the modules with a factor that holds NaN or inf (a broken file, e.g. from a diverged run)."""
+        return [path for path, m in self.modules.items() if not all(bool(torch.isfinite(t).all()) for t in m.factors().values())]
 
     def check_finite(self, label: str) -> None:
         """Raise a one-line ValueError naming `label` when any module holds NaN or inf."""
@@ -122,18 +155,16 @@ class LoraState:
             )
 
     def most_common_rank_alpha(self, component: str | None = None) -> tuple[int, float]:
-        """The (rank, alpha) most modules share: the base of a peft LoraConfig with rank/alpha patterns."""
+        """The (rank, alpha) most modules share: the base of a peft LoraConfig with rank/alpha patterns (and of
+        kohya's ss_network_dim / ss_network_alpha); (0, 0.0) for a file of modules without rank (full diffs, IA3)."""
         modules = self.modules.values() if component is None else self.for_component(component).values()
-        ranks = Counter(m.rank for m in modules)
-        alphas = Counter(m.effective_alpha for m in modules)
-        return ranks.most_common(1)[0][0], alphas.most_common(1)[0][0]
+        ranks = Counter(m.rank for m in modules if m.rank is not None)
+        alphas = Counter(m.effective_alpha for m in modules if m.rank is not None and m.effective_alpha is not None)
+        return (ranks.most_common(1)[0][0] if ranks else 0), (alphas.most_common(1)[0][0] if alphas else 0.0)
 
     def dtype(self) -> torch.dtype:
-        return next(iter(self.modules.values())).down.dtype
+        return next(iter(next(iter(self.modules.values())).factors().values())).dtype
 
     def to(self, dtype: torch.dtype) -> LoraState:
         """A copy with every tensor cast to `dtype`."""
-        return LoraState(
-            {p: LoraModule(m.down.to(dtype), m.up.to(dtype), m.alpha) for p, m in self.modules.items()},
-            dict(self.metadata),
-        )
+        return LoraState({p: m.to(dtype) for p, m in self.modules.items()}, dict(self.metadata))

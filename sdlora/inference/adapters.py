@@ -1,5 +1,10 @@
 """Load LoRAs into a diffusers pipeline (checked against the model first), set their weights, unload them.
 
+Plain LoRA modules load as peft layers (diffusers' own loader), so weights change without touching the model. The
+other kinds (LoHa, LoKr, full diffs, DoRA, Tucker-factored LoRA convs) are merged into the layers' weights in memory instead: the original
+weights are kept, and every change of weight or unload recomputes the layers from them, so `unload_loras` gives the
+exact original weights back.
+
 A LoRA whose modules the model does not have is the most common reason a LoRA "does nothing", and diffusers
 skips such keys silently. So every LoRA is matched module by module before diffusers sees it: none matched or a
 shape that differs is an error naming the architecture the LoRA was made for; a partial match is a warning with
@@ -13,17 +18,18 @@ import math
 import os
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from ..core import formats
 from ..core.families import ModelFamily, describe_model, family_of_pipeline, lora_architecture
 from ..core.files import LoraFile, open_lora
-from ..core.matching import ADAPTABLE_KINDS, check_components, layers_of, match_lora
+from ..core.matching import ADAPTABLE_KINDS, base_layers, check_components, layers_of, match_lora
 from ..core.state import LoraState
 
 _REGISTRY_ATTRIBUTE = "_sdlora_loras"  # {adapter name: LoadedLora} kept on the pipeline itself
+_ORIGINALS_ATTRIBUTE = "_sdlora_original_weights"  # {(component, layer, param): tensor} of layers merged into
 
 
 class LoraMatchWarning(UserWarning):
@@ -32,12 +38,15 @@ class LoraMatchWarning(UserWarning):
 
 @dataclass
 class LoadedLora:
-    """A LoRA loaded into a pipeline: its adapter name, weight, file hash (A1111 short hash) and module count."""
+    """A LoRA loaded into a pipeline: its adapter name, weight, file hash (A1111 short hash) and module count;
+    `merged`: its modules of kinds peft does not load, as (component, layer name, module), merged in memory."""
 
     name: str
     scale: float
     file_hash: str | None
     modules: int
+    merged: list[tuple[str, str, object]] = field(default_factory=list)
+    in_peft: bool = True  # whether it has peft layers (plain LoRA modules)
 
 
 # ---------------------------------------------------------------- loading
@@ -65,11 +74,21 @@ def load_lora(
     _check_scale(scale)
     state.check_finite(label)
     name = _adapter_name(pipe, adapter_name, stem)
-    matched = match_to_pipeline(state, pipe, label)
-    _load_into_components(pipe, matched, name, label)
-    _registry(pipe)[name] = LoadedLora(name, float(scale), file_hash, len(matched))
+    match = _match_pipeline(state, pipe, label)
+    plain = LoraState({p: m for p, (_, m) in match.modules.items() if _in_peft(m)}, dict(state.metadata))
+    merged = [(p.partition(".")[0], layer, m) for p, (layer, m) in match.modules.items() if not _in_peft(m)]
+    if len(plain):
+        _load_into_components(pipe, plain, name, label)
+    _registry(pipe)[name] = LoadedLora(name, float(scale), file_hash, len(match.modules), merged, in_peft=bool(len(plain)))
+    for component, layer, _ in merged:
+        _keep_original(pipe, component, layer)
     set_lora_scales(pipe, {name: scale})
     return name
+
+
+def _in_peft(module) -> bool:
+    """Whether peft's LoRA layers can carry the module: plain LoRA, not a Tucker-factored conv (no `lora_mid` in peft)."""
+    return module.kind == "lora" and module.mid is None
 
 
 def pipeline_layers(pipe, family: ModelFamily) -> dict[str, dict]:
@@ -84,6 +103,10 @@ def describe_pipeline(pipe) -> str:
 
 def match_to_pipeline(state: LoraState, pipe, label: str = "the LoRA") -> LoraState:
     """The modules of `state` the pipeline has, shaped like its layers; raise or warn about the others."""
+    return _match_pipeline(state, pipe, label).state(state.metadata)
+
+
+def _match_pipeline(state: LoraState, pipe, label: str):
     family = family_of_pipeline(pipe)
     check_components(state, family, label, describe_pipeline(pipe))
     layers = pipeline_layers(pipe, family)
@@ -98,9 +121,9 @@ def match_to_pipeline(state: LoraState, pipe, label: str = "the LoRA") -> LoraSt
         warnings.warn(
             f"{label}: only {len(match.modules)} of its {len(state)} modules match this model; {len(match.unmatched)} are skipped (e.g. {match.unmatched[0]})",
             LoraMatchWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
-    return match.state(state.metadata)
+    return match
 
 
 def _load_into_components(pipe, state: LoraState, name: str, label: str) -> None:
@@ -151,7 +174,7 @@ def _registry(pipe) -> dict[str, LoadedLora]:
         registry = {}
         setattr(pipe, _REGISTRY_ATTRIBUTE, registry)
     present = _present_adapters(pipe)
-    for name in [n for n in registry if n not in present]:
+    for name in [n for n, lora in registry.items() if lora.in_peft and n not in present]:
         del registry[name]
     return registry
 
@@ -165,7 +188,7 @@ def _present_adapters(pipe) -> list[str]:
 
 def _adapter_name(pipe, requested: str | None, stem: str) -> str:
     # peft keeps adapters in ModuleDicts, whose keys cannot contain '.' nor be nn.Module attributes ('half', 'to')
-    present = set(_present_adapters(pipe))
+    present = set(_present_adapters(pipe)) | set(_registry(pipe))
     if requested is not None:
         if not re.fullmatch(r"[A-Za-z0-9_-]+", requested) or hasattr(torch.nn.Module, requested):
             raise ValueError(f"adapter name {requested!r} must hold only letters, digits, '_' and '-' and not be a torch Module attribute")
@@ -191,17 +214,20 @@ def set_lora_scales(pipe, scales: dict[str, float]) -> None:
     registry = _registry(pipe)
     present = _present_adapters(pipe)
     for name, scale in scales.items():
-        if name not in present:
-            raise ValueError(f"no LoRA named {name!r} is loaded (loaded: {', '.join(present) or 'none'})")
+        if name not in present and name not in registry:
+            loaded = present + [n for n in registry if n not in present]
+            raise ValueError(f"no LoRA named {name!r} is loaded (loaded: {', '.join(loaded) or 'none'})")
         _check_scale(scale)
     for name, scale in scales.items():
         if name in registry:
             registry[name].scale = float(scale)
         else:  # loaded through diffusers directly: start tracking it
             registry[name] = LoadedLora(name, float(scale), None, count_lora_layers(pipe, name))
-    # adapters loaded outside sdlora and never scaled here count as weight 1, diffusers' own default
-    weights = [registry[n].scale if n in registry else 1.0 for n in present]
-    pipe.set_adapters(present, weights)
+    if present:
+        # adapters loaded outside sdlora and never scaled here count as weight 1, diffusers' own default
+        pipe.set_adapters(present, [registry[n].scale if n in registry else 1.0 for n in present])
+    if any(registry[name].merged for name in scales):
+        _remerge(pipe)
 
 
 def loaded_loras(pipe) -> list[LoadedLora]:
@@ -210,9 +236,50 @@ def loaded_loras(pipe) -> list[LoadedLora]:
 
 
 def unload_loras(pipe) -> None:
-    """Remove every LoRA from the pipeline, restoring the base model."""
+    """Remove every LoRA from the pipeline, restoring the base model (merged kinds: its exact original weights)."""
     pipe.unload_lora_weights()
     setattr(pipe, _REGISTRY_ATTRIBUTE, {})
+    _remerge(pipe)  # no LoRA left: every merged layer gets its original weights back
+    setattr(pipe, _ORIGINALS_ATTRIBUTE, {})
+
+
+# ---------------------------------------------------------------- kinds merged in memory
+
+
+def _layer(pipe, component: str, layer: str) -> torch.nn.Module:
+    return base_layers(getattr(pipe, component))[layer]
+
+
+def _keep_original(pipe, component: str, layer: str) -> None:
+    """Keep a copy of the layer's weight (and bias) as it was before any merge, once."""
+    originals = getattr(pipe, _ORIGINALS_ATTRIBUTE, None)
+    if originals is None:
+        originals = {}
+        setattr(pipe, _ORIGINALS_ATTRIBUTE, originals)
+    module = _layer(pipe, component, layer)
+    for param in ("weight", "bias"):
+        tensor = getattr(module, param, None)
+        if isinstance(tensor, torch.Tensor) and (component, layer, param) not in originals:
+            originals[(component, layer, param)] = tensor.detach().clone()
+
+
+@torch.no_grad()
+def _remerge(pipe) -> None:
+    """Every merged layer recomputed from its original weights with the loaded LoRAs' merged modules at their
+    current weights, in loading order (in fp32, cast to the layer's dtype)."""
+    originals = getattr(pipe, _ORIGINALS_ATTRIBUTE, {})
+    updates: dict[tuple[str, str, str], list] = {}
+    for lora in _registry(pipe).values():
+        for component, layer, module in lora.merged:
+            updates.setdefault((component, layer, "weight"), []).append((module, lora.scale))
+            bias = module.bias_update() if hasattr(module, "bias_update") else None
+            if bias is not None:
+                updates.setdefault((component, layer, "bias"), []).append((bias, lora.scale))
+    for (component, layer, param), original in originals.items():
+        work = original.to(torch.float32).clone()
+        for module, scale in updates.get((component, layer, param), []):
+            work = module.apply(work, scale)
+        getattr(_layer(pipe, component, layer), param).copy_(work.to(original.dtype))
 
 
 def _delete_adapter(pipe, name: str) -> None:

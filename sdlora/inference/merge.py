@@ -34,6 +34,7 @@ from ..core.families import (
 from ..core.files import read_lora
 from ..core.formats.ldm import ldm_unet_table_from_keys
 from ..core.formats.single_file import WeightSlot, single_file_slot
+from ..core.kinds import KIND_NAMES
 from ..core.matching import Layer, LayerLookup, base_layers, check_components, match_lora
 from ..core.state import COMPONENTS, LoraModule, LoraState
 from ..models import loading as models
@@ -104,14 +105,20 @@ def merge_lora(pipe, loras: Sequence[LoraSpec], allow_pickle: bool = False, stat
 def _merge_pipeline(pipe, loaded: list[_Lora], stats: MergeStats) -> int:
     family = family_of_pipeline(pipe)
     layers = pipeline_layers(pipe, family)
-    plan = _plan(loaded, family, layers, "the pipeline", describe_pipeline(pipe))
-    # by the plan's keys; a peft-wrapped layer stands for its base layer, whose weight is the one to update
+    # by the plan's keys; a peft-wrapped layer stands for its base layer, whose weight (and bias) is the one to update
     weights = {
-        f"{component}.{name}.weight": layer.weight
+        f"{component}.{name}.{param}": getattr(layer, param)
         for component in layers
         for name, layer in base_layers(getattr(pipe, component)).items()
-        if isinstance(getattr(layer, "weight", None), torch.Tensor)
+        for param in ("weight", "bias")
+        if isinstance(getattr(layer, param, None), torch.Tensor)
     }
+
+    def locate(component: str, name: str, param: str = "weight") -> WeightSlot | None:
+        key = f"{component}.{name}.{param}"
+        return WeightSlot(key) if key in weights else None
+
+    plan = _plan(loaded, family, layers, "the pipeline", describe_pipeline(pipe), locate)
     with torch.no_grad():
         for key, updates in plan.items():  # first pass only checks, so a refusal leaves the pipeline as it was
             _merged(weights[key].detach().clone(), updates, weights[key].dtype, key, MergeStats())
@@ -131,18 +138,22 @@ def merge_model(
     allow_pickle: bool = False,
     config: str | None = None,
     stats: MergeStats | None = None,
+    unmerge: bool = False,
 ) -> Path:
     """Write `model` with `loras` merged: a diffusers folder at `out_dir`, or (from a single-file .safetensors
     checkpoint) a single-file checkpoint at `single_file`. `model` is a diffusers folder, a single-file checkpoint,
     `tiny`/`sd15-shaped` (unless a path of that name exists), or a hub id. `dtype` casts every floating tensor
     written (default: keep each tensor's dtype); updates are computed in fp32 either way. Output is atomic: a
-    failure leaves nothing behind. Unmerge by passing the same LoRAs with negated scales (`negate`)."""
+    failure leaves nothing behind. `unmerge`: take the LoRAs out of a model they were merged into (the same LoRAs
+    and scales), which only additive kinds allow: a DoRA's update depends on the weight it was merged into."""
     if (out_dir is None) == (single_file is None):
         raise ValueError("give either an output folder (--out) or a single-file output (--single-file)")
     out_dtype = models.parse_dtype(dtype) if isinstance(dtype, str) else dtype
     stats = stats if stats is not None else MergeStats()
     target = Path(single_file if single_file is not None else out_dir).expanduser()
-    loaded = _load_loras(loras, allow_pickle)  # before any output, so a bad LoRA leaves nothing behind
+    loaded = _load_loras(negate(loras) if unmerge else loras, allow_pickle)  # before any output, so a bad LoRA leaves nothing behind
+    if unmerge:
+        _check_undoable(loaded)
     if models.is_builtin_model(str(model)) and single_file is None:
         with tempfile.TemporaryDirectory(prefix="sdlora-merge-") as folder:
             source = models.write_tiny_model(Path(folder, "model"), variant=str(model))
@@ -185,6 +196,18 @@ def _load_loras(loras: Sequence[LoraSpec], allow_pickle: bool) -> list[_Lora]:
     return loaded
 
 
+def _check_undoable(loras: Sequence[_Lora]) -> None:
+    """Refuse to unmerge a kind whose update is not additive (merging its negation does not give W back)."""
+    for lora in loras:
+        path = next((p for p, m in lora.state.modules.items() if not m.additive), None)
+        if path is not None:
+            kind = KIND_NAMES[lora.state.modules[path].kind]
+            raise ValueError(
+                f"{lora.label}: module {path} is {kind}, whose update depends on the weight it was merged into: "
+                "unmerge cannot undo it; start again from the model without it"
+            )
+
+
 def _components(loras: Sequence[_Lora]) -> list[str]:
     present = {component for lora in loras for component in lora.state.components()}
     return [component for component in COMPONENTS if component in present]
@@ -196,12 +219,12 @@ def _plan(
     layers: Mapping[str, LayerLookup],
     where: str,
     model_description: str,
-    locate: Callable[[str, str], WeightSlot] = lambda component, name: WeightSlot(f"{component}.{name}.weight"),
+    locate: Callable[..., WeightSlot | None] = lambda component, name, param="weight": WeightSlot(f"{component}.{name}.{param}"),
     component: str | None = None,
 ) -> Plan:
     """The updates each weight receives (of one `component`'s modules, or all), keyed by where `locate(component,
-    layer name)` puts them; a component the family lacks, a module that matches no weight or does not fit is an
-    error naming both architectures."""
+    layer name, param="weight")` puts them (None: the layer has no such tensor); a component the family lacks, a
+    module that matches no weight or does not fit is an error naming both architectures."""
     plan: Plan = {}
     for lora in loras:
         check_components(lora.state, family, lora.label, model_description)
@@ -209,8 +232,15 @@ def _plan(
         match = match_lora(state, layers, lora.label, model_description, made_for=lora_architecture(lora.state))
         match.require_all(lora.label, where)
         for path, (name, module) in match.modules.items():
-            target = locate(path.partition(".")[0], name)
+            owner = path.partition(".")[0]
+            target = locate(owner, name)
             plan.setdefault(target.key, []).append(_Update(path, module, lora.scale, target))
+            bias = module.bias_update() if hasattr(module, "bias_update") else None
+            if bias is not None:  # a full diff's bias difference, into the layer's bias
+                bias_target = locate(owner, name, "bias")
+                if bias_target is None:
+                    raise ValueError(f"{lora.label}: LoRA module {path} changes a bias, and {where} has no bias for it")
+                plan.setdefault(bias_target.key, []).append(_Update(path + " (bias)", bias, lora.scale, bias_target))
     return plan
 
 
@@ -227,8 +257,10 @@ def _merged(weight: torch.Tensor, updates: list, out_dtype: torch.dtype, name: s
     start = time.perf_counter()
     flat = weight.reshape(weight.shape[0], -1)
     result = flat if out_dtype == weight.dtype else torch.empty(flat.shape, dtype=out_dtype)
-    # a transposed update (OpenCLIP's text_projection, a small matrix) needs the whole tensor at once
-    rows_per_piece = flat.shape[0] if any(u.target.transposed for u in updates) else max(1, _PIECE_BYTES // (4 * flat.shape[1]))
+    # a transposed update (OpenCLIP's text_projection, a small matrix), or a kind whose update spans all rows (a norm,
+    # a Kronecker product), needs the whole tensor at once
+    whole = any(u.target.transposed or not u.module.by_rows for u in updates)
+    rows_per_piece = flat.shape[0] if whole else max(1, _PIECE_BYTES // (4 * flat.shape[1]))
     finite = True
     for begin in range(0, flat.shape[0], rows_per_piece):
         end = min(flat.shape[0], begin + rows_per_piece)
@@ -240,11 +272,11 @@ def _merged(weight: torch.Tensor, updates: list, out_dtype: torch.dtype, name: s
                 continue
             part = piece[low - begin : high - begin]  # a row slice of a contiguous tensor stays contiguous
             if update.target.transposed:  # stored for x @ W: update W, store it back transposed
-                part.copy_(update.module.add_to(part.T.contiguous(), update.scale).T)
+                part.copy_(update.module.apply(part.T.contiguous(), update.scale).T)
+            elif whole:
+                update.module.apply(part, update.scale)
             else:
-                update.module.add_to(
-                    part.view(high - low, *update.module.weight_shape()[1:]), update.scale, rows=(low - first, high - first)
-                )
+                update.module.apply(part, update.scale, rows=(low - first, high - first))
         if piece.data_ptr() != result[begin:end].data_ptr():
             result[begin:end] = piece
         # the sum is a cheap screen (of the cast values: fp16 can overflow); a non-finite one pays for the exact check
@@ -255,7 +287,7 @@ def _merged(weight: torch.Tensor, updates: list, out_dtype: torch.dtype, name: s
             f"merging {culprits} gives NaN or inf in weight {name} ({str(out_dtype).removeprefix('torch.')}): refusing to write; is the LoRA broken or a scale too large?"
         )
     stats.tensors += 1
-    stats.bytes_touched += weight.nbytes + result.nbytes + sum(u.module.up.nbytes + u.module.down.nbytes for u in updates)
+    stats.bytes_touched += weight.nbytes + result.nbytes + sum(t.nbytes for u in updates for t in u.module.factors().values())
     stats.arithmetic_s += time.perf_counter() - start
     return result.view(weight.shape)
 
@@ -348,9 +380,9 @@ class _SingleFileLayers:
         self.text_encoder = next((spec for spec in family.text_encoders if spec.component == component), None)
         self.shapes = {key: info.shape for key, info in header.tensors.items()}
 
-    def target(self, name: str) -> WeightSlot | None:
+    def target(self, name: str, param: str = "weight") -> WeightSlot | None:
         try:
-            target = single_file_slot(self.component, name + ".weight", self.unet_table, self.text_encoder, self.shapes)
+            target = single_file_slot(self.component, f"{name}.{param}", self.unet_table, self.text_encoder, self.shapes)
         except ValueError:
             return None  # reported by the matcher as a module matching no weight
         return target if target.key in self.shapes else None
@@ -375,7 +407,9 @@ def _merge_single_file(path: Path, loras: list[_Lora], out_file: Path, out_dtype
     layers = {component: _SingleFileLayers(header, component, family, unet_table) for component in components}
     widths = [info.shape[1] for key, info in header.tensors.items() if key.endswith("attn2.to_k.weight")]
     description = describe_model(family, widths[0]) if widths else family.label
-    plan = _plan(loras, family, layers, str(path), description, lambda component, name: layers[component].target(name))
+    plan = _plan(
+        loras, family, layers, str(path), description, lambda component, name, param="weight": layers[component].target(name, param)
+    )
     with atomic_file(out_file) as tmp:
         _stream(header, tmp, plan, out_dtype, stats)
     return out_file

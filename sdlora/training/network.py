@@ -138,6 +138,11 @@ def load_state_into(state: LoraState, models: dict[str, nn.Module], adapter_name
     into `up`, so the update (alpha / r) * up @ down is the file's exactly. Raises a one-line ValueError naming
     `label` and what to change otherwise.
     """
+    other = next((path for path, module in state.modules.items() if module.kind != "lora"), None)
+    if other is not None:
+        raise ValueError(
+            f"{label} holds a {state.modules[other].kind} module ({other}); training goes on from a plain LoRA only: convert it with --rank first"
+        )
     adapted = {component: _lora_layers(model, adapter_name) for component, model in models.items()}
     layers = {c: {name: Layer(tuple(layer.get_base_layer().weight.shape)) for name, layer in found.items()} for c, found in adapted.items()}
     match = match_lora(state, layers, label, "the model being trained")

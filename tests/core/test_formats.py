@@ -585,7 +585,7 @@ def test_kohya_key_that_maps_to_nothing_is_an_error_naming_it(extra, named):
         ({"unet.down_blocks.0.attentions.0.proj_in.lora_A.weight": torch.ones(4, 8)}, "unet.down_blocks.0.attentions.0.proj_in"),
         ({"unet.x.lora_A.weight": torch.ones(4, 8), "unet.x.lora_B.weight": torch.ones(8, 4), "unet.x.lora_C.weight": torch.ones(1)}, "unet.x.lora_C.weight"),
         ({"text_encoder.foo.bar.lora_A.weight": torch.ones(4, 8), "text_encoder.foo.bar.lora_B.weight": torch.ones(8, 4)}, "text_encoder.foo.bar"),
-        ({"unet.x.lora_A.weight": torch.ones(4, 8), "unet.x.lora_B.weight": torch.ones(8, 4), "unet.x.lora_magnitude_vector": torch.ones(8)}, "unet.x.lora_magnitude_vector"),
+        ({"unet.x.lora_A.weight": torch.ones(4, 8), "unet.x.lora_B.weight": torch.ones(8, 4), "unet.x.lora_magnitude_vector": torch.ones(5)}, "unet.x"),
         ({"model.diffusion_model.input_blocks.0.0.weight": torch.ones(1)}, "model.diffusion_model.input_blocks.0.0.weight"),
         ({"unet.a.processor.to_z_lora.down.weight": torch.ones(4, 8), "unet.a.processor.to_q_lora.down.weight": torch.ones(4, 8),
           "unet.a.processor.to_z_lora.up.weight": torch.ones(8, 4), "unet.a.processor.to_q_lora.up.weight": torch.ones(8, 4)}, "to_z_lora"),
@@ -593,7 +593,7 @@ def test_kohya_key_that_maps_to_nothing_is_an_error_naming_it(extra, named):
         ({"lora_unet_input_blocks_99_1_proj_in.lora_down.weight": torch.ones(4, 8), "lora_unet_input_blocks_99_1_proj_in.lora_up.weight": torch.ones(8, 4)}, "lora_unet_input_blocks_99_1_proj_in"),
         ({"lora_unet_input_blocks_1_0_out_layers_9.lora_down.weight": torch.ones(4, 8), "lora_unet_input_blocks_1_0_out_layers_9.lora_up.weight": torch.ones(8, 4)}, "lora_unet_input_blocks_1_0_out_layers_9"),
     ],
-    ids=["diffusers-down-only", "diffusers-stray", "te-without-text-model", "dora", "not-a-lora", "attn-proc-unknown", "old-stray", "ldm-unknown-block", "ldm-unknown-resblock-layer"],
+    ids=["diffusers-down-only", "diffusers-stray", "te-without-text-model", "dora-magnitude-of-no-axis", "not-a-lora", "attn-proc-unknown", "old-stray", "ldm-unknown-block", "ldm-unknown-resblock-layer"],
 )  # fmt: skip
 def test_other_formats_key_that_maps_to_nothing_is_an_error_naming_it(tensors, named):
     with pytest.raises(ValueError, match=re.escape(named)):

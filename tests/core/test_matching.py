@@ -83,17 +83,17 @@ def test_pipeline_folder_and_single_file_layers_match_a_lora_to_the_same_weights
 
 def test_every_merge_path_updates_weights_through_the_one_arithmetic(tiny_pipe, tiny_model_dir, lora_state, tmp_path, monkeypatch):
     updated: list[int] = []
-    original = LoraModule.add_to
+    original = LoraModule.apply
     monkeypatch.setattr(
         LoraModule,
-        "add_to",
+        "apply",
         lambda self, weight, multiplier=1.0, rows=None: updated.append(id(self)) or original(self, weight, multiplier, rows),
     )
     every_module = {id(m) for m in lora_state.modules.values()}
     merge.merge_lora(tiny_pipe, [(lora_state, 0.5)])
     in_memory, updated[:] = set(updated), []
     merge.merge_model(shutil.copytree(tiny_model_dir, tmp_path / "model"), [(lora_state, 0.5)], out_dir=tmp_path / "merged")
-    assert in_memory == set(updated) == every_module  # in memory and streamed, every update went through add_to
+    assert in_memory == set(updated) == every_module  # in memory and streamed, every update went through the kind's `apply`
     assert all(isinstance(layer, Layer) for layer in layers_of(tiny_pipe.unet).values())
 
 

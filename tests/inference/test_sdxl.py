@@ -322,3 +322,51 @@ def test_generate_makes_sdxl_images_with_a1111_parameters(tmp_path, random_lora_
     assert state.metadata["ss_base_model_version"] == "sdxl_base_v1-0"
     assert json.loads(state.metadata["ss_network_args"]) == {}
     shutil.rmtree(out)
+
+
+def _every_kind(pipe) -> LoraState:
+    """One module of each adapter kind, on SDXL's awkward spots: the second encoder's q_proj (a row slice of
+    OpenCLIP's fused in_proj_weight in a single file), its text_projection (stored transposed there), UNet layers."""
+    from sdlora.core.kinds import DoraModule, FullModule, GloraModule, Ia3Module, LohaModule, LokrModule, OftModule
+
+    generator = torch.Generator().manual_seed(9)
+
+    def rand(*shape):
+        return torch.randn(shape, generator=generator) * 0.1
+
+    te2 = "text_encoder_2.text_model.encoder.layers.0.self_attn"
+    unet = "unet.down_blocks.1.attentions.0.transformer_blocks.0"
+    out, width = pipe.unet.get_submodule(unet.removeprefix("unet.") + ".attn1.to_q").weight.shape
+    return LoraState({
+        f"{te2}.q_proj": OftModule(rand(6, 8, 8), 1 + rand(48, 1), 0.0),
+        f"{te2}.k_proj": LohaModule(rand(48, 2), rand(2, 48), rand(48, 2), rand(2, 48), alpha=1.0),
+        f"{te2}.v_proj": GloraModule(rand(48, 2), rand(2, 48), rand(48, 2), rand(2, 48), alpha=3.0),
+        "text_encoder_2.text_projection": DoraModule(LoraModule(rand(2, 48), rand(48, 2), 1.0), torch.rand(48, 1) + 0.5),
+        "text_encoder.text_model.encoder.layers.0.self_attn.q_proj": Ia3Module(rand(32), torch.tensor(1)),
+        f"{unet}.attn1.to_q": LokrModule(w1=rand(2, 2), w2a=rand(out // 2, 2), w2b=rand(2, width // 2), alpha=1.0),
+        f"{unet}.attn1.to_k": FullModule(rand(out, width)),
+    })  # fmt: skip
+
+
+def test_every_kind_merges_into_a_single_file_as_into_the_folder_and_in_memory(
+    tmp_path, tiny_sdxl_pipe, tiny_sdxl_dir, write_sdxl_single_file
+):
+    checkpoint = write_sdxl_single_file(tiny_sdxl_dir, tmp_path / "model.safetensors")
+    state = _every_kind(tiny_sdxl_pipe)
+    loras = [(state, 0.7)]
+    folder = merge_model(tiny_sdxl_dir, loras, out_dir=tmp_path / "merged")
+    single = merge_model(checkpoint, loras, single_file=tmp_path / "merged.safetensors")
+    converted, expected = _diffusers_reads_single_file(single, tiny_sdxl_dir), _folder_weights(folder)
+    for component in expected:
+        for key, value in expected[component].items():
+            if not key.endswith("position_ids"):
+                torch.testing.assert_close(converted[component][key], value, rtol=1e-6, atol=1e-7, msg=f"{component}.{key}")
+    merge_lora(tiny_sdxl_pipe, loras)
+    for component, file in (("unet", "diffusion_pytorch_model"), ("text_encoder_2", "model")):
+        ours = load_file(folder / component / f"{file}.safetensors")
+        in_memory = getattr(tiny_sdxl_pipe, component).state_dict()
+        assert all(torch.equal(ours[k], in_memory[k]) for k in ours if not k.endswith("position_ids")), component
+    base = load_file(tiny_sdxl_dir / "text_encoder_2" / "model.safetensors")
+    merged_te2 = load_file(folder / "text_encoder_2" / "model.safetensors")
+    changed = {k for k in base if not torch.equal(base[k], merged_te2[k])}
+    assert {"text_projection.weight", "text_model.encoder.layers.0.self_attn.q_proj.weight"} <= changed, changed

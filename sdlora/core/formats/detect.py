@@ -7,25 +7,12 @@ from collections.abc import Iterable
 from .ldm import has_ldm_names
 from .names import ATTN_PROC_ENDINGS, ATTN_PROCS, DIFFUSERS, DIFFUSERS_OLD, KOHYA, KOHYA_LDM, KOHYA_PREFIXES, PEFT, SUFFIXES
 
-_UNSUPPORTED_MARKERS = {
-    "hada_w1": "LoHa (LyCORIS)",
-    "lokr_w1": "LoKr (LyCORIS)",
-    "dora_scale": "DoRA",
-    "lora_magnitude_vector": "DoRA",
-    "diff_b": "full-weight diff",
-}
-
 
 def detect_format(keys: Iterable[str]) -> str:
     """Name the format of a LoRA state dict from its keys; raise ValueError if it is none we read."""
     keys = list(keys)
     if not keys:
         raise ValueError("the file holds no tensors")
-    for marker, name in _UNSUPPORTED_MARKERS.items():
-        if any(marker in key for key in keys):
-            raise ValueError(
-                f"{name} weights (key {next(k for k in keys if marker in k)!r}) are not supported: sdlora reads plain LoRA only"
-            )
     if any(key.startswith(tuple(KOHYA_PREFIXES)) for key in keys):
         return KOHYA_LDM if has_ldm_names(keys) else KOHYA
     if any(key.startswith("base_model.model.") for key in keys):

@@ -32,6 +32,38 @@ SUFFIXES = {
     KOHYA_LDM: (".lora_down.weight", ".lora_up.weight"),
 }
 KOHYA_ALPHA = ".alpha"
+# The adapter kinds in kohya/LyCORIS files, as A1111, ComfyUI and LyCORIS name their tensors: key suffix (after the
+# module name and a dot) -> the field of the kind's class in core.kinds (or core.state for LoRA)
+KIND_KEYS = {
+    "lora": {"lora_down.weight": "down", "lora_up.weight": "up", "lora_mid.weight": "mid"},
+    "loha": {"hada_w1_a": "w1a", "hada_w1_b": "w1b", "hada_w2_a": "w2a", "hada_w2_b": "w2b", "hada_t1": "t1", "hada_t2": "t2"},
+    "lokr": {
+        "lokr_w1": "w1",
+        "lokr_w1_a": "w1a",
+        "lokr_w1_b": "w1b",
+        "lokr_w2": "w2",
+        "lokr_w2_a": "w2a",
+        "lokr_w2_b": "w2b",
+        "lokr_t2": "t2",
+    },
+    "full": {"diff": "diff", "diff_b": "diff_b"},
+    "oft": {"oft_blocks": "blocks", "rescale": "rescale"},  # BOFT too: its blocks have one more dimension
+    "ia3": {"weight": "weight", "on_input": "on_input"},
+    "glora": {"a1.weight": "a1", "a2.weight": "a2", "b1.weight": "b1", "b2.weight": "b2", "bm.weight": "bm"},
+}
+KIND_KEYS["boft"] = KIND_KEYS["oft"]
+# the factors a kind cannot do without (the others are optional: Tucker cores, a bias diff, LoKr's other spelling)
+KIND_REQUIRED = {
+    "lora": ("down", "up"),
+    "loha": ("w1a", "w1b", "w2a", "w2b"),
+    "lokr": (),
+    "full": ("diff",),
+    "oft": ("blocks",),
+    "ia3": ("weight", "on_input"),
+    "glora": ("a1", "a2", "b1", "b2"),
+}
+SHARED_KEYS = {"alpha": "alpha", "dora_scale": "magnitude"}  # beside any kind: the scale's alpha, DoRA's magnitude
+PEFT_MAGNITUDE = ("lora_magnitude_vector.weight", "lora_magnitude_vector")  # peft's DoRA, in diffusers/peft files
 KOHYA_UNET_PREFIX = "lora_unet_"
 # kohya prefix -> component, from the family table (lora_te_ for one text encoder, lora_te1_/lora_te2_ for two)
 KOHYA_PREFIXES = {KOHYA_UNET_PREFIX: "unet"} | {spec.kohya_prefix: spec.component for family in FAMILIES for spec in family.text_encoders}

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 
 import torch
 
+from ..kinds import KIND_NAMES, build_adapter
 from ..state import LoraModule, LoraState
 from .detect import detect_format
 from .ldm import LDM_KOHYA, has_ldm_names, ldm_to_diffusers
@@ -16,6 +17,8 @@ from .names import (
     DIFFUSERS,
     DIFFUSERS_OLD,
     FORMATS,
+    KIND_KEYS,
+    KIND_REQUIRED,
     KOHYA,
     KOHYA_ALPHA,
     KOHYA_LDM,
@@ -24,6 +27,8 @@ from .names import (
     OLD_TEXT_ENCODER_ENDINGS,
     OLD_UNET_ENDINGS,
     PEFT,
+    PEFT_MAGNITUDE,
+    SHARED_KEYS,
     SUFFIXES,
     canonical_path,
     peft_pattern_matches,
@@ -58,13 +63,15 @@ def to_lora_state(
 
 
 def _pair_up(
-    tensors: dict[str, torch.Tensor], suffixes: tuple[str, str], extra: tuple[str, ...] = ()
+    tensors: dict[str, torch.Tensor], suffixes: tuple[str, str], extra: tuple[str, ...] = (), magnitude: bool = False
 ) -> dict[str, dict[str, torch.Tensor]]:
-    """Group keys by module: {module_key: {"down": t, "up": t, "alpha": t}}; raise on any other key."""
+    """Group keys by module: {module_key: {"down": t, "up": t, "alpha": t, "magnitude": t}}; raise on any other key."""
     down_suffix, up_suffix = suffixes
+    roles = [("down", down_suffix), ("up", up_suffix), *(("alpha", s) for s in extra)]
+    roles += [("magnitude", "." + s) for s in PEFT_MAGNITUDE] if magnitude else []
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
-        for role, suffix in (("down", down_suffix), ("up", up_suffix), *(("alpha", s) for s in extra)):
+        for role, suffix in roles:
             if key.endswith(suffix):
                 groups.setdefault(key[: -len(suffix)], {})[role] = tensor
                 break
@@ -89,12 +96,21 @@ def _add_module(modules: dict[str, LoraModule], path: str, module: LoraModule, k
 def _read_diffusers(tensors, metadata, _adapter_config) -> dict[str, LoraModule]:
     configs = _component_configs(metadata)
     modules = {}
-    for key, group in _pair_up(tensors, SUFFIXES[DIFFUSERS], extra=(KOHYA_ALPHA,)).items():
+    for key, group in _pair_up(tensors, SUFFIXES[DIFFUSERS], extra=(KOHYA_ALPHA,), magnitude=True).items():
         component, path = split_component(key, default="unet")
         path = canonical_path(component, path, key)
         alpha = float(group["alpha"]) if "alpha" in group else _config_alpha(configs.get(component), path, group["down"].shape[0])
-        _add_module(modules, f"{component}.{path}", LoraModule(group["down"], group["up"], alpha), key)
+        _add_module(modules, f"{component}.{path}", _lora_or_dora(group, alpha, key), key)
     return modules
+
+
+def _lora_or_dora(group: dict[str, torch.Tensor], alpha: float | None, key: str):
+    """A LoRA module, or peft's DoRA of it when the file holds its `lora_magnitude_vector`."""
+    magnitude = group.get("magnitude")
+    try:
+        return build_adapter("lora", {"down": group["down"], "up": group["up"]}, alpha, magnitude)
+    except ValueError as err:
+        raise ValueError(f"LoRA module {key!r} ({'DoRA' if magnitude is not None else 'LoRA'}): {err}") from None
 
 
 def _read_peft(tensors, metadata, adapter_config) -> dict[str, LoraModule]:
@@ -102,23 +118,20 @@ def _read_peft(tensors, metadata, adapter_config) -> dict[str, LoraModule]:
     if not config and METADATA_KEY in metadata:
         config = json.loads(metadata[METADATA_KEY])
     modules = {}
-    for key, group in _pair_up(tensors, SUFFIXES[PEFT]).items():
+    for key, group in _pair_up(tensors, SUFFIXES[PEFT], magnitude=True).items():
         path = key.removeprefix("base_model.model.")
         component = "text_encoder" if path.startswith(("text_model.", "encoder.layers.")) else "unet"
         path = canonical_path(component, path, key)
         _add_module(
-            modules,
-            f"{component}.{path}",
-            LoraModule(group["down"], group["up"], _config_alpha(config or None, path, group["down"].shape[0])),
-            key,
+            modules, f"{component}.{path}", _lora_or_dora(group, _config_alpha(config or None, path, group["down"].shape[0]), key), key
         )
     return modules
 
 
-def _read_kohya(tensors, _metadata, _adapter_config) -> dict[str, LoraModule]:
+def _read_kohya(tensors, _metadata, _adapter_config) -> dict[str, object]:
     ldm_table = LDM_KOHYA if has_ldm_names(tensors) else {}
     modules = {}
-    for key, group in _pair_up(tensors, SUFFIXES[KOHYA], extra=(KOHYA_ALPHA,)).items():
+    for key, adapter in _adapters_by_kind(tensors).items():
         prefix = next((p for p in sorted(KOHYA_PREFIXES, key=len, reverse=True) if key.startswith(p)), None)
         if prefix is None:
             raise ValueError(f"LoRA key {key!r} maps to no module (kohya keys start with {', '.join(KOHYA_PREFIXES)})")
@@ -127,9 +140,72 @@ def _read_kohya(tensors, _metadata, _adapter_config) -> dict[str, LoraModule]:
         if component == "unet" and ldm_table:
             name = ldm_to_diffusers(name, ldm_table, key)
         path = canonical_path(component, split_kohya_name(name, key), key)
-        alpha = float(group["alpha"]) if "alpha" in group else None
-        _add_module(modules, f"{component}.{path}", LoraModule(group["down"], group["up"], alpha), key)
+        _add_module(modules, f"{component}.{path}", adapter, key)
     return modules
+
+
+# every key suffix a kohya/LyCORIS module may have, longest first (so `diff_b` is not taken for `diff`)
+_KIND_SUFFIXES = sorted(
+    [(suffix, kind, field) for kind, table in KIND_KEYS.items() if kind != "boft" for suffix, field in table.items()]
+    + [(suffix, None, field) for suffix, field in SHARED_KEYS.items()],
+    key=lambda entry: len(entry[0]),
+    reverse=True,
+)
+# kinds sdlora recognises in a key but cannot apply, named in the refusal instead of a bare key
+_UNREADABLE_KINDS = {
+    ".oft_diag": "OFT from LyCORIS before 2.0 (oft_diag)",
+    ".w_norm": "norm-layer weights (LyCORIS norms)",
+    ".b_norm": "norm-layer weights (LyCORIS norms)",
+}
+
+
+def _adapters_by_kind(tensors: dict[str, torch.Tensor]) -> dict[str, object]:
+    """{module key: adapter} of a kohya/LyCORIS state dict, the kind of each module told by its tensors' names."""
+    groups: dict[str, dict] = {}
+    for key, tensor in tensors.items():
+        entry = next((entry for entry in _KIND_SUFFIXES if key.endswith("." + entry[0])), None)
+        if entry is None:
+            kind = next((name for marker, name in _UNREADABLE_KINDS.items() if key.endswith(marker)), None)
+            if kind is not None:
+                raise ValueError(
+                    f"{kind} weights (key {key!r}) are not supported: sdlora reads LoRA, LoCon, LoHa, LoKr, DoRA, full diffs, OFT, BOFT, IA3 and GLoRA"
+                )
+            raise ValueError(
+                f"LoRA key {key!r} maps to no module (no tensor name sdlora knows: {', '.join(s for s, _, _ in _KIND_SUFFIXES)})"
+            )
+        suffix, kind, field = entry
+        group = groups.setdefault(key[: -len(suffix) - 1], {"kinds": set(), "fields": {}, "shared": {}, "names": []})
+        group["names"].append(suffix)
+        if kind is None:
+            group["shared"][field] = tensor
+        else:
+            group["kinds"].add(kind)
+            group["fields"][field] = tensor
+    adapters = {}
+    for module_key, group in groups.items():
+        kinds = sorted(group["kinds"])
+        found = ", ".join(sorted(group["names"]))
+        if len(kinds) != 1:
+            named = " and ".join(KIND_NAMES[k] for k in kinds) if kinds else "no weights"
+            raise ValueError(f"LoRA module {module_key!r} holds {named} ({found}): a module is of one kind")
+        kind = kinds[0]
+        if kind == "ia3" and "on_input" not in group["fields"]:  # a lone `<name>.weight` is no IA3 but an unknown key
+            raise ValueError(
+                f"LoRA key {module_key + '.weight'!r} maps to no module (no tensor name sdlora knows: {', '.join(s for s, _, _ in _KIND_SUFFIXES)})"
+            )
+        keys = {field: suffix for suffix, field in KIND_KEYS[kind].items()}
+        missing = [keys[field] for field in KIND_REQUIRED[kind] if field not in group["fields"]]
+        if missing:
+            raise ValueError(f"LoRA module {module_key!r} ({KIND_NAMES[kind]}: {found}) has no {missing[0]} tensor")
+        alpha = group["shared"].get("alpha")
+        try:
+            adapters[module_key] = build_adapter(
+                kind, group["fields"], None if alpha is None else float(alpha), group["shared"].get("magnitude")
+            )
+        except ValueError as err:
+            kind_name = KIND_NAMES[kind] + (" with DoRA" if "magnitude" in group["shared"] else "")
+            raise ValueError(f"LoRA module {module_key!r} ({kind_name}: {found}): {err}") from None
+    return adapters
 
 
 def _read_diffusers_old(tensors, _metadata, _adapter_config) -> dict[str, LoraModule]:

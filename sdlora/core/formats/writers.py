@@ -7,9 +7,10 @@ import json
 import torch
 
 from ..families import ModelFamily
+from ..kinds import KIND_NAMES
 from ..state import LoraState
 from .ldm import ldm_table_of, ldm_unet_key
-from .names import DIFFUSERS, KOHYA, KOHYA_ALPHA, KOHYA_UNET_PREFIX, METADATA_KEY, SUFFIXES, kohya_name
+from .names import DIFFUSERS, KIND_KEYS, KOHYA_ALPHA, KOHYA_UNET_PREFIX, METADATA_KEY, SHARED_KEYS, SUFFIXES, kohya_name
 
 
 def lora_config_kwargs(state: LoraState, component: str) -> dict:
@@ -31,6 +32,12 @@ def lora_config_kwargs(state: LoraState, component: str) -> dict:
 def to_diffusers_layers(state: LoraState) -> dict[str, tuple[dict[str, torch.Tensor], dict]]:
     """{component: (peft state dict without the component prefix, LoraConfig kwargs)} for save_lora_weights."""
     down_suffix, up_suffix = SUFFIXES[DIFFUSERS]
+    other = next((path for path, module in state.modules.items() if module.kind != "lora"), None)
+    if other is not None:
+        kind = KIND_NAMES[state.modules[other].kind]
+        raise ValueError(
+            f"the diffusers format holds plain LoRA, and {other} is {kind}: write it as kohya, or convert it to a LoRA with --rank"
+        )
     layers = {}
     for component in state.components():
         tensors = {}
@@ -69,16 +76,21 @@ def kohya_module_name(component: str, module_path: str, family: ModelFamily, lab
 
 
 def to_kohya(state: LoraState, family: ModelFamily) -> dict[str, torch.Tensor]:
-    """kohya/A1111/ComfyUI tensors: lora_down/lora_up/alpha per module, named as `family`'s kohya files are."""
+    """kohya/A1111/ComfyUI tensors, named as `family`'s kohya files are: per module its kind's tensors (LoRA's
+    lora_down/lora_up, LyCORIS's hada_*/lokr_*/diff, DoRA's dora_scale) and an `.alpha` where the kind has one."""
     prefixes = kohya_prefixes(family)
-    down_suffix, up_suffix = SUFFIXES[KOHYA]
     tensors = {}
     for path, module in state.modules.items():
         component, _, module_path = path.partition(".")
         if component not in prefixes:
             raise ValueError(f"LoRA module {path} is for {component}, which {family.label} models do not have")
         key = prefixes[component] + kohya_module_name(component, module_path, family, path)
-        tensors[key + down_suffix] = module.down.contiguous()
-        tensors[key + up_suffix] = module.up.contiguous()
-        tensors[key + KOHYA_ALPHA] = torch.tensor(module.effective_alpha, dtype=torch.float32)
+        inner = module.inner if module.kind == "dora" else module
+        names = {field: suffix for suffix, field in KIND_KEYS[inner.kind].items()} | {
+            field: suffix for suffix, field in SHARED_KEYS.items()
+        }
+        for field, tensor in module.factors().items():
+            tensors[f"{key}.{names[field]}"] = tensor.contiguous()
+        if module.effective_alpha is not None:
+            tensors[key + KOHYA_ALPHA] = torch.tensor(module.effective_alpha, dtype=torch.float32)
     return tensors
