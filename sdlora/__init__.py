@@ -26,6 +26,10 @@ _API = {
     "save_images": "inference.generation",
     "merge_lora": "inference.merge",
     "merge_model": "inference.merge",
+    "to_plain_lora": "tools.rerank",
+    "resize_lora": "tools.rerank",
+    "combine_loras": "tools.rerank",
+    "extract_lora": "tools.extract",
     "TrainConfig": "training.config",
     "train": "training.recipe",
 }

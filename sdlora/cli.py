@@ -76,6 +76,22 @@ def _convert_args(parser: argparse.ArgumentParser) -> None:
         help="input format, when detection should be overridden (diffusers, kohya, kohya-ldm, diffusers-old, diffusers-attn-procs, peft)",
     )
     parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None, help="cast the LoRA weights (default: keep)")
+    parser.add_argument(
+        "--rank",
+        type=int,
+        default=None,
+        help="write plain LoRA modules of at most this rank: LoHa, LoKr, DoRA, OFT... as the SVD of their update, "
+        "LoRA modules of a higher rank reduced (needed for --to diffusers when the file holds other kinds)",
+    )
+    parser.add_argument("--conv-rank", type=int, default=None, help="the rank for 3x3 convs (default: --rank)")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="the model the LoRA is for: kinds whose update depends on the weights (DoRA, OFT, BOFT, IA3, GLoRA) are factored on its weights",
+    )
+    parser.add_argument(
+        "--config", default=None, help="for a single-file --model offline: a local diffusers folder of the same architecture"
+    )
     parser.add_argument("--allow-pickle", action="store_true", help="allow reading a pickle .bin/.ckpt file (weights only)")
 
 
@@ -84,10 +100,164 @@ def _convert_run(args: argparse.Namespace) -> None:
     from .models.loading import parse_dtype
 
     state = read_lora(args.input, allow_pickle=args.allow_pickle, fmt=args.from_format)
+    _check_ranks(args.rank, args.conv_rank)
+    if args.rank is not None or args.conv_rank is not None or args.model is not None:
+        from .tools.rerank import model_weights, to_plain_lora  # lazy: see the module docstring
+
+        weights = None
+        if args.model is not None:
+            weights = model_weights(state, args.model, config=args.config, allow_pickle=args.allow_pickle, label=args.input)
+        state, report = to_plain_lora(state, args.rank, args.conv_rank, weights, label=args.input)
+        _print_report(report)
     if args.dtype:
         state = state.to(parse_dtype(args.dtype))
     out = write_lora(state, args.output, args.to)
     print(f"wrote {len(state)} modules as {args.to} to {out}")
+
+
+def _check_ranks(*ranks: int | None) -> None:
+    if any(rank is not None and rank < 1 for rank in ranks):
+        raise ValueError("--rank and --conv-rank must be at least 1")
+
+
+def _print_report(report) -> None:
+    for line in report.lines():
+        print(line)
+
+
+def _out_format(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--to",
+        choices=("kohya", "diffusers"),
+        default="kohya",
+        help="kohya (default): for A1111, ComfyUI and kohya's sd-scripts; diffusers: for load_lora_weights",
+    )
+    parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None, help="dtype of the file written (default: fp32)")
+
+
+def _write(state, args: argparse.Namespace, family=None) -> None:
+    from .core.files import write_lora  # lazy: see the module docstring
+    from .models.loading import parse_dtype
+
+    if args.dtype:
+        state = state.to(parse_dtype(args.dtype))
+    out = write_lora(state, args.out, args.to, family=family)
+    print(f"wrote {len(state)} modules as {args.to} to {out}")
+
+
+# ---------------------------------------------------------------- extract, resize, combine
+
+
+def _extract_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base", required=True, help="the model that was fine-tuned: a diffusers folder, single file or hub id")
+    parser.add_argument("--tuned", required=True, help="the fine-tuned model, of the same architecture")
+    parser.add_argument("--rank", type=int, required=True, help="rank of each module (attention, feed-forward, text encoders)")
+    parser.add_argument(
+        "--conv-rank", type=int, default=None, help="also extract the resnets' and down/upsamplers' layers, 3x3 convs at this rank (LoCon)"
+    )
+    parser.add_argument(
+        "--clamp-quantile",
+        type=float,
+        default=0.99,
+        help="clamp the factors to this quantile of their magnitudes, as kohya's extract does (1: no clamping)",
+    )
+    parser.add_argument(
+        "--min-diff",
+        type=float,
+        default=0.01,
+        help="a text encoder whose weights differ by at most this anywhere counts as not fine-tuned and is left out",
+    )
+    parser.add_argument("--out", required=True, help="LoRA file to write (.safetensors)")
+    _out_format(parser)
+    parser.add_argument(
+        "--load-dtype",
+        choices=("fp32", "fp16", "bf16"),
+        default="fp32",
+        help="dtype the two models load in (default fp32: half precision rounds small differences away)",
+    )
+    parser.add_argument("--config", default=None, help="for single-file models offline: a local diffusers folder of the same architecture")
+    parser.add_argument("--allow-pickle", action="store_true", help="allow pickle checkpoints (weights only)")
+
+
+def _extract_run(args: argparse.Namespace) -> None:
+    from .models.loading import parse_dtype  # lazy: see the module docstring
+    from .tools.extract import extract_lora
+
+    state, report, family = extract_lora(
+        args.base, args.tuned, args.rank, conv_rank=args.conv_rank, clamp_quantile=args.clamp_quantile, min_diff=args.min_diff,
+        config=args.config, allow_pickle=args.allow_pickle, dtype=parse_dtype(args.load_dtype),
+    )  # fmt: skip
+    _print_report(report)
+    _write(state, args, family)
+
+
+def _resize_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", help="LoRA file in any supported format (LoRA modules; convert other kinds first)")
+    parser.add_argument("--rank", type=int, default=None, help="the new rank (with --dynamic: the highest rank kept)")
+    parser.add_argument(
+        "--dynamic",
+        default=None,
+        metavar="METHOD:VALUE",
+        help="a rank per module from its singular values, as kohya's resize_lora.py: sv_ratio:R (keep those above the "
+        "largest / R), sv_fro:F (keep a share F of the Frobenius norm), sv_cumulative:C (a share C of their sum)",
+    )
+    parser.add_argument("--out", required=True, help="LoRA file to write (.safetensors)")
+    _out_format(parser)
+    parser.add_argument("--allow-pickle", action="store_true", help="allow reading a pickle .bin/.ckpt file (weights only)")
+
+
+def _resize_run(args: argparse.Namespace) -> None:
+    from .core.files import read_lora  # lazy: see the module docstring
+    from .tools.rerank import resize_lora
+
+    _check_ranks(args.rank)
+    dynamic = _parse_dynamic(args.dynamic) if args.dynamic else None
+    state, report = resize_lora(read_lora(args.file, allow_pickle=args.allow_pickle), args.rank, dynamic, label=args.file)
+    _print_report(report)
+    _write(state, args)
+
+
+def _parse_dynamic(text: str) -> tuple[str, float]:
+    from .core.lowrank import DYNAMIC_METHODS  # lazy: see the module docstring
+
+    method, sep, value = text.partition(":")
+    if method not in DYNAMIC_METHODS or not sep:
+        raise ValueError(f"--dynamic {text}: use METHOD:VALUE with METHOD one of {', '.join(DYNAMIC_METHODS)}")
+    try:
+        return method, float(value)
+    except ValueError:
+        raise ValueError(f"--dynamic {text}: {value!r} is not a number") from None
+
+
+def _combine_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("loras", nargs="+", metavar="FILE[:WEIGHT]", help="LoRA files, each at a weight (default 1)")
+    parser.add_argument(
+        "--rank",
+        type=int,
+        default=None,
+        help="the SVD of the weighted sum at this rank (any additive kind); without it the modules are joined side by side, exactly (rank: the sum)",
+    )
+    parser.add_argument("--out", required=True, help="LoRA file to write (.safetensors)")
+    _out_format(parser)
+    parser.add_argument("--allow-pickle", action="store_true", help="allow reading pickle .bin/.ckpt files (weights only)")
+
+
+def _combine_run(args: argparse.Namespace) -> None:
+    from .core.files import read_lora  # lazy: see the module docstring
+    from .inference.merge import parse_lora_arg
+    from .tools.rerank import combine_loras
+
+    _check_ranks(args.rank)
+    loras = []
+    for text in args.loras:
+        path, weight = parse_lora_arg(text)
+        loras.append((path, read_lora(path, allow_pickle=args.allow_pickle), weight))
+    state, report = combine_loras(loras, args.rank)
+    if report is not None:
+        _print_report(report)
+    else:
+        print(f"joined exactly: {len(state)} modules, ranks {'/'.join(str(r) for r in state.ranks())}")
+    _write(state, args)
 
 
 # ---------------------------------------------------------------- inspect
@@ -243,11 +413,14 @@ def _unmerge_run(args: argparse.Namespace) -> None:
 Command = tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], None]]
 COMMANDS: list[Command] = [
     ("train", "train a LoRA on a folder of images with captions", _train_args, _train_run),
-    ("convert", "convert a LoRA file between formats", _convert_args, _convert_run),
+    ("convert", "convert a LoRA file between formats, or any adapter kind to a plain LoRA (--rank)", _convert_args, _convert_run),
     ("generate", "generate images with LoRAs; PNGs record prompt, seed, steps and LoRAs as A1111 does", _generate_args, _generate_run),
     ("inspect", "show a LoRA file's format, ranks, alphas, architecture and metadata", _inspect_args, _inspect_run),
     ("merge", "merge LoRAs into a model's weights (W + scale * alpha/r * up @ down) and write the model", _merge_args, _merge_run),
     ("tiny-model", "write a tiny random-weight Stable Diffusion pipeline (offline tests and examples)", _tiny_model_args, _tiny_model_run),
+    ("extract", "extract a LoRA from a fine-tuned model: the SVD of (tuned - base) per layer", _extract_args, _extract_run),
+    ("resize", "change a LoRA's rank by SVD (a fixed rank, or per module from its singular values)", _resize_args, _resize_run),
+    ("combine", "combine several LoRAs into one file, exactly or by SVD at a rank", _combine_args, _combine_run),
     ("unmerge", "undo a merge: the same arguments as merge, with every scale negated (merge with -SCALE)", _unmerge_args, _unmerge_run),
 ]
 

@@ -11,6 +11,7 @@ also tells SD2's 512 px and 768 px models apart.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -258,3 +259,16 @@ def family_of_lora(state: LoraState) -> ModelFamily | None:
         version = state.metadata.get("ss_base_model_version", "")
         family = next((f for f in FAMILIES if version == f.ss_base_model_version), None)
     return family
+
+
+# The 3x3 convs of every family's UNet (SD1, SD2, SDXL), by their module paths: conv_in / conv_out, a resnet's
+# conv1 / conv2, a down- or upsampler's conv (conv_shortcut and SD1's proj_in / proj_out are 1x1)
+_KERNEL_3X3 = re.compile(r"^unet\.(conv_in|conv_out|.*\.resnets\.\d+\.conv[12]|.*\.(downsamplers|upsamplers)\.\d+\.conv)$")
+
+
+def unflattened_shape(path: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """A layer's weight shape from an update that stores a conv kernel flattened ([out, in * 9], as a LoHa without
+    Tucker does), by the SD UNets' layer names; other shapes as they are."""
+    if len(shape) == 2 and _KERNEL_3X3.match(path) and shape[1] % 9 == 0:
+        return (shape[0], shape[1] // 9, 3, 3)
+    return tuple(shape)

@@ -190,12 +190,18 @@ def write_kohya(
     return out_path
 
 
-def write_lora(state: LoraState, out_path: str | os.PathLike, fmt: str, extra_metadata: dict[str, str] | None = None) -> Path:
-    """Write `state` in `fmt` ('diffusers' or 'kohya')."""
+def write_lora(
+    state: LoraState,
+    out_path: str | os.PathLike,
+    fmt: str,
+    extra_metadata: dict[str, str] | None = None,
+    family: ModelFamily | None = None,
+) -> Path:
+    """Write `state` in `fmt` ('diffusers' or 'kohya'), for `family` (default: judged from the LoRA)."""
     if fmt == formats.DIFFUSERS:
-        return write_diffusers(state, out_path)
+        return write_diffusers(state, out_path, family)
     if fmt == formats.KOHYA:
-        return write_kohya(state, out_path, extra_metadata)
+        return write_kohya(state, out_path, extra_metadata, family)
     raise ValueError(f"cannot write format {fmt!r}: use one of {', '.join(formats.WRITABLE)}")
 
 

@@ -106,6 +106,13 @@ def match_to_pipeline(state: LoraState, pipe, label: str = "the LoRA") -> LoraSt
     return _match_pipeline(state, pipe, label).state(state.metadata)
 
 
+def matched_layers(state: LoraState, pipe, label: str = "the LoRA") -> dict[str, tuple[torch.nn.Module, object]]:
+    """{module path: (the pipeline's layer, the module fitted to it)} for the modules of `state` the pipeline has."""
+    match = _match_pipeline(state, pipe, label)
+    layers = {component: base_layers(getattr(pipe, component)) for component in {p.partition(".")[0] for p in match.modules}}
+    return {path: (layers[path.partition(".")[0]][name], module) for path, (name, module) in match.modules.items()}
+
+
 def _match_pipeline(state: LoraState, pipe, label: str):
     family = family_of_pipeline(pipe)
     check_components(state, family, label, describe_pipeline(pipe))

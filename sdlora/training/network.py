@@ -1,68 +1,20 @@
 """Which layers get LoRA, adding it through peft, and reading the trained LoRA back as a `LoraState`.
 
-UNet presets (`unet_target_modules` resolves them to exact module names on a given UNet; only nn.Linear and
-nn.Conv2d layers are ever chosen, and conv_in, conv_out, time_embedding and add_embedding never are):
-
-- `attn`: the attention projections `to_q`, `to_k`, `to_v`, `to_out.0` of every attention (`attn1` self,
-  `attn2` cross) inside the transformer blocks of the down, mid and up blocks. 8 per transformer block.
-- `attn-ff`: `attn` plus the feed-forward `ff.net.0.proj` (GEGLU input) and `ff.net.2` of each transformer
-  block, and the `proj_in` / `proj_out` of each `Transformer2DModel` (1x1 convs in SD1, Linear in SD2/SDXL).
-- `all` (LoCon-style, as kohya's conv LoRA): every Linear and Conv2d inside the down/mid/up blocks'
-  `attentions` (the `attn-ff` set) and `resnets` (`conv1`, `conv2` 3x3, `time_emb_proj`, `conv_shortcut` 1x1),
-  plus the `downsamplers` / `upsamplers` convs (3x3).
-
-The text encoder (`--train-text-encoder`) gets LoRA on CLIP's `q_proj`, `k_proj`, `v_proj`, `out_proj`.
+The layers come from `core.targets` (the UNet presets and the text encoders' projections).
 """
 
 from __future__ import annotations
 
 import math
-import re
 
 import torch
 from torch import nn
 
-from ..core.matching import ADAPTABLE_LAYERS, TEXT_MODEL_PREFIX, Layer, base_layers, match_lora
+from ..core.matching import TEXT_MODEL_PREFIX, Layer, match_lora
 from ..core.state import LoraModule, LoraState
+from ..core.targets import PRESETS, unet_target_modules
 
-_ATTENTION = r"\.transformer_blocks\.\d+\.attn\d+\.(to_q|to_k|to_v|to_out\.0)$"
-_FEED_FORWARD = r"\.transformer_blocks\.\d+\.ff\.net\.(0\.proj|2)$"
-_PROJECTIONS = r"\.attentions\.\d+\.(proj_in|proj_out)$"
-_BLOCK_LAYERS = r"^(down_blocks\.\d+|mid_block|up_blocks\.\d+)\.(attentions|resnets|downsamplers|upsamplers)\.\d+\."
-
-# preset -> regular expressions searched in full UNet module names (a Linear or Conv2d matching any is adapted)
-PRESETS: dict[str, tuple[str, ...]] = {
-    "attn": (_ATTENTION,),
-    "attn-ff": (_ATTENTION, _FEED_FORWARD, _PROJECTIONS),
-    "all": (_BLOCK_LAYERS,),
-}
-TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 INITS = ("gaussian", "default")
-
-
-def unet_target_modules(unet: nn.Module, preset: str) -> list[str]:
-    """The full names of the UNet's Linear/Conv2d layers that `preset` adapts (see the module docstring)."""
-    if preset not in PRESETS:
-        raise ValueError(f"unknown LoRA preset {preset!r}: use one of {', '.join(PRESETS)}")
-    patterns = [re.compile(p) for p in PRESETS[preset]]
-    names = [
-        name for name, layer in base_layers(unet).items() if isinstance(layer, ADAPTABLE_LAYERS) and any(p.search(name) for p in patterns)
-    ]
-    if not names:
-        raise ValueError(f"LoRA preset {preset!r} matches no layer of this UNet ({type(unet).__name__}): is it a Stable Diffusion UNet?")
-    return names
-
-
-def text_encoder_target_modules(text_encoder: nn.Module) -> list[str]:
-    """The full names of the CLIP text encoder's attention projections (q/k/v/out_proj), as in its module tree."""
-    names = [
-        name
-        for name, layer in base_layers(text_encoder).items()
-        if isinstance(layer, nn.Linear) and name.rpartition(".")[2] in TEXT_ENCODER_TARGETS
-    ]
-    if not names:
-        raise ValueError(f"the text encoder ({type(text_encoder).__name__}) has no {'/'.join(TEXT_ENCODER_TARGETS)} layers to adapt")
-    return names
 
 
 def add_lora(

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..core import targets
 from ..core.families import ModelFamily, family_of_pipeline
 from ..core.files import read_lora
 from ..models.loading import load_pipeline, load_vae
@@ -115,13 +116,13 @@ def setup(config: TrainConfig) -> Run:
 
     # the LoRA: fresh, or a file trained further (a resumed checkpoint later overrides it)
     unet_params = network.add_lora(
-        pipe.unet, network.unet_target_modules(pipe.unet, config.preset), config.rank, config.alpha, config.dropout
+        pipe.unet, targets.unet_target_modules(pipe.unet, config.preset), config.rank, config.alpha, config.dropout
     )
     param_groups = [{"params": unet_params, "lr": config.lr}]
     trained = {"unet": pipe.unet}
     if config.train_text_encoder:
         for component, encoder in text_encoders.items():
-            params = network.add_lora(encoder, network.text_encoder_target_modules(encoder), config.rank, config.alpha, config.dropout)
+            params = network.add_lora(encoder, targets.text_encoder_target_modules(encoder), config.rank, config.alpha, config.dropout)
             param_groups.append({"params": params, "lr": config.lr_of(component)})
             trained[component] = encoder
     if config.init_lora:

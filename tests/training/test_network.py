@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sdlora.core import targets
 from sdlora.core.files import write_diffusers, write_kohya
 from sdlora.models.tiny import build_tiny_pipeline
 from sdlora.training import network
@@ -42,9 +43,9 @@ def _randomize(params: list[torch.nn.Parameter], seed: int = 3) -> None:
 
 
 def _trained(pipe, preset: str, alpha: float = ALPHA, text_encoder: bool = True):
-    params = network.add_lora(pipe.unet, network.unet_target_modules(pipe.unet, preset), RANK, alpha)
+    params = network.add_lora(pipe.unet, targets.unet_target_modules(pipe.unet, preset), RANK, alpha)
     if text_encoder:
-        params += network.add_lora(pipe.text_encoder, network.text_encoder_target_modules(pipe.text_encoder), RANK, alpha)
+        params += network.add_lora(pipe.text_encoder, targets.text_encoder_target_modules(pipe.text_encoder), RANK, alpha)
     _randomize(params)
     return pipe
 
@@ -59,9 +60,9 @@ def _peft_layer_count(model: torch.nn.Module) -> int:
 
 
 def test_presets_select_exactly_the_expected_layers(tiny_pipe):
-    attn = network.unet_target_modules(tiny_pipe.unet, "attn")
-    attn_ff = network.unet_target_modules(tiny_pipe.unet, "attn-ff")
-    everything = network.unet_target_modules(tiny_pipe.unet, "all")
+    attn = targets.unet_target_modules(tiny_pipe.unet, "attn")
+    attn_ff = targets.unet_target_modules(tiny_pipe.unet, "attn-ff")
+    everything = targets.unet_target_modules(tiny_pipe.unet, "all")
     assert len(attn) == TRANSFORMER_BLOCKS * 8  # attn1 + attn2, q/k/v/out each
     assert len(attn_ff) == TRANSFORMER_BLOCKS * (8 + 2 + 2)  # + ff.net.0.proj, ff.net.2, proj_in, proj_out
     # + resnets: 12 x (conv1, conv2, time_emb_proj) + 7 conv_shortcut; + 1 downsampler and 1 upsampler conv
@@ -84,21 +85,21 @@ def test_presets_select_exactly_the_expected_layers(tiny_pipe):
 
 
 def test_presets_see_through_existing_lora_layers(tiny_pipe):
-    before = network.unet_target_modules(tiny_pipe.unet, "all")
-    network.add_lora(tiny_pipe.unet, network.unet_target_modules(tiny_pipe.unet, "attn"), RANK, ALPHA)
-    assert network.unet_target_modules(tiny_pipe.unet, "all") == before  # no base_layer / lora_A names
+    before = targets.unet_target_modules(tiny_pipe.unet, "all")
+    network.add_lora(tiny_pipe.unet, targets.unet_target_modules(tiny_pipe.unet, "attn"), RANK, ALPHA)
+    assert targets.unet_target_modules(tiny_pipe.unet, "all") == before  # no base_layer / lora_A names
 
 
 def test_unknown_preset_names_the_choices(tiny_pipe):
     with pytest.raises(ValueError, match="'attention'.*attn, attn-ff, all"):
-        network.unet_target_modules(tiny_pipe.unet, "attention")
+        targets.unet_target_modules(tiny_pipe.unet, "attention")
 
 
 def test_text_encoder_targets_are_the_attention_projections(tiny_pipe):
-    names = network.text_encoder_target_modules(tiny_pipe.text_encoder)
+    names = targets.text_encoder_target_modules(tiny_pipe.text_encoder)
     layers = tiny_pipe.text_encoder.config.num_hidden_layers
-    assert len(names) == layers * len(network.TEXT_ENCODER_TARGETS)
-    assert {name.rpartition(".")[2] for name in names} == set(network.TEXT_ENCODER_TARGETS)
+    assert len(names) == layers * len(targets.TEXT_ENCODER_TARGETS)
+    assert {name.rpartition(".")[2] for name in names} == set(targets.TEXT_ENCODER_TARGETS)
     assert all(".self_attn." in name for name in names)
 
 
@@ -110,7 +111,7 @@ def test_only_lora_parameters_train_and_they_stay_fp32_on_a_bf16_model(tiny_pipe
     sample, timesteps, embeddings = _unet_inputs()
     with torch.no_grad():
         base = unet(sample.bfloat16(), timesteps, embeddings.bfloat16()).sample
-    params = network.add_lora(unet, network.unet_target_modules(unet, "all"), RANK, ALPHA)
+    params = network.add_lora(unet, targets.unet_target_modules(unet, "all"), RANK, ALPHA)
     trainable = [p for p in unet.parameters() if p.requires_grad]
     assert len(params) == 2 * 117 and {id(p) for p in trainable} == {id(p) for p in params}
     assert {p.dtype for p in params} == {torch.float32}
@@ -127,7 +128,7 @@ def test_init_from_a_generator_is_reproducible(init):
     def lora_a(seed: int) -> list[torch.Tensor]:
         pipe = build_tiny_pipeline()
         network.add_lora(
-            pipe.unet, network.unet_target_modules(pipe.unet, "attn"), RANK, ALPHA, init=init, generator=torch.Generator().manual_seed(seed)
+            pipe.unet, targets.unet_target_modules(pipe.unet, "attn"), RANK, ALPHA, init=init, generator=torch.Generator().manual_seed(seed)
         )
         layers = network._lora_layers(pipe.unet, "default").values()
         assert all(not layer.lora_B["default"].weight.any() for layer in layers)
@@ -143,11 +144,11 @@ def test_init_from_a_generator_is_reproducible(init):
 
 
 def test_bad_lora_options_are_value_errors(tiny_pipe):
-    targets = network.unet_target_modules(tiny_pipe.unet, "attn")
+    layers = targets.unet_target_modules(tiny_pipe.unet, "attn")
     with pytest.raises(ValueError, match="rank"):
-        network.add_lora(tiny_pipe.unet, targets, 0, ALPHA)
+        network.add_lora(tiny_pipe.unet, layers, 0, ALPHA)
     with pytest.raises(ValueError, match="init"):
-        network.add_lora(tiny_pipe.unet, targets, RANK, ALPHA, init="pissa")
+        network.add_lora(tiny_pipe.unet, layers, RANK, ALPHA, init="pissa")
     with pytest.raises(ValueError, match="no LoRA adapter named 'default'"):
         network.extract_lora_state({"unet": tiny_pipe.unet})
 
@@ -175,7 +176,7 @@ def test_extract_reads_alpha_shapes_and_text_model_paths(tiny_pipe):
 
 def test_extract_from_bf16_base_gives_fp32(tiny_pipe):
     tiny_pipe.unet.to(torch.bfloat16)
-    network.add_lora(tiny_pipe.unet, network.unet_target_modules(tiny_pipe.unet, "attn"), RANK, ALPHA)
+    network.add_lora(tiny_pipe.unet, targets.unet_target_modules(tiny_pipe.unet, "attn"), RANK, ALPHA)
     state = network.extract_lora_state({"unet": tiny_pipe.unet})
     assert state.dtype() == torch.float32 and state.components() == ["unet"]
 
