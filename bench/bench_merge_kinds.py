@@ -83,7 +83,9 @@ def main() -> None:
         for kind, lora in files.items():
             out = work / "out-kinds"
             shutil.rmtree(out, ignore_errors=True)
-            seconds, rss, text = run_measured([sys.executable, "-m", "sdlora", "merge", "--model", str(model), "--lora", str(lora), "--out", str(out)])
+            seconds, rss, text = run_measured(
+                [sys.executable, "-m", "sdlora", "merge", "--model", str(model), "--lora", str(lora), "--out", str(out)]
+            )
             arithmetic = float(SUMMARY.search(text).group(3))
             merges[kind].append((seconds, rss, arithmetic))
             converted = work / f"converted-{kind}.safetensors"
@@ -91,7 +93,10 @@ def main() -> None:
                 [sys.executable, "-m", "sdlora", "convert", str(lora), str(converted), "--to", "diffusers", "--rank", str(args.rank)]
             )
             converts[kind].append(seconds_convert)
-            print(f"  run {repeat + 1} {kind}: merge {seconds:.1f} s, {rss:.2f} GiB, arithmetic {arithmetic:.2f} s; convert {seconds_convert:.1f} s", flush=True)
+            print(
+                f"  run {repeat + 1} {kind}: merge {seconds:.1f} s, {rss:.2f} GiB, arithmetic {arithmetic:.2f} s; convert {seconds_convert:.1f} s",
+                flush=True,
+            )
     shutil.rmtree(work / "out-kinds", ignore_errors=True)
     medians = {kind: [statistics.median(column) for column in zip(*runs)] for kind, runs in merges.items()}
     base_time, base_rss, base_arithmetic = medians["lora"]
