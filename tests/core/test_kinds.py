@@ -357,3 +357,25 @@ def test_kohya_metadata_names_lycoris_and_its_algo_as_lycoris_does():
     assert oft["ss_network_module"] == "lycoris.kohya" and json.loads(oft["ss_network_args"])["algo"] == "diag-oft"
     plain = kohya_metadata(LoraState({path: LoraModule(torch.randn(2, 64), torch.randn(64, 2), 1.0)}), family=SD1)
     assert plain["ss_network_module"] == "networks.lora" and "algo" not in json.loads(plain["ss_network_args"])
+
+
+def test_a_merged_kind_and_a_peft_lora_load_together_at_their_weights(tiny_pipe, random_lora_state):
+    """A LoHa (merged in memory) beside a plain LoRA (peft layers): the same outputs as merging both at those weights;
+    changing the weights recomputes the merged layers; unloading gives the exact base weights back."""
+    generator = torch.Generator().manual_seed(8)
+    path = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+    loha = LoraState(
+        {path: LohaModule(*(torch.randn(s, generator=generator) * 0.2 for s in ((64, 2), (2, 64), (64, 2), (2, 64))), alpha=1.0)}
+    )
+    lora = random_lora_state(tiny_pipe, rank=4, alpha=2.0, seed=3)
+    base = {k: v.clone() for k, v in tiny_pipe.unet.state_dict().items()}
+    names = [load_lora(tiny_pipe, loha, scale=0.5, adapter_name="loha"), load_lora(tiny_pipe, lora, scale=0.7, adapter_name="lora")]
+    expected = build_tiny_pipeline()
+    merge_lora(expected, [(loha, 0.5), (lora, 0.7)])
+    torch.testing.assert_close(_outputs(tiny_pipe)[1], _outputs(expected)[1], rtol=1e-4, atol=1e-5)
+    set_lora_scales(tiny_pipe, dict(zip(names, (1.0, 0.0))))
+    only_loha = build_tiny_pipeline()
+    merge_lora(only_loha, [(loha, 1.0)])
+    torch.testing.assert_close(_outputs(tiny_pipe)[1], _outputs(only_loha)[1], rtol=1e-4, atol=1e-5)
+    unload_loras(tiny_pipe)
+    assert all(torch.equal(tiny_pipe.unet.state_dict()[k], v) for k, v in base.items())
