@@ -76,7 +76,7 @@ class LohaModule:
 
     kind: ClassVar[str] = "loha"
     additive: ClassVar[bool] = True
-    by_rows: ClassVar[bool] = False
+    by_rows: ClassVar[bool] = True  # a row of dW needs only that row of w1a / w2a (a column, with Tucker)
 
     def __post_init__(self) -> None:
         if (self.t1 is None) != (self.t2 is None):
@@ -128,17 +128,23 @@ class LohaModule:
         cast = {name: t.to(dtype) for name, t in self.factors().items()}
         return LohaModule(alpha=self.alpha, **cast)
 
-    def delta(self, multiplier: float = 1.0, like: Tensor | None = None) -> Tensor:
+    def delta(self, multiplier: float = 1.0, like: Tensor | None = None, rows: tuple[int, int] | None = None) -> Tensor:
+        """dW (or its output `rows`) in fp32: [out, in * k] without Tucker, [out, in, kh, kw] with it."""
         like = like if like is not None else self.w1a
         w1a, w1b, w2a, w2b = (_cast(t, like) for t in (self.w1a, self.w1b, self.w2a, self.w2b))
         if self.t1 is None:
+            if rows is not None:
+                w1a, w2a = w1a[rows[0] : rows[1]], w2a[rows[0] : rows[1]]
             first, second = w1a @ w1b.flatten(1), w2a @ w2b.flatten(1)
         else:
+            if rows is not None:
+                w1a, w2a = w1a[:, rows[0] : rows[1]], w2a[:, rows[0] : rows[1]]
             first, second = _tucker(_cast(self.t1, like), w1b, w1a), _tucker(_cast(self.t2, like), w2b, w2a)
-        return (first * second).mul_(multiplier * self.scale)
+        return first.mul_(second).mul_(multiplier * self.scale)
 
     def apply(self, weight: Tensor, multiplier: float = 1.0, rows: tuple[int, int] | None = None) -> Tensor:
-        return _add_rows(weight, self.delta(multiplier, weight), rows)
+        weight.view(weight.shape[0], -1).add_(self.delta(multiplier, weight, rows).reshape(weight.shape[0], -1))
+        return weight
 
 
 @dataclass
@@ -187,7 +193,9 @@ class LokrModule:
     def scale(self) -> float:
         return _scale(self.alpha, self.rank)
 
-    def _halves(self, like: Tensor) -> tuple[Tensor, Tensor]:
+    def halves(self, like: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The two halves of the Kronecker product in fp32 (the second holding a conv's kernel)."""
+        like = like if like is not None else torch.empty(0)
         w1 = _cast(self.w1, like) if self.w1 is not None else _cast(self.w1a, like) @ _cast(self.w1b, like)
         if self.w2 is not None:
             w2 = _cast(self.w2, like)
@@ -218,7 +226,7 @@ class LokrModule:
         return LokrModule(alpha=self.alpha, **{name: t.to(dtype) for name, t in self.factors().items()})
 
     def delta(self, multiplier: float = 1.0, like: Tensor | None = None) -> Tensor:
-        w1, w2 = self._halves(like if like is not None else next(iter(self.factors().values())))
+        w1, w2 = self.halves(like if like is not None else next(iter(self.factors().values())))
         w1 = w1.reshape(*w1.shape, *([1] * (w2.ndim - w1.ndim)))  # a conv's kernel stays in the second half
         return torch.kron(w1.contiguous(), w2.contiguous()).mul_(multiplier * self.scale)  # kron needs contiguous halves
 

@@ -110,6 +110,38 @@ def factor_product(
     return _truncate(q_up @ u, s, vh @ q_down.T, tuple(shape), rank, dynamic, scale, None, lambda: up @ down)
 
 
+def factor_kron(first: Tensor, second: Tensor, shape: tuple[int, ...], rank: int | None = None, *, scale: float = 1.0) -> Factored:
+    """`factor` of dW = scale * kron(first, second) (LoKr; a conv's kernel in `second`) from the SVDs of the two
+    small halves: the singular values of a Kronecker product are the products of the halves', its singular vectors
+    the Kronecker products of theirs. Exact, and far cheaper than the SVD of dW."""
+    a, b = first.detach().to(torch.float32).reshape(first.shape[0], -1), second.detach().to(torch.float32).reshape(second.shape[0], -1)
+    u_a, s_a, vh_a = torch.linalg.svd(a, full_matrices=False)
+    u_b, s_b, vh_b = torch.linalg.svd(b, full_matrices=False)
+    s = torch.outer(s_a, s_b).flatten() * abs(scale)
+    order = torch.argsort(s, descending=True)
+    i, j = order // s_b.numel(), order % s_b.numel()
+    u = (u_a[:, i].unsqueeze(1) * u_b[:, j].unsqueeze(0)).reshape(a.shape[0] * b.shape[0], -1)  # column k: kron(u_a[:, i], u_b[:, j])
+    vh = (vh_a[i].unsqueeze(2) * vh_b[j].unsqueeze(1)).reshape(-1, a.shape[1] * b.shape[1])
+    if scale < 0:
+        u = -u
+    return _truncate(u, s[order], vh, tuple(shape), rank, None, 1.0, None, lambda: scale * torch.kron(a, b))
+
+
+def factor_module(module, shape: tuple[int, ...], rank: int) -> Factored:
+    """`factor` of an additive module's update at `rank`, by its kind's structure where it has one: a LoHa's
+    (w1a @ w1b) * (w2a @ w2b) is the product of rank dim^2 factors (row-wise and column-wise Kronecker products of
+    the halves), a LoKr's is a Kronecker product; the others through the SVD of their dense update."""
+    if module.kind == "loha" and module.t1 is None:
+        out, dims = module.w1a.shape[0], module.rank * module.w2b.shape[0]
+        up = (module.w1a.float().unsqueeze(2) * module.w2a.float().unsqueeze(1)).reshape(out, dims) * module.scale
+        down = (module.w1b.float().flatten(1).unsqueeze(1) * module.w2b.float().flatten(1).unsqueeze(0)).reshape(dims, -1)
+        return factor_product(up, down, shape, rank)
+    if module.kind == "lokr":
+        first, second = module.halves()
+        return factor_kron(first, second, shape, rank, scale=module.scale)
+    return factor(update_of(module, None, shape), rank)
+
+
 def _truncate(u, s, vh, shape, rank, dynamic, scale, clamp_quantile, dense) -> Factored:
     """The rank-r LoRA of an SVD (see `factor`); `dense()` gives dW when the error must be measured."""
     out = shape[0]
@@ -121,6 +153,8 @@ def _truncate(u, s, vh, shape, rank, dynamic, scale, clamp_quantile, dense) -> F
         keep = min(keep, rank) if rank is not None else keep
     else:
         keep = min(int(rank), int(s.numel()))
+    # no more than dW's numerical rank: columns for singular values at float rounding would be zeros in the file
+    keep = max(1, min(keep, int((s > s[0] * 1e-6).sum()))) if total else keep
     up, down = u[:, :keep] * s[:keep], vh[:keep]
     kept = float(s[:keep].pow(2).sum())
     if clamp_quantile is not None and clamp_quantile < 1:

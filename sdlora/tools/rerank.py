@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from ..core.families import unflattened_shape
 from ..core.kinds import KIND_NAMES
-from ..core.lowrank import Factored, Report, as_plain_lora, factor, factor_product, update_of
+from ..core.lowrank import Factored, Report, as_plain_lora, factor, factor_module, factor_product, update_of
 from ..core.state import FORMAT_METADATA_KEY, LoraModule, LoraState
 from ..inference.adapters import matched_layers
 from ..models.loading import load_pipeline
@@ -86,7 +86,10 @@ def to_plain_lora(
                     f"{label}: module {path} is {KIND_NAMES[module.kind]}, whose update depends on the weight it adapts: "
                     "give --model (the model the LoRA is for) to factor it"
                 )
-            report.modules[path] = factor(update_of(module, weight, shape), target)
+            if module.additive:
+                report.modules[path] = factor_module(module, shape, target)
+            else:
+                report.modules[path] = factor(update_of(module, weight, shape), target)
         modules[path] = report.modules[path].module
     if biases:
         report.notes.append(f"bias differences (diff_b) of {len(biases)} modules left out: a LoRA carries none (first: {biases[0]})")
