@@ -164,7 +164,7 @@ class LokrModule:
 
     kind: ClassVar[str] = "lokr"
     additive: ClassVar[bool] = True
-    by_rows: ClassVar[bool] = False
+    by_rows: ClassVar[bool] = True  # a row of kron(w1, w2) is one row of each half
 
     def __post_init__(self) -> None:
         for number, whole, a, b in ((1, self.w1, self.w1a, self.w1b), (2, self.w2, self.w2a, self.w2b)):
@@ -231,7 +231,15 @@ class LokrModule:
         return torch.kron(w1.contiguous(), w2.contiguous()).mul_(multiplier * self.scale)  # kron needs contiguous halves
 
     def apply(self, weight: Tensor, multiplier: float = 1.0, rows: tuple[int, int] | None = None) -> Tensor:
-        return _add_rows(weight, self.delta(multiplier, weight), rows)
+        if rows is None:
+            return _add_rows(weight, self.delta(multiplier, weight), None)
+        # row o of kron(w1, w2) is outer(w1[o // out2], w2[o % out2]) flattened: only the rows asked for are built
+        w1, w2 = self.halves(weight)
+        w1, w2 = w1.reshape(w1.shape[0], -1), w2.reshape(w2.shape[0], -1)
+        index = torch.arange(rows[0], rows[1], device=w1.device)
+        block = (w1[index // w2.shape[0]].unsqueeze(2) * w2[index % w2.shape[0]].unsqueeze(1)).reshape(len(index), -1)
+        weight.view(weight.shape[0], -1).add_(block, alpha=multiplier * self.scale)
+        return weight
 
 
 @dataclass

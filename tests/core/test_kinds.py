@@ -379,3 +379,28 @@ def test_a_merged_kind_and_a_peft_lora_load_together_at_their_weights(tiny_pipe,
     torch.testing.assert_close(_outputs(tiny_pipe)[1], _outputs(only_loha)[1], rtol=1e-4, atol=1e-5)
     unload_loras(tiny_pipe)
     assert all(torch.equal(tiny_pipe.unet.state_dict()[k], v) for k, v in base.items())
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        LohaModule(torch.randn(16, 3), torch.randn(3, 20 * 9), torch.randn(16, 3), torch.randn(3, 20 * 9), alpha=2.0),
+        LohaModule(torch.randn(3, 16), torch.randn(3, 20), torch.randn(3, 16), torch.randn(3, 20), alpha=2.0, t1=torch.randn(3, 3, 3, 3), t2=torch.randn(3, 3, 3, 3)),
+        LokrModule(w1=torch.randn(4, 4), w2a=torch.randn(4, 3), w2b=torch.randn(3, 5 * 9), alpha=1.5),
+        LokrModule(w1=torch.randn(2, 2), w2a=torch.randn(3, 8), w2b=torch.randn(3, 10), t2=torch.randn(3, 3, 3, 3), alpha=2.0),
+        LokrModule(w1a=torch.randn(4, 2), w1b=torch.randn(2, 4), w2=torch.randn(4, 5, 3, 3)),
+        FullModule(torch.randn(16, 20, 3, 3)),
+        Ia3Module(torch.randn(16), torch.tensor(0)),
+        GloraModule(torch.randn(20, 2), torch.randn(2, 20), torch.randn(16, 2, 1, 1), torch.randn(2, 20, 3, 3), alpha=3.0),
+    ],
+    ids=["loha", "loha-tucker", "lokr", "lokr-tucker", "lokr-whole-second", "full", "ia3", "glora-conv"],
+)  # fmt: skip
+def test_a_kind_merged_in_pieces_of_rows_equals_it_merged_whole(module):
+    """The streaming merge updates big weights a few rows at a time (`by_rows` kinds): the pieces add up to the whole."""
+    assert module.by_rows
+    weight = torch.randn(16, 20, 3, 3)
+    whole = module.apply(weight.clone(), 0.7).reshape(16, -1)
+    pieces = weight.clone().reshape(16, -1)
+    for begin, end in ((0, 5), (5, 6), (6, 16)):
+        module.apply(pieces[begin:end], 0.7, rows=(begin, end))
+    torch.testing.assert_close(pieces, whole, rtol=1e-5, atol=1e-5)
