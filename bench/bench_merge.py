@@ -32,15 +32,10 @@ TEXT_TARGETS = re.compile(r"(self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.(fc
 SUMMARY = re.compile(r"merged (\d+) LoRA modules into (\d+) weights .*\(update arithmetic ([\d.]+) s over ([\d.]+) GB\)")
 
 
-def write_bench_lora(model: Path, rank: int, out: Path) -> tuple[Path, int]:
-    """A random diffusers-format LoRA (alpha = rank / 2) shaped from the model's weight headers, no model loaded,
-    and the FLOPs of merging it (2 * rank per weight element)."""
-    from sdlora.core.files import write_lora
-    from sdlora.core.state import LoraModule, LoraState
+def bench_layers(model: Path):
+    """(LoraState module path, weight shape) of kohya's default targets in an SD1-shaped folder, from its headers."""
     from sdlora.storage.safetensors_stream import read_header
 
-    generator = torch.Generator().manual_seed(rank)
-    modules, flops = {}, 0
     for component, file, pattern in (
         ("unet", "unet/diffusion_pytorch_model.safetensors", UNET_TARGETS),
         ("text_encoder", "text_encoder/model.safetensors", TEXT_TARGETS),
@@ -51,11 +46,23 @@ def write_bench_lora(model: Path, rank: int, out: Path) -> tuple[Path, int]:
             path = name.removesuffix(".weight")
             if component == "text_encoder" and not path.startswith("text_model."):
                 path = "text_model." + path  # LoraState keeps `text_model.` (transformers 5 drops it from the weights)
-            trailing = info.shape[2:]
-            down = torch.randn(rank, info.shape[1], *trailing, generator=generator) * 0.01
-            up = torch.randn(info.shape[0], rank, *([1] * len(trailing)), generator=generator) * 0.01
-            modules[f"{component}.{path}"] = LoraModule(down, up, rank / 2)
-            flops += 2 * rank * down[0].numel() * up.shape[0]
+            yield f"{component}.{path}", tuple(info.shape)
+
+
+def write_bench_lora(model: Path, rank: int, out: Path) -> tuple[Path, int]:
+    """A random diffusers-format LoRA (alpha = rank / 2) shaped from the model's weight headers, no model loaded,
+    and the FLOPs of merging it (2 * rank per weight element)."""
+    from sdlora.core.files import write_lora
+    from sdlora.core.state import LoraModule, LoraState
+
+    generator = torch.Generator().manual_seed(rank)
+    modules, flops = {}, 0
+    for key, shape in bench_layers(model):
+        trailing = shape[2:]
+        down = torch.randn(rank, shape[1], *trailing, generator=generator) * 0.01
+        up = torch.randn(shape[0], rank, *([1] * len(trailing)), generator=generator) * 0.01
+        modules[key] = LoraModule(down, up, rank / 2)
+        flops += 2 * rank * down[0].numel() * up.shape[0]
     return write_lora(LoraState(modules), out, "diffusers"), flops
 
 

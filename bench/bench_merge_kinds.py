@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_merge import SUMMARY, TEXT_TARGETS, UNET_TARGETS, run_measured  # noqa: E402  (the bench scripts' shared parts)
+from bench_merge import SUMMARY, bench_layers, run_measured  # noqa: E402  (the bench scripts' shared parts)
 
 
 def _factor_pair(size: int) -> tuple[int, int]:
@@ -37,7 +37,6 @@ def write_kind_files(model: Path, rank: int, work: Path) -> dict[str, Path]:
     from sdlora.core.files import write_kohya
     from sdlora.core.kinds import LohaModule, LokrModule
     from sdlora.core.state import LoraModule, LoraState
-    from sdlora.storage.safetensors_stream import read_header
 
     generator = torch.Generator().manual_seed(rank)
 
@@ -45,22 +44,12 @@ def write_kind_files(model: Path, rank: int, work: Path) -> dict[str, Path]:
         return torch.randn(shape, generator=generator) * 0.01
 
     states: dict[str, dict] = {"lora": {}, "loha": {}, "lokr": {}}
-    for component, file, pattern in (
-        ("unet", "unet/diffusion_pytorch_model.safetensors", UNET_TARGETS),
-        ("text_encoder", "text_encoder/model.safetensors", TEXT_TARGETS),
-    ):
-        for name, info in read_header(model / file).tensors.items():
-            if not pattern.search(name):
-                continue
-            path = name.removesuffix(".weight")
-            if component == "text_encoder" and not path.startswith("text_model."):
-                path = "text_model." + path
-            key, (out, inner) = f"{component}.{path}", info.shape[:2]
-            trailing = [1] * (len(info.shape) - 2)
-            states["lora"][key] = LoraModule(rand(rank, inner, *trailing), rand(out, rank, *trailing), rank / 2)
-            states["loha"][key] = LohaModule(rand(out, rank), rand(rank, inner), rand(out, rank), rand(rank, inner), alpha=rank / 2)
-            (out1, out2), (in1, in2) = _factor_pair(out), _factor_pair(inner)
-            states["lokr"][key] = LokrModule(w1=rand(out1, in1), w2a=rand(out2, rank), w2b=rand(rank, in2), alpha=rank / 2)
+    for key, shape in bench_layers(model):
+        (out, inner), trailing = shape[:2], [1] * (len(shape) - 2)
+        states["lora"][key] = LoraModule(rand(rank, inner, *trailing), rand(out, rank, *trailing), rank / 2)
+        states["loha"][key] = LohaModule(rand(out, rank), rand(rank, inner), rand(out, rank), rand(rank, inner), alpha=rank / 2)
+        (out1, out2), (in1, in2) = _factor_pair(out), _factor_pair(inner)
+        states["lokr"][key] = LokrModule(w1=rand(out1, in1), w2a=rand(out2, rank), w2b=rand(rank, in2), alpha=rank / 2)
     return {kind: write_kohya(LoraState(modules), work / f"kind-{kind}-r{rank}.safetensors") for kind, modules in states.items()}
 
 

@@ -24,7 +24,7 @@ from typing import ClassVar
 
 import torch
 
-from .state import LoraModule
+from .state import AlphaScaled, LoraModule
 
 Tensor = torch.Tensor
 
@@ -58,8 +58,17 @@ def _tucker(core: Tensor, down: Tensor, up: Tensor) -> Tensor:
     return torch.einsum("ijkl,jr,ip->prkl", core, down, up)
 
 
+class Unscaled:
+    """The kinds without rank or alpha (full diffs, IA3): their update is what they store, at scale 1."""
+
+    rank: ClassVar[None] = None
+    alpha: ClassVar[None] = None
+    effective_alpha: ClassVar[None] = None
+    scale: ClassVar[float] = 1.0
+
+
 @dataclass
-class LohaModule:
+class LohaModule(AlphaScaled):
     """LoHa (LyCORIS): dW = (w1a @ w1b) * (w2a @ w2b) * alpha / dim, the Hadamard product of two low-rank products.
 
     Without Tucker, w1a / w2a are [out, dim] and w1b / w2b [dim, in * kh * kw]; with Tucker (`hada_t1` / `hada_t2`,
@@ -103,14 +112,6 @@ class LohaModule:
     @property
     def rank(self) -> int:
         return int(self.w1b.shape[0])
-
-    @property
-    def effective_alpha(self) -> float:
-        return float(self.rank) if self.alpha is None else self.alpha
-
-    @property
-    def scale(self) -> float:
-        return _scale(self.alpha, self.rank)
 
     def weight_shape(self) -> tuple[int, ...]:
         if self.t1 is None:
@@ -243,7 +244,7 @@ class LokrModule:
 
 
 @dataclass
-class FullModule:
+class FullModule(Unscaled):
     """A full-weight difference (LyCORIS `full`): dW = diff, and the bias's difference `diff_b` when stored."""
 
     diff: Tensor
@@ -252,10 +253,6 @@ class FullModule:
     kind: ClassVar[str] = "full"
     additive: ClassVar[bool] = True
     by_rows: ClassVar[bool] = True
-    rank: ClassVar[None] = None
-    alpha: ClassVar[None] = None
-    effective_alpha: ClassVar[None] = None
-    scale: ClassVar[float] = 1.0
 
     def __post_init__(self) -> None:
         if self.diff_b is not None and tuple(self.diff_b.shape) != (self.diff.shape[0],):
@@ -389,11 +386,14 @@ class OftModule:
     rank: ClassVar[None] = None
 
     def __post_init__(self) -> None:
+        self._check_blocks()
+        if self.rescale is not None and self.rescale.shape[0] != self.out_features:
+            raise ValueError(f"{KIND_NAMES[self.kind]} rescale {tuple(self.rescale.shape)} does not fit {self.out_features} output rows")
+        self.alpha = 0.0 if self.alpha is None else float(self.alpha)
+
+    def _check_blocks(self) -> None:
         if self.blocks.ndim != 3 or self.blocks.shape[1] != self.blocks.shape[2]:
             raise ValueError(f"OFT oft_blocks {tuple(self.blocks.shape)} is not [blocks, size, size]")
-        if self.rescale is not None and self.rescale.shape[0] != self.out_features:
-            raise ValueError(f"OFT rescale {tuple(self.rescale.shape)} does not fit {self.out_features} output rows")
-        self.alpha = 0.0 if self.alpha is None else float(self.alpha)
 
     @property
     def out_features(self) -> int:
@@ -443,15 +443,12 @@ class BoftModule(OftModule):
 
     kind: ClassVar[str] = "boft"
 
-    def __post_init__(self) -> None:
+    def _check_blocks(self) -> None:
         if self.blocks.ndim != 4 or self.blocks.shape[2] != self.blocks.shape[3] or self.blocks.shape[2] % 2:
             raise ValueError(f"BOFT oft_blocks {tuple(self.blocks.shape)} is not [stages, blocks, size, size] of an even size")
         stages, count, size = self.blocks.shape[:3]
         if 2 ** (stages - 1) * size > count * size:
             raise ValueError(f"BOFT oft_blocks {tuple(self.blocks.shape)}: {stages} stages need more than {count} blocks of {size}")
-        if self.rescale is not None and self.rescale.shape[0] != self.out_features:
-            raise ValueError(f"BOFT rescale {tuple(self.rescale.shape)} does not fit {self.out_features} output rows")
-        self.alpha = 0.0 if self.alpha is None else float(self.alpha)
 
     @property
     def out_features(self) -> int:
@@ -470,7 +467,7 @@ class BoftModule(OftModule):
 
 
 @dataclass
-class Ia3Module:
+class Ia3Module(Unscaled):
     """IA3 (LyCORIS `ia3`): dW = W * w, the weight scaled per output row, or per input column when `on_input`
     (`weight` [out] or [in]; a conv's [1, channels, 1, 1]). LyCORIS's forward pass gives W * (1 + w * multiplier),
     as sdlora does; a module has no alpha."""
@@ -481,10 +478,6 @@ class Ia3Module:
     kind: ClassVar[str] = "ia3"
     additive: ClassVar[bool] = False  # dW depends on W: merging -s does not undo it
     by_rows: ClassVar[bool] = True
-    rank: ClassVar[None] = None
-    alpha: ClassVar[None] = None
-    effective_alpha: ClassVar[None] = None
-    scale: ClassVar[float] = 1.0
 
     def __post_init__(self) -> None:
         if self.weight.ndim not in (1, 4) or (self.weight.ndim == 4 and (self.weight.shape[0] != 1 or self.weight.shape[2:].numel() != 1)):
@@ -521,7 +514,7 @@ class Ia3Module:
 
 
 @dataclass
-class GloraModule:
+class GloraModule(AlphaScaled):
     """GLoRA (LyCORIS `glora`): dW = alpha / dim * (W @ A + B), A = a_in @ a_out ([in, dim] @ [dim, in], acting on the
     input side of W) and B = b1 @ b2 a LoRA of the layer (with a Tucker core `bm` for a conv kernel).
 
@@ -565,14 +558,6 @@ class GloraModule:
     @property
     def rank(self) -> int:
         return int(self._a_in.shape[1])
-
-    @property
-    def effective_alpha(self) -> float:
-        return float(self.rank) if self.alpha is None else self.alpha
-
-    @property
-    def scale(self) -> float:
-        return _scale(self.alpha, self.rank)
 
     def weight_shape(self) -> tuple[int, ...]:
         return self._b.weight_shape()

@@ -20,8 +20,22 @@ COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 FORMAT_METADATA_KEY = "sdlora_format"  # the format a file was read from, kept in LoraState.metadata
 
 
+class AlphaScaled:
+    """The scale of every kind with a rank (dim) and an alpha: alpha / rank, applied once; no alpha means alpha =
+    rank, scale 1 (kohya, LyCORIS, ComfyUI, A1111)."""
+
+    @property
+    def effective_alpha(self) -> float:
+        return float(self.rank) if self.alpha is None else self.alpha
+
+    @property
+    def scale(self) -> float:
+        """alpha / rank: the factor the update is multiplied by."""
+        return self.effective_alpha / self.rank
+
+
 @dataclass
-class LoraModule:
+class LoraModule(AlphaScaled):
     """One LoRA (LoCon) module: `down` is A ([r, in] or [r, in, kh, kw]), `up` is B ([out, r] or [out, r, 1, 1]);
     with Tucker's `mid` ([r, r, kh, kw], LyCORIS's `lora_mid`), `down` is [r, in, 1, 1] and the kernel lives in `mid`.
 
@@ -53,15 +67,6 @@ class LoraModule:
     @property
     def rank(self) -> int:
         return int(self.down.shape[0])
-
-    @property
-    def effective_alpha(self) -> float:
-        return float(self.rank) if self.alpha is None else self.alpha
-
-    @property
-    def scale(self) -> float:
-        """alpha / rank: the factor the update up @ down is multiplied by."""
-        return self.effective_alpha / self.rank
 
     @property
     def is_conv(self) -> bool:
