@@ -47,7 +47,12 @@ def test_saved_folder_reloads_as_the_same_sdxl_pipeline(tiny_sdxl_dir):
     assert family_of_folder(tiny_sdxl_dir) is SDXL
     loaded = load_pipeline(str(tiny_sdxl_dir))
     assert type(loaded).__name__ == "StableDiffusionXLPipeline"
-    np.testing.assert_array_equal(_image(loaded), _image(load_pipeline("tiny-sdxl")))
+    built = load_pipeline("tiny-sdxl")
+    for component in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        a, b = _state(getattr(loaded, component)), _state(getattr(built, component))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), component
+    # the same weights; the images agree to float noise (CPU kernels may pick another summation order, ~2e-6 seen)
+    np.testing.assert_allclose(_image(loaded), _image(built), rtol=0, atol=1e-5)
 
 
 def test_cli_writes_the_sdxl_variant(tmp_path, capsys):
