@@ -7,6 +7,8 @@ Each command imports the library parts it runs when it runs (the imports inside 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
 import os
 import sys
 import warnings
@@ -296,10 +298,18 @@ def _generate_args(parser: argparse.ArgumentParser) -> None:
         metavar="FILE[:SCALE]",
         help="LoRA file in any supported format, with its weight (default 1); repeat for several",
     )
-    parser.add_argument("--prompt", required=True, help="text prompt")
+    parser.add_argument(
+        "--lora-dir",
+        default=None,
+        help="folder (searched with its subfolders) where the prompt's <lora:NAME:WEIGHT> tags find their files, by file stem",
+    )
+    parser.add_argument(
+        "--prompt", required=True, help="text prompt; <lora:NAME:WEIGHT> tags in it load LoRAs from --lora-dir, as in A1111"
+    )
     parser.add_argument("--negative-prompt", default="", help="what to steer away from")
     parser.add_argument("--steps", type=int, default=20, help="denoising steps")
     parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    _sampler_arg(parser)
     parser.add_argument(
         "--seed", type=int, default=None, help="seed of the first image; image i uses seed + i (default: random, recorded in each PNG)"
     )
@@ -312,39 +322,178 @@ def _generate_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-pickle", action="store_true", help="allow pickle LoRA files and checkpoints (weights only)")
 
 
-def _generate_run(args: argparse.Namespace) -> None:
+def _sampler_arg(parser: argparse.ArgumentParser, several: bool = False) -> None:
+    from .inference.samplers import SAMPLERS  # the table is plain data: no torch or diffusers import
+
+    parser.add_argument(
+        "--sampler",
+        default=None,
+        help=("comma-separated samplers (an axis when several); " if several else "")
+        + f"an A1111 name ({', '.join(SAMPLERS)}), a kohya name (euler_a, k_dpm_2...) or a diffusers scheduler class; default: the model's scheduler",
+    )
+
+
+def _open_loras(args: argparse.Namespace, prompt_tags) -> list:
+    """(LoraFile, scale) for each --lora, then each <lora:...> tag of the prompt, every file read before the model loads."""
     from .core.files import open_lora  # lazy: see the module docstring
-    from .inference.adapters import LoraMatchWarning, load_lora
-    from .inference.generation import GRID_NAME, check_image_size, default_dtype, generate, model_label, resolve_device, save_images
     from .inference.merge import parse_lora_arg
+
+    specs = [parse_lora_arg(text) for text in args.lora] + [(path, weight) for path, weight, _ in prompt_tags]
+    return [(open_lora(path, allow_pickle=args.allow_pickle), scale) for path, scale in specs]
+
+
+def _load_model(args: argparse.Namespace):
+    from .inference.generation import default_dtype, resolve_device  # lazy: see the module docstring
     from .models.loading import load_pipeline, parse_dtype
+
+    device = resolve_device(args.device)
+    dtype = parse_dtype(args.dtype) if args.dtype else default_dtype(device)
+    return load_pipeline(args.model, dtype=dtype, config=args.config, allow_pickle=args.allow_pickle).to(device)
+
+
+def _loading_loras(command: str):
+    """A context in which a LoRA that matches only part of the model warns in one line naming the command."""
+    from .inference.adapters import LoraMatchWarning  # lazy: see the module docstring
+
+    @contextlib.contextmanager
+    def context():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", LoraMatchWarning)
+            yield
+        for warning in caught:
+            if issubclass(warning.category, LoraMatchWarning):
+                print(f"sdlora {command}: warning: {warning.message}", file=sys.stderr)
+            else:
+                warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
+
+    return context()
+
+
+def _generate_run(args: argparse.Namespace) -> None:
+    from .inference.adapters import load_lora  # lazy: see the module docstring
+    from .inference.generation import GRID_NAME, check_image_size, generate, model_label, save_images
+    from .inference.prompts import prompt_loras
+    from .inference.samplers import find_sampler
     from .storage.atomic import check_writable_target
 
     # every check a user can fail comes before the model loads and before anything is written
     check_image_size(args.height, "--height")
     check_image_size(args.width, "--width")
     check_writable_target(args.out, is_dir=True)
-    loras = [(open_lora(path, allow_pickle=args.allow_pickle), scale) for path, scale in map(parse_lora_arg, args.lora)]
-    device = resolve_device(args.device)
-    dtype = parse_dtype(args.dtype) if args.dtype else default_dtype(device)
-    pipe = load_pipeline(args.model, dtype=dtype, config=args.config, allow_pickle=args.allow_pickle).to(device)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", LoraMatchWarning)
+    if args.sampler is not None:
+        find_sampler(args.sampler)
+    prompt, tags = prompt_loras(args.prompt, args.lora_dir)
+    loras = _open_loras(args, tags)
+    pipe = _load_model(args)
+    with _loading_loras("generate"):
         for lora, scale in loras:
             load_lora(pipe, lora, scale=scale)
-    for warning in caught:
-        if issubclass(warning.category, LoraMatchWarning):
-            print(f"sdlora generate: warning: {warning.message}", file=sys.stderr)
-        else:
-            warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
     images = generate(
-        pipe, args.prompt, args.negative_prompt, steps=args.steps, guidance=args.guidance, seed=args.seed,
+        pipe, prompt, args.negative_prompt, steps=args.steps, guidance=args.guidance, seed=args.seed,
         num_images=args.num_images, height=args.height, width=args.width, model_name=model_label(args.model),
+        sampler=args.sampler,
     )  # fmt: skip
     paths = save_images(images, args.out)
     print(
         f"wrote {len(images)} images and {GRID_NAME} to {args.out} (seeds {images[0].info['seed']}..{images[-1].info['seed']}): {', '.join(p.name for p in paths)}"
     )
+
+
+# ---------------------------------------------------------------- grid
+
+
+def _grid_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="tiny", help="the base model, as for generate (default: tiny)")
+    parser.add_argument(
+        "--config", default=None, help="for a single-file checkpoint offline: a local diffusers folder of the same architecture"
+    )
+    parser.add_argument(
+        "--lora-steps",
+        nargs="+",
+        default=[],
+        metavar="PATH",
+        help="the checkpoint axis: LoRA files, or a training run's folder / its checkpoints folder (each step-* checkpoint's LoRA, in step order)",
+    )
+    parser.add_argument("--weights", default="1", help="comma-separated weights of the --lora-steps LoRA (default 1), e.g. 0,0.4,0.8,1.2")
+    parser.add_argument(
+        "--prompt",
+        action="append",
+        required=True,
+        help="prompt; repeat for a prompt axis; <lora:NAME:WEIGHT> tags load LoRAs from --lora-dir in the cells of that prompt",
+    )
+    parser.add_argument("--negative-prompt", default="", help="what to steer away from (every cell)")
+    parser.add_argument("--seed", default="0", help="comma-separated seeds (default 0); every cell of a row and column uses the same one")
+    parser.add_argument("--steps", default="20", help="comma-separated denoising steps (default 20)")
+    parser.add_argument("--guidance", default="7.5", help="comma-separated guidance scales (default 7.5)")
+    _sampler_arg(parser, several=True)
+    parser.add_argument(
+        "--x",
+        default=None,
+        help="the axis along X: weight, checkpoint, prompt, seed, sampler, steps, guidance (default: the first with several values)",
+    )
+    parser.add_argument("--y", default=None, help="the axis along Y (default: the next with several values)")
+    parser.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="FILE[:SCALE]",
+        help="a LoRA in every cell, beside the checkpoint; repeat for several",
+    )
+    parser.add_argument("--lora-dir", default=None, help="folder where the prompts' <lora:NAME:WEIGHT> tags find their files, by stem")
+    parser.add_argument("--height", type=int, default=None, help="image height, a multiple of 8 (default: the model's)")
+    parser.add_argument("--width", type=int, default=None, help="image width, a multiple of 8 (default: the model's)")
+    parser.add_argument("--out", required=True, help="folder for grid.png (labelled) and each cell as NNNNN-<seed>.png with its parameters")
+    parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None, help="model dtype (default: fp32 on CPU, fp16 on GPU)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps (default: auto)")
+    parser.add_argument("--allow-pickle", action="store_true", help="allow pickle LoRA files and checkpoints (weights only)")
+
+
+def _values(text: str, flag: str, kind: type) -> list:
+    items = [item.strip() for item in text.split(",")]
+    if not any(items):
+        raise ValueError(f"{flag} {text!r}: the axis has no values; give one or more, separated by commas")
+    try:
+        return [kind(item) for item in items if item]
+    except ValueError:
+        raise ValueError(f"{flag} {text!r}: each value must be {'an integer' if kind is int else 'a number'}") from None
+
+
+def _grid_run(args: argparse.Namespace) -> None:
+    from .inference.generation import GRID_NAME, check_image_size, model_label, save_images  # lazy: see the module docstring
+    from .inference.grid import GridSpec, find_checkpoints, make_grid
+    from .inference.merge import parse_lora_arg
+    from .inference.prompts import prompt_loras
+    from .storage.atomic import atomic_file, check_writable_target
+
+    check_image_size(args.height, "--height")
+    check_image_size(args.width, "--width")
+    out = check_writable_target(args.out, is_dir=True)
+    weights = _values(args.weights, "--weights", float)
+    if not all(math.isfinite(w) for w in weights):
+        raise ValueError(f"--weights {args.weights!r}: each weight must be a finite number")
+    seeds = _values(args.seed, "--seed", int)
+    if any(not 0 <= s < 2**63 for s in seeds):
+        raise ValueError(f"--seed {args.seed!r}: seeds must be between 0 and 2**63")
+    samplers = [None] if args.sampler is None else [s.strip() for s in args.sampler.split(",") if s.strip()]
+    if not samplers:
+        raise ValueError(f"--sampler {args.sampler!r}: the axis has no values")
+    spec = GridSpec(
+        prompts=args.prompt, weights=weights, checkpoints=find_checkpoints(args.lora_steps), seeds=seeds, samplers=samplers,
+        steps=_values(args.steps, "--steps", int), guidance=_values(args.guidance, "--guidance", float),
+        negative_prompt=args.negative_prompt, height=args.height, width=args.width,
+        loras=[parse_lora_arg(text) for text in args.lora], lora_dir=args.lora_dir, x=args.x, y=args.y,
+    )  # fmt: skip
+    spec.check()
+    for prompt in spec.prompts:
+        prompt_loras(prompt, spec.lora_dir)  # a tag naming no file fails before the model loads
+    pipe = _load_model(args)
+    with _loading_loras("grid"):
+        grid = make_grid(pipe, spec, model_name=model_label(args.model))
+    paths = save_images([image for row in grid.cells for image in row], out, grid=False)
+    with atomic_file(out / GRID_NAME) as tmp:
+        grid.image.save(tmp, format="PNG")
+    rows = f" x {len(grid.y_labels)} {grid.y}" if grid.y else ""
+    print(f"wrote {out / GRID_NAME} ({len(grid.x_labels)} {grid.x}{rows}) and {len(paths)} images to {out}")
 
 
 # ---------------------------------------------------------------- merge / unmerge
@@ -415,6 +564,12 @@ COMMANDS: list[Command] = [
     ("train", "train a LoRA on a folder of images with captions", _train_args, _train_run),
     ("convert", "convert a LoRA file between formats, or any adapter kind to a plain LoRA (--rank)", _convert_args, _convert_run),
     ("generate", "generate images with LoRAs; PNGs record prompt, seed, steps and LoRAs as A1111 does", _generate_args, _generate_run),
+    (
+        "grid",
+        "an X/Y comparison grid: LoRA weights, checkpoints, prompts, seeds, samplers or steps on two axes, labelled",
+        _grid_args,
+        _grid_run,
+    ),
     ("inspect", "show a LoRA file's format, ranks, alphas, architecture and metadata", _inspect_args, _inspect_run),
     ("merge", "merge LoRAs into a model's weights (W + scale * alpha/r * up @ down) and write the model", _merge_args, _merge_run),
     ("tiny-model", "write a tiny random-weight Stable Diffusion pipeline (offline tests and examples)", _tiny_model_args, _tiny_model_run),
@@ -444,6 +599,8 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", message=".*(TypedStorage|torch.load|IProgress).*")
+    # torchsde's Brownian tree under DPM++ SDE, on float rounding of the first sigma: harmless
+    warnings.filterwarnings("ignore", message="Should have ta>=t0")
     warnings.formatwarning = _one_line_warning
 
 

@@ -17,32 +17,11 @@ from PIL.PngImagePlugin import PngInfo
 from ..core.version import __version__
 from ..storage.atomic import atomic_file, check_writable_target
 from .adapters import LoadedLora, loaded_loras
+from .samplers import sampler_name, set_sampler
 
 PARAMETERS_KEY = "parameters"  # the PNG text chunk A1111, ComfyUI and civitai read generation settings from
 GRID_NAME = "grid.png"
 _IMAGE_NAME = re.compile(r"(\d{5})-.*\.png")
-
-# diffusers scheduler class -> the sampler name A1111 writes
-_SAMPLER_NAMES = {
-    "DDIMScheduler": "DDIM",
-    "PNDMScheduler": "PLMS",
-    "LMSDiscreteScheduler": "LMS",
-    "EulerDiscreteScheduler": "Euler",
-    "EulerAncestralDiscreteScheduler": "Euler a",
-    "HeunDiscreteScheduler": "Heun",
-    "DPMSolverMultistepScheduler": "DPM++ 2M",
-    "DPMSolverSinglestepScheduler": "DPM++ SDE",
-    "KDPM2DiscreteScheduler": "DPM2",
-    "KDPM2AncestralDiscreteScheduler": "DPM2 a",
-    "UniPCMultistepScheduler": "UniPC",
-    "LCMScheduler": "LCM",
-}
-
-
-def sampler_name(scheduler) -> str:
-    """A1111's name for a diffusers scheduler (its class name without `Scheduler` when A1111 has none)."""
-    class_name = type(scheduler).__name__
-    return _SAMPLER_NAMES.get(class_name, class_name.removesuffix("Scheduler"))
 
 
 def _quote(value: str) -> str:
@@ -99,7 +78,8 @@ def image_grid(images: Sequence[PILImage.Image], columns: int | None = None) -> 
     return grid
 
 
-def _png_info(parameters: str | None):
+def png_info(parameters: str | None) -> PngInfo:
+    """The PNG text chunks of an image: its A1111 `parameters`, when it has them."""
     info = PngInfo()
     if parameters:
         info.add_text(PARAMETERS_KEY, parameters)  # tEXt, or iTXt when the prompt is not Latin-1
@@ -123,11 +103,11 @@ def save_images(images: Sequence[PILImage.Image], out_dir: str | os.PathLike, gr
         seed = image.info.get("seed", "noseed")
         path = out_dir / f"{index + offset:05d}-{seed}.png"
         with atomic_file(path) as tmp:
-            image.save(tmp, format="PNG", pnginfo=_png_info(image.info.get(PARAMETERS_KEY)))
+            image.save(tmp, format="PNG", pnginfo=png_info(image.info.get(PARAMETERS_KEY)))
         paths.append(path)
     if grid and images:
         with atomic_file(out_dir / GRID_NAME) as tmp:
-            image_grid(images).save(tmp, format="PNG", pnginfo=_png_info(images[0].info.get(PARAMETERS_KEY)))
+            image_grid(images).save(tmp, format="PNG", pnginfo=png_info(images[0].info.get(PARAMETERS_KEY)))
         paths.append(out_dir / GRID_NAME)
     return paths
 
@@ -136,6 +116,24 @@ def read_parameters(path: str | os.PathLike) -> str | None:
     """The `parameters` text chunk of a PNG, or None."""
     with PILImage.open(path) as image:
         return image.text.get(PARAMETERS_KEY)
+
+
+_SETTING = re.compile(r'\s*([\w ]+):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
+
+
+def parse_parameters(text: str) -> dict[str, str]:
+    """A1111's `parameters` text as a dict: `Prompt`, `Negative prompt` and each setting of the last line
+    (`Steps`, `Sampler`, `Seed`, `Size`, ...; quoted values unquoted), as A1111's infotext reader splits it."""
+    *prompt_lines, settings = text.strip().split("\n")
+    fields: dict[str, str] = {}
+    negative = [i for i, line in enumerate(prompt_lines) if line.startswith("Negative prompt:")]
+    cut = negative[0] if negative else len(prompt_lines)
+    fields["Prompt"] = "\n".join(prompt_lines[:cut])
+    if negative:
+        fields["Negative prompt"] = "\n".join(prompt_lines[cut:]).removeprefix("Negative prompt:").strip()
+    for key, value in _SETTING.findall(settings):
+        fields[key.strip()] = json.loads(value) if value.startswith('"') else value.strip()
+    return fields
 
 
 # ---------------------------------------------------------------- generation
@@ -173,33 +171,46 @@ def generate(
     width: int | None = None,
     model_name: str | None = None,
     progress: bool = True,
+    sampler: str | None = None,
 ) -> list[PILImage.Image]:
     """Generate `num_images` PIL images; image i uses seed `seed + i` (random seed when None), so one can be redone alone.
 
-    Each image's `info["parameters"]` holds A1111's text (prompt, LoRAs, seed, steps, ...), which `save_images` writes.
+    `sampler`: an A1111 sampler name ("DPM++ 2M Karras"), kohya's or a diffusers scheduler class name, set on the
+    pipeline for this and later calls (`inference.samplers`); None keeps the pipeline's scheduler.
+    Each image's `info["parameters"]` holds A1111's text (prompt, LoRAs, seed, steps, sampler...), which `save_images` writes.
     """
     for value, name in ((steps, "steps"), (num_images, "num_images")):
         if value < 1:
             raise ValueError(f"{name} must be at least 1, got {value}")
     check_image_size(height, "height")
     check_image_size(width, "width")
+    if sampler is not None:
+        set_sampler(pipe, sampler)
     if seed is None:
         seed = random.randrange(2**32)
     if not 0 <= seed <= 2**63 - num_images:
         raise ValueError(f"seed must be between 0 and 2**63, got {seed}")
     # CPU generators: the same seed gives the same starting noise on every device
-    generators = [torch.Generator("cpu").manual_seed(seed + index) for index in range(num_images)]
     pipe.set_progress_bar_config(disable=not progress, desc="generating")
-    images = pipe(
-        prompt=prompt,
-        negative_prompt=negative_prompt or None,
-        num_inference_steps=steps,
-        guidance_scale=guidance,
-        num_images_per_prompt=num_images,
-        height=height,
-        width=width,
-        generator=generators,
-    ).images
+    # a scheduler with a noise source of its own (DPM++ SDE's Brownian tree) draws it from one seed for the whole
+    # batch: such images are made one at a time, each with its own seed, so image i is still seed + i alone
+    own_noise = hasattr(pipe.scheduler, "noise_sampler_seed")
+    batches = [(seed + index, 1) for index in range(num_images)] if own_noise else [(seed, num_images)]
+    images = []
+    for first, count in batches:
+        if own_noise:
+            pipe.scheduler.noise_sampler_seed = first
+            pipe.scheduler.noise_sampler = None
+        images += pipe(
+            prompt=prompt,
+            negative_prompt=negative_prompt or None,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            num_images_per_prompt=count,
+            height=height,
+            width=width,
+            generator=[torch.Generator("cpu").manual_seed(first + index) for index in range(count)],
+        ).images
     loras = loaded_loras(pipe)
     for index, image in enumerate(images):
         image.info["parameters"] = a1111_parameters(
