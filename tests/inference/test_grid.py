@@ -10,7 +10,7 @@ from PIL import Image
 from sdlora.cli import main
 from sdlora.core.files import write_diffusers, write_kohya
 from sdlora.inference.adapters import load_lora, unload_loras
-from sdlora.inference.generation import generate, parse_parameters, read_parameters
+from sdlora.inference.generation import generate, parse_parameters
 from sdlora.inference.grid import Checkpoint, GridSpec, find_checkpoints, labelled_grid, make_grid
 
 WEIGHTS = [0.0, 0.4, 0.8, 1.2]
