@@ -90,7 +90,8 @@ def lora_files(lora_dir: str | os.PathLike) -> dict[str, list[Path]]:
 
 
 def find_lora_file(tag: LoraTag, lora_dir: str | os.PathLike | None, files: dict[str, list[Path]] | None = None) -> Path:
-    """The file a tag names: the one file in `lora_dir` (or below) whose stem is the name (exactly, else ignoring case).
+    """The file a tag names: the file in `lora_dir` (or below) whose stem is the name (exactly, else ignoring case),
+    the one nearest `lora_dir` where several are (a training run's folder holds its checkpoints' copies below it).
 
     No folder, no such file, or two files of that stem: a one-line ValueError (listing the close names).
     """
@@ -98,6 +99,9 @@ def find_lora_file(tag: LoraTag, lora_dir: str | os.PathLike | None, files: dict
         raise ValueError(f"the prompt holds {tag.text}: pass --lora-dir DIR, the folder to look LoRA files up in by name")
     files = lora_files(lora_dir) if files is None else files
     matches = files.get(tag.name) or [p for stem, paths in files.items() if stem.lower() == tag.name.lower() for p in paths]
+    if matches:  # the file nearest the folder: a run's LoRA, not its checkpoints' copies further down
+        depth = min(len(p.parts) for p in matches)
+        matches = [p for p in matches if len(p.parts) == depth]
     if len(matches) == 1:
         return matches[0]
     if matches:

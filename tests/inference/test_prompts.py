@@ -60,7 +60,11 @@ def test_files_are_found_by_stem_in_subfolders_exactly_then_ignoring_case(tmp_pa
     assert find_lora_file(LoraTag("<lora:ink:1>", "ink", 1.0), tmp_path) == ink
     with pytest.raises(ValueError, match="close matches: poster"):
         find_lora_file(LoraTag("<lora:postr:1>", "postr", 1.0), tmp_path)
-    (tmp_path / "Ink.safetensors").write_bytes(b"x")
+    (tmp_path / "styles" / "deeper").mkdir()
+    (tmp_path / "styles" / "deeper" / "Ink.safetensors").write_bytes(b"x")  # a checkpoint's copy, further down
+    assert find_lora_file(LoraTag("<lora:Ink:1>", "Ink", 1.0), tmp_path) == ink
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "Ink.safetensors").write_bytes(b"x")
     with pytest.raises(ValueError, match="several files"):
         find_lora_file(LoraTag("<lora:Ink:1>", "Ink", 1.0), tmp_path)
     with pytest.raises(ValueError, match="--lora-dir"):
