@@ -7,11 +7,16 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from ..inference.samplers import find_sampler
+from .sample_prompts import read_sample_prompts
+
 PRESETS = ("attn", "attn-ff", "all")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 CACHE_MODES = ("memory", "disk", "off")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 CROPS = ("center", "random")
+# accelerate's tracker names; "all": every one installed; "none": only metrics.jsonl
+REPORT_TO = ("tensorboard", "wandb", "comet_ml", "mlflow", "aim", "all", "none")
 
 
 def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None, positional: bool = False) -> Any:
@@ -86,9 +91,28 @@ class TrainConfig:
     keep_checkpoints: int = _opt(3, "how many checkpoints to keep")
     resume: str | None = _opt(None, "resume from 'latest' or a checkpoint folder")
     validate_every: int = _opt(250, "steps between sample images and validation loss (0 = only at the end)")
-    validation_prompts: list[str] = _opt([], "prompts for sample images (default: the trigger, or the first caption)")
+    validation_prompts: list[str] = _opt(
+        [], "prompts for sample images (default: the trigger, or the first caption, unless --sample-prompts)"
+    )
+    sample_prompts: str | None = _opt(
+        None,
+        "a kohya sample-prompt file: one prompt per line with --n negative, --w/--h size, --d seed, --l guidance, --s steps, "
+        "--ss sampler; each line is a sample image at every validation, saved with its settings",
+    )
+    sampler: str | None = _opt(
+        None,
+        'sampler of the sample images: an A1111 name ("DPM++ 2M Karras", "Euler a"), kohya\'s or a diffusers class (default: the model\'s)',
+    )
     sample_steps: int = _opt(20, "denoising steps for sample images")
     sample_seed: int = _opt(1234, "seed of the sample images, fixed so samples compare between steps")
+    # no `choices` metadata: None (the default) is not one of them, and the generic check below would refuse it
+    report_to: str | None = _opt(
+        None,
+        "experiment tracker(s) beside OUT/metrics.jsonl: tensorboard (OUT/logs), wandb, comet_ml, mlflow, aim, all (every one installed) or none (default: tensorboard when installed)",
+    )
+    tracker_project: str = _opt(
+        "sdlora", "project name the trackers file the run under (W&B/Comet project, MLflow experiment, OUT/logs/<name> for TensorBoard)"
+    )
 
     def __post_init__(self) -> None:
         """Raise a one-line ValueError naming the option for any value that cannot work."""
@@ -108,6 +132,10 @@ class TrainConfig:
         for name in ("lr", "alpha"):
             value = getattr(self, name)
             _check(math.isfinite(value) and value > 0, name, value, "a positive finite number")
+        if self.sampler is not None:
+            find_sampler(self.sampler)  # an unknown name lists the known ones
+        if self.sample_prompts is not None:
+            read_sample_prompts(self.sample_prompts)  # a bad line fails here, before anything loads
         if self.init_lora is not None and not Path(self.init_lora).is_file():
             raise ValueError(f"--init-lora {self.init_lora}: no such file")
         for name in ("text_encoder_lr", "text_encoder_2_lr"):
@@ -125,6 +153,9 @@ class TrainConfig:
             _check(math.isfinite(self.snr_gamma) and self.snr_gamma > 0, "snr_gamma", self.snr_gamma, "a positive number")
         if self.prediction_type is not None:
             _check(self.prediction_type in ("epsilon", "v_prediction"), "prediction_type", self.prediction_type, "epsilon or v_prediction")
+        if self.report_to is not None:
+            _check(self.report_to in REPORT_TO, "report_to", self.report_to, "one of " + ", ".join(REPORT_TO))
+        _check(bool(self.tracker_project.strip()), "tracker_project", self.tracker_project, "a non-empty name")
         for item in fields(self):
             choices = item.metadata.get("choices")
             if choices:

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from ..core import targets
 from ..core.families import ModelFamily, family_of_pipeline
 from ..core.files import read_lora
+from ..inference.samplers import set_sampler
 from ..models.loading import load_pipeline, load_vae
 from ..storage.atomic import check_writable_target, remove_leftover_temporaries
 from . import checkpoint, network, outputs
@@ -32,8 +33,9 @@ from .buckets import BucketBatchSampler, Size, assign_bucket, training_sizes
 from .cache import BatchEncoder, build_caches, fill_caches
 from .config import TrainConfig
 from .data import ImageRecord, find_images, split_validation
-from .metrics import MetricsLogger, progress_bar
+from .metrics import MetricsLogger, progress_bar, tracking_options
 from .objective import ObjectiveConfig, diffusion_loss
+from .sample_prompts import read_sample_prompts
 from .validation import Validator
 
 
@@ -113,6 +115,8 @@ def setup(config: TrainConfig) -> Run:
     for part in (pipe.vae, pipe.unet, *text_encoders.values()):
         part.requires_grad_(False)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    if config.sampler:
+        set_sampler(pipe, config.sampler)  # how the sample images are drawn; training noises with DDPM above
 
     # the LoRA: fresh, or a file trained further (a resumed checkpoint later overrides it)
     unet_params = network.add_lora(
@@ -164,10 +168,12 @@ def setup(config: TrainConfig) -> Run:
         latent_cache=latent_cache, embedding_cache=embedding_cache, device=accelerator.device, dtype=weight_dtype,
     )  # fmt: skip
     objective = ObjectiveConfig(config.prediction_type, config.snr_gamma, config.noise_offset)
+    prompt_file = read_sample_prompts(config.sample_prompts) if config.sample_prompts else []
     validator = Validator(
         config=config, accelerator=accelerator, pipe=pipe, unet=unet, text_encoders=text_encoders, family=family,
         noise_scheduler=noise_scheduler, objective=objective, weight_dtype=weight_dtype, records=val_records,
-        sample_prompts=list(config.validation_prompts) or [config.trigger or records[0].caption], offloaded=offloaded,
+        sample_prompts=list(config.validation_prompts) or ([] if prompt_file else [config.trigger or records[0].caption]),
+        prompt_file=prompt_file, offloaded=offloaded,
     )  # fmt: skip
     run = Run(
         config=config, accelerator=accelerator, family=family, pipe=pipe, unet=unet, text_encoders=text_encoders,
@@ -175,7 +181,9 @@ def setup(config: TrainConfig) -> Run:
         lr_scheduler=lr_scheduler, trainable=trainable, encoder=encoder, validator=validator, objective=objective,
         generator=torch.Generator().manual_seed(config.seed + 1000 * accelerator.process_index),
         rng=random.Random(config.seed + 1000 * accelerator.process_index),
-        metrics=MetricsLogger(out, enabled=accelerator.is_main_process),
+        metrics=MetricsLogger(
+            out, accelerator, enabled=accelerator.is_main_process, project=config.tracker_project, config=config.to_dict()
+        ),
         state=checkpoint.TrainState(step=0, epoch=0, batch_in_epoch=0),
     )  # fmt: skip
     _start_or_resume(run)
@@ -199,7 +207,10 @@ def _accelerator(config: TrainConfig):
     AcceleratorState._reset_state()
     # several processes without CUDA (torchrun/accelerate launch on CPUs) need accelerate's CPU mode for gloo
     multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-    return Accelerator(mixed_precision=config.mixed_precision, cpu=multi_cpu)
+    # the --report-to trackers (a chosen one not installed is a ValueError here, before anything loads); the
+    # MetricsLogger starts them on the main process
+    trackers = tracking_options(config.report_to, config.output_dir)
+    return Accelerator(mixed_precision=config.mixed_precision, cpu=multi_cpu, **trackers)
 
 
 def _start_or_resume(run: Run) -> None:

@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from PIL import Image as PILImage
 
 from ..core.families import ModelFamily
-from ..inference.generation import image_grid
+from ..inference.generation import PARAMETERS_KEY, generate, image_grid, model_label, png_info
 from ..storage.atomic import atomic_file
 from .buckets import assign_bucket, training_sizes
 from .cache import encode_captions, encode_images
@@ -24,6 +25,7 @@ from .config import TrainConfig
 from .data import ImageRecord, crop_window, load_image, sdxl_time_ids
 from .metrics import MetricsLogger
 from .objective import Conditioning, ObjectiveConfig, diffusion_loss
+from .sample_prompts import SamplePrompt
 
 TIMESTEPS = 8  # per held-out image, one UNet batch
 SAMPLES_DIR = "samples"
@@ -59,7 +61,8 @@ class Validator:
     objective: ObjectiveConfig
     weight_dtype: torch.dtype
     records: list[ImageRecord]  # the held-out images
-    sample_prompts: list[str]
+    sample_prompts: list[str]  # one grid batch at the run's sample settings
+    prompt_file: list[SamplePrompt] = field(default_factory=list)  # --sample-prompts: an image each, at its own settings
     offloaded: list[torch.nn.Module] = field(default_factory=list)  # kept off the accelerator between validations
     held_out: list[HeldOut] | None = field(default=None, repr=False)
 
@@ -123,31 +126,51 @@ class Validator:
         return sum(losses) / len(losses)
 
     @torch.no_grad()
-    def save_samples(self, step: int) -> Path:
-        """A grid of images for the sample prompts at a fixed seed, saved as samples/step-XXXXXXXX.png."""
+    def save_samples(self, step: int) -> tuple[Path, PILImage.Image]:
+        """The sample images at fixed seeds: the sample prompts' and then each --sample-prompts line's (also saved
+        alone as samples/step-XXXXXXXX-NN.png with its A1111 parameters), in a grid saved as samples/step-XXXXXXXX.png."""
         config, pipe = self.config, self.pipe
         was_training = pipe.unet.training
         pipe.unet.eval()
-        generator = torch.Generator().manual_seed(config.sample_seed)
+        folder = Path(config.output_dir) / SAMPLES_DIR
+        images = []
         with self._visiting(), self.accelerator.autocast():
-            images = pipe(
-                self.sample_prompts,
-                num_inference_steps=config.sample_steps,
-                generator=generator,
-                height=config.resolution,
-                width=config.resolution,
-            ).images
+            if self.sample_prompts:
+                if hasattr(pipe.scheduler, "noise_sampler_seed"):  # DPM++ SDE's own noise: seeded, as generate seeds it
+                    pipe.scheduler.noise_sampler_seed, pipe.scheduler.noise_sampler = config.sample_seed, None
+                images = pipe(
+                    self.sample_prompts,
+                    num_inference_steps=config.sample_steps,
+                    generator=torch.Generator().manual_seed(config.sample_seed),
+                    height=config.resolution,
+                    width=config.resolution,
+                ).images
+            scheduler = pipe.scheduler  # the run's sampler; a line's --ss holds for that line only
+            for index, sample in enumerate(self.prompt_file):
+                (image,) = generate(
+                    pipe, sample.prompt, sample.negative_prompt, steps=sample.steps or config.sample_steps,
+                    guidance=7.5 if sample.guidance is None else sample.guidance,
+                    seed=config.sample_seed if sample.seed is None else sample.seed,
+                    height=sample.height or config.resolution, width=sample.width or config.resolution,
+                    model_name=model_label(config.model), progress=False, sampler=sample.sampler,
+                )  # fmt: skip
+                pipe.scheduler = scheduler
+                with atomic_file(folder / f"step-{step:08d}-{index:02d}.png") as tmp:
+                    image.save(tmp, format="PNG", pnginfo=png_info(image.info[PARAMETERS_KEY]))
+                images.append(image)
         pipe.unet.train(was_training)
-        path = Path(config.output_dir) / SAMPLES_DIR / f"step-{step:08d}.png"
+        grid = image_grid(images)
+        path = folder / f"step-{step:08d}.png"
         with atomic_file(path) as tmp:
-            image_grid(images).save(tmp, format="PNG")
-        return path
+            grid.save(tmp, format="PNG")
+        return path, grid
 
     def evaluate(self, metrics: MetricsLogger, step: int) -> None:
-        """Held-out loss (with --val-split) and a sample grid; the main process writes them."""
+        """Held-out loss (with --val-split) and the sample grid (to the trackers too); the main process writes them."""
         values = {"val_loss": self.loss()} if self.records else {}
         if self.accelerator.is_main_process:
-            self.save_samples(step)
+            _, grid = self.save_samples(step)
+            metrics.log_images(step, {"samples": grid})
             if values:
                 metrics.log(step, **values)
         self.accelerator.wait_for_everyone()

@@ -319,6 +319,36 @@ def build_cases(root: Path, random_lora_state, make_dataset, write_sdxl_single_f
         "not found",
         watch,
     )
+
+    # ---- samplers, <lora:> tags, grids, sample-prompt files (#17)
+    def generate(case: str, *extra: str, names: str, reason: str) -> None:
+        watch = out(case)
+        argv = ["generate", "--model", "tiny", "--steps", "1", "--out", str(watch / "images"), *extra]
+        cases[case] = Case(argv if "--prompt" in extra else [*argv, "--prompt", "a cat"], names, reason, watch)
+
+    generate("generate-unknown-sampler", "--sampler", "Eulr a", names="Eulr a", reason="did you mean 'Euler a'")
+    lora_dir = good_lora.parent
+    generate("generate-lora-tag-missing-file", "--prompt", "a cat <lora:godo:0.8>", "--lora-dir", str(lora_dir),
+             names="<lora:godo:0.8>", reason="close matches: good")  # fmt: skip
+    generate("generate-lora-tag-without-weight", "--prompt", "a cat <lora:good:>", "--lora-dir", str(lora_dir),
+             names="<lora:good:>", reason="not a number")  # fmt: skip
+    generate("generate-lora-tag-without-lora-dir", "--prompt", "a cat <lora:good:1>", names="<lora:good:1>", reason="--lora-dir")
+    watch = out("grid-axis-without-values")
+    cases["grid-axis-without-values"] = Case(
+        ["grid", "--model", "tiny", "--lora-steps", str(good_lora), "--weights", ",", "--prompt", "a cat", "--out", str(watch / "grid")],
+        "--weights",
+        "no values",
+        watch,
+    )
+    watch = out("grid-three-varied-axes")
+    argv = ["grid", "--model", "tiny", "--lora-steps", str(good_lora), "--weights", "0,1", "--seed", "1,2", "--steps", "1,2",
+            "--prompt", "a cat", "--out", str(watch / "grid")]  # fmt: skip
+    cases["grid-three-varied-axes"] = Case(argv, "weight, seed, steps", "two axes", watch)
+    prompts = root / "prompts" / "samples.txt"
+    prompts.parent.mkdir()
+    prompts.write_text("# kohya sample prompts\na red circle --w 64 --h 64\na blue circle --q 3\n")
+    train("tracker-not-installed", good_data, "--report-to", "wandb", names="--report-to wandb", reason="pip install")
+    train("sample-prompts-unknown-option", good_data, "--sample-prompts", str(prompts), names=f"{prompts}:3", reason="unknown option --q")
     return cases
 
 
@@ -360,6 +390,9 @@ CASE_NAMES = [
     "merge-model-without-unet", "merge-output-is-a-file", "convert-truncated", "generate-model-missing",
     *[f"{command}-{case}" for case in ("sdxl-lora-into-sd1", "sd1-lora-into-sdxl") for command in ("generate", "merge")],
     "sdxl-single-file-without-text-encoder-2",
+    "generate-unknown-sampler", "generate-lora-tag-missing-file", "generate-lora-tag-without-weight",
+    "generate-lora-tag-without-lora-dir", "grid-axis-without-values", "grid-three-varied-axes", "sample-prompts-unknown-option",
+    "tracker-not-installed",
 ]  # fmt: skip
 
 

@@ -259,6 +259,11 @@ def test_main_job_and_tour_run(tmp_path):
     merged = np.asarray(Image.open(work / "out/images-merged/00000-1.png"), dtype=np.int16)
     assert np.abs(with_lora - merged).max() <= 1
     assert len(list((work / "out/images").glob("0000*-*.png"))) == 4 and (work / "out/images/grid.png").is_file()
+    # the grid: four weights by the run's three checkpoints, each cell also alone with its parameters
+    assert "(4 weight x 3 checkpoint)" in printed["grid"]
+    assert len(list((work / "out/grid").glob("000*-1.png"))) == 12
+    tagged = Image.open(work / "out/images-tags/00000-1.png").text["parameters"]
+    assert tagged.startswith("flatposter, a red house with a blue roof <lora:flat_poster:0.8>") and "Sampler: Euler a" in tagged
 
 
 @pytest.mark.slow
