@@ -48,6 +48,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         else:
             kwargs.update(type=kind, choices=item.metadata.get("choices"))
         parser.add_argument(*flags, **kwargs)
+    parser.add_argument(
+        "--timestep-range",
+        nargs=2,
+        type=int,
+        metavar=("MIN", "MAX"),
+        default=argparse.SUPPRESS,
+        help="training timesteps drawn from [MIN, MAX): --min-timestep and --max-timestep in one flag (kohya's --min_timestep/--max_timestep)",
+    )
 
 
 def load_toml(path: str | os.PathLike) -> dict[str, Any]:
@@ -81,4 +89,6 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         options.update(load_toml(args.config))
     given = {k: v for k, v in vars(args).items() if k in {item.name for item in fields(TrainConfig)} and v is not None}
     options.update(given)
+    if getattr(args, "timestep_range", None):
+        options["min_timestep"], options["max_timestep"] = args.timestep_range
     return TrainConfig(**options)

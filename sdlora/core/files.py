@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as safetensors_bytes
 from safetensors.torch import save_file
 
 from ..storage.atomic import atomic_file, check_writable_target
@@ -150,7 +151,6 @@ def kohya_metadata(state: LoraState, extra: dict[str, str] | None = None, family
         "ss_base_model_version": family.ss_base_model_version if family else "unknown",
         "ss_v2": str(family is not None and family.name == "sd2"),
         "ss_network_args": json.dumps(_conv_args(state)),
-        "sshs_legacy_hash": "",
         "ss_training_comment": "written by sdlora",
         "modelspec.architecture": family.modelspec_architecture if family else "unknown",
     }
@@ -177,6 +177,18 @@ def _conv_args(state: LoraState) -> dict[str, str]:
     return args
 
 
+def kohya_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, str]:
+    """`sshs_model_hash` and `sshs_legacy_hash` as kohya's train_util computes them (`precalculate_safetensors_hashes`):
+    the file as safetensors would write it with only the `ss_*` metadata; the model hash is the SHA-256 of its tensor
+    data (everything after the header), the legacy hash the first 8 hex digits of the SHA-256 of its 64 KiB at 1 MiB."""
+    data = safetensors_bytes(tensors, metadata={k: v for k, v in metadata.items() if k.startswith("ss_")})
+    header = 8 + int.from_bytes(data[:8], "little")
+    return {
+        "sshs_model_hash": hashlib.sha256(data[header:]).hexdigest(),
+        "sshs_legacy_hash": hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8],
+    }
+
+
 def write_kohya(
     state: LoraState, out_path: str | os.PathLike, extra_metadata: dict[str, str] | None = None, family: ModelFamily | None = None
 ) -> Path:
@@ -185,6 +197,7 @@ def write_kohya(
     _check_finite(state)
     tensors = formats.to_kohya(state, family or lora_family(state))
     metadata = kohya_metadata(state, extra_metadata, family)
+    metadata |= kohya_hashes(tensors, metadata)
     with atomic_file(out_path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
     return out_path

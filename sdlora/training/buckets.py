@@ -70,6 +70,7 @@ class BucketBatchSampler(Sampler[list[int]]):
         drop_last: bool = False,
         num_replicas: int = 1,
         rank: int = 0,
+        repeats: Sequence[int] | None = None,
     ):
         if not buckets:
             raise ValueError("BucketBatchSampler needs at least one image")
@@ -82,8 +83,11 @@ class BucketBatchSampler(Sampler[list[int]]):
         self.num_replicas, self.rank = num_replicas, rank
         self.epoch = 0
         self._groups: dict[Size, list[int]] = {}
+        if repeats is not None and (len(repeats) != len(self.buckets) or min(repeats) < 1):
+            raise ValueError("repeats must give every image a count of at least 1")
         for index, bucket in enumerate(self.buckets):
-            self._groups.setdefault(bucket, []).append(index)
+            # an image repeated N times per epoch (kohya's N_words folders) is N entries of its bucket
+            self._groups.setdefault(bucket, []).extend([index] * (repeats[index] if repeats is not None else 1))
         if self._total_batches() == 0:
             raise ValueError(f"no batch of {batch_size} fits: every bucket has fewer images and drop_last is on")
 

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from ..core.families import ModelFamily
 from ..storage.atomic import atomic_file
 from .buckets import Size
-from .data import ImageRecord, crop_window, drop_captions, load_image, sdxl_time_ids, shuffle_tags
+from .data import ImageRecord, crop_window, drop_captions, drop_tags, load_image, sdxl_time_ids, shuffle_tags
 from .objective import Conditioning
 
 CACHE_VERSION = "1"
@@ -187,7 +187,8 @@ def encode_captions(
 def build_caches(
     config, pipe, text_encoders: dict[str, torch.nn.Module], family: ModelFamily, device, out: Path
 ) -> tuple[LatentCache | None, EmbeddingCache | None]:
-    """Latent cache unless off or crops are random; embedding cache unless a text encoder trains or captions are shuffled."""
+    """Latent cache unless off or crops are random; embedding cache unless a text encoder trains or captions change
+    from step to step (shuffled tags, tag dropout)."""
     if config.cache == "off":
         return None, None
     latent_cache = None
@@ -197,7 +198,7 @@ def build_caches(
             lambda pixels, paths: encode_images(pipe.vae, pixels, paths, device), model_fingerprint(config.model, pipe.vae), cache_dir
         )
     embedding_cache = None
-    if not config.train_text_encoder and not config.shuffle_captions:
+    if not config.train_text_encoder and not config.shuffle_captions and not config.tag_dropout:
         embedding_cache = EmbeddingCache(lambda captions: encode_captions(pipe, text_encoders, family, captions, device))
     return latent_cache, embedding_cache
 
@@ -252,7 +253,8 @@ class BatchEncoder:
                 stds.append(std)
             else:
                 pixels.append(load())
-            captions.append(shuffle_tags(record.caption, config.trigger, rng) if config.shuffle_captions else record.caption)
+            caption = shuffle_tags(record.caption, config.keep_tokens, rng, config.trigger) if config.shuffle_captions else record.caption
+            captions.append(drop_tags(caption, config.keep_tokens, config.tag_dropout, rng))
             time_ids.append(sdxl_time_ids(record, size, window, flip))
         captions = drop_captions(captions, config.caption_dropout, rng)
         if pixels:  # no cache: the micro-batch (one bucket, so one size) through the VAE in one call

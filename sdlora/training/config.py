@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..inference.samplers import find_sampler
+from .optimizers import OPTIMIZER_NAMES, parse_optimizer_args
 from .sample_prompts import read_sample_prompts
 
 PRESETS = ("attn", "attn-ff", "all")
@@ -45,6 +46,7 @@ class TrainConfig:
     name: str = _opt("lora", "file name of the kohya-format LoRA (<name>.safetensors) for A1111/ComfyUI")
     # --- data
     caption: str | None = _opt(None, "caption for images that have none (or for all, if no captions exist)")
+    caption_extension: str = _opt(".txt", "extension of the caption file beside each image (kohya's sets often use .caption)")
     trigger: str | None = _opt(None, "word prepended to every caption; the word that calls up the style")
     resolution: int | None = _opt(None, "training side in pixels; when not given, the model's own size (512 for SD1.5, 768 for SD2.x-v)")
     buckets: bool | None = _opt(
@@ -67,10 +69,24 @@ class TrainConfig:
     text_encoder_2_lr: float | None = _opt(None, "learning rate for the second text encoder's LoRA, SDXL only (default: --text-encoder-lr)")
     # --- optimisation
     steps: int = _opt(1000, "optimizer steps to train")
+    epochs: int | None = _opt(
+        None, "train this many epochs instead of --steps: an epoch is every image its repeats times, in batches (counted as kohya counts)"
+    )
     batch_size: int = _opt(1, "images per step per process")
     grad_accum: int = _opt(1, "micro-batches accumulated per optimizer step (effective batch = batch_size * grad_accum * processes)")
-    lr: float = _opt(1e-4, "learning rate of the UNet LoRA (AdamW)")
-    weight_decay: float = _opt(1e-2, "AdamW weight decay")
+    lr: float = _opt(1e-4, "learning rate of the UNet LoRA; --optimizer prodigy: 1.0 (it scales Prodigy's step), lion: 3-10x below AdamW's")
+    weight_decay: float = _opt(1e-2, "the optimizer's (decoupled) weight decay; Lion's usual one is 3-10x AdamW's")
+    optimizer: str = _opt(
+        "adamw",
+        "adamw (torch), adamw8bit (bitsandbytes, CUDA only), prodigy (adapts its step size: --lr 1.0), adafactor (at a fixed --lr), "
+        'lion (--lr 3-10x lower than AdamW\'s); pip install "sdlora[NAME]" installs one (adafactor comes with transformers)',
+        OPTIMIZER_NAMES,
+    )
+    optimizer_args: list[str] = _opt(
+        [],
+        "key=value arguments for the optimizer, e.g. d_coef=2 safeguard_warmup=True (values are Python literals; repeat the "
+        'flag or quote several in one: --optimizer-args "d_coef=2 betas=(0.9,0.99)")',
+    )
     lr_scheduler: str = _opt("constant", "learning-rate schedule (diffusers get_scheduler)", LR_SCHEDULERS)
     lr_warmup_steps: int = _opt(0, "linear warm-up steps")
     max_grad_norm: float = _opt(1.0, "gradient clipping norm (0 = off)")
@@ -83,8 +99,47 @@ class TrainConfig:
     prediction_type: str | None = _opt(None, "epsilon or v_prediction (default: the scheduler's)")
     snr_gamma: float | None = _opt(None, "min-SNR-gamma loss weighting; 5.0 is the usual value")
     noise_offset: float = _opt(0.0, "noise offset; 0.05-0.1 helps very dark/bright styles")
+    loss: str = _opt(
+        "l2",
+        "loss between prediction and target: l2 (MSE, the usual); huber or smooth_l1 (kohya's pseudo-Huber forms) are pulled less by outliers, for noisy or inconsistent images",
+        ("l2", "huber", "smooth_l1"),
+    )
+    huber_c: float = _opt(
+        0.1, "Huber threshold of --loss huber / smooth_l1, in (0, 1]: where the loss turns from quadratic to linear; smaller is more robust"
+    )
+    huber_schedule: str = _opt(
+        "snr",
+        "Huber threshold per timestep: snr (L2-like at clean timesteps, --huber-c at noisy ones), exponential (1 at t=0 down to --huber-c) or constant (--huber-c)",
+        ("constant", "exponential", "snr"),
+    )
+    ip_noise_gamma: float = _opt(
+        0.0, "input-perturbation noise: extra noise in the UNet's input, not its target, against exposure bias; 0.1 is usual (0 = off)"
+    )
+    min_timestep: int = _opt(0, "lowest training timestep: raise it (e.g. 500) to leave fine detail alone and train composition and colour")
+    max_timestep: int | None = _opt(
+        None,
+        "training timesteps are drawn from [--min-timestep, this) (default: the schedule's 1000): lower it (e.g. 500) to train detail and texture only",
+    )
+    zero_terminal_snr: bool = _opt(
+        False,
+        "rescale the training noise schedule to zero terminal SNR, for v-prediction only: lets the LoRA learn truly dark or bright images",
+    )
+    multires_noise_iterations: int = _opt(
+        0, "levels of multi-resolution (pyramid) noise, 6-10 usual (0 = off): low-frequency noise for large changes of contrast or colour"
+    )
+    multires_noise_discount: float = _opt(
+        0.3, "weight discount^i of pyramid noise level i, in (0, 1]; only with --multires-noise-iterations"
+    )
     caption_dropout: float = _opt(0.0, "probability of training on an empty caption")
-    shuffle_captions: bool = _opt(False, "shuffle comma-separated caption tags each step (keeps the trigger first)")
+    shuffle_captions: bool = _opt(
+        False, "shuffle comma-separated caption tags each step (keeps the --keep-tokens first tags, and the trigger, in place)"
+    )
+    keep_tokens: int = _opt(
+        0, "the first N comma-separated caption tags stay in place when shuffling and are never dropped (kohya's keep_tokens)"
+    )
+    tag_dropout: float = _opt(
+        0.0, "probability of leaving out each caption tag after the kept ones, per step (kohya's caption_tag_dropout_rate)"
+    )
     # --- caching, checkpoints, validation
     cache: str = _opt("memory", "cache VAE latents and text embeddings: memory, disk (OUT/cache) or off", CACHE_MODES)
     checkpoint_every: int = _opt(500, "steps between resumable checkpoints (0 = only at the end)")
@@ -142,17 +197,42 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None:
                 _check(math.isfinite(value) and value > 0, name, value, "a positive finite number")
-        for name in ("dropout", "caption_dropout"):
+        _check(self.keep_tokens >= 0, "keep_tokens", self.keep_tokens, "zero or more")
+        if self.epochs is not None:
+            _check(self.epochs >= 1, "epochs", self.epochs, "at least 1")
+        _check(bool(self.caption_extension.strip(". ")), "caption_extension", self.caption_extension, "an extension such as .txt")
+        for name in ("dropout", "caption_dropout", "tag_dropout"):
             _check(0.0 <= getattr(self, name) < 1.0, name, getattr(self, name), "in [0, 1)")
         _check(0.0 <= self.val_split < 1.0, "val_split", self.val_split, "in [0, 1)")
         for name in ("weight_decay", "max_grad_norm", "noise_offset", "lr_warmup_steps", "checkpoint_every", "validate_every"):
             value = getattr(self, name)
             _check(math.isfinite(value) and value >= 0, name, value, "zero or more")
         _check(self.keep_checkpoints >= 1, "keep_checkpoints", self.keep_checkpoints, "at least 1")
+        # the optimizer's arguments: their syntax here; names and values the optimizer refuses when training starts
+        # (that needs its package imported), before the model loads
+        parse_optimizer_args(self.optimizer_args)
+        if self.optimizer == "prodigy" and self.train_text_encoder:  # Prodigy refuses different lrs per parameter group
+            lrs = sorted({self.lr_of(part) for part in ("unet", "text_encoder", "text_encoder_2")})
+            if len(lrs) > 1:
+                raise ValueError(
+                    f"--optimizer prodigy takes one learning rate for every trained part, got {', '.join(f'{x:g}' for x in lrs)}: pass --text-encoder-lr equal to --lr"
+                )
         if self.snr_gamma is not None:
             _check(math.isfinite(self.snr_gamma) and self.snr_gamma > 0, "snr_gamma", self.snr_gamma, "a positive number")
         if self.prediction_type is not None:
             _check(self.prediction_type in ("epsilon", "v_prediction"), "prediction_type", self.prediction_type, "epsilon or v_prediction")
+        _check(math.isfinite(self.huber_c) and 0 < self.huber_c <= 1, "huber_c", self.huber_c, "in (0, 1]")
+        _check(math.isfinite(self.ip_noise_gamma) and self.ip_noise_gamma >= 0, "ip_noise_gamma", self.ip_noise_gamma, "zero or more")
+        _check(self.min_timestep >= 0, "min_timestep", self.min_timestep, "zero or more")
+        if self.max_timestep is not None:
+            _check(self.max_timestep > self.min_timestep, "max_timestep", self.max_timestep, f"above --min-timestep {self.min_timestep}")
+        if self.zero_terminal_snr and self.prediction_type == "epsilon":
+            raise ValueError(
+                "--zero-terminal-snr cannot train --prediction-type epsilon (zero SNR: the input is pure noise); use v_prediction"
+            )
+        _check(self.multires_noise_iterations >= 0, "multires_noise_iterations", self.multires_noise_iterations, "zero or more")
+        discount = self.multires_noise_discount
+        _check(math.isfinite(discount) and 0 < discount <= 1, "multires_noise_discount", discount, "in (0, 1]")
         if self.report_to is not None:
             _check(self.report_to in REPORT_TO, "report_to", self.report_to, "one of " + ", ".join(REPORT_TO))
         _check(bool(self.tracker_project.strip()), "tracker_project", self.tracker_project, "a non-empty name")

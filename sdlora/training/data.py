@@ -1,7 +1,13 @@
 """Find training images and their captions, turn an image into a bucket-sized tensor, hold some out.
 
-Captions come from `metadata.jsonl` (`file_name`, `text`) at the top of the data folder, else a sidecar `.txt`
-beside the image, else the fixed `--caption`; `--trigger` is put in front of every caption.
+Captions come from `metadata.jsonl` (`file_name`, `text`) at the top of the data folder, else a sidecar caption
+file beside the image (`.txt`, or `--caption-extension`), else the fixed `--caption`; `--trigger` is put in front
+of every caption.
+
+A data folder laid out for kohya's sd-scripts is told by its subfolders named `N_words`: each is a subset whose
+images are seen N times per epoch, and `words` are its class tokens, put in front of a caption that does not start
+with them and used as the caption of an image that has none (as kohya's DreamBooth-style datasets do). Once one
+subfolder is named so, every subfolder with images must be, and no image may lie beside them.
 """
 
 from __future__ import annotations
@@ -9,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,6 +31,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 METADATA_FILE = "metadata.jsonl"
 _SWAPPED_ORIENTATIONS = {5, 6, 7, 8}  # EXIF orientations that rotate by 90 degrees: width and height trade places
 _LISTED = 5  # file names shown in one warning or error line before "and N more"
+SUBSET_DIR = re.compile(r"(\d+)_(.*)", re.DOTALL)  # kohya's `N_words`: N repeats per epoch, words the class tokens
 
 
 @dataclass
@@ -34,23 +42,35 @@ class ImageRecord:
     caption: str
     width: int
     height: int
+    subset: str = ""  # the kohya `N_words` folder it is in ("" in a plain data folder)
+    repeats: int = 1  # times per epoch
 
 
-def find_images(data_dir: str | os.PathLike, caption: str | None = None, trigger: str | None = None) -> list[ImageRecord]:
-    """Every readable image under `data_dir` (nested folders too) with its caption, sorted by relative path.
+def find_images(
+    data_dir: str | os.PathLike,
+    caption: str | None = None,
+    trigger: str | None = None,
+    caption_extension: str = ".txt",
+    keep_tokens: int = 0,
+) -> list[ImageRecord]:
+    """Every readable image under `data_dir` (nested folders too) with its caption, sorted by relative path; in a
+    kohya-style folder each with its subset and repeats.
 
-    Unreadable images are skipped with a warning; no images at all, an image left without any caption,
-    or a bad `metadata.jsonl` line raise a one-line ValueError naming the file.
+    Unreadable images are skipped with a warning; no images at all, an image left without any caption, a bad
+    `metadata.jsonl` line, a badly named subset folder or a caption with fewer tags than `keep_tokens` raise a
+    one-line ValueError naming the file.
     """
     root = Path(data_dir)
     if not root.exists():
         raise FileNotFoundError(f"data folder {root} does not exist")
     if not root.is_dir():
         raise ValueError(f"data folder {root} is not a folder")
+    extension = caption_extension if caption_extension.startswith(".") else "." + caption_extension
     listed = _read_metadata(root)
     found = {path.relative_to(root).as_posix(): path for path in _walk_images(root)}
     if not found and not listed:
         raise ValueError(f"no images ({', '.join(e[1:] for e in IMAGE_EXTENSIONS)}) found in {root}")
+    subsets = _subsets(root, found.keys() | listed.keys())
     fixed = caption.strip() if caption and caption.strip() else None
     trigger = trigger.strip() if trigger and trigger.strip() else None
     records: list[ImageRecord] = []
@@ -62,11 +82,13 @@ def find_images(data_dir: str | os.PathLike, caption: str | None = None, trigger
         if isinstance(size, str):
             unreadable.append(f"{relative} ({size})")
             continue
-        text = listed[relative] if relative in listed else _sidecar_caption(path)
+        folder, repeats, class_tokens = subsets.get(relative.split("/")[0], ("", 1, "")) if subsets else ("", 1, "")
+        text = listed[relative] if relative in listed else _sidecar_caption(path, extension)
+        text = _with_trigger(text or "", class_tokens) or None if class_tokens else text
         if not text:
             uncaptioned.append(relative)
             text = fixed or ""
-        records.append(ImageRecord(path, _with_trigger(text, trigger), *size))
+        records.append(ImageRecord(path, _with_trigger(text, trigger), *size, subset=folder, repeats=repeats))
     if unreadable and records:
         warnings.warn(f"skipped {len(unreadable)} unreadable images in {root}: {_names(unreadable)}", stacklevel=2)
     if not records:
@@ -80,7 +102,40 @@ def find_images(data_dir: str | os.PathLike, caption: str | None = None, trigger
         using = f"the caption {fixed!r}" if fixed else "the trigger alone"
         using += f" after {trigger!r}" if fixed and trigger else ""
         warnings.warn(f"{len(uncaptioned)} images have no caption and use {using}: {_names(uncaptioned)}", stacklevel=2)
+    if keep_tokens:
+        short = [f"{r.path.relative_to(root).as_posix()} has {len(_tags(r.caption))} tag{'s' * (len(_tags(r.caption)) != 1)}"
+                 for r in records if len(_tags(r.caption)) < keep_tokens]  # fmt: skip
+        if short:
+            raise ValueError(f"--keep-tokens {keep_tokens}: more than some captions hold ({_names(short)}); lower it")
     return records
+
+
+def _subsets(root: Path, relatives) -> dict[str, tuple[str, int, str]]:
+    """{folder: (folder, repeats, class tokens)} of a kohya-style data folder's `N_words` subsets; {} for a plain one."""
+    tops = {relative.split("/")[0] for relative in relatives if "/" in relative}
+    named = {top: SUBSET_DIR.fullmatch(top) for top in tops}
+    if not any(named.values()):
+        return {}
+    for top, match in sorted(named.items()):
+        if not match:
+            raise ValueError(
+                f"{root / top}: not named N_words like the other subfolders (N repeats per epoch, words its class tokens); rename or move it"
+            )
+        if int(match.group(1)) < 1:
+            raise ValueError(f"{root / top}: N in N_words is the repeats per epoch and must be at least 1")
+    loose = sorted(relative for relative in relatives if "/" not in relative)
+    if loose:
+        raise ValueError(
+            f"{root}: {_names(loose)} not in any N_words subfolder; move them into one (kohya-style folders train only subsets)"
+        )
+    return {top: (top, int(match.group(1)), match.group(2).strip()) for top, match in named.items()}
+
+
+def dataset_summary(records: Sequence[ImageRecord]) -> str:
+    """The one line a run starts with on a kohya-style folder: `3 subsets, 74 images, 520 samples per epoch`."""
+    subsets = {record.subset for record in records}
+    samples = sum(record.repeats for record in records)
+    return f"{len(subsets)} subset{'s' * (len(subsets) != 1)}, {len(records)} images, {samples} samples per epoch"
 
 
 def _walk_images(root: Path) -> list[Path]:
@@ -133,8 +188,8 @@ def _relative_inside(file_name: str, where: str) -> str:
     return normal
 
 
-def _sidecar_caption(image: Path) -> str | None:
-    sidecar = image.with_suffix(".txt")
+def _sidecar_caption(image: Path, extension: str = ".txt") -> str | None:
+    sidecar = image.with_suffix(extension)
     return _read_text(sidecar).strip() or None if sidecar.is_file() else None
 
 
@@ -258,12 +313,27 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB") if image.mode != "RGB" else image
 
 
-def shuffle_tags(caption: str, trigger: str | None, rng: random.Random) -> str:
-    """The caption's comma-separated tags in a random order; a leading trigger word stays first."""
-    tags = [t.strip() for t in caption.split(",") if t.strip()]
-    head = [tags.pop(0)] if trigger and tags and tags[0] == trigger else []
-    rng.shuffle(tags)
-    return ", ".join(head + tags)
+def _tags(caption: str) -> list[str]:
+    return [t.strip() for t in caption.split(",") if t.strip()]
+
+
+def shuffle_tags(caption: str, keep_tokens: int = 0, rng: random.Random | None = None, trigger: str | None = None) -> str:
+    """The caption's comma-separated tags in a random order, the first `keep_tokens` tags (kohya's keep_tokens;
+    at least a leading trigger word) kept in place."""
+    tags = _tags(caption)
+    keep = max(keep_tokens, 1 if trigger and tags and tags[0] == trigger else 0)
+    head, rest = tags[:keep], tags[keep:]
+    (rng or random.Random()).shuffle(rest)
+    return ", ".join(head + rest)
+
+
+def drop_tags(caption: str, keep_tokens: int, rate: float, rng: random.Random) -> str:
+    """Each tag after the first `keep_tokens` left out with probability `rate` (kohya's caption_tag_dropout_rate);
+    one draw per such tag, none when the rate is 0."""
+    if rate == 0.0:
+        return caption
+    tags = _tags(caption)
+    return ", ".join(tags[:keep_tokens] + [tag for tag in tags[keep_tokens:] if rng.random() >= rate])
 
 
 def drop_captions(captions: list[str], p: float, rng: random.Random) -> list[str]:

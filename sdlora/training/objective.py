@@ -1,7 +1,9 @@
 """The diffusion training objective: timesteps, noise, the target the UNet learns, min-SNR weights, the loss.
 
 All randomness comes from the `torch.Generator` passed in, so a run (and a resumed run that reseeds it) draws the
-same timesteps and noise.
+same timesteps and noise. The options follow kohya's sd-scripts (`library/train_util.py`,
+`library/custom_train_functions.py`): L2 / Huber / smooth-L1 losses with a timestep-scheduled Huber threshold,
+noise offset, multi-resolution (pyramid) noise, input-perturbation noise, a timestep range and zero terminal SNR.
 """
 
 from __future__ import annotations
@@ -13,6 +15,12 @@ import torch
 import torch.nn.functional as F
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+LOSSES = ("l2", "huber", "smooth_l1")
+HUBER_SCHEDULES = ("constant", "exponential", "snr")
+ZERO_TERMINAL_SNR_EPSILON = (
+    "--zero-terminal-snr needs v-prediction (--prediction-type v_prediction): at zero SNR the last timestep's input is "
+    "pure noise, so an epsilon model learns nothing there and cannot recover the image from it"
+)
 
 
 @dataclass
@@ -53,6 +61,15 @@ class ObjectiveConfig:
     prediction_type: str | None = field(default=None, metadata={"help": "epsilon, v_prediction or sample; None: the scheduler's"})
     snr_gamma: float | None = field(default=None, metadata={"help": "min-SNR-gamma weighting (5.0 is usual); None: unweighted"})
     noise_offset: float = field(default=0.0, metadata={"help": "scale of a per-channel constant added to the noise"})
+    loss: str = field(default="l2", metadata={"help": "l2 (MSE), huber or smooth_l1 (kohya's pseudo-Huber forms)"})
+    huber_c: float = field(default=0.1, metadata={"help": "Huber threshold of huber / smooth_l1, in (0, 1]"})
+    huber_schedule: str = field(default="snr", metadata={"help": "the threshold per timestep: constant, exponential or snr"})
+    ip_noise_gamma: float = field(default=0.0, metadata={"help": "input-perturbation noise scale; 0: off"})
+    min_timestep: int = field(default=0, metadata={"help": "training timesteps are drawn from [min_timestep, max_timestep)"})
+    max_timestep: int | None = field(default=None, metadata={"help": "None: the scheduler's num_train_timesteps"})
+    zero_terminal_snr: bool = field(default=False, metadata={"help": "rescale the noise schedule to zero terminal SNR"})
+    multires_noise_iterations: int = field(default=0, metadata={"help": "pyramid noise levels; 0: off"})
+    multires_noise_discount: float = field(default=0.3, metadata={"help": "weight discount^i of pyramid level i, in (0, 1]"})
 
     def __post_init__(self) -> None:
         if self.prediction_type is not None and self.prediction_type not in PREDICTION_TYPES:
@@ -61,27 +78,85 @@ class ObjectiveConfig:
             raise ValueError(f"snr_gamma must be a positive number, got {self.snr_gamma}")
         if not (math.isfinite(self.noise_offset) and self.noise_offset >= 0):
             raise ValueError(f"noise_offset must be zero or more, got {self.noise_offset}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"unknown loss {self.loss!r}: use one of {', '.join(LOSSES)}")
+        if not (math.isfinite(self.huber_c) and 0 < self.huber_c <= 1):
+            raise ValueError(f"huber_c must be in (0, 1], got {self.huber_c}")
+        if self.huber_schedule not in HUBER_SCHEDULES:
+            raise ValueError(f"unknown huber_schedule {self.huber_schedule!r}: use one of {', '.join(HUBER_SCHEDULES)}")
+        if not (math.isfinite(self.ip_noise_gamma) and self.ip_noise_gamma >= 0):
+            raise ValueError(f"ip_noise_gamma must be zero or more, got {self.ip_noise_gamma}")
+        if self.min_timestep < 0:
+            raise ValueError(f"min_timestep must be zero or more, got {self.min_timestep}")
+        if self.max_timestep is not None and self.max_timestep <= self.min_timestep:
+            raise ValueError(f"max_timestep must be more than min_timestep {self.min_timestep}, got {self.max_timestep}")
+        if self.zero_terminal_snr and self.prediction_type == "epsilon":
+            raise ValueError(ZERO_TERMINAL_SNR_EPSILON)
+        if self.multires_noise_iterations < 0:
+            raise ValueError(f"multires_noise_iterations must be zero or more, got {self.multires_noise_iterations}")
+        if not (math.isfinite(self.multires_noise_discount) and 0 < self.multires_noise_discount <= 1):
+            raise ValueError(f"multires_noise_discount must be in (0, 1], got {self.multires_noise_discount}")
 
 
 def _generator_device(generator: torch.Generator | None) -> torch.device:
     return generator.device if generator is not None else torch.device("cpu")
 
 
-def sample_timesteps(batch: int, num_train_timesteps: int, generator: torch.Generator | None, device: torch.device | str) -> torch.Tensor:
-    """`batch` timesteps drawn uniformly from [0, num_train_timesteps), as int64 on `device`."""
-    timesteps = torch.randint(0, num_train_timesteps, (batch,), generator=generator, device=_generator_device(generator))
+def sample_timesteps(
+    batch: int,
+    num_train_timesteps: int,
+    generator: torch.Generator | None,
+    device: torch.device | str,
+    low: int = 0,
+    high: int | None = None,
+) -> torch.Tensor:
+    """`batch` timesteps drawn uniformly from [low, high) (default [0, num_train_timesteps)), as int64 on `device`.
+
+    kohya's `--min_timestep` / `--max_timestep` (train_util.get_timesteps: `torch.randint(min, max)`)."""
+    high = num_train_timesteps if high is None else high
+    timesteps = torch.randint(low, high, (batch,), generator=generator, device=_generator_device(generator))
     return timesteps.to(device)
 
 
-def make_noise(latents: torch.Tensor, generator: torch.Generator | None, noise_offset: float = 0.0) -> torch.Tensor:
-    """Gaussian noise shaped like `latents` (fp32, on their device), plus noise_offset * N(0, 1) per sample and channel."""
+def make_noise(
+    latents: torch.Tensor,
+    generator: torch.Generator | None,
+    noise_offset: float = 0.0,
+    multires_iterations: int = 0,
+    multires_discount: float = 0.3,
+) -> torch.Tensor:
+    """Gaussian noise shaped like `latents` (fp32, on their device), plus noise_offset * N(0, 1) per sample and channel,
+    then (with multires_iterations) turned into pyramid noise; kohya's order: offset first, pyramid second."""
     device = _generator_device(generator)
     noise = torch.randn(latents.shape, generator=generator, device=device, dtype=torch.float32)
     if noise_offset:
         # a constant shift per channel lets the model learn to change an image's overall brightness
         offset = torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=generator, device=device, dtype=torch.float32)
         noise = noise + noise_offset * offset
+    if multires_iterations:
+        noise = multires_noise(noise, generator, multires_iterations, multires_discount)
     return noise.to(latents.device)
+
+
+def multires_noise(noise: torch.Tensor, generator: torch.Generator | None, iterations: int, discount: float) -> torch.Tensor:
+    """Multi-resolution (pyramid) noise, as kohya's `custom_train_functions.pyramid_noise_like`.
+
+    Level i is Gaussian noise at 1/r^i of the size (r drawn from [2, 4) per level), upsampled bilinearly and added with
+    weight discount^i (level 0: a second full-size noise); it stops at a 1-pixel side. The sum is divided by its std
+    (over the whole batch) to unit variance. Its low frequencies let a LoRA change large areas (contrast, colour).
+    All draws come from `generator`, on its device; the result is fp32 there.
+    """
+    device = _generator_device(generator)
+    batch, channels, height, width = noise.shape
+    total = noise.to(device, torch.float32)
+    for level in range(iterations):
+        ratio = 2.0 + 2.0 * torch.rand((), generator=generator, device=device).item()
+        low_height, low_width = max(1, int(height / ratio**level)), max(1, int(width / ratio**level))
+        low = torch.randn((batch, channels, low_height, low_width), generator=generator, device=device, dtype=torch.float32)
+        total = total + F.interpolate(low, size=(height, width), mode="bilinear", align_corners=False) * discount**level
+        if low_height == 1 or low_width == 1:
+            break
+    return total / total.std()
 
 
 def _prediction_type(scheduler, prediction_type: str | None) -> str:
@@ -126,6 +201,108 @@ def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float, prediction
     raise ValueError(f"unknown prediction_type {prediction_type!r}: use one of {', '.join(PREDICTION_TYPES)}")
 
 
+def huber_threshold(scheduler, timesteps: torch.Tensor, huber_c: float, schedule: str) -> torch.Tensor:
+    """The Huber threshold c(t) of each timestep, fp32 on the timesteps' device (kohya's
+    `train_util.get_huber_threshold_if_needed`, huber_scale 1):
+
+    constant: huber_c; exponential: exp(-alpha * t) with alpha = -ln(huber_c) / num_train_timesteps (1 at t = 0,
+    huber_c at t = num_train_timesteps); snr: (1 - huber_c) / (1 + sigma_t)^2 + huber_c with
+    sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) (about 1, L2-like, at clean timesteps; huber_c at noisy ones).
+    """
+    if schedule == "constant":
+        return torch.full(timesteps.shape, huber_c, dtype=torch.float32, device=timesteps.device)
+    if schedule == "exponential":
+        alpha = -math.log(huber_c) / scheduler.config.num_train_timesteps
+        return torch.exp(-alpha * timesteps.to("cpu", torch.float64)).to(timesteps.device, torch.float32)
+    if schedule == "snr":
+        # float64 on the CPU, as snr(); alpha_bar 0 (zero terminal SNR) gives sigma inf and c = huber_c
+        alphas_cumprod = scheduler.alphas_cumprod.to("cpu", torch.float64)[timesteps.cpu()]
+        sigmas = ((1.0 - alphas_cumprod) / alphas_cumprod).sqrt()
+        return ((1.0 - huber_c) / (1.0 + sigmas) ** 2 + huber_c).to(timesteps.device, torch.float32)
+    raise ValueError(f"unknown huber_schedule {schedule!r}: use one of {', '.join(HUBER_SCHEDULES)}")
+
+
+def elementwise_loss(prediction: torch.Tensor, target: torch.Tensor, loss: str, huber_c: torch.Tensor | None = None) -> torch.Tensor:
+    """The loss of each element, as kohya's `train_util.conditional_loss` (reduction "none"); huber_c is per sample.
+
+    l2: (p - y)^2; huber: 2 c (sqrt((p - y)^2 + c^2) - c) (pseudo-Huber: about (p - y)^2 for small errors, 2 c |p - y|
+    for large ones); smooth_l1: 2 (sqrt((p - y)^2 + c^2) - c) (the same without the factor c: about (p - y)^2 / c, then
+    2 |p - y|).
+    """
+    if loss == "l2":
+        return F.mse_loss(prediction, target, reduction="none")
+    if loss not in LOSSES:
+        raise ValueError(f"unknown loss {loss!r}: use one of {', '.join(LOSSES)}")
+    c = huber_c.view(-1, *([1] * (prediction.ndim - 1)))
+    pseudo = torch.sqrt((prediction - target) ** 2 + c**2) - c
+    return 2 * c * pseudo if loss == "huber" else 2 * pseudo
+
+
+def zero_terminal_snr_betas(betas: torch.Tensor) -> torch.Tensor:
+    """Betas rescaled to zero terminal SNR (Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps are
+    Flawed", Algorithm 1; diffusers' `rescale_zero_terminal_snr`, kohya's `fix_noise_scheduler_betas_for_zero_terminal_snr`):
+    sqrt(alpha_bar) is shifted so its last value is 0 and scaled so its first stays, then turned back into betas."""
+    root = torch.cumprod(1.0 - betas, dim=0).sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    root = (root - last) * (first / (first - last))
+    alphas_cumprod = root**2
+    alphas = torch.cat([alphas_cumprod[:1], alphas_cumprod[1:] / alphas_cumprod[:-1]])
+    return 1.0 - alphas
+
+
+def prepare_noise_scheduler(scheduler, config: ObjectiveConfig) -> None:
+    """Check the options against the training noise scheduler and apply --zero-terminal-snr to it, in place.
+
+    The timestep range must fit the schedule; zero terminal SNR needs v-prediction (the option's or the scheduler's),
+    and then rescales the betas (alphas, alphas_cumprod follow), recorded in the scheduler's config as diffusers'
+    `rescale_betas_zero_snr`."""
+    count = scheduler.config.num_train_timesteps
+    high = count if config.max_timestep is None else config.max_timestep
+    if high > count:
+        raise ValueError(f"--max-timestep {high} is invalid: the noise schedule has {count} timesteps, so it must be at most {count}")
+    if config.min_timestep >= high:
+        raise ValueError(f"--min-timestep {config.min_timestep} is invalid: it must be below --max-timestep ({high})")
+    if not config.zero_terminal_snr:
+        return
+    if _prediction_type(scheduler, config.prediction_type) == "epsilon":
+        raise ValueError(ZERO_TERMINAL_SNR_EPSILON + " (the model's scheduler predicts epsilon)")
+    scheduler.betas = zero_terminal_snr_betas(scheduler.betas)
+    scheduler.alphas = 1.0 - scheduler.betas
+    scheduler.alphas_cumprod = torch.cumprod(scheduler.alphas, dim=0)
+    scheduler.register_to_config(rescale_betas_zero_snr=True)
+
+
+def noisy_inputs(
+    scheduler,
+    latents: torch.Tensor,
+    config: ObjectiveConfig,
+    generator: torch.Generator | None = None,
+    timesteps: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(noise, noisy latents, timesteps) for fp32 `latents`: the noise is the target's, the noisy latents the UNet's input.
+
+    Drawn from `generator` in this order: the noise (with its offset and pyramid levels), the timesteps (in
+    [min_timestep, max_timestep)), then with ip_noise_gamma the input perturbation: the noisy latents are made from
+    noise + ip_noise_gamma * N(0, 1) while the target keeps the noise (kohya's `get_noise_noisy_latents_and_timesteps`).
+    Given noise is used as is: no offset, pyramid or perturbation (the validation loss's fixed inputs).
+    """
+    drawn = noise is None
+    if drawn:
+        noise = make_noise(latents, generator, config.noise_offset, config.multires_noise_iterations, config.multires_noise_discount)
+    noise = noise.to(latents.device, torch.float32)
+    if timesteps is None:
+        count = scheduler.config.num_train_timesteps
+        timesteps = sample_timesteps(latents.shape[0], count, generator, latents.device, config.min_timestep, config.max_timestep)
+    timesteps = timesteps.to(latents.device)
+    noised_with = noise
+    if drawn and config.ip_noise_gamma:
+        device = _generator_device(generator)
+        perturbation = torch.randn(noise.shape, generator=generator, device=device, dtype=torch.float32).to(noise.device)
+        noised_with = noise + config.ip_noise_gamma * perturbation
+    return noise, scheduler.add_noise(latents, noised_with, timesteps), timesteps
+
+
 def diffusion_loss(
     unet,
     scheduler,
@@ -136,28 +313,24 @@ def diffusion_loss(
     timesteps: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mean (optionally min-SNR-weighted) MSE between the UNet's prediction and its target, as a scalar.
+    """Mean (optionally min-SNR-weighted) loss (`config.loss`) between the UNet's prediction and its target, as a scalar.
 
-    Noise and timesteps are drawn from `generator` unless given (given noise is used as is, without noise offset):
-    fixed ones make the loss deterministic, as the validation loss needs. The UNet runs in the dtype of `latents`
-    (the caller's mixed-precision dtype); noising, target and MSE are computed in fp32.
+    Noise and timesteps are drawn from `generator` unless given (given noise is used as is, without noise offset,
+    pyramid noise or input perturbation; given timesteps ignore the timestep range): fixed ones make the loss
+    deterministic, as the validation loss needs. The UNet runs in the dtype of `latents` (the caller's
+    mixed-precision dtype); noising, target and loss are computed in fp32.
     """
     prediction_type = _prediction_type(scheduler, config.prediction_type)
     clean = latents.to(torch.float32)
-    if noise is None:
-        noise = make_noise(clean, generator, config.noise_offset)
-    noise = noise.to(clean.device, torch.float32)
-    if timesteps is None:
-        timesteps = sample_timesteps(clean.shape[0], scheduler.config.num_train_timesteps, generator, clean.device)
-    timesteps = timesteps.to(clean.device)
-    noisy = scheduler.add_noise(clean, noise, timesteps)
+    noise, noisy, timesteps = noisy_inputs(scheduler, clean, config, generator, timesteps, noise)
     if isinstance(conditioning, torch.Tensor):  # the text alone (SD1/SD2)
         conditioning = Conditioning(conditioning)
     prediction = unet(
         noisy.to(latents.dtype), timesteps, **conditioning.to(latents.device, latents.dtype).unet_kwargs(), return_dict=False
     )[0]
     target = target_for(scheduler, clean, noise, timesteps, prediction_type)
-    per_sample = F.mse_loss(prediction.float(), target, reduction="none").mean(dim=tuple(range(1, target.ndim)))
+    huber_c = None if config.loss == "l2" else huber_threshold(scheduler, timesteps, config.huber_c, config.huber_schedule)
+    per_sample = elementwise_loss(prediction.float(), target, config.loss, huber_c).mean(dim=tuple(range(1, target.ndim)))
     if config.snr_gamma is not None:
         per_sample = per_sample * min_snr_weights(scheduler, timesteps, config.snr_gamma, prediction_type)
     return per_sample.mean()

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ..core.families import ModelFamily
@@ -13,6 +14,7 @@ from ..core.state import LoraState
 from ..models.loading import SINGLE_FILE_SUFFIXES, is_builtin_model, is_hub_id
 from ..storage.atomic import atomic_file, check_writable_target
 from .config import TrainConfig, to_toml
+from .data import ImageRecord
 from .validation import SAMPLES_DIR
 
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
@@ -32,8 +34,34 @@ def kohya_file(config: TrainConfig) -> str:
     return f"{config.name}.safetensors"
 
 
-def training_metadata(config: TrainConfig, num_images: int) -> dict[str, str]:
+def tag_frequency(records: Sequence[ImageRecord]) -> dict[str, dict[str, int]]:
+    """kohya's `ss_tag_frequency`: {subset folder: {tag: count}} over the comma-separated tags of the captions
+    (a plain data folder is one subset, named by the folder)."""
+    frequency: dict[str, dict[str, int]] = {}
+    for record in records:
+        tags = frequency.setdefault(_subset_name(record), {})
+        for tag in (t.strip() for t in record.caption.split(",")):
+            if tag:
+                tags[tag] = tags.get(tag, 0) + 1
+    return frequency
+
+
+def dataset_dirs(records: Sequence[ImageRecord]) -> dict[str, dict[str, int]]:
+    """kohya's `ss_dataset_dirs`: {subset folder: {"n_repeats": N, "img_count": M}}."""
+    dirs: dict[str, dict[str, int]] = {}
+    for record in records:
+        entry = dirs.setdefault(_subset_name(record), {"n_repeats": record.repeats, "img_count": 0})
+        entry["img_count"] += 1
+    return dirs
+
+
+def _subset_name(record: ImageRecord) -> str:
+    return record.subset or record.path.parent.name
+
+
+def training_metadata(config: TrainConfig, records: Sequence[ImageRecord]) -> dict[str, str]:
     """kohya's `ss_*` training keys, which A1111/ComfyUI/civitai show for a LoRA."""
+    num_images = sum(record.repeats for record in records)  # kohya counts an image once per repeat
     return {
         "ss_output_name": config.name,
         "ss_sd_model_name": Path(config.model).name or config.model,
@@ -55,18 +83,28 @@ def training_metadata(config: TrainConfig, num_images: int) -> dict[str, str]:
         "ss_network_dropout": f"{config.dropout:g}",
         "ss_noise_offset": f"{config.noise_offset:g}",
         "ss_min_snr_gamma": f"{config.snr_gamma:g}" if config.snr_gamma else "None",
+        "ss_loss_type": config.loss,
+        "ss_huber_schedule": config.huber_schedule,
+        "ss_huber_c": f"{config.huber_c:g}",
+        "ss_ip_noise_gamma": f"{config.ip_noise_gamma:g}" if config.ip_noise_gamma else "None",
+        "ss_multires_noise_iterations": str(config.multires_noise_iterations) if config.multires_noise_iterations else "None",
+        "ss_multires_noise_discount": f"{config.multires_noise_discount:g}",
+        "ss_zero_terminal_snr": str(config.zero_terminal_snr),
         "ss_caption_dropout_rate": f"{config.caption_dropout:g}",
         "ss_optimizer": "torch.optim.AdamW",
-        "ss_tag_frequency": "{}" if not config.trigger else f'{{"{config.trigger}": {num_images}}}',
+        "ss_tag_frequency": json.dumps(tag_frequency(records), ensure_ascii=False),
+        "ss_dataset_dirs": json.dumps(dataset_dirs(records), ensure_ascii=False),
         "sdlora_preset": config.preset,
         "sdlora_trigger": config.trigger or "",
     }
 
 
-def lora_writers(state: LoraState, config: TrainConfig, family: ModelFamily, num_images: int) -> dict[str, Callable[[Path], None]]:
+def lora_writers(
+    state: LoraState, config: TrainConfig, family: ModelFamily, records: Sequence[ImageRecord]
+) -> dict[str, Callable[[Path], None]]:
     """The run's two LoRA files by name, each as a function that writes it to a path: the diffusers file
     (save_lora_weights, alpha in its header) and the kohya file with the training metadata, both for `family`."""
-    metadata = training_metadata(config, num_images)
+    metadata = training_metadata(config, records)
     return {
         DIFFUSERS_FILE: lambda path: write_diffusers(state, path, family),
         kohya_file(config): lambda path: write_kohya(state, path, metadata, family),

@@ -32,9 +32,10 @@ from . import checkpoint, network, outputs
 from .buckets import BucketBatchSampler, Size, assign_bucket, training_sizes
 from .cache import BatchEncoder, build_caches, fill_caches
 from .config import TrainConfig
-from .data import ImageRecord, find_images, split_validation
+from .data import ImageRecord, dataset_summary, find_images, split_validation
 from .metrics import MetricsLogger, progress_bar, tracking_options
-from .objective import ObjectiveConfig, diffusion_loss
+from .objective import ObjectiveConfig, diffusion_loss, prepare_noise_scheduler
+from .optimizers import build_optimizer, check_optimizer, parse_optimizer_args
 from .sample_prompts import read_sample_prompts
 from .validation import Validator
 
@@ -93,12 +94,20 @@ def setup(config: TrainConfig) -> Run:
     from diffusers import DDPMScheduler  # diffusers takes seconds to import: only when training starts
     from diffusers.optimization import get_scheduler
 
+    # the optimizer's package and arguments, checked before anything loads or is created
+    optimizer_args = parse_optimizer_args(config.optimizer_args)
+    check_optimizer(config.optimizer, config.lr, config.weight_decay, optimizer_args)
     out = Path(config.output_dir)
     check_writable_target(out, is_dir=True)  # fail before the slow parts; nothing is created until data and model load
     accelerator = _accelerator(config)
     torch.manual_seed(config.seed)
-    records = find_images(config.data_dir, caption=config.caption, trigger=config.trigger)
+    records = find_images(
+        config.data_dir, caption=config.caption, trigger=config.trigger, caption_extension=config.caption_extension,
+        keep_tokens=config.keep_tokens,
+    )  # fmt: skip
     records, val_records = split_validation(records, config.val_split, config.seed)
+    if any(record.subset for record in records) and accelerator.is_local_main_process:
+        tqdm.write(dataset_summary(records))  # kohya-style folders: subsets, images, samples per epoch
 
     # the model: frozen base weights in half precision under mixed precision; LoRA parameters stay fp32
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
@@ -109,12 +118,27 @@ def setup(config: TrainConfig) -> Run:
     if family.vae_fp32_when_half and weight_dtype != torch.float32 and pipe.vae.config.get("force_upcast", False):
         pipe.vae.to(torch.float32)  # SDXL's VAE overflows in half precision unless fixed (its config says so)
     config = _model_defaults(config, pipe, family)
+    # the data's buckets and the seeded batch order; with --epochs they give the step count (the schedule needs it)
+    buckets = [assign_bucket(r.width, r.height, training_sizes(config.resolution, config.buckets)) for r in records]
+    sampler = BucketBatchSampler(
+        buckets, config.batch_size, seed=config.seed, num_replicas=accelerator.num_processes, rank=accelerator.process_index,
+        repeats=[r.repeats for r in records],
+    )  # fmt: skip
+    if config.epochs:
+        config = dataclasses.replace(config, steps=epoch_steps(len(sampler), config.grad_accum, config.epochs))
     pipe.set_progress_bar_config(disable=True)
     pipe.to(accelerator.device)
     text_encoders = {spec.component: getattr(pipe, spec.component) for spec in family.text_encoders}
     for part in (pipe.vae, pipe.unet, *text_encoders.values()):
         part.requires_grad_(False)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    objective = ObjectiveConfig(
+        config.prediction_type, config.snr_gamma, config.noise_offset, loss=config.loss, huber_c=config.huber_c,
+        huber_schedule=config.huber_schedule, ip_noise_gamma=config.ip_noise_gamma, min_timestep=config.min_timestep,
+        max_timestep=config.max_timestep, zero_terminal_snr=config.zero_terminal_snr,
+        multires_noise_iterations=config.multires_noise_iterations, multires_noise_discount=config.multires_noise_discount,
+    )  # fmt: skip
+    prepare_noise_scheduler(noise_scheduler, objective)  # the timestep range must fit it; --zero-terminal-snr rescales it
     if config.sampler:
         set_sampler(pipe, config.sampler)  # how the sample images are drawn; training noises with DDPM above
 
@@ -145,18 +169,14 @@ def setup(config: TrainConfig) -> Run:
 
     # the optimizer; the schedule is stepped once per optimizer step by the loop, not prepared (accelerate would
     # step it once per process)
-    optimizer = torch.optim.AdamW(param_groups, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = build_optimizer(config.optimizer, param_groups, config.lr, config.weight_decay, optimizer_args)
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps, num_training_steps=config.steps)
     prepared = accelerator.prepare(*trained.values(), optimizer)
     wrapped, optimizer = dict(zip(trained, prepared[:-1])), prepared[-1]
     unet = wrapped.pop("unet")
     text_encoders.update(wrapped)
 
-    # the data: buckets, the seeded batch order, caches filled before the first step
-    buckets = [assign_bucket(r.width, r.height, training_sizes(config.resolution, config.buckets)) for r in records]
-    sampler = BucketBatchSampler(
-        buckets, config.batch_size, seed=config.seed, num_replicas=accelerator.num_processes, rank=accelerator.process_index
-    )
+    # the caches, filled before the first step
     latent_cache, embedding_cache = build_caches(config, pipe, text_encoders, family, accelerator.device, out)
     fill_caches(config, records, buckets, latent_cache, embedding_cache, show=accelerator.is_local_main_process)
     # what the caches now hold, the steps no longer need: the VAE and frozen text encoders leave the accelerator
@@ -167,7 +187,6 @@ def setup(config: TrainConfig) -> Run:
         config=config, pipe=pipe, text_encoders=text_encoders, family=family, records=records, sizes=buckets,
         latent_cache=latent_cache, embedding_cache=embedding_cache, device=accelerator.device, dtype=weight_dtype,
     )  # fmt: skip
-    objective = ObjectiveConfig(config.prediction_type, config.snr_gamma, config.noise_offset)
     prompt_file = read_sample_prompts(config.sample_prompts) if config.sample_prompts else []
     validator = Validator(
         config=config, accelerator=accelerator, pipe=pipe, unet=unet, text_encoders=text_encoders, family=family,
@@ -188,6 +207,12 @@ def setup(config: TrainConfig) -> Run:
     )  # fmt: skip
     _start_or_resume(run)
     return run
+
+
+def epoch_steps(batches_per_epoch: int, grad_accum: int, epochs: int) -> int:
+    """Optimizer steps in `epochs` epochs of `batches_per_epoch` batches per process, as kohya's train_network counts
+    them: epochs * ceil(batches / grad_accum)."""
+    return epochs * math.ceil(batches_per_epoch / grad_accum)
 
 
 def _model_defaults(config: TrainConfig, pipe, family: ModelFamily) -> TrainConfig:
@@ -333,7 +358,7 @@ def _save_checkpoint(run: Run) -> Path | None:
     path = None
     if run.accelerator.is_main_process:
         run.state.capture_rngs(run.rng, run.generator)
-        files = outputs.lora_writers(lora_state(run), run.config, run.family, len(run.records))
+        files = outputs.lora_writers(lora_state(run), run.config, run.family, run.records)
         path = checkpoint.save_checkpoint(
             Path(run.config.output_dir) / "checkpoints",
             run.state,
@@ -364,7 +389,7 @@ def save_outputs(run: Run) -> Path:
     run.metrics.close()
     run.accelerator.wait_for_everyone()
     if run.accelerator.is_main_process:
-        for name, write in outputs.lora_writers(lora_state(run), run.config, run.family, len(run.records)).items():
+        for name, write in outputs.lora_writers(lora_state(run), run.config, run.family, run.records).items():
             write(out / name)
         outputs.write_config_and_card(run.config, run.family, len(run.records), out)
     run.accelerator.wait_for_everyone()

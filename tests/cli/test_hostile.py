@@ -347,6 +347,13 @@ def build_cases(root: Path, random_lora_state, make_dataset, write_sdxl_single_f
     prompts = root / "prompts" / "samples.txt"
     prompts.parent.mkdir()
     prompts.write_text("# kohya sample prompts\na red circle --w 64 --h 64\na blue circle --q 3\n")
+    # ---- kohya-style data folders (#15)
+    for case, folder in (("subset-zero-repeats", "0_alpha"), ("subset-not-n-words", "x_alpha")):
+        data = root / "data" / case
+        make_dataset(data / "3_good", count=2)
+        make_dataset(data / folder, count=2)
+        train(case, data, names=str(data / folder), reason="N_words")
+    train("keep-tokens-over-the-tags", good_data, "--keep-tokens", "9", "--shuffle-captions", names="--keep-tokens 9", reason="lower it")
     train("tracker-not-installed", good_data, "--report-to", "wandb", names="--report-to wandb", reason="pip install")
     train("sample-prompts-unknown-option", good_data, "--sample-prompts", str(prompts), names=f"{prompts}:3", reason="unknown option --q")
     return cases
@@ -392,7 +399,7 @@ CASE_NAMES = [
     "sdxl-single-file-without-text-encoder-2",
     "generate-unknown-sampler", "generate-lora-tag-missing-file", "generate-lora-tag-without-weight",
     "generate-lora-tag-without-lora-dir", "grid-axis-without-values", "grid-three-varied-axes", "sample-prompts-unknown-option",
-    "tracker-not-installed",
+    "tracker-not-installed", "subset-zero-repeats", "subset-not-n-words", "keep-tokens-over-the-tags",
 ]  # fmt: skip
 
 
