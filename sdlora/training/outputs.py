@@ -15,6 +15,7 @@ from ..models.loading import SINGLE_FILE_SUFFIXES, is_builtin_model, is_hub_id
 from ..storage.atomic import atomic_file, check_writable_target
 from .config import TrainConfig, to_toml
 from .data import ImageRecord
+from .optimizers import optimizer_label, parse_optimizer_args
 from .validation import SAMPLES_DIR
 
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
@@ -91,7 +92,7 @@ def training_metadata(config: TrainConfig, records: Sequence[ImageRecord]) -> di
         "ss_multires_noise_discount": f"{config.multires_noise_discount:g}",
         "ss_zero_terminal_snr": str(config.zero_terminal_snr),
         "ss_caption_dropout_rate": f"{config.caption_dropout:g}",
-        "ss_optimizer": "torch.optim.AdamW",
+        "ss_optimizer": optimizer_label(config.optimizer, parse_optimizer_args(config.optimizer_args)),
         "ss_tag_frequency": json.dumps(tag_frequency(records), ensure_ascii=False),
         "ss_dataset_dirs": json.dumps(dataset_dirs(records), ensure_ascii=False),
         "sdlora_preset": config.preset,
