@@ -282,7 +282,8 @@ def _inspect_run(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------- generate
 
 
-def _generate_args(parser: argparse.ArgumentParser) -> None:
+def _image_args(parser: argparse.ArgumentParser, command_args: Callable[[argparse.ArgumentParser], None], out_help: str) -> None:
+    """The options generate and grid share, around the command's own options (`command_args`), in --help's order."""
     parser.add_argument(
         "--model",
         default="tiny",
@@ -291,6 +292,20 @@ def _generate_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config", default=None, help="for a single-file checkpoint offline: a local diffusers folder of the same architecture"
     )
+    command_args(parser)
+    parser.add_argument("--height", type=int, default=None, help="image height, a multiple of 8 (default: the model's)")
+    parser.add_argument("--width", type=int, default=None, help="image width, a multiple of 8 (default: the model's)")
+    parser.add_argument("--out", required=True, help=out_help)
+    parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None, help="model dtype (default: fp32 on CPU, fp16 on GPU)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps (default: auto)")
+    parser.add_argument("--allow-pickle", action="store_true", help="allow pickle LoRA files and checkpoints (weights only)")
+
+
+def _generate_args(parser: argparse.ArgumentParser) -> None:
+    _image_args(parser, _generate_own_args, out_help="folder for NNNNN-<seed>.png files and grid.png (images are added, never replaced)")
+
+
+def _generate_own_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--lora",
         action="append",
@@ -314,12 +329,6 @@ def _generate_args(parser: argparse.ArgumentParser) -> None:
         "--seed", type=int, default=None, help="seed of the first image; image i uses seed + i (default: random, recorded in each PNG)"
     )
     parser.add_argument("--num-images", type=int, default=1, help="how many images")
-    parser.add_argument("--height", type=int, default=None, help="image height, a multiple of 8 (default: the model's)")
-    parser.add_argument("--width", type=int, default=None, help="image width, a multiple of 8 (default: the model's)")
-    parser.add_argument("--out", required=True, help="folder for NNNNN-<seed>.png files and grid.png (images are added, never replaced)")
-    parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None, help="model dtype (default: fp32 on CPU, fp16 on GPU)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps (default: auto)")
-    parser.add_argument("--allow-pickle", action="store_true", help="allow pickle LoRA files and checkpoints (weights only)")
 
 
 def _sampler_arg(parser: argparse.ArgumentParser, several: bool = False) -> None:
@@ -403,10 +412,10 @@ def _generate_run(args: argparse.Namespace) -> None:
 
 
 def _grid_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="tiny", help="the base model, as for generate (default: tiny)")
-    parser.add_argument(
-        "--config", default=None, help="for a single-file checkpoint offline: a local diffusers folder of the same architecture"
-    )
+    _image_args(parser, _grid_own_args, out_help="folder for grid.png (labelled) and each cell as NNNNN-<seed>.png with its parameters")
+
+
+def _grid_own_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--lora-steps",
         nargs="+",
@@ -440,12 +449,6 @@ def _grid_args(parser: argparse.ArgumentParser) -> None:
         help="a LoRA in every cell, beside the checkpoint; repeat for several",
     )
     parser.add_argument("--lora-dir", default=None, help="folder where the prompts' <lora:NAME:WEIGHT> tags find their files, by stem")
-    parser.add_argument("--height", type=int, default=None, help="image height, a multiple of 8 (default: the model's)")
-    parser.add_argument("--width", type=int, default=None, help="image width, a multiple of 8 (default: the model's)")
-    parser.add_argument("--out", required=True, help="folder for grid.png (labelled) and each cell as NNNNN-<seed>.png with its parameters")
-    parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None, help="model dtype (default: fp32 on CPU, fp16 on GPU)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps (default: auto)")
-    parser.add_argument("--allow-pickle", action="store_true", help="allow pickle LoRA files and checkpoints (weights only)")
 
 
 def _values(text: str, flag: str, kind: type) -> list:
