@@ -105,6 +105,15 @@ def run_measured(command: list[str], env: dict[str, str] | None = None) -> tuple
     return float(seconds), int(max_rss_kib) / 2**20, result.stdout + result.stderr
 
 
+def ensure_sd15_model(work: Path) -> Path:
+    """The SD1.5-shaped random model folder under `work` (both made if missing; an existing model is reused)."""
+    work.mkdir(parents=True, exist_ok=True)
+    model = work / "sd15-shaped"
+    if not (model / "model_index.json").is_file():
+        run_measured([sys.executable, "-m", "sdlora", "tiny-model", str(model), "--variant", "sd15-shaped"])
+    return model
+
+
 def matmul_flops(size: int = 2048, repeats: int = 5) -> float:
     """fp32 FLOP per second of the best of `repeats` square matmuls: the compute ceiling of the update up @ down."""
     left, right = torch.randn(size, size), torch.randn(size, size)
@@ -210,10 +219,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    model = work / "sd15-shaped"
-    if not (model / "model_index.json").is_file():
-        run_measured([sys.executable, "-m", "sdlora", "tiny-model", str(model), "--variant", "sd15-shaped"])
+    model = ensure_sd15_model(work)
     if args.e2e:
         end_to_end(work, model, args.repeats)
         return

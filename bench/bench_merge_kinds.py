@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_merge import SUMMARY, bench_layers, run_measured  # noqa: E402  (the bench scripts' shared parts)
+from bench_merge import SUMMARY, bench_layers, ensure_sd15_model, run_measured  # noqa: E402  (the bench scripts' shared parts)
 
 
 def _factor_pair(size: int) -> tuple[int, int]:
@@ -60,10 +60,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    model = work / "sd15-shaped"
-    if not (model / "model_index.json").is_file():
-        run_measured([sys.executable, "-m", "sdlora", "tiny-model", str(model), "--variant", "sd15-shaped"])
+    model = ensure_sd15_model(work)
     files = write_kind_files(model, args.rank, work)
     print(f"machine: {os.cpu_count()} CPUs; torch {torch.__version__}, {torch.get_num_threads()} threads; rank/dim {args.rank}")
     merges: dict[str, list[tuple[float, float, float]]] = {kind: [] for kind in files}
