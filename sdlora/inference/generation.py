@@ -159,6 +159,16 @@ def check_image_size(value: int | None, name: str) -> None:
         raise ValueError(f"{name} must be a positive multiple of 8, got {value}")
 
 
+def seed_own_noise(scheduler, seed: int) -> bool:
+    """Seed a scheduler's noise source of its own (DPM++ SDE's Brownian tree, `DPMSolverSDEScheduler`) with `seed`,
+    so the next call to the pipeline draws it from that seed; returns whether it has one (others are left as they are)."""
+    if not hasattr(scheduler, "noise_sampler_seed"):
+        return False
+    scheduler.noise_sampler_seed = seed
+    scheduler.noise_sampler = None  # made again from the seed at the next step
+    return True
+
+
 def generate(
     pipe,
     prompt: str,
@@ -199,8 +209,7 @@ def generate(
     images = []
     for first, count in batches:
         if own_noise:
-            pipe.scheduler.noise_sampler_seed = first
-            pipe.scheduler.noise_sampler = None
+            seed_own_noise(pipe.scheduler, first)
         images += pipe(
             prompt=prompt,
             negative_prompt=negative_prompt or None,

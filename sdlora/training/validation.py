@@ -17,7 +17,7 @@ import torch
 from PIL import Image as PILImage
 
 from ..core.families import ModelFamily
-from ..inference.generation import PARAMETERS_KEY, generate, image_grid, model_label, png_info
+from ..inference.generation import PARAMETERS_KEY, generate, image_grid, model_label, png_info, seed_own_noise
 from ..storage.atomic import atomic_file
 from .buckets import assign_bucket, training_sizes
 from .cache import encode_captions, encode_images
@@ -136,8 +136,7 @@ class Validator:
         images = []
         with self._visiting(), self.accelerator.autocast():
             if self.sample_prompts:
-                if hasattr(pipe.scheduler, "noise_sampler_seed"):  # DPM++ SDE's own noise: seeded, as generate seeds it
-                    pipe.scheduler.noise_sampler_seed, pipe.scheduler.noise_sampler = config.sample_seed, None
+                seed_own_noise(pipe.scheduler, config.sample_seed)  # DPM++ SDE's own noise: seeded, as generate seeds it
                 images = pipe(
                     self.sample_prompts,
                     num_inference_steps=config.sample_steps,
