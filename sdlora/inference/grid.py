@@ -22,6 +22,7 @@ from PIL import ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
 from ..core.files import LoraFile, open_lora
+from ..storage.steps import step_of
 from .adapters import load_lora, loaded_loras, set_lora_scales, unload_loras
 from .generation import generate
 from .prompts import prompt_loras
@@ -30,7 +31,6 @@ from .samplers import find_sampler
 AXES = ("weight", "checkpoint", "prompt", "seed", "sampler", "steps", "guidance")
 _TITLES = {"weight": "Weight", "checkpoint": "Checkpoint", "prompt": "Prompt", "seed": "Seed", "sampler": "Sampler", "steps": "Steps",
            "guidance": "CFG scale"}  # fmt: skip
-_STEP_DIR = re.compile(r"step-(\d+)")  # training.checkpoint's folder names (inference does not import training)
 _DIFFUSERS_LORA = "pytorch_lora_weights.safetensors"  # diffusers' save_lora_weights name, as training writes it
 _NOT_A_LORA = {"trainable.safetensors"}  # a checkpoint's raw trainable tensors, beside its LoRA files
 
@@ -63,13 +63,13 @@ def find_checkpoints(paths: Sequence[str | os.PathLike]) -> list[Checkpoint]:
 
 
 def _step_label(name: str) -> str:
-    match = _STEP_DIR.fullmatch(name)
-    return f"step {int(match.group(1))}" if match else name
+    step = step_of(name)
+    return name if step is None else f"step {step}"
 
 
 def _folder_checkpoints(folder: Path) -> list[Checkpoint]:
     root = folder / "checkpoints" if (folder / "checkpoints").is_dir() else folder
-    steps = sorted((p for p in root.iterdir() if p.is_dir() and _STEP_DIR.fullmatch(p.name)), key=lambda p: int(p.name[5:]))
+    steps = sorted((p for p in root.iterdir() if p.is_dir() and step_of(p.name) is not None), key=lambda p: step_of(p.name))
     if steps:
         return [Checkpoint(_step_label(step.name), _checkpoint_lora(step)) for step in steps]
     files = sorted((p for p in folder.iterdir() if p.is_file() and p.suffix == ".safetensors" and p.name not in _NOT_A_LORA),

@@ -14,7 +14,6 @@ import errno
 import json
 import os
 import random
-import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -25,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..storage.atomic import TMP_PREFIX, atomic_dir, remove_leftover_temporaries
+from ..storage.steps import step_dir_name, step_of
 
 FORMAT_VERSION = 1
 COMPLETE = "COMPLETE"
@@ -34,7 +34,6 @@ SCHEDULER_FILE = "scheduler.json"
 STATE_FILE = "state.json"
 RNG_FILE = "rng.safetensors"
 OWN_FILES = (LORA_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, STATE_FILE, RNG_FILE, COMPLETE)
-STEP_DIR = re.compile(r"step-(\d+)")
 DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))  # EDQUOT: over quota, same remedy
 
 
@@ -94,7 +93,7 @@ def save_checkpoint(
         if name in OWN_FILES or Path(name).name != name or name.startswith("."):
             raise ValueError(f"extra checkpoint file name {name!r} must be a plain file name other than {', '.join(OWN_FILES)}")
     checkpoints_dir = Path(checkpoints_dir)
-    target = checkpoints_dir / f"step-{state.step:08d}"
+    target = checkpoints_dir / step_dir_name(state.step)
     checkpoints_dir.mkdir(parents=True, exist_ok=True)
     remove_leftover_temporaries(checkpoints_dir)  # what a killed save left behind
     try:
@@ -206,9 +205,9 @@ def _step_dirs(checkpoints_dir: Path) -> list[tuple[int, Path]]:
         return []
     found = []
     for path in checkpoints_dir.iterdir():
-        match = STEP_DIR.fullmatch(path.name)
-        if match and path.is_dir():
-            found.append((int(match.group(1)), path))
+        step = step_of(path.name)
+        if step is not None and path.is_dir():
+            found.append((step, path))
     return sorted(found)
 
 
