@@ -463,9 +463,8 @@ def _values(text: str, flag: str, kind: type) -> list:
 
 def _grid_run(args: argparse.Namespace) -> None:
     from .inference.generation import GRID_NAME, check_image_size, model_label, save_images  # lazy: see the module docstring
-    from .inference.grid import GridSpec, find_checkpoints, make_grid
+    from .inference.grid import GridSpec, find_checkpoints, make_grid, resolve_prompts
     from .inference.merge import parse_lora_arg
-    from .inference.prompts import prompt_loras
     from .storage.atomic import atomic_file, check_writable_target
 
     check_image_size(args.height, "--height")
@@ -487,11 +486,10 @@ def _grid_run(args: argparse.Namespace) -> None:
         loras=[parse_lora_arg(text) for text in args.lora], lora_dir=args.lora_dir, x=args.x, y=args.y,
     )  # fmt: skip
     spec.check()
-    for prompt in spec.prompts:
-        prompt_loras(prompt, spec.lora_dir)  # a tag naming no file fails before the model loads
+    prompts = resolve_prompts(spec)  # a tag naming no file fails before the model loads
     pipe = _load_model(args)
     with _loading_loras("grid"):
-        grid = make_grid(pipe, spec, model_name=model_label(args.model))
+        grid = make_grid(pipe, spec, model_name=model_label(args.model), resolved_prompts=prompts)
     paths = save_images([image for row in grid.cells for image in row], out, grid=False)
     with atomic_file(out / GRID_NAME) as tmp:
         grid.image.save(tmp, format="PNG")

@@ -166,14 +166,24 @@ def _label(axis: str, value) -> str:
     return str(value)
 
 
-def make_grid(pipe, spec: GridSpec, model_name: str | None = None, progress: bool = True) -> Grid:
-    """Generate every cell of the grid (one image each, the seed of the seed axis) and draw the labelled picture."""
+def make_grid(
+    pipe,
+    spec: GridSpec,
+    model_name: str | None = None,
+    progress: bool = True,
+    resolved_prompts: dict[str, tuple[str, list]] | None = None,
+) -> Grid:
+    """Generate every cell of the grid (one image each, the seed of the seed axis) and draw the labelled picture.
+
+    `resolved_prompts`: {prompt: `prompt_loras(prompt, spec.lora_dir)`} for prompts already resolved (the CLI does
+    it before the model loads); a prompt not in it has its `<lora:...>` tags resolved here.
+    """
     x, y = spec.check()
     values = spec.values()
     rows = values[y] if y else [None]
     cells_settings = [[{axis: options[0] for axis, options in values.items()} | {x: xv} | ({y: yv} if y else {}) for xv in values[x]]
                       for yv in rows]  # fmt: skip
-    prompts = {prompt: prompt_loras(prompt, spec.lora_dir) for prompt in spec.prompts}  # every tag's file found first
+    prompts = resolve_prompts(spec, resolved_prompts)  # every tag's file found first
     files: dict[Path, LoraFile] = {}
     base_scheduler = pipe.scheduler
     order = sorted(
@@ -202,6 +212,13 @@ def make_grid(pipe, spec: GridSpec, model_name: str | None = None, progress: boo
     y_labels = [_label(y, v) for v in rows] if y else []
     image, boxes = labelled_grid(cells, _TITLES[x], x_labels, _TITLES[y] if y else None, y_labels)
     return Grid(cells, x, y, x_labels, y_labels, image, boxes)
+
+
+def resolve_prompts(spec: GridSpec, resolved: dict[str, tuple[str, list]] | None = None) -> dict[str, tuple[str, list]]:
+    """{prompt: (text without tags, [(file, weight, tag)])} for each of the spec's prompts, as `prompt_loras` gives
+    it; those in `resolved` are taken from it. A tag naming no file raises a one-line ValueError."""
+    resolved = resolved or {}
+    return {prompt: resolved[prompt] if prompt in resolved else prompt_loras(prompt, spec.lora_dir) for prompt in spec.prompts}
 
 
 def _lora_key(settings: dict, prompts: dict, spec: GridSpec) -> tuple:
