@@ -40,6 +40,7 @@ CONFIGS = {
     # SDXL's UNet at 256 px with gradient checkpointing: what fits this 24 GiB machine for both trainers
     "sdxl": dict(resolution=256, rank=16, alpha=16.0, batch_size=1, gradient_checkpointing=True),
 }
+FULL_BF16 = "bf16-full"  # --mixed-precision bf16 --full-bf16: LoRA weights in bf16 too (the reference's bf16 already is)
 MODEL_VARIANTS = {"tiny": "tiny", "sd15": "sd15-shaped", "sdxl": "sdxl-shaped"}
 
 # One training run in a child process: times each optimizer step through the metrics log's timestamps.
@@ -85,10 +86,11 @@ from sdlora.training import network
 from sdlora.models.loading import load_unet_streaming
 from pathlib import Path
 o = json.loads(sys.argv[1])
-dtype = torch.bfloat16 if o["precision"] == "bf16" else torch.float32
+dtype = torch.bfloat16 if o["precision"] in ("bf16", "bf16-full") else torch.float32
 unet = load_unet_streaming(Path(o["model"]) / "unet", dtype)
 unet.requires_grad_(False)
-params = network.add_lora(unet, network.unet_target_modules(unet, "attn"), o["rank"], o["alpha"], 0.0)
+lora_dtype = torch.bfloat16 if o["precision"] == "bf16-full" else torch.float32
+params = network.add_lora(unet, network.unet_target_modules(unet, "attn"), o["rank"], o["alpha"], 0.0, dtype=lora_dtype)
 if o.get("gradient_checkpointing"):
     unet.enable_gradient_checkpointing()
 unet.train()
@@ -179,7 +181,8 @@ def run_ours(model: str, data: Path, out: Path, settings: dict, precision: str, 
         model=model,
         steps=steps,
         lr=1e-4,
-        mixed_precision=precision,
+        mixed_precision="bf16" if precision == FULL_BF16 else precision,
+        full_bf16=precision == FULL_BF16,
         cache=cache,
         checkpoint_every=0,
         validate_every=0,
@@ -203,7 +206,9 @@ def main() -> None:
     parser.add_argument(
         "--work", default=str(Path(tempfile.gettempdir()) / "sdlora-bench"), help="folder for the SD1.5-shaped model and data"
     )
-    parser.add_argument("--precisions", nargs="+", default=["no", "bf16"])
+    parser.add_argument(
+        "--precisions", nargs="+", default=["no", "bf16"], help=f"no (fp32), bf16, fp16, {FULL_BF16} (bf16 with --full-bf16)"
+    )
     parser.add_argument("--caches", nargs="+", default=["memory", "off"])
     parser.add_argument(
         "--floor", action="store_true", help="also time the bare UNet forward + backward + AdamW at the same shapes (the floor)"
@@ -234,7 +239,10 @@ def main() -> None:
                     measured = []
                     for _ in range(args.repeats):
                         with tempfile.TemporaryDirectory(dir=work) as out:
-                            measured.append(run_reference(args.reference, Path(model), data, Path(out), settings, precision, args.steps))
+                            ref_precision = "bf16" if precision == FULL_BF16 else precision
+                            measured.append(
+                                run_reference(args.reference, Path(model), data, Path(out), settings, ref_precision, args.steps)
+                            )
                     reference = (
                         statistics.median(r["s_per_step"] for r in measured),
                         statistics.median(r["peak_rss_gib"] for r in measured),
