@@ -44,7 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif kind is list:
-            kwargs.update(action="append", metavar="TEXT")
+            # several values after one flag (kohya's `--optimizer_args a=1 b=2`), or the flag repeated
+            kwargs.update(action="extend", nargs="+", metavar="TEXT")
         else:
             kwargs.update(type=kind, choices=item.metadata.get("choices"))
         parser.add_argument(*flags, **kwargs)
@@ -73,7 +74,7 @@ def load_toml(path: str | os.PathLike) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"{path}: unknown option {unknown[0]!r} (see sdlora train --help)")
     # relative paths in a config file are relative to the file, so a dataset's train.toml works from anywhere
-    for key in ("data_dir", "output_dir", "model", "model_config", "resume"):
+    for key in ("data_dir", "dataset_config", "reg_data", "output_dir", "model", "model_config", "resume"):
         value = options.get(key)
         if not isinstance(value, str) or not value or Path(value).is_absolute() or value in ("tiny", "latest"):
             continue

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from ..core.families import ModelFamily
 from ..storage.atomic import atomic_file
 from .buckets import Size
-from .data import ImageRecord, crop_window, drop_captions, drop_tags, load_image, sdxl_time_ids, shuffle_tags
+from .data import ImageRecord, crop_window, drop_captions, load_image, sdxl_time_ids, step_caption
 from .objective import Conditioning
 
 CACHE_VERSION = "1"
@@ -185,20 +185,21 @@ def encode_captions(
 
 
 def build_caches(
-    config, pipe, text_encoders: dict[str, torch.nn.Module], family: ModelFamily, device, out: Path
+    config, pipe, text_encoders: dict[str, torch.nn.Module], family: ModelFamily, device, out: Path, records: Sequence[ImageRecord]
 ) -> tuple[LatentCache | None, EmbeddingCache | None]:
-    """Latent cache unless off or crops are random; embedding cache unless a text encoder trains or captions change
-    from step to step (shuffled tags, tag dropout)."""
+    """Latent cache unless off or some subset crops at random; embedding cache unless a text encoder trains or every
+    caption changes from step to step (shuffled tags, tag dropout, wildcards): the captions that stay the same are
+    cached, the others encoded at each step."""
     if config.cache == "off":
         return None, None
     latent_cache = None
-    if config.crop != "random":
+    if all(record.rules.crop != "random" for record in records):
         cache_dir = out / "cache" if config.cache == "disk" else None
         latent_cache = LatentCache(
             lambda pixels, paths: encode_images(pipe.vae, pixels, paths, device), model_fingerprint(config.model, pipe.vae), cache_dir
         )
     embedding_cache = None
-    if not config.train_text_encoder and not config.shuffle_captions and not config.tag_dropout:
+    if not config.train_text_encoder and any(record.rules.static or record.rules.caption_dropout for record in records):
         embedding_cache = EmbeddingCache(lambda captions: encode_captions(pipe, text_encoders, family, captions, device))
     return latent_cache, embedding_cache
 
@@ -206,12 +207,15 @@ def build_caches(
 def fill_caches(config, records, buckets, latent_cache: LatentCache | None, embedding_cache: EmbeddingCache | None, show: bool) -> None:
     """Encode every image (both flips when flipping) and caption once, before the first step; report the size."""
     if latent_cache is not None:
-        flips = (False, True) if config.flip else (False,)
-        jobs = [(record, size, flip) for record, size in zip(records, buckets) for flip in flips]
+        jobs = [
+            (record, size, flip) for record, size in zip(records, buckets) for flip in ((False, True) if record.rules.flip else (False,))
+        ]
         for record, size, flip in tqdm(jobs, desc="caching latents", disable=not show):
-            latent_cache.get(record.path, size, config.crop, flip, functools.partial(load_image, record, size, crop=config.crop, flip=flip))
+            crop = record.rules.crop
+            latent_cache.get(record.path, size, crop, flip, functools.partial(load_image, record, size, crop=crop, flip=flip))
     if embedding_cache is not None:
-        captions = sorted({record.caption for record in records} | ({""} if config.caption_dropout else set()))
+        captions = {step_caption(record.caption, record.rules, None) for record in records if record.rules.static}
+        captions = sorted(captions | ({""} if any(record.rules.caption_dropout for record in records) else set()))
         for start in range(0, len(captions), 16):
             embedding_cache.get(captions[start : start + 16])
     if show and (latent_cache or embedding_cache):
@@ -243,20 +247,19 @@ class BatchEncoder:
         config, device = self.config, self.device
         means, stds, pixels, captions, time_ids = [], [], [], [], []
         for index in indices:
-            record, size = self.records[index], self.sizes[index]
-            flip = config.flip and rng.random() < 0.5
-            window = crop_window(record, size, config.crop, rng)
+            record, size, rules = self.records[index], self.sizes[index], self.records[index].rules
+            flip = rules.flip and rng.random() < 0.5
+            window = crop_window(record, size, rules.crop, rng)
             load = functools.partial(load_image, record, size, flip=flip, window=window)
             if self.latent_cache is not None:
-                mean, std = self.latent_cache.get(record.path, size, config.crop, flip, load)
+                mean, std = self.latent_cache.get(record.path, size, rules.crop, flip, load)
                 means.append(mean)
                 stds.append(std)
             else:
                 pixels.append(load())
-            caption = shuffle_tags(record.caption, config.keep_tokens, rng, config.trigger) if config.shuffle_captions else record.caption
-            captions.append(drop_tags(caption, config.keep_tokens, config.tag_dropout, rng))
+            captions.append(step_caption(record.caption, rules, rng, config.trigger))
             time_ids.append(sdxl_time_ids(record, size, window, flip))
-        captions = drop_captions(captions, config.caption_dropout, rng)
+        captions = drop_captions(captions, [self.records[index].rules.caption_dropout for index in indices], rng)
         if pixels:  # no cache: the micro-batch (one bucket, so one size) through the VAE in one call
             mean, std = encode_images(self.pipe.vae, torch.stack(pixels), [self.records[index].path for index in indices], device)
         else:
@@ -264,9 +267,23 @@ class BatchEncoder:
         mean, std = mean.to(device, torch.float32), std.to(device, torch.float32)
         noise = torch.randn(mean.shape, generator=generator).to(device)
         latents = (mean + std * noise) * self.pipe.vae.config.scaling_factor
-        if self.embedding_cache is not None:
-            hidden, pooled = self.embedding_cache.get(captions)
-        else:
-            hidden, pooled = encode_captions(self.pipe, self.text_encoders, self.family, captions, device)
+        hidden, pooled = self._embed(captions, [caption == "" or self.records[i].rules.static for caption, i in zip(captions, indices)])
         conditioning = Conditioning(hidden, pooled, torch.tensor(time_ids, dtype=torch.float32) if self.family.time_ids else None)
         return latents.to(self.dtype), conditioning.to(device, self.dtype)
+
+    def _embed(self, captions: list[str], cached: list[bool]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The captions' conditioning: those that never change from the cache, the others encoded now, in order."""
+        if self.embedding_cache is None or not any(cached):
+            return encode_captions(self.pipe, self.text_encoders, self.family, captions, self.device)
+        if all(cached):
+            return self.embedding_cache.get(captions)
+        hidden, pooled = self.embedding_cache.get([c for c, hit in zip(captions, cached) if hit])
+        fresh_hidden, fresh_pooled = encode_captions(
+            self.pipe, self.text_encoders, self.family, [c for c, hit in zip(captions, cached) if not hit], self.device
+        )
+        order = torch.tensor([index for index, hit in enumerate(cached) if hit] + [index for index, hit in enumerate(cached) if not hit])
+        inverse = torch.argsort(order)
+        hidden = torch.cat([hidden.to(fresh_hidden.device, fresh_hidden.dtype), fresh_hidden])[inverse.to(fresh_hidden.device)]
+        if pooled is not None:
+            pooled = torch.cat([pooled.to(fresh_pooled.device, fresh_pooled.dtype), fresh_pooled])[inverse.to(fresh_pooled.device)]
+        return hidden, pooled

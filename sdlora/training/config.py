@@ -32,7 +32,20 @@ class TrainConfig:
     """Options of `sdlora train`. Defaults are for an SD1.5 style LoRA; each says when to change it."""
 
     # --- inputs and outputs
-    data_dir: str = _opt("", "folder of images with .txt captions or a metadata.jsonl", positional=True)
+    data_dir: str = _opt("", "folder of images with .txt captions or a metadata.jsonl, or kohya's N_words subfolders", positional=True)
+    dataset_config: str | None = _opt(
+        None,
+        "a kohya dataset TOML (or JSON, as sd-scripts' --dataset_config): [general], [[datasets]] and [[datasets.subsets]] "
+        "with their own folders, repeats, captions, resolution and batch size, is_reg for regularization; instead of DATA_DIR",
+    )
+    reg_data: str | None = _opt(
+        None,
+        "folder of regularization (prior-preservation) images of the class, plain or N_class subfolders; each epoch they "
+        "are repeated to as many samples as the training images, as kohya does",
+    )
+    prior_loss_weight: float = _opt(
+        1.0, "weight of the regularization images' loss against the training images' (kohya's prior_loss_weight)"
+    )
     output_dir: str = _opt("", "folder for the LoRA files, checkpoints, samples and logs")
     model: str = _opt(
         "tiny",
@@ -60,6 +73,15 @@ class TrainConfig:
     alpha: float = _opt(16.0, "LoRA alpha; the update is scaled by alpha/rank")
     dropout: float = _opt(0.0, "dropout on the LoRA path; 0.05-0.1 against overfitting small sets")
     preset: str = _opt("attn", "which UNet layers get LoRA: attn, attn-ff, all (LoCon-style)", PRESETS)
+    conv_rank: int | None = _opt(
+        None, "rank of the 3x3 convs (resnets, down/upsamplers) in --preset all, as kohya's conv_dim; 4-16 is usual (default: --rank)"
+    )
+    conv_alpha: float | None = _opt(None, "alpha of the 3x3 convs in --preset all, as kohya's conv_alpha (default: --alpha)")
+    ema_decay: float | None = _opt(
+        None,
+        "also keep an exponential moving average of the LoRA weights with this decay (0.999 for runs of thousands of steps), "
+        "saved beside the LoRA as NAME_ema.safetensors and pytorch_lora_weights_ema.safetensors: smoother, often cleaner",
+    )
     train_text_encoder: bool = _opt(False, "also train LoRA on the attention projections of the text encoder(s) (SDXL: both)")
     init_lora: str | None = _opt(
         None,
@@ -84,14 +106,24 @@ class TrainConfig:
     )
     optimizer_args: list[str] = _opt(
         [],
-        "key=value arguments for the optimizer, e.g. d_coef=2 safeguard_warmup=True (values are Python literals; repeat the "
-        'flag or quote several in one: --optimizer-args "d_coef=2 betas=(0.9,0.99)")',
+        "key=value arguments for the optimizer, e.g. --optimizer-args d_coef=2 safeguard_warmup=True (values are Python "
+        "literals; several after one flag as in kohya, the flag repeated, or quoted together; put DATA_DIR before them)",
     )
     lr_scheduler: str = _opt("constant", "learning-rate schedule (diffusers get_scheduler)", LR_SCHEDULERS)
     lr_warmup_steps: int = _opt(0, "linear warm-up steps")
     max_grad_norm: float = _opt(1.0, "gradient clipping norm (0 = off)")
     mixed_precision: str = _opt(
         "no", "fp16 or bf16 autocast with fp32 LoRA weights; bf16 is the safe choice on recent GPUs", MIXED_PRECISION
+    )
+    full_bf16: bool = _opt(
+        False,
+        "LoRA weights, gradients and optimizer state in bf16 too (kohya's --full_bf16; needs --mixed-precision bf16): faster "
+        "and smaller, but updates below bf16's precision (about 1/256 of a weight) are lost, so it can learn less; off by default",
+    )
+    full_fp16: bool = _opt(
+        False,
+        "LoRA weights and gradients in fp16 with a loss scaler (kohya's --full_fp16; needs --mixed-precision fp16): as "
+        "--full-bf16, for GPUs without bf16; overflows more easily",
     )
     gradient_checkpointing: bool = _opt(False, "trade compute for memory in the UNet")
     seed: int = _opt(42, "seed of data order, noise, timesteps and LoRA init")
@@ -171,22 +203,52 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         """Raise a one-line ValueError naming the option for any value that cannot work."""
-        if not self.data_dir:
-            raise ValueError("data_dir is required: the folder of training images")
+        if not self.data_dir and not self.dataset_config:
+            raise ValueError("data_dir is required: the folder of training images (or --dataset-config, a kohya dataset TOML)")
+        if self.data_dir and self.dataset_config:
+            raise ValueError(
+                f"pass DATA_DIR {self.data_dir} or --dataset-config {self.dataset_config}, not both: the dataset TOML names its folders"
+            )
+        if self.reg_data and self.dataset_config:
+            raise ValueError("--reg-data and --dataset-config: put the regularization folder in the TOML as a subset with is_reg = true")
         if not self.output_dir:
             raise ValueError("--output is required: the folder to write the LoRA to")
-        data_dir, output_dir = Path(self.data_dir).resolve(), Path(self.output_dir).resolve()
-        if output_dir == data_dir or data_dir in output_dir.parents:
-            raise ValueError(
-                f"--output {self.output_dir} is inside the data folder {self.data_dir}: its sample images would become training data; choose another folder"
-            )
+        output_dir = Path(self.output_dir).resolve()
+        for flag, folder in (("the data folder", self.data_dir), ("--reg-data", self.reg_data)):
+            folder = Path(folder).resolve() if folder else None
+            if folder is not None and (output_dir == folder or folder in output_dir.parents):
+                raise ValueError(
+                    f"--output {self.output_dir} is inside {flag} {folder}: its sample images would become training data; choose another folder"
+                )
+        if self.reg_data and Path(self.reg_data).resolve() == Path(self.data_dir).resolve():
+            raise ValueError(f"--reg-data {self.reg_data} is the data folder: regularization images are other images of the class")
         if self.resolution is not None:
             _check(self.resolution >= 64 and self.resolution % 8 == 0, "resolution", self.resolution, "a multiple of 8, at least 64")
         for name in ("rank", "steps", "batch_size", "grad_accum", "sample_steps"):
             _check(getattr(self, name) >= 1, name, getattr(self, name), "at least 1")
+        _check(
+            math.isfinite(self.prior_loss_weight) and self.prior_loss_weight >= 0,
+            "prior_loss_weight",
+            self.prior_loss_weight,
+            "zero or more",
+        )
         for name in ("lr", "alpha"):
             value = getattr(self, name)
             _check(math.isfinite(value) and value > 0, name, value, "a positive finite number")
+        if self.conv_rank is not None or self.conv_alpha is not None:
+            if self.preset != "all":
+                raise ValueError(f"--conv-rank and --conv-alpha set the 3x3 convs, which only --preset all adapts (now {self.preset})")
+            if self.conv_rank is not None:
+                _check(self.conv_rank >= 1, "conv_rank", self.conv_rank, "at least 1")
+            if self.conv_alpha is not None:
+                _check(math.isfinite(self.conv_alpha) and self.conv_alpha > 0, "conv_alpha", self.conv_alpha, "a positive finite number")
+        if self.full_bf16 and self.full_fp16:
+            raise ValueError("--full-bf16 and --full-fp16: choose one")
+        for flag, precision in (("full_bf16", "bf16"), ("full_fp16", "fp16")):
+            if getattr(self, flag) and self.mixed_precision != precision:
+                raise ValueError(f"--{flag.replace('_', '-')} needs --mixed-precision {precision} (now {self.mixed_precision})")
+        if self.ema_decay is not None:
+            _check(0.0 < self.ema_decay < 1.0, "ema_decay", self.ema_decay, "in (0, 1), e.g. 0.999")
         if self.sampler is not None:
             find_sampler(self.sampler)  # an unknown name lists the known ones
         if self.sample_prompts is not None:

@@ -34,6 +34,29 @@ _LISTED = 5  # file names shown in one warning or error line before "and N more"
 SUBSET_DIR = re.compile(r"(\d+)_(.*)", re.DOTALL)  # kohya's `N_words`: N repeats per epoch, words the class tokens
 
 
+@dataclass(frozen=True)
+class CaptionRules:
+    """How one subset's images and captions vary from step to step (the run's flags, or a dataset TOML's subset).
+
+    A caption is the same at every step (`static`, encoded once) unless its tags are shuffled or dropped or it
+    holds wildcards; caption dropout only chooses between it and "", both encoded once.
+    """
+
+    shuffle: bool = False  # shuffle the comma-separated tags (kohya's shuffle_caption)
+    keep_tokens: int = 0  # the first N tags stay in place and are never dropped
+    keep_separator: str = ""  # kohya's keep_tokens_separator: `fixed ||| shuffled ||| fixed suffix`
+    secondary_separator: str = ""  # tags joined by it move and drop as one, then it becomes ", "
+    wildcards: bool = False  # kohya's enable_wildcard: one line of a multi-line caption, `{a|b}` choices
+    tag_dropout: float = 0.0  # each tag after the kept ones left out with this probability
+    caption_dropout: float = 0.0  # the whole caption replaced by "" with this probability
+    flip: bool = False  # random horizontal flips
+    crop: str = "center"  # center or random
+
+    @property
+    def static(self) -> bool:
+        return not (self.shuffle or self.tag_dropout or self.wildcards)
+
+
 @dataclass
 class ImageRecord:
     """One training image: its path, final caption, and its size as displayed (EXIF rotation applied)."""
@@ -42,8 +65,12 @@ class ImageRecord:
     caption: str
     width: int
     height: int
-    subset: str = ""  # the kohya `N_words` folder it is in ("" in a plain data folder)
+    subset: str = ""  # the kohya `N_words` folder (or a dataset TOML's image_dir) it is in ("" in a plain data folder)
     repeats: int = 1  # times per epoch
+    rules: CaptionRules = CaptionRules()
+    is_reg: bool = False  # a regularization (prior-preservation) image: its loss is weighted by --prior-loss-weight
+    dataset: int = 0  # which dataset of a dataset TOML: its resolution, buckets and batch size
+    subset_repeats: int | None = None  # a regularization image's subset's own repeats, before matching the training images
 
 
 def find_images(
@@ -52,9 +79,12 @@ def find_images(
     trigger: str | None = None,
     caption_extension: str = ".txt",
     keep_tokens: int = 0,
+    flat: bool = False,
+    no_caption_hint: str = "pass --caption or --trigger or add .txt files",
 ) -> list[ImageRecord]:
-    """Every readable image under `data_dir` (nested folders too) with its caption, sorted by relative path; in a
-    kohya-style folder each with its subset and repeats.
+    """Every readable image under `data_dir` (nested folders too; only those directly in it when `flat`, as a
+    dataset TOML's image_dir is read) with its caption, sorted by relative path; in a kohya-style folder (not
+    `flat`) each with its subset and repeats.
 
     Unreadable images are skipped with a warning; no images at all, an image left without any caption, a bad
     `metadata.jsonl` line, a badly named subset folder or a caption with fewer tags than `keep_tokens` raise a
@@ -67,10 +97,12 @@ def find_images(
         raise ValueError(f"data folder {root} is not a folder")
     extension = caption_extension if caption_extension.startswith(".") else "." + caption_extension
     listed = _read_metadata(root)
-    found = {path.relative_to(root).as_posix(): path for path in _walk_images(root)}
+    found = {path.relative_to(root).as_posix(): path for path in _walk_images(root, flat)}
+    if flat:
+        listed = {relative: text for relative, text in listed.items() if "/" not in relative}
     if not found and not listed:
         raise ValueError(f"no images ({', '.join(e[1:] for e in IMAGE_EXTENSIONS)}) found in {root}")
-    subsets = _subsets(root, found.keys() | listed.keys())
+    subsets = {} if flat else _subsets(root, found.keys() | listed.keys())
     fixed = caption.strip() if caption and caption.strip() else None
     trigger = trigger.strip() if trigger and trigger.strip() else None
     records: list[ImageRecord] = []
@@ -78,7 +110,7 @@ def find_images(
     uncaptioned: list[str] = []
     for relative in sorted(found.keys() | listed.keys()):
         path = found.get(relative, root / relative)
-        size = _displayed_size(path)
+        size = displayed_size(path)
         if isinstance(size, str):
             unreadable.append(f"{relative} ({size})")
             continue
@@ -94,17 +126,15 @@ def find_images(
     if not records:
         raise ValueError(f"no readable images in {root}: all {len(unreadable)} failed to open ({_names(unreadable)})")
     if uncaptioned and not (fixed or trigger):
-        raise ValueError(
-            f"{len(uncaptioned)} images have no caption ({_names(uncaptioned)}): pass --caption or --trigger or add .txt files"
-        )
+        raise ValueError(f"{len(uncaptioned)} images have no caption ({_names(uncaptioned)}): {no_caption_hint}")
     # every image uncaptioned with a fixed caption is the intended "one caption for all" mode: nothing to warn about
     if uncaptioned and (not fixed or len(uncaptioned) < len(records)):
         using = f"the caption {fixed!r}" if fixed else "the trigger alone"
         using += f" after {trigger!r}" if fixed and trigger else ""
         warnings.warn(f"{len(uncaptioned)} images have no caption and use {using}: {_names(uncaptioned)}", stacklevel=2)
     if keep_tokens:
-        short = [f"{r.path.relative_to(root).as_posix()} has {len(_tags(r.caption))} tag{'s' * (len(_tags(r.caption)) != 1)}"
-                 for r in records if len(_tags(r.caption)) < keep_tokens]  # fmt: skip
+        short = [f"{r.path.relative_to(root).as_posix()} has {len(caption_tags(r.caption))} tag{'s' * (len(caption_tags(r.caption)) != 1)}"
+                 for r in records if len(caption_tags(r.caption)) < keep_tokens]  # fmt: skip
         if short:
             raise ValueError(f"--keep-tokens {keep_tokens}: more than some captions hold ({_names(short)}); lower it")
     return records
@@ -132,17 +162,31 @@ def _subsets(root: Path, relatives) -> dict[str, tuple[str, int, str]]:
 
 
 def dataset_summary(records: Sequence[ImageRecord]) -> str:
-    """The one line a run starts with on a kohya-style folder: `3 subsets, 74 images, 520 samples per epoch`."""
-    subsets = {record.subset for record in records}
+    """The one line a run starts with on a kohya-style folder, a dataset TOML or with regularization images:
+    `3 subsets, 74 images, 520 samples per epoch` (`2 datasets, ` before it when several; `, of them 1 subset, 10
+    images, 260 samples regularization` after it when there are such)."""
+    subsets = {(record.dataset, record.subset, record.is_reg) for record in records}
     samples = sum(record.repeats for record in records)
-    return f"{len(subsets)} subset{'s' * (len(subsets) != 1)}, {len(records)} images, {samples} samples per epoch"
+    datasets = len({record.dataset for record in records})
+    line = f"{datasets} datasets, " if datasets > 1 else ""
+    line += f"{_count(len(subsets), 'subset')}, {len(records)} images, {samples} samples per epoch"
+    reg = [record for record in records if record.is_reg]
+    if reg:
+        reg_subsets = len({(record.dataset, record.subset) for record in reg})
+        line += f", of them {_count(reg_subsets, 'subset')}, {len(reg)} images, {sum(r.repeats for r in reg)} samples regularization"
+    return line
 
 
-def _walk_images(root: Path) -> list[Path]:
-    """Image files under `root`, skipping hidden files and folders (.git, .ipynb_checkpoints, temp files)."""
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'s' * (n != 1)}"
+
+
+def _walk_images(root: Path, flat: bool = False) -> list[Path]:
+    """Image files under `root` (directly in it when `flat`), skipping hidden files and folders (.git,
+    .ipynb_checkpoints, temp files)."""
     images = []
     for folder, subfolders, files in os.walk(root):
-        subfolders[:] = [name for name in subfolders if not name.startswith(".")]
+        subfolders[:] = [] if flat else [name for name in subfolders if not name.startswith(".")]
         images += [Path(folder, name) for name in files if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")]
     return images
 
@@ -153,7 +197,7 @@ def _read_metadata(root: Path) -> dict[str, str | None]:
     if not path.is_file():
         return {}
     entries: dict[str, str | None] = {}
-    for number, line in enumerate(_read_text(path).splitlines(), start=1):
+    for number, line in enumerate(read_text(path).splitlines(), start=1):
         if not line.strip():
             continue
         where = f"{path} line {number}"
@@ -190,10 +234,10 @@ def _relative_inside(file_name: str, where: str) -> str:
 
 def _sidecar_caption(image: Path, extension: str = ".txt") -> str | None:
     sidecar = image.with_suffix(extension)
-    return _read_text(sidecar).strip() or None if sidecar.is_file() else None
+    return read_text(sidecar).strip() or None if sidecar.is_file() else None
 
 
-def _read_text(path: Path) -> str:
+def read_text(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8-sig")  # -sig: Windows editors start UTF-8 files with a BOM
     except UnicodeDecodeError as err:
@@ -209,7 +253,7 @@ def _with_trigger(text: str, trigger: str | None) -> str:
     return text if text.startswith(trigger + ",") else f"{trigger}, {text}"
 
 
-def _displayed_size(path: Path) -> tuple[int, int] | str:
+def displayed_size(path: Path) -> tuple[int, int] | str:
     """(width, height) after EXIF rotation, or the reason the file cannot be read."""
     try:
         with Image.open(path) as image:
@@ -313,17 +357,17 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB") if image.mode != "RGB" else image
 
 
-def _tags(caption: str) -> list[str]:
+def caption_tags(caption: str) -> list[str]:
     return [t.strip() for t in caption.split(",") if t.strip()]
 
 
-def shuffle_tags(caption: str, keep_tokens: int = 0, rng: random.Random | None = None, trigger: str | None = None) -> str:
+def shuffle_tags(caption: str, keep_tokens: int, rng: random.Random, trigger: str | None = None) -> str:
     """The caption's comma-separated tags in a random order, the first `keep_tokens` tags (kohya's keep_tokens;
     at least a leading trigger word) kept in place."""
-    tags = _tags(caption)
+    tags = caption_tags(caption)
     keep = max(keep_tokens, 1 if trigger and tags and tags[0] == trigger else 0)
     head, rest = tags[:keep], tags[keep:]
-    (rng or random.Random()).shuffle(rest)
+    rng.shuffle(rest)
     return ", ".join(head + rest)
 
 
@@ -332,17 +376,55 @@ def drop_tags(caption: str, keep_tokens: int, rate: float, rng: random.Random) -
     one draw per such tag, none when the rate is 0."""
     if rate == 0.0:
         return caption
-    tags = _tags(caption)
+    tags = caption_tags(caption)
     return ", ".join(tags[:keep_tokens] + [tag for tag in tags[keep_tokens:] if rng.random() >= rate])
 
 
-def drop_captions(captions: list[str], p: float, rng: random.Random) -> list[str]:
-    """Each caption replaced by "" with probability `p` (one draw from `rng` per caption; none when p is 0)."""
-    if not 0.0 <= p <= 1.0:
+_WILDCARD = re.compile(r"\{([^{}]*)\}")
+
+
+def expand_wildcards(caption: str, rng: random.Random) -> str:
+    """kohya's enable_wildcard: one line of a multi-line caption, each `{a|b|c}` one of its choices (`{{` and `}}`
+    are literal braces); drawn from `rng`."""
+    lines = [line for line in caption.split("\n") if line.strip()] or [caption]
+    line = lines[rng.randrange(len(lines))] if len(lines) > 1 else lines[0]
+    left, right = "\x00", "\x01"  # stand-ins for escaped braces while choices are made
+    line = line.replace("{{", left).replace("}}", right)
+    line = _WILDCARD.sub(lambda match: rng.choice(match.group(1).split("|")), line)
+    return line.replace(left, "{").replace(right, "}")
+
+
+def step_caption(caption: str, rules: CaptionRules, rng: random.Random | None, trigger: str | None = None) -> str:
+    """The caption an image is trained on at one step: wildcards chosen, tags shuffled and dropped as `rules` say
+    (draws from `rng`, which only a static rule may leave None), kohya's keep-tokens and secondary separators
+    taken out. Caption dropout is the caller's (`drop_captions`)."""
+    if rules.wildcards:
+        caption = expand_wildcards(caption, rng)
+    elif rules.keep_separator or rules.secondary_separator:
+        caption = caption.split("\n")[0]  # as kohya: a caption without wildcards is its first line
+    if rules.keep_separator and rules.keep_separator in caption:
+        # `fixed ||| shuffled ||| fixed suffix`: only the middle part moves and drops (kohya also takes the
+        # separators out when nothing is shuffled; it leaves them in the text then, which no one means)
+        head, _, rest = caption.partition(rules.keep_separator)
+        middle, _, tail = rest.partition(rules.keep_separator)
+        middle = shuffle_tags(middle, 0, rng) if rules.shuffle else ", ".join(caption_tags(middle))
+        middle = drop_tags(middle, 0, rules.tag_dropout, rng)
+        caption = ", ".join(part for part in (", ".join(caption_tags(head)), middle, ", ".join(caption_tags(tail))) if part)
+    else:
+        caption = shuffle_tags(caption, rules.keep_tokens, rng, trigger) if rules.shuffle else caption
+        caption = drop_tags(caption, rules.keep_tokens, rules.tag_dropout, rng)
+    if rules.secondary_separator:
+        caption = caption.replace(rules.secondary_separator, ",")
+    return caption
+
+
+def drop_captions(captions: list[str], p: float | Sequence[float], rng: random.Random) -> list[str]:
+    """Each caption replaced by "" with probability `p` (or its own of a list: the subsets' rates); one draw from
+    `rng` per caption whose probability is not 0."""
+    rates = [p] * len(captions) if isinstance(p, (int, float)) else list(p)
+    if not all(0.0 <= rate <= 1.0 for rate in rates):
         raise ValueError(f"caption_dropout must be in [0, 1], got {p}")
-    if p == 0.0:
-        return list(captions)
-    return ["" if rng.random() < p else caption for caption in captions]
+    return ["" if rate and rng.random() < rate else caption for caption, rate in zip(captions, rates)]
 
 
 def split_validation(records: Sequence[ImageRecord], fraction: float, seed: int) -> tuple[list[ImageRecord], list[ImageRecord]]:

@@ -6,6 +6,7 @@ The layers come from `core.targets` (the UNet presets and the text encoders' pro
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 from torch import nn
@@ -26,6 +27,9 @@ def add_lora(
     adapter_name: str = "default",
     init: str = "gaussian",
     generator: torch.Generator | None = None,
+    conv_rank: int | None = None,
+    conv_alpha: float | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> list[nn.Parameter]:
     """Add a peft LoRA adapter to `target_modules` of `model`; return its (trainable, fp32) parameters.
 
@@ -33,6 +37,9 @@ def add_lora(
     the optimizer updates them at full precision (peft casts the input to the LoRA dtype in forward).
     `init`: "gaussian" (A ~ N(0, 1/r)) or "default" (A Kaiming-uniform); B starts at zero either way, so the
     model is unchanged until the first step. With `generator`, A is drawn from it instead of torch's global RNG.
+    `conv_rank`/`conv_alpha` (kohya's conv_dim/conv_alpha): the rank and alpha of the 3x3 convs among the targets
+    (default: `rank`, `alpha`); 1x1 convs are the linear layers they stand for and keep `rank`.
+    `dtype`: the LoRA parameters' dtype; fp32 unless kohya's --full-bf16 / --full-fp16 ask for half precision.
     """
     from peft import LoraConfig, inject_adapter_in_model  # peft takes a second to import: only when training
 
@@ -46,12 +53,23 @@ def add_lora(
         raise ValueError(f"unknown LoRA init {init!r}: use one of {', '.join(INITS)}")
     if not target_modules:
         raise ValueError("no target modules given for LoRA")
+    rank_pattern, alpha_pattern = {}, {}
+    if conv_rank is not None or conv_alpha is not None:
+        if (conv_rank is not None and conv_rank < 1) or (conv_alpha is not None and not (math.isfinite(conv_alpha) and conv_alpha > 0)):
+            raise ValueError(f"conv rank must be 1 or more and conv alpha positive, got {conv_rank} and {conv_alpha}")
+        layers = dict(model.named_modules())
+        convs = [name for name in target_modules if isinstance(layers.get(name), nn.Conv2d) and layers[name].kernel_size != (1, 1)]
+        # peft matches each pattern as a regex suffix of the module's name: the escaped full name is that layer alone
+        rank_pattern = {re.escape(name): conv_rank for name in convs} if conv_rank is not None else {}
+        alpha_pattern = {re.escape(name): conv_alpha for name in convs} if conv_alpha is not None else {}
     config = LoraConfig(
         r=rank,
         lora_alpha=alpha,
         lora_dropout=dropout,
         target_modules=list(target_modules),
         init_lora_weights="gaussian" if init == "gaussian" else True,
+        rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern,
     )
     if hasattr(model, "add_adapter"):  # diffusers ModelMixin / transformers PreTrainedModel: also registers peft_config
         model.add_adapter(config, adapter_name=adapter_name)
@@ -60,8 +78,8 @@ def add_lora(
     model.requires_grad_(False)
     params = lora_parameters(model, adapter_name)
     for param in params:
-        # fp32 master weights under mixed precision (what diffusers' cast_training_params does)
-        param.data = param.data.to(torch.float32)
+        # fp32 master weights under mixed precision (what diffusers' cast_training_params does), unless asked otherwise
+        param.data = param.data.to(dtype)
         param.requires_grad_(True)
     if generator is not None:
         _init_from_generator(model, adapter_name, init, generator)

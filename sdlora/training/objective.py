@@ -312,8 +312,11 @@ def diffusion_loss(
     generator: torch.Generator | None = None,
     timesteps: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean (optionally min-SNR-weighted) loss (`config.loss`) between the UNet's prediction and its target, as a scalar.
+    `weights` weigh each image's loss in that mean (kohya's loss_weights: --prior-loss-weight for regularization
+    images): mean_i(w_i * loss_i).
 
     Noise and timesteps are drawn from `generator` unless given (given noise is used as is, without noise offset,
     pyramid noise or input perturbation; given timesteps ignore the timestep range): fixed ones make the loss
@@ -333,4 +336,6 @@ def diffusion_loss(
     per_sample = elementwise_loss(prediction.float(), target, config.loss, huber_c).mean(dim=tuple(range(1, target.ndim)))
     if config.snr_gamma is not None:
         per_sample = per_sample * min_snr_weights(scheduler, timesteps, config.snr_gamma, prediction_type)
+    if weights is not None:
+        per_sample = per_sample * weights.to(per_sample.device, per_sample.dtype)
     return per_sample.mean()

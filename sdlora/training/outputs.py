@@ -19,6 +19,7 @@ from .optimizers import optimizer_label, parse_optimizer_args
 from .validation import SAMPLES_DIR
 
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
+EMA_SUFFIX = "_ema"  # the --ema-decay average's files: pytorch_lora_weights_ema.safetensors, NAME_ema.safetensors
 STARTED_AT = str(int(time.time()))
 
 
@@ -36,23 +37,38 @@ def kohya_file(config: TrainConfig) -> str:
 
 
 def tag_frequency(records: Sequence[ImageRecord]) -> dict[str, dict[str, int]]:
-    """kohya's `ss_tag_frequency`: {subset folder: {tag: count}} over the comma-separated tags of the captions
-    (a plain data folder is one subset, named by the folder)."""
+    """kohya's `ss_tag_frequency`: {subset folder: {tag: count}} over the comma-separated tags of the captions,
+    lower-cased as kohya counts them, regularization subsets included (a plain data folder is one subset, named by
+    the folder); a folder used by several datasets is counted once."""
     frequency: dict[str, dict[str, int]] = {}
+    first_dataset: dict[str, int] = {}
     for record in records:
-        tags = frequency.setdefault(_subset_name(record), {})
-        for tag in (t.strip() for t in record.caption.split(",")):
+        name = _subset_name(record)
+        if first_dataset.setdefault(name, record.dataset) != record.dataset:
+            continue
+        tags = frequency.setdefault(name, {})
+        for tag in (t.strip().lower() for t in record.caption.split(",")):
             if tag:
                 tags[tag] = tags.get(tag, 0) + 1
     return frequency
 
 
-def dataset_dirs(records: Sequence[ImageRecord]) -> dict[str, dict[str, int]]:
-    """kohya's `ss_dataset_dirs`: {subset folder: {"n_repeats": N, "img_count": M}}."""
+def dataset_dirs(records: Sequence[ImageRecord], reg: bool = False) -> dict[str, dict[str, int]]:
+    """kohya's `ss_dataset_dirs` (or, `reg`, `ss_reg_dataset_dirs`): {subset folder: {"n_repeats": N, "img_count":
+    M}}; a folder in a second dataset is named `folder (2)`, as kohya names it."""
     dirs: dict[str, dict[str, int]] = {}
+    names: dict[tuple[int, str], str] = {}
     for record in records:
-        entry = dirs.setdefault(_subset_name(record), {"n_repeats": record.repeats, "img_count": 0})
-        entry["img_count"] += 1
+        if record.is_reg != reg:
+            continue
+        key = (record.dataset, _subset_name(record))
+        if key not in names:
+            name, number = key[1], 2
+            while name in dirs:
+                name, number = f"{key[1]} ({number})", number + 1
+            names[key] = name
+            dirs[name] = {"n_repeats": record.subset_repeats or record.repeats, "img_count": 0}
+        dirs[names[key]]["img_count"] += 1
     return dirs
 
 
@@ -62,7 +78,8 @@ def _subset_name(record: ImageRecord) -> str:
 
 def training_metadata(config: TrainConfig, records: Sequence[ImageRecord]) -> dict[str, str]:
     """kohya's `ss_*` training keys, which A1111/ComfyUI/civitai show for a LoRA."""
-    num_images = sum(record.repeats for record in records)  # kohya counts an image once per repeat
+    num_images = sum(record.repeats for record in records if not record.is_reg)  # kohya counts an image once per repeat
+    num_reg = sum(record.repeats for record in records if record.is_reg)
     return {
         "ss_output_name": config.name,
         "ss_sd_model_name": Path(config.model).name or config.model,
@@ -72,6 +89,8 @@ def training_metadata(config: TrainConfig, records: Sequence[ImageRecord]) -> di
         "ss_text_encoder_lr": f"{config.lr_of('text_encoder') if config.train_text_encoder else 0:g}",
         "ss_max_train_steps": str(config.steps),
         "ss_num_train_images": str(num_images),
+        "ss_num_reg_images": str(num_reg),
+        "ss_prior_loss_weight": f"{config.prior_loss_weight:g}",
         "ss_batch_size_per_device": str(config.batch_size),
         "ss_gradient_accumulation_steps": str(config.grad_accum),
         "ss_resolution": f"({config.resolution}, {config.resolution})",
@@ -79,6 +98,8 @@ def training_metadata(config: TrainConfig, records: Sequence[ImageRecord]) -> di
         "ss_flip_aug": str(config.flip),
         "ss_seed": str(config.seed),
         "ss_mixed_precision": config.mixed_precision,
+        "ss_full_fp16": str(config.full_fp16),
+        "ss_full_bf16": str(config.full_bf16),
         "ss_lr_scheduler": config.lr_scheduler,
         "ss_lr_warmup_steps": str(config.lr_warmup_steps),
         "ss_network_dropout": f"{config.dropout:g}",
@@ -95,20 +116,25 @@ def training_metadata(config: TrainConfig, records: Sequence[ImageRecord]) -> di
         "ss_optimizer": optimizer_label(config.optimizer, parse_optimizer_args(config.optimizer_args)),
         "ss_tag_frequency": json.dumps(tag_frequency(records), ensure_ascii=False),
         "ss_dataset_dirs": json.dumps(dataset_dirs(records), ensure_ascii=False),
+        "ss_reg_dataset_dirs": json.dumps(dataset_dirs(records, reg=True), ensure_ascii=False),
         "sdlora_preset": config.preset,
+        "sdlora_ema_decay": f"{config.ema_decay:g}" if config.ema_decay else "None",
         "sdlora_trigger": config.trigger or "",
     }
 
 
 def lora_writers(
-    state: LoraState, config: TrainConfig, family: ModelFamily, records: Sequence[ImageRecord]
+    state: LoraState, config: TrainConfig, family: ModelFamily, records: Sequence[ImageRecord], suffix: str = ""
 ) -> dict[str, Callable[[Path], None]]:
     """The run's two LoRA files by name, each as a function that writes it to a path: the diffusers file
-    (save_lora_weights, alpha in its header) and the kohya file with the training metadata, both for `family`."""
+    (save_lora_weights, alpha in its header) and the kohya file with the training metadata, both for `family`;
+    `suffix` after each stem (the EMA's files)."""
     metadata = training_metadata(config, records)
+    if suffix:
+        metadata["ss_output_name"] = config.name + suffix
     return {
-        DIFFUSERS_FILE: lambda path: write_diffusers(state, path, family),
-        kohya_file(config): lambda path: write_kohya(state, path, metadata, family),
+        DIFFUSERS_FILE.replace(".safetensors", suffix + ".safetensors"): lambda path: write_diffusers(state, path, family),
+        kohya_file(config).replace(".safetensors", suffix + ".safetensors"): lambda path: write_kohya(state, path, metadata, family),
     }
 
 
@@ -131,7 +157,7 @@ tags: [stable-diffusion, lora, sdlora]
 ---
 # {config.name}
 
-A LoRA for Stable Diffusion trained with sdlora on {num_images} images from `{config.data_dir}`.
+A LoRA for Stable Diffusion trained with sdlora on {num_images} images from `{config.data_dir or config.dataset_config}`.
 {trigger}
 {sample}
 | setting | value |

@@ -28,11 +28,12 @@ from ..core.files import read_lora
 from ..inference.samplers import set_sampler
 from ..models.loading import load_pipeline, load_vae
 from ..storage.atomic import check_writable_target, remove_leftover_temporaries
-from . import checkpoint, network, outputs
-from .buckets import BucketBatchSampler, Size, assign_bucket, training_sizes
+from . import checkpoint, ema, network, outputs
+from .buckets import BucketBatchSampler, Size
 from .cache import BatchEncoder, build_caches, fill_caches
 from .config import TrainConfig
-from .data import ImageRecord, dataset_summary, find_images, split_validation
+from .data import ImageRecord, dataset_summary
+from .datasets import TrainingData, batch_sizes, load_training_data, record_buckets
 from .metrics import MetricsLogger, progress_bar, tracking_options
 from .objective import ObjectiveConfig, diffusion_loss, prepare_noise_scheduler
 from .optimizers import build_optimizer, check_optimizer, parse_optimizer_args
@@ -55,7 +56,7 @@ class Run:
     unet: torch.nn.Module  # possibly wrapped by accelerate (DDP)
     text_encoders: dict[str, torch.nn.Module]  # by component; the trained ones possibly wrapped
     noise_scheduler: object
-    records: list[ImageRecord]
+    records: list[ImageRecord]  # the training images, regularization ones last
     buckets: list[Size]  # each record's bucket
     sampler: BucketBatchSampler
     optimizer: torch.optim.Optimizer
@@ -68,6 +69,7 @@ class Run:
     rng: random.Random  # flips, crops, caption dropout and shuffling
     metrics: MetricsLogger
     state: checkpoint.TrainState
+    ema: ema.LoraEma | None = None  # --ema-decay: the average of the LoRA weights
 
 
 def train(config: TrainConfig) -> Path:
@@ -101,13 +103,13 @@ def setup(config: TrainConfig) -> Run:
     check_writable_target(out, is_dir=True)  # fail before the slow parts; nothing is created until data and model load
     accelerator = _accelerator(config)
     torch.manual_seed(config.seed)
-    records = find_images(
-        config.data_dir, caption=config.caption, trigger=config.trigger, caption_extension=config.caption_extension,
-        keep_tokens=config.keep_tokens,
-    )  # fmt: skip
-    records, val_records = split_validation(records, config.val_split, config.seed)
-    if any(record.subset for record in records) and accelerator.is_local_main_process:
-        tqdm.write(dataset_summary(records))  # kohya-style folders: subsets, images, samples per epoch
+    # the images: DATA_DIR (kohya's N_words subfolders too) and --reg-data, or a kohya dataset TOML
+    data: TrainingData = load_training_data(config)
+    records, val_records = data.records, data.val_records
+    if data.structured and accelerator.is_local_main_process:
+        tqdm.write(dataset_summary(records))  # subsets, images, samples per epoch (and the regularization share)
+        if data.unused_reg:
+            tqdm.write(f"{data.unused_reg} regularization images left out: the training images need fewer (as kohya does)")
 
     # the model: frozen base weights in half precision under mixed precision; LoRA parameters stay fp32
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
@@ -119,10 +121,10 @@ def setup(config: TrainConfig) -> Run:
         pipe.vae.to(torch.float32)  # SDXL's VAE overflows in half precision unless fixed (its config says so)
     config = _model_defaults(config, pipe, family)
     # the data's buckets and the seeded batch order; with --epochs they give the step count (the schedule needs it)
-    buckets = [assign_bucket(r.width, r.height, training_sizes(config.resolution, config.buckets)) for r in records]
+    buckets = record_buckets(data, config)  # each dataset's own resolution and bucket options
     sampler = BucketBatchSampler(
-        buckets, config.batch_size, seed=config.seed, num_replicas=accelerator.num_processes, rank=accelerator.process_index,
-        repeats=[r.repeats for r in records],
+        buckets, batch_sizes(data, config), seed=config.seed, num_replicas=accelerator.num_processes,
+        rank=accelerator.process_index, repeats=[r.repeats for r in records], datasets=[r.dataset for r in records],
     )  # fmt: skip
     if config.epochs:
         config = dataclasses.replace(config, steps=epoch_steps(len(sampler), config.grad_accum, config.epochs))
@@ -142,15 +144,19 @@ def setup(config: TrainConfig) -> Run:
     if config.sampler:
         set_sampler(pipe, config.sampler)  # how the sample images are drawn; training noises with DDPM above
 
-    # the LoRA: fresh, or a file trained further (a resumed checkpoint later overrides it)
+    # the LoRA: fresh, or a file trained further (a resumed checkpoint later overrides it); fp32 unless --full-bf16/fp16
+    lora_dtype = weight_dtype if config.full_bf16 or config.full_fp16 else torch.float32
     unet_params = network.add_lora(
-        pipe.unet, targets.unet_target_modules(pipe.unet, config.preset), config.rank, config.alpha, config.dropout
-    )
+        pipe.unet, targets.unet_target_modules(pipe.unet, config.preset), config.rank, config.alpha, config.dropout,
+        conv_rank=config.conv_rank, conv_alpha=config.conv_alpha, dtype=lora_dtype,
+    )  # fmt: skip
     param_groups = [{"params": unet_params, "lr": config.lr}]
     trained = {"unet": pipe.unet}
     if config.train_text_encoder:
         for component, encoder in text_encoders.items():
-            params = network.add_lora(encoder, targets.text_encoder_target_modules(encoder), config.rank, config.alpha, config.dropout)
+            params = network.add_lora(
+                encoder, targets.text_encoder_target_modules(encoder), config.rank, config.alpha, config.dropout, dtype=lora_dtype
+            )
             param_groups.append({"params": params, "lr": config.lr_of(component)})
             trained[component] = encoder
     if config.init_lora:
@@ -173,14 +179,18 @@ def setup(config: TrainConfig) -> Run:
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps, num_training_steps=config.steps)
     prepared = accelerator.prepare(*trained.values(), optimizer)
     wrapped, optimizer = dict(zip(trained, prepared[:-1])), prepared[-1]
+    if config.full_fp16 and accelerator.scaler is not None:
+        _allow_fp16_unscaling(accelerator.scaler)
     unet = wrapped.pop("unet")
     text_encoders.update(wrapped)
 
     # the caches, filled before the first step
-    latent_cache, embedding_cache = build_caches(config, pipe, text_encoders, family, accelerator.device, out)
+    latent_cache, embedding_cache = build_caches(config, pipe, text_encoders, family, accelerator.device, out, records)
     fill_caches(config, records, buckets, latent_cache, embedding_cache, show=accelerator.is_local_main_process)
     # what the caches now hold, the steps no longer need: the VAE and frozen text encoders leave the accelerator
-    offloaded = ([pipe.vae] if latent_cache is not None else []) + ([*text_encoders.values()] if embedding_cache is not None else [])
+    # (the encoders stay where some subset's captions change each step and are encoded then)
+    every_caption_cached = embedding_cache is not None and all(record.rules.static for record in records)
+    offloaded = ([pipe.vae] if latent_cache is not None else []) + ([*text_encoders.values()] if every_caption_cached else [])
     for part in offloaded:
         part.to("cpu")
     encoder = BatchEncoder(
@@ -204,9 +214,18 @@ def setup(config: TrainConfig) -> Run:
             out, accelerator, enabled=accelerator.is_main_process, project=config.tracker_project, config=config.to_dict()
         ),
         state=checkpoint.TrainState(step=0, epoch=0, batch_in_epoch=0),
+        ema=ema.LoraEma(trainable, config.ema_decay) if config.ema_decay else None,
     )  # fmt: skip
     _start_or_resume(run)
     return run
+
+
+def _allow_fp16_unscaling(scaler) -> None:
+    """torch's GradScaler refuses to unscale fp16 gradients ("Attempting to unscale FP16 gradients"); with fp16 LoRA
+    weights (--full-fp16) they are all fp16, so the check is lifted, as kohya's patch_accelerator_for_fp16_training
+    does. Inf/NaN detection and the scale's growth and backoff work as before."""
+    unscale = scaler._unscale_grads_
+    scaler._unscale_grads_ = lambda optimizer, inv_scale, found_inf, allow_fp16: unscale(optimizer, inv_scale, found_inf, True)
 
 
 def epoch_steps(batches_per_epoch: int, grad_accum: int, epochs: int) -> int:
@@ -242,6 +261,8 @@ def _start_or_resume(run: Run) -> None:
     if run.config.resume:
         path = checkpoint.find_checkpoint(Path(run.config.output_dir), run.config.resume)
         run.state = checkpoint.load_checkpoint(path, run.trainable, run.optimizer, run.lr_scheduler)
+        if run.ema is not None:
+            run.ema.load(path / ema.STATE_FILE)
         checkpoint.restore_rngs(run.state, run.rng, run.generator)
         run.metrics.truncate_after(run.state.step)
     else:
@@ -300,10 +321,14 @@ def _optimizer_step(run: Run, batches: Iterator[list[int]]) -> tuple[float, floa
     torch.manual_seed(step_seed)  # LoRA dropout draws from the global generator
     total = 0.0
     for micro in range(config.grad_accum):
-        latents, embeddings = run.encoder(next(batches), run.rng, run.generator)
+        indices = next(batches)
+        latents, embeddings = run.encoder(indices, run.rng, run.generator)
+        weights = _loss_weights(run, indices)
         sync = contextlib.nullcontext() if micro == config.grad_accum - 1 else accelerator.no_sync(run.unet)
         with sync, accelerator.autocast():
-            loss = diffusion_loss(run.unet, run.noise_scheduler, latents, embeddings, run.objective, generator=run.generator)
+            loss = diffusion_loss(
+                run.unet, run.noise_scheduler, latents, embeddings, run.objective, generator=run.generator, weights=weights
+            )
         if not torch.isfinite(loss):
             raise TrainingDiverged(_diverged_message(step, f"the loss became {loss.item()}", run))
         accelerator.backward(loss / config.grad_accum)
@@ -316,7 +341,18 @@ def _optimizer_step(run: Run, batches: Iterator[list[int]]) -> tuple[float, floa
     run.optimizer.step()
     run.lr_scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
+    if run.ema is not None:
+        run.ema.update(run.trainable, step)
     return total, grad_norm
+
+
+def _loss_weights(run: Run, indices: list[int]) -> torch.Tensor | None:
+    """Each image's loss weight, as kohya weights them: --prior-loss-weight for regularization images, 1 for the
+    others (None when there are none: the plain mean)."""
+    if not any(run.records[index].is_reg for index in indices):
+        return None
+    weight = run.config.prior_loss_weight
+    return torch.tensor([weight if run.records[index].is_reg else 1.0 for index in indices], device=run.accelerator.device)
 
 
 def _diverged_message(step: int, what: str, run: Run) -> str:
@@ -359,6 +395,8 @@ def _save_checkpoint(run: Run) -> Path | None:
     if run.accelerator.is_main_process:
         run.state.capture_rngs(run.rng, run.generator)
         files = outputs.lora_writers(lora_state(run), run.config, run.family, run.records)
+        if run.ema is not None:
+            files[ema.STATE_FILE] = run.ema.save
         path = checkpoint.save_checkpoint(
             Path(run.config.output_dir) / "checkpoints",
             run.state,
@@ -391,6 +429,11 @@ def save_outputs(run: Run) -> Path:
     if run.accelerator.is_main_process:
         for name, write in outputs.lora_writers(lora_state(run), run.config, run.family, run.records).items():
             write(out / name)
+        if run.ema is not None:
+            with run.ema.applied(run.trainable):
+                averaged = lora_state(run)
+            for name, write in outputs.lora_writers(averaged, run.config, run.family, run.records, suffix=outputs.EMA_SUFFIX).items():
+                write(out / name)
         outputs.write_config_and_card(run.config, run.family, len(run.records), out)
     run.accelerator.wait_for_everyone()
     return out / outputs.DIFFUSERS_FILE

@@ -8,6 +8,7 @@ small machine only makes every one slower.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import pickle
@@ -354,6 +355,26 @@ def build_cases(root: Path, random_lora_state, make_dataset, write_sdxl_single_f
         make_dataset(data / folder, count=2)
         train(case, data, names=str(data / folder), reason="N_words")
     train("keep-tokens-over-the-tags", good_data, "--keep-tokens", "9", "--shuffle-captions", names="--keep-tokens 9", reason="lower it")
+    empty_reg = root / "data" / "empty-reg"
+    empty_reg.mkdir()
+    train(
+        "reg-folder-empty",
+        good_data,
+        "--reg-data",
+        str(empty_reg),
+        names=f"--reg-data: no images (png, jpg, jpeg, webp) found in {empty_reg}",
+        reason="no images",
+    )
+    typo = root / "data" / "typo.toml"
+    typo.write_text(f"[[datasets]]\n  [[datasets.subsets]]\n  image_dir = '{good_data.as_posix()}'\n  flip_augment = true\n")
+    cases["dataset-config-misspelt-key"] = Case(
+        ["train", "--dataset-config", str(typo), "--model", "tiny", "--output", str(out("dataset-config-misspelt-key") / "run"), *TRAIN_FAST],
+        "unknown key 'flip_augment'", "did you mean 'flip_aug'", root / "outs" / "dataset-config-misspelt-key",
+    )  # fmt: skip
+    if importlib.util.find_spec("bitsandbytes") is None:  # as on CPU machines; where it imports, 8-bit AdamW runs
+        train("optimizer-not-installed", good_data, "--optimizer", "adamw8bit", names="--optimizer adamw8bit", reason="pip install")
+    train("optimizer-args-not-taken", good_data, "--optimizer", "prodigy", "--optimizer-args", "d_coef=2", "nonsense=3",
+          names="nonsense", reason="takes no argument")  # fmt: skip
     train("tracker-not-installed", good_data, "--report-to", "wandb", names="--report-to wandb", reason="pip install")
     train("sample-prompts-unknown-option", good_data, "--sample-prompts", str(prompts), names=f"{prompts}:3", reason="unknown option --q")
     return cases
@@ -372,7 +393,7 @@ def hostile(
 ) -> tuple[Path, dict[str, Case], dict[str, tuple[int, str, str]], dict[str, list[str]]]:
     root = tmp_path_factory.mktemp("hostile")
     cases = build_cases(root, random_lora_state, make_dataset, write_sdxl_single_file)
-    assert set(cases) <= set(CASE_NAMES) and set(CASE_NAMES) - set(cases) <= {"output-folder-unwritable"}
+    assert set(cases) <= set(CASE_NAMES) and set(CASE_NAMES) - set(cases) <= {"output-folder-unwritable", "optimizer-not-installed"}
     before = {name: snapshot(case.watch) for name, case in cases.items()}
     with ThreadPoolExecutor(PARALLEL) as pool:
         results = dict(zip(cases, pool.map(run_case, cases.values())))
@@ -399,7 +420,8 @@ CASE_NAMES = [
     "sdxl-single-file-without-text-encoder-2",
     "generate-unknown-sampler", "generate-lora-tag-missing-file", "generate-lora-tag-without-weight",
     "generate-lora-tag-without-lora-dir", "grid-axis-without-values", "grid-three-varied-axes", "sample-prompts-unknown-option",
-    "tracker-not-installed", "subset-zero-repeats", "subset-not-n-words", "keep-tokens-over-the-tags",
+    "tracker-not-installed", "subset-zero-repeats", "subset-not-n-words", "keep-tokens-over-the-tags", "reg-folder-empty",
+    "dataset-config-misspelt-key", "optimizer-not-installed", "optimizer-args-not-taken",
 ]  # fmt: skip
 
 
@@ -408,7 +430,7 @@ CASE_NAMES = [
 def test_hostile_input_is_one_actionable_line(hostile, name):
     root, cases, results, before = hostile
     if name not in cases:
-        pytest.skip("running as root without user namespaces: nothing is unwritable to this process")
+        pytest.skip("not testable here: running as root without user namespaces, or bitsandbytes installed")
     case = cases[name]
     code, stdout, stderr = results[name]
     assert code != 0, f"{name}: exit 0\n{stderr[-2000:]}"
