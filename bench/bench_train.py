@@ -10,9 +10,12 @@ machine class with the same models and settings (0.89 s/step tiny; 3.75 s/step a
 the ratios use those figures. With `--reference PATH` (that script: fetch it yourself, never commit it) it also
 runs the reference side by side, on the same model folders, data (it reads the same folder through its
 metadata.jsonl), resolution, rank, batch and precision, and the ratios use its figures from this run. Its time
-per step is the difference between a run of 2 + N steps and a run of 2 steps, divided by N, so its start-up,
-model loading and final save cancel out; its peak RSS is that of the longer run. It needs `datasets` and a
-torchvision that imports beside your torch; when it cannot run, the table says why and keeps the quoted figures.
+per step is taken as ours is: inside its process, from the times its progress bar advances, over the steps after
+the same 2 warm-up steps of a 2 + N step run; its peak RSS is that run's. (Until 2026-12-02 it was the wall time of
+a 2 + N step run minus a 2-step run, over N: start-up varies by several seconds between runs (10-17 s for the
+SD1.5-shaped model: page cache, imports, the datasets cache), which that method divided by only N, so the
+reference's step came out 20-45% off in either direction.) It needs `datasets` and a torchvision that imports
+beside your torch; when it cannot run, the table says why and keeps the quoted figures.
 
     python bench/bench_train.py [--repeats 3] [--steps 8] [--only tiny|sd15|sdxl] [--floor] [--reference SCRIPT]
 
@@ -129,7 +132,8 @@ def run_floor(model: str, settings: dict, precision: str, steps: int) -> dict:
 
 
 def run_reference(script: Path, model_dir: Path, data: Path, out: Path, settings: dict, precision: str, steps: int) -> dict:
-    """diffusers' reference script at the same settings: s/step from a (2 + steps)-step run minus a 2-step run."""
+    """diffusers' reference script at the same settings: s/step from its progress bar's updates in a (2 + steps)-step
+    run, the first 2 steps left out as ours are."""
     from bench_merge import run_measured
 
     def command(total: int, folder: Path) -> list[str]:
@@ -139,29 +143,40 @@ def run_reference(script: Path, model_dir: Path, data: Path, out: Path, settings
                 "--lr_warmup_steps", "0", "--checkpointing_steps", "1000000", "--mixed_precision", precision, "--seed", "0",
                 "--output_dir", str(folder)] + (["--gradient_checkpointing"] if settings.get("gradient_checkpointing") else [])  # fmt: skip
 
-    def launched(total: int, folder: Path) -> list[str]:
-        argv = command(total, folder)
-        return [argv[0], "-c", SHIM_LAUNCHER, str(SHIMS), *argv[1:]] if needs_torchvision_shim() else argv
-
-    short_s, _, _ = run_measured(launched(2, out / "short"))
-    long_s, rss, _ = run_measured(launched(2 + steps, out / "long"))
-    return {"s_per_step": (long_s - short_s) / steps, "peak_rss_gib": rss}
+    argv = command(2 + steps, out / "run")
+    _, rss, output = run_measured([argv[0], "-c", STAMPING_LAUNCHER, str(SHIMS) if needs_torchvision_shim() else "", *argv[1:]])
+    stamps = json.loads(next(line for line in output.splitlines() if line.startswith(STAMPS))[len(STAMPS) :])
+    if len(stamps) != 2 + steps:
+        raise SystemExit(f"the reference's progress bar advanced {len(stamps)} times in a {2 + steps}-step run")
+    return {"s_per_step": (stamps[-1] - stamps[1]) / (len(stamps) - 2), "peak_rss_gib": rss}
 
 
 SHIMS = Path(__file__).resolve().parent / "reference_shims"
-# Runs the reference script with the torchvision stand-in importable, while transformers and diffusers are told
-# torchvision is absent (so they keep to their Pillow code paths instead of importing torchvision internals).
-SHIM_LAUNCHER = r"""
-import runpy, sys
+STAMPS = "REFERENCE_STEP_TIMES "
+# Runs the reference script with each update of its "Steps" progress bar timestamped (printed at exit), and, given
+# the shims folder, with the torchvision stand-in importable while transformers and diffusers are told torchvision
+# is absent (so they keep to their Pillow code paths instead of importing torchvision internals).
+STAMPING_LAUNCHER = r"""
+import atexit, json, runpy, sys, time
+import tqdm.std
 shims, script, args = sys.argv[1], sys.argv[2], sys.argv[3:]
-import transformers.utils, transformers.utils.import_utils
-import diffusers.utils.import_utils
-for module in (transformers.utils, transformers.utils.import_utils, diffusers.utils.import_utils):
-    for name in ("is_torchvision_available", "is_torchvision_v2_available"):
-        if hasattr(module, name):
-            setattr(module, name, lambda: False)
-diffusers.utils.import_utils._torchvision_available = False
-sys.path.insert(0, shims)
+stamps = []
+update = tqdm.std.tqdm.update
+def timed(self, n=1):
+    if getattr(self, "desc", None) == "Steps":
+        stamps.extend([time.perf_counter()] * n)
+    return update(self, n)
+tqdm.std.tqdm.update = timed
+atexit.register(lambda: print("REFERENCE_STEP_TIMES " + json.dumps(stamps), flush=True))
+if shims:
+    import transformers.utils, transformers.utils.import_utils
+    import diffusers.utils.import_utils
+    for module in (transformers.utils, transformers.utils.import_utils, diffusers.utils.import_utils):
+        for name in ("is_torchvision_available", "is_torchvision_v2_available"):
+            if hasattr(module, name):
+                setattr(module, name, lambda: False)
+    diffusers.utils.import_utils._torchvision_available = False
+    sys.path.insert(0, shims)
 sys.argv = [script, *args]
 runpy.run_path(script, run_name="__main__")
 """
