@@ -319,12 +319,25 @@ def _check(ok: bool, name: str, value: Any, expected: str) -> None:
         raise ValueError(f"--{name.replace('_', '-')} {value!r} is invalid: it must be {expected}")
 
 
+# the options that name files or folders: written absolute, so `--config OUT/config.toml` repeats the run from anywhere
+# (a config file's relative paths are read relative to the file)
+PATH_OPTIONS = ("data_dir", "dataset_config", "reg_data", "output_dir", "model_config", "init_lora", "sample_prompts", "vae")
+
+
 def to_toml(config: TrainConfig) -> str:
-    """The effective config as TOML (None values left out), written beside the trained LoRA."""
+    """The effective config as TOML (None values left out), written beside the trained LoRA; paths made absolute
+    (those that exist here: a hub id or built-in name stays as it is)."""
     lines = []
     for key, value in config.to_dict().items():
         if value is None:
             continue
+        if (
+            isinstance(value, str)
+            and value
+            and key in (*PATH_OPTIONS, "model")
+            and (key in ("data_dir", "output_dir") or Path(value).exists())
+        ):
+            value = str(Path(value).resolve())
         lines.append(f"{key} = {_toml_value(value)}")
     return "\n".join(lines) + "\n"
 

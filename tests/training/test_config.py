@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import pytest
 
@@ -40,10 +41,11 @@ def test_effective_config_round_trips_through_toml(tmp_path):
     config = parse(["data", "--output", "out", "--rank", "4", "--alpha", "3", "--trigger", 'say "hi"', "--validation-prompts", "x"])
     path = tmp_path / "config.toml"
     path.write_text(to_toml(config))
+    # the paths as the run meant them (from the folder it ran in), wherever config.toml is read from
     assert TrainConfig(**load_toml(path)).to_dict() == {
         **config.to_dict(),
-        "data_dir": str((tmp_path / "data").resolve()),
-        "output_dir": str((tmp_path / "out").resolve()),
+        "data_dir": str(Path("data").resolve()),
+        "output_dir": str(Path("out").resolve()),
     }
 
 
