@@ -365,10 +365,13 @@ def _subset_records(options: dict[str, Any], dataset: int, config, where: str) -
                 f"{where}: image_dir {folder} is not a folder (relative paths are from the current folder, as kohya reads them)"
             )
         _check_outside(folder, config, where)
-        records = find_images(
-            folder, caption=options.get("class_tokens"), caption_extension=options.get("caption_extension", config.caption_extension),
-            flat=True, no_caption_hint="give the subset class_tokens or add caption files",
-        )  # fmt: skip
+        try:
+            records = find_images(
+                folder, caption=options.get("class_tokens"), caption_extension=options.get("caption_extension", config.caption_extension),
+                flat=True, no_caption_hint="give the subset class_tokens or add caption files",
+            )  # fmt: skip
+        except ValueError as err:  # no images, none readable, no captions: said with where the subset is
+            raise ValueError(f"{where}: {err}") from None
         name = folder.resolve().name
     else:
         raise ValueError(f"{where}: no image_dir; each [[datasets.subsets]] names its folder of images")

@@ -276,6 +276,7 @@ def _toml(tmp_path: Path, text: str) -> Path:
         ("[[datasets]]\n[[datasets.subsets]]\nimage_dir = '{data}/nowhere'\n", r"image_dir .*nowhere is not a folder"),
         ("[[datasets]]\n[[datasets.subsets]]\nimage_dir = '{data}'\nis_reg = true\n", r"only regularization images"),
         ("[dataset]\n", r"unknown top-level key 'dataset'"),
+        ("[[datasets]]\n[[datasets.subsets]]\nimage_dir = '{data}/..'\n", r"subsets\[0\]: no images .* found"),  # images only below it
     ],
 )  # fmt: skip
 def test_a_bad_dataset_toml_is_refused_naming_the_key(tmp_path, make_dataset, tiny_config, body, message):
