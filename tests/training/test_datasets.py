@@ -276,11 +276,12 @@ def _toml(tmp_path: Path, text: str) -> Path:
         ("[[datasets]]\n[[datasets.subsets]]\nimage_dir = '{data}/nowhere'\n", r"image_dir .*nowhere is not a folder"),
         ("[[datasets]]\n[[datasets.subsets]]\nimage_dir = '{data}'\nis_reg = true\n", r"only regularization images"),
         ("[dataset]\n", r"unknown top-level key 'dataset'"),
-        ("[[datasets]]\n[[datasets.subsets]]\nimage_dir = '{data}/..'\n", r"subsets\[0\]: no images .* found"),  # images only below it
+        ("[[datasets]]\n[[datasets.subsets]]\nimage_dir = '{data}/../empty'\n", r"subsets\[0\]: no images .* found"),
     ],
 )  # fmt: skip
 def test_a_bad_dataset_toml_is_refused_naming_the_key(tmp_path, make_dataset, tiny_config, body, message):
     data = make_dataset(tmp_path / "data", count=2)
+    (tmp_path / "empty").mkdir()
     path = _toml(tmp_path, body.format(data=data.as_posix()))
     config = tiny_config(None, tmp_path / "out", data_dir="", dataset_config=str(path))
     with pytest.raises((ValueError, FileNotFoundError), match=message):
