@@ -15,6 +15,7 @@ from ..models.loading import SINGLE_FILE_SUFFIXES, is_builtin_model, is_hub_id
 from ..storage.atomic import atomic_file, check_writable_target
 from .config import TrainConfig, to_toml
 from .data import ImageRecord
+from .datasets import DatasetSpec, dataset_sizes
 from .optimizers import optimizer_label, parse_optimizer_args
 from .validation import SAMPLES_DIR
 
@@ -76,8 +77,40 @@ def _subset_name(record: ImageRecord) -> str:
     return record.subset or record.path.parent.name
 
 
-def training_metadata(config: TrainConfig, records: Sequence[ImageRecord]) -> dict[str, str]:
-    """kohya's `ss_*` training keys, which A1111/ComfyUI/civitai show for a LoRA."""
+def datasets_metadata(config: TrainConfig, records: Sequence[ImageRecord], datasets: Sequence[DatasetSpec]) -> list[dict]:
+    """kohya's `ss_datasets` for a run from a dataset TOML: per dataset its batch size, images with repeats,
+    resolution, bucketing and tag frequency, and per subset its folder (or metadata file) and options."""
+    out = []
+    for index, spec in enumerate(datasets):
+        own = [record for record in records if record.dataset == index]
+        (width, height), bucketing = dataset_sizes(spec, config)
+        subsets: dict[tuple[str, bool], list[ImageRecord]] = {}
+        for record in own:
+            subsets.setdefault((record.subset, record.is_reg), []).append(record)
+        entries = []
+        for (name, is_reg), members in subsets.items():
+            rules = members[0].rules
+            entry = {
+                "img_count": len(members), "num_repeats": members[0].subset_repeats or members[0].repeats, "color_aug": False,
+                "flip_aug": rules.flip, "random_crop": rules.crop == "random", "shuffle_caption": rules.shuffle,
+                "keep_tokens": rules.keep_tokens, "keep_tokens_separator": rules.keep_separator or None,
+                "secondary_separator": rules.secondary_separator or None, "enable_wildcard": rules.wildcards,
+            }  # fmt: skip
+            # a fine-tuning subset is named by its metadata file (kohya's FineTuningDataset), the others by their folder
+            entry.update({"metadata_file": name} if name.endswith(".json") else {"image_dir": name, "is_reg": is_reg})
+            entries.append(entry)
+        out.append({
+            "is_dreambooth": not all(name.endswith(".json") for name, _ in subsets), "batch_size_per_device": spec.batch_size or config.batch_size,
+            "num_train_images": sum(r.repeats for r in own if not r.is_reg), "num_reg_images": sum(r.repeats for r in own if r.is_reg),
+            "resolution": [width, height], "enable_bucket": bool(bucketing), "min_bucket_reso": spec.min_bucket,
+            "max_bucket_reso": spec.max_bucket, "tag_frequency": tag_frequency(own), "subsets": entries,
+        })  # fmt: skip
+    return out
+
+
+def training_metadata(config: TrainConfig, records: Sequence[ImageRecord], datasets: Sequence[DatasetSpec] = ()) -> dict[str, str]:
+    """kohya's `ss_*` training keys, which A1111/ComfyUI/civitai show for a LoRA (and `ss_datasets` for a run from
+    a dataset TOML)."""
     num_images = sum(record.repeats for record in records if not record.is_reg)  # kohya counts an image once per repeat
     num_reg = sum(record.repeats for record in records if record.is_reg)
     return {
@@ -117,6 +150,7 @@ def training_metadata(config: TrainConfig, records: Sequence[ImageRecord]) -> di
         "ss_tag_frequency": json.dumps(tag_frequency(records), ensure_ascii=False),
         "ss_dataset_dirs": json.dumps(dataset_dirs(records), ensure_ascii=False),
         "ss_reg_dataset_dirs": json.dumps(dataset_dirs(records, reg=True), ensure_ascii=False),
+        **({"ss_datasets": json.dumps(datasets_metadata(config, records, datasets), ensure_ascii=False)} if config.dataset_config else {}),
         "sdlora_preset": config.preset,
         "sdlora_ema_decay": f"{config.ema_decay:g}" if config.ema_decay else "None",
         "sdlora_trigger": config.trigger or "",
@@ -124,12 +158,17 @@ def training_metadata(config: TrainConfig, records: Sequence[ImageRecord]) -> di
 
 
 def lora_writers(
-    state: LoraState, config: TrainConfig, family: ModelFamily, records: Sequence[ImageRecord], suffix: str = ""
+    state: LoraState,
+    config: TrainConfig,
+    family: ModelFamily,
+    records: Sequence[ImageRecord],
+    suffix: str = "",
+    datasets: Sequence[DatasetSpec] = (),
 ) -> dict[str, Callable[[Path], None]]:
     """The run's two LoRA files by name, each as a function that writes it to a path: the diffusers file
     (save_lora_weights, alpha in its header) and the kohya file with the training metadata, both for `family`;
     `suffix` after each stem (the EMA's files)."""
-    metadata = training_metadata(config, records)
+    metadata = training_metadata(config, records, datasets)
     if suffix:
         metadata["ss_output_name"] = config.name + suffix
     return {

@@ -33,7 +33,7 @@ from .buckets import BucketBatchSampler, Size
 from .cache import BatchEncoder, build_caches, fill_caches
 from .config import TrainConfig
 from .data import ImageRecord, dataset_summary
-from .datasets import TrainingData, batch_sizes, load_training_data, record_buckets
+from .datasets import DatasetSpec, TrainingData, batch_sizes, load_training_data, record_buckets
 from .metrics import MetricsLogger, progress_bar, tracking_options
 from .objective import ObjectiveConfig, diffusion_loss, prepare_noise_scheduler
 from .optimizers import build_optimizer, check_optimizer, parse_optimizer_args
@@ -70,6 +70,7 @@ class Run:
     metrics: MetricsLogger
     state: checkpoint.TrainState
     ema: ema.LoraEma | None = None  # --ema-decay: the average of the LoRA weights
+    datasets: list[DatasetSpec] = dataclasses.field(default_factory=list)  # a dataset TOML's, for the kohya metadata
 
 
 def train(config: TrainConfig) -> Path:
@@ -215,6 +216,7 @@ def setup(config: TrainConfig) -> Run:
         ),
         state=checkpoint.TrainState(step=0, epoch=0, batch_in_epoch=0),
         ema=ema.LoraEma(trainable, config.ema_decay) if config.ema_decay else None,
+        datasets=data.datasets,
     )  # fmt: skip
     _start_or_resume(run)
     return run
@@ -394,7 +396,7 @@ def _save_checkpoint(run: Run) -> Path | None:
     path = None
     if run.accelerator.is_main_process:
         run.state.capture_rngs(run.rng, run.generator)
-        files = outputs.lora_writers(lora_state(run), run.config, run.family, run.records)
+        files = outputs.lora_writers(lora_state(run), run.config, run.family, run.records, datasets=run.datasets)
         if run.ema is not None:
             files[ema.STATE_FILE] = run.ema.save
         path = checkpoint.save_checkpoint(
@@ -427,12 +429,13 @@ def save_outputs(run: Run) -> Path:
     run.metrics.close()
     run.accelerator.wait_for_everyone()
     if run.accelerator.is_main_process:
-        for name, write in outputs.lora_writers(lora_state(run), run.config, run.family, run.records).items():
+        for name, write in outputs.lora_writers(lora_state(run), run.config, run.family, run.records, datasets=run.datasets).items():
             write(out / name)
         if run.ema is not None:
             with run.ema.applied(run.trainable):
                 averaged = lora_state(run)
-            for name, write in outputs.lora_writers(averaged, run.config, run.family, run.records, suffix=outputs.EMA_SUFFIX).items():
+            writers = outputs.lora_writers(averaged, run.config, run.family, run.records, suffix=outputs.EMA_SUFFIX, datasets=run.datasets)
+            for name, write in writers.items():
                 write(out / name)
         outputs.write_config_and_card(run.config, run.family, len(run.records), out)
     run.accelerator.wait_for_everyone()

@@ -249,6 +249,14 @@ def test_kohyas_documented_toml_trains_from_the_cli(kohya_doc_dataset, tmp_path)
     assert json.loads(metadata["ss_reg_dataset_dirs"]) == {"reg": {"n_repeats": 1, "img_count": 4}}
     assert json.loads(metadata["ss_tag_frequency"])["reg"] == {"human": 4}
     assert metadata["ss_num_train_images"] == "7" and metadata["ss_num_reg_images"] == "5"
+    first, second = json.loads(metadata["ss_datasets"])  # kohya's per-dataset record of a dataset-config run
+    assert (first["batch_size_per_device"], first["resolution"], first["num_train_images"], first["num_reg_images"]) == (4, [64, 64], 5, 5)
+    assert [(s["image_dir"], s["keep_tokens"], s["is_reg"], s["shuffle_caption"]) for s in first["subsets"]] == [
+        ("hoge", 2, False, True), ("fuga", 3, False, True), ("reg", 1, True, True),
+    ]  # fmt: skip
+    assert first["is_dreambooth"] and not second["is_dreambooth"]
+    assert (second["batch_size_per_device"], second["resolution"], second["num_train_images"]) == (2, [96, 64], 2)
+    assert second["subsets"][0]["metadata_file"] == "piyo_md.json" and second["tag_frequency"]["piyo_md.json"]["poster"] == 1
 
 
 def _run_cli(*args: str) -> subprocess.CompletedProcess:
