@@ -20,6 +20,7 @@ from safetensors import safe_open
 
 from sdlora.training import recipe
 from sdlora.training.buckets import BucketBatchSampler, no_upscale_bucket
+from sdlora.training.cache import encode_captions
 from sdlora.training.data import CaptionRules, expand_wildcards, step_caption
 from sdlora.training.datasets import batch_sizes, load_training_data, record_buckets, reg_repeats
 from sdlora.training.objective import ObjectiveConfig, diffusion_loss
@@ -118,6 +119,7 @@ def test_weighted_loss_equals_the_formula(tiny_pipe):
     assert not torch.allclose(got, sum(each) / 3)  # the weight changed it
 
 
+@pytest.mark.slow
 def test_training_weighs_each_reg_image_by_prior_loss_weight(tmp_path, make_dataset, tiny_config, monkeypatch):
     data = make_dataset(tmp_path / "data", count=2)
     reg = make_dataset(tmp_path / "reg", count=2)
@@ -414,9 +416,11 @@ def test_wildcards_choose_a_line_and_an_option():
     assert min(seen.values()) > 60
 
 
-def test_mixed_static_and_changing_captions_encode_as_if_none_were_cached(tmp_path, make_dataset, tiny_config):
+@pytest.mark.parametrize("model", ["tiny", "tiny-sdxl"])
+def test_mixed_static_and_changing_captions_encode_as_if_none_were_cached(tmp_path, make_dataset, tiny_config, model):
     """A subset that shuffles beside one that does not: the static captions come from the cache, the others are
-    encoded each step, and the batch's conditioning is what encoding all of them now gives, in order."""
+    encoded each step, and the batch's conditioning (SDXL: the pooled embedding too) is what encoding all of them
+    now gives, in order."""
     plain = make_dataset(tmp_path / "plain", count=2)
     shuffled = make_dataset(tmp_path / "shuffled", count=2)
     path = _toml(
@@ -431,11 +435,11 @@ batch_size = 4
   shuffle_caption = true
 """,
     )
-    run = recipe.setup(tiny_config(None, tmp_path / "out", data_dir="", dataset_config=str(path), batch_size=4))
+    run = recipe.setup(tiny_config(None, tmp_path / "out", data_dir="", dataset_config=str(path), batch_size=4, model=model, buckets=False))
     encoder = run.encoder
     assert encoder.embedding_cache is not None
     # the text encoder stays on the accelerator: the shuffled captions need it at every step
-    assert not any(part is run.text_encoders["text_encoder"] for part in run.validator.offloaded)
+    assert not any(part in run.validator.offloaded for part in run.text_encoders.values())
     cached_before = set(encoder.embedding_cache.memory)
     assert cached_before == {r.caption for r in run.records if r.subset == "plain"}
     indices = [2, 0, 3, 1]  # shuffled, plain, shuffled, plain
@@ -447,8 +451,10 @@ batch_size = 4
         record = run.records[index]
         rng.random() if record.rules.flip else None
         captions.append(step_caption(record.caption, record.rules, rng, run.config.trigger))
-    from sdlora.training.cache import encode_captions
-
-    expected, _ = encode_captions(run.pipe, run.text_encoders, run.family, captions, "cpu")
+    expected, pooled = encode_captions(run.pipe, run.text_encoders, run.family, captions, "cpu")
     torch.testing.assert_close(conditioning.hidden, expected.to(conditioning.hidden.dtype))
+    if model == "tiny-sdxl":
+        torch.testing.assert_close(conditioning.pooled, pooled.to(conditioning.pooled.dtype))
+    else:
+        assert pooled is None and conditioning.pooled is None
     assert set(encoder.embedding_cache.memory) == cached_before  # the changing captions were not stored
