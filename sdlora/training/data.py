@@ -116,11 +116,11 @@ def find_images(
             continue
         folder, repeats, class_tokens = subsets.get(relative.split("/")[0], ("", 1, "")) if subsets else ("", 1, "")
         text = listed[relative] if relative in listed else _sidecar_caption(path, extension)
-        text = _with_trigger(text or "", class_tokens) or None if class_tokens else text
+        text = with_trigger(text or "", class_tokens) or None if class_tokens else text
         if not text:
             uncaptioned.append(relative)
             text = fixed or ""
-        records.append(ImageRecord(path, _with_trigger(text, trigger), *size, subset=folder, repeats=repeats))
+        records.append(ImageRecord(path, with_trigger(text, trigger), *size, subset=folder, repeats=repeats))
     if unreadable and records:
         warnings.warn(f"skipped {len(unreadable)} unreadable images in {root}: {_names(unreadable)}", stacklevel=2)
     if not records:
@@ -244,7 +244,7 @@ def read_text(path: Path) -> str:
         raise ValueError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
 
 
-def _with_trigger(text: str, trigger: str | None) -> str:
+def with_trigger(text: str, trigger: str | None) -> str:
     if not trigger:
         return text
     if not text or text == trigger:

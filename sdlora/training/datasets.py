@@ -21,7 +21,17 @@ from pathlib import Path
 from typing import Any
 
 from .buckets import Size, assign_bucket, bucket_sizes, no_upscale_bucket
-from .data import IMAGE_EXTENSIONS, CaptionRules, ImageRecord, caption_tags, displayed_size, find_images, read_text, split_validation
+from .data import (
+    IMAGE_EXTENSIONS,
+    CaptionRules,
+    ImageRecord,
+    caption_tags,
+    displayed_size,
+    find_images,
+    read_text,
+    split_validation,
+    with_trigger,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -385,8 +395,7 @@ def _subset_records(options: dict[str, Any], dataset: int, config, where: str) -
         caption = record.caption
         caption = f"{prefix} {caption}" if prefix else caption  # joined with a space, as kohya joins them
         caption = f"{caption} {suffix}" if suffix else caption
-        if trigger and not (caption == trigger or caption.startswith(trigger + ",")):
-            caption = f"{trigger}, {caption}" if caption else trigger
+        caption = with_trigger(caption, trigger)
         out.append(dataclasses.replace(record, caption=caption, subset=name, repeats=repeats, rules=rules, is_reg=is_reg, dataset=dataset))
     return out
 
