@@ -17,13 +17,14 @@ STATE_FILE = "ema.safetensors"  # in a checkpoint: the averaged tensors by train
 
 
 class LoraEma:
-    """fp32 CPU shadows of the trainable LoRA tensors, updated after each optimizer step."""
+    """fp32 shadows of the trainable LoRA tensors, on their device (no host copy per step), updated after each
+    optimizer step."""
 
     def __init__(self, trainable: dict[str, torch.nn.Parameter], decay: float):
         if not 0.0 < decay < 1.0:
             raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
         self.decay = decay
-        self.shadow = {name: param.detach().to("cpu", torch.float32, copy=True) for name, param in trainable.items()}
+        self.shadow = {name: param.detach().to(torch.float32, copy=True) for name, param in trainable.items()}
 
     def decay_at(self, step: int) -> float:
         """The decay used at optimizer step `step` (1-based)."""
@@ -33,7 +34,7 @@ class LoraEma:
     def update(self, trainable: dict[str, torch.nn.Parameter], step: int) -> None:
         decay = self.decay_at(step)
         for name, param in trainable.items():
-            self.shadow[name].lerp_(param.detach().to("cpu", torch.float32), 1.0 - decay)
+            self.shadow[name].lerp_(param.detach().to(torch.float32), 1.0 - decay)
 
     @contextlib.contextmanager
     @torch.no_grad()
@@ -49,7 +50,7 @@ class LoraEma:
                 param.copy_(kept[name])
 
     def save(self, path: Path) -> None:
-        save_file({name: tensor.contiguous() for name, tensor in self.shadow.items()}, str(path))
+        save_file({name: tensor.detach().cpu().contiguous() for name, tensor in self.shadow.items()}, str(path))
 
     def load(self, path: Path) -> None:
         """The shadows of a checkpoint; a checkpoint without them (saved before --ema-decay was set) is an error."""
@@ -58,4 +59,4 @@ class LoraEma:
         saved = load_file(str(path))
         if set(saved) != set(self.shadow) or any(saved[n].shape != self.shadow[n].shape for n in saved):
             raise ValueError(f"{path} does not match the LoRA being trained (other rank or layers?)")
-        self.shadow = {name: saved[name].to(torch.float32) for name in self.shadow}
+        self.shadow = {name: saved[name].to(self.shadow[name].device, torch.float32) for name in self.shadow}
