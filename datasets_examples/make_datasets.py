@@ -15,110 +15,25 @@ import argparse
 import io
 import os
 import random
-import re
 import sys
 import tempfile
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # raster.py, subjects.py and scenes.py sit beside it
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # sdlora/drawing from the checkout, installed or not
 
-from raster import Canvas, dilate, erode, hatch  # noqa: E402
-from scenes import LANDSCAPE, PORTRAIT, SQUARE, scene  # noqa: E402
-from subjects import COLOURS, Part, Words  # noqa: E402
+from sdlora.drawing.raster import Canvas  # noqa: E402
+from sdlora.drawing.scenes import LANDSCAPE, PORTRAIT, SQUARE, scene  # noqa: E402
+from sdlora.drawing.styles import STYLES as ALL_STYLES  # noqa: E402
+from sdlora.drawing.styles import Style, caption  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 IMAGES_PER_SET = 28
 # (width, height) by index modulo 7: 20 squares (12 of 512, 8 of 384), 4 portraits, 4 landscapes over 28 images
 SIZE_PATTERN = ((512, 512), (384, 384), (512, 512), (320, 512), (384, 384), (512, 320), (512, 512))
-PAPER, INK = (243, 235, 215), (30, 28, 34)
-
-
-@dataclass(frozen=True)
-class Style:
-    """One dataset: folder name, trigger word, seed, caption ending, how colours are worded and how parts are drawn."""
-
-    name: str
-    trigger: str
-    seed: int
-    suffix: str
-    words: Words
-    render: Callable[[Canvas, list[Part]], None]
-
-
-def _tone(colour: str) -> int:
-    """0 light (bare paper), 1 hatched, 2 cross-hatched, 3 solid ink: from the colour's luma, in integers."""
-    r, g, b = COLOURS[colour]
-    luma = (299 * r + 587 * g + 114 * b) // 1000
-    return 0 if luma >= 200 else 1 if luma >= 120 else 2 if luma >= 50 else 3
-
-
-def _render_poster(canvas: Canvas, parts: list[Part]) -> None:
-    names = list(COLOURS)
-    stroke = max(3, min(canvas.width, canvas.height) // 90)
-    for part in parts:
-        if part.outline:
-            canvas.paint(dilate(part.mask, stroke), names.index("black"))
-        canvas.paint(part.mask, names.index(part.colour))
-
-
-def _render_ink(canvas: Canvas, parts: list[Part]) -> None:
-    stroke = max(1, min(canvas.width, canvas.height) // 200)
-    spacing = max(5, min(canvas.width, canvas.height) // 64)
-    for number, part in enumerate(parts):
-        if part.background and not part.outline:
-            continue  # the sky or a plain backdrop is the bare paper
-        tone = _tone(part.colour)
-        if not part.outline:  # strokes and dots: pupils, whiskers, waves cut into hatching
-            canvas.paint(part.mask, 1 if tone == 3 else 0)
-            continue
-        canvas.paint(part.mask, 0)  # paper first: a shape hides what it covers
-        if part.background:
-            shading = hatch(canvas, "-", spacing + 3, 1)
-        elif tone == 1:
-            shading = hatch(canvas, ("/", "\\", "|")[number % 3], spacing, 1, phase=number)
-        elif tone == 2:
-            shading = hatch(canvas, "/", spacing - 1, 1, phase=number) | hatch(canvas, "\\", spacing - 1, 1, phase=number)
-        else:
-            shading = np.full(part.mask.shape, tone == 3)
-        canvas.paint(part.mask & shading, 1)
-        canvas.paint(part.mask & ~erode(part.mask, stroke), 1)
-
-
-def _ink_fill(colour: str) -> str:
-    return ("", "hatched", "cross-hatched", "solid black")[_tone(colour)]
-
-
-def _ink_background(colour: str, noun: str) -> str:
-    return "" if noun in ("sky", "background", "water") else f"hatched {noun}"
-
-
-STYLES = (
-    Style(
-        "flat_poster",
-        "flatposter",
-        1,
-        "flat colours, bold black outlines",
-        Words(lambda c: c, lambda c, noun: f"{c} {noun}"),
-        _render_poster,
-    ),
-    Style(
-        "ink_hatch", "inkhatch", 2, "black ink line drawing, cross-hatching, cream paper", Words(_ink_fill, _ink_background), _render_ink
-    ),
-)
-
-
-def _palette(style: Style) -> list[tuple[int, int, int]]:
-    return list(COLOURS.values()) if style.name == "flat_poster" else [PAPER, INK]
-
-
-def _caption(style: Style, phrase: str) -> str:
-    text = re.sub(r"\s+", " ", f"{style.trigger}, {phrase}, {style.suffix}").replace(" ,", ",")
-    return re.sub(r"\ba (?=[aeiou])", "an ", text)
+STYLES = (ALL_STYLES["flat_poster"], ALL_STYLES["ink_hatch"])
 
 
 def build(style: Style) -> dict[str, Image.Image | str]:
@@ -131,14 +46,14 @@ def build(style: Style) -> dict[str, Image.Image | str]:
         kinds = {"square": SQUARE, "portrait": PORTRAIT, "landscape": LANDSCAPE}[shape]
         kind = kinds[(counts[shape] + style.seed) % len(kinds)]  # the seed offsets the cycle so the sets differ
         counts[shape] += 1
-        canvas = Canvas(width, height, _palette(style))
+        canvas = Canvas(width, height, list(style.palette))
         parts, phrase = scene(canvas, random.Random(style.seed * 1000 + index), style.words, kind)
         style.render(canvas, parts)
         image = Image.fromarray(canvas.pixels, mode="P")
         image.putpalette([value for rgb in canvas.palette for value in rgb])
         stem = f"{style.name}_{index:03d}"
         files[stem + ".png"] = image
-        files[stem + ".txt"] = _caption(style, phrase) + "\n"
+        files[stem + ".txt"] = caption(style, phrase) + "\n"
     return files
 
 

@@ -10,7 +10,17 @@ import sdlora
 
 PACKAGE = Path(sdlora.__file__).parent
 # bottom to top; a module may import its own folder and the folders listed before it
-LAYERS = ("storage", "core", "models", "inference", "tools", "training", "")  # "": cli.py, config.py, __init__.py, __main__.py
+LAYERS = (
+    "storage",
+    "drawing",
+    "core",
+    "models",
+    "inference",
+    "tools",
+    "training",
+    "demo",
+    "",
+)  # "": cli.py, config.py, __init__.py, __main__.py
 LAZY_INTERNAL_IMPORTS = {"sdlora.cli"}  # the CLI imports each command's modules when it runs (fast --help)
 
 

@@ -13,7 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-from raster import Canvas, ellipse, polygon, polyline, rectangle, segment
+
+from .raster import Canvas, ellipse, polygon, polyline, rectangle, segment
 
 # the limited poster palette; "black" is also the outline colour
 COLOURS = {

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import random
 
-from raster import Canvas, ellipse, polyline, rectangle
-from subjects import Part, Words, boat, cat_face, fish, flower, house, mountains, pick_colour, px, sun, tree
+from .raster import Canvas, ellipse, polyline, rectangle
+from .subjects import Part, Words, boat, cat_face, fish, flower, house, mountains, pick_colour, px, sun, tree
 
 
 def _backdrop(c: Canvas, colour: str) -> Part:
@@ -122,9 +122,47 @@ def _with_background(phrase: str, sky_words: str) -> str:
     return phrase + (f", {sky_words}" if sky_words else "")
 
 
+POSITIONS = (("on the left", 0.27), ("in the middle", 0.5), ("on the right", 0.73))
+NUMBERS = {2: "two", 3: "three"}
+
+
+def group(c: Canvas, rng: random.Random, w: Words) -> tuple[list[Part], str]:
+    """One to three fish, cat faces or flowers side by side on a plain background, each named with its place."""
+    background = pick_colour(rng, ("teal", "light blue", "cream", "pink", "yellow", "navy"))
+    subject = rng.choice(("fish", "cat", "flower"))
+    count = rng.choice((1, 2, 2, 3))
+    if count == 3:
+        places = [("on the left", 0.2), ("in the middle", 0.5), ("on the right", 0.8)]
+    elif count == 2:
+        places = [POSITIONS[0], POSITIONS[2]]
+    else:
+        places = [rng.choice(POSITIONS)]
+    parts, phrases = [_backdrop(c, background)], []
+    size = min(c.width, c.height)
+    for where, at in places:
+        cx = px(c.width * at)
+        if subject == "cat":
+            radius = px(size * (0.17 if count > 1 else 0.26))
+            subject_parts, phrase = cat_face(c, rng, w, cx, px(c.height * rng.uniform(0.5, 0.6)), radius, (background,))
+        elif subject == "flower":
+            radius = px(size * (0.14 if count > 1 else 0.22))
+            subject_parts, phrase = flower(c, rng, w, cx, px(c.height * rng.uniform(0.3, 0.45)), radius, c.height, (background,))
+        else:
+            length = px(size * (0.26 if count > 1 else 0.4))
+            subject_parts, phrase = fish(c, rng, w, cx, px(c.height * rng.uniform(0.35, 0.65)), length, (background,))
+        parts += subject_parts
+        phrases.append(f"{phrase} {where}")
+    words = w.background(background, "background")
+    plural = {"fish": "fish", "cat": "cat faces", "flower": "flowers"}[subject]
+    head = "" if count == 1 else f"{NUMBERS[count]} {plural}, "
+    return parts, head + _join(phrases) + (f", on a {words}" if words else "")
+
+
 SQUARE = ("countryside", "seaside", "cat", "underwater", "flower", "countryside", "fish")
 PORTRAIT = ("flower", "cat", "countryside")
 LANDSCAPE = ("seaside", "countryside", "underwater")
+# the demo base model's pretraining pictures (square): every scene kind, and groups (counts and places) as often as the rest together
+DEMO_KINDS = ("countryside", "seaside", "cat", "underwater", "flower", "fish") + ("group",) * 6
 
 
 def scene(c: Canvas, rng: random.Random, w: Words, kind: str) -> tuple[list[Part], str]:
@@ -135,4 +173,6 @@ def scene(c: Canvas, rng: random.Random, w: Words, kind: str) -> tuple[list[Part
         return seaside(c, rng, w)
     if kind == "underwater":
         return underwater(c, rng, w)
+    if kind == "group":
+        return group(c, rng, w)
     return single_subject(c, rng, w, kind)
