@@ -43,9 +43,10 @@ def _tiny_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out_dir", help="folder to write the pipeline to (replaced if it exists)")
     parser.add_argument(
         "--variant",
-        choices=("tiny", "sd15-shaped", "sdxl", "sdxl-shaped"),
+        choices=("tiny", "demo", "sd15-shaped", "sdxl", "sdxl-shaped"),
         default="tiny",
-        help="tiny: 64 px SD1-architecture test model (8 MB); sd15-shaped: real SD1.5 UNet/VAE shapes, random weights (3.6 GB, "
+        help="tiny: 64 px SD1-architecture test model (8 MB); demo: the pretrained 64 px demo model that draws simple scenes, "
+        "copied from the package (what --model demo loads; --seed does not apply); sd15-shaped: real SD1.5 UNet/VAE shapes, random weights (3.6 GB, "
         "for benchmarks); sdxl: 64 px SDXL-architecture test model (what --model tiny-sdxl builds); sdxl-shaped: real SDXL "
         "UNet/VAE shapes (bf16, 5 GB, for benchmarks)",
     )
@@ -287,7 +288,7 @@ def _image_args(parser: argparse.ArgumentParser, command_args: Callable[[argpars
     parser.add_argument(
         "--model",
         default="tiny",
-        help="a diffusers folder, a single-file checkpoint, a hub id, or 'tiny' / 'tiny-sdxl' (offline test models); SD1, SD2 or SDXL, told from the model (default: tiny)",
+        help="a diffusers folder, a single-file checkpoint, a hub id, 'demo' (the pretrained 64 px demo model) or 'tiny' / 'tiny-sdxl' (random test models); SD1, SD2 or SDXL, told from the model (default: tiny)",
     )
     parser.add_argument(
         "--config", default=None, help="for a single-file checkpoint offline: a local diffusers folder of the same architecture"
@@ -504,7 +505,7 @@ def _merge_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         required=True,
-        help="diffusers folder, single-file .safetensors checkpoint (SD1, SD2 or SDXL), 'tiny', 'tiny-sdxl' or a hub id",
+        help="diffusers folder, single-file .safetensors checkpoint (SD1, SD2 or SDXL), 'demo', 'tiny', 'tiny-sdxl' or a hub id",
     )
     parser.add_argument(
         "--lora",
@@ -573,7 +574,12 @@ COMMANDS: list[Command] = [
     ),
     ("inspect", "show a LoRA file's format, ranks, alphas, architecture and metadata", _inspect_args, _inspect_run),
     ("merge", "merge LoRAs into a model's weights (W + scale * alpha/r * up @ down) and write the model", _merge_args, _merge_run),
-    ("tiny-model", "write a tiny random-weight Stable Diffusion pipeline (offline tests and examples)", _tiny_model_args, _tiny_model_run),
+    (
+        "tiny-model",
+        "write a built-in Stable Diffusion pipeline: a tiny random-weight one or the pretrained demo (offline tests and examples)",
+        _tiny_model_args,
+        _tiny_model_run,
+    ),
     ("extract", "extract a LoRA from a fine-tuned model: the SVD of (tuned - base) per layer", _extract_args, _extract_run),
     ("resize", "change a LoRA's rank by SVD (a fixed rank, or per module from its singular values)", _resize_args, _resize_run),
     ("combine", "combine several LoRAs into one file, exactly or by SVD at a rank", _combine_args, _combine_run),

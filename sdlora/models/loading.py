@@ -10,6 +10,7 @@ import inspect
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -26,21 +27,25 @@ from ..core.families import (
 from ..core.files import read_tensors
 from ..storage.atomic import atomic_dir
 from ..storage.safetensors_stream import read_header, read_tensor
+from .demo import demo_dir, demo_vocab, load_demo_pipeline
 from .tiny import build_sd15_shaped_pipeline, build_sdxl_shaped_pipeline, build_tiny_pipeline, build_tiny_sdxl_pipeline, tiny_clip_vocab
 
 TINY = "tiny"
+DEMO = "demo"
 SD15_SHAPED = "sd15-shaped"
 TINY_SDXL = "tiny-sdxl"
 SDXL_SHAPED = "sdxl-shaped"
-# `--model NAME` builds these in memory (random weights); the shaped ones have the real UNet and VAE, for benchmarks
+# `--model NAME` builds these in memory (random weights; `demo` is pretrained, loaded from the package); the shaped
+# ones have the real UNet and VAE, for benchmarks
 BUILTIN_MODELS = {
     TINY: build_tiny_pipeline,
+    DEMO: load_demo_pipeline,
     SD15_SHAPED: build_sd15_shaped_pipeline,
     TINY_SDXL: build_tiny_sdxl_pipeline,
     SDXL_SHAPED: build_sdxl_shaped_pipeline,
 }
 # `sdlora tiny-model DIR --variant NAME` -> the built-in model it writes
-TINY_MODEL_VARIANTS = {"tiny": TINY, "sd15-shaped": SD15_SHAPED, "sdxl": TINY_SDXL, "sdxl-shaped": SDXL_SHAPED}
+TINY_MODEL_VARIANTS = {"tiny": TINY, "demo": DEMO, "sd15-shaped": SD15_SHAPED, "sdxl": TINY_SDXL, "sdxl-shaped": SDXL_SHAPED}
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
@@ -75,17 +80,24 @@ def save_pipeline(pipe, out_dir: str | os.PathLike) -> Path:
 def _write_tokenizer_files(tokenizer, folder: Path) -> None:
     if (folder / "vocab.json").exists():
         return
-    vocab, merges = tiny_clip_vocab()
-    if tokenizer.get_vocab() != vocab:  # a real tokenizer saves its own files
+    ours = [vocabulary for vocabulary in (tiny_clip_vocab(), demo_vocab()) if tokenizer.get_vocab() == vocabulary[0]]
+    if not ours:  # a real tokenizer saves its own files
         return
+    vocab, merges = ours[0]
     (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
 
 
 def write_tiny_model(out_dir: str | os.PathLike, variant: str = "tiny", seed: int = 0) -> Path:
-    """Write a random-weight built-in pipeline (`tiny`, `sd15-shaped`, `sdxl`, `sdxl-shaped`) as a diffusers folder."""
+    """Write a built-in pipeline as a diffusers folder: a random-weight one (`tiny`, `sd15-shaped`, `sdxl`,
+    `sdxl-shaped`) or the pretrained `demo`, copied file for file from the package (`seed` does not apply to it)."""
     if variant not in TINY_MODEL_VARIANTS and variant not in BUILTIN_MODELS:
         raise ValueError(f"unknown tiny-model variant {variant!r}: use one of {', '.join(TINY_MODEL_VARIANTS)}")
+    if TINY_MODEL_VARIANTS.get(variant, variant) == DEMO:
+        source = demo_dir()
+        with atomic_dir(Path(out_dir)) as tmp:
+            shutil.copytree(source, tmp, dirs_exist_ok=True)
+        return Path(out_dir)
     return save_pipeline(BUILTIN_MODELS[TINY_MODEL_VARIANTS.get(variant, variant)](seed=seed), out_dir)
 
 

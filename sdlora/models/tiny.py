@@ -44,12 +44,13 @@ def _bytes_to_unicode() -> dict[int, str]:
     return mapping
 
 
-@lru_cache(maxsize=1)
-def tiny_clip_vocab(num_merges: int = 400) -> tuple[dict[str, int], list[str]]:
-    """(vocab, merges) of a small CLIP BPE tokenizer, learnt deterministically from `_TINY_WORDS`."""
+@lru_cache(maxsize=4)
+def tiny_clip_vocab(num_merges: int = 400, word_list: tuple[str, ...] = tuple(_TINY_WORDS)) -> tuple[dict[str, int], list[str]]:
+    """(vocab, merges) of a small CLIP BPE tokenizer, learnt deterministically from `word_list` (the tiny model's
+    `_TINY_WORDS` by default); with enough merges every word of the list becomes one token."""
     alphabet = list(_bytes_to_unicode().values())
     tokens = ["<|startoftext|>", "<|endoftext|>"] + alphabet + [ch + "</w>" for ch in alphabet]
-    words = Counter(tuple(word[:-1]) + (word[-1] + "</w>",) for word in _TINY_WORDS)
+    words = Counter(tuple(word[:-1]) + (word[-1] + "</w>",) for word in word_list)
     merges: list[str] = []
     for _ in range(num_merges):
         pairs: Counter = Counter()
@@ -77,11 +78,11 @@ def _merge_pair(word: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]
     return tuple(merged)
 
 
-def tiny_tokenizer():
-    """A CLIPTokenizer over the tiny vocabulary with model_max_length 77."""
+def tiny_tokenizer(vocabulary: tuple[dict[str, int], list[str]] | None = None):
+    """A CLIPTokenizer over the tiny vocabulary (or another `(vocab, merges)`) with model_max_length 77."""
     from transformers import CLIPTokenizer  # transformers takes seconds to import: only when a tiny model is built
 
-    vocab, merges = tiny_clip_vocab()
+    vocab, merges = vocabulary or tiny_clip_vocab()
     if "vocab" in inspect.signature(CLIPTokenizer.__init__).parameters:
         # transformers 5: vocab=/merges= objects; it ignores vocab_file/merges_file silently
         pairs = [tuple(merge.split(" ")) for merge in merges]
@@ -108,11 +109,19 @@ def _scheduler():
     )
 
 
-def _text_encoder(hidden: int, intermediate: int, heads: int, layers: int, projection: int, with_projection: bool = False):
-    """A CLIP text encoder over the tiny vocabulary; `with_projection`: SDXL's second encoder (pooled, projected output)."""
+def _text_encoder(
+    hidden: int,
+    intermediate: int,
+    heads: int,
+    layers: int,
+    projection: int,
+    with_projection: bool = False,
+    vocab: dict[str, int] | None = None,
+):
+    """A CLIP text encoder over the tiny vocabulary (or `vocab`); `with_projection`: SDXL's second encoder (pooled, projected output)."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection  # only when a tiny model is built
 
-    vocab, _ = tiny_clip_vocab()
+    vocab = vocab or tiny_clip_vocab()[0]
     config = CLIPTextConfig(
         vocab_size=len(vocab),
         hidden_size=hidden,
@@ -129,14 +138,14 @@ def _text_encoder(hidden: int, intermediate: int, heads: int, layers: int, proje
     return CLIPTextModelWithProjection(config) if with_projection else CLIPTextModel(config)
 
 
-def _assemble(unet, vae, text_encoder):
+def _assemble(unet, vae, text_encoder, tokenizer=None):
     from diffusers import StableDiffusionPipeline  # only when a tiny model is built
 
     return StableDiffusionPipeline(
         unet=unet.eval(),
         vae=vae.eval(),
         text_encoder=text_encoder.eval(),
-        tokenizer=tiny_tokenizer(),
+        tokenizer=tokenizer or tiny_tokenizer(),
         scheduler=_scheduler(),
         safety_checker=None,
         feature_extractor=None,

@@ -49,7 +49,7 @@ class TrainConfig:
     output_dir: str = _opt("", "folder for the LoRA files, checkpoints, samples and logs")
     model: str = _opt(
         "tiny",
-        "base model (SD1, SD2 or SDXL, told from the model): diffusers folder, .safetensors checkpoint, hub id, or 'tiny' / 'tiny-sdxl' (offline test models)",
+        "base model (SD1, SD2 or SDXL, told from the model): diffusers folder, .safetensors checkpoint, hub id, 'demo' (the pretrained 64 px demo model) or 'tiny' / 'tiny-sdxl' (random test models)",
     )
     model_config: str | None = _opt(None, "for a single-file checkpoint offline: a local diffusers folder with its configs")
     vae: str | None = _opt(

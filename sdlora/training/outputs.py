@@ -233,6 +233,7 @@ def _base_model_line(model: str) -> str:
 def _pipeline_code(model: str, family: ModelFamily) -> str:
     """The lines that load the base model in plain diffusers (or sdlora, for its embedded test models)."""
     if is_builtin_model(model):
-        return f'from sdlora import load_pipeline\npipe = load_pipeline("{model}")  # sdlora\'s embedded random-weight test model'
+        what = "pretrained demo model" if model == "demo" else "random-weight test model"
+        return f'from sdlora import load_pipeline\npipe = load_pipeline("{model}")  # sdlora\'s embedded {what}'
     loader = "from_single_file" if Path(model).suffix.lower() in SINGLE_FILE_SUFFIXES else "from_pretrained"
     return f'from diffusers import {family.pipeline_class}\npipe = {family.pipeline_class}.{loader}("{model}")'
