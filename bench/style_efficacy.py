@@ -46,7 +46,9 @@ def _train(name: str, out: Path, reuse: bool) -> tuple[Path, float]:
         str(out / name),
     ]
     started = time.perf_counter()
-    subprocess.run(command, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    (out / name).mkdir(parents=True, exist_ok=True)
+    with open(out / f"{name}.log", "w") as log:  # the run's progress bars, out of the table's way
+        subprocess.run(command, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=log, stderr=subprocess.STDOUT)
     return lora, time.perf_counter() - started
 
 

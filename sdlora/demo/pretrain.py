@@ -5,9 +5,10 @@ Four stages, each resumable, in OUT:
    renderings for the VAE alone: a VAE is a codec, trained broadly (SD's saw far more than SD's UNet was tuned on),
    so that a LoRA trained on those styles can be decoded; the UNet, which holds the model's prior, sees only
    neutral scenes.
-2. `vae.ckpt` then `vae/`: the autoencoder (L1 reconstruction, a small KL term), its scaling factor set so the
+2. `vae.ckpt`: the autoencoder (L1 reconstruction and L1 of its pixel differences, which keeps thin lines sharp, and
+   a small KL term; its posterior made near-deterministic, as trained SD VAEs are), its scaling factor set so the
    latents of the neutral pictures have unit variance (SD's 0.18215 plays the same part).
-3. `latents.pt`: the neutral pictures' latents (posterior means) and their tokenized captions.
+3. the neutral pictures' latents (posterior means) and tokenized captions, computed again on resume (seconds).
 4. `unet.ckpt` then `pipeline/`: the UNet and the text encoder trained together on the noise-prediction loss with
    min-SNR weights, 10% empty captions (so classifier-free guidance works), an EMA of both kept and shipped.
 
@@ -36,6 +37,7 @@ from ..drawing.scenes import DEMO_KINDS
 from ..drawing.styles import STYLE_NAMES, STYLES, draw
 from ..models.demo import DEMO_SIZE, build_demo_architecture
 from ..models.loading import save_pipeline
+from ..models.tiny import make_encoder_near_deterministic
 from ..storage.atomic import atomic_file
 
 
@@ -44,12 +46,13 @@ class Schedule:
     """How much of everything: the full run's figures are the defaults; tests shrink them."""
 
     neutral_images: int = 12000
-    other_images: int = 2500  # per example style, for the VAE only
-    vae_steps: int = 1500
+    other_images: int = 2000  # per example style, for the VAE only
+    vae_steps: int = 3000
     vae_batch: int = 16
     vae_lr: float = 1e-3
-    kl_weight: float = 1e-6
-    unet_steps: int = 1600
+    kl_weight: float = 1e-7
+    edge_weight: float = 1.0
+    unet_steps: int = 1400
     unet_batch: int = 64
     unet_lr: float = 5e-4
     warmup: int = 100
@@ -71,7 +74,11 @@ def scene_seed(seed: int, style: str, index: int) -> int:
 
 def _draw_one(job: tuple[str, int, int]) -> tuple[np.ndarray, str]:
     style, seed, index = job
-    return draw(STYLES[style], (DEMO_SIZE, DEMO_SIZE), random.Random(scene_seed(seed, style, index)), DEMO_KINDS[index % len(DEMO_KINDS)])
+    # the example styles drawn 8 times larger, as their datasets' 512-pixel pictures are, so outlines and hatching
+    # come out as thin as a LoRA trained at 64 px sees them
+    supersample = 4 if style == "neutral" else 8
+    rng = random.Random(scene_seed(seed, style, index))
+    return draw(STYLES[style], (DEMO_SIZE, DEMO_SIZE), rng, DEMO_KINDS[index % len(DEMO_KINDS)], supersample=supersample)
 
 
 def draw_pool(schedule: Schedule, seed: int) -> dict[str, tuple[np.ndarray, list[str]]]:
@@ -136,6 +143,13 @@ def _load_checkpoint(path: Path) -> dict | None:
 def train_vae(vae, pool, schedule: Schedule, seed: int, out: Path) -> None:
     """The autoencoder on every style's pictures; resumes from out/vae.ckpt."""
     pictures = np.concatenate([pictures for pictures, _ in pool.values()])
+    # near-deterministic, as trained SD VAEs are (posterior std ~0.01): the log-variance outputs are fixed at std
+    # 0.0025 and never trained, so the decoder learns from the latents themselves, not a blur of noisy samples, and
+    # a LoRA's training latents (mean + std * noise) are the means the UNet was pretrained on
+    make_encoder_near_deterministic(vae)
+    latent_channels = vae.config.latent_channels
+    vae.quant_conv.weight.register_hook(lambda grad: torch.cat([grad[:latent_channels], torch.zeros_like(grad[latent_channels:])]))
+    vae.quant_conv.bias.register_hook(lambda grad: torch.cat([grad[:latent_channels], torch.zeros_like(grad[latent_channels:])]))
     optimizer = torch.optim.AdamW(vae.parameters(), lr=schedule.vae_lr, weight_decay=0.0)
     start, checkpoint = 0, _load_checkpoint(out / "vae.ckpt")
     if checkpoint:
@@ -150,7 +164,9 @@ def train_vae(vae, pool, schedule: Schedule, seed: int, out: Path) -> None:
         images = _pixels(pictures, index)
         posterior = vae.encode(images).latent_dist
         decoded = vae.decode(posterior.sample(generator=generator)).sample
-        loss = (decoded - images).abs().mean() + schedule.kl_weight * posterior.kl().mean()
+        # L1, plus L1 of the horizontal and vertical differences: edges and thin lines (outlines, hatching) stay sharp
+        edges = sum((decoded.diff(dim=d) - images.diff(dim=d)).abs().mean() for d in (2, 3))
+        loss = (decoded - images).abs().mean() + schedule.edge_weight * edges + schedule.kl_weight * posterior.kl().mean()
         for group in optimizer.param_groups:
             group["lr"] = _lr(step, schedule.vae_steps, schedule.vae_lr, schedule.warmup)
         optimizer.zero_grad(set_to_none=True)
@@ -252,6 +268,7 @@ def pretrain(out: str | os.PathLike, seed: int = 0, schedule: Schedule | None = 
     means = encode_pool(pipe.vae, neutral_pictures)
     scaling = round(1.0 / means.std().item(), 4)
     pipe.vae.register_to_config(scaling_factor=scaling)
+    tqdm.write(f"VAE scaling factor {scaling} (latent std {means.std().item():.4f} over {len(means)} neutral pictures)")
     latents = means * scaling
     ids = _tokenize(pipe.tokenizer, neutral_captions)
     ema = train_unet(pipe, latents, ids, schedule, seed, out)

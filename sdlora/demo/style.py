@@ -53,10 +53,10 @@ def _network() -> torch.nn.Sequential:
 
 
 def as_array(pictures) -> np.ndarray:
-    """RGB uint8 [N, H, W, 3] from such an array or a list of PIL images."""
+    """RGB uint8 [N, H, W, 3] from such an array, or a list of arrays or PIL images."""
     if isinstance(pictures, np.ndarray):
         return pictures
-    return np.stack([np.asarray(picture.convert("RGB")) for picture in pictures])
+    return np.stack([picture if isinstance(picture, np.ndarray) else np.asarray(picture.convert("RGB")) for picture in pictures])
 
 
 def _tensor(pictures: np.ndarray) -> torch.Tensor:

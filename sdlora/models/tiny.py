@@ -199,11 +199,12 @@ def _tiny_vae():
         norm_num_groups=32,
         scaling_factor=TINY_VAE_SCALING,
     )
-    _make_encoder_near_deterministic(vae)
+    make_encoder_near_deterministic(vae)
     return vae
 
 
-def _make_encoder_near_deterministic(vae) -> None:
+def make_encoder_near_deterministic(vae) -> None:
+    """The VAE posterior's log-variance outputs fixed at TINY_VAE_LOGVAR (std 0.0025), whatever the encoder sees."""
     latent_channels = vae.config.latent_channels
     with torch.no_grad():
         vae.quant_conv.weight[latent_channels:] = 0.0

@@ -1,5 +1,5 @@
 """The notebooks in notebooks/: committed without outputs, written against the public API only, and each runs top to
-bottom on the tiny model producing real images (executed here with nbclient, as Jupyter would, from notebooks/)."""
+bottom on the demo model producing real images (executed here with nbclient, as Jupyter would, from notebooks/)."""
 
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ def test_uses_only_the_public_api(path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_runs_on_the_tiny_model(path, monkeypatch):
+def test_notebook_runs_on_the_demo_model(path, monkeypatch):
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError
 

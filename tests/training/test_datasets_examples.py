@@ -68,7 +68,7 @@ def test_train_toml_loads_validates_and_finds_its_images(toml, tmp_path):
     assert Path(options["data_dir"]) == toml.parent.resolve()
     assert "output_dir" not in options, "leave the output to --output: a folder inside the dataset is refused"
     config = TrainConfig(**options, output_dir=str(tmp_path / "out"))
-    assert config.model == "tiny" and config.resolution == 64 and config.buckets and config.rank != config.alpha
+    assert config.model == "demo" and config.resolution == 64 and config.buckets and config.rank != config.alpha
     assert config.val_split > 0 and config.validation_prompts and all(p.startswith(config.trigger) for p in config.validation_prompts)
     records = data.find_images(config.data_dir, trigger=config.trigger)
     train_records, held_out = data.split_validation(records, config.val_split, config.seed)
