@@ -36,15 +36,14 @@ class HeldOutPrompt:
 
 
 def held_out_prompts(style: str, count: int, seed: int = 0) -> list[HeldOutPrompt]:
-    """`count` captions in `style` of single-subject scenes pretraining never drew, with their true colours (the
-    scene drawn with the neutral style's words, so colours are known even where the style does not name them)."""
+    """`count` captions in `style` of single-subject scenes pretraining never drew, with their true colours (known
+    from the scene's parts even where the style does not name them)."""
     prompts = []
     for index in range(HELD_OUT, HELD_OUT + count):
         kind = CHECKED_KINDS[index % len(CHECKED_KINDS)]
-        canvas = Canvas(64, 64, list(STYLES["neutral"].palette))
-        parts, _ = scene(canvas, random.Random(scene_seed(seed, "neutral", index)), STYLES["neutral"].words, kind)
+        # a style words the scene its own way but draws the same parts in the same colours: their colours are the truth
         canvas = Canvas(64, 64, list(STYLES[style].palette))
-        _, phrase = scene(canvas, random.Random(scene_seed(seed, "neutral", index)), STYLES[style].words, kind)
+        parts, phrase = scene(canvas, random.Random(scene_seed(seed, "neutral", index)), STYLES[style].words, kind)
         background = next(part.colour for part in parts if part.background)
         largest = max((part for part in parts if not part.background), key=lambda part: int(part.mask.sum()))
         prompts.append(HeldOutPrompt(caption(STYLES[style], phrase), background, largest.colour))
