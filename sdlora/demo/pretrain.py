@@ -9,8 +9,10 @@ Four stages, each resumable, in OUT:
    a small KL term; its posterior made near-deterministic, as trained SD VAEs are), its scaling factor set so the
    latents of the neutral pictures have unit variance (SD's 0.18215 plays the same part).
 3. the neutral pictures' latents (posterior means) and tokenized captions, computed again on resume (seconds).
-4. `unet.ckpt` then `pipeline/`: the UNet and the text encoder trained together on the noise-prediction loss with
-   min-SNR weights, 10% empty captions (so classifier-free guidance works), an EMA of both kept and shipped.
+4. `unet.ckpt` then `pipeline/`: the UNet and the text encoder trained together on the diffusion loss of the demo's
+   zero-terminal-SNR schedule (`models.demo.SCHEDULER_CONFIG`): the velocity target, unweighted (min-SNR weights
+   would give the pure-noise steps, where a picture's layout and colours are chosen, almost no weight), 10% empty
+   captions (so classifier-free guidance works), an EMA of both kept and shipped.
 
 Every random draw of step s comes from a generator seeded from (seed, stage, s), so a run stopped and resumed from
 a checkpoint gives the same weights as one run straight through; two runs with the same seed and thread count give
@@ -39,6 +41,7 @@ from ..models.demo import DEMO_SIZE, build_demo_architecture
 from ..models.loading import save_pipeline
 from ..models.tiny import make_encoder_near_deterministic
 from ..storage.atomic import atomic_file
+from ..training.objective import target_for
 
 
 @dataclass(frozen=True)
@@ -52,13 +55,12 @@ class Schedule:
     vae_lr: float = 1e-3
     kl_weight: float = 1e-7
     edge_weight: float = 1.0
-    unet_steps: int = 1400
+    unet_steps: int = 1800
     unet_batch: int = 64
     unet_lr: float = 5e-4
     warmup: int = 100
     ema_decay: float = 0.995
     caption_dropout: float = 0.1
-    snr_gamma: float = 5.0
     checkpoint_every: int = 100
     workers: int = 2
 
@@ -199,8 +201,6 @@ def train_unet(pipe, latents: torch.Tensor, ids: torch.Tensor, schedule: Schedul
 
     unet, text_encoder = pipe.unet, pipe.text_encoder
     noise_schedule = DDPMScheduler.from_config(pipe.scheduler.config)
-    alphas = noise_schedule.alphas_cumprod
-    snr = alphas / (1 - alphas)
     empty = _tokenize(pipe.tokenizer, [""])[0]
     modules = {"unet": unet, "text_encoder": text_encoder}
     parameters = [p for module in modules.values() for p in module.parameters()]
@@ -225,8 +225,7 @@ def train_unet(pipe, latents: torch.Tensor, ids: torch.Tensor, schedule: Schedul
         timesteps = torch.randint(0, noise_schedule.config.num_train_timesteps, (len(index),), generator=generator)
         noisy = noise_schedule.add_noise(batch, noise, timesteps)
         prediction = unet(noisy, timesteps, text_encoder(tokens)[0]).sample
-        weights = torch.clamp(snr[timesteps], max=schedule.snr_gamma) / snr[timesteps]  # min-SNR-gamma for epsilon targets
-        loss = (weights * (prediction - noise).pow(2).mean(dim=(1, 2, 3))).mean()
+        loss = (prediction - target_for(noise_schedule, batch, noise, timesteps, None)).pow(2).mean()
         for group in optimizer.param_groups:
             group["lr"] = _lr(step, schedule.unet_steps, schedule.unet_lr, schedule.warmup)
         optimizer.zero_grad(set_to_none=True)

@@ -138,7 +138,7 @@ def _text_encoder(
     return CLIPTextModelWithProjection(config) if with_projection else CLIPTextModel(config)
 
 
-def _assemble(unet, vae, text_encoder, tokenizer=None):
+def _assemble(unet, vae, text_encoder, tokenizer=None, scheduler=None):
     from diffusers import StableDiffusionPipeline  # only when a tiny model is built
 
     return StableDiffusionPipeline(
@@ -146,7 +146,7 @@ def _assemble(unet, vae, text_encoder, tokenizer=None):
         vae=vae.eval(),
         text_encoder=text_encoder.eval(),
         tokenizer=tokenizer or tiny_tokenizer(),
-        scheduler=_scheduler(),
+        scheduler=scheduler or _scheduler(),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
