@@ -191,6 +191,9 @@ class TrainConfig:
         'sampler of the sample images: an A1111 name ("DPM++ 2M Karras", "Euler a"), kohya\'s or a diffusers class (default: the model\'s)',
     )
     sample_steps: int = _opt(20, "denoising steps for sample images")
+    sample_at_first: bool = _opt(
+        False, "also draw the sample images before the first step (the base model, to compare against), as kohya's"
+    )
     sample_seed: int = _opt(1234, "seed of the sample images, fixed so samples compare between steps")
     # no `choices` metadata: None (the default) is not one of them, and the generic check below would refuse it
     report_to: str | None = _opt(

@@ -277,7 +277,9 @@ def _start_or_resume(run: Run) -> None:
 def run_steps(run: Run) -> None:
     """Train from `run.state.step` to `config.steps`, with checkpoints, validation and metrics along the way."""
     config, accelerator, state, metrics = run.config, run.accelerator, run.state, run.metrics
-    if state.step == 0 and run.validator.records:
+    if state.step == 0 and config.sample_at_first:
+        run.validator.evaluate(metrics, 0)  # the base model's samples (and loss), to compare the LoRA against
+    elif state.step == 0 and run.validator.records:
         metrics.log(0, val_loss=run.validator.loss())  # the base model's loss, to compare the LoRA against
     bar = progress_bar(config.steps, state.step, disable=not accelerator.is_local_main_process)
     batches = _batches(run)

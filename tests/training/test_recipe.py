@@ -90,6 +90,22 @@ def test_trained_lora_loads_in_diffusers_and_changes_output(dataset, tmp_path, t
     assert isinstance(pipe, StableDiffusionPipeline)
 
 
+def test_sample_at_first_draws_the_base_model_before_the_first_step(dataset, tmp_path, tiny_config):
+    import numpy as np
+    from PIL import Image
+
+    grids = {}
+    for seed in (1, 2):  # another seed: other LoRA weights, the same base (a fresh LoRA's B is zero)
+        out = tmp_path / f"seed{seed}"
+        train(tiny_config(dataset, out, steps=2, lr=1e-2, seed=seed, sample_at_first=True, checkpoint_every=0, sample_steps=2))
+        grids[seed] = {p.name: np.asarray(Image.open(p), dtype=np.int16) for p in (out / "samples").glob("step-*.png")}
+    assert sorted(grids[1]) == ["step-00000000.png", "step-00000002.png"]
+    assert np.array_equal(grids[1]["step-00000000.png"], grids[2]["step-00000000.png"])
+    assert np.abs(grids[1]["step-00000002.png"] - grids[2]["step-00000002.png"]).max() > 0
+    train(tiny_config(dataset, tmp_path / "default", steps=1, checkpoint_every=0, sample_steps=1))
+    assert [p.name for p in (tmp_path / "default" / "samples").glob("step-*.png")] == ["step-00000001.png"]
+
+
 @pytest.mark.slow  # over a second: subprocesses or several training runs
 def test_resume_gives_the_same_lora_bit_for_bit(dataset, tmp_path, tiny_config):
     straight = train(tiny_config(dataset, tmp_path / "straight", flip=True))
