@@ -45,9 +45,10 @@ TEXT_CONFIG = dict(hidden=64, intermediate=256, heads=4, layers=3, projection=64
 # SD's noise schedule rescaled to zero terminal SNR, with v-prediction and "trailing" timesteps (Lin et al. 2023,
 # "Common Diffusion Noise Schedules and Sample Steps are Flawed"; SD2.x-v predicts v too). With SD's own schedule
 # the last training step still holds 7% of the picture, so a model learns to read a picture's overall colour from
-# the noise rather than from the prompt: a 16x16 latent's mean is a large part of it, so this base drew backgrounds
-# as named in only a third of pictures, and a LoRA could not make its style's cream paper (it never has to: the
-# paper is in every noisy input it trains on). At zero SNR the first sampling step sees pure noise, as in training.
+# the noise rather than from the prompt: a 16x16 latent's mean is a large part of it. The first demo model, trained on
+# that schedule, drew backgrounds as named in a third of pictures, and no LoRA taught it ink_hatch's cream paper
+# (a LoRA never has to make the paper: it is in every noisy input it trains on). At zero SNR the first sampling
+# step sees pure noise, as in training.
 SCHEDULER_CONFIG = dict(
     beta_start=0.00085,
     beta_end=0.012,
