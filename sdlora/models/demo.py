@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..drawing.styles import CAPTION_WORDS
-from .tiny import _assemble, _text_encoder, tiny_clip_vocab, tiny_tokenizer
+from .tiny import SD_BETAS, _assemble, _text_encoder, tiny_clip_vocab, tiny_tokenizer
 
 DEMO_DIR = Path(__file__).resolve().parent / "demo"  # the shipped pipeline folder
 DEMO_SIZE = 64
@@ -50,9 +50,7 @@ TEXT_CONFIG = dict(hidden=64, intermediate=256, heads=4, layers=3, projection=64
 # (a LoRA never has to make the paper: it is in every noisy input it trains on). At zero SNR the first sampling
 # step sees pure noise, as in training.
 SCHEDULER_CONFIG = dict(
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
+    **SD_BETAS,
     clip_sample=False,
     set_alpha_to_one=False,
     steps_offset=1,  # unused by "trailing" timesteps; diffusers warns when it is not 1

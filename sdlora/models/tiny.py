@@ -94,14 +94,14 @@ def tiny_tokenizer(vocabulary: tuple[dict[str, int], list[str]] | None = None):
         return CLIPTokenizer(vocab_file=str(vocab_file), merges_file=str(merges_file), model_max_length=MAX_TOKENS)
 
 
+SD_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")  # SD1/2/XL's training noise schedule
+
+
 def _scheduler():
     from diffusers import DDIMScheduler  # diffusers takes seconds to import: only when a tiny model is built
 
-    # Stable Diffusion's training noise schedule
     return DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
+        **SD_BETAS,
         clip_sample=False,
         set_alpha_to_one=False,
         steps_offset=1,
@@ -251,11 +251,9 @@ _TINY_TIME_EMBED = 8
 def _sdxl_scheduler():
     from diffusers import EulerDiscreteScheduler  # only when a tiny model is built
 
-    # SDXL's training noise schedule and its pipeline's default sampler
+    # SDXL's pipeline's default sampler
     return EulerDiscreteScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
+        **SD_BETAS,
         steps_offset=1,
         timestep_spacing="leading",
         prediction_type="epsilon",
