@@ -9,7 +9,7 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
-from .training.config import TrainConfig
+from .training.config import TrainConfig, toml_value, value_problem
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -60,7 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_toml(path: str | os.PathLike) -> dict[str, Any]:
-    """Options from a TOML file; unknown keys are an error naming them."""
+    """Options from a TOML file, each checked against its option's type; unknown keys and values of another type are
+    one-line errors naming the file, the key and the value; relative paths are made relative to the file."""
     path = Path(path)
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -68,18 +69,24 @@ def load_toml(path: str | os.PathLike) -> dict[str, Any]:
         raise FileNotFoundError(f"config file not found: {path}") from err
     except tomllib.TOMLDecodeError as err:
         raise ValueError(f"{path} is not valid TOML: {err}") from err
-    known = {item.name for item in fields(TrainConfig)}
+    known = {item.name: item for item in fields(TrainConfig)}
     options = {key.replace("-", "_"): value for key, value in data.items()}
-    unknown = sorted(set(options) - known)
+    unknown = sorted(set(options) - set(known))
     if unknown:
         raise ValueError(f"{path}: unknown option {unknown[0]!r} (see sdlora train --help)")
+    for key, value in data.items():  # here, to name the file: TrainConfig checks them again, worded for Python
+        expected = value_problem(TrainConfig, known[key.replace("-", "_")], value, toml=True)
+        if expected is not None:
+            raise ValueError(f"{path}: {key} = {toml_value(value)} must be {expected}")
     # relative paths in a config file are relative to the file, so a dataset's train.toml works from anywhere
-    for key in ("data_dir", "dataset_config", "reg_data", "output_dir", "model", "model_config", "resume"):
-        value = options.get(key)
-        if not isinstance(value, str) or not value or Path(value).is_absolute() or value in ("tiny", "latest"):
+    for key, value in options.items():
+        item = known[key]
+        if not item.metadata["path"] or not value or Path(value).expanduser().is_absolute():
             continue
-        if key != "model" or value.startswith(".") or (path.parent / value).exists():  # a model may be a hub id
-            options[key] = str((path.parent / value).resolve())
+        beside = path.parent / value
+        # a name (a hub id, a built-in model, `latest`, a checkpoint of the run) stays, unless it is a path here
+        if not item.metadata["may_be_name"] or value.startswith(".") or beside.exists():
+            options[key] = str(beside.resolve())
     return options
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import math
-from dataclasses import asdict, dataclass, field, fields
+import types
+from dataclasses import Field, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from ..inference.samplers import find_sampler
 from .optimizers import OPTIMIZER_NAMES, parse_optimizer_args
@@ -18,10 +20,25 @@ LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine
 CROPS = ("center", "random")
 # accelerate's tracker names; "all": every one installed; "none": only metrics.jsonl
 REPORT_TO = ("tensorboard", "wandb", "comet_ml", "mlflow", "aim", "all", "none")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+# the diffusers-format file's stem (training/outputs.py's DIFFUSERS_FILE, which imports this module): --name must differ
+DIFFUSERS_STEM = "pytorch_lora_weights"
+# what a file name cannot hold on Windows (where most A1111 and ComfyUI users are), nor anywhere else
+_NOT_IN_FILE_NAMES = frozenset('<>:"/\\|?*') | {chr(code) for code in range(32)}
 
 
-def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None, positional: bool = False) -> Any:
-    metadata = {"help": help, "choices": choices, "positional": positional}
+def _opt(
+    default: Any,
+    help: str,
+    choices: tuple[str, ...] | None = None,
+    positional: bool = False,
+    path: bool = False,
+    may_be_name: bool = False,
+) -> Any:
+    """A field with its help text; `path`: it names a file or folder, which a config file gives relative to itself;
+    `may_be_name`: the value may instead be a name (a hub id, a built-in model, a checkpoint of the run), so a config
+    file's value is taken as a path beside the file only when it starts with '.' or exists there."""
+    metadata = {"help": help, "choices": choices, "positional": positional, "path": path, "may_be_name": may_be_name}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -32,28 +49,37 @@ class TrainConfig:
     """Options of `sdlora train`. Defaults are for an SD1.5 style LoRA; each says when to change it."""
 
     # --- inputs and outputs
-    data_dir: str = _opt("", "folder of images with .txt captions or a metadata.jsonl, or kohya's N_words subfolders", positional=True)
+    data_dir: str = _opt(
+        "", "folder of images with .txt captions or a metadata.jsonl, or kohya's N_words subfolders", positional=True, path=True
+    )
     dataset_config: str | None = _opt(
         None,
         "a kohya dataset TOML (or JSON, as sd-scripts' --dataset_config): [general], [[datasets]] and [[datasets.subsets]] "
         "with their own folders, repeats, captions, resolution and batch size, is_reg for regularization; instead of DATA_DIR",
+        path=True,
     )
     reg_data: str | None = _opt(
         None,
         "folder of regularization (prior-preservation) images of the class, plain or N_class subfolders; each epoch they "
         "are repeated to as many samples as the training images, as kohya does",
+        path=True,
     )
     prior_loss_weight: float = _opt(
         1.0, "weight of the regularization images' loss against the training images' (kohya's prior_loss_weight)"
     )
-    output_dir: str = _opt("", "folder for the LoRA files, checkpoints, samples and logs")
+    output_dir: str = _opt("", "folder for the LoRA files, checkpoints, samples and logs", path=True)
     model: str = _opt(
         "tiny",
         "base model (SD1, SD2 or SDXL, told from the model): diffusers folder, .safetensors checkpoint, hub id, 'demo' (the pretrained 64 px demo model) or 'tiny' / 'tiny-sdxl' (random test models)",
+        path=True,
+        may_be_name=True,
     )
-    model_config: str | None = _opt(None, "for a single-file checkpoint offline: a local diffusers folder with its configs")
+    model_config: str | None = _opt(None, "for a single-file checkpoint offline: a local diffusers folder with its configs", path=True)
     vae: str | None = _opt(
-        None, "a VAE to use instead of the model's: diffusers folder, .safetensors file or hub id (e.g. an fp16-fixed SDXL VAE)"
+        None,
+        "a VAE to use instead of the model's: diffusers folder, .safetensors file or hub id (e.g. an fp16-fixed SDXL VAE)",
+        path=True,
+        may_be_name=True,
     )
     allow_pickle: bool = _opt(False, "allow a pickle .ckpt base model (loaded weights-only)")
     name: str = _opt("lora", "file name of the kohya-format LoRA (<name>.safetensors) for A1111/ComfyUI")
@@ -86,6 +112,7 @@ class TrainConfig:
     init_lora: str | None = _opt(
         None,
         "start from this LoRA file (diffusers, kohya or peft) instead of a fresh LoRA, to train it further; its layers and rank must be this run's (--preset, --rank, --train-text-encoder)",
+        path=True,
     )
     text_encoder_lr: float | None = _opt(None, "learning rate for the text encoder LoRA (default: lr / 2)")
     text_encoder_2_lr: float | None = _opt(None, "learning rate for the second text encoder's LoRA, SDXL only (default: --text-encoder-lr)")
@@ -128,7 +155,7 @@ class TrainConfig:
     gradient_checkpointing: bool = _opt(False, "trade compute for memory in the UNet")
     seed: int = _opt(42, "seed of data order, noise, timesteps and LoRA init")
     # --- objective
-    prediction_type: str | None = _opt(None, "epsilon or v_prediction (default: the scheduler's)")
+    prediction_type: str | None = _opt(None, "epsilon or v_prediction (default: the scheduler's)", PREDICTION_TYPES)
     snr_gamma: float | None = _opt(None, "min-SNR-gamma loss weighting; 5.0 is the usual value")
     noise_offset: float = _opt(0.0, "noise offset; 0.05-0.1 helps very dark/bright styles")
     loss: str = _opt(
@@ -176,7 +203,7 @@ class TrainConfig:
     cache: str = _opt("memory", "cache VAE latents and text embeddings: memory, disk (OUT/cache) or off", CACHE_MODES)
     checkpoint_every: int = _opt(500, "steps between resumable checkpoints (0 = only at the end)")
     keep_checkpoints: int = _opt(3, "how many checkpoints to keep")
-    resume: str | None = _opt(None, "resume from 'latest' or a checkpoint folder")
+    resume: str | None = _opt(None, "resume from 'latest' or a checkpoint folder", path=True, may_be_name=True)
     validate_every: int = _opt(250, "steps between sample images and validation loss (0 = only at the end)")
     validation_prompts: list[str] = _opt(
         [], "prompts for sample images (default: the trigger, or the first caption, unless --sample-prompts)"
@@ -185,6 +212,7 @@ class TrainConfig:
         None,
         "a kohya sample-prompt file: one prompt per line with --n negative, --w/--h size, --d seed, --l guidance, --s steps, "
         "--ss sampler; each line is a sample image at every validation, saved with its settings",
+        path=True,
     )
     sampler: str | None = _opt(
         None,
@@ -195,10 +223,10 @@ class TrainConfig:
         False, "also draw the sample images before the first step (the base model, to compare against), as kohya's"
     )
     sample_seed: int = _opt(1234, "seed of the sample images, fixed so samples compare between steps")
-    # no `choices` metadata: None (the default) is not one of them, and the generic check below would refuse it
     report_to: str | None = _opt(
         None,
         "experiment tracker(s) beside OUT/metrics.jsonl: tensorboard (OUT/logs), wandb, comet_ml, mlflow, aim, all (every one installed) or none (default: tensorboard when installed)",
+        REPORT_TO,
     )
     tracker_project: str = _opt(
         "sdlora", "project name the trackers file the run under (W&B/Comet project, MLflow experiment, OUT/logs/<name> for TensorBoard)"
@@ -206,6 +234,11 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         """Raise a one-line ValueError naming the option for any value that cannot work."""
+        for item in fields(self):  # types and choices first: the checks below compare and compute with the values
+            value = getattr(self, item.name)
+            expected = value_problem(type(self), item, value)
+            _check(expected is None, item.name, value, expected or "")
+        _check_name(self.name)
         if not self.data_dir and not self.dataset_config:
             raise ValueError("data_dir is required: the folder of training images (or --dataset-config, a kohya dataset TOML)")
         if self.data_dir and self.dataset_config:
@@ -284,8 +317,6 @@ class TrainConfig:
                 )
         if self.snr_gamma is not None:
             _check(math.isfinite(self.snr_gamma) and self.snr_gamma > 0, "snr_gamma", self.snr_gamma, "a positive number")
-        if self.prediction_type is not None:
-            _check(self.prediction_type in ("epsilon", "v_prediction"), "prediction_type", self.prediction_type, "epsilon or v_prediction")
         _check(math.isfinite(self.huber_c) and 0 < self.huber_c <= 1, "huber_c", self.huber_c, "in (0, 1]")
         _check(math.isfinite(self.ip_noise_gamma) and self.ip_noise_gamma >= 0, "ip_noise_gamma", self.ip_noise_gamma, "zero or more")
         _check(self.min_timestep >= 0, "min_timestep", self.min_timestep, "zero or more")
@@ -298,13 +329,7 @@ class TrainConfig:
         _check(self.multires_noise_iterations >= 0, "multires_noise_iterations", self.multires_noise_iterations, "zero or more")
         discount = self.multires_noise_discount
         _check(math.isfinite(discount) and 0 < discount <= 1, "multires_noise_discount", discount, "in (0, 1]")
-        if self.report_to is not None:
-            _check(self.report_to in REPORT_TO, "report_to", self.report_to, "one of " + ", ".join(REPORT_TO))
         _check(bool(self.tracker_project.strip()), "tracker_project", self.tracker_project, "a non-empty name")
-        for item in fields(self):
-            choices = item.metadata.get("choices")
-            if choices:
-                _check(getattr(self, item.name) in choices, item.name, getattr(self, item.name), "one of " + ", ".join(choices))
 
     def lr_of(self, component: str) -> float:
         """The learning rate of one component's LoRA: `lr` for the UNet, the text encoders' own (or lr / 2)."""
@@ -322,35 +347,131 @@ def _check(ok: bool, name: str, value: Any, expected: str) -> None:
         raise ValueError(f"--{name.replace('_', '-')} {value!r} is invalid: it must be {expected}")
 
 
-# the options that name files or folders: written absolute, so `--config OUT/config.toml` repeats the run from anywhere
-# (a config file's relative paths are read relative to the file)
-PATH_OPTIONS = ("data_dir", "dataset_config", "reg_data", "output_dir", "model_config", "init_lora", "sample_prompts", "vae")
+def _check_name(name: str) -> None:
+    """--name is the stem of files in the output folder: a plain file name on every system, not the diffusers file's."""
+    if not name.strip():
+        raise ValueError(f"--name {name!r} is empty: give the LoRA file's name, e.g. --name my_style")
+    if "/" in name or "\\" in name:
+        raise ValueError(f"--name {name!r} is not a file name: it cannot hold / or \\ (the folder is --output)")
+    if name in (".", ".."):
+        raise ValueError(f"--name {name!r} is not a file name: give the LoRA file's name, e.g. --name my_style")
+    refused = next((char for char in name if char in _NOT_IN_FILE_NAMES), None)
+    if refused is not None:
+        raise ValueError(
+            f'--name {name!r} holds {refused!r}, which file names cannot hold on every system (none of < > : " / \\ | ? * or control characters)'
+        )
+    if name[-1] in ". ":
+        raise ValueError(f"--name {name!r} ends in {name[-1]!r}, which Windows drops from file names")
+    longest = f"{name}_ema.safetensors"  # the EMA's kohya file, the longest name the run writes from it
+    if len(longest.encode("utf-8")) > 255:
+        raise ValueError(
+            f"--name is {len(name)} characters long: the file {name[:20]}..._ema.safetensors would pass the 255 bytes a file name may take"
+        )
+    for stem in (DIFFUSERS_STEM, DIFFUSERS_STEM + "_ema"):
+        if name.lower() == stem:  # disks of Windows and macOS ignore letter case: the same file there
+            raise ValueError(
+                f"--name {name!r} is the stem of the diffusers file {stem}.safetensors: the kohya file {name}.safetensors "
+                "would replace it (letter case aside, which Windows and macOS disks ignore), leaving one file of two; choose another name"
+            )
+
+
+# ---------------------------------------------------------------- each value against its field's type
+
+
+@functools.cache
+def _annotations(owner: type) -> dict[str, Any]:
+    return get_type_hints(owner)  # the annotations are strings (`from __future__ import annotations`)
+
+
+def _kind(annotation: Any) -> tuple[Any, bool]:
+    """(bool | int | float | str | list[...], whether None is allowed) from a field's annotation."""
+    if get_origin(annotation) in (Union, types.UnionType):
+        args = [arg for arg in get_args(annotation) if arg is not type(None)]
+        if len(args) != 1:
+            raise TypeError(f"option annotation {annotation} has no checker: use one type, optionally | None")
+        return args[0], True
+    return annotation, False
+
+
+def _fits(kind: Any, value: Any) -> bool:
+    if get_origin(kind) is list:
+        (element,) = get_args(kind)
+        return isinstance(value, list) and all(_fits(element, item) for item in value)
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is str:
+        return isinstance(value, str)
+    raise TypeError(f"option type {kind} has no checker: add it to training/config.py's _fits")
+
+
+# what a value of each type is called: in Python, in TOML, and several of them with a TOML example
+_KIND_NAMES = {
+    bool: ("True or False", "true or false (a TOML boolean, without quotes)", "booleans", "[true, false]"),
+    int: ("an integer", "an integer", "integers", "[1, 2]"),
+    float: ("a number", "a number", "numbers", "[0.5, 1.0]"),
+    str: ("a string", "a string (in quotes)", "strings", '["a", "b"]'),
+}
+
+
+def value_problem(owner: type, item: Field, value: Any, toml: bool = False) -> str | None:
+    """What `value` must be as the field `item` of the dataclass `owner` (from its annotation and `choices`), worded
+    for Python or, with `toml`, for a TOML file; None when it fits."""
+    kind, optional = _kind(_annotations(owner)[item.name])
+    if value is None and optional and not toml:
+        return None
+    if not _fits(kind, value):
+        if get_origin(kind) is list:
+            (element,) = get_args(kind)
+            _, _, plural, example = _KIND_NAMES[element]
+            expected = f"a list of {plural}"
+            if toml:
+                expected += f", e.g. [{toml_value(value)}]" if _fits(element, value) else f", e.g. {example}"
+        else:
+            python_name, toml_name, _, _ = _KIND_NAMES[kind]
+            expected = toml_name if toml else python_name
+            if toml and isinstance(value, str) and kind is not bool:
+                expected += " (without quotes)"
+        return expected + (" or None" if optional and not toml else "")
+    choices = item.metadata.get("choices")
+    if choices and value not in choices:
+        return "one of " + ", ".join(choices)
+    return None
+
+
+# the options that name files or folders (`path` in their metadata): relative to the file in a config file, and
+# written absolute, so `--config OUT/config.toml` repeats the run from anywhere
+PATH_OPTIONS = tuple(item.name for item in fields(TrainConfig) if item.metadata["path"])
 
 
 def to_toml(config: TrainConfig) -> str:
     """The effective config as TOML (None values left out), written beside the trained LoRA; paths made absolute
-    (those that exist here: a hub id or built-in name stays as it is)."""
+    (for an option that may be a name, those that exist here: a hub id or built-in name stays as it is)."""
     lines = []
-    for key, value in config.to_dict().items():
+    for item in fields(config):
+        value = getattr(config, item.name)
         if value is None:
             continue
-        if (
-            isinstance(value, str)
-            and value
-            and key in (*PATH_OPTIONS, "model")
-            and (key in ("data_dir", "output_dir") or Path(value).exists())
-        ):
+        if item.metadata["path"] and value and (not item.metadata["may_be_name"] or Path(value).exists()):
             value = str(Path(value).resolve())
-        lines.append(f"{key} = {_toml_value(value)}")
+        lines.append(f"{item.name} = {toml_value(value)}")
     return "\n".join(lines) + "\n"
 
 
-def _toml_value(value: Any) -> str:
+def toml_value(value: Any) -> str:
+    """`value` as TOML writes it."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
     if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    escaped = str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{key} = {toml_value(v)}" for key, v in value.items()) + "}"
+    if not isinstance(value, str):  # dates and times
+        return str(value)
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
     return f'"{escaped}"'

@@ -166,10 +166,15 @@ def _check_args(name: str, cls: type, args: dict[str, Any]) -> None:
         if key not in accepted:
             names = ", ".join(n for n in accepted if n not in _RESERVED)
             raise ValueError(f"--optimizer-args {key}: {cls.__name__} (--optimizer {name}) takes no argument {key!r}; it takes {names}")
-        expected = _kind_of(accepted[key].default)
+        default = accepted[key].default
+        expected = _kind_of(default)
         if expected and not _is_kind(value, expected):
+            raise ValueError(f"--optimizer-args {key}={value!r}: {cls.__name__}'s {key} must be {expected} (its default is {default!r})")
+        if isinstance(default, tuple) and not _same_shape(value, default):  # torch's AdamW indexes betas[1] unchecked
+            numbers = all(_kind_of(item) == "a number" for item in default)
             raise ValueError(
-                f"--optimizer-args {key}={value!r}: {cls.__name__}'s {key} must be {expected} (its default is {accepted[key].default!r})"
+                f"--optimizer-args {key}={value!r}: {cls.__name__}'s {key} must be a tuple of {len(default)} "
+                f"{'numbers' if numbers else 'values'} like its default {default!r}"
             )
 
 
@@ -194,6 +199,14 @@ def _is_kind(value: Any, kind: str) -> bool:
     if kind.startswith("a tuple"):
         return isinstance(value, (tuple, list))
     return isinstance(value, str)
+
+
+def _same_shape(value: tuple | list, default: tuple) -> bool:
+    """As many items as the default tuple, each of its item's kind (where the item says one)."""
+    if len(value) != len(default):
+        return False
+    kinds = (_kind_of(item) for item in default)
+    return all(kind is None or _is_kind(item, kind) for item, kind in zip(value, kinds))
 
 
 def _constructor_args(name: str, lr: float, weight_decay: float, args: dict[str, Any]) -> dict[str, Any]:

@@ -214,7 +214,7 @@ def test_unknown_optimizer_name_is_one_line_everywhere(tmp_path, capsys, dataset
     toml.write_text('optimizer = "sgd"\n')
     assert main(["train", str(dataset), "--output", str(out), *FAST, "--config", str(toml)]) == 2
     line = one_error_line(capsys.readouterr().err)
-    assert line == "sdlora train: error: --optimizer 'sgd' is invalid: it must be one of adamw, adamw8bit, prodigy, adafactor, lion"
+    assert line == f'sdlora train: error: {toml}: optimizer = "sgd" must be one of adamw, adamw8bit, prodigy, adafactor, lion'
     assert not out.exists()
 
 
@@ -303,6 +303,14 @@ def test_unknown_argument_lists_the_accepted_ones_before_the_model_loads(tmp_pat
     ("optimizer", "args", "says"),
     [
         ("adamw", ["betas=0.9"], "--optimizer-args betas=0.9: AdamW's betas must be a tuple like (0.9, 0.99)"),
+        (
+            "adamw",
+            ["betas=(0.9,)"],
+            "--optimizer-args betas=(0.9,): AdamW's betas must be a tuple of 2 numbers like its default (0.9, 0.999)",
+        ),
+        ("adamw", ["betas=(0.9,'x')"], "--optimizer-args betas=(0.9, 'x'): AdamW's betas must be a tuple of 2 numbers like its default"),
+        ("lion", ["betas=0.9,0.99,0.999"], "--optimizer-args betas=(0.9, 0.99, 0.999): Lion's betas must be a tuple of 2 numbers like"),
+        ("prodigy", ["betas=[0.9]"], "--optimizer-args betas=[0.9]: Prodigy's betas must be a tuple of 2 numbers like its default"),
         pytest.param(
             "adafactor",
             ["relative_step=1"],
@@ -327,6 +335,17 @@ def test_values_the_optimizer_refuses_fail_before_the_model_loads(tmp_path, caps
     assert not out.exists()
 
 
+def test_a_tuple_of_another_length_is_one_line_not_an_index_error():
+    for value in [(0.9,), (0.9, 0.99, 0.999), [], (0.9, None)]:
+        with pytest.raises(ValueError) as caught:
+            check_optimizer("adamw", 1e-3, 0.0, {"betas": value})
+        assert (
+            str(caught.value)
+            == f"--optimizer-args betas={value!r}: AdamW's betas must be a tuple of 2 numbers like its default (0.9, 0.999)"
+        )
+    check_optimizer("adamw", 1e-3, 0.0, {"betas": [0.8, 0.99]})  # a list of the right length is fine
+
+
 def test_malformed_value_from_the_cli_and_from_a_config(tmp_path, capsys, dataset):
     with pytest.raises(ValueError) as caught:
         TrainConfig(data_dir="d", output_dir="o", optimizer="prodigy", optimizer_args=["d_coef=two"])
@@ -337,9 +356,8 @@ def test_malformed_value_from_the_cli_and_from_a_config(tmp_path, capsys, datase
     toml = tmp_path / "train.toml"
     toml.write_text('optimizer_args = "d_coef=2"\n')  # a string where a list belongs
     assert main(["train", str(dataset), "--output", str(out), *FAST, "--config", str(toml)]) == 2
-    assert (
-        one_error_line(capsys.readouterr().err) == "sdlora train: error: --optimizer-args must be a list of key=value texts, got 'd_coef=2'"
-    )
+    says = f'{toml}: optimizer_args = "d_coef=2" must be a list of strings, e.g. ["d_coef=2"]'
+    assert one_error_line(capsys.readouterr().err) == f"sdlora train: error: {says}"
     assert not out.exists()
 
 
