@@ -66,8 +66,15 @@ def _kind_line(name: str, entry: dict) -> str:
 
     sizes = f", dim {listed(entry['ranks'])}, alpha {listed(entry['alphas'])}" if entry["ranks"] else ""
     if entry.get("block_sizes"):
-        sizes = f", blocks of {listed(entry['block_sizes'])}, constraint {listed(entry['alphas'])}"
+        sizes = f", blocks of {listed(entry['block_sizes'])}, {_constraints(entry['alphas'])}"
     return f"{name} ({entry['modules']} modules{sizes})"
+
+
+def _constraints(values) -> str:
+    """OFT/BOFT constraints as LyCORIS names them (||Q|| held to constraint * output rows); 0 is none."""
+    if not any(values):
+        return "no constraint"
+    return "constraint " + "/".join("none" if value == 0 else f"{value:g}" for value in values)
 
 
 def _layer_kind(shape: tuple[int, ...]) -> str:

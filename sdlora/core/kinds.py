@@ -282,13 +282,17 @@ class FullModule(Unscaled):
 
 @dataclass
 class DoraModule:
-    """DoRA: a low-rank kind (`inner`) whose merged weight is renormalised to a learnt magnitude per output row
-    (kohya/LyCORIS `dora_scale` [out, 1, ...], peft `lora_magnitude_vector` [out]) or per input column
-    (`dora_scale` [1, in, ...]): DoRA(W) = magnitude * (W + dW) / ||W + dW||. See the module docstring for weights
-    below 1."""
+    """DoRA: a low-rank kind (`inner`) whose merged weight is renormalised to a learnt magnitude per output row or per
+    input column: DoRA(W) = magnitude * (W + dW) / ||W + dW||. See the module docstring for weights below 1.
+
+    The magnitude is kept as LyCORIS's `dora_scale` (what the kohya writer writes): [out, 1, ...] per output row,
+    [1, in, ...] per input column (LyCORIS's wd_on_out=False). peft's `lora_magnitude_vector` is always per output
+    row, the norm taken over every other axis (`DoraConv2dLayer.get_weight_norm`), and stored as [out] for a Linear,
+    [1, out, 1, 1] for a conv: its readers say `on_output=True`, since a square conv's [1, c, 1, 1] reads either way."""
 
     inner: LoraModule | LohaModule | LokrModule
     magnitude: Tensor
+    on_output: bool | None = None  # the norm's axis; None: told by the magnitude's shape, as LyCORIS stores it
 
     kind: ClassVar[str] = "dora"
     additive: ClassVar[bool] = False  # the update depends on W: merging -s does not undo it
@@ -296,19 +300,20 @@ class DoraModule:
 
     def __post_init__(self) -> None:
         shape, count = self.weight_shape(), self.magnitude.numel()
-        columns = 1
-        for dim in shape[1:]:
-            columns *= dim
-        fits = count == shape[0] if self.on_output else columns % count == 0 and count <= columns
-        if not fits:
-            raise ValueError(
-                f"DoRA magnitude {tuple(self.magnitude.shape)} fits neither the output rows nor the input columns of a {list(shape)} weight"
+        told = self.on_output is not None
+        if not told:  # LyCORIS's [1, in, ...] is per input column, any other shape per output row
+            self.on_output = not (self.magnitude.ndim >= 2 and self.magnitude.shape[0] == 1 and shape[0] != 1)
+        if self.on_output and count == shape[0]:  # peft's [out] and [1, out, 1, 1] as LyCORIS's [out, 1, ...]
+            self.magnitude = self.magnitude.reshape(shape[0], *[1] * (max(self.magnitude.ndim, len(shape)) - 1))
+            return
+        columns = math.prod(shape[1:])
+        if self.on_output or columns % count or count > columns:
+            fit = (
+                f"does not fit the {shape[0]} output rows"
+                if told and self.on_output
+                else "fits neither the output rows nor the input columns"
             )
-
-    @property
-    def on_output(self) -> bool:
-        """Whether the norm is per output row (else per input column: LyCORIS's wd_on_out=False)."""
-        return not (self.magnitude.ndim >= 2 and self.magnitude.shape[0] == 1 and self.weight_shape()[0] != 1)
+            raise ValueError(f"DoRA magnitude {tuple(self.magnitude.shape)} {fit} of a {list(shape)} weight")
 
     rank = property(lambda self: self.inner.rank)
     alpha = property(lambda self: self.inner.alpha)
@@ -329,14 +334,14 @@ class DoraModule:
         return self.inner.factors() | {"magnitude": self.magnitude}
 
     def to(self, dtype: torch.dtype) -> DoraModule:
-        return DoraModule(self.inner.to(dtype), self.magnitude.to(dtype))
+        return DoraModule(self.inner.to(dtype), self.magnitude.to(dtype), self.on_output)
 
     def apply(self, weight: Tensor, multiplier: float = 1.0, rows: tuple[int, int] | None = None) -> Tensor:
         if rows is not None:
             raise ValueError("DoRA's update needs the whole weight (its norm spans every row)")
         merged = self.inner.apply(weight.clone(), 1.0)  # W + dW at the LoRA's own scale
         magnitude = _cast(self.magnitude, weight).flatten()
-        eps = torch.finfo(torch.float32).eps  # as LyCORIS and ComfyUI: a zero row or column stays finite
+        eps = torch.finfo(torch.float32).eps  # as LyCORIS and ComfyUI (peft adds none): a zero row or column stays finite
         if self.on_output:
             rows_view = merged.view(merged.shape[0], -1)
             decomposed = rows_view * (magnitude / (rows_view.norm(dim=1) + eps)).unsqueeze(1)
@@ -372,9 +377,10 @@ class OftModule:
     orthogonal blocks, OFT(W)_k = R_k^T W_k (LyCORIS's einsum 'k n m, k n ... -> k m ...'), then scaled per row by
     `rescale` when stored. `oft_blocks` is [blocks, b, b]; `alpha` is not a scale but the constraint on ||Q||,
     applied as alpha * out (LyCORIS, kohya; 0 means none). A weight w gives W + w * (OFT(W) - W), which is exactly
-    LyCORIS's and kohya's interpolation of R towards I. ComfyUI takes alpha itself as the constraint (not
-    alpha * out), applies its strength twice and ignores `rescale` for OFT: the same at weight 1 for files without
-    rescale and constraint, which is what LyCORIS writes by default."""
+    LyCORIS's and kohya's interpolation of R towards I without `rescale`; with one, LyCORIS keeps the whole rescale
+    at any weight (rescale * (w R^T + (1 - w) I) W: `modules/diag_oft.py` make_weight). ComfyUI takes alpha itself
+    as the constraint (not alpha * out), applies its strength twice and ignores `rescale` for OFT: the same at weight
+    1 for files without rescale and constraint, which is what LyCORIS writes by default."""
 
     blocks: Tensor
     rescale: Tensor | None = None

@@ -71,16 +71,20 @@ KOHYA_PREFIXES = {KOHYA_UNET_PREFIX: "unet"} | {spec.kohya_prefix: spec.componen
 # Old diffusers (non-peft and attention processors) keys are <module key>.down.weight / .up.weight; the module
 # key's last name says what it adapts: `.lora` the module itself, `<proj>_lora` a projection of the attention
 # (`attn1.processor.to_q_lora` -> attn1.to_q; in CLIP `self_attn.to_q_lora` -> self_attn.q_proj).
-OLD_UNET_ENDINGS = {".lora": "", ".to_q_lora": ".to_q", ".to_k_lora": ".to_k", ".to_v_lora": ".to_v", ".to_out_lora": ".to_out.0"}
-OLD_TEXT_ENCODER_ENDINGS = {
-    ".lora": "",
-    ".lora_linear_layer": "",
-    ".to_q_lora": ".q_proj",
-    ".to_k_lora": ".k_proj",
-    ".to_v_lora": ".v_proj",
-    ".to_out_lora": ".out_proj",
+OLD_SUFFIXES = (".down.weight", ".up.weight")
+# the attention processors' projections: name -> (the UNet's module, CLIP's module)
+ATTN_PROC_PROJECTIONS = {"to_q": (".to_q", ".q_proj"), "to_k": (".to_k", ".k_proj"), "to_v": (".to_v", ".v_proj"), "to_out": (".to_out.0", ".out_proj")}  # fmt: skip
+OLD_UNET_ENDINGS = {".lora": ""} | {f".{name}_lora": unet for name, (unet, _) in ATTN_PROC_PROJECTIONS.items()}
+OLD_TEXT_ENCODER_ENDINGS = {".lora": "", ".lora_linear_layer": ""} | {
+    f".{name}_lora": clip for name, (_, clip) in ATTN_PROC_PROJECTIONS.items()
 }
-ATTN_PROC_ENDINGS = (".to_q_lora", ".to_k_lora", ".to_v_lora", ".to_out_lora")
+ATTN_PROC_ENDINGS = tuple(f".{name}_lora" for name in ATTN_PROC_PROJECTIONS)
+# diffusers' `convert_state_dict_to_diffusers` renames only the attention projections' lora_A/lora_B: the other
+# modules keep peft's names (SUFFIXES[DIFFUSERS]), and every DoRA magnitude (PEFT_MAGNITUDE) keeps the module's own
+# name, except in the attention processors' spelling, which diffusers' state_dict_utils still reads
+# (`attn1.processor.to_out.lora_magnitude_vector` -> attn1.to_out.0; CLIP `self_attn.to_q...` -> self_attn.q_proj)
+OLD_UNET_MAGNITUDE_ENDINGS = {f".{name}": unet for name, (unet, _) in ATTN_PROC_PROJECTIONS.items()}
+OLD_TEXT_ENCODER_MAGNITUDE_ENDINGS = {f".{name}": clip for name, (_, clip) in ATTN_PROC_PROJECTIONS.items()}
 
 # Every name (between dots) of a module path in SD1/SD2/SDXL UNets and CLIP text encoders; numbers are indices.
 SEGMENTS = frozenset({

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 
 import torch
 
-from ..kinds import KIND_NAMES, build_adapter
+from ..kinds import KIND_NAMES, DoraModule, build_adapter
 from ..state import LoraModule, LoraState
 from .detect import detect_format
 from .ldm import LDM_KOHYA, has_ldm_names, ldm_to_diffusers
@@ -24,8 +24,11 @@ from .names import (
     KOHYA_LDM,
     KOHYA_PREFIXES,
     METADATA_KEY,
+    OLD_SUFFIXES,
     OLD_TEXT_ENCODER_ENDINGS,
+    OLD_TEXT_ENCODER_MAGNITUDE_ENDINGS,
     OLD_UNET_ENDINGS,
+    OLD_UNET_MAGNITUDE_ENDINGS,
     PEFT,
     PEFT_MAGNITUDE,
     SHARED_KEYS,
@@ -105,10 +108,12 @@ def _read_diffusers(tensors, metadata, _adapter_config) -> dict[str, LoraModule]
 
 
 def _lora_or_dora(group: dict[str, torch.Tensor], alpha: float | None, key: str):
-    """A LoRA module, or peft's DoRA of it when the file holds its `lora_magnitude_vector`."""
+    """A LoRA module, or peft's DoRA of it when the file holds its `lora_magnitude_vector`: per output row, as peft
+    has no other axis (a conv's [1, out, 1, 1] is no LyCORIS [1, in, 1, 1], even where out == in)."""
     magnitude = group.get("magnitude")
     try:
-        return build_adapter("lora", {"down": group["down"], "up": group["up"]}, alpha, magnitude)
+        lora = build_adapter("lora", {"down": group["down"], "up": group["up"]}, alpha)
+        return lora if magnitude is None else DoraModule(lora, magnitude, on_output=True)
     except ValueError as err:
         raise ValueError(f"LoRA module {key!r} ({'DoRA' if magnitude is not None else 'LoRA'}): {err}") from None
 
@@ -208,12 +213,27 @@ def _adapters_by_kind(tensors: dict[str, torch.Tensor]) -> dict[str, object]:
     return adapters
 
 
-def _read_diffusers_old(tensors, _metadata, _adapter_config) -> dict[str, LoraModule]:
+def _read_diffusers_old(tensors, metadata, _adapter_config) -> dict[str, LoraModule]:
+    """Old diffusers and attention-processor names, with what diffusers' `convert_state_dict_to_diffusers` leaves in
+    peft's names beside them (the other modules' lora_A/lora_B, every DoRA magnitude)."""
+    magnitude_suffixes = tuple("." + suffix for suffix in PEFT_MAGNITUDE)
+    accepted = (*OLD_SUFFIXES, *SUFFIXES[DIFFUSERS], *magnitude_suffixes, KOHYA_ALPHA)
+    stray = next((key for key in tensors if not key.endswith(accepted)), None)
+    if stray is not None:
+        raise ValueError(f"LoRA key {stray!r} maps to no module (expected a name ending in {', '.join(accepted)})")
     # an alpha, where a converter stored one, sits beside the module: <component>.<path>.alpha
-    alphas = {key: tensor for key, tensor in tensors.items() if key.endswith(".alpha")}
-    weights = {key: tensor for key, tensor in tensors.items() if key not in alphas}
-    modules: dict[str, LoraModule] = {}
-    for key, group in _pair_up(weights, (".down.weight", ".up.weight")).items():
+    alphas = {key: tensor for key, tensor in tensors.items() if key.endswith(KOHYA_ALPHA)}
+    magnitudes = {key: tensor for key, tensor in tensors.items() if key.endswith(magnitude_suffixes)}
+    peft_named = {key: tensor for key, tensor in tensors.items() if key.endswith(SUFFIXES[DIFFUSERS])}
+    old_named = {key: tensor for key, tensor in tensors.items() if key not in alphas and key not in magnitudes and key not in peft_named}
+    groups: dict[str, dict] = {}  # component.path -> {"down", "up", "alpha", and "magnitude" for a DoRA}
+
+    def add_group(path: str, key: str, group: dict, alpha: torch.Tensor | None) -> None:
+        if path in groups:
+            raise ValueError(f"LoRA key {key!r} adapts {path}, which another key in the file already adapts")
+        groups[path] = {"down": group["down"], "up": group["up"], "alpha": alpha}
+
+    for key, group in _pair_up(old_named, OLD_SUFFIXES).items():
         component, path = split_component(key, default="unet")
         endings = OLD_UNET_ENDINGS if component == "unet" else OLD_TEXT_ENCODER_ENDINGS
         ending = next((e for e in endings if path.endswith(e)), None)
@@ -222,12 +242,32 @@ def _read_diffusers_old(tensors, _metadata, _adapter_config) -> dict[str, LoraMo
                 f"LoRA key {key + '.down.weight'!r} maps to no module (old diffusers names end in {', '.join(e + '.down.weight' for e in endings)})"
             )
         module_path = canonical_path(component, path[: -len(ending)].removesuffix(".processor") + endings[ending], key)
-        alpha = alphas.pop(key[: -len(ending)] + ".alpha", None)
-        _add_module(
-            modules, f"{component}.{module_path}", LoraModule(group["down"], group["up"], None if alpha is None else float(alpha)), key
-        )
+        add_group(f"{component}.{module_path}", key, group, alphas.pop(key[: -len(ending)] + KOHYA_ALPHA, None))
+    for key, group in _pair_up(peft_named, SUFFIXES[DIFFUSERS]).items():
+        component, path = split_component(key, default="unet")
+        add_group(f"{component}.{canonical_path(component, path, key)}", key, group, alphas.pop(key + KOHYA_ALPHA, None))
     if alphas:
         raise ValueError(f"LoRA key {next(iter(alphas))!r} maps to no module (no .down.weight/.up.weight pair beside it)")
+    for key, magnitude in magnitudes.items():
+        suffix = next(s for s in magnitude_suffixes if key.endswith(s))
+        component, path = split_component(key[: -len(suffix)], default="unet")
+        endings = OLD_UNET_MAGNITUDE_ENDINGS if component == "unet" else OLD_TEXT_ENCODER_MAGNITUDE_ENDINGS
+        ending = next((e for e in endings if path.endswith(e)), None)
+        if ending is not None:
+            path = path[: -len(ending)].removesuffix(".processor") + endings[ending]
+        module = f"{component}.{canonical_path(component, path, key)}"
+        if module not in groups:
+            raise ValueError(f"LoRA key {key!r} maps to no module (no LoRA down/up pair for {module} in the file)")
+        if "magnitude" in groups[module]:
+            raise ValueError(f"LoRA key {key!r} is a second DoRA magnitude for {module}")
+        groups[module]["magnitude"] = magnitude
+    configs = _component_configs(metadata)  # diffusers applies the header's LoraConfig whatever the keys' names
+    modules: dict[str, LoraModule] = {}
+    for path, group in groups.items():
+        component, _, module_path = path.partition(".")
+        alpha = group["alpha"]
+        alpha = float(alpha) if alpha is not None else _config_alpha(configs.get(component), module_path, group["down"].shape[0])
+        modules[path] = _lora_or_dora(group, alpha, path)
     return modules
 
 
