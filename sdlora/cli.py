@@ -40,7 +40,7 @@ def _train_run(args: argparse.Namespace) -> None:
 
 
 def _tiny_model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("out_dir", help="folder to write the pipeline to (replaced if it exists)")
+    parser.add_argument("out_dir", help="new or empty folder to write the pipeline to (one sdlora wrote is replaced; any other is refused)")
     parser.add_argument(
         "--variant",
         choices=("tiny", "demo", "sd15-shaped", "sdxl", "sdxl-shaped"),
@@ -102,6 +102,7 @@ def _convert_run(args: argparse.Namespace) -> None:
     from .core.files import read_lora, write_lora  # lazy: see the module docstring
     from .models.loading import parse_dtype
 
+    _check_output_file(args.output, [args.input, args.model, args.config], "output")
     state = read_lora(args.input, allow_pickle=args.allow_pickle, fmt=args.from_format)
     _check_ranks(args.rank, args.conv_rank)
     if args.rank is not None or args.conv_rank is not None or args.model is not None:
@@ -116,6 +117,13 @@ def _convert_run(args: argparse.Namespace) -> None:
         state = state.to(parse_dtype(args.dtype))
     out = write_lora(state, args.output, args.to)
     print(f"wrote {len(state)} modules as {args.to} to {out}")
+
+
+def _check_output_file(out: str, inputs: list, option: str = "--out") -> None:
+    """The one output rule (storage.output_rules) for a file, before any input is read."""
+    from .storage.output_rules import check_output_file  # lazy: see the module docstring
+
+    check_output_file(out, inputs, option)
 
 
 def _check_ranks(*ranks: int | None) -> None:
@@ -186,6 +194,7 @@ def _extract_run(args: argparse.Namespace) -> None:
     from .models.loading import parse_dtype  # lazy: see the module docstring
     from .tools.extract import extract_lora
 
+    _check_output_file(args.out, [args.base, args.tuned, args.config])
     state, report, family = extract_lora(
         args.base, args.tuned, args.rank, conv_rank=args.conv_rank, clamp_quantile=args.clamp_quantile, min_diff=args.min_diff,
         config=args.config, allow_pickle=args.allow_pickle, dtype=parse_dtype(args.load_dtype),
@@ -214,6 +223,7 @@ def _resize_run(args: argparse.Namespace) -> None:
     from .tools.rerank import resize_lora
 
     _check_ranks(args.rank)
+    _check_output_file(args.out, [args.file])
     dynamic = _parse_dynamic(args.dynamic) if args.dynamic else None
     state, report = resize_lora(read_lora(args.file, allow_pickle=args.allow_pickle), args.rank, dynamic, label=args.file)
     _print_report(report)
@@ -221,15 +231,20 @@ def _resize_run(args: argparse.Namespace) -> None:
 
 
 def _parse_dynamic(text: str) -> tuple[str, float]:
-    from .core.lowrank import DYNAMIC_METHODS  # lazy: see the module docstring
+    from .core.lowrank import DYNAMIC_METHODS, check_dynamic  # lazy: see the module docstring
 
     method, sep, value = text.partition(":")
     if method not in DYNAMIC_METHODS or not sep:
         raise ValueError(f"--dynamic {text}: use METHOD:VALUE with METHOD one of {', '.join(DYNAMIC_METHODS)}")
     try:
-        return method, float(value)
+        number = float(value)
     except ValueError:
         raise ValueError(f"--dynamic {text}: {value!r} is not a number") from None
+    try:
+        check_dynamic(method, number)
+    except ValueError as err:
+        raise ValueError(f"--dynamic {text}: {err}") from None
+    return method, number
 
 
 def _combine_args(parser: argparse.ArgumentParser) -> None:
@@ -251,6 +266,7 @@ def _combine_run(args: argparse.Namespace) -> None:
     from .tools.rerank import combine_loras
 
     _check_ranks(args.rank)
+    _check_output_file(args.out, [parse_lora_arg(text)[0] for text in args.loras])
     loras = []
     for text in args.loras:
         path, weight = parse_lora_arg(text)
@@ -381,15 +397,15 @@ def _loading_loras(command: str):
 
 def _generate_run(args: argparse.Namespace) -> None:
     from .inference.adapters import load_lora  # lazy: see the module docstring
-    from .inference.generation import GRID_NAME, check_image_size, generate, model_label, save_images
+    from .inference.generation import GRID_NAME, check_guidance, check_image_output, check_image_size, generate, model_label, save_images
     from .inference.prompts import prompt_loras
     from .inference.samplers import find_sampler
-    from .storage.atomic import check_writable_target
 
     # every check a user can fail comes before the model loads and before anything is written
     check_image_size(args.height, "--height")
     check_image_size(args.width, "--width")
-    check_writable_target(args.out, is_dir=True)
+    check_guidance(args.guidance, "--guidance")
+    check_image_output(args.out, [args.model, args.config])
     if args.sampler is not None:
         find_sampler(args.sampler)
     prompt, tags = prompt_loras(args.prompt, args.lora_dir)
@@ -457,20 +473,30 @@ def _values(text: str, flag: str, kind: type) -> list:
     if not any(items):
         raise ValueError(f"{flag} {text!r}: the axis has no values; give one or more, separated by commas")
     try:
-        return [kind(item) for item in items if item]
+        values = [kind(item) for item in items if item]
     except ValueError:
         raise ValueError(f"{flag} {text!r}: each value must be {'an integer' if kind is int else 'a number'}") from None
+    if kind is float and not all(math.isfinite(value) for value in values):
+        raise ValueError(f"{flag} {text!r}: each value must be a finite number (not inf or nan)")
+    return values
 
 
 def _grid_run(args: argparse.Namespace) -> None:
-    from .inference.generation import GRID_NAME, check_image_size, model_label, save_images  # lazy: see the module docstring
+    from .inference.generation import (  # lazy: see the module docstring
+        GRID_NAME,
+        check_image_output,
+        check_image_size,
+        model_label,
+        png_info,
+        save_images,
+    )
     from .inference.grid import GridSpec, find_checkpoints, make_grid, resolve_prompts
     from .inference.merge import parse_lora_arg
-    from .storage.atomic import atomic_file, check_writable_target
+    from .storage.atomic import atomic_file
 
     check_image_size(args.height, "--height")
     check_image_size(args.width, "--width")
-    out = check_writable_target(args.out, is_dir=True)
+    out = check_image_output(args.out, [args.model, args.config])
     weights = _values(args.weights, "--weights", float)
     if not all(math.isfinite(w) for w in weights):
         raise ValueError(f"--weights {args.weights!r}: each weight must be a finite number")
@@ -493,7 +519,7 @@ def _grid_run(args: argparse.Namespace) -> None:
         grid = make_grid(pipe, spec, model_name=model_label(args.model), resolved_prompts=prompts)
     paths = save_images([image for row in grid.cells for image in row], out, grid=False)
     with atomic_file(out / GRID_NAME) as tmp:
-        grid.image.save(tmp, format="PNG")
+        grid.image.save(tmp, format="PNG", pnginfo=png_info(None))
     rows = f" x {len(grid.y_labels)} {grid.y}" if grid.y else ""
     print(f"wrote {out / GRID_NAME} ({len(grid.x_labels)} {grid.x}{rows}) and {len(paths)} images to {out}")
 
@@ -515,7 +541,11 @@ def _merge_args(parser: argparse.ArgumentParser) -> None:
         help="LoRA file in any supported format, with its scale (default 1); repeat for several",
     )
     output = parser.add_mutually_exclusive_group(required=True)
-    output.add_argument("--out", default=None, help="folder to write the merged pipeline to (replaced if it exists)")
+    output.add_argument(
+        "--out",
+        default=None,
+        help="new or empty folder to write the merged pipeline to (one sdlora wrote is replaced; any other is refused)",
+    )
     output.add_argument(
         "--single-file",
         default=None,

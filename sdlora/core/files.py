@@ -16,9 +16,12 @@ from safetensors.torch import save as safetensors_bytes
 from safetensors.torch import save_file
 
 from ..storage.atomic import atomic_file, check_writable_target
+from ..storage.output_rules import WRITTEN_BY_KEY
+from ..storage.safetensors_stream import read_header, rewrite
 from . import formats
 from .families import SD1, ModelFamily, family_of_lora
 from .state import FORMAT_METADATA_KEY, LoraState
+from .version import __version__
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
 
@@ -134,7 +137,13 @@ def write_diffusers(state: LoraState, out_path: str | os.PathLike, family: Model
 
     pipeline_class = getattr(diffusers, family.pipeline_class)
     with atomic_file(out_path) as tmp:
-        pipeline_class.save_lora_weights(save_directory=str(tmp.parent), weight_name=tmp.name, **kwargs)
+        staged = tmp.with_name(f"{tmp.stem}-staged.safetensors")
+        try:
+            pipeline_class.save_lora_weights(save_directory=str(tmp.parent), weight_name=staged.name, **kwargs)
+            # diffusers' header, with the mark that lets a later sdlora run replace the file
+            rewrite(read_header(staged), tmp, {}, lambda _, tensor: tensor, {WRITTEN_BY_KEY: __version__})
+        finally:
+            staged.unlink(missing_ok=True)
     return out_path
 
 
@@ -158,6 +167,7 @@ def kohya_metadata(state: LoraState, extra: dict[str, str] | None = None, family
         {k: v for k, v in state.metadata.items() if k.startswith(("ss_", "modelspec.", "sdlora_")) and k != FORMAT_METADATA_KEY}
     )
     metadata.update(extra or {})
+    metadata[WRITTEN_BY_KEY] = __version__  # a later sdlora run may replace the file
     return metadata
 
 

@@ -54,21 +54,27 @@ def update_of(module, weight: Tensor | None = None, shape: tuple[int, ...] | Non
 def dynamic_rank(singular: Tensor, method: str, value: float) -> int:
     """The rank kohya's resize_lora.py keeps for `method` (`sv_ratio`, `sv_fro`, `sv_cumulative`) at `value`; at
     least 1, at most all singular values."""
+    check_dynamic(method, value)
     count = int(singular.numel())
     if method == "sv_ratio":
-        if value <= 1:
-            raise ValueError(f"sv_ratio takes a ratio above 1 (the largest singular value over the smallest kept), got {value:g}")
         kept = int((singular > singular[0] / value).sum())
-    elif method in ("sv_fro", "sv_cumulative"):
-        if not 0 < value <= 1:
-            raise ValueError(f"{method} takes a share between 0 and 1, got {value:g}")
+    else:
         values = singular.pow(2) if method == "sv_fro" else singular
         target = value**2 if method == "sv_fro" else value
         shares = torch.cumsum(values, 0) / values.sum().clamp_min(torch.finfo(torch.float32).tiny)
         kept = int(torch.searchsorted(shares, torch.tensor(target, dtype=shares.dtype) - 1e-7)) + 1
-    else:
-        raise ValueError(f"unknown dynamic method {method!r}: use {', '.join(DYNAMIC_METHODS)}")
     return max(1, min(kept, count))
+
+
+def check_dynamic(method: str, value: float) -> None:
+    """A one-line ValueError unless `value` is in the range `method` takes: sv_ratio a finite ratio above 1,
+    sv_fro and sv_cumulative a share in (0, 1]. Checked before any file is read."""
+    if method not in DYNAMIC_METHODS:
+        raise ValueError(f"unknown dynamic method {method!r}: use {', '.join(DYNAMIC_METHODS)}")
+    if method == "sv_ratio" and not 1 < value < math.inf:  # NaN fails this too
+        raise ValueError(f"sv_ratio takes a ratio above 1, and finite (the largest singular value over the smallest kept), got {value:g}")
+    if method != "sv_ratio" and not 0 < value <= 1:
+        raise ValueError(f"{method} takes a share between 0 and 1, got {value:g}")
 
 
 def factor(
@@ -86,7 +92,7 @@ def factor(
     `scale` (up is divided by it: resize keeps a file's alpha/rank). `clamp_quantile` clamps U S and Vh to the
     quantile of their absolute values, as kohya's extract_lora_from_models.py does against outliers in half
     precision (the error is then measured, not derived)."""
-    matrix = delta.detach().to(torch.float32).reshape(delta.shape[0], -1)
+    matrix = _finite(delta.detach().to(torch.float32).reshape(delta.shape[0], -1))
     u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
     return _truncate(u, s, vh, tuple(delta.shape), rank, dynamic, scale, clamp_quantile, lambda: matrix)
 
@@ -104,10 +110,18 @@ def factor_product(
     that of the r x r core between the QR factors of up and down^T (what resize and combine need, fast at any
     layer width)."""
     up, down = up.detach().to(torch.float32).reshape(up.shape[0], -1), down.detach().to(torch.float32).reshape(down.shape[0], -1)
+    _finite(up), _finite(down)
     q_up, r_up = torch.linalg.qr(up)
     q_down, r_down = torch.linalg.qr(down.T)
     u, s, vh = torch.linalg.svd(r_up @ r_down.T, full_matrices=False)
     return _truncate(q_up @ u, s, vh @ q_down.T, tuple(shape), rank, dynamic, scale, None, lambda: up @ down)
+
+
+def _finite(matrix: Tensor) -> Tensor:
+    """`matrix`, or a one-line ValueError where it holds NaN or inf (the SVD would fail with LinAlgError)."""
+    if not bool(torch.isfinite(matrix).all()):
+        raise ValueError("the update to factor holds NaN or inf values: a weight too large, or a diverged LoRA file")
+    return matrix
 
 
 def factor_kron(first: Tensor, second: Tensor, shape: tuple[int, ...], rank: int | None = None, *, scale: float = 1.0) -> Factored:

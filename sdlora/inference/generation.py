@@ -10,17 +10,51 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image as PILImage
 from PIL.PngImagePlugin import PngInfo
 
 from ..core.version import __version__
+from ..storage import output_rules
 from ..storage.atomic import atomic_file, check_writable_target
 from .adapters import LoadedLora, loaded_loras
 from .samplers import sampler_name, set_sampler
 
 PARAMETERS_KEY = "parameters"  # the PNG text chunk A1111, ComfyUI and civitai read generation settings from
 GRID_NAME = "grid.png"
+MAX_IMAGE_SIDE = 8192  # pixels: an 8192 x 8192 SD image already needs tens of GB in the VAE
+MAX_GUIDANCE = 100.0  # A1111's CFG slider stops at 30; far above it the latents overflow to NaN
+
+
+class NonFiniteImageError(ValueError):
+    """An image came out NaN or inf (a LoRA weight or guidance too high, or half precision overflowing)."""
+
+
+SOFTWARE_KEY, SOFTWARE = "Software", "sdlora"  # the PNG text chunk that marks an image as sdlora's
+
+
+def check_image_output(out_dir: str | os.PathLike, inputs: Sequence[str | os.PathLike | None] = ()) -> Path:
+    """An image folder (images are added to it): not the model's folder nor inside it, and any `grid.png` there (the
+    one file a run replaces) sdlora's own. Called before the model loads."""
+    out_dir = output_rules.check_image_folder(out_dir, inputs)
+    grid = out_dir / GRID_NAME
+    if grid.exists() and not _is_sdlora_png(grid):
+        raise FileExistsError(
+            f"--out {out_dir} holds a {GRID_NAME} sdlora did not write, which this run would replace: choose another folder"
+        )
+    return out_dir
+
+
+def _is_sdlora_png(path: Path) -> bool:
+    try:
+        with PILImage.open(path) as image:
+            text = getattr(image, "text", {})
+    except (OSError, ValueError):
+        return False
+    return text.get(SOFTWARE_KEY) == SOFTWARE or "Version: sdlora" in text.get(PARAMETERS_KEY, "")
+
+
 _IMAGE_NAME = re.compile(r"(\d{5})-.*\.png")
 
 
@@ -79,8 +113,10 @@ def image_grid(images: Sequence[PILImage.Image], columns: int | None = None) -> 
 
 
 def png_info(parameters: str | None) -> PngInfo:
-    """The PNG text chunks of an image: its A1111 `parameters`, when it has them."""
+    """The PNG text chunks of an image: `Software: sdlora` (a later run may replace it) and its A1111 `parameters`,
+    when it has them."""
     info = PngInfo()
+    info.add_text(SOFTWARE_KEY, SOFTWARE)
     if parameters:
         info.add_text(PARAMETERS_KEY, parameters)  # tEXt, or iTXt when the prompt is not Latin-1
     return info
@@ -154,9 +190,18 @@ def default_dtype(device: str) -> torch.dtype:
 
 
 def check_image_size(value: int | None, name: str) -> None:
-    """Raise a one-line error unless `value` is None or a positive multiple of 8 (what the VAE needs)."""
+    """Raise a one-line error unless `value` is None or a positive multiple of 8 (what the VAE needs) of at most
+    MAX_IMAGE_SIDE."""
     if value is not None and (value <= 0 or value % 8):
         raise ValueError(f"{name} must be a positive multiple of 8, got {value}")
+    if value is not None and value > MAX_IMAGE_SIDE:
+        raise ValueError(f"{name} {value} is larger than {MAX_IMAGE_SIDE}: images that size would not fit in memory")
+
+
+def check_guidance(value: float, name: str) -> None:
+    """Raise a one-line error unless `value` is a finite guidance scale from 0 to MAX_GUIDANCE."""
+    if not 0 <= value <= MAX_GUIDANCE:  # NaN fails this too
+        raise ValueError(f"{name} {value!r:.20}: the guidance scale must be a number from 0 to {MAX_GUIDANCE:g} (7.5 is usual)")
 
 
 def seed_own_noise(scheduler, seed: int) -> bool:
@@ -194,6 +239,7 @@ def generate(
             raise ValueError(f"{name} must be at least 1, got {value}")
     check_image_size(height, "height")
     check_image_size(width, "width")
+    check_guidance(guidance, "guidance")
     if sampler is not None:
         set_sampler(pipe, sampler)
     if seed is None:
@@ -210,7 +256,7 @@ def generate(
     for first, count in batches:
         if own_noise:
             seed_own_noise(pipe.scheduler, first)
-        images += pipe(
+        pixels = pipe(
             prompt=prompt,
             negative_prompt=negative_prompt or None,
             num_inference_steps=steps,
@@ -219,7 +265,15 @@ def generate(
             height=height,
             width=width,
             generator=[torch.Generator("cpu").manual_seed(first + index) for index in range(count)],
+            output_type="np",  # floats: a NaN image is still NaN here, where a PNG would be black
         ).images
+        bad = [first + index for index in range(count) if not np.isfinite(pixels[index]).all()]
+        if bad:
+            raise NonFiniteImageError(
+                f"the image of seed {bad[0]} came out NaN or inf, so it was not saved: lower the LoRA weights or the "
+                "guidance, or run the model in fp32 (half precision can overflow)"
+            )
+        images += pipe.image_processor.numpy_to_pil(pixels)
     loras = loaded_loras(pipe)
     for index, image in enumerate(images):
         image.info["parameters"] = a1111_parameters(

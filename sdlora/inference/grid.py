@@ -24,8 +24,8 @@ from tqdm.auto import tqdm
 from ..core.files import LoraFile, open_lora
 from ..storage.steps import step_of
 from .adapters import load_lora, loaded_loras, set_lora_scales, unload_loras
-from .generation import generate
-from .prompts import prompt_loras
+from .generation import check_guidance, generate
+from .prompts import check_lora_weight, prompt_loras
 from .samplers import find_sampler
 
 AXES = ("weight", "checkpoint", "prompt", "seed", "sampler", "steps", "guidance")
@@ -140,6 +140,12 @@ class GridSpec:
         for steps in self.steps:
             if steps < 1:
                 raise ValueError(f"steps must be at least 1, got {steps}")
+        for weight in self.weights:
+            check_lora_weight(weight, "--weights")
+        for path, weight in self.loras:
+            check_lora_weight(weight, f"--lora {path}")
+        for guidance in self.guidance:
+            check_guidance(guidance, "--guidance")
         return x, y
 
 

@@ -37,10 +37,13 @@ from ..core.formats.single_file import WeightSlot, single_file_slot
 from ..core.kinds import KIND_NAMES
 from ..core.matching import Layer, LayerLookup, base_layers, check_components, match_lora
 from ..core.state import COMPONENTS, LoraModule, LoraState
+from ..core.version import __version__
 from ..models import loading as models
+from ..storage import output_rules
 from ..storage.atomic import atomic_dir, atomic_file
 from ..storage.safetensors_stream import DTYPE_NAMES, FLOAT_DTYPES, TORCH_DTYPES, Header, TensorInfo, read_header, rewrite
 from .adapters import describe_pipeline, pipeline_layers
+from .prompts import check_lora_weight
 
 LoraSpec = tuple[LoraState | str | os.PathLike, float]
 
@@ -85,9 +88,7 @@ def parse_lora_arg(text: str) -> tuple[str, float]:
         scale = float(tail)
     except ValueError:
         return text, 1.0
-    if not math.isfinite(scale):
-        raise ValueError(f"--lora {text}: the scale must be a finite number")
-    return path, scale
+    return path, check_lora_weight(scale, f"--lora {text}")
 
 
 def negate(loras: Sequence[LoraSpec]) -> list[LoraSpec]:
@@ -151,6 +152,12 @@ def merge_model(
     out_dtype = models.parse_dtype(dtype) if isinstance(dtype, str) else dtype
     stats = stats if stats is not None else MergeStats()
     target = Path(single_file if single_file is not None else out_dir).expanduser()
+    # the output may replace only what sdlora wrote, and never the model, a LoRA or the config, nor a folder holding them
+    inputs = [model, config, *(source for source, _ in loras if not isinstance(source, LoraState))]
+    if single_file is not None:
+        output_rules.check_output_file(target, inputs, "--single-file")
+    else:
+        output_rules.check_output_folder(target, inputs, "--out")
     loaded = _load_loras(negate(loras) if unmerge else loras, allow_pickle)  # before any output, so a bad LoRA leaves nothing behind
     if unmerge:
         _check_undoable(loaded)
@@ -159,8 +166,6 @@ def merge_model(
             source = models.write_tiny_model(Path(folder, "model"), variant=str(model))
             return _merge_folder(source, loaded, target, out_dtype, stats)
     path = Path(model).expanduser()
-    if path.exists() and (target.resolve() == path.resolve() or target.resolve().is_relative_to(path.resolve())):
-        raise ValueError(f"output {target} is (inside) the input model {path}: write the merge elsewhere")
     if single_file is not None:
         if not (path.is_file() and path.suffix.lower() == ".safetensors"):
             raise ValueError(f"--single-file needs a single-file .safetensors checkpoint as --model, got {model}")
@@ -175,7 +180,7 @@ def merge_model(
     _merge_pipeline(pipe, loaded, stats)
     if out_dtype is not None:
         pipe.to(dtype=out_dtype)
-    return models.save_pipeline(pipe, target)
+    return models.save_pipeline(pipe, target, command="merge")
 
 
 # ---------------------------------------------------------------- planning: which weight each module updates
@@ -292,8 +297,11 @@ def _merged(weight: torch.Tensor, updates: list, out_dtype: torch.dtype, name: s
     return result.view(weight.shape)
 
 
-def _stream(header: Header, target: Path, plan: Plan, out_dtype: torch.dtype | None, stats: MergeStats) -> int:
-    """Rewrite one safetensors file: planned weights merged, floats cast to `out_dtype`, the rest copied as bytes."""
+def _stream(
+    header: Header, target: Path, plan: Plan, out_dtype: torch.dtype | None, stats: MergeStats, metadata: dict[str, str] | None = None
+) -> int:
+    """Rewrite one safetensors file: planned weights merged, floats cast to `out_dtype`, the rest copied as bytes;
+    `metadata` added to the header's."""
     cast_to = DTYPE_NAMES[out_dtype] if out_dtype is not None else None
     changed = {}
     for name, info in header.tensors.items():
@@ -306,7 +314,7 @@ def _stream(header: Header, target: Path, plan: Plan, out_dtype: torch.dtype | N
         return _merged(tensor, plan[info.name], dtype, info.name, stats) if info.name in plan else tensor.to(dtype)
 
     stats.modules += sum(len(updates) for updates in plan.values())
-    return rewrite(header, target, changed, transform)
+    return rewrite(header, target, changed, transform, metadata)
 
 
 # ---------------------------------------------------------------- sources
@@ -336,8 +344,15 @@ def _merge_folder(source: Path, loras: list[_Lora], out_dir: Path, out_dtype: to
                 for key, file in owner.items()
                 if key.endswith(".weight")
             }
+            # a tensor of this group's files, "weight" or a full diff's "bias" (None: the layer has no such tensor)
             plan = _plan(
-                loras, family, {component: layers}, str(group[0]), description, lambda _, name: WeightSlot(f"{name}.weight"), component
+                loras,
+                family,
+                {component: layers},
+                str(group[0]),
+                description,
+                lambda _, name, param="weight", stored=owner: WeightSlot(f"{name}.{param}") if f"{name}.{param}" in stored else None,
+                component,
             )
             for key, updates in plan.items():
                 plans.setdefault(owner[key], {})[key] = updates
@@ -356,6 +371,7 @@ def _merge_folder(source: Path, loras: list[_Lora], out_dir: Path, out_dtype: to
                 indexes.append(relative)
             else:
                 shutil.copy2(file, target)
+        output_rules.write_marker(tmp, "merge", __version__)
         for relative in indexes:  # a cast changes the shards' sizes, which the index records
             index = json.loads((source / relative).read_text(encoding="utf-8"))
             shards = {relative.parent / name for name in index.get("weight_map", {}).values()}
@@ -411,5 +427,5 @@ def _merge_single_file(path: Path, loras: list[_Lora], out_file: Path, out_dtype
         loras, family, layers, str(path), description, lambda component, name, param="weight": layers[component].target(name, param)
     )
     with atomic_file(out_file) as tmp:
-        _stream(header, tmp, plan, out_dtype, stats)
+        _stream(header, tmp, plan, out_dtype, stats, metadata={output_rules.WRITTEN_BY_KEY: __version__})
     return out_file

@@ -20,6 +20,8 @@ LORA_TAG = re.compile(r"<lora:([^<>]*)>", re.IGNORECASE)
 _ANY_TAG = re.compile(r"<lora:[^<>]*>", re.IGNORECASE)
 # what a LoRA file may be called in a --lora-dir (the formats core.files reads; pickles still need --allow-pickle)
 LORA_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+# the largest |weight| a LoRA is applied at: A1111's weights stay within a few units; 1e30 makes NaN images, not art
+MAX_LORA_WEIGHT = 100.0
 
 
 @dataclass(frozen=True)
@@ -72,9 +74,16 @@ def _parse_tag(text: str, inner: str) -> LoraTag:
         weight = float(fields[1])
     except ValueError:
         raise ValueError(f"{text}: the weight {fields[1]!r} is not a number; write <lora:{name}:0.8>") from None
-    if not math.isfinite(weight):
-        raise ValueError(f"{text}: the weight must be a finite number")
-    return LoraTag(text, name, weight)
+    return LoraTag(text, name, check_lora_weight(weight, text))
+
+
+def check_lora_weight(weight: float, where: str) -> float:
+    """`weight` if it is a finite number within +-MAX_LORA_WEIGHT, else a one-line ValueError naming `where`."""
+    if not math.isfinite(weight) or abs(weight) > MAX_LORA_WEIGHT:
+        raise ValueError(
+            f"{where}: a LoRA weight must be a finite number between -{MAX_LORA_WEIGHT:g} and {MAX_LORA_WEIGHT:g}, got {weight:g}"
+        )
+    return weight
 
 
 def lora_files(lora_dir: str | os.PathLike) -> dict[str, list[Path]]:

@@ -25,6 +25,8 @@ from ..core.families import (
     family_of_single_file,
 )
 from ..core.files import read_tensors
+from ..core.version import __version__
+from ..storage import output_rules
 from ..storage.atomic import atomic_dir
 from ..storage.safetensors_stream import read_header, read_tensor
 from .demo import demo_dir, demo_vocab, load_demo_pipeline
@@ -48,6 +50,9 @@ BUILTIN_MODELS = {
 TINY_MODEL_VARIANTS = {"tiny": TINY, "demo": DEMO, "sd15-shaped": SD15_SHAPED, "sdxl": TINY_SDXL, "sdxl-shaped": SDXL_SHAPED}
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+# a single file's VAE: under one of these prefixes (diffusers' LDM_VAE_KEYS), with these LDM-named parts
+_LDM_VAE_PREFIXES = ("first_stage_model.", "vae.")
+_LDM_VAE_PARTS = ("encoder.down.0.", "encoder.mid.block_1.", "decoder.up.0.", "decoder.mid.block_1.")
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -67,13 +72,15 @@ def pipeline_class(family: ModelFamily):
     return getattr(diffusers, family.pipeline_class)
 
 
-def save_pipeline(pipe, out_dir: str | os.PathLike) -> Path:
-    """Write a pipeline folder atomically; tokenizers also get vocab.json/merges.txt for transformers 4 users."""
+def save_pipeline(pipe, out_dir: str | os.PathLike, command: str = "save") -> Path:
+    """Write a pipeline folder atomically, marked as sdlora's (`command` wrote it); tokenizers also get
+    vocab.json/merges.txt for transformers 4 users."""
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         for spec in family_of_pipeline(pipe).text_encoders:
             _write_tokenizer_files(getattr(pipe, spec.tokenizer), tmp / spec.tokenizer)
+        output_rules.write_marker(tmp, command, __version__)
     return out_dir
 
 
@@ -93,12 +100,14 @@ def write_tiny_model(out_dir: str | os.PathLike, variant: str = "tiny", seed: in
     `sdxl-shaped`) or the pretrained `demo`, copied file for file from the package (`seed` does not apply to it)."""
     if variant not in TINY_MODEL_VARIANTS and variant not in BUILTIN_MODELS:
         raise ValueError(f"unknown tiny-model variant {variant!r}: use one of {', '.join(TINY_MODEL_VARIANTS)}")
+    output_rules.check_output_folder(out_dir, option="output folder")  # replaces only a folder sdlora wrote
     if TINY_MODEL_VARIANTS.get(variant, variant) == DEMO:
         source = demo_dir()
         with atomic_dir(Path(out_dir)) as tmp:
             shutil.copytree(source, tmp, dirs_exist_ok=True)
+            output_rules.write_marker(tmp, "tiny-model", __version__)
         return Path(out_dir)
-    return save_pipeline(BUILTIN_MODELS[TINY_MODEL_VARIANTS.get(variant, variant)](seed=seed), out_dir)
+    return save_pipeline(BUILTIN_MODELS[TINY_MODEL_VARIANTS.get(variant, variant)](seed=seed), out_dir, command="tiny-model")
 
 
 def load_pipeline(
@@ -118,6 +127,7 @@ def load_pipeline(
         return BUILTIN_MODELS[model]().to(dtype=dtype)
     if path.is_dir():
         family = check_model_dir(path)
+        check_folder_pickles(path, allow_pickle)
         components = {}
         if _unet_weight_files(path / "unet"):
             # read the UNet tensor by tensor (in the target dtype): peak memory is one UNet, not a mapped file + a copy
@@ -137,6 +147,7 @@ def load_pipeline(
             keys = read_header(path).tensors
             family = family_of_single_file(keys)
             check_single_file_parts(keys, family, str(path))
+            _check_single_file_vae(keys, path)
         kwargs = {"torch_dtype": dtype, **_pipeline_options(pipeline_class(family))}
         if config:
             kwargs["config"] = config
@@ -153,6 +164,19 @@ def load_pipeline(
     return _from_hub(model, dtype)
 
 
+def _check_single_file_vae(keys, path: Path) -> None:
+    """A one-line error unless a single file holds a VAE in the LDM layout diffusers converts (`encoder.down.N`,
+    `decoder.up.N`, `mid.block_1`...): diffusers-named VAE keys there would load as empty (meta) tensors."""
+    prefix = next((p for p in _LDM_VAE_PREFIXES if any(key.startswith(p) for key in keys)), None)
+    if prefix is None:
+        raise ValueError(f"{path} has no VAE ({' or '.join(p + '*' for p in _LDM_VAE_PREFIXES)} keys): use a checkpoint that includes one")
+    if not all(any(key.startswith(prefix + part) for key in keys) for part in _LDM_VAE_PARTS):
+        raise ValueError(
+            f"{path}: the VAE keys ({prefix}*) are not in the LDM layout single-file checkpoints use ({prefix}encoder.down.0..., "
+            f"{prefix}decoder.up.0...): write the VAE under LDM names, or load the model as a diffusers folder"
+        )
+
+
 def load_vae(source: str, dtype: torch.dtype = torch.float32, allow_pickle: bool = False):
     """An AutoencoderKL from a VAE folder (or a pipeline folder's vae/), a single .safetensors file or a hub id,
     to use in place of a model's own (e.g. a VAE fixed to run in fp16)."""
@@ -163,6 +187,7 @@ def load_vae(source: str, dtype: torch.dtype = torch.float32, allow_pickle: bool
         folder = path / "vae" if (path / "vae" / "config.json").is_file() else path
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(f"--vae {source}: no config.json there (expected a diffusers VAE folder)")
+        check_folder_pickles(folder, allow_pickle)
         return AutoencoderKL.from_pretrained(folder, torch_dtype=dtype, local_files_only=True)
     if path.suffix.lower() in SINGLE_FILE_SUFFIXES:
         if not path.is_file():
@@ -197,6 +222,22 @@ def _from_hub(repo_id: str, dtype: torch.dtype):
         raise ValueError(
             f"could not load {repo_id!r} from the Hugging Face hub ({_first_line(err)}); without internet, pass a local diffusers folder or .safetensors file"
         ) from err
+
+
+def check_folder_pickles(folder: Path, allow_pickle: bool) -> None:
+    """A model folder part whose weights are only pickle files (`pytorch_model.bin`...) loads only with `allow_pickle`:
+    unpickling can run code, as a single .ckpt can."""
+    if allow_pickle:
+        return
+    parts = [folder, *(entry for entry in sorted(folder.iterdir()) if entry.is_dir())]
+    for part in parts:
+        files = [entry for entry in part.iterdir() if entry.is_file()]
+        pickles = [entry for entry in files if entry.suffix.lower() in PICKLE_SUFFIXES]
+        if pickles and not any(entry.suffix == ".safetensors" for entry in files):
+            raise ValueError(
+                f"{pickles[0]} is a pickle file, which can run code when loaded, and {part} has no .safetensors weights: "
+                "convert it to .safetensors or pass --allow-pickle"
+            )
 
 
 def _unet_weight_files(folder: Path) -> list[Path]:

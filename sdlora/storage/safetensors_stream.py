@@ -65,21 +65,54 @@ def read_header(path: str | os.PathLike) -> Header:
             if length > size - 8:
                 raise ValueError(f"header length {length} exceeds the file")
             text = handle.read(length)
-            entries = json.loads(text)
+            entries = json.loads(text, object_pairs_hook=_without_repeats)
     except (struct.error, ValueError, UnicodeDecodeError) as err:
         raise ValueError(f"{path} is not a readable .safetensors file ({err}): is it truncated or of another kind?") from err
+    if not isinstance(entries, dict):
+        raise ValueError(f"{path} is not a readable .safetensors file (its header is not a JSON object)")
     metadata = entries.pop("__metadata__", None)
+    if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise ValueError(f"{path}: the header's __metadata__ is not a table of strings")
     data_start = 8 + length
-    tensors = []
-    for name, entry in entries.items():
-        begin, end = entry["data_offsets"]
-        if entry["dtype"] not in TORCH_DTYPES:
-            raise ValueError(f"{path}: tensor {name!r} has the unsupported dtype {entry['dtype']}")
-        if data_start + end > size:
-            raise ValueError(f"{path}: tensor {name!r} ends past the end of the file ({size} bytes): is the file truncated?")
-        tensors.append(TensorInfo(name, entry["dtype"], tuple(entry["shape"]), data_start + begin, data_start + end))
-    tensors.sort(key=lambda info: info.begin)
+    tensors = sorted((_tensor_info(path, name, entry, data_start, size) for name, entry in entries.items()), key=lambda i: (i.begin, i.end))
+    for before, after in zip(tensors, tensors[1:]):
+        if after.begin < before.end:
+            raise ValueError(f"{path}: the bytes of tensors {before.name!r} and {after.name!r} overlap: the header is corrupt")
     return Header(path, {info.name: info for info in tensors}, metadata, prefix + text)
+
+
+def _without_repeats(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """A JSON object as a dict; a name given twice raises (json keeps the last silently: a corrupt model file's
+    second entry would stand for the real weight, and a LoRA that fits the first would be blamed for not fitting)."""
+    entries: dict[str, object] = {}
+    for name, value in pairs:
+        if name in entries:
+            raise ValueError(f"the header names {name!r} twice")
+        entries[name] = value
+    return entries
+
+
+def _tensor_info(path: Path, name: str, entry: object, data_start: int, size: int) -> TensorInfo:
+    """One header entry checked before any use: a known dtype, a shape, and a byte range inside the data section
+    exactly as long as the shape and dtype need."""
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+        raise ValueError(f"{path}: the header entry of tensor {name!r} lacks dtype, shape or data_offsets: the header is corrupt")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if dtype not in TORCH_DTYPES:
+        raise ValueError(f"{path}: tensor {name!r} has the unsupported dtype {dtype}")
+    if not isinstance(shape, list) or not all(type(dim) is int and dim >= 0 for dim in shape):
+        raise ValueError(f"{path}: tensor {name!r} has the invalid shape {shape!r}: the header is corrupt")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets) and 0 <= offsets[0] <= offsets[1]):
+        raise ValueError(f"{path}: tensor {name!r} has the invalid data_offsets {offsets!r}: the header is corrupt")
+    begin, end = offsets
+    if data_start + end > size:
+        raise ValueError(f"{path}: tensor {name!r} ends past the end of the file ({size} bytes): is the file truncated?")
+    if end - begin != tensor_nbytes(dtype, tuple(shape)):
+        raise ValueError(
+            f"{path}: tensor {name!r} of shape {tuple(shape)} and dtype {dtype} needs {tensor_nbytes(dtype, tuple(shape))} bytes, "
+            f"its header gives {end - begin}: the header is corrupt"
+        )
+    return TensorInfo(name, dtype, tuple(shape), data_start + begin, data_start + end)
 
 
 def read_tensor(fd: int, info: TensorInfo, scratch: torch.Tensor | None = None) -> torch.Tensor:
@@ -111,10 +144,11 @@ def rewrite(
     out_path: str | os.PathLike,
     changed: Mapping[str, str],
     transform: Callable[[TensorInfo, torch.Tensor], torch.Tensor],
+    metadata: Mapping[str, str] | None = None,
 ) -> int:
     """Write `header.path` to `out_path` with the tensors named in `changed` (name -> output dtype) replaced by
     `transform(info, tensor)` (`tensor` lives in a buffer the next read reuses); every other tensor is copied byte for
-    byte. Returns the bytes of tensor data written."""
+    byte; `metadata` entries are added to the header's. Returns the bytes of tensor data written."""
     layout, offset = [], 0
     for info in header.tensors.values():
         dtype = changed.get(info.name, info.dtype)
@@ -123,7 +157,8 @@ def rewrite(
         offset += size
     # a dense input whose dtypes stay keeps its header byte for byte (and every offset)
     same_layout = all(dtype == info.dtype and info.begin == len(header.raw) + begin for info, dtype, begin, _ in layout)
-    raw_header = header.raw if same_layout else _header_bytes(layout, header.metadata)
+    new_metadata = {**(header.metadata or {}), **metadata} if metadata else header.metadata
+    raw_header = header.raw if same_layout and new_metadata == header.metadata else _header_bytes(layout, new_metadata)
     # one reused (64-byte aligned) read buffer: no fresh pages to fault in for each changed tensor
     scratch = torch.empty(max((header.tensors[name].nbytes for name in changed), default=0), dtype=torch.uint8)
     with open(header.path, "rb") as source, open(out_path, "wb", buffering=0) as target:

@@ -17,6 +17,7 @@ from ..core.kinds import KIND_NAMES
 from ..core.lowrank import Factored, Report, as_plain_lora, factor, factor_module, factor_product, update_of
 from ..core.state import FORMAT_METADATA_KEY, LoraModule, LoraState
 from ..inference.adapters import matched_layers
+from ..inference.prompts import check_lora_weight
 from ..models.loading import load_pipeline
 
 Tensor = torch.Tensor
@@ -132,6 +133,7 @@ def combine_loras(loras: Sequence[tuple[str, LoraState, float]], rank: int | Non
         raise ValueError("combine needs at least one LoRA")
     by_path: dict[str, list[tuple[str, object, float]]] = {}
     for label, state, weight in loras:
+        check_lora_weight(weight, label)
         for path, module in state.modules.items():
             by_path.setdefault(path, []).append((label, module, weight))
     modules: dict[str, LoraModule] = {}

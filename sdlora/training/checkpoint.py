@@ -260,6 +260,12 @@ def load_checkpoint(path: Path, trainable: dict[str, torch.nn.Parameter], optimi
         optimizer_state = torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
         optimizer.load_state_dict(optimizer_state)
     except Exception as err:  # torch raises UnpicklingError, RuntimeError, ValueError... for bad or foreign files
+        if "weights only load failed" in str(err).lower():
+            # torch's own message advises weights_only=False: the one thing never to do with a file of unknown origin
+            raise ValueError(
+                f"{path / OPTIMIZER_FILE} is not a plain tensor file: it holds Python objects that could run code, and "
+                "sdlora will not run code from a checkpoint; resume from another checkpoint or start again"
+            ) from None
         raise ValueError(
             f"cannot restore the optimizer from {path / OPTIMIZER_FILE} ({_first_line(err)}): was it saved with other settings?"
         ) from err
@@ -293,20 +299,37 @@ def _read_json(path: Path) -> dict:
 
 def _read_state(path: Path) -> TrainState:
     raw = _read_json(path / STATE_FILE)
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path / STATE_FILE} is not a JSON object: the checkpoint {path} is damaged; resume from another")
     if raw.get("format_version", 0) > FORMAT_VERSION:
         raise ValueError(f"{path / STATE_FILE} was written by a newer sdlora (format {raw['format_version']}); upgrade to resume it")
-    rngs = load_file(str(path / RNG_FILE))
-    version, internal, gauss_next = raw["python_rng"]
-    return TrainState(
-        step=raw["step"],
-        epoch=raw["epoch"],
-        batch_in_epoch=raw["batch_in_epoch"],
-        python_rng=(version, tuple(internal), gauss_next),
-        torch_rng=rngs["torch_rng"],
-        global_torch_rng=rngs["global_torch_rng"],
-        extra=raw.get("extra", {}),
-        cuda_rng=rngs.get("cuda_rng"),
-    )
+    try:
+        rngs = load_file(str(path / RNG_FILE))
+    except Exception as err:  # SafetensorError, OSError: a missing, truncated or foreign file
+        raise ValueError(f"cannot read checkpoint file {path / RNG_FILE} ({_first_line(err)}); resume from another checkpoint") from None
+    for file, values, keys in (
+        (STATE_FILE, raw, ("step", "epoch", "batch_in_epoch", "python_rng")),
+        (RNG_FILE, rngs, ("torch_rng", "global_torch_rng")),
+    ):
+        missing = [key for key in keys if key not in values]
+        if missing:
+            raise ValueError(f"{path / file} has no {missing[0]!r}: the checkpoint {path} is damaged or not sdlora's; resume from another")
+    try:
+        version, internal, gauss_next = raw["python_rng"]
+        return TrainState(
+            step=int(raw["step"]),
+            epoch=int(raw["epoch"]),
+            batch_in_epoch=int(raw["batch_in_epoch"]),
+            python_rng=(version, tuple(internal), gauss_next),
+            torch_rng=rngs["torch_rng"],
+            global_torch_rng=rngs["global_torch_rng"],
+            extra=raw.get("extra", {}),
+            cuda_rng=rngs.get("cuda_rng"),
+        )
+    except (TypeError, ValueError) as err:
+        raise ValueError(
+            f"{path / STATE_FILE} holds a value of the wrong kind ({_first_line(err)}): the checkpoint {path} is damaged"
+        ) from None
 
 
 def checkpoint_size(path: Path) -> int:

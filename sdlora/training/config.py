@@ -259,7 +259,9 @@ class TrainConfig:
         if self.reg_data and Path(self.reg_data).resolve() == Path(self.data_dir).resolve():
             raise ValueError(f"--reg-data {self.reg_data} is the data folder: regularization images are other images of the class")
         if self.resolution is not None:
-            _check(self.resolution >= 64 and self.resolution % 8 == 0, "resolution", self.resolution, "a multiple of 8, at least 64")
+            _check(
+                64 <= self.resolution <= 8192 and self.resolution % 8 == 0, "resolution", self.resolution, "a multiple of 8 from 64 to 8192"
+            )
         for name in ("rank", "steps", "batch_size", "grad_accum", "sample_steps"):
             _check(getattr(self, name) >= 1, name, getattr(self, name), "at least 1")
         _check(

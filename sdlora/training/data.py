@@ -32,6 +32,8 @@ METADATA_FILE = "metadata.jsonl"
 _SWAPPED_ORIENTATIONS = {5, 6, 7, 8}  # EXIF orientations that rotate by 90 degrees: width and height trade places
 _LISTED = 5  # file names shown in one warning or error line before "and N more"
 SUBSET_DIR = re.compile(r"(\d+)_(.*)", re.DOTALL)  # kohya's `N_words`: N repeats per epoch, words the class tokens
+# a subset's repeats per epoch at most: each repeat is an entry of the epoch's sample list (kohya's folders use 1..100)
+MAX_REPEATS = 10_000
 
 
 @dataclass(frozen=True)
@@ -153,6 +155,8 @@ def _subsets(root: Path, relatives) -> dict[str, tuple[str, int, str]]:
             )
         if int(match.group(1)) < 1:
             raise ValueError(f"{root / top}: N in N_words is the repeats per epoch and must be at least 1")
+        if int(match.group(1)) > MAX_REPEATS:
+            raise ValueError(f"{root / top}: N in N_words is the repeats per epoch and must be at most {MAX_REPEATS}; train longer instead")
     loose = sorted(relative for relative in relatives if "/" not in relative)
     if loose:
         raise ValueError(

@@ -20,9 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..inference.generation import MAX_IMAGE_SIDE
 from .buckets import Size, assign_bucket, bucket_sizes, no_upscale_bucket
 from .data import (
     IMAGE_EXTENSIONS,
+    MAX_REPEATS,
     CaptionRules,
     ImageRecord,
     caption_tags,
@@ -265,10 +267,12 @@ def read_dataset_config(path: str | Path, config) -> tuple[list[DatasetSpec], li
             raise ValueError(f"{where}: expected a table")
         own = _section({k: v for k, v in dataset.items() if k != "subsets"}, "d", where)
         parts = dataset.get("subsets")
-        if not isinstance(parts, list) or not parts:
+        if parts is not None and not (isinstance(parts, list) and all(isinstance(part, dict) for part in parts)):
+            raise ValueError(f"{where}: subsets must be an array of [[datasets.subsets]] tables, each with an image_dir, got {parts!r:.60}")
+        if not parts:
             raise ValueError(f"{where}: no [[datasets.subsets]]; give each dataset at least one with an image_dir")
         merged = {**general, **own}
-        specs.append(_dataset_spec(merged, where))
+        specs.append(_checked_buckets(_dataset_spec(merged, where), config, where))
         seen: set[str] = set()
         for index, subset in enumerate(parts):
             at = f"{where}.subsets[{index}]"
@@ -291,6 +295,10 @@ def _section(table: Any, level: str, where: str) -> dict[str, Any]:
     options = {}
     for name, value in table.items():
         key = KOHYA_KEYS.get(name)
+        if name == "subsets":  # a dataset's subsets, as an array of tables; not an option
+            raise ValueError(
+                f"{where}: subsets belongs under [[datasets]], as an array of [[datasets.subsets]] tables each with an image_dir"
+            )
         if key is None:
             close = difflib.get_close_matches(name, [*KOHYA_KEYS, "subsets"], n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -312,10 +320,10 @@ def _typed(name: str, value: Any, kind: Any, where: str) -> Any:
     if kind == "resolution":
         sides = [value, value] if number else value
         ok = isinstance(sides, list) and len(sides) == 2 and all(isinstance(s, int) and not isinstance(s, bool) for s in sides)
-        if ok and all(s >= 64 and s % 8 == 0 for s in sides):
+        if ok and all(64 <= s <= MAX_IMAGE_SIDE and s % 8 == 0 for s in sides):
             return (sides[0], sides[1])
         if ok:
-            expected = "sides that are multiples of 8, at least 64"
+            expected = f"sides that are multiples of 8 from 64 to {MAX_IMAGE_SIDE}"
         ok = False
     elif kind == "pair":
         ok = isinstance(value, list) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value)
@@ -335,6 +343,9 @@ def _dataset_spec(options: dict[str, Any], where: str) -> DatasetSpec:
     for name in ("batch_size", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps"):
         if name in options and options[name] < 1:
             raise ValueError(f"{where}: {name} must be at least 1, got {options[name]}")
+    low, high = options.get("min_bucket_reso"), options.get("max_bucket_reso")
+    if low is not None and high is not None and low > high:
+        raise ValueError(f"{where}: min_bucket_reso {low} is above max_bucket_reso {high}; swap them or lower min_bucket_reso")
     step = options.get("bucket_reso_steps")
     for name in ("min_bucket_reso", "max_bucket_reso"):
         if step and name in options and options[name] % step:
@@ -346,6 +357,19 @@ def _dataset_spec(options: dict[str, Any], where: str) -> DatasetSpec:
     )  # fmt: skip
 
 
+def _checked_buckets(spec: DatasetSpec, config, where: str) -> DatasetSpec:
+    """`spec`, once its bucket options are known to leave buckets at its resolution (else an error naming them);
+    unchecked while the resolution is the model's, not yet known."""
+    (width, height), bucketing = dataset_sizes(spec, config)
+    if width is None or bucketing is False or spec.no_upscale or not (spec.min_bucket or spec.max_bucket or spec.bucket_step):
+        return spec
+    try:
+        bucket_sizes(math.isqrt(width * height), spec.min_bucket, spec.max_bucket, spec.bucket_step, area=width * height)
+    except ValueError as err:
+        raise ValueError(f"{where}: min_bucket_reso, max_bucket_reso and bucket_reso_steps leave {err}") from None
+    return spec
+
+
 def _subset_records(options: dict[str, Any], dataset: int, config, where: str) -> list[ImageRecord]:
     """One subset's images with its options, falling back to the run's flags."""
     for name in ("caption_dropout_rate", "caption_tag_dropout_rate"):
@@ -354,6 +378,8 @@ def _subset_records(options: dict[str, Any], dataset: int, config, where: str) -
     repeats, keep_tokens = options.get("num_repeats", 1), options.get("keep_tokens", config.keep_tokens)
     if repeats < 1:  # kohya skips such a subset with a warning; a subset that trains nothing is a mistake
         raise ValueError(f"{where}: num_repeats must be at least 1, got {repeats}")
+    if repeats > MAX_REPEATS:  # each repeat is an entry of the epoch's sample list
+        raise ValueError(f"{where}: num_repeats {repeats} is above {MAX_REPEATS}; lower it and train for more steps instead")
     if keep_tokens < 0:
         raise ValueError(f"{where}: keep_tokens must be zero or more, got {keep_tokens}")
     is_reg = options.get("is_reg", False)
@@ -429,6 +455,9 @@ def _metadata_file_records(metadata: Path, image_dir: str | None, where: str) ->
         size = displayed_size(image)
         if isinstance(size, str):
             raise ValueError(f"{where}: cannot read {image} ({size})")
+        for name in ("caption", "tags"):
+            if entry.get(name) is not None and not isinstance(entry[name], str):
+                raise ValueError(f"{where}: {metadata} entry {key!r}: {name} must be a string, got {entry[name]!r:.60}")
         caption, tags = (entry.get(name) or "" for name in ("caption", "tags"))
         text = ", ".join(part.strip() for part in (caption.split("\n")[0], tags) if part and part.strip())
         if not text:

@@ -11,15 +11,17 @@ from pathlib import Path
 from ..core.families import ModelFamily
 from ..core.files import write_diffusers, write_kohya
 from ..core.state import LoraState
+from ..core.version import __version__
 from ..models.loading import SINGLE_FILE_SUFFIXES, is_builtin_model, is_hub_id
+from ..storage import output_rules
 from ..storage.atomic import atomic_file, check_writable_target
-from .config import TrainConfig, to_toml
+from .config import DIFFUSERS_STEM, TrainConfig, to_toml
 from .data import ImageRecord
 from .datasets import DatasetSpec, dataset_sizes
 from .optimizers import optimizer_label, parse_optimizer_args
 from .validation import SAMPLES_DIR
 
-DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
+DIFFUSERS_FILE = f"{DIFFUSERS_STEM}.safetensors"
 EMA_SUFFIX = "_ema"  # the --ema-decay average's files: pytorch_lora_weights_ema.safetensors, NAME_ema.safetensors
 STARTED_AT = str(int(time.time()))
 
@@ -30,6 +32,8 @@ def check_output_dir(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     if not os.access(out, os.W_OK | os.X_OK):
         raise PermissionError(f"cannot write to output folder {out}: permission denied")
+    if not (out / output_rules.MARKER_FILE).exists():
+        output_rules.write_marker(out, "train", __version__)  # a later run may write here again
 
 
 def kohya_file(config: TrainConfig) -> str:

@@ -27,7 +27,8 @@ from ..core.families import ModelFamily, family_of_pipeline
 from ..core.files import read_lora
 from ..inference.samplers import set_sampler
 from ..models.loading import load_pipeline, load_vae
-from ..storage.atomic import check_writable_target, remove_leftover_temporaries
+from ..storage import output_rules
+from ..storage.atomic import remove_leftover_temporaries
 from . import checkpoint, ema, network, outputs
 from .buckets import BucketBatchSampler, Size
 from .cache import BatchEncoder, build_caches, fill_caches
@@ -101,7 +102,11 @@ def setup(config: TrainConfig) -> Run:
     optimizer_args = parse_optimizer_args(config.optimizer_args)
     check_optimizer(config.optimizer, config.lr, config.weight_decay, optimizer_args)
     out = Path(config.output_dir)
-    check_writable_target(out, is_dir=True)  # fail before the slow parts; nothing is created until data and model load
+    # fail before the slow parts (nothing is created until data and model load): a new, empty or sdlora run folder,
+    # never one holding or inside an input
+    inputs = (config.data_dir, config.reg_data, config.dataset_config, config.model, config.model_config, config.init_lora,
+              config.sample_prompts, config.vae)  # fmt: skip
+    output_rules.check_run_folder(out, inputs, "--output", resume=bool(config.resume))
     accelerator = _accelerator(config)
     torch.manual_seed(config.seed)
     # the images: DATA_DIR (kohya's N_words subfolders too) and --reg-data, or a kohya dataset TOML

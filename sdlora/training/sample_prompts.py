@@ -14,12 +14,12 @@ Where sd-scripts warns and goes on, an unknown option here is an error naming th
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..inference.generation import MAX_IMAGE_SIDE, check_guidance
 from ..inference.samplers import find_sampler
 
 
@@ -78,12 +78,17 @@ def _checked(sample: SamplePrompt, where: str) -> SamplePrompt:
         value = getattr(sample, name)
         if value is not None and (value < 8 or value % 8):
             raise ValueError(f"{where}: --{name[0]} {value} must be a positive multiple of 8")
+        if value is not None and value > MAX_IMAGE_SIDE:  # found now, not when the sample is drawn after training
+            raise ValueError(f"{where}: --{name[0]} {value} is larger than {MAX_IMAGE_SIDE}: a sample that size would not fit in memory")
     if sample.steps is not None and sample.steps < 1:
         raise ValueError(f"{where}: --s {sample.steps} must be at least 1")
     if sample.seed is not None and not 0 <= sample.seed < 2**63:
         raise ValueError(f"{where}: --d {sample.seed} must be between 0 and 2**63")
-    if sample.guidance is not None and not math.isfinite(sample.guidance):
-        raise ValueError(f"{where}: --l must be a finite number")
+    if sample.guidance is not None:
+        try:
+            check_guidance(sample.guidance, "--l")
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
     if sample.sampler is not None:
         try:
             find_sampler(sample.sampler)
@@ -129,6 +134,8 @@ def _from_json(text: str, path: Path) -> list[SamplePrompt]:
         unknown = sorted(set(item) - set(_JSON_KEYS))
         if unknown:
             raise ValueError(f"{where}: unknown keys {', '.join(unknown)} (known: {', '.join(_JSON_KEYS)})")
+        if "prompt" not in item:
+            raise ValueError(f"{where}: the object has no 'prompt'; give each object its prompt text")
         for key, value in item.items():
             expected = _JSON_TYPES.get(_JSON_KEYS[key], (str,))
             if isinstance(value, bool) or not isinstance(value, expected):

@@ -9,6 +9,7 @@ schedule, one noise tensor, all drawn from a generator seeded by the run's seed.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,15 @@ import torch
 from PIL import Image as PILImage
 
 from ..core.families import ModelFamily
-from ..inference.generation import PARAMETERS_KEY, generate, image_grid, model_label, png_info, seed_own_noise
+from ..inference.generation import (
+    PARAMETERS_KEY,
+    NonFiniteImageError,
+    generate,
+    image_grid,
+    model_label,
+    png_info,
+    seed_own_noise,
+)
 from ..storage.atomic import atomic_file
 from .buckets import assign_bucket, training_sizes
 from .cache import encode_captions, encode_images
@@ -146,14 +155,20 @@ class Validator:
                 ).images
             scheduler = pipe.scheduler  # the run's sampler; a line's --ss holds for that line only
             for index, sample in enumerate(self.prompt_file):
-                (image,) = generate(
-                    pipe, sample.prompt, sample.negative_prompt, steps=sample.steps or config.sample_steps,
-                    guidance=7.5 if sample.guidance is None else sample.guidance,
-                    seed=config.sample_seed if sample.seed is None else sample.seed,
-                    height=sample.height or config.resolution, width=sample.width or config.resolution,
-                    model_name=model_label(config.model), progress=False, sampler=sample.sampler,
-                )  # fmt: skip
-                pipe.scheduler = scheduler
+                height, width = sample.height or config.resolution, sample.width or config.resolution
+                try:
+                    (image,) = generate(
+                        pipe, sample.prompt, sample.negative_prompt, steps=sample.steps or config.sample_steps,
+                        guidance=7.5 if sample.guidance is None else sample.guidance,
+                        seed=config.sample_seed if sample.seed is None else sample.seed, height=height, width=width,
+                        model_name=model_label(config.model), progress=False, sampler=sample.sampler,
+                    )  # fmt: skip
+                except NonFiniteImageError as err:  # a sample is no reason to stop a run: say so, leave a black cell
+                    warnings.warn(f"sample prompt {index + 1} at step {step}: {err}", stacklevel=1)
+                    images.append(PILImage.new("RGB", (width, height)))
+                    continue
+                finally:
+                    pipe.scheduler = scheduler
                 with atomic_file(folder / f"step-{step:08d}-{index:02d}.png") as tmp:
                     image.save(tmp, format="PNG", pnginfo=png_info(image.info[PARAMETERS_KEY]))
                 images.append(image)

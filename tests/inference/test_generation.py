@@ -67,6 +67,8 @@ def test_lora_scale_zero_generates_the_base_image(tiny_pipe, kohya_file):
     ("extra", "message"),
     [
         (["--height", "30"], "--height must be a positive multiple of 8, got 30"),
+        (["--width", "100000"], "--width 100000 is larger than 8192: images that size would not fit in memory"),
+        (["--guidance", "inf"], "--guidance inf: the guidance scale must be a number from 0 to 100 (7.5 is usual)"),
         (["--lora", "missing.safetensors:0.7"], "LoRA file not found: missing.safetensors"),
     ],
 )

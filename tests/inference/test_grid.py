@@ -121,6 +121,9 @@ def test_axes_are_chosen_from_what_varies_and_bad_axes_are_refused():
         (GridSpec(prompts=["p"], x="colour"), "unknown grid axis"),
         (GridSpec(prompts=["p"], x="seed", y="seed"), "both"),
         (GridSpec(prompts=["p"], samplers=["Eulr"]), "unknown sampler"),
+        (GridSpec(prompts=["p"], guidance=[1.0, float("inf")]), "--guidance inf: the guidance scale must be a number from 0 to 100"),
+        (GridSpec(prompts=["p"], weights=[1e30]), r"--weights: a LoRA weight must be a finite number between -100 and 100"),
+        (GridSpec(prompts=["p"], loras=[("x.safetensors", -200.0)]), r"--lora x.safetensors: a LoRA weight must be"),
     ]:
         with pytest.raises(ValueError, match=says):
             spec.check()

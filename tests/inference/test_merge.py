@@ -19,9 +19,11 @@ from sdlora.core.files import write_lora
 from sdlora.core.formats import ldm
 from sdlora.core.formats.single_file import single_file_slot
 from sdlora.core.state import LoraModule, LoraState
+from sdlora.core.version import __version__
 from sdlora.inference.merge import MergeStats, merge_lora, merge_model, parse_lora_arg
 from sdlora.models import loading as models
 from sdlora.storage import safetensors_stream
+from sdlora.storage.output_rules import MARKER_FILE
 from sdlora.storage.safetensors_stream import read_header
 
 UNET_FILE = "unet/diffusion_pytorch_model.safetensors"
@@ -110,9 +112,10 @@ def test_untouched_tensors_and_files_are_byte_identical(two_loras, tiny_model_di
         assert (before[name] == after[name]) == (name not in adapted), name
     assert read_header(out / UNET_FILE).raw == read_header(tiny_model_dir / UNET_FILE).raw  # header kept verbatim
     for source in tiny_model_dir.rglob("*"):
-        if source.is_file() and source.relative_to(tiny_model_dir).as_posix() not in (UNET_FILE, TE_FILE):
+        if source.is_file() and source.relative_to(tiny_model_dir).as_posix() not in (UNET_FILE, TE_FILE, MARKER_FILE):
             assert (out / source.relative_to(tiny_model_dir)).read_bytes() == source.read_bytes(), source
     assert {p.relative_to(out) for p in out.rglob("*")} == {p.relative_to(tiny_model_dir) for p in tiny_model_dir.rglob("*")}
+    assert json.loads((out / MARKER_FILE).read_text())["command"] == "merge"  # the marker names the merge that wrote it
 
 
 def test_merge_then_unmerge_restores_weights(two_loras, tiny_model_dir, tmp_path):
@@ -278,7 +281,7 @@ def test_single_file_merge_equals_folder_merge(two_loras, tiny_model_dir, tmp_pa
     for key in adapted:
         assert torch.equal(written[key], expected[key]), key
     assert all(merged[key] == before[key] for key in before if key not in adapted)
-    assert read_header(out).metadata == {"format": "pt", "note": "kept"}
+    assert read_header(out).metadata == {"format": "pt", "note": "kept", "sdlora_version": __version__}  # kept, and marked as ours
 
 
 def test_nan_or_inf_merge_refuses_to_write(tiny_pipe, tiny_model_dir, tmp_path, random_lora_state):
@@ -331,7 +334,7 @@ def test_cli_merge_unmerge_and_model_tiny(two_loras, tiny_model_dir, tmp_path, c
         ("missing", "LoRA file not found"),
         ("misfit", "makes a"),
         ("unmatched", "matches no weight"),
-        ("same", "is (inside) the input model"),
+        ("same", "is the input"),
     ],
 )
 def test_cli_errors_are_one_line_and_leave_no_output(case, message, tiny_pipe, tiny_model_dir, tmp_path, capsys):

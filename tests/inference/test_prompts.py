@@ -38,6 +38,7 @@ def test_tags_leave_the_prompt_with_their_separators(prompt, text, tags):
         ("a <lora:ink:>", "not a number"),
         ("a <lora:ink:strong>", "not a number"),
         ("a <lora:ink:inf>", "finite"),
+        ("a <lora:ink:1e30>", "a LoRA weight must be a finite number between -100 and 100, got 1e+30"),
         ("a <lora:ink:1:0.5>", "only <lora:NAME:WEIGHT>"),
         ("a <lora:ink:te=1>", "only <lora:NAME:WEIGHT>"),
     ],

@@ -12,11 +12,13 @@ import torch
 from safetensors.torch import load_file
 
 from sdlora.cli import main
-from sdlora.core.files import read_lora, write_diffusers, write_kohya
+from sdlora.core.files import read_lora, write_diffusers, write_kohya, write_lora
 from sdlora.core.state import LoraModule, LoraState
+from sdlora.core.version import __version__
 from sdlora.inference.adapters import load_lora, unload_loras
 from sdlora.inference.merge import merge_lora, merge_model
 from sdlora.models.loading import load_pipeline
+from sdlora.storage.output_rules import WRITTEN_BY_KEY
 from sdlora.storage.safetensors_stream import read_header
 
 TE2_PREFIX = "conditioner.embedders.1.model."
@@ -171,7 +173,7 @@ def test_single_file_merge_equals_the_folder_merge_and_touches_only_what_it_upda
         for key, value in expected[component].items():
             assert torch.equal(converted[component][key], value), f"{component}.{key}"
     before, after = read_header(checkpoint), read_header(single)
-    assert after.metadata == before.metadata == {"format": "pt", "note": "kept"}
+    assert before.metadata == {"format": "pt", "note": "kept"} and after.metadata == {**before.metadata, WRITTEN_BY_KEY: __version__}
     raw_before, raw_after = checkpoint.read_bytes(), single.read_bytes()
     changed = [
         k
@@ -373,3 +375,24 @@ def test_every_kind_merges_into_a_single_file_as_into_the_folder_and_in_memory(
     merged_te2 = load_file(folder / "text_encoder_2" / "model.safetensors")
     changed = {k for k in base if not torch.equal(base[k], merged_te2[k])}
     assert {"text_projection.weight", "text_model.encoder.layers.0.self_attn.q_proj.weight"} <= changed, changed
+
+
+def test_a_single_file_whose_header_lies_is_refused_before_anything_is_written(
+    tmp_path, random_lora_state, tiny_sdxl_pipe, tiny_sdxl_dir, write_sdxl_single_file, capsys
+):
+    """An untouched tensor's data_offsets overlapping the next: copied as bytes, it made a file safetensors refuses."""
+    checkpoint = write_sdxl_single_file(tiny_sdxl_dir, tmp_path / "model.safetensors")
+    raw = checkpoint.read_bytes()
+    length = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + length])
+    vae = sorted((k for k in header if k.startswith("first_stage_model.")), key=lambda k: header[k]["data_offsets"][0])
+    begin, end = header[vae[1]]["data_offsets"]
+    header[vae[1]]["data_offsets"] = [begin - 4, end - 4]  # overlaps the tensor before it, the same size
+    text = json.dumps(header).encode()
+    checkpoint.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + length :])
+    lora = write_lora(_sdxl_lora(random_lora_state, tiny_sdxl_pipe), tmp_path / "lora.safetensors", "kohya")
+    out = tmp_path / "merged.safetensors"
+    assert main(["merge", "--model", str(checkpoint), "--lora", str(lora), "--single-file", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "overlap" in err and str(checkpoint) in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lora.safetensors", "model.safetensors"]

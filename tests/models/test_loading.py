@@ -10,8 +10,9 @@ import sys
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
+from safetensors.torch import load_file, save_file
 
-from sdlora.models.loading import load_pipeline, write_tiny_model
+from sdlora.models.loading import _check_single_file_vae, load_pipeline, write_tiny_model
 from sdlora.models.tiny import MAX_TOKENS, tiny_clip_vocab, tiny_tokenizer
 
 
@@ -80,6 +81,20 @@ def test_load_pipeline_errors(tiny_model_dir, tmp_path):
         load_pipeline(str(pickle_file))
 
 
+def test_a_single_file_vae_must_be_ldm_named(tmp_path, tiny_sdxl_dir, write_sdxl_single_file):
+    checkpoint = write_sdxl_single_file(tiny_sdxl_dir, tmp_path / "xl.safetensors")  # its VAE under diffusers' names
+    with pytest.raises(ValueError, match=r"xl.safetensors: the VAE keys \(first_stage_model.\*\) are not in the LDM layout"):
+        load_pipeline(str(checkpoint), config=str(tiny_sdxl_dir))
+    tensors = load_file(checkpoint)
+    save_file(
+        {key: value for key, value in tensors.items() if not key.startswith("first_stage_model.")}, str(tmp_path / "no-vae.safetensors")
+    )
+    with pytest.raises(ValueError, match=r"no-vae.safetensors has no VAE \(first_stage_model.\* or vae.\* keys\)"):
+        load_pipeline(str(tmp_path / "no-vae.safetensors"), config=str(tiny_sdxl_dir))
+    ldm = [f"first_stage_model.{part}conv1.weight" for part in ("encoder.down.0.block.0.", "encoder.mid.block_1.", "decoder.up.0.block.0.")]
+    _check_single_file_vae([*ldm, "first_stage_model.decoder.mid.block_1.conv1.weight"], tmp_path / "ldm.safetensors")  # passes
+
+
 def test_hub_id_offline_says_to_pass_a_local_path(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ValueError, match="local diffusers folder"):
@@ -109,3 +124,23 @@ def test_streamed_unet_equals_from_pretrained(tiny_model_dir, dtype):
         assert tensor.dtype == dtype and not tensor.is_meta, name
         assert torch.equal(tensor, reference_state[name]), name
     assert load_pipeline(str(tiny_model_dir), dtype=dtype).unet.dtype == dtype
+
+
+def test_a_model_folder_whose_part_holds_only_a_pickle_needs_allow_pickle(tiny_model_dir, tmp_path, capsys):
+    """A folder whose text_encoder/ holds only pytorch_model.bin: unpickling can run code, as a .ckpt's can."""
+    from sdlora.cli import main
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    weights = next((model / "text_encoder").glob("*.safetensors"))
+    torch.save(load_file(weights), model / "text_encoder" / "pytorch_model.bin")
+    weights.unlink()
+    with pytest.raises(ValueError, match=r"pytorch_model.bin is a pickle file.*--allow-pickle"):
+        load_pipeline(str(model))
+    assert main(["generate", "--model", str(model), "--prompt", "a cat", "--steps", "1", "--out", str(tmp_path / "images")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pytorch_model.bin" in err and not (tmp_path / "images").exists()
+    pipe = load_pipeline(str(model), allow_pickle=True)  # weights-only, as every pickle sdlora reads
+    saved = load_file(tiny_model_dir / "text_encoder" / weights.name)
+    loaded = pipe.text_encoder.state_dict()
+    assert all(torch.equal(loaded[key], value) for key, value in saved.items() if key in loaded) and saved.keys() & loaded.keys()

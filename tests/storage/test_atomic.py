@@ -5,9 +5,13 @@ one of the few reviewed exceptions below."""
 from __future__ import annotations
 
 import ast
+import errno
 from pathlib import Path
 
+import pytest
+
 import sdlora
+from sdlora.storage import atomic
 
 PACKAGE = Path(sdlora.__file__).parent
 WRITERS = {"write_text", "write_bytes", "save", "save_file", "save_pretrained", "save_lora_weights", "write_safetensors"}
@@ -59,3 +63,49 @@ def test_every_write_is_atomic_or_a_reviewed_exception():
 def test_the_scan_finds_a_plain_write():
     tree = ast.parse("def f(p):\n    p.write_text('x')\n\ndef g(p):\n    with atomic_file(p) as t:\n        t.write_text('x')\n")
     assert _calls_outside_atomic(tree) == [("f", "write_text", 2)]
+
+
+class _WriterError(Exception):
+    """A writer's own error type, as safetensors' SafetensorError: not an OSError, whatever the OS said."""
+
+
+def _fails_after_writing(tmp: Path, error: Exception, size: int = 0) -> None:
+    (tmp / "weights.bin" if tmp.is_dir() else tmp).write_bytes(b"\0" * size)
+    raise error
+
+
+def _enospc_chain() -> Exception:
+    try:
+        raise OSError(errno.ENOSPC, "No space left on device")
+    except OSError as err:
+        try:
+            raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed") from err
+        except RuntimeError as wrapped:
+            return wrapped
+
+
+@pytest.mark.parametrize("kind", ["file", "dir"])
+@pytest.mark.parametrize(
+    "error, free",
+    [
+        (_WriterError("Error while serializing: I/O error: No space left on device (os error 28)"), 1 << 40),  # safetensors' words
+        (_enospc_chain(), 1 << 40),  # an ENOSPC in the cause chain
+        (_WriterError("file write failed"), (3 << 20) - 1),  # less free than the 2 MiB written + 1 MiB
+    ],
+)
+def test_a_writer_failing_on_a_full_disk_is_enospc_naming_the_output(tmp_path, monkeypatch, kind, error, free):
+    monkeypatch.setattr(atomic, "_free_bytes", lambda folder: free)
+    output = tmp_path / ("model.safetensors" if kind == "file" else "model")
+    with pytest.raises(OSError) as caught:
+        with atomic.atomic_file(output) if kind == "file" else atomic.atomic_dir(output) as tmp:
+            _fails_after_writing(tmp, error, size=2 << 20)
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(output)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_writer_failing_with_room_to_spare_keeps_its_own_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(atomic, "_free_bytes", lambda folder: 3 << 20)  # more than the 1 MiB written + 1 MiB
+    with pytest.raises(_WriterError, match="file write failed"):
+        with atomic.atomic_file(tmp_path / "model.safetensors") as tmp:
+            _fails_after_writing(tmp, _WriterError("file write failed"), size=1 << 20)
+    assert list(tmp_path.iterdir()) == []

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from sdlora.cli import main
+from sdlora.cli import _parse_dynamic, main
 from sdlora.core import formats
 from sdlora.core.families import SD1
 from sdlora.core.files import read_lora, write_kohya
@@ -132,6 +132,25 @@ def test_the_dynamic_rank_rules_are_kohyas():
     assert dynamic_rank(s, "sv_ratio", 1000) == 5
     with pytest.raises(ValueError, match="sv_ratio takes a ratio above 1"):
         dynamic_rank(s, "sv_ratio", 0.5)
+
+
+@pytest.mark.parametrize(
+    "method, value, says",
+    [("sv_ratio", math.nan, "ratio above 1, and finite"), ("sv_ratio", math.inf, "ratio above 1, and finite"),
+     ("sv_fro", math.nan, "share between 0 and 1"), ("sv_cumulative", 0.0, "share between 0 and 1"), ("sv_fro", 2.0, "share between 0 and 1")],
+)  # fmt: skip
+def test_dynamic_values_outside_their_range_are_refused_not_cut_to_rank_1(method, value, says):
+    with pytest.raises(ValueError, match=says):
+        dynamic_rank(torch.tensor([10.0, 5.0, 2.0]), method, value)
+    with pytest.raises(ValueError, match=rf"--dynamic {method}:{value}: .*{says}"):
+        _parse_dynamic(f"{method}:{value}")
+
+
+def test_combine_refuses_absurd_weights_and_factoring_refuses_nan(lora_state):
+    with pytest.raises(ValueError, match=r"first: a LoRA weight must be a finite number between -100 and 100, got 1e\+300"):
+        combine_loras([("first", lora_state, 1e300), ("second", lora_state, 1.0)], rank=2)
+    with pytest.raises(ValueError, match="holds NaN or inf"):
+        factor(torch.tensor([[1.0, math.inf], [0.0, 1.0]]), 1)
 
 
 def test_clamping_is_measured_not_assumed():

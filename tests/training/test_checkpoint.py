@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import json
+import os
 import random
 import shutil
 import subprocess
@@ -224,6 +226,49 @@ def test_load_names_missing_extra_and_mismatched_keys(tmp_path):
         ValueError, match=r"missing keys \['extra.weight'\]; unexpected keys \['2.bias'\]; shape mismatch for \['2.weight'\]"
     ):
         load_checkpoint(path, trainable, other.optimizer, other.scheduler)
+
+
+def _replace_file(path: Path, name: str, content: bytes) -> None:
+    """A checkpoint file replaced, its COMPLETE marker's size updated so that the folder still counts as complete."""
+    (path / name).write_bytes(content)
+    marker = json.loads((path / checkpoint.COMPLETE).read_text())
+    marker["files"][name] = len(content)
+    (path / checkpoint.COMPLETE).write_text(json.dumps(marker))
+
+
+class _RunsCode:
+    """Unpickling this would run a shell command, as a malicious optimizer.pt would."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_state_json_without_a_key_is_one_line_naming_checkpoint_and_key(tmp_path):
+    path = save(make_toy(0), tmp_path / "checkpoints")
+    state = json.loads((path / checkpoint.STATE_FILE).read_text())
+    del state["epoch"]
+    _replace_file(path, checkpoint.STATE_FILE, json.dumps(state).encode())
+    other = make_toy(1)
+    with pytest.raises(ValueError, match=rf"{path / 'state.json'} has no 'epoch': the checkpoint {path} is damaged") as caught:
+        load_checkpoint(path, other.trainable, other.optimizer, other.scheduler)
+    assert "\n" not in str(caught.value)
+
+
+def test_a_code_running_optimizer_file_is_refused_without_torchs_advice(tmp_path):
+    path = save(make_toy(0), tmp_path / "checkpoints")
+    evil = io.BytesIO()
+    torch.save({"state": _RunsCode(tmp_path / "MARKER"), "param_groups": []}, evil)  # torch's zip format, as a real one
+    _replace_file(path, checkpoint.OPTIMIZER_FILE, evil.getvalue())
+    other = make_toy(1)
+    with pytest.raises(ValueError) as caught:
+        load_checkpoint(path, other.trainable, other.optimizer, other.scheduler)
+    message = str(caught.value)
+    assert str(path / "optimizer.pt") in message and "not a plain tensor file" in message and "will not run code" in message
+    assert "weights_only" not in message and "\n" not in message and caught.value.__cause__ is None
+    assert not (tmp_path / "MARKER").exists()
 
 
 def test_save_refuses_a_state_without_rngs(tmp_path):

@@ -298,6 +298,31 @@ def test_a_bad_dataset_toml_is_refused_naming_the_key(tmp_path, make_dataset, ti
         load_training_data(config)
 
 
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ("[general]\nsubsets = 1\n[[datasets]]\n[[datasets.subsets]]\nimage_dir = '{data}'\n", r"bad.toml: \[general\]: subsets belongs under \[\[datasets\]\], as an array of \[\[datasets.subsets\]\] tables"),
+        ("[[datasets]]\nsubsets = 1\n", r"bad.toml: datasets\[0\]: subsets must be an array of \[\[datasets.subsets\]\] tables"),
+        ("[[datasets]]\nmin_bucket_reso = 512\nmax_bucket_reso = 256\n[[datasets.subsets]]\nimage_dir = '{data}'\n", r"bad.toml: datasets\[0\]: min_bucket_reso 512 is above max_bucket_reso 256"),
+        ("[[datasets]]\nenable_bucket = true\nmin_bucket_reso = 1024\n[[datasets.subsets]]\nimage_dir = '{data}'\n", r"bad.toml: datasets\[0\]: min_bucket_reso, max_bucket_reso and bucket_reso_steps leave no buckets"),
+        ("[general]\nresolution = 100000\n[[datasets]]\n[[datasets.subsets]]\nimage_dir = '{data}'\n", r"\[general\]: resolution must be sides that are multiples of 8 from 64 to 8192"),
+        ("[[datasets]]\n[[datasets.subsets]]\nimage_dir = '{data}'\nnum_repeats = 1000000000000\n", r"subsets\[0\]: num_repeats 1000000000000 is above 10000"),
+        ("[[datasets]]\n[[datasets.subsets]]\nimage_dir = '{data}'\nmetadata_file = '{number}'\n", r"number.json entry 'img00.png': caption must be a string, got 5"),
+        ("[[datasets]]\n[[datasets.subsets]]\nimage_dir = '{data}'\nmetadata_file = '{listed}'\n", r"listed.json entry 'img00.png': tags must be a string, got \['a', 'cat'\]"),
+    ],
+)  # fmt: skip
+def test_hostile_dataset_toml_values_are_one_line_naming_file_and_key(tmp_path, make_dataset, tiny_config, body, message):
+    data = make_dataset(tmp_path / "data", count=2)
+    number, listed = tmp_path / "number.json", tmp_path / "listed.json"
+    number.write_text(json.dumps({"img00.png": {"caption": 5}, "img01.png": {"caption": "a cat"}}))
+    listed.write_text(json.dumps({"img00.png": {"caption": "a cat", "tags": ["a", "cat"]}}))
+    path = _toml(tmp_path, body.format(data=data.as_posix(), number=number.as_posix(), listed=listed.as_posix()))
+    config = tiny_config(None, tmp_path / "out", data_dir="", dataset_config=str(path))
+    with pytest.raises(ValueError, match=message) as caught:
+        load_training_data(config)
+    assert "\n" not in str(caught.value)
+
+
 def test_data_dir_and_dataset_config_are_one_or_the_other(tmp_path, make_dataset, tiny_config):
     data = make_dataset(tmp_path / "data", count=2)
     with pytest.raises(ValueError, match="not both"):

@@ -72,7 +72,11 @@ def test_plain_folders_keep_todays_behaviour(tmp_path):
 
 @pytest.mark.parametrize(
     "folder, says",
-    [("0_alpha", "0_alpha: N in N_words is the repeats per epoch and must be at least 1"), ("x_alpha", "x_alpha: not named N_words")],
+    [
+        ("0_alpha", "0_alpha: N in N_words is the repeats per epoch and must be at least 1"),
+        ("x_alpha", "x_alpha: not named N_words"),
+        ("99999999999999999999_cat", "99999999999999999999_cat: N in N_words is the repeats per epoch and must be at most 10000"),
+    ],
 )
 def test_bad_subset_folders_are_one_line(tmp_path, folder, says):
     root = tmp_path / "data"

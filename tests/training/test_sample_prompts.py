@@ -46,6 +46,8 @@ def test_text_and_json_files(tmp_path):
         ("ok\na cat --w 500", "prompts.txt:2: --w 500 must be a positive multiple of 8"),
         ("a cat --s two", "--s 'two' is not an integer"),
         ("a cat --l", "--l needs a value"),
+        ("a cat --w 100000 --h 100000", "prompts.txt:1: --w 100000 is larger than 8192"),
+        ("a cat --l 1e30", "prompts.txt:1: --l 1e+30: the guidance scale must be a number from 0 to 100"),
         ("a cat --ss Eulr", "unknown sampler 'Eulr'"),
         (" --w 64", "no prompt"),
         ("# only a comment\n", "holds no prompts"),
@@ -57,6 +59,13 @@ def test_bad_lines_are_one_line_naming_the_line(tmp_path, content, says):
     with pytest.raises(ValueError) as caught:
         read_sample_prompts(path)
     assert says in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_json_object_without_a_prompt_is_one_line_naming_it(tmp_path):
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps([{"prompt": "a"}, {"negative_prompt": "blurry", "width": 64}]))
+    with pytest.raises(ValueError, match=r"p.json\[1\]: the object has no 'prompt'"):
+        read_sample_prompts(path)
 
 
 def test_json_with_an_unknown_key_or_a_wrong_type(tmp_path):

@@ -59,3 +59,28 @@ def test_held_out_captions_are_encoded_afresh_while_the_text_encoder_trains(trai
             if name.startswith("text_encoder.") and "lora_B" in name:
                 parameter.add_(0.05)
     assert run.validator.loss() != first  # only the text encoder's LoRA moved, and the loss saw it
+
+
+def test_a_sample_that_comes_out_nan_is_a_warning_and_a_black_cell_not_the_end_of_the_run(tmp_path, make_dataset, tiny_config, monkeypatch):
+    from PIL import Image
+
+    from sdlora.inference.generation import NonFiniteImageError
+    from sdlora.training import validation
+
+    prompts = tmp_path / "samples.txt"
+    prompts.write_text("a red circle --w 64 --h 48\na blue square\n")
+    calls = []
+
+    def overflowing(pipe, prompt, *args, **kwargs):
+        calls.append(prompt)
+        raise NonFiniteImageError("the image of seed 1 came out NaN or inf, so it was not saved")
+
+    monkeypatch.setattr(validation, "generate", overflowing)
+    data = make_dataset(tmp_path / "data", count=2)
+    with pytest.warns(UserWarning, match="sample prompt 1 at step 1: the image of seed 1 came out NaN"):
+        recipe.train(tiny_config(data, tmp_path / "run", steps=1, checkpoint_every=0, sample_prompts=str(prompts)))
+    assert calls == ["a red circle", "a blue square"] and (tmp_path / "run" / "pytorch_lora_weights.safetensors").is_file()
+    samples = sorted((tmp_path / "run" / "samples").glob("step-*"))
+    assert [p.name for p in samples] == ["step-00000001.png"]  # the grid only: no PNG of a NaN image
+    with Image.open(samples[0]) as grid:
+        assert grid.getbbox() is None  # both cells black
