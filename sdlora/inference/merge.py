@@ -57,6 +57,7 @@ class _Update(NamedTuple):
     target: WeightSlot
 
 
+BIAS_LABEL = " (bias)"  # a full diff's bias update is labelled after its module, with this ending
 # weight key -> the updates one stored weight receives
 Plan = dict[str, list[_Update]]
 PICKLE_WEIGHTS = (".bin", ".ckpt", ".pt", ".pth")
@@ -125,7 +126,7 @@ def _merge_pipeline(pipe, loaded: list[_Lora], stats: MergeStats) -> int:
             _merged(weights[key].detach().clone(), updates, weights[key].dtype, key, MergeStats())
         for key, updates in plan.items():
             weights[key].copy_(_merged(weights[key].detach().clone(), updates, weights[key].dtype, key, stats))
-    count = sum(len(updates) for updates in plan.values())
+    count = _module_count(plan)
     stats.modules += count
     return count
 
@@ -245,7 +246,7 @@ def _plan(
                 bias_target = locate(owner, name, "bias")
                 if bias_target is None:
                     raise ValueError(f"{lora.label}: LoRA module {path} changes a bias, and {where} has no bias for it")
-                plan.setdefault(bias_target.key, []).append(_Update(path + " (bias)", bias, lora.scale, bias_target))
+                plan.setdefault(bias_target.key, []).append(_Update(path + BIAS_LABEL, bias, lora.scale, bias_target))
     return plan
 
 
@@ -313,8 +314,13 @@ def _stream(
         dtype = TORCH_DTYPES[changed[info.name]]
         return _merged(tensor, plan[info.name], dtype, info.name, stats) if info.name in plan else tensor.to(dtype)
 
-    stats.modules += sum(len(updates) for updates in plan.values())
+    stats.modules += _module_count(plan)
     return rewrite(header, target, changed, transform, metadata)
+
+
+def _module_count(plan: Plan) -> int:
+    """LoRA modules in a plan: a full diff's bias update (labelled `PATH (bias)`) is part of its module."""
+    return sum(not update.label.endswith(BIAS_LABEL) for updates in plan.values() for update in updates)
 
 
 # ---------------------------------------------------------------- sources

@@ -205,11 +205,13 @@ def test_the_lycoris_full_file_covers_attention_convs_and_both_bias_cases(lycori
     assert any(key.startswith("lora_te_") for key in diffs) and any(key.startswith("lora_te_") for key in with_bias)
 
 
-def test_a_lycoris_full_diff_merges_into_a_folder_at_a_weight_below_one(lycoris_full_file, tiny_model_dir, tmp_path):
+def test_a_lycoris_full_diff_merges_into_a_folder_at_a_weight_below_one(lycoris_full_file, tiny_model_dir, tmp_path, capsys):
     """`sdlora merge --lora full.safetensors:0.7` (a TypeError on the diff_b bias before issue 24's fix)."""
     path, (reference_text, reference_unet), (base_text, base_unet) = lycoris_full_file
     out = tmp_path / "merged"
     assert main(["merge", "--model", str(tiny_model_dir), "--lora", f"{path}:0.7", "--out", str(out)]) == 0
+    modules = len(read_lora(path).modules)  # a module's weight and bias updates count once
+    assert capsys.readouterr().out.startswith(f"merged {modules} LoRA modules into ")
     text, unet = _outputs(load_pipeline(str(out)))
     assert _relative(base_unet, reference_unet) > 1e-3 and _relative(base_text, reference_text) > 1e-3
     assert _relative(text, reference_text) < TOLERANCE and _relative(unet, reference_unet) < TOLERANCE
