@@ -498,8 +498,6 @@ def _grid_run(args: argparse.Namespace) -> None:
     check_image_size(args.width, "--width")
     out = check_image_output(args.out, [args.model, args.config])
     weights = _values(args.weights, "--weights", float)
-    if not all(math.isfinite(w) for w in weights):
-        raise ValueError(f"--weights {args.weights!r}: each weight must be a finite number")
     seeds = _values(args.seed, "--seed", int)
     if any(not 0 <= s < 2**63 for s in seeds):
         raise ValueError(f"--seed {args.seed!r}: seeds must be between 0 and 2**63")

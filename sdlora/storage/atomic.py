@@ -195,9 +195,6 @@ def remove_leftover_temporaries(folder: str | os.PathLike) -> None:
         return
     for path in sorted(folder.rglob(TMP_PREFIX + "*"), key=lambda p: len(p.parts)):  # outermost first
         match = _TMP_NAME.match(path.name)
-        if match is not None and match["old"]:
-            _restore_or_remove(path, path.parent / match["name"], old=True)
-        elif path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)  # also fine when it sat in a folder removed just before
+        old = match is not None and bool(match["old"])
+        # a missing path (it sat in a folder removed just before) is fine for both removals
+        _restore_or_remove(path, path.parent / match["name"] if old else path, old)
