@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 
 from .config import add_arguments, config_from_args
 from .core.version import __version__
+from .errors import UserError
 
 EXIT_USER_ERROR = 2
 # errors a user can fix; anything else is a bug and keeps its traceback
@@ -128,7 +129,7 @@ def _check_output_file(out: str, inputs: list, option: str = "--out") -> None:
 
 def _check_ranks(*ranks: int | None) -> None:
     if any(rank is not None and rank < 1 for rank in ranks):
-        raise ValueError("--rank and --conv-rank must be at least 1")
+        raise UserError("--rank and --conv-rank must be at least 1")
 
 
 def _print_report(report) -> None:
@@ -235,15 +236,15 @@ def _parse_dynamic(text: str) -> tuple[str, float]:
 
     method, sep, value = text.partition(":")
     if method not in DYNAMIC_METHODS or not sep:
-        raise ValueError(f"--dynamic {text}: use METHOD:VALUE with METHOD one of {', '.join(DYNAMIC_METHODS)}")
+        raise UserError(f"--dynamic {text}: use METHOD:VALUE with METHOD one of {', '.join(DYNAMIC_METHODS)}")
     try:
         number = float(value)
     except ValueError:
-        raise ValueError(f"--dynamic {text}: {value!r} is not a number") from None
+        raise UserError(f"--dynamic {text}: {value!r} is not a number") from None
     try:
         check_dynamic(method, number)
     except ValueError as err:
-        raise ValueError(f"--dynamic {text}: {err}") from None
+        raise UserError(f"--dynamic {text}: {err}") from None
     return method, number
 
 
@@ -471,13 +472,13 @@ def _grid_own_args(parser: argparse.ArgumentParser) -> None:
 def _values(text: str, flag: str, kind: type) -> list:
     items = [item.strip() for item in text.split(",")]
     if not any(items):
-        raise ValueError(f"{flag} {text!r}: the axis has no values; give one or more, separated by commas")
+        raise UserError(f"{flag} {text!r}: the axis has no values; give one or more, separated by commas")
     try:
         values = [kind(item) for item in items if item]
     except ValueError:
-        raise ValueError(f"{flag} {text!r}: each value must be {'an integer' if kind is int else 'a number'}") from None
+        raise UserError(f"{flag} {text!r}: each value must be {'an integer' if kind is int else 'a number'}") from None
     if kind is float and not all(math.isfinite(value) for value in values):
-        raise ValueError(f"{flag} {text!r}: each value must be a finite number (not inf or nan)")
+        raise UserError(f"{flag} {text!r}: each value must be a finite number (not inf or nan)")
     return values
 
 
@@ -500,10 +501,10 @@ def _grid_run(args: argparse.Namespace) -> None:
     weights = _values(args.weights, "--weights", float)
     seeds = _values(args.seed, "--seed", int)
     if any(not 0 <= s < 2**63 for s in seeds):
-        raise ValueError(f"--seed {args.seed!r}: seeds must be between 0 and 2**63")
+        raise UserError(f"--seed {args.seed!r}: seeds must be between 0 and 2**63")
     samplers = [None] if args.sampler is None else [s.strip() for s in args.sampler.split(",") if s.strip()]
     if not samplers:
-        raise ValueError(f"--sampler {args.sampler!r}: the axis has no values")
+        raise UserError(f"--sampler {args.sampler!r}: the axis has no values")
     spec = GridSpec(
         prompts=args.prompt, weights=weights, checkpoints=find_checkpoints(args.lora_steps), seeds=seeds, samplers=samplers,
         steps=_values(args.steps, "--steps", int), guidance=_values(args.guidance, "--guidance", float),

@@ -9,6 +9,7 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
+from .errors import UserError
 from .training.config import TrainConfig, toml_value, value_problem
 
 if sys.version_info >= (3, 11):
@@ -68,16 +69,16 @@ def load_toml(path: str | os.PathLike) -> dict[str, Any]:
     except FileNotFoundError as err:
         raise FileNotFoundError(f"config file not found: {path}") from err
     except tomllib.TOMLDecodeError as err:
-        raise ValueError(f"{path} is not valid TOML: {err}") from err
+        raise UserError(f"{path} is not valid TOML: {err}") from err
     known = {item.name: item for item in fields(TrainConfig)}
     options = {key.replace("-", "_"): value for key, value in data.items()}
     unknown = sorted(set(options) - set(known))
     if unknown:
-        raise ValueError(f"{path}: unknown option {unknown[0]!r} (see sdlora train --help)")
+        raise UserError(f"{path}: unknown option {unknown[0]!r} (see sdlora train --help)")
     for key, value in data.items():  # here, to name the file: TrainConfig checks them again, worded for Python
         expected = value_problem(TrainConfig, known[key.replace("-", "_")], value, toml=True)
         if expected is not None:
-            raise ValueError(f"{path}: {key} = {toml_value(value)} must be {expected}")
+            raise UserError(f"{path}: {key} = {toml_value(value)} must be {expected}")
     # relative paths in a config file are relative to the file, so a dataset's train.toml works from anywhere
     for key, value in options.items():
         item = known[key]

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import UserError
 from .state import LoraState
 
 
@@ -66,7 +67,7 @@ class ModelFamily:
         for spec in self.text_encoders:
             if spec.component == component:
                 return spec
-        raise ValueError(
+        raise UserError(
             f"{self.label} models have no {component} (their text encoders: {', '.join(s.component for s in self.text_encoders)})"
         )
 
@@ -133,7 +134,7 @@ BY_NAME = {family.name: family for family in FAMILIES}
 
 def family_by_name(name: str) -> ModelFamily:
     if name not in BY_NAME:
-        raise ValueError(f"unknown model family {name!r}: use one of {', '.join(BY_NAME)}")
+        raise UserError(f"unknown model family {name!r}: use one of {', '.join(BY_NAME)}")
     return BY_NAME[name]
 
 
@@ -178,7 +179,7 @@ def family_of_single_file(keys: Iterable[str]) -> ModelFamily:
         if any(key.startswith(family.single_file_marker) for key in keys):
             return family
     if not any(key.startswith(UNET_SINGLE_FILE_PREFIX) for key in keys):
-        raise ValueError(f"no {UNET_SINGLE_FILE_PREFIX}* keys: not a Stable Diffusion single-file checkpoint")
+        raise UserError(f"no {UNET_SINGLE_FILE_PREFIX}* keys: not a Stable Diffusion single-file checkpoint")
     # no text encoder at all: SDXL's UNet alone still has its added (time and pooled text) embedding
     return SDXL if any(key.startswith(UNET_SINGLE_FILE_PREFIX + "label_emb.") for key in keys) else SD1
 
@@ -189,7 +190,7 @@ def check_single_file_parts(keys: Iterable[str], family: ModelFamily, label: str
     wanted = set(family.components if components is None else components)
     for spec in (spec for spec in family.text_encoders if spec.component in wanted):
         if not any(key.startswith(spec.single_file_prefix) for key in keys):
-            raise ValueError(
+            raise UserError(
                 f"{label} has no {spec.component} ({spec.single_file_prefix}* keys): {family.label} checkpoints need all {len(family.text_encoders)} text encoders"
             )
 
@@ -198,9 +199,9 @@ def _read_json(path: Path) -> dict:
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
-        raise ValueError(f"cannot read {path} ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from err
+        raise UserError(f"cannot read {path} ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from err
     if not isinstance(value, dict):
-        raise ValueError(f"{path} is not a JSON object")
+        raise UserError(f"{path} is not a JSON object")
     return value
 
 

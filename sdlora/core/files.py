@@ -15,6 +15,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 from safetensors.torch import save_file
 
+from ..errors import UserError
 from ..storage.atomic import atomic_file, check_writable_target
 from ..storage.output_rules import WRITTEN_BY_KEY
 from ..storage.safetensors_stream import read_header, rewrite
@@ -38,7 +39,7 @@ def read_tensors(path: str | os.PathLike, allow_pickle: bool = False) -> tuple[d
             metadata = dict(handle.metadata() or {})
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise ValueError(
+        raise UserError(
             f"{path} is not a readable .safetensors file ({str(err).splitlines()[0] if str(err) else type(err).__name__}): is it truncated or of another kind?"
         ) from err
     return tensors, metadata
@@ -46,7 +47,7 @@ def read_tensors(path: str | os.PathLike, allow_pickle: bool = False) -> tuple[d
 
 def _read_pickle(path: Path, allow_pickle: bool) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if not allow_pickle:
-        raise ValueError(f"{path} is a pickle file, which can run code when loaded: convert it to .safetensors or pass --allow-pickle")
+        raise UserError(f"{path} is a pickle file, which can run code when loaded: convert it to .safetensors or pass --allow-pickle")
     try:
         with warnings.catch_warnings():
             # torch warns on stderr about plain (non-zip) pickles; the error below says all a user needs
@@ -56,16 +57,16 @@ def _read_pickle(path: Path, allow_pickle: bool) -> tuple[dict[str, torch.Tensor
     except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
         if "Weights only load failed" in str(err):
             # torch's own message suggests weights_only=False: the one thing we must not do
-            raise ValueError(
+            raise UserError(
                 f"{path} holds Python objects besides tensors, which could run code when loaded: refused even with --allow-pickle"
             ) from err
-        raise ValueError(
+        raise UserError(
             f"{path} could not be loaded as a weights-only pickle ({str(err).splitlines()[0] if str(err) else type(err).__name__})"
         ) from err
     if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
         loaded = loaded["state_dict"]
     if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
-        raise ValueError(f"{path} does not hold a flat dictionary of tensors")
+        raise UserError(f"{path} does not hold a flat dictionary of tensors")
     return dict(loaded), {}
 
 
@@ -78,7 +79,7 @@ def read_lora(path: str | os.PathLike, allow_pickle: bool = False, fmt: str | No
         fmt = fmt or formats.detect_format(tensors)
         state = formats.to_lora_state(tensors, metadata, fmt, adapter_config)
     except ValueError as err:
-        raise ValueError(f"{path}: {err}") from err
+        raise UserError(f"{path}: {err}") from err
     state.metadata[FORMAT_METADATA_KEY] = fmt
     return state
 
@@ -105,13 +106,13 @@ def _adapter_config_beside(path: Path) -> dict | None:
     try:
         return json.loads(config_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
-        raise ValueError(f"{config_path} is not valid JSON: {err}") from err
+        raise UserError(f"{config_path} is not valid JSON: {err}") from err
 
 
 def _check_finite(state: LoraState) -> None:
     bad = state.non_finite_modules()
     if bad:
-        raise ValueError(f"LoRA module {bad[0]} holds NaN or inf values: refusing to write a broken file")
+        raise UserError(f"LoRA module {bad[0]} holds NaN or inf values: refusing to write a broken file")
 
 
 def lora_family(state: LoraState) -> ModelFamily:
@@ -130,7 +131,7 @@ def write_diffusers(state: LoraState, out_path: str | os.PathLike, family: Model
     kwargs = {}
     for component, (tensors, config) in layers.items():
         if component not in family.components:
-            raise ValueError(f"this LoRA has {component} modules, which {family.label} models do not have")
+            raise UserError(f"this LoRA has {component} modules, which {family.label} models do not have")
         kwargs[f"{component}_lora_layers"] = tensors
         kwargs[f"{component}_lora_adapter_metadata"] = config
     import diffusers  # after the checks: importing it takes seconds
@@ -225,7 +226,7 @@ def write_lora(
         return write_diffusers(state, out_path, family)
     if fmt == formats.KOHYA:
         return write_kohya(state, out_path, extra_metadata, family)
-    raise ValueError(f"cannot write format {fmt!r}: use one of {', '.join(formats.WRITABLE)}")
+    raise UserError(f"cannot write format {fmt!r}: use one of {', '.join(formats.WRITABLE)}")
 
 
 def lora_file_hash(path: str | os.PathLike) -> str:

@@ -24,6 +24,7 @@ from typing import ClassVar
 
 import torch
 
+from ..errors import UserError
 from .state import AlphaScaled, LoraModule
 
 Tensor = torch.Tensor
@@ -89,7 +90,7 @@ class LohaModule(AlphaScaled):
 
     def __post_init__(self) -> None:
         if (self.t1 is None) != (self.t2 is None):
-            raise ValueError("LoHa has one Tucker core (hada_t1/hada_t2) without the other")
+            raise UserError("LoHa has one Tucker core (hada_t1/hada_t2) without the other")
         if self.t1 is None:
             ok = (
                 self.w1a.shape[1] == self.w1b.shape[0] == self.w2a.shape[1] == self.w2b.shape[0]
@@ -105,7 +106,7 @@ class LohaModule(AlphaScaled):
             )
         if not ok:
             shapes = {name: tuple(t.shape) for name, t in self.factors().items()}
-            raise ValueError(f"LoHa factors do not fit together: {shapes}")
+            raise UserError(f"LoHa factors do not fit together: {shapes}")
         if self.alpha is not None:
             self.alpha = float(self.alpha)
 
@@ -170,14 +171,12 @@ class LokrModule:
     def __post_init__(self) -> None:
         for number, whole, a, b in ((1, self.w1, self.w1a, self.w1b), (2, self.w2, self.w2a, self.w2b)):
             if (whole is None) == (a is None or b is None):
-                raise ValueError(f"LoKr needs lokr_w{number}, or both lokr_w{number}_a and lokr_w{number}_b")
+                raise UserError(f"LoKr needs lokr_w{number}, or both lokr_w{number}_a and lokr_w{number}_b")
             tucker = number == 2 and self.t2 is not None  # then a is [dim, out], b [dim, in], as in LoHa's Tucker form
             if whole is None and (a.shape[0] != b.shape[0] if tucker else a.shape[1] != b.shape[0]):
-                raise ValueError(
-                    f"LoKr factors lokr_w{number}_a {tuple(a.shape)} and lokr_w{number}_b {tuple(b.shape)} do not fit together"
-                )
+                raise UserError(f"LoKr factors lokr_w{number}_a {tuple(a.shape)} and lokr_w{number}_b {tuple(b.shape)} do not fit together")
         if self.t2 is not None and (self.w2a is None or tuple(self.t2.shape[:2]) != (self.w2a.shape[0], self.w2b.shape[0])):
-            raise ValueError(f"LoKr's Tucker core lokr_t2 {tuple(self.t2.shape)} does not fit lokr_w2_a / lokr_w2_b")
+            raise UserError(f"LoKr's Tucker core lokr_t2 {tuple(self.t2.shape)} does not fit lokr_w2_a / lokr_w2_b")
         if self.alpha is not None:
             self.alpha = float(self.alpha)
 
@@ -256,7 +255,7 @@ class FullModule(Unscaled):
 
     def __post_init__(self) -> None:
         if self.diff_b is not None and tuple(self.diff_b.shape) != (self.diff.shape[0],):
-            raise ValueError(
+            raise UserError(
                 f"full diff: diff_b {tuple(self.diff_b.shape)} does not fit diff {tuple(self.diff.shape)} (expected [{self.diff.shape[0]}])"
             )
 
@@ -313,7 +312,7 @@ class DoraModule:
                 if told and self.on_output
                 else "fits neither the output rows nor the input columns"
             )
-            raise ValueError(f"DoRA magnitude {tuple(self.magnitude.shape)} {fit} of a {list(shape)} weight")
+            raise UserError(f"DoRA magnitude {tuple(self.magnitude.shape)} {fit} of a {list(shape)} weight")
 
     rank = property(lambda self: self.inner.rank)
     alpha = property(lambda self: self.inner.alpha)
@@ -338,7 +337,7 @@ class DoraModule:
 
     def apply(self, weight: Tensor, multiplier: float = 1.0, rows: tuple[int, int] | None = None) -> Tensor:
         if rows is not None:
-            raise ValueError("DoRA's update needs the whole weight (its norm spans every row)")
+            raise UserError("DoRA's update needs the whole weight (its norm spans every row)")
         merged = self.inner.apply(weight.clone(), 1.0)  # W + dW at the LoRA's own scale
         magnitude = _cast(self.magnitude, weight).flatten()
         eps = torch.finfo(torch.float32).eps  # as LyCORIS and ComfyUI (peft adds none): a zero row or column stays finite
@@ -394,12 +393,12 @@ class OftModule:
     def __post_init__(self) -> None:
         self._check_blocks()
         if self.rescale is not None and self.rescale.shape[0] != self.out_features:
-            raise ValueError(f"{KIND_NAMES[self.kind]} rescale {tuple(self.rescale.shape)} does not fit {self.out_features} output rows")
+            raise UserError(f"{KIND_NAMES[self.kind]} rescale {tuple(self.rescale.shape)} does not fit {self.out_features} output rows")
         self.alpha = 0.0 if self.alpha is None else float(self.alpha)
 
     def _check_blocks(self) -> None:
         if self.blocks.ndim != 3 or self.blocks.shape[1] != self.blocks.shape[2]:
-            raise ValueError(f"OFT oft_blocks {tuple(self.blocks.shape)} is not [blocks, size, size]")
+            raise UserError(f"OFT oft_blocks {tuple(self.blocks.shape)} is not [blocks, size, size]")
 
     @property
     def out_features(self) -> int:
@@ -427,10 +426,10 @@ class OftModule:
 
     def apply(self, weight: Tensor, multiplier: float = 1.0, rows: tuple[int, int] | None = None) -> Tensor:
         if rows is not None:
-            raise ValueError(f"{KIND_NAMES[self.kind]}'s update needs the whole weight (its blocks span rows)")
+            raise UserError(f"{KIND_NAMES[self.kind]}'s update needs the whole weight (its blocks span rows)")
         flat = weight.view(weight.shape[0], -1)
         if flat.shape[0] != self.out_features:
-            raise ValueError(
+            raise UserError(
                 f"{KIND_NAMES[self.kind]} blocks {tuple(self.blocks.shape)} cover {self.out_features} rows, the weight has {flat.shape[0]}"
             )
         adapted = self._rotated(flat)
@@ -451,10 +450,10 @@ class BoftModule(OftModule):
 
     def _check_blocks(self) -> None:
         if self.blocks.ndim != 4 or self.blocks.shape[2] != self.blocks.shape[3] or self.blocks.shape[2] % 2:
-            raise ValueError(f"BOFT oft_blocks {tuple(self.blocks.shape)} is not [stages, blocks, size, size] of an even size")
+            raise UserError(f"BOFT oft_blocks {tuple(self.blocks.shape)} is not [stages, blocks, size, size] of an even size")
         stages, count, size = self.blocks.shape[:3]
         if 2 ** (stages - 1) * size > count * size:
-            raise ValueError(f"BOFT oft_blocks {tuple(self.blocks.shape)}: {stages} stages need more than {count} blocks of {size}")
+            raise UserError(f"BOFT oft_blocks {tuple(self.blocks.shape)}: {stages} stages need more than {count} blocks of {size}")
 
     @property
     def out_features(self) -> int:
@@ -487,9 +486,9 @@ class Ia3Module(Unscaled):
 
     def __post_init__(self) -> None:
         if self.weight.ndim not in (1, 4) or (self.weight.ndim == 4 and (self.weight.shape[0] != 1 or self.weight.shape[2:].numel() != 1)):
-            raise ValueError(f"IA3 weight {tuple(self.weight.shape)} is neither [channels] nor [1, channels, 1, 1]")
+            raise UserError(f"IA3 weight {tuple(self.weight.shape)} is neither [channels] nor [1, channels, 1, 1]")
         if self.on_input.numel() != 1:
-            raise ValueError(f"IA3 on_input {tuple(self.on_input.shape)} is not one number")
+            raise UserError(f"IA3 on_input {tuple(self.on_input.shape)} is not one number")
 
     @property
     def inputs(self) -> bool:
@@ -552,10 +551,10 @@ class GloraModule(AlphaScaled):
         ]  # fmt: skip
         if not fitting:
             shapes = {name: tuple(t.shape) for name, t in self.factors().items()}
-            raise ValueError(f"GLoRA factors do not fit together: {shapes}")
+            raise UserError(f"GLoRA factors do not fit together: {shapes}")
         self._a_in, self._a_out, _, _, up, down = min(fitting, key=lambda r: r[0].shape[1])
         if self.bm is not None and (self.bm.ndim != 4 or tuple(self.bm.shape[:2]) != (up.shape[1], down.shape[0])):
-            raise ValueError(
+            raise UserError(
                 f"GLoRA Tucker core bm {tuple(self.bm.shape)} does not fit b1 {tuple(self.b1.shape)} / b2 {tuple(self.b2.shape)}"
             )
         self._b = LoraModule(down, up, None, self.bm)
@@ -622,6 +621,6 @@ def build_adapter(kind: str, fields: dict[str, Tensor], alpha: float | None = No
     if kind == "oft" and fields["blocks"].ndim == 4:
         kind = "boft"
     if magnitude is not None and kind not in _DORA_OVER:
-        raise ValueError(f"a DoRA magnitude (dora_scale) beside {KIND_NAMES[kind]} weights is not something LyCORIS makes")
+        raise UserError(f"a DoRA magnitude (dora_scale) beside {KIND_NAMES[kind]} weights is not something LyCORIS makes")
     adapter = KIND_CLASSES[kind](**fields) if kind in _NO_ALPHA else KIND_CLASSES[kind](**fields, alpha=alpha)
     return adapter if magnitude is None else DoraModule(adapter, magnitude)

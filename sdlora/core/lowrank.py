@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import UserError
 from .state import LoraModule
 
 Tensor = torch.Tensor
@@ -44,10 +45,10 @@ def update_of(module, weight: Tensor | None = None, shape: tuple[int, ...] | Non
         base = weight.detach().to(torch.float32)
         return module.apply(base.clone().contiguous(), 1.0).sub_(base)
     if not module.additive:
-        raise ValueError(f"a {module.kind} module's update depends on the weight it adapts: a base model is needed")
+        raise UserError(f"a {module.kind} module's update depends on the weight it adapts: a base model is needed")
     shape = tuple(shape) if shape is not None else module.weight_shape()
     if any(size is None for size in shape):
-        raise ValueError(f"a {module.kind} module's update does not say its full shape: a base model is needed")
+        raise UserError(f"a {module.kind} module's update does not say its full shape: a base model is needed")
     return module.apply(torch.zeros(shape, dtype=torch.float32), 1.0)
 
 
@@ -70,11 +71,11 @@ def check_dynamic(method: str, value: float) -> None:
     """A one-line ValueError unless `value` is in the range `method` takes: sv_ratio a finite ratio above 1,
     sv_fro and sv_cumulative a share in (0, 1]. Checked before any file is read."""
     if method not in DYNAMIC_METHODS:
-        raise ValueError(f"unknown dynamic method {method!r}: use {', '.join(DYNAMIC_METHODS)}")
+        raise UserError(f"unknown dynamic method {method!r}: use {', '.join(DYNAMIC_METHODS)}")
     if method == "sv_ratio" and not 1 < value < math.inf:  # NaN fails this too
-        raise ValueError(f"sv_ratio takes a ratio above 1, and finite (the largest singular value over the smallest kept), got {value:g}")
+        raise UserError(f"sv_ratio takes a ratio above 1, and finite (the largest singular value over the smallest kept), got {value:g}")
     if method != "sv_ratio" and not 0 < value <= 1:
-        raise ValueError(f"{method} takes a share between 0 and 1, got {value:g}")
+        raise UserError(f"{method} takes a share between 0 and 1, got {value:g}")
 
 
 def factor(
@@ -120,7 +121,7 @@ def factor_product(
 def _finite(matrix: Tensor) -> Tensor:
     """`matrix`, or a one-line ValueError where it holds NaN or inf (the SVD would fail with LinAlgError)."""
     if not bool(torch.isfinite(matrix).all()):
-        raise ValueError("the update to factor holds NaN or inf values: a weight too large, or a diverged LoRA file")
+        raise UserError("the update to factor holds NaN or inf values: a weight too large, or a diverged LoRA file")
     return matrix
 
 

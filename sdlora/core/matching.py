@@ -15,6 +15,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from ..errors import UserError
 from .families import ModelFamily, lora_architecture
 from .kinds import KIND_NAMES
 from .state import LoraModule, LoraState
@@ -50,7 +51,7 @@ class Match:
     def require_all(self, label: str, where: str) -> None:
         """Raise naming the first module that matched no weight of `where`."""
         if self.unmatched:
-            raise ValueError(f"{label}: LoRA module {self.unmatched[0]} matches no weight in {where}")
+            raise UserError(f"{label}: LoRA module {self.unmatched[0]} matches no weight in {where}")
 
     def state(self, metadata: Mapping[str, str] | None = None) -> LoraState:
         """The matched modules as a LoraState under their original paths."""
@@ -128,7 +129,7 @@ def check_components(state: LoraState, family: ModelFamily, label: str, model_de
     encoder in an SD1 model), naming both architectures."""
     extra = [component for component in state.components() if component not in family.components]
     if extra:
-        raise ValueError(
+        raise UserError(
             f"{label} has modules for {extra[0]}, which {family.label} models do not have; "
             f"it was made for {lora_architecture(state)}, and this model is {model_description}"
         )
@@ -154,10 +155,10 @@ def match_lora(
             continue
         layer = component_layers[name]
         if layer.kind is not None and layer.kind not in ADAPTABLE_KINDS:
-            raise ValueError(f"{label}: module {path} is a {layer.kind} in this model, which LoRA cannot adapt (only Linear and Conv2d)")
+            raise UserError(f"{label}: module {path} is a {layer.kind} in this model, which LoRA cannot adapt (only Linear and Conv2d)")
         fitted = fit_to_shape(module, layer.shape)
         if fitted is None:
-            raise ValueError(
+            raise UserError(
                 f"{label}: {_kind_label(module)} module {path} makes a {_shape_text(module.weight_shape())} update but weight {component}.{name}.weight is {list(layer.shape)}: "
                 f"the LoRA was made for {made_for}, and this model is {model_description}"
             )

@@ -16,6 +16,8 @@ from typing import ClassVar
 
 import torch
 
+from ..errors import UserError
+
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 FORMAT_METADATA_KEY = "sdlora_format"  # the format a file was read from, kept in LoraState.metadata
 
@@ -54,11 +56,11 @@ class LoraModule(AlphaScaled):
 
     def __post_init__(self) -> None:
         if self.down.ndim not in (2, 4) or self.up.ndim not in (2, 4):
-            raise ValueError(f"LoRA weights must be 2-D or 4-D, got down {tuple(self.down.shape)}, up {tuple(self.up.shape)}")
+            raise UserError(f"LoRA weights must be 2-D or 4-D, got down {tuple(self.down.shape)}, up {tuple(self.up.shape)}")
         if self.up.shape[1] != self.down.shape[0]:
-            raise ValueError(f"LoRA rank mismatch: down {tuple(self.down.shape)} vs up {tuple(self.up.shape)}")
+            raise UserError(f"LoRA rank mismatch: down {tuple(self.down.shape)} vs up {tuple(self.up.shape)}")
         if self.mid is not None and (self.mid.ndim != 4 or self.mid.shape[:2] != (self.rank, self.rank) or self.down.ndim != 4):
-            raise ValueError(
+            raise UserError(
                 f"LoRA Tucker core lora_mid {tuple(self.mid.shape)} does not fit down {tuple(self.down.shape)} (expected [{self.rank}, {self.rank}, kh, kw])"
             )
         if self.alpha is not None:
@@ -92,7 +94,7 @@ class LoraModule(AlphaScaled):
         rows of the base weight and gets their part of the update.
         """
         if weight.dtype != torch.float32 or not weight.is_contiguous():
-            raise ValueError(f"add_to needs a contiguous fp32 weight, got {weight.dtype}")
+            raise UserError(f"add_to needs a contiguous fp32 weight, got {weight.dtype}")
         up = self.up.to(device=weight.device, dtype=torch.float32).reshape(self.up.shape[0], self.rank)
         if rows is not None:
             up = up[rows[0] : rows[1]]
@@ -155,7 +157,7 @@ class LoraState:
         """Raise a one-line ValueError naming `label` when any module holds NaN or inf."""
         bad = self.non_finite_modules()
         if bad:
-            raise ValueError(
+            raise UserError(
                 f"{label} holds NaN or inf values in {len(bad)} modules (first: {bad[0]}): the file is broken, perhaps saved from a diverged run"
             )
 

@@ -22,6 +22,7 @@ import re
 
 from torch import nn
 
+from ..errors import UserError
 from .matching import ADAPTABLE_LAYERS, base_layers
 
 _ATTENTION = r"\.transformer_blocks\.\d+\.attn\d+\.(to_q|to_k|to_v|to_out\.0)$"
@@ -42,13 +43,13 @@ TEXT_ENCODER_MLP = ("fc1", "fc2")
 def unet_target_modules(unet: nn.Module, preset: str) -> list[str]:
     """The full names of the UNet's Linear/Conv2d layers that `preset` adapts (see the module docstring)."""
     if preset not in PRESETS:
-        raise ValueError(f"unknown LoRA preset {preset!r}: use one of {', '.join(PRESETS)}")
+        raise UserError(f"unknown LoRA preset {preset!r}: use one of {', '.join(PRESETS)}")
     patterns = [re.compile(p) for p in PRESETS[preset]]
     names = [
         name for name, layer in base_layers(unet).items() if isinstance(layer, ADAPTABLE_LAYERS) and any(p.search(name) for p in patterns)
     ]
     if not names:
-        raise ValueError(f"LoRA preset {preset!r} matches no layer of this UNet ({type(unet).__name__}): is it a Stable Diffusion UNet?")
+        raise UserError(f"LoRA preset {preset!r} matches no layer of this UNet ({type(unet).__name__}): is it a Stable Diffusion UNet?")
     return names
 
 
@@ -59,5 +60,5 @@ def text_encoder_target_modules(text_encoder: nn.Module, targets: tuple[str, ...
         name for name, layer in base_layers(text_encoder).items() if isinstance(layer, nn.Linear) and name.rpartition(".")[2] in targets
     ]
     if not names:
-        raise ValueError(f"the text encoder ({type(text_encoder).__name__}) has no {'/'.join(targets)} layers to adapt")
+        raise UserError(f"the text encoder ({type(text_encoder).__name__}) has no {'/'.join(targets)} layers to adapt")
     return names

@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from ..drawing.scenes import DEMO_KINDS
 from ..drawing.styles import STYLE_NAMES, STYLES, draw
+from ..errors import UserError
 from ..models.demo import DEMO_SIZE, build_demo_architecture
 from ..models.loading import save_pipeline
 from ..models.tiny import make_encoder_near_deterministic
@@ -257,7 +258,7 @@ def pretrain(out: str | os.PathLike, seed: int = 0, schedule: Schedule | None = 
     recorded = out / "schedule.json"
     wanted = {"seed": seed, **asdict(schedule)}
     if recorded.is_file() and json.loads(recorded.read_text(encoding="utf-8")) != wanted:
-        raise ValueError(f"{out} holds a run with other settings ({recorded}): resume it with those, or choose another folder")
+        raise UserError(f"{out} holds a run with other settings ({recorded}): resume it with those, or choose another folder")
     recorded.write_text(json.dumps(wanted, indent=1), encoding="utf-8")
     torch.manual_seed(seed)
     pool = load_or_draw_pool(out, schedule, seed)

@@ -27,6 +27,7 @@ from ..core.families import ModelFamily, describe_model, family_of_pipeline, lor
 from ..core.files import LoraFile, open_lora
 from ..core.matching import ADAPTABLE_KINDS, base_layers, check_components, layers_of, match_lora
 from ..core.state import LoraState
+from ..errors import UserError
 
 _REGISTRY_ATTRIBUTE = "_sdlora_loras"  # {adapter name: LoadedLora} kept on the pipeline itself
 _ORIGINALS_ATTRIBUTE = "_sdlora_original_weights"  # {(component, layer, param): tensor} of layers merged into
@@ -120,7 +121,7 @@ def _match_pipeline(state: LoraState, pipe, label: str):
     match = match_lora(state, layers, label, describe_pipeline(pipe))
     if not match.modules:
         adaptable = sum(layer.kind in ADAPTABLE_KINDS for component_layers in layers.values() for layer in component_layers.values())
-        raise ValueError(
+        raise UserError(
             f"{label} matches none of the model's {adaptable} adaptable modules (first LoRA module: {match.unmatched[0]}); "
             f"it was made for {lora_architecture(state)}, and this model is {describe_pipeline(pipe)}"
         )
@@ -153,7 +154,7 @@ def _load_into_components(pipe, state: LoraState, name: str, label: str) -> None
                     )  # fmt: skip
         created = count_lora_layers(pipe, name)
         if created < len(state):
-            raise ValueError(f"{label}: diffusers created LoRA layers for only {created} of the {len(state)} matched modules")
+            raise UserError(f"{label}: diffusers created LoRA layers for only {created} of the {len(state)} matched modules")
     except Exception:
         _delete_adapter(pipe, name)
         raise
@@ -198,9 +199,9 @@ def _adapter_name(pipe, requested: str | None, stem: str) -> str:
     present = set(_present_adapters(pipe)) | set(_registry(pipe))
     if requested is not None:
         if not re.fullmatch(r"[A-Za-z0-9_-]+", requested) or hasattr(torch.nn.Module, requested):
-            raise ValueError(f"adapter name {requested!r} must hold only letters, digits, '_' and '-' and not be a torch Module attribute")
+            raise UserError(f"adapter name {requested!r} must hold only letters, digits, '_' and '-' and not be a torch Module attribute")
         if requested in present:
-            raise ValueError(f"adapter name {requested!r} is already loaded: pick another or unload it first")
+            raise UserError(f"adapter name {requested!r} is already loaded: pick another or unload it first")
         return requested
     base = re.sub(r"[^A-Za-z0-9_-]", "_", stem) or "lora"
     if hasattr(torch.nn.Module, base):
@@ -213,7 +214,7 @@ def _adapter_name(pipe, requested: str | None, stem: str) -> str:
 
 def _check_scale(scale: float) -> None:
     if not math.isfinite(scale):
-        raise ValueError(f"LoRA scale must be a finite number, got {scale}")
+        raise UserError(f"LoRA scale must be a finite number, got {scale}")
 
 
 def set_lora_scales(pipe, scales: dict[str, float]) -> None:
@@ -223,7 +224,7 @@ def set_lora_scales(pipe, scales: dict[str, float]) -> None:
     for name, scale in scales.items():
         if name not in present and name not in registry:
             loaded = present + [n for n in registry if n not in present]
-            raise ValueError(f"no LoRA named {name!r} is loaded (loaded: {', '.join(loaded) or 'none'})")
+            raise UserError(f"no LoRA named {name!r} is loaded (loaded: {', '.join(loaded) or 'none'})")
         _check_scale(scale)
     for name, scale in scales.items():
         if name in registry:

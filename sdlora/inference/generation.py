@@ -16,6 +16,7 @@ from PIL import Image as PILImage
 from PIL.PngImagePlugin import PngInfo
 
 from ..core.version import __version__
+from ..errors import UserError
 from ..storage import output_rules
 from ..storage.atomic import atomic_file, check_writable_target
 from .adapters import LoadedLora, loaded_loras
@@ -27,7 +28,7 @@ MAX_IMAGE_SIDE = 8192  # pixels: an 8192 x 8192 SD image already needs tens of G
 MAX_GUIDANCE = 100.0  # A1111's CFG slider stops at 30; far above it the latents overflow to NaN
 
 
-class NonFiniteImageError(ValueError):
+class NonFiniteImageError(UserError):
     """An image came out NaN or inf (a LoRA weight or guidance too high, or half precision overflowing)."""
 
 
@@ -101,7 +102,7 @@ def a1111_parameters(
 def image_grid(images: Sequence[PILImage.Image], columns: int | None = None) -> PILImage.Image:
     """The images pasted into a near-square grid (row by row), on black."""
     if not images:
-        raise ValueError("no images to put in a grid")
+        raise UserError("no images to put in a grid")
     columns = columns or math.ceil(math.sqrt(len(images)))
     rows = math.ceil(len(images) / columns)
     cell_width = max(image.width for image in images)
@@ -193,15 +194,15 @@ def check_image_size(value: int | None, name: str) -> None:
     """Raise a one-line error unless `value` is None or a positive multiple of 8 (what the VAE needs) of at most
     MAX_IMAGE_SIDE."""
     if value is not None and (value <= 0 or value % 8):
-        raise ValueError(f"{name} must be a positive multiple of 8, got {value}")
+        raise UserError(f"{name} must be a positive multiple of 8, got {value}")
     if value is not None and value > MAX_IMAGE_SIDE:
-        raise ValueError(f"{name} {value} is larger than {MAX_IMAGE_SIDE}: images that size would not fit in memory")
+        raise UserError(f"{name} {value} is larger than {MAX_IMAGE_SIDE}: images that size would not fit in memory")
 
 
 def check_guidance(value: float, name: str) -> None:
     """Raise a one-line error unless `value` is a finite guidance scale from 0 to MAX_GUIDANCE."""
     if not 0 <= value <= MAX_GUIDANCE:  # NaN fails this too
-        raise ValueError(f"{name} {value!r:.20}: the guidance scale must be a number from 0 to {MAX_GUIDANCE:g} (7.5 is usual)")
+        raise UserError(f"{name} {value!r:.20}: the guidance scale must be a number from 0 to {MAX_GUIDANCE:g} (7.5 is usual)")
 
 
 def seed_own_noise(scheduler, seed: int) -> bool:
@@ -236,7 +237,7 @@ def generate(
     """
     for value, name in ((steps, "steps"), (num_images, "num_images")):
         if value < 1:
-            raise ValueError(f"{name} must be at least 1, got {value}")
+            raise UserError(f"{name} must be at least 1, got {value}")
     check_image_size(height, "height")
     check_image_size(width, "width")
     check_guidance(guidance, "guidance")
@@ -245,7 +246,7 @@ def generate(
     if seed is None:
         seed = random.randrange(2**32)
     if not 0 <= seed <= 2**63 - num_images:
-        raise ValueError(f"seed must be between 0 and 2**63, got {seed}")
+        raise UserError(f"seed must be between 0 and 2**63, got {seed}")
     # CPU generators: the same seed gives the same starting noise on every device
     pipe.set_progress_bar_config(disable=not progress, desc="generating")
     # a scheduler with a noise source of its own (DPM++ SDE's Brownian tree) draws it from one seed for the whole

@@ -22,6 +22,7 @@ from PIL import ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
 from ..core.files import LoraFile, open_lora
+from ..errors import UserError
 from ..storage.steps import step_of
 from .adapters import load_lora, loaded_loras, set_lora_scales, unload_loras
 from .generation import check_guidance, generate
@@ -75,7 +76,7 @@ def _folder_checkpoints(folder: Path) -> list[Checkpoint]:
     files = sorted((p for p in folder.iterdir() if p.is_file() and p.suffix == ".safetensors" and p.name not in _NOT_A_LORA),
                    key=lambda p: _natural(p.name))  # fmt: skip
     if not files:
-        raise ValueError(f"--lora-steps {folder}: no step-* checkpoints and no .safetensors LoRA files in it")
+        raise UserError(f"--lora-steps {folder}: no step-* checkpoints and no .safetensors LoRA files in it")
     return [Checkpoint(p.stem, p) for p in files]
 
 
@@ -84,7 +85,7 @@ def _checkpoint_lora(step: Path) -> Path:
         return step / _DIFFUSERS_LORA
     loras = [p for p in step.glob("*.safetensors") if p.name not in _NOT_A_LORA]
     if len(loras) != 1:
-        raise ValueError(f"{step}: expected one LoRA .safetensors file in the checkpoint, found {len(loras)}")
+        raise UserError(f"{step}: expected one LoRA .safetensors file in the checkpoint, found {len(loras)}")
     return loras[0]
 
 
@@ -116,20 +117,20 @@ class GridSpec:
         values = self.values()
         for axis, options in values.items():
             if not options:
-                raise ValueError(f"the {axis} axis has no values")
+                raise UserError(f"the {axis} axis has no values")
         if len(self.weights) > 1 and not self.checkpoints:
-            raise ValueError("--weights sets the weight of the --lora-steps LoRA: give --lora-steps FILE or FOLDER")
+            raise UserError("--weights sets the weight of the --lora-steps LoRA: give --lora-steps FILE or FOLDER")
         for name in (self.x, self.y):
             if name is not None and name not in AXES:
-                raise ValueError(f"unknown grid axis {name!r}; the axes are {', '.join(AXES)}")
+                raise UserError(f"unknown grid axis {name!r}; the axes are {', '.join(AXES)}")
         if self.x is not None and self.x == self.y:
-            raise ValueError(f"--x and --y are both {self.x!r}: pick two different axes")
+            raise UserError(f"--x and --y are both {self.x!r}: pick two different axes")
         varied = [axis for axis in AXES if len(values[axis]) > 1]
         chosen = [a for a in (self.x, self.y) if a is not None]
         left = [axis for axis in varied if axis not in chosen]
         free = 2 - len(chosen)
         if len(left) > free:
-            raise ValueError(
+            raise UserError(
                 f"{', '.join(left)} have several values but a grid has two axes{' (' + ', '.join(chosen) + ' chosen)' if chosen else ''}: give one value for the others"
             )
         x = self.x or (left.pop(0) if left else "weight" if self.y != "weight" else "seed")
@@ -139,7 +140,7 @@ class GridSpec:
                 find_sampler(value)
         for steps in self.steps:
             if steps < 1:
-                raise ValueError(f"steps must be at least 1, got {steps}")
+                raise UserError(f"steps must be at least 1, got {steps}")
         for weight in self.weights:
             check_lora_weight(weight, "--weights")
         for path, weight in self.loras:

@@ -38,6 +38,7 @@ from ..core.kinds import KIND_NAMES
 from ..core.matching import Layer, LayerLookup, base_layers, check_components, match_lora
 from ..core.state import COMPONENTS, LoraModule, LoraState
 from ..core.version import __version__
+from ..errors import UserError
 from ..models import loading as models
 from ..storage import output_rules
 from ..storage.atomic import atomic_dir, atomic_file
@@ -149,7 +150,7 @@ def merge_model(
     failure leaves nothing behind. `unmerge`: take the LoRAs out of a model they were merged into (the same LoRAs
     and scales), which only additive kinds allow: a DoRA's update depends on the weight it was merged into."""
     if (out_dir is None) == (single_file is None):
-        raise ValueError("give either an output folder (--out) or a single-file output (--single-file)")
+        raise UserError("give either an output folder (--out) or a single-file output (--single-file)")
     out_dtype = models.parse_dtype(dtype) if isinstance(dtype, str) else dtype
     stats = stats if stats is not None else MergeStats()
     target = Path(single_file if single_file is not None else out_dir).expanduser()
@@ -169,9 +170,9 @@ def merge_model(
     path = Path(model).expanduser()
     if single_file is not None:
         if not (path.is_file() and path.suffix.lower() == ".safetensors"):
-            raise ValueError(f"--single-file needs a single-file .safetensors checkpoint as --model, got {model}")
+            raise UserError(f"--single-file needs a single-file .safetensors checkpoint as --model, got {model}")
         if target.suffix.lower() != ".safetensors":
-            raise ValueError(f"--single-file output {target} must end in .safetensors")
+            raise UserError(f"--single-file output {target} must end in .safetensors")
         return _merge_single_file(path, loaded, target, out_dtype, stats)
     if path.is_dir():
         models.check_model_dir(path)
@@ -189,11 +190,11 @@ def merge_model(
 
 def _load_loras(loras: Sequence[LoraSpec], allow_pickle: bool) -> list[_Lora]:
     if not loras:
-        raise ValueError("no LoRA given: pass at least one --lora FILE[:SCALE]")
+        raise UserError("no LoRA given: pass at least one --lora FILE[:SCALE]")
     loaded = []
     for index, (source, scale) in enumerate(loras):
         if not math.isfinite(float(scale)):
-            raise ValueError(f"LoRA scale {scale} is not a finite number")
+            raise UserError(f"LoRA scale {scale} is not a finite number")
         if isinstance(source, LoraState):
             loaded.append(_Lora(f"LoRA #{index + 1}", source, float(scale)))
         else:
@@ -208,7 +209,7 @@ def _check_undoable(loras: Sequence[_Lora]) -> None:
         path = next((p for p, m in lora.state.modules.items() if not m.additive), None)
         if path is not None:
             kind = KIND_NAMES[lora.state.modules[path].kind]
-            raise ValueError(
+            raise UserError(
                 f"{lora.label}: module {path} is {kind}, whose update depends on the weight it was merged into: "
                 "unmerge cannot undo it; start again from the model without it"
             )
@@ -245,7 +246,7 @@ def _plan(
             if bias is not None:  # a full diff's bias difference, into the layer's bias
                 bias_target = locate(owner, name, "bias")
                 if bias_target is None:
-                    raise ValueError(f"{lora.label}: LoRA module {path} changes a bias, and {where} has no bias for it")
+                    raise UserError(f"{lora.label}: LoRA module {path} changes a bias, and {where} has no bias for it")
                 plan.setdefault(bias_target.key, []).append(_Update(path + BIAS_LABEL, bias, lora.scale, bias_target))
     return plan
 
@@ -289,7 +290,7 @@ def _merged(weight: torch.Tensor, updates: list, out_dtype: torch.dtype, name: s
         finite = finite and bool(torch.isfinite(result[begin:end].sum(dtype=torch.float32)) or torch.isfinite(result[begin:end]).all())
     if not finite:
         culprits = ", ".join(sorted({update.label for update in updates}))
-        raise ValueError(
+        raise UserError(
             f"merging {culprits} gives NaN or inf in weight {name} ({str(out_dtype).removeprefix('torch.')}): refusing to write; is the LoRA broken or a scale too large?"
         )
     stats.tensors += 1
@@ -338,7 +339,7 @@ def _merge_folder(source: Path, loras: list[_Lora], out_dir: Path, out_dtype: to
         folder = source / component
         files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
         if not files:
-            raise ValueError(f"the LoRA has {component} modules but {folder} holds no .safetensors weights")
+            raise UserError(f"the LoRA has {component} modules but {folder} holds no .safetensors weights")
         groups: dict[str, list[Path]] = {}  # one group per variant (fp16...), its shards together
         for file in files:
             groups.setdefault(_SHARD.sub("", file.name), []).append(file)

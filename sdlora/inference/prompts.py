@@ -16,6 +16,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import UserError
+
 LORA_TAG = re.compile(r"<lora:([^<>]*)>", re.IGNORECASE)
 _ANY_TAG = re.compile(r"<lora:[^<>]*>", re.IGNORECASE)
 # what a LoRA file may be called in a --lora-dir (the formats core.files reads; pickles still need --allow-pickle)
@@ -65,22 +67,22 @@ def _parse_tag(text: str, inner: str) -> LoraTag:
     fields = inner.split(":")
     name = fields[0].strip()
     if not name:
-        raise ValueError(f"{text}: the tag names no LoRA; write <lora:NAME:WEIGHT>")
+        raise UserError(f"{text}: the tag names no LoRA; write <lora:NAME:WEIGHT>")
     if len(fields) > 2 or any("=" in field for field in fields[1:]):
-        raise ValueError(f"{text}: only <lora:NAME:WEIGHT> is supported (one weight for the UNet and text encoders alike)")
+        raise UserError(f"{text}: only <lora:NAME:WEIGHT> is supported (one weight for the UNet and text encoders alike)")
     if len(fields) == 1:
         return LoraTag(text, name, 1.0)  # A1111's default weight
     try:
         weight = float(fields[1])
     except ValueError:
-        raise ValueError(f"{text}: the weight {fields[1]!r} is not a number; write <lora:{name}:0.8>") from None
+        raise UserError(f"{text}: the weight {fields[1]!r} is not a number; write <lora:{name}:0.8>") from None
     return LoraTag(text, name, check_lora_weight(weight, text))
 
 
 def check_lora_weight(weight: float, where: str) -> float:
     """`weight` if it is a finite number within +-MAX_LORA_WEIGHT, else a one-line ValueError naming `where`."""
     if not math.isfinite(weight) or abs(weight) > MAX_LORA_WEIGHT:
-        raise ValueError(
+        raise UserError(
             f"{where}: a LoRA weight must be a finite number between -{MAX_LORA_WEIGHT:g} and {MAX_LORA_WEIGHT:g}, got {weight:g}"
         )
     return weight
@@ -105,7 +107,7 @@ def find_lora_file(tag: LoraTag, lora_dir: str | os.PathLike | None, files: dict
     No folder, no such file, or two files of that stem: a one-line ValueError (listing the close names).
     """
     if lora_dir is None:
-        raise ValueError(f"the prompt holds {tag.text}: pass --lora-dir DIR, the folder to look LoRA files up in by name")
+        raise UserError(f"the prompt holds {tag.text}: pass --lora-dir DIR, the folder to look LoRA files up in by name")
     files = lora_files(lora_dir) if files is None else files
     matches = files.get(tag.name) or [p for stem, paths in files.items() if stem.lower() == tag.name.lower() for p in paths]
     if matches:  # the file nearest the folder: a run's LoRA, not its checkpoints' copies further down
@@ -114,12 +116,10 @@ def find_lora_file(tag: LoraTag, lora_dir: str | os.PathLike | None, files: dict
     if len(matches) == 1:
         return matches[0]
     if matches:
-        raise ValueError(
-            f"{tag.text}: several files in {lora_dir} are named {tag.name!r}: {', '.join(str(p) for p in matches)}; rename one"
-        )
+        raise UserError(f"{tag.text}: several files in {lora_dir} are named {tag.name!r}: {', '.join(str(p) for p in matches)}; rename one")
     close = difflib.get_close_matches(tag.name, list(files), n=5, cutoff=0.4)
     hint = f"; close matches: {', '.join(close)}" if close else f"; it holds {len(files)} LoRA files"
-    raise ValueError(f"{tag.text}: no LoRA file named {tag.name!r} in {lora_dir}{hint}")
+    raise UserError(f"{tag.text}: no LoRA file named {tag.name!r} in {lora_dir}{hint}")
 
 
 def prompt_loras(prompt: str, lora_dir: str | os.PathLike | None) -> tuple[str, list[tuple[Path, float, LoraTag]]]:

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from ..errors import UserError
+
 
 @dataclass(frozen=True)
 class Sampler:
@@ -136,7 +138,7 @@ def find_sampler(name: str) -> Sampler:
             return Sampler(class_name, class_name, MappingProxyType({}))
     close = difflib.get_close_matches(text, list(SAMPLERS), n=3, cutoff=0.5)
     hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
-    raise ValueError(
+    raise UserError(
         f"unknown sampler {name!r}{hint}; known: {', '.join(SAMPLERS)}, kohya's names ({', '.join(KOHYA_NAMES)}) or a diffusers scheduler class name"
     )
 

@@ -26,6 +26,7 @@ from ..core.families import (
 )
 from ..core.files import read_tensors
 from ..core.version import __version__
+from ..errors import UserError
 from ..storage import output_rules
 from ..storage.atomic import atomic_dir
 from ..storage.safetensors_stream import read_header, read_tensor
@@ -61,7 +62,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 def parse_dtype(name: str) -> torch.dtype:
     """'fp32' | 'fp16' | 'bf16' -> torch dtype."""
     if name not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r}: use one of {', '.join(DTYPES)}")
+        raise UserError(f"unknown dtype {name!r}: use one of {', '.join(DTYPES)}")
     return DTYPES[name]
 
 
@@ -99,7 +100,7 @@ def write_tiny_model(out_dir: str | os.PathLike, variant: str = "tiny", seed: in
     """Write a built-in pipeline as a diffusers folder: a random-weight one (`tiny`, `sd15-shaped`, `sdxl`,
     `sdxl-shaped`) or the pretrained `demo`, copied file for file from the package (`seed` does not apply to it)."""
     if variant not in TINY_MODEL_VARIANTS and variant not in BUILTIN_MODELS:
-        raise ValueError(f"unknown tiny-model variant {variant!r}: use one of {', '.join(TINY_MODEL_VARIANTS)}")
+        raise UserError(f"unknown tiny-model variant {variant!r}: use one of {', '.join(TINY_MODEL_VARIANTS)}")
     output_rules.check_output_folder(out_dir, option="output folder")  # replaces only a folder sdlora wrote
     if TINY_MODEL_VARIANTS.get(variant, variant) == DEMO:
         source = demo_dir()
@@ -138,7 +139,7 @@ def load_pipeline(
         if not path.is_file():
             raise FileNotFoundError(f"model file not found: {path}")
         if path.suffix.lower() in PICKLE_SUFFIXES and not allow_pickle:
-            raise ValueError(
+            raise UserError(
                 f"{path} is a pickle checkpoint, which can run code when loaded: convert it to .safetensors or pass --allow-pickle"
             )
         family = SD1  # a pickle's keys cannot be read without unpickling it: diffusers' SD1 loader, as before
@@ -156,7 +157,7 @@ def load_pipeline(
         except OSError as err:
             if path.suffix.lower() in PICKLE_SUFFIXES:
                 _explain_pickle_failure(path)
-            raise ValueError(
+            raise UserError(
                 f"could not load single-file checkpoint {path} ({_first_line(err)}); offline, pass --config pointing at a local diffusers folder of the same architecture"
             ) from err
     if _looks_like_path(model):
@@ -169,9 +170,9 @@ def _check_single_file_vae(keys, path: Path) -> None:
     `decoder.up.N`, `mid.block_1`...): diffusers-named VAE keys there would load as empty (meta) tensors."""
     prefix = next((p for p in _LDM_VAE_PREFIXES if any(key.startswith(p) for key in keys)), None)
     if prefix is None:
-        raise ValueError(f"{path} has no VAE ({' or '.join(p + '*' for p in _LDM_VAE_PREFIXES)} keys): use a checkpoint that includes one")
+        raise UserError(f"{path} has no VAE ({' or '.join(p + '*' for p in _LDM_VAE_PREFIXES)} keys): use a checkpoint that includes one")
     if not all(any(key.startswith(prefix + part) for key in keys) for part in _LDM_VAE_PARTS):
-        raise ValueError(
+        raise UserError(
             f"{path}: the VAE keys ({prefix}*) are not in the LDM layout single-file checkpoints use ({prefix}encoder.down.0..., "
             f"{prefix}decoder.up.0...): write the VAE under LDM names, or load the model as a diffusers folder"
         )
@@ -193,19 +194,19 @@ def load_vae(source: str, dtype: torch.dtype = torch.float32, allow_pickle: bool
         if not path.is_file():
             raise FileNotFoundError(f"VAE file not found: {path}")
         if path.suffix.lower() in PICKLE_SUFFIXES and not allow_pickle:
-            raise ValueError(f"{path} is a pickle file, which can run code when loaded: convert it to .safetensors or pass --allow-pickle")
+            raise UserError(f"{path} is a pickle file, which can run code when loaded: convert it to .safetensors or pass --allow-pickle")
         if path.suffix.lower() == ".safetensors":
             read_header(path)  # a truncated or mislabelled file fails here with one line
         try:
             return AutoencoderKL.from_single_file(str(path), torch_dtype=dtype)
         except (OSError, ValueError) as err:
-            raise ValueError(f"could not load the VAE file {path} ({_first_line(err)}); offline, pass a diffusers VAE folder") from err
+            raise UserError(f"could not load the VAE file {path} ({_first_line(err)}); offline, pass a diffusers VAE folder") from err
     if _looks_like_path(source):
         raise FileNotFoundError(f"VAE not found: {source} (expected a diffusers VAE folder, a .safetensors file or a hub id)")
     try:
         return AutoencoderKL.from_pretrained(source, torch_dtype=dtype)
     except (OSError, ValueError) as err:
-        raise ValueError(
+        raise UserError(
             f"could not load the VAE {source!r} from the Hugging Face hub ({_first_line(err)}); without internet, pass a local VAE folder"
         ) from err
 
@@ -219,7 +220,7 @@ def _from_hub(repo_id: str, dtype: torch.dtype):
         cls = pipeline_class(family_of_model_index(index))
         return cls.from_pretrained(repo_id, torch_dtype=dtype, **_pipeline_options(cls))
     except (OSError, ValueError) as err:
-        raise ValueError(
+        raise UserError(
             f"could not load {repo_id!r} from the Hugging Face hub ({_first_line(err)}); without internet, pass a local diffusers folder or .safetensors file"
         ) from err
 
@@ -234,7 +235,7 @@ def check_folder_pickles(folder: Path, allow_pickle: bool) -> None:
         files = [entry for entry in part.iterdir() if entry.is_file()]
         pickles = [entry for entry in files if entry.suffix.lower() in PICKLE_SUFFIXES]
         if pickles and not any(entry.suffix == ".safetensors" for entry in files):
-            raise ValueError(
+            raise UserError(
                 f"{pickles[0]} is a pickle file, which can run code when loaded, and {part} has no .safetensors weights: "
                 "convert it to .safetensors or pass --allow-pickle"
             )
@@ -265,7 +266,7 @@ def load_unet_streaming(folder: Path, dtype: torch.dtype):
             os.close(fd)
     missing, unexpected = unet.load_state_dict(state, strict=False, assign=True)
     if missing or unexpected:
-        raise ValueError(f"{folder}: UNet weights do not fit its config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise UserError(f"{folder}: UNet weights do not fit its config (missing {missing[:3]}, unexpected {unexpected[:3]})")
     return unet.eval()
 
 

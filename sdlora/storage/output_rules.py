@@ -17,6 +17,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+from ..errors import UserError
 from .atomic import TMP_PREFIX, check_writable_target
 from .safetensors_stream import read_header
 
@@ -77,11 +78,11 @@ def _check_against_inputs(out: Path, inputs: Iterable[str | os.PathLike | None],
     target = out.expanduser().resolve()
     for source in _existing(inputs):
         if target == source:
-            raise ValueError(f"{option} {out} is the input {source}: writing there would replace it; choose another path")
+            raise UserError(f"{option} {out} is the input {source}: writing there would replace it; choose another path")
         if source.is_dir() and target.is_relative_to(source):
-            raise ValueError(f"{option} {out} is inside the input {source}: write the output elsewhere")
+            raise UserError(f"{option} {out} is inside the input {source}: write the output elsewhere")
         if containing and source.is_relative_to(target):
-            raise ValueError(f"{option} {out} holds the input {source}, which writing there would replace: choose another folder")
+            raise UserError(f"{option} {out} holds the input {source}, which writing there would replace: choose another folder")
 
 
 def check_output_file(out: str | os.PathLike, inputs: Iterable[str | os.PathLike | None] = (), option: str = "--out") -> Path:

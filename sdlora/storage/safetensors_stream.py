@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UserError
+
 TORCH_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
@@ -63,21 +65,21 @@ def read_header(path: str | os.PathLike) -> Header:
             (length,) = struct.unpack("<Q", prefix)
             size = os.fstat(handle.fileno()).st_size
             if length > size - 8:
-                raise ValueError(f"header length {length} exceeds the file")
+                raise UserError(f"header length {length} exceeds the file")
             text = handle.read(length)
             entries = json.loads(text, object_pairs_hook=_without_repeats)
     except (struct.error, ValueError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is not a readable .safetensors file ({err}): is it truncated or of another kind?") from err
+        raise UserError(f"{path} is not a readable .safetensors file ({err}): is it truncated or of another kind?") from err
     if not isinstance(entries, dict):
-        raise ValueError(f"{path} is not a readable .safetensors file (its header is not a JSON object)")
+        raise UserError(f"{path} is not a readable .safetensors file (its header is not a JSON object)")
     metadata = entries.pop("__metadata__", None)
     if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
-        raise ValueError(f"{path}: the header's __metadata__ is not a table of strings")
+        raise UserError(f"{path}: the header's __metadata__ is not a table of strings")
     data_start = 8 + length
     tensors = sorted((_tensor_info(path, name, entry, data_start, size) for name, entry in entries.items()), key=lambda i: (i.begin, i.end))
     for before, after in zip(tensors, tensors[1:]):
         if after.begin < before.end:
-            raise ValueError(f"{path}: the bytes of tensors {before.name!r} and {after.name!r} overlap: the header is corrupt")
+            raise UserError(f"{path}: the bytes of tensors {before.name!r} and {after.name!r} overlap: the header is corrupt")
     return Header(path, {info.name: info for info in tensors}, metadata, prefix + text)
 
 
@@ -87,7 +89,7 @@ def _without_repeats(pairs: list[tuple[str, object]]) -> dict[str, object]:
     entries: dict[str, object] = {}
     for name, value in pairs:
         if name in entries:
-            raise ValueError(f"the header names {name!r} twice")
+            raise UserError(f"the header names {name!r} twice")
         entries[name] = value
     return entries
 
@@ -96,19 +98,19 @@ def _tensor_info(path: Path, name: str, entry: object, data_start: int, size: in
     """One header entry checked before any use: a known dtype, a shape, and a byte range inside the data section
     exactly as long as the shape and dtype need."""
     if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
-        raise ValueError(f"{path}: the header entry of tensor {name!r} lacks dtype, shape or data_offsets: the header is corrupt")
+        raise UserError(f"{path}: the header entry of tensor {name!r} lacks dtype, shape or data_offsets: the header is corrupt")
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
     if dtype not in TORCH_DTYPES:
-        raise ValueError(f"{path}: tensor {name!r} has the unsupported dtype {dtype}")
+        raise UserError(f"{path}: tensor {name!r} has the unsupported dtype {dtype}")
     if not isinstance(shape, list) or not all(type(dim) is int and dim >= 0 for dim in shape):
-        raise ValueError(f"{path}: tensor {name!r} has the invalid shape {shape!r}: the header is corrupt")
+        raise UserError(f"{path}: tensor {name!r} has the invalid shape {shape!r}: the header is corrupt")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets) and 0 <= offsets[0] <= offsets[1]):
-        raise ValueError(f"{path}: tensor {name!r} has the invalid data_offsets {offsets!r}: the header is corrupt")
+        raise UserError(f"{path}: tensor {name!r} has the invalid data_offsets {offsets!r}: the header is corrupt")
     begin, end = offsets
     if data_start + end > size:
-        raise ValueError(f"{path}: tensor {name!r} ends past the end of the file ({size} bytes): is the file truncated?")
+        raise UserError(f"{path}: tensor {name!r} ends past the end of the file ({size} bytes): is the file truncated?")
     if end - begin != tensor_nbytes(dtype, tuple(shape)):
-        raise ValueError(
+        raise UserError(
             f"{path}: tensor {name!r} of shape {tuple(shape)} and dtype {dtype} needs {tensor_nbytes(dtype, tuple(shape))} bytes, "
             f"its header gives {end - begin}: the header is corrupt"
         )
@@ -126,7 +128,7 @@ def read_tensor(fd: int, info: TensorInfo, scratch: torch.Tensor | None = None) 
     while done < info.nbytes:
         got = os.preadv(fd, [view[done:]], info.begin + done)
         if got == 0:
-            raise ValueError(f"tensor {info.name!r} ends past the end of the file: is the file truncated?")
+            raise UserError(f"tensor {info.name!r} ends past the end of the file: is the file truncated?")
         done += got
     return raw.view(dtype).reshape(info.shape)
 
@@ -210,11 +212,11 @@ def _copy_range(src_fd: int, dst_fd: int, offset: int, length: int) -> None:
                 break
             raise
         if copied == 0:
-            raise ValueError(f"input ends {length} bytes early: is the file truncated?")
+            raise UserError(f"input ends {length} bytes early: is the file truncated?")
         offset, length = offset + copied, length - copied
     while length:
         chunk = os.pread(src_fd, min(length, _CHUNK), offset)
         if not chunk:
-            raise ValueError(f"input ends {length} bytes early: is the file truncated?")
+            raise UserError(f"input ends {length} bytes early: is the file truncated?")
         _write_all(dst_fd, memoryview(chunk))
         offset, length = offset + len(chunk), length - len(chunk)

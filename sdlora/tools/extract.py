@@ -18,6 +18,7 @@ from ..core.lowrank import Report, factor
 from ..core.matching import base_layers
 from ..core.state import LoraModule, LoraState
 from ..core.targets import TEXT_ENCODER_MLP, TEXT_ENCODER_TARGETS, text_encoder_target_modules, unet_target_modules
+from ..errors import UserError
 from ..inference.adapters import describe_pipeline
 from ..models.loading import load_pipeline
 
@@ -37,14 +38,14 @@ def extract_lora(
     """(the LoRA that takes `base` towards `tuned`, its report, the models' family). Both models load in `dtype`
     (fp32 by default, as kohya's: a half-precision load rounds away small differences)."""
     if rank < 1 or (conv_rank is not None and conv_rank < 1):
-        raise ValueError("--rank and --conv-rank must be at least 1")
+        raise UserError("--rank and --conv-rank must be at least 1")
     if not 0 < clamp_quantile <= 1:
-        raise ValueError(f"--clamp-quantile must be in (0, 1], got {clamp_quantile:g}")
+        raise UserError(f"--clamp-quantile must be in (0, 1], got {clamp_quantile:g}")
     pipes = [load_pipeline(model, dtype=dtype, config=config, allow_pickle=allow_pickle) for model in (base, tuned)]
     family, other = (family_of_pipeline(pipe) for pipe in pipes)
     described = [describe_pipeline(pipe) for pipe in pipes]
     if other != family or described[0] != described[1]:
-        raise ValueError(
+        raise UserError(
             f"the base model is {family.label} ({described[0]}) but the fine-tuned one is {other.label} ({described[1]}): "
             "extract takes two models of one architecture"
         )
@@ -62,7 +63,7 @@ def extract_lora(
     ):  # None: no bar off a terminal
         before, after = (side[name].weight.detach() for side in layers[component])
         if before.shape != after.shape:
-            raise ValueError(f"{component}.{name} is {list(before.shape)} in the base model but {list(after.shape)} in the fine-tuned one")
+            raise UserError(f"{component}.{name} is {list(before.shape)} in the base model but {list(after.shape)} in the fine-tuned one")
         delta = after.to(torch.float32) - before.to(torch.float32)
         if not bool(delta.any()):
             unchanged += 1
@@ -75,7 +76,7 @@ def extract_lora(
     if unchanged:
         report.notes.append(f"{unchanged} layers are the same in both models: left out")
     if not modules:
-        raise ValueError(f"{tuned} does not differ from {base} in any layer a LoRA covers: nothing to extract")
+        raise UserError(f"{tuned} does not differ from {base} in any layer a LoRA covers: nothing to extract")
     return LoraState(modules, {}), report, family
 
 

@@ -16,6 +16,7 @@ from ..core.families import unflattened_shape
 from ..core.kinds import KIND_NAMES
 from ..core.lowrank import Factored, Report, as_plain_lora, factor, factor_module, factor_product, update_of
 from ..core.state import FORMAT_METADATA_KEY, LoraModule, LoraState
+from ..errors import UserError
 from ..inference.adapters import matched_layers
 from ..inference.prompts import check_lora_weight
 from ..models.loading import load_pipeline
@@ -79,11 +80,11 @@ def to_plain_lora(
                 report.modules[path] = factor_product(plain.up * plain.scale, plain.down, shape, target, scale=plain.scale)
         else:
             if target is None:
-                raise ValueError(
+                raise UserError(
                     f"{label}: module {path} is {KIND_NAMES[module.kind]}, which only a LoRA of some rank can stand for: give --rank R (an SVD of its update)"
                 )
             if not module.additive and weight is None:
-                raise ValueError(
+                raise UserError(
                     f"{label}: module {path} is {KIND_NAMES[module.kind]}, whose update depends on the weight it adapts: "
                     "give --model (the model the LoRA is for) to factor it"
                 )
@@ -104,14 +105,14 @@ def resize_lora(
     picks from its singular values, capped by `rank` when both are given (kohya's resize_lora.py). Each module
     keeps its alpha / rank, so the new alpha is new rank * old scale, as there."""
     if rank is None and dynamic is None:
-        raise ValueError("resize needs --rank R, --dynamic METHOD:VALUE, or both")
+        raise UserError("resize needs --rank R, --dynamic METHOD:VALUE, or both")
     modules: dict[str, LoraModule] = {}
     report = Report({}, [])
     for path, module in tqdm(
         state.modules.items(), desc="resizing", unit="module", leave=False, disable=None
     ):  # None: no bar off a terminal
         if module.kind != "lora":
-            raise ValueError(
+            raise UserError(
                 f"{label}: module {path} is {KIND_NAMES[module.kind]}: resize takes LoRA files; `sdlora convert --rank R` makes a LoRA of it"
             )
         plain = as_plain_lora(module)
@@ -130,7 +131,7 @@ def combine_loras(loras: Sequence[tuple[str, LoraState, float]], rank: int | Non
     downs side by side, rank the sum, scale 1 (LoRA modules only). With `rank`: the SVD of the weighted sum of the
     updates at that rank (any additive kind), with its report."""
     if not loras:
-        raise ValueError("combine needs at least one LoRA")
+        raise UserError("combine needs at least one LoRA")
     by_path: dict[str, list[tuple[str, object, float]]] = {}
     for label, state, weight in loras:
         check_lora_weight(weight, label)
@@ -143,7 +144,7 @@ def combine_loras(loras: Sequence[tuple[str, LoraState, float]], rank: int | Non
         plain = all(module.kind == "lora" for _, module, _ in parts)
         if rank is None and not plain:
             label, module, _ = next(p for p in parts if p[1].kind != "lora")
-            raise ValueError(
+            raise UserError(
                 f"{label}: module {path} is {KIND_NAMES[module.kind]}: combining without --rank joins LoRA modules side by side; give --rank R to combine it by SVD"
             )
         if plain:
@@ -155,7 +156,7 @@ def combine_loras(loras: Sequence[tuple[str, LoraState, float]], rank: int | Non
         else:
             for label, module, _ in parts:
                 if not module.additive:
-                    raise ValueError(
+                    raise UserError(
                         f"{label}: module {path} is {KIND_NAMES[module.kind]}, whose update depends on the weight it adapts: "
                         "convert it with `sdlora convert --rank R --model MODEL` first"
                     )
@@ -172,7 +173,7 @@ def _common_shape(path: str, parts: Sequence[tuple[str, object, float]]) -> tupl
     first_label, first = shapes[0]
     for label, shape in shapes[1:]:
         if _squeezed(shape) != _squeezed(first):
-            raise ValueError(
+            raise UserError(
                 f"module {path} is {list(first)} in {first_label} but {list(shape)} in {label}: the LoRAs are for different models"
             )
     return first

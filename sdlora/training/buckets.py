@@ -8,6 +8,8 @@ from collections.abc import Iterator, Sequence
 
 from torch.utils.data import Sampler
 
+from ..errors import UserError
+
 Size = tuple[int, int]  # (width, height) in pixels
 
 
@@ -32,7 +34,7 @@ def bucket_sizes(
     min_side = max(step, _round_up(min_side if min_side is not None else resolution // 2, step))
     max_side = max_side if max_side is not None else resolution * 2
     if resolution < step or max_side < min_side:
-        raise ValueError(f"no buckets for resolution {resolution} with sides {min_side}..{max_side} in steps of {step}")
+        raise UserError(f"no buckets for resolution {resolution} with sides {min_side}..{max_side} in steps of {step}")
     sizes: set[Size] = set()
     for width in range(min_side, max_side + 1, step):
         # the tallest height this width allows; the transposed pair makes portrait and landscape sets mirror each other
@@ -64,7 +66,7 @@ def no_upscale_bucket(width: int, height: int, area: int, step: int) -> Size:
         else:
             width, height = int(by_height * ratio + 0.5), by_height
     if width < step or height < step:
-        raise ValueError(f"an image of {width}x{height} is smaller than one bucket step ({step} px)")
+        raise UserError(f"an image of {width}x{height} is smaller than one bucket step ({step} px)")
     return width - width % step, height - height % step
 
 
@@ -78,7 +80,7 @@ def _round_to(value: float, step: int) -> int:
 def assign_bucket(width: int, height: int, buckets: Sequence[Size]) -> Size:
     """The bucket whose aspect ratio is closest to the image's (in log ratio); ties go to the larger bucket."""
     if not buckets:
-        raise ValueError("assign_bucket needs at least one bucket")
+        raise UserError("assign_bucket needs at least one bucket")
     target = math.log(width / height)
     # ties -> more pixels kept, then the smaller width, so the choice never depends on the list's order
     return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - target), -b[0] * b[1], b[0]))
@@ -109,28 +111,28 @@ class BucketBatchSampler(Sampler[list[int]]):
         datasets: Sequence[int] | None = None,
     ):
         if not buckets:
-            raise ValueError("BucketBatchSampler needs at least one image")
+            raise UserError("BucketBatchSampler needs at least one image")
         self.batch_sizes = [batch_size] if isinstance(batch_size, int) else list(batch_size)
         if min(self.batch_sizes) < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+            raise UserError(f"batch_size must be at least 1, got {batch_size}")
         if not 0 <= rank < num_replicas:
-            raise ValueError(f"rank {rank} is not in 0..{num_replicas - 1}")
+            raise UserError(f"rank {rank} is not in 0..{num_replicas - 1}")
         self.buckets = [tuple(b) for b in buckets]
         self.seed, self.shuffle, self.drop_last = seed, shuffle, drop_last
         self.num_replicas, self.rank = num_replicas, rank
         self.epoch = 0
         self._groups: dict[tuple[int, Size], list[int]] = {}
         if repeats is not None and (len(repeats) != len(self.buckets) or min(repeats) < 1):
-            raise ValueError("repeats must give every image a count of at least 1")
+            raise UserError("repeats must give every image a count of at least 1")
         datasets = datasets if datasets is not None else [0] * len(self.buckets)
         if len(datasets) != len(self.buckets) or not all(0 <= d < len(self.batch_sizes) or len(self.batch_sizes) == 1 for d in datasets):
-            raise ValueError("datasets must give every image a dataset with a batch size")
+            raise UserError("datasets must give every image a dataset with a batch size")
         for index, bucket in enumerate(self.buckets):
             # an image repeated N times per epoch (kohya's N_words folders) is N entries of its bucket
             key = (datasets[index], bucket)
             self._groups.setdefault(key, []).extend([index] * (repeats[index] if repeats is not None else 1))
         if self._total_batches() == 0:
-            raise ValueError(f"no batch of {batch_size} fits: every bucket has fewer images and drop_last is on")
+            raise UserError(f"no batch of {batch_size} fits: every bucket has fewer images and drop_last is on")
 
     def _batch_size(self, dataset: int) -> int:
         return self.batch_sizes[dataset] if len(self.batch_sizes) > 1 else self.batch_sizes[0]

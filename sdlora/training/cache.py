@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..core.families import ModelFamily
+from ..errors import UserError
 from ..storage.atomic import atomic_file
 from .buckets import Size
 from .data import ImageRecord, crop_window, drop_captions, load_image, sdxl_time_ids, step_caption
@@ -152,7 +153,7 @@ def encode_images(vae, pixels: torch.Tensor, images: Sequence[Path], device) -> 
     if bool(bad.any()):
         image = images[int(bad.nonzero()[0])]
         where = f"in {str(vae.dtype).removeprefix('torch.')}" if vae.dtype != torch.float32 else "even in fp32"
-        raise ValueError(
+        raise UserError(
             f"the VAE gives NaN or inf latents for {image} ({where}): pass --vae with a VAE fixed for fp16, or --mixed-precision bf16 or no"
         )
     return mean, std

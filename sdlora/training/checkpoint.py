@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..errors import UserError
 from ..storage.atomic import TMP_PREFIX, atomic_dir, remove_leftover_temporaries
 from ..storage.steps import step_dir_name, step_of
 
@@ -88,10 +89,10 @@ def save_checkpoint(
     if state.python_rng is None or state.torch_rng is None or state.global_torch_rng is None:
         raise RuntimeError("TrainState has no RNG states: call state.capture_rngs(...) before save_checkpoint")
     if keep < 1:
-        raise ValueError(f"keep_checkpoints must be at least 1, got {keep}")
+        raise UserError(f"keep_checkpoints must be at least 1, got {keep}")
     for name in extra_files or {}:
         if name in OWN_FILES or Path(name).name != name or name.startswith("."):
-            raise ValueError(f"extra checkpoint file name {name!r} must be a plain file name other than {', '.join(OWN_FILES)}")
+            raise UserError(f"extra checkpoint file name {name!r} must be a plain file name other than {', '.join(OWN_FILES)}")
     checkpoints_dir = Path(checkpoints_dir)
     target = checkpoints_dir / step_dir_name(state.step)
     checkpoints_dir.mkdir(parents=True, exist_ok=True)
@@ -157,7 +158,7 @@ def _write_json(path: Path, value: object, what: str) -> None:
     try:
         text = json.dumps(value, indent=1)
     except TypeError as err:
-        raise ValueError(f"cannot write {path.name}: the {what} is not JSON-able ({err})") from err
+        raise UserError(f"cannot write {path.name}: the {what} is not JSON-able ({err})") from err
     path.write_text(text, encoding="utf-8")
 
 
@@ -244,7 +245,7 @@ def find_checkpoint(output_dir_or_checkpoints_dir: Path, resume: str) -> Path:
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint folder not found: {path}")
     if not is_complete(path):
-        raise ValueError(
+        raise UserError(
             f"{path} is not a complete checkpoint (missing or mismatched {COMPLETE} marker): pass a step-* folder or --resume latest"
         )
     return path
@@ -254,7 +255,7 @@ def load_checkpoint(path: Path, trainable: dict[str, torch.nn.Parameter], optimi
     """Copy a checkpoint's LoRA weights into `trainable` and restore optimizer and scheduler; returns its TrainState."""
     path = Path(path)
     if not is_complete(path):
-        raise ValueError(f"{path} is not a complete checkpoint (missing or mismatched {COMPLETE} marker)")
+        raise UserError(f"{path} is not a complete checkpoint (missing or mismatched {COMPLETE} marker)")
     _load_params(path / LORA_FILE, trainable)
     try:
         optimizer_state = torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
@@ -262,11 +263,11 @@ def load_checkpoint(path: Path, trainable: dict[str, torch.nn.Parameter], optimi
     except Exception as err:  # torch raises UnpicklingError, RuntimeError, ValueError... for bad or foreign files
         if "weights only load failed" in str(err).lower():
             # torch's own message advises weights_only=False: the one thing never to do with a file of unknown origin
-            raise ValueError(
+            raise UserError(
                 f"{path / OPTIMIZER_FILE} is not a plain tensor file: it holds Python objects that could run code, and "
                 "sdlora will not run code from a checkpoint; resume from another checkpoint or start again"
             ) from None
-        raise ValueError(
+        raise UserError(
             f"cannot restore the optimizer from {path / OPTIMIZER_FILE} ({_first_line(err)}): was it saved with other settings?"
         ) from err
     lr_scheduler.load_state_dict(_read_json(path / SCHEDULER_FILE))
@@ -284,7 +285,7 @@ def _load_params(file: Path, trainable: dict[str, torch.nn.Parameter]) -> None:
         if names
     ]
     if problems:
-        raise ValueError(f"{file} does not match the model being trained: {'; '.join(problems)} (other rank, targets or model?)")
+        raise UserError(f"{file} does not match the model being trained: {'; '.join(problems)} (other rank, targets or model?)")
     with torch.no_grad():
         for name, param in trainable.items():
             param.copy_(saved[name])
@@ -294,26 +295,26 @@ def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
-        raise ValueError(f"cannot read checkpoint file {path} ({_first_line(err)})") from err
+        raise UserError(f"cannot read checkpoint file {path} ({_first_line(err)})") from err
 
 
 def _read_state(path: Path) -> TrainState:
     raw = _read_json(path / STATE_FILE)
     if not isinstance(raw, dict):
-        raise ValueError(f"{path / STATE_FILE} is not a JSON object: the checkpoint {path} is damaged; resume from another")
+        raise UserError(f"{path / STATE_FILE} is not a JSON object: the checkpoint {path} is damaged; resume from another")
     if raw.get("format_version", 0) > FORMAT_VERSION:
-        raise ValueError(f"{path / STATE_FILE} was written by a newer sdlora (format {raw['format_version']}); upgrade to resume it")
+        raise UserError(f"{path / STATE_FILE} was written by a newer sdlora (format {raw['format_version']}); upgrade to resume it")
     try:
         rngs = load_file(str(path / RNG_FILE))
     except Exception as err:  # SafetensorError, OSError: a missing, truncated or foreign file
-        raise ValueError(f"cannot read checkpoint file {path / RNG_FILE} ({_first_line(err)}); resume from another checkpoint") from None
+        raise UserError(f"cannot read checkpoint file {path / RNG_FILE} ({_first_line(err)}); resume from another checkpoint") from None
     for file, values, keys in (
         (STATE_FILE, raw, ("step", "epoch", "batch_in_epoch", "python_rng")),
         (RNG_FILE, rngs, ("torch_rng", "global_torch_rng")),
     ):
         missing = [key for key in keys if key not in values]
         if missing:
-            raise ValueError(f"{path / file} has no {missing[0]!r}: the checkpoint {path} is damaged or not sdlora's; resume from another")
+            raise UserError(f"{path / file} has no {missing[0]!r}: the checkpoint {path} is damaged or not sdlora's; resume from another")
     try:
         version, internal, gauss_next = raw["python_rng"]
         return TrainState(
@@ -327,7 +328,7 @@ def _read_state(path: Path) -> TrainState:
             cuda_rng=rngs.get("cuda_rng"),
         )
     except (TypeError, ValueError) as err:
-        raise ValueError(
+        raise UserError(
             f"{path / STATE_FILE} holds a value of the wrong kind ({_first_line(err)}): the checkpoint {path} is damaged"
         ) from None
 

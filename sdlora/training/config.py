@@ -9,6 +9,7 @@ from dataclasses import Field, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
+from ..errors import UserError
 from ..inference.samplers import find_sampler
 from .optimizers import OPTIMIZER_NAMES, parse_optimizer_args
 from .sample_prompts import read_sample_prompts
@@ -240,24 +241,24 @@ class TrainConfig:
             _check(expected is None, item.name, value, expected or "")
         _check_name(self.name)
         if not self.data_dir and not self.dataset_config:
-            raise ValueError("data_dir is required: the folder of training images (or --dataset-config, a kohya dataset TOML)")
+            raise UserError("data_dir is required: the folder of training images (or --dataset-config, a kohya dataset TOML)")
         if self.data_dir and self.dataset_config:
-            raise ValueError(
+            raise UserError(
                 f"pass DATA_DIR {self.data_dir} or --dataset-config {self.dataset_config}, not both: the dataset TOML names its folders"
             )
         if self.reg_data and self.dataset_config:
-            raise ValueError("--reg-data and --dataset-config: put the regularization folder in the TOML as a subset with is_reg = true")
+            raise UserError("--reg-data and --dataset-config: put the regularization folder in the TOML as a subset with is_reg = true")
         if not self.output_dir:
-            raise ValueError("--output is required: the folder to write the LoRA to")
+            raise UserError("--output is required: the folder to write the LoRA to")
         output_dir = Path(self.output_dir).resolve()
         for flag, folder in (("the data folder", self.data_dir), ("--reg-data", self.reg_data)):
             folder = Path(folder).resolve() if folder else None
             if folder is not None and (output_dir == folder or folder in output_dir.parents):
-                raise ValueError(
+                raise UserError(
                     f"--output {self.output_dir} is inside {flag} {folder}: its sample images would become training data; choose another folder"
                 )
         if self.reg_data and Path(self.reg_data).resolve() == Path(self.data_dir).resolve():
-            raise ValueError(f"--reg-data {self.reg_data} is the data folder: regularization images are other images of the class")
+            raise UserError(f"--reg-data {self.reg_data} is the data folder: regularization images are other images of the class")
         if self.resolution is not None:
             _check(
                 64 <= self.resolution <= 8192 and self.resolution % 8 == 0, "resolution", self.resolution, "a multiple of 8 from 64 to 8192"
@@ -275,16 +276,16 @@ class TrainConfig:
             _check(math.isfinite(value) and value > 0, name, value, "a positive finite number")
         if self.conv_rank is not None or self.conv_alpha is not None:
             if self.preset != "all":
-                raise ValueError(f"--conv-rank and --conv-alpha set the 3x3 convs, which only --preset all adapts (now {self.preset})")
+                raise UserError(f"--conv-rank and --conv-alpha set the 3x3 convs, which only --preset all adapts (now {self.preset})")
             if self.conv_rank is not None:
                 _check(self.conv_rank >= 1, "conv_rank", self.conv_rank, "at least 1")
             if self.conv_alpha is not None:
                 _check(math.isfinite(self.conv_alpha) and self.conv_alpha > 0, "conv_alpha", self.conv_alpha, "a positive finite number")
         if self.full_bf16 and self.full_fp16:
-            raise ValueError("--full-bf16 and --full-fp16: choose one")
+            raise UserError("--full-bf16 and --full-fp16: choose one")
         for flag, precision in (("full_bf16", "bf16"), ("full_fp16", "fp16")):
             if getattr(self, flag) and self.mixed_precision != precision:
-                raise ValueError(f"--{flag.replace('_', '-')} needs --mixed-precision {precision} (now {self.mixed_precision})")
+                raise UserError(f"--{flag.replace('_', '-')} needs --mixed-precision {precision} (now {self.mixed_precision})")
         if self.ema_decay is not None:
             _check(0.0 < self.ema_decay < 1.0, "ema_decay", self.ema_decay, "in (0, 1), e.g. 0.999")
         if self.sampler is not None:
@@ -292,7 +293,7 @@ class TrainConfig:
         if self.sample_prompts is not None:
             read_sample_prompts(self.sample_prompts)  # a bad line fails here, before anything loads
         if self.init_lora is not None and not Path(self.init_lora).is_file():
-            raise ValueError(f"--init-lora {self.init_lora}: no such file")
+            raise UserError(f"--init-lora {self.init_lora}: no such file")
         for name in ("text_encoder_lr", "text_encoder_2_lr"):
             value = getattr(self, name)
             if value is not None:
@@ -314,7 +315,7 @@ class TrainConfig:
         if self.optimizer == "prodigy" and self.train_text_encoder:  # Prodigy refuses different lrs per parameter group
             lrs = sorted({self.lr_of(part) for part in ("unet", "text_encoder", "text_encoder_2")})
             if len(lrs) > 1:
-                raise ValueError(
+                raise UserError(
                     f"--optimizer prodigy takes one learning rate for every trained part, got {', '.join(f'{x:g}' for x in lrs)}: pass --text-encoder-lr equal to --lr"
                 )
         if self.snr_gamma is not None:
@@ -325,7 +326,7 @@ class TrainConfig:
         if self.max_timestep is not None:
             _check(self.max_timestep > self.min_timestep, "max_timestep", self.max_timestep, f"above --min-timestep {self.min_timestep}")
         if self.zero_terminal_snr and self.prediction_type == "epsilon":
-            raise ValueError(
+            raise UserError(
                 "--zero-terminal-snr cannot train --prediction-type epsilon (zero SNR: the input is pure noise); use v_prediction"
             )
         _check(self.multires_noise_iterations >= 0, "multires_noise_iterations", self.multires_noise_iterations, "zero or more")
@@ -346,32 +347,32 @@ class TrainConfig:
 
 def _check(ok: bool, name: str, value: Any, expected: str) -> None:
     if not ok:
-        raise ValueError(f"--{name.replace('_', '-')} {value!r} is invalid: it must be {expected}")
+        raise UserError(f"--{name.replace('_', '-')} {value!r} is invalid: it must be {expected}")
 
 
 def _check_name(name: str) -> None:
     """--name is the stem of files in the output folder: a plain file name on every system, not the diffusers file's."""
     if not name.strip():
-        raise ValueError(f"--name {name!r} is empty: give the LoRA file's name, e.g. --name my_style")
+        raise UserError(f"--name {name!r} is empty: give the LoRA file's name, e.g. --name my_style")
     if "/" in name or "\\" in name:
-        raise ValueError(f"--name {name!r} is not a file name: it cannot hold / or \\ (the folder is --output)")
+        raise UserError(f"--name {name!r} is not a file name: it cannot hold / or \\ (the folder is --output)")
     if name in (".", ".."):
-        raise ValueError(f"--name {name!r} is not a file name: give the LoRA file's name, e.g. --name my_style")
+        raise UserError(f"--name {name!r} is not a file name: give the LoRA file's name, e.g. --name my_style")
     refused = next((char for char in name if char in _NOT_IN_FILE_NAMES), None)
     if refused is not None:
-        raise ValueError(
+        raise UserError(
             f'--name {name!r} holds {refused!r}, which file names cannot hold on every system (none of < > : " / \\ | ? * or control characters)'
         )
     if name[-1] in ". ":
-        raise ValueError(f"--name {name!r} ends in {name[-1]!r}, which Windows drops from file names")
+        raise UserError(f"--name {name!r} ends in {name[-1]!r}, which Windows drops from file names")
     longest = f"{name}_ema.safetensors"  # the EMA's kohya file, the longest name the run writes from it
     if len(longest.encode("utf-8")) > 255:
-        raise ValueError(
+        raise UserError(
             f"--name is {len(name)} characters long: the file {name[:20]}..._ema.safetensors would pass the 255 bytes a file name may take"
         )
     for stem in (DIFFUSERS_STEM, DIFFUSERS_STEM + "_ema"):
         if name.lower() == stem:  # disks of Windows and macOS ignore letter case: the same file there
-            raise ValueError(
+            raise UserError(
                 f"--name {name!r} is the stem of the diffusers file {stem}.safetensors: the kohya file {name}.safetensors "
                 "would replace it (letter case aside, which Windows and macOS disks ignore), leaving one file of two; choose another name"
             )

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from ..errors import UserError
 from .buckets import Size
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
@@ -96,14 +97,14 @@ def find_images(
     if not root.exists():
         raise FileNotFoundError(f"data folder {root} does not exist")
     if not root.is_dir():
-        raise ValueError(f"data folder {root} is not a folder")
+        raise UserError(f"data folder {root} is not a folder")
     extension = caption_extension if caption_extension.startswith(".") else "." + caption_extension
     listed = _read_metadata(root)
     found = {path.relative_to(root).as_posix(): path for path in _walk_images(root, flat)}
     if flat:
         listed = {relative: text for relative, text in listed.items() if "/" not in relative}
     if not found and not listed:
-        raise ValueError(f"no images ({', '.join(e[1:] for e in IMAGE_EXTENSIONS)}) found in {root}")
+        raise UserError(f"no images ({', '.join(e[1:] for e in IMAGE_EXTENSIONS)}) found in {root}")
     subsets = {} if flat else _subsets(root, found.keys() | listed.keys())
     fixed = caption.strip() if caption and caption.strip() else None
     trigger = trigger.strip() if trigger and trigger.strip() else None
@@ -126,9 +127,9 @@ def find_images(
     if unreadable and records:
         warnings.warn(f"skipped {len(unreadable)} unreadable images in {root}: {_names(unreadable)}", stacklevel=2)
     if not records:
-        raise ValueError(f"no readable images in {root}: all {len(unreadable)} failed to open ({_names(unreadable)})")
+        raise UserError(f"no readable images in {root}: all {len(unreadable)} failed to open ({_names(unreadable)})")
     if uncaptioned and not (fixed or trigger):
-        raise ValueError(f"{len(uncaptioned)} images have no caption ({_names(uncaptioned)}): {no_caption_hint}")
+        raise UserError(f"{len(uncaptioned)} images have no caption ({_names(uncaptioned)}): {no_caption_hint}")
     # every image uncaptioned with a fixed caption is the intended "one caption for all" mode: nothing to warn about
     if uncaptioned and (not fixed or len(uncaptioned) < len(records)):
         using = f"the caption {fixed!r}" if fixed else "the trigger alone"
@@ -138,7 +139,7 @@ def find_images(
         short = [f"{r.path.relative_to(root).as_posix()} has {len(caption_tags(r.caption))} tag{'s' * (len(caption_tags(r.caption)) != 1)}"
                  for r in records if len(caption_tags(r.caption)) < keep_tokens]  # fmt: skip
         if short:
-            raise ValueError(f"--keep-tokens {keep_tokens}: more than some captions hold ({_names(short)}); lower it")
+            raise UserError(f"--keep-tokens {keep_tokens}: more than some captions hold ({_names(short)}); lower it")
     return records
 
 
@@ -150,16 +151,16 @@ def _subsets(root: Path, relatives) -> dict[str, tuple[str, int, str]]:
         return {}
     for top, match in sorted(named.items()):
         if not match:
-            raise ValueError(
+            raise UserError(
                 f"{root / top}: not named N_words like the other subfolders (N repeats per epoch, words its class tokens); rename or move it"
             )
         if int(match.group(1)) < 1:
-            raise ValueError(f"{root / top}: N in N_words is the repeats per epoch and must be at least 1")
+            raise UserError(f"{root / top}: N in N_words is the repeats per epoch and must be at least 1")
         if int(match.group(1)) > MAX_REPEATS:
-            raise ValueError(f"{root / top}: N in N_words is the repeats per epoch and must be at most {MAX_REPEATS}; train longer instead")
+            raise UserError(f"{root / top}: N in N_words is the repeats per epoch and must be at most {MAX_REPEATS}; train longer instead")
     loose = sorted(relative for relative in relatives if "/" not in relative)
     if loose:
-        raise ValueError(
+        raise UserError(
             f"{root}: {_names(loose)} not in any N_words subfolder; move them into one (kohya-style folders train only subsets)"
         )
     return {top: (top, int(match.group(1)), match.group(2).strip()) for top, match in named.items()}
@@ -208,17 +209,17 @@ def _read_metadata(root: Path) -> dict[str, str | None]:
         try:
             entry = json.loads(line)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{where}: not valid JSON ({err.msg})") from None
+            raise UserError(f"{where}: not valid JSON ({err.msg})") from None
         if not isinstance(entry, dict) or not isinstance(entry.get("file_name"), str):
-            raise ValueError(f'{where}: expected an object with a "file_name" string')
+            raise UserError(f'{where}: expected an object with a "file_name" string')
         text = entry.get("text")
         if text is not None and not isinstance(text, str):
-            raise ValueError(f'{where}: "text" must be a string, got {type(text).__name__}')
+            raise UserError(f'{where}: "text" must be a string, got {type(text).__name__}')
         relative = _relative_inside(entry["file_name"], where)
         if relative in entries:
-            raise ValueError(f"{where}: {relative} is listed twice")
+            raise UserError(f"{where}: {relative} is listed twice")
         if not relative.lower().endswith(IMAGE_EXTENSIONS):
-            raise ValueError(f"{where}: {relative} is not a {'/'.join(e[1:] for e in IMAGE_EXTENSIONS)} image")
+            raise UserError(f"{where}: {relative} is not a {'/'.join(e[1:] for e in IMAGE_EXTENSIONS)} image")
         if not (root / relative).is_file():
             raise FileNotFoundError(f"{where}: {relative} not found in {root}")
         entries[relative] = text.strip() if text else None
@@ -229,10 +230,10 @@ def _relative_inside(file_name: str, where: str) -> str:
     """`file_name` as a normalised path inside the data folder; absolute or escaping paths are refused."""
     # refused lexically, before touching the disk: a caption file must never make us read outside the folder
     if PurePosixPath(file_name).is_absolute() or PureWindowsPath(file_name).anchor:
-        raise ValueError(f"{where}: file_name {file_name!r} is an absolute path; give it relative to the data folder")
+        raise UserError(f"{where}: file_name {file_name!r} is an absolute path; give it relative to the data folder")
     normal = os.path.normpath(file_name).replace(os.sep, "/")
     if normal == "." or normal == ".." or normal.startswith("../"):
-        raise ValueError(f"{where}: file_name {file_name!r} points outside the data folder")
+        raise UserError(f"{where}: file_name {file_name!r} points outside the data folder")
     return normal
 
 
@@ -245,7 +246,7 @@ def read_text(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8-sig")  # -sig: Windows editors start UTF-8 files with a BOM
     except UnicodeDecodeError as err:
-        raise ValueError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+        raise UserError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
 
 
 def with_trigger(text: str, trigger: str | None) -> str:
@@ -290,7 +291,7 @@ def crop_box(image_size: Size, size: Size, crop: str = "center", rng: random.Ran
     if crop == "random":
         rng = rng or random.Random()
         return scale, rng.randint(0, spare_x), rng.randint(0, spare_y)
-    raise ValueError(f"crop must be 'center' or 'random', got {crop!r}")
+    raise UserError(f"crop must be 'center' or 'random', got {crop!r}")
 
 
 Window = tuple[float, float, float]  # (scale, left, top): resize by scale, cut at (left, top) in the resized image
@@ -330,7 +331,7 @@ def load_image(
             )
             image = image.resize(size, Image.Resampling.LANCZOS, box=box)
     except OSError as err:
-        raise ValueError(f"cannot read image {record.path}: {err}") from None
+        raise UserError(f"cannot read image {record.path}: {err}") from None
     if flip:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy())
@@ -427,19 +428,19 @@ def drop_captions(captions: list[str], p: float | Sequence[float], rng: random.R
     `rng` per caption whose probability is not 0."""
     rates = [p] * len(captions) if isinstance(p, (int, float)) else list(p)
     if not all(0.0 <= rate <= 1.0 for rate in rates):
-        raise ValueError(f"caption_dropout must be in [0, 1], got {p}")
+        raise UserError(f"caption_dropout must be in [0, 1], got {p}")
     return ["" if rate and rng.random() < rate else caption for caption, rate in zip(captions, rates)]
 
 
 def split_validation(records: Sequence[ImageRecord], fraction: float, seed: int) -> tuple[list[ImageRecord], list[ImageRecord]]:
     """Hold out round(fraction * N) images (at least 1 when fraction > 0), chosen by seed; both lists keep their order."""
     if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"val_split must be in [0, 1), got {fraction}")
+        raise UserError(f"val_split must be in [0, 1), got {fraction}")
     if fraction == 0.0:
         return list(records), []
     count = max(1, round(fraction * len(records)))
     if count >= len(records):
-        raise ValueError(f"val_split {fraction} holds out {count} of {len(records)} images and leaves none to train on")
+        raise UserError(f"val_split {fraction} holds out {count} of {len(records)} images and leaves none to train on")
     held_out = set(random.Random(seed).sample(range(len(records)), count))
     train = [r for i, r in enumerate(records) if i not in held_out]
     return train, [r for i, r in enumerate(records) if i in held_out]

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..errors import UserError
 from ..inference.generation import MAX_IMAGE_SIDE
 from .buckets import Size, assign_bucket, bucket_sizes, no_upscale_bucket
 from .data import (
@@ -190,7 +191,7 @@ def reg_repeats(train_samples: int, repeats: Sequence[int]) -> list[int]:
 def _with_reg_repeats(train: list[ImageRecord], reg: list[ImageRecord], datasets: int) -> tuple[list[ImageRecord], int]:
     """The training records, then each dataset's regularization records at `reg_repeats` (those at 0 left out)."""
     if reg and not train:
-        raise ValueError("only regularization images (is_reg) were found: add a subset of training images")
+        raise UserError("only regularization images (is_reg) were found: add a subset of training images")
     kept: list[ImageRecord] = []
     for dataset in range(datasets):
         own = [record for record in reg if record.dataset == dataset]
@@ -249,39 +250,39 @@ def read_dataset_config(path: str | Path, config) -> tuple[list[DatasetSpec], li
     try:
         document = json.loads(text) if path.suffix.lower() == ".json" else tomllib.loads(text)
     except (tomllib.TOMLDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path} is not valid {'JSON' if path.suffix.lower() == '.json' else 'TOML'}: {err}") from None
+        raise UserError(f"{path} is not valid {'JSON' if path.suffix.lower() == '.json' else 'TOML'}: {err}") from None
     if not isinstance(document, dict):
-        raise ValueError(f"{path}: expected a table with [general] and [[datasets]]")
+        raise UserError(f"{path}: expected a table with [general] and [[datasets]]")
     unknown = sorted(set(document) - {"general", "datasets"})
     if unknown:
-        raise ValueError(f"{path}: unknown top-level key {unknown[0]!r}; a dataset config has [general] and [[datasets]]")
+        raise UserError(f"{path}: unknown top-level key {unknown[0]!r}; a dataset config has [general] and [[datasets]]")
     general = _section(document.get("general", {}), "g", f"{path}: [general]")
     datasets = document.get("datasets")
     if not isinstance(datasets, list) or not datasets:
-        raise ValueError(f"{path}: no [[datasets]]; add one with at least one [[datasets.subsets]] image_dir")
+        raise UserError(f"{path}: no [[datasets]]; add one with at least one [[datasets.subsets]] image_dir")
     specs: list[DatasetSpec] = []
     subsets: list[list[ImageRecord]] = []
     for number, dataset in enumerate(datasets):
         where = f"{path}: datasets[{number}]"
         if not isinstance(dataset, dict):
-            raise ValueError(f"{where}: expected a table")
+            raise UserError(f"{where}: expected a table")
         own = _section({k: v for k, v in dataset.items() if k != "subsets"}, "d", where)
         parts = dataset.get("subsets")
         if parts is not None and not (isinstance(parts, list) and all(isinstance(part, dict) for part in parts)):
-            raise ValueError(f"{where}: subsets must be an array of [[datasets.subsets]] tables, each with an image_dir, got {parts!r:.60}")
+            raise UserError(f"{where}: subsets must be an array of [[datasets.subsets]] tables, each with an image_dir, got {parts!r:.60}")
         if not parts:
-            raise ValueError(f"{where}: no [[datasets.subsets]]; give each dataset at least one with an image_dir")
+            raise UserError(f"{where}: no [[datasets.subsets]]; give each dataset at least one with an image_dir")
         merged = {**general, **own}
         specs.append(_checked_buckets(_dataset_spec(merged, where), config, where))
         seen: set[str] = set()
         for index, subset in enumerate(parts):
             at = f"{where}.subsets[{index}]"
             if not isinstance(subset, dict):
-                raise ValueError(f"{at}: expected a table")
+                raise UserError(f"{at}: expected a table")
             options = {**merged, **_section(subset, "s", at)}
             source = str(options.get("metadata_file") or options.get("image_dir") or "")
             if source in seen:  # kohya ignores a repeated subset of one dataset; a repeat is almost always a slip
-                raise ValueError(f"{at}: {source} is already a subset of this dataset; remove one, or use num_repeats")
+                raise UserError(f"{at}: {source} is already a subset of this dataset; remove one, or use num_repeats")
             seen.add(source)
             subsets.append(_subset_records(options, number, config, at))
     return specs, subsets
@@ -290,25 +291,25 @@ def read_dataset_config(path: str | Path, config) -> tuple[list[DatasetSpec], li
 def _section(table: Any, level: str, where: str) -> dict[str, Any]:
     """The table's options, each checked: known, allowed at this level, of its type, carried out by sdlora."""
     if not isinstance(table, dict):
-        raise ValueError(f"{where}: expected a table")
+        raise UserError(f"{where}: expected a table")
     names = {"g": "[general]", "d": "[[datasets]]", "s": "[[datasets.subsets]]"}
     options = {}
     for name, value in table.items():
         key = KOHYA_KEYS.get(name)
         if name == "subsets":  # a dataset's subsets, as an array of tables; not an option
-            raise ValueError(
+            raise UserError(
                 f"{where}: subsets belongs under [[datasets]], as an array of [[datasets.subsets]] tables each with an image_dir"
             )
         if key is None:
             close = difflib.get_close_matches(name, [*KOHYA_KEYS, "subsets"], n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ValueError(f"{where}: unknown key {name!r}{hint}")
+            raise UserError(f"{where}: unknown key {name!r}{hint}")
         if level not in key.levels:
             allowed = " or ".join(names[level] for level in key.levels)
-            raise ValueError(f"{where}: {name} belongs in {allowed}, not {names[level]}")
+            raise UserError(f"{where}: {name} belongs in {allowed}, not {names[level]}")
         value = _typed(name, value, key.kind, where)
         if not key.does and value != key.default:
-            raise ValueError(f"{where}: {name} = {value!r} is a kohya option sdlora does not carry out; {key.why}, or remove it")
+            raise UserError(f"{where}: {name} = {value!r} is a kohya option sdlora does not carry out; {key.why}, or remove it")
         options[name] = value
     return options
 
@@ -335,21 +336,21 @@ def _typed(name: str, value: Any, kind: Any, where: str) -> Any:
     else:
         ok = isinstance(value, kind)
     if not ok:
-        raise ValueError(f"{where}: {name} must be {expected}, got {value!r}")
+        raise UserError(f"{where}: {name} must be {expected}, got {value!r}")
     return value
 
 
 def _dataset_spec(options: dict[str, Any], where: str) -> DatasetSpec:
     for name in ("batch_size", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps"):
         if name in options and options[name] < 1:
-            raise ValueError(f"{where}: {name} must be at least 1, got {options[name]}")
+            raise UserError(f"{where}: {name} must be at least 1, got {options[name]}")
     low, high = options.get("min_bucket_reso"), options.get("max_bucket_reso")
     if low is not None and high is not None and low > high:
-        raise ValueError(f"{where}: min_bucket_reso {low} is above max_bucket_reso {high}; swap them or lower min_bucket_reso")
+        raise UserError(f"{where}: min_bucket_reso {low} is above max_bucket_reso {high}; swap them or lower min_bucket_reso")
     step = options.get("bucket_reso_steps")
     for name in ("min_bucket_reso", "max_bucket_reso"):
         if step and name in options and options[name] % step:
-            raise ValueError(f"{where}: {name} {options[name]} is not a multiple of bucket_reso_steps {step}")
+            raise UserError(f"{where}: {name} {options[name]} is not a multiple of bucket_reso_steps {step}")
     return DatasetSpec(
         resolution=options.get("resolution"), buckets=options.get("enable_bucket"), batch_size=options.get("batch_size"),
         min_bucket=options.get("min_bucket_reso"), max_bucket=options.get("max_bucket_reso"), bucket_step=step,
@@ -366,7 +367,7 @@ def _checked_buckets(spec: DatasetSpec, config, where: str) -> DatasetSpec:
     try:
         bucket_sizes(math.isqrt(width * height), spec.min_bucket, spec.max_bucket, spec.bucket_step, area=width * height)
     except ValueError as err:
-        raise ValueError(f"{where}: min_bucket_reso, max_bucket_reso and bucket_reso_steps leave {err}") from None
+        raise UserError(f"{where}: min_bucket_reso, max_bucket_reso and bucket_reso_steps leave {err}") from None
     return spec
 
 
@@ -374,14 +375,14 @@ def _subset_records(options: dict[str, Any], dataset: int, config, where: str) -
     """One subset's images with its options, falling back to the run's flags."""
     for name in ("caption_dropout_rate", "caption_tag_dropout_rate"):
         if not 0.0 <= options.get(name, 0.0) < 1.0:
-            raise ValueError(f"{where}: {name} must be in [0, 1), got {options[name]}")
+            raise UserError(f"{where}: {name} must be in [0, 1), got {options[name]}")
     repeats, keep_tokens = options.get("num_repeats", 1), options.get("keep_tokens", config.keep_tokens)
     if repeats < 1:  # kohya skips such a subset with a warning; a subset that trains nothing is a mistake
-        raise ValueError(f"{where}: num_repeats must be at least 1, got {repeats}")
+        raise UserError(f"{where}: num_repeats must be at least 1, got {repeats}")
     if repeats > MAX_REPEATS:  # each repeat is an entry of the epoch's sample list
-        raise ValueError(f"{where}: num_repeats {repeats} is above {MAX_REPEATS}; lower it and train for more steps instead")
+        raise UserError(f"{where}: num_repeats {repeats} is above {MAX_REPEATS}; lower it and train for more steps instead")
     if keep_tokens < 0:
-        raise ValueError(f"{where}: keep_tokens must be zero or more, got {keep_tokens}")
+        raise UserError(f"{where}: keep_tokens must be zero or more, got {keep_tokens}")
     is_reg = options.get("is_reg", False)
     rules = CaptionRules(
         shuffle=options.get("shuffle_caption", config.shuffle_captions), keep_tokens=keep_tokens,
@@ -407,15 +408,15 @@ def _subset_records(options: dict[str, Any], dataset: int, config, where: str) -
                 flat=True, no_caption_hint="give the subset class_tokens or add caption files",
             )  # fmt: skip
         except ValueError as err:  # no images, none readable, no captions: said with where the subset is
-            raise ValueError(f"{where}: {err}") from None
+            raise UserError(f"{where}: {err}") from None
         name = folder.resolve().name
     else:
-        raise ValueError(f"{where}: no image_dir; each [[datasets.subsets]] names its folder of images")
+        raise UserError(f"{where}: no image_dir; each [[datasets.subsets]] names its folder of images")
     prefix, suffix = options.get("caption_prefix"), options.get("caption_suffix")
     # captions from files must hold the tags keep_tokens keeps; class tokens standing in for one are kept whole
     short = [r.path.name for r in records if r.caption != options.get("class_tokens") and len(caption_tags(r.caption)) < keep_tokens]
     if short and not rules.keep_separator:
-        raise ValueError(f"{where}: keep_tokens {keep_tokens} is more than the captions of {', '.join(short[:5])} hold; lower it")
+        raise UserError(f"{where}: keep_tokens {keep_tokens} is more than the captions of {', '.join(short[:5])} hold; lower it")
     out = []
     for record in records:
         caption = record.caption
@@ -429,7 +430,7 @@ def _subset_records(options: dict[str, Any], dataset: int, config, where: str) -
 def _check_outside(folder: Path, config, where: str) -> None:
     output, folder = Path(config.output_dir).resolve(), folder.resolve()
     if output == folder or folder in output.parents:
-        raise ValueError(f"{where}: --output {config.output_dir} is inside {folder}: its samples would become training data")
+        raise UserError(f"{where}: --output {config.output_dir} is inside {folder}: its samples would become training data")
 
 
 def _metadata_file_records(metadata: Path, image_dir: str | None, where: str) -> list[ImageRecord]:
@@ -440,13 +441,13 @@ def _metadata_file_records(metadata: Path, image_dir: str | None, where: str) ->
     except FileNotFoundError:
         raise FileNotFoundError(f"{where}: metadata_file {metadata} not found (relative paths are from the current folder)") from None
     except json.JSONDecodeError as err:
-        raise ValueError(f"{where}: metadata_file {metadata} is not valid JSON ({err.msg})") from None
+        raise UserError(f"{where}: metadata_file {metadata} is not valid JSON ({err.msg})") from None
     if not isinstance(entries, dict) or not entries:
-        raise ValueError(f"{where}: metadata_file {metadata} holds no images (expected {{image: {{caption, tags}}}})")
+        raise UserError(f"{where}: metadata_file {metadata} holds no images (expected {{image: {{caption, tags}}}})")
     records = []
     for key, entry in entries.items():
         if not isinstance(entry, dict):
-            raise ValueError(f"{where}: {metadata} entry {key!r} is not an object with caption/tags")
+            raise UserError(f"{where}: {metadata} entry {key!r} is not an object with caption/tags")
         image = _metadata_image(key, image_dir)
         if image is None:
             raise FileNotFoundError(
@@ -454,14 +455,14 @@ def _metadata_file_records(metadata: Path, image_dir: str | None, where: str) ->
             )
         size = displayed_size(image)
         if isinstance(size, str):
-            raise ValueError(f"{where}: cannot read {image} ({size})")
+            raise UserError(f"{where}: cannot read {image} ({size})")
         for name in ("caption", "tags"):
             if entry.get(name) is not None and not isinstance(entry[name], str):
-                raise ValueError(f"{where}: {metadata} entry {key!r}: {name} must be a string, got {entry[name]!r:.60}")
+                raise UserError(f"{where}: {metadata} entry {key!r}: {name} must be a string, got {entry[name]!r:.60}")
         caption, tags = (entry.get(name) or "" for name in ("caption", "tags"))
         text = ", ".join(part.strip() for part in (caption.split("\n")[0], tags) if part and part.strip())
         if not text:
-            raise ValueError(f"{where}: {metadata} gives {key!r} neither caption nor tags")
+            raise UserError(f"{where}: {metadata} gives {key!r} neither caption nor tags")
         records.append(ImageRecord(image, text, *size))
     return sorted(records, key=lambda record: str(record.path))
 

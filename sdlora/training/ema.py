@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..errors import UserError
+
 STATE_FILE = "ema.safetensors"  # in a checkpoint: the averaged tensors by trainable name
 
 
@@ -22,7 +24,7 @@ class LoraEma:
 
     def __init__(self, trainable: dict[str, torch.nn.Parameter], decay: float):
         if not 0.0 < decay < 1.0:
-            raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
+            raise UserError(f"EMA decay must be in (0, 1), got {decay}")
         self.decay = decay
         self.shadow = {name: param.detach().to(torch.float32, copy=True) for name, param in trainable.items()}
 
@@ -55,8 +57,8 @@ class LoraEma:
     def load(self, path: Path) -> None:
         """The shadows of a checkpoint; a checkpoint without them (saved before --ema-decay was set) is an error."""
         if not Path(path).is_file():
-            raise ValueError(f"{Path(path).parent} has no EMA weights ({STATE_FILE}): resume it without --ema-decay, or start afresh")
+            raise UserError(f"{Path(path).parent} has no EMA weights ({STATE_FILE}): resume it without --ema-decay, or start afresh")
         saved = load_file(str(path))
         if set(saved) != set(self.shadow) or any(saved[n].shape != self.shadow[n].shape for n in saved):
-            raise ValueError(f"{path} does not match the LoRA being trained (other rank or layers?)")
+            raise UserError(f"{path} does not match the LoRA being trained (other rank or layers?)")
         self.shadow = {name: saved[name].to(self.shadow[name].device, torch.float32) for name in self.shadow}

@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..errors import UserError
 from ..storage.atomic import atomic_file
 
 if TYPE_CHECKING:
@@ -57,10 +58,10 @@ def resolve_trackers(report_to: str | None) -> list[str]:
     if report_to == "all":
         return [name for name in TRACKERS if name in installed]
     if report_to not in TRACKERS:
-        raise ValueError(f"--report-to {report_to!r} is invalid: it must be one of {', '.join(TRACKERS)}, all or none")
+        raise UserError(f"--report-to {report_to!r} is invalid: it must be one of {', '.join(TRACKERS)}, all or none")
     if report_to not in installed:
         package, extra = TRACKERS[report_to]
-        raise ValueError(f'--report-to {report_to}: {package} is not installed: pip install "sdlora[{extra}]" (or pip install {package})')
+        raise UserError(f'--report-to {report_to}: {package} is not installed: pip install "sdlora[{extra}]" (or pip install {package})')
     return [report_to]
 
 
@@ -271,7 +272,7 @@ def _parse_lines(path: Path, strict: bool) -> list[tuple[str, dict]]:
         if isinstance(row, dict):
             parsed.append((line, row))
         elif strict and number < len(lines):
-            raise ValueError(f"{path}:{number} is not a JSON object line: {line[:60]!r}")
+            raise UserError(f"{path}:{number} is not a JSON object line: {line[:60]!r}")
     return parsed
 
 

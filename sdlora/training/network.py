@@ -14,6 +14,7 @@ from torch import nn
 from ..core.matching import TEXT_MODEL_PREFIX, Layer, match_lora
 from ..core.state import LoraModule, LoraState
 from ..core.targets import PRESETS, unet_target_modules
+from ..errors import UserError
 
 INITS = ("gaussian", "default")
 
@@ -44,19 +45,19 @@ def add_lora(
     from peft import LoraConfig, inject_adapter_in_model  # peft takes a second to import: only when training
 
     if rank < 1:
-        raise ValueError(f"LoRA rank must be 1 or more, got {rank}")
+        raise UserError(f"LoRA rank must be 1 or more, got {rank}")
     if not (math.isfinite(alpha) and alpha > 0):
-        raise ValueError(f"LoRA alpha must be a positive number, got {alpha}")
+        raise UserError(f"LoRA alpha must be a positive number, got {alpha}")
     if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
+        raise UserError(f"LoRA dropout must be in [0, 1), got {dropout}")
     if init not in INITS:
-        raise ValueError(f"unknown LoRA init {init!r}: use one of {', '.join(INITS)}")
+        raise UserError(f"unknown LoRA init {init!r}: use one of {', '.join(INITS)}")
     if not target_modules:
-        raise ValueError("no target modules given for LoRA")
+        raise UserError("no target modules given for LoRA")
     rank_pattern, alpha_pattern = {}, {}
     if conv_rank is not None or conv_alpha is not None:
         if (conv_rank is not None and conv_rank < 1) or (conv_alpha is not None and not (math.isfinite(conv_alpha) and conv_alpha > 0)):
-            raise ValueError(f"conv rank must be 1 or more and conv alpha positive, got {conv_rank} and {conv_alpha}")
+            raise UserError(f"conv rank must be 1 or more and conv alpha positive, got {conv_rank} and {conv_alpha}")
         layers = dict(model.named_modules())
         convs = [name for name in target_modules if isinstance(layers.get(name), nn.Conv2d) and layers[name].kernel_size != (1, 1)]
         # peft matches each pattern as a regex suffix of the module's name: the escaped full name is that layer alone
@@ -110,7 +111,7 @@ def load_state_into(state: LoraState, models: dict[str, nn.Module], adapter_name
     """
     other = next((path for path, module in state.modules.items() if module.kind != "lora"), None)
     if other is not None:
-        raise ValueError(
+        raise UserError(
             f"{label} holds a {state.modules[other].kind} module ({other}); training goes on from a plain LoRA only: convert it with --rank first"
         )
     adapted = {component: _lora_layers(model, adapter_name) for component, model in models.items()}
@@ -118,17 +119,17 @@ def load_state_into(state: LoraState, models: dict[str, nn.Module], adapter_name
     match = match_lora(state, layers, label, "the model being trained")
     hint = _layer_set_hint(state, models)
     if match.unmatched:
-        raise ValueError(f"{label} adapts {len(match.unmatched)} layers this run does not (first: {match.unmatched[0]}){hint}")
+        raise UserError(f"{label} adapts {len(match.unmatched)} layers this run does not (first: {match.unmatched[0]}){hint}")
     hit = {(path.partition(".")[0], name) for path, (name, _) in match.modules.items()}
     missing = sorted(f"{c}.{_canonical(c, name)}" for c, found in adapted.items() for name in found if (c, name) not in hit)
     if missing:
         total = sum(len(found) for found in adapted.values())
-        raise ValueError(f"{label} lacks {len(missing)} of the {total} layers this run adapts (first: {missing[0]}){hint}")
+        raise UserError(f"{label} lacks {len(missing)} of the {total} layers this run adapts (first: {missing[0]}){hint}")
     for path, (name, module) in match.modules.items():
         layer = adapted[path.partition(".")[0]][name]
         down, up = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
         if module.rank != layer.r[adapter_name]:
-            raise ValueError(f"{label} has rank {module.rank} at {path}, this run rank {layer.r[adapter_name]}: set --rank {module.rank}")
+            raise UserError(f"{label} has rank {module.rank} at {path}, this run rank {layer.r[adapter_name]}: set --rank {module.rank}")
         down.copy_(module.down.reshape(down.shape).to(down.dtype))
         up.copy_((module.up.to(torch.float32) * (module.scale / layer.scaling[adapter_name])).reshape(up.shape).to(up.dtype))
     return len(match.modules)
@@ -178,7 +179,7 @@ def lora_parameters(model: nn.Module, adapter_name: str | None = None) -> list[n
 def _to_lora_module(layer: nn.Module, name: str, adapter_name: str) -> LoraModule:
     # getattr: layers of older peft versions have no lora_bias at all
     if layer.use_dora.get(adapter_name, False) or getattr(layer, "lora_bias", {}).get(adapter_name, False):
-        raise ValueError(f"LoRA layer {name} uses DoRA or a LoRA bias, which LoRA files cannot hold")
+        raise UserError(f"LoRA layer {name} uses DoRA or a LoRA bias, which LoRA files cannot hold")
     rank = layer.r[adapter_name]
     # scaling is alpha / r (alpha / sqrt(r) with rsLoRA, times any set_adapters weight): alpha in our sense is scaling * r
     alpha = layer.scaling[adapter_name] * rank
@@ -201,5 +202,5 @@ def extract_lora_state(models: dict[str, nn.Module], adapter_name: str = "defaul
         for name, layer in _lora_layers(model, adapter_name).items():
             modules[f"{component}.{_canonical(component, name)}"] = _to_lora_module(layer, name, adapter_name)
     if not modules:
-        raise ValueError(f"the model has no LoRA adapter named {adapter_name!r}")
+        raise UserError(f"the model has no LoRA adapter named {adapter_name!r}")
     return LoraState(modules)

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from ..errors import UserError
+
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 LOSSES = ("l2", "huber", "smooth_l1")
 HUBER_SCHEDULES = ("constant", "exponential", "snr")
@@ -73,29 +75,29 @@ class ObjectiveConfig:
 
     def __post_init__(self) -> None:
         if self.prediction_type is not None and self.prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"unknown prediction_type {self.prediction_type!r}: use one of {', '.join(PREDICTION_TYPES)}")
+            raise UserError(f"unknown prediction_type {self.prediction_type!r}: use one of {', '.join(PREDICTION_TYPES)}")
         if self.snr_gamma is not None and not (math.isfinite(self.snr_gamma) and self.snr_gamma > 0):
-            raise ValueError(f"snr_gamma must be a positive number, got {self.snr_gamma}")
+            raise UserError(f"snr_gamma must be a positive number, got {self.snr_gamma}")
         if not (math.isfinite(self.noise_offset) and self.noise_offset >= 0):
-            raise ValueError(f"noise_offset must be zero or more, got {self.noise_offset}")
+            raise UserError(f"noise_offset must be zero or more, got {self.noise_offset}")
         if self.loss not in LOSSES:
-            raise ValueError(f"unknown loss {self.loss!r}: use one of {', '.join(LOSSES)}")
+            raise UserError(f"unknown loss {self.loss!r}: use one of {', '.join(LOSSES)}")
         if not (math.isfinite(self.huber_c) and 0 < self.huber_c <= 1):
-            raise ValueError(f"huber_c must be in (0, 1], got {self.huber_c}")
+            raise UserError(f"huber_c must be in (0, 1], got {self.huber_c}")
         if self.huber_schedule not in HUBER_SCHEDULES:
-            raise ValueError(f"unknown huber_schedule {self.huber_schedule!r}: use one of {', '.join(HUBER_SCHEDULES)}")
+            raise UserError(f"unknown huber_schedule {self.huber_schedule!r}: use one of {', '.join(HUBER_SCHEDULES)}")
         if not (math.isfinite(self.ip_noise_gamma) and self.ip_noise_gamma >= 0):
-            raise ValueError(f"ip_noise_gamma must be zero or more, got {self.ip_noise_gamma}")
+            raise UserError(f"ip_noise_gamma must be zero or more, got {self.ip_noise_gamma}")
         if self.min_timestep < 0:
-            raise ValueError(f"min_timestep must be zero or more, got {self.min_timestep}")
+            raise UserError(f"min_timestep must be zero or more, got {self.min_timestep}")
         if self.max_timestep is not None and self.max_timestep <= self.min_timestep:
-            raise ValueError(f"max_timestep must be more than min_timestep {self.min_timestep}, got {self.max_timestep}")
+            raise UserError(f"max_timestep must be more than min_timestep {self.min_timestep}, got {self.max_timestep}")
         if self.zero_terminal_snr and self.prediction_type == "epsilon":
-            raise ValueError(ZERO_TERMINAL_SNR_EPSILON)
+            raise UserError(ZERO_TERMINAL_SNR_EPSILON)
         if self.multires_noise_iterations < 0:
-            raise ValueError(f"multires_noise_iterations must be zero or more, got {self.multires_noise_iterations}")
+            raise UserError(f"multires_noise_iterations must be zero or more, got {self.multires_noise_iterations}")
         if not (math.isfinite(self.multires_noise_discount) and 0 < self.multires_noise_discount <= 1):
-            raise ValueError(f"multires_noise_discount must be in (0, 1], got {self.multires_noise_discount}")
+            raise UserError(f"multires_noise_discount must be in (0, 1], got {self.multires_noise_discount}")
 
 
 def _generator_device(generator: torch.Generator | None) -> torch.device:
@@ -172,7 +174,7 @@ def target_for(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps:
         return scheduler.get_velocity(latents, noise, timesteps)
     if prediction_type == "sample":
         return latents
-    raise ValueError(f"unknown prediction_type {prediction_type!r}: use one of {', '.join(PREDICTION_TYPES)}")
+    raise UserError(f"unknown prediction_type {prediction_type!r}: use one of {', '.join(PREDICTION_TYPES)}")
 
 
 def snr(scheduler, timesteps: torch.Tensor) -> torch.Tensor:
@@ -198,7 +200,7 @@ def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float, prediction
         return clipped / (ratio + 1.0)
     if prediction_type == "sample":
         return clipped
-    raise ValueError(f"unknown prediction_type {prediction_type!r}: use one of {', '.join(PREDICTION_TYPES)}")
+    raise UserError(f"unknown prediction_type {prediction_type!r}: use one of {', '.join(PREDICTION_TYPES)}")
 
 
 def huber_threshold(scheduler, timesteps: torch.Tensor, huber_c: float, schedule: str) -> torch.Tensor:
@@ -219,7 +221,7 @@ def huber_threshold(scheduler, timesteps: torch.Tensor, huber_c: float, schedule
         alphas_cumprod = scheduler.alphas_cumprod.to("cpu", torch.float64)[timesteps.cpu()]
         sigmas = ((1.0 - alphas_cumprod) / alphas_cumprod).sqrt()
         return ((1.0 - huber_c) / (1.0 + sigmas) ** 2 + huber_c).to(timesteps.device, torch.float32)
-    raise ValueError(f"unknown huber_schedule {schedule!r}: use one of {', '.join(HUBER_SCHEDULES)}")
+    raise UserError(f"unknown huber_schedule {schedule!r}: use one of {', '.join(HUBER_SCHEDULES)}")
 
 
 def elementwise_loss(prediction: torch.Tensor, target: torch.Tensor, loss: str, huber_c: torch.Tensor | None = None) -> torch.Tensor:
@@ -232,7 +234,7 @@ def elementwise_loss(prediction: torch.Tensor, target: torch.Tensor, loss: str, 
     if loss == "l2":
         return F.mse_loss(prediction, target, reduction="none")
     if loss not in LOSSES:
-        raise ValueError(f"unknown loss {loss!r}: use one of {', '.join(LOSSES)}")
+        raise UserError(f"unknown loss {loss!r}: use one of {', '.join(LOSSES)}")
     c = huber_c.view(-1, *([1] * (prediction.ndim - 1)))
     pseudo = torch.sqrt((prediction - target) ** 2 + c**2) - c
     return 2 * c * pseudo if loss == "huber" else 2 * pseudo
@@ -259,13 +261,13 @@ def prepare_noise_scheduler(scheduler, config: ObjectiveConfig) -> None:
     count = scheduler.config.num_train_timesteps
     high = count if config.max_timestep is None else config.max_timestep
     if high > count:
-        raise ValueError(f"--max-timestep {high} is invalid: the noise schedule has {count} timesteps, so it must be at most {count}")
+        raise UserError(f"--max-timestep {high} is invalid: the noise schedule has {count} timesteps, so it must be at most {count}")
     if config.min_timestep >= high:
-        raise ValueError(f"--min-timestep {config.min_timestep} is invalid: it must be below --max-timestep ({high})")
+        raise UserError(f"--min-timestep {config.min_timestep} is invalid: it must be below --max-timestep ({high})")
     if not config.zero_terminal_snr:
         return
     if _prediction_type(scheduler, config.prediction_type) == "epsilon":
-        raise ValueError(ZERO_TERMINAL_SNR_EPSILON + " (the model's scheduler predicts epsilon)")
+        raise UserError(ZERO_TERMINAL_SNR_EPSILON + " (the model's scheduler predicts epsilon)")
     scheduler.betas = zero_terminal_snr_betas(scheduler.betas)
     scheduler.alphas = 1.0 - scheduler.betas
     scheduler.alphas_cumprod = torch.cumprod(scheduler.alphas, dim=0)

@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from ..errors import UserError
+
 __all__ = [
     "OPTIMIZERS",
     "OptimizerSpec",
@@ -99,15 +101,15 @@ def parse_optimizer_args(items: Sequence[str]) -> dict[str, Any]:
     one-line ValueError for an item that is not `key=value`, a key given twice, or a value that is not a literal.
     """
     if isinstance(items, str) or not all(isinstance(item, str) for item in items):
-        raise ValueError(f"--optimizer-args must be a list of key=value texts, got {items!r}")
+        raise UserError(f"--optimizer-args must be a list of key=value texts, got {items!r}")
     parsed: dict[str, Any] = {}
     for item in (part for entry in items for part in _ITEM_START.split(entry.strip()) if part):
         key, equals, text = item.partition("=")
         key, text = key.strip(), text.strip()
         if not equals or not key.isidentifier() or not text:
-            raise ValueError(f"--optimizer-args {item!r} is not key=value (e.g. d_coef=2 or betas=(0.9,0.99))")
+            raise UserError(f"--optimizer-args {item!r} is not key=value (e.g. d_coef=2 or betas=(0.9,0.99))")
         if key in parsed:
-            raise ValueError(f"--optimizer-args {key} is given twice")
+            raise UserError(f"--optimizer-args {key} is given twice")
         parsed[key] = _literal(key, text)
     return parsed
 
@@ -118,7 +120,7 @@ def _literal(key: str, text: str) -> Any:
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-        raise ValueError(
+        raise UserError(
             f"--optimizer-args {key}={text}: {text!r} is not a Python literal (a number, True/False, None, a tuple like (0.9,0.99) or a quoted string like 'text')"
         ) from None
 
@@ -126,23 +128,23 @@ def _literal(key: str, text: str) -> Any:
 def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
     """The class `name` stands for, imported now; a one-line ValueError when its package is missing or broken."""
     if name not in OPTIMIZERS:
-        raise ValueError(f"--optimizer {name!r} is invalid: it must be one of {', '.join(OPTIMIZER_NAMES)}")
+        raise UserError(f"--optimizer {name!r} is invalid: it must be one of {', '.join(OPTIMIZER_NAMES)}")
     spec = OPTIMIZERS[name]
     try:
         module = importlib.import_module(spec.module)  # only now: the packages are optional and slow to import
     except ModuleNotFoundError as err:
         top = spec.module.split(".")[0]
         if spec.package is None or (err.name or "").split(".")[0] != top:
-            raise ValueError(f"--optimizer {name}: cannot import {spec.module} ({_first_line(err)})") from err
-        raise ValueError(f"--optimizer {name}: {spec.package} is not installed: {spec.install_hint}") from err
+            raise UserError(f"--optimizer {name}: cannot import {spec.module} ({_first_line(err)})") from err
+        raise UserError(f"--optimizer {name}: {spec.package} is not installed: {spec.install_hint}") from err
     except Exception as err:  # bitsandbytes without its CUDA libraries raises RuntimeError, OSError... on import
-        raise ValueError(
+        raise UserError(
             f"--optimizer {name}: {spec.package or spec.module} is installed but cannot be used here ({_first_line(err)})"
         ) from err
     try:
         return getattr(module, spec.attribute)
     except AttributeError as err:
-        raise ValueError(
+        raise UserError(
             f"--optimizer {name}: {spec.module} has no {spec.attribute}: {spec.install_hint if spec.package else 'upgrade it'}"
         ) from err
 
@@ -160,19 +162,19 @@ def _check_args(name: str, cls: type, args: dict[str, Any]) -> None:
     accepted = _accepted(cls)
     for key, value in args.items():
         if key in _RESERVED:
-            raise ValueError(f"--optimizer-args {key}: not an optimizer argument here: {_RESERVED[key]}")
+            raise UserError(f"--optimizer-args {key}: not an optimizer argument here: {_RESERVED[key]}")
         if accepted is None:
             continue
         if key not in accepted:
             names = ", ".join(n for n in accepted if n not in _RESERVED)
-            raise ValueError(f"--optimizer-args {key}: {cls.__name__} (--optimizer {name}) takes no argument {key!r}; it takes {names}")
+            raise UserError(f"--optimizer-args {key}: {cls.__name__} (--optimizer {name}) takes no argument {key!r}; it takes {names}")
         default = accepted[key].default
         expected = _kind_of(default)
         if expected and not _is_kind(value, expected):
-            raise ValueError(f"--optimizer-args {key}={value!r}: {cls.__name__}'s {key} must be {expected} (its default is {default!r})")
+            raise UserError(f"--optimizer-args {key}={value!r}: {cls.__name__}'s {key} must be {expected} (its default is {default!r})")
         if isinstance(default, tuple) and not _same_shape(value, default):  # torch's AdamW indexes betas[1] unchecked
             numbers = all(_kind_of(item) == "a number" for item in default)
-            raise ValueError(
+            raise UserError(
                 f"--optimizer-args {key}={value!r}: {cls.__name__}'s {key} must be a tuple of {len(default)} "
                 f"{'numbers' if numbers else 'values'} like its default {default!r}"
             )
@@ -234,7 +236,7 @@ def build_optimizer(
         # Prodigy raises at its first step when parameter groups have different (non-zero) learning rates
         lrs = sorted({group.get("lr", lr) for group in param_groups} - {0.0})
         if len(lrs) > 1:
-            raise ValueError(
+            raise UserError(
                 f"--optimizer prodigy takes one learning rate for every trained part, got {', '.join(f'{x:g}' for x in lrs)}: pass --text-encoder-lr equal to --lr"
             )
     try:
@@ -242,7 +244,7 @@ def build_optimizer(
             return cls(param_groups, **_constructor_args(name, lr, weight_decay, args))
     except (ValueError, TypeError, AssertionError) as err:  # the constructor's own checks (lion-pytorch asserts)
         given = " ".join(f"{k}={v!r}" for k, v in args.items())
-        raise ValueError(f"--optimizer {name}{' --optimizer-args ' + given if given else ''}: {_first_line(err)}") from err
+        raise UserError(f"--optimizer {name}{' --optimizer-args ' + given if given else ''}: {_first_line(err)}") from err
 
 
 def check_optimizer(name: str, lr: float, weight_decay: float, args: dict[str, Any]) -> None:
@@ -262,11 +264,11 @@ def check_optimizer(name: str, lr: float, weight_decay: float, args: dict[str, A
             dummy.grad = torch.ones_like(dummy)
             optimizer.step()
             if not torch.isfinite(dummy).all():
-                raise ValueError("the step made the weights non-finite")
+                raise UserError("the step made the weights non-finite")
         except Exception as err:  # bitsandbytes without a usable GPU fails here, as do values the step cannot use
             given = " ".join(f"{k}={v!r}" for k, v in args.items())
             where = " (bitsandbytes' 8-bit optimizers need a CUDA GPU)" if spec.needs_gpu else ""
-            raise ValueError(
+            raise UserError(
                 f"--optimizer {name}{' --optimizer-args ' + given if given else ''} cannot train here{where}: {_first_line(err)}"
             ) from err
     if name == "prodigy" and lr <= 0.1:

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from ..core import targets
 from ..core.families import ModelFamily, family_of_pipeline
 from ..core.files import read_lora
+from ..errors import UserError
 from ..inference.samplers import set_sampler
 from ..models.loading import load_pipeline, load_vae
 from ..storage import output_rules
@@ -42,7 +43,7 @@ from .sample_prompts import read_sample_prompts
 from .validation import Validator
 
 
-class TrainingDiverged(ValueError):
+class TrainingDiverged(UserError):
     """The loss or the gradients stopped being finite."""
 
 

@@ -19,6 +19,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import UserError
 from ..inference.generation import MAX_IMAGE_SIDE, check_guidance
 from ..inference.samplers import find_sampler
 
@@ -59,41 +60,41 @@ def parse_line(line: str, where: str = "line") -> SamplePrompt:
         letter = match.group(1).lower() if match else option.split()[0]
         if letter not in _OPTIONS:
             known = ", ".join(f"--{k}" for k in _OPTIONS)
-            raise ValueError(f"{where}: unknown option --{letter} (the options are {known})")
+            raise UserError(f"{where}: unknown option --{letter} (the options are {known})")
         name, parse = _OPTIONS[letter]
         text = (match.group(2) or "").strip()
         if not text:
-            raise ValueError(f"{where}: --{letter} needs a value")
+            raise UserError(f"{where}: --{letter} needs a value")
         try:
             values[name] = parse(text)
         except ValueError:
-            raise ValueError(f"{where}: --{letter} {text!r} is not {'an integer' if parse is int else 'a number'}") from None
+            raise UserError(f"{where}: --{letter} {text!r} is not {'an integer' if parse is int else 'a number'}") from None
     return _checked(SamplePrompt(prompt.strip(), **values), where)
 
 
 def _checked(sample: SamplePrompt, where: str) -> SamplePrompt:
     if not sample.prompt:
-        raise ValueError(f"{where}: no prompt before the options")
+        raise UserError(f"{where}: no prompt before the options")
     for name in ("width", "height"):
         value = getattr(sample, name)
         if value is not None and (value < 8 or value % 8):
-            raise ValueError(f"{where}: --{name[0]} {value} must be a positive multiple of 8")
+            raise UserError(f"{where}: --{name[0]} {value} must be a positive multiple of 8")
         if value is not None and value > MAX_IMAGE_SIDE:  # found now, not when the sample is drawn after training
-            raise ValueError(f"{where}: --{name[0]} {value} is larger than {MAX_IMAGE_SIDE}: a sample that size would not fit in memory")
+            raise UserError(f"{where}: --{name[0]} {value} is larger than {MAX_IMAGE_SIDE}: a sample that size would not fit in memory")
     if sample.steps is not None and sample.steps < 1:
-        raise ValueError(f"{where}: --s {sample.steps} must be at least 1")
+        raise UserError(f"{where}: --s {sample.steps} must be at least 1")
     if sample.seed is not None and not 0 <= sample.seed < 2**63:
-        raise ValueError(f"{where}: --d {sample.seed} must be between 0 and 2**63")
+        raise UserError(f"{where}: --d {sample.seed} must be between 0 and 2**63")
     if sample.guidance is not None:
         try:
             check_guidance(sample.guidance, "--l")
         except ValueError as err:
-            raise ValueError(f"{where}: {err}") from None
+            raise UserError(f"{where}: {err}") from None
     if sample.sampler is not None:
         try:
             find_sampler(sample.sampler)
         except ValueError as err:
-            raise ValueError(f"{where}: --ss {str(err).split(';')[0]}") from None
+            raise UserError(f"{where}: --ss {str(err).split(';')[0]}") from None
     return sample
 
 
@@ -112,7 +113,7 @@ def read_sample_prompts(path: str | os.PathLike) -> list[SamplePrompt]:
             if line.strip() and not line.lstrip().startswith("#")
         ]
     if not samples:
-        raise ValueError(f"--sample-prompts {path}: the file holds no prompts")
+        raise UserError(f"--sample-prompts {path}: the file holds no prompts")
     return samples
 
 
@@ -120,9 +121,9 @@ def _from_json(text: str, path: Path) -> list[SamplePrompt]:
     try:
         items = json.loads(text)
     except ValueError as err:
-        raise ValueError(f"--sample-prompts {path}: not valid JSON ({err})") from None
+        raise UserError(f"--sample-prompts {path}: not valid JSON ({err})") from None
     if not isinstance(items, list):
-        raise ValueError(f"--sample-prompts {path}: expected a JSON list of prompts")
+        raise UserError(f"--sample-prompts {path}: expected a JSON list of prompts")
     samples = []
     for index, item in enumerate(items):
         where = f"{path}[{index}]"
@@ -130,16 +131,16 @@ def _from_json(text: str, path: Path) -> list[SamplePrompt]:
             samples.append(parse_line(item, where))
             continue
         if not isinstance(item, dict):
-            raise ValueError(f"{where}: each entry must be a prompt line or an object with a 'prompt'")
+            raise UserError(f"{where}: each entry must be a prompt line or an object with a 'prompt'")
         unknown = sorted(set(item) - set(_JSON_KEYS))
         if unknown:
-            raise ValueError(f"{where}: unknown keys {', '.join(unknown)} (known: {', '.join(_JSON_KEYS)})")
+            raise UserError(f"{where}: unknown keys {', '.join(unknown)} (known: {', '.join(_JSON_KEYS)})")
         if "prompt" not in item:
-            raise ValueError(f"{where}: the object has no 'prompt'; give each object its prompt text")
+            raise UserError(f"{where}: the object has no 'prompt'; give each object its prompt text")
         for key, value in item.items():
             expected = _JSON_TYPES.get(_JSON_KEYS[key], (str,))
             if isinstance(value, bool) or not isinstance(value, expected):
-                raise ValueError(
+                raise UserError(
                     f"{where}: {key} must be {'a number' if float in expected else 'an integer' if int in expected else 'a string'}, got {value!r}"
                 )
         samples.append(_checked(SamplePrompt(**{_JSON_KEYS[k]: v for k, v in item.items()}), where))

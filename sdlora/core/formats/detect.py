@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from ...errors import UserError
 from .ldm import has_ldm_names
 from .names import ATTN_PROC_ENDINGS, ATTN_PROCS, DIFFUSERS, DIFFUSERS_OLD, KOHYA, KOHYA_LDM, KOHYA_PREFIXES, PEFT, SUFFIXES
 
@@ -12,7 +13,7 @@ def detect_format(keys: Iterable[str]) -> str:
     """Name the format of a LoRA state dict from its keys; raise ValueError if it is none we read."""
     keys = list(keys)
     if not keys:
-        raise ValueError("the file holds no tensors")
+        raise UserError("the file holds no tensors")
     if any(key.startswith(tuple(KOHYA_PREFIXES)) for key in keys):
         return KOHYA_LDM if has_ldm_names(keys) else KOHYA
     if any(key.startswith("base_model.model.") for key in keys):
@@ -24,4 +25,4 @@ def detect_format(keys: Iterable[str]) -> str:
         return DIFFUSERS_OLD
     if any(key.endswith(SUFFIXES[DIFFUSERS][0]) for key in keys):
         return DIFFUSERS
-    raise ValueError(f"unknown LoRA format: no key matches a known layout (first key: {keys[0]!r})")
+    raise UserError(f"unknown LoRA format: no key matches a known layout (first key: {keys[0]!r})")

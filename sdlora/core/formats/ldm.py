@@ -11,6 +11,7 @@ import functools
 import re
 from collections.abc import Iterable, Mapping
 
+from ...errors import UserError
 from ..families import SD1, SDXL, UNET_SINGLE_FILE_PREFIX, ModelFamily
 from .names import KOHYA_UNET_PREFIX, split_kohya_name
 
@@ -71,10 +72,10 @@ def ldm_to_diffusers(name: str, table: Mapping[str, str], key: str) -> str:
             target = table[ldm_prefix]
             if "_resnets_" in target and rest:
                 if rest not in LDM_RESNET_LAYERS:
-                    raise ValueError(f"LoRA key {key!r} maps to no module (unknown ResBlock layer {rest!r})")
+                    raise UserError(f"LoRA key {key!r} maps to no module (unknown ResBlock layer {rest!r})")
                 rest = LDM_RESNET_LAYERS[rest]
             return f"{target}_{rest}" if rest else target
-    raise ValueError(f"LoRA key {key!r} maps to no module (unknown LDM block in {name!r})")
+    raise UserError(f"LoRA key {key!r} maps to no module (unknown LDM block in {name!r})")
 
 
 # ---------------------------------------------------------------- single-file (LDM) checkpoint keys, for merging
@@ -89,7 +90,7 @@ def ldm_unet_table_for_config(config: Mapping) -> dict[str, str]:
     """The LDM <-> diffusers block table of a UNet from its diffusers config (block types, layers per block)."""
     layers = config.get("layers_per_block", 2)
     if not isinstance(layers, int):
-        raise ValueError(f"UNet layers_per_block {layers!r} differs per block: no single-file layout for it")
+        raise UserError(f"UNet layers_per_block {layers!r} differs per block: no single-file layout for it")
     return _ldm_unet_table(
         len(config["block_out_channels"]),
         down_attention=tuple(i for i, kind in enumerate(config["down_block_types"]) if "Attn" in kind),
@@ -102,7 +103,7 @@ def ldm_unet_table_from_keys(keys: Iterable[str], prefix: str = UNET_SINGLE_FILE
     """The block table of a single-file checkpoint's UNet, read off its keys (levels, layers, attention blocks)."""
     names = [key[len(prefix) :] for key in keys if key.startswith(prefix)]
     if not names:
-        raise ValueError(f"no {prefix}* keys: not a Stable Diffusion single-file checkpoint")
+        raise UserError(f"no {prefix}* keys: not a Stable Diffusion single-file checkpoint")
     downsamplers = sorted({int(m.group(1)) for n in names if (m := re.match(r"input_blocks\.(\d+)\.0\.op\.", n))})
     inputs = {int(m.group(1)) for n in names if (m := re.match(r"input_blocks\.(\d+)\.", n))}
     # a level is `layers` blocks then a downsampler, so the first downsampler sits at index layers + 1
@@ -145,13 +146,13 @@ def ldm_unet_key(diffusers_key: str, table: Mapping[str, str]) -> str:
         None,
     )
     if best is None:
-        raise ValueError(f"UNet weight {diffusers_key!r} has no single-file (LDM) name")
+        raise UserError(f"UNet weight {diffusers_key!r} has no single-file (LDM) name")
     ldm_prefix, dotted = best
     rest = diffusers_key[len(dotted) + 1 :]
     if ".resnets." in dotted:
         layer, _, param = rest.partition(".")
         inverse = {diffusers: ldm for ldm, diffusers in {**LDM_RESNET_LAYERS, **_LDM_NORM_LAYERS}.items()}
         if layer not in inverse:
-            raise ValueError(f"UNet weight {diffusers_key!r} has no single-file (LDM) name (unknown ResBlock layer {layer!r})")
+            raise UserError(f"UNet weight {diffusers_key!r} has no single-file (LDM) name (unknown ResBlock layer {layer!r})")
         rest = f"{_dotted_ldm(inverse[layer])}.{param}"
     return f"{_dotted_ldm(ldm_prefix)}.{rest}" if rest else _dotted_ldm(ldm_prefix)

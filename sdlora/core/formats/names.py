@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 
+from ...errors import UserError
 from ..families import FAMILIES
 
 DIFFUSERS = "diffusers"  # unet.<path>.lora_A.weight + lora_adapter_metadata (what save_lora_weights writes)
@@ -106,7 +107,7 @@ def kohya_name(path: str, key_for_errors: str | None = None) -> str:
     """`down_blocks.0.attentions.0.proj_in` -> `down_blocks_0_attentions_0_proj_in`; a name outside SEGMENTS raises."""
     for segment in path.split("."):
         if not (segment.isdigit() or segment in SEGMENTS):
-            raise ValueError(
+            raise UserError(
                 f"module {key_for_errors or path!r} has the name {segment!r}, which kohya names cannot hold (known: SD UNet and CLIP layers)"
             )
     return path.replace(".", "_")
@@ -122,7 +123,7 @@ def split_kohya_name(name: str, key: str) -> str:
             if candidate in SEGMENTS or candidate.isdigit():
                 break
         else:
-            raise ValueError(f"LoRA key {key!r} maps to no module (unknown name {parts[i]!r} in {name!r})")
+            raise UserError(f"LoRA key {key!r} maps to no module (unknown name {parts[i]!r} in {name!r})")
         segments.append(candidate)
         i += width
     return ".".join(segments)
@@ -134,7 +135,7 @@ def canonical_path(component: str, path: str, key: str) -> str:
         if path.startswith(("encoder.", "embeddings.", "final_layer_norm")):
             path = "text_model." + path
         if not path.startswith(("text_model.", "text_projection")):  # text_projection: SDXL's second encoder
-            raise ValueError(f"LoRA key {key!r} maps to no text-encoder module (expected text_model.encoder.layers...)")
+            raise UserError(f"LoRA key {key!r} maps to no text-encoder module (expected text_model.encoder.layers...)")
     return path
 
 

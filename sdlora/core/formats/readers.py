@@ -8,6 +8,7 @@ from collections.abc import Mapping
 
 import torch
 
+from ...errors import UserError
 from ..kinds import KIND_NAMES, DoraModule, build_adapter
 from ..state import LoraModule, LoraState
 from .detect import detect_format
@@ -58,10 +59,10 @@ def to_lora_state(
         ATTN_PROCS: _read_diffusers_old,  # one reader: diffusers wrote files mixing both layouts
     }
     if fmt not in readers:
-        raise ValueError(f"unknown format {fmt!r}: use one of {', '.join(FORMATS)}")
+        raise UserError(f"unknown format {fmt!r}: use one of {', '.join(FORMATS)}")
     modules = readers[fmt](dict(tensors), metadata, adapter_config)
     if not modules:
-        raise ValueError("the file holds no LoRA modules")
+        raise UserError("the file holds no LoRA modules")
     return LoraState(dict(sorted(modules.items())), metadata)
 
 
@@ -79,20 +80,20 @@ def _pair_up(
                 groups.setdefault(key[: -len(suffix)], {})[role] = tensor
                 break
         else:
-            raise ValueError(
+            raise UserError(
                 f"LoRA key {key!r} maps to no module (expected a name ending in {down_suffix}, {up_suffix}{''.join(', ' + s for s in extra)})"
             )
     for module_key, group in groups.items():
         if "down" not in group or "up" not in group:
             missing = down_suffix if "down" not in group else up_suffix
-            raise ValueError(f"LoRA module {module_key!r} has no {missing} tensor")
+            raise UserError(f"LoRA module {module_key!r} has no {missing} tensor")
     return groups
 
 
 def _add_module(modules: dict[str, LoraModule], path: str, module: LoraModule, key: str) -> None:
     """Add one module; two keys naming the same module would silently drop one, so that is an error."""
     if path in modules:
-        raise ValueError(f"LoRA key {key!r} adapts {path}, which another key in the file already adapts")
+        raise UserError(f"LoRA key {key!r} adapts {path}, which another key in the file already adapts")
     modules[path] = module
 
 
@@ -115,7 +116,7 @@ def _lora_or_dora(group: dict[str, torch.Tensor], alpha: float | None, key: str)
         lora = build_adapter("lora", {"down": group["down"], "up": group["up"]}, alpha)
         return lora if magnitude is None else DoraModule(lora, magnitude, on_output=True)
     except ValueError as err:
-        raise ValueError(f"LoRA module {key!r} ({'DoRA' if magnitude is not None else 'LoRA'}): {err}") from None
+        raise UserError(f"LoRA module {key!r} ({'DoRA' if magnitude is not None else 'LoRA'}): {err}") from None
 
 
 def _read_peft(tensors, metadata, adapter_config) -> dict[str, LoraModule]:
@@ -139,7 +140,7 @@ def _read_kohya(tensors, _metadata, _adapter_config) -> dict[str, object]:
     for key, adapter in _adapters_by_kind(tensors).items():
         prefix = next((p for p in sorted(KOHYA_PREFIXES, key=len, reverse=True) if key.startswith(p)), None)
         if prefix is None:
-            raise ValueError(f"LoRA key {key!r} maps to no module (kohya keys start with {', '.join(KOHYA_PREFIXES)})")
+            raise UserError(f"LoRA key {key!r} maps to no module (kohya keys start with {', '.join(KOHYA_PREFIXES)})")
         component = KOHYA_PREFIXES[prefix]
         name = key[len(prefix) :]
         if component == "unet" and ldm_table:
@@ -172,10 +173,10 @@ def _adapters_by_kind(tensors: dict[str, torch.Tensor]) -> dict[str, object]:
         if entry is None:
             kind = next((name for marker, name in _UNREADABLE_KINDS.items() if key.endswith(marker)), None)
             if kind is not None:
-                raise ValueError(
+                raise UserError(
                     f"{kind} weights (key {key!r}) are not supported: sdlora reads LoRA, LoCon, LoHa, LoKr, DoRA, full diffs, OFT, BOFT, IA3 and GLoRA"
                 )
-            raise ValueError(
+            raise UserError(
                 f"LoRA key {key!r} maps to no module (no tensor name sdlora knows: {', '.join(s for s, _, _ in _KIND_SUFFIXES)})"
             )
         suffix, kind, field = entry
@@ -192,16 +193,16 @@ def _adapters_by_kind(tensors: dict[str, torch.Tensor]) -> dict[str, object]:
         found = ", ".join(sorted(group["names"]))
         if len(kinds) != 1:
             named = " and ".join(KIND_NAMES[k] for k in kinds) if kinds else "no weights"
-            raise ValueError(f"LoRA module {module_key!r} holds {named} ({found}): a module is of one kind")
+            raise UserError(f"LoRA module {module_key!r} holds {named} ({found}): a module is of one kind")
         kind = kinds[0]
         if kind == "ia3" and "on_input" not in group["fields"]:  # a lone `<name>.weight` is no IA3 but an unknown key
-            raise ValueError(
+            raise UserError(
                 f"LoRA key {module_key + '.weight'!r} maps to no module (no tensor name sdlora knows: {', '.join(s for s, _, _ in _KIND_SUFFIXES)})"
             )
         keys = {field: suffix for suffix, field in KIND_KEYS[kind].items()}
         missing = [keys[field] for field in KIND_REQUIRED[kind] if field not in group["fields"]]
         if missing:
-            raise ValueError(f"LoRA module {module_key!r} ({KIND_NAMES[kind]}: {found}) has no {missing[0]} tensor")
+            raise UserError(f"LoRA module {module_key!r} ({KIND_NAMES[kind]}: {found}) has no {missing[0]} tensor")
         alpha = group["shared"].get("alpha")
         try:
             adapters[module_key] = build_adapter(
@@ -209,7 +210,7 @@ def _adapters_by_kind(tensors: dict[str, torch.Tensor]) -> dict[str, object]:
             )
         except ValueError as err:
             kind_name = KIND_NAMES[kind] + (" with DoRA" if "magnitude" in group["shared"] else "")
-            raise ValueError(f"LoRA module {module_key!r} ({kind_name}: {found}): {err}") from None
+            raise UserError(f"LoRA module {module_key!r} ({kind_name}: {found}): {err}") from None
     return adapters
 
 
@@ -220,7 +221,7 @@ def _read_diffusers_old(tensors, metadata, _adapter_config) -> dict[str, LoraMod
     accepted = (*OLD_SUFFIXES, *SUFFIXES[DIFFUSERS], *magnitude_suffixes, KOHYA_ALPHA)
     stray = next((key for key in tensors if not key.endswith(accepted)), None)
     if stray is not None:
-        raise ValueError(f"LoRA key {stray!r} maps to no module (expected a name ending in {', '.join(accepted)})")
+        raise UserError(f"LoRA key {stray!r} maps to no module (expected a name ending in {', '.join(accepted)})")
     # an alpha, where a converter stored one, sits beside the module: <component>.<path>.alpha
     alphas = {key: tensor for key, tensor in tensors.items() if key.endswith(KOHYA_ALPHA)}
     magnitudes = {key: tensor for key, tensor in tensors.items() if key.endswith(magnitude_suffixes)}
@@ -230,7 +231,7 @@ def _read_diffusers_old(tensors, metadata, _adapter_config) -> dict[str, LoraMod
 
     def add_group(path: str, key: str, group: dict, alpha: torch.Tensor | None) -> None:
         if path in groups:
-            raise ValueError(f"LoRA key {key!r} adapts {path}, which another key in the file already adapts")
+            raise UserError(f"LoRA key {key!r} adapts {path}, which another key in the file already adapts")
         groups[path] = {"down": group["down"], "up": group["up"], "alpha": alpha}
 
     for key, group in _pair_up(old_named, OLD_SUFFIXES).items():
@@ -238,7 +239,7 @@ def _read_diffusers_old(tensors, metadata, _adapter_config) -> dict[str, LoraMod
         endings = OLD_UNET_ENDINGS if component == "unet" else OLD_TEXT_ENCODER_ENDINGS
         ending = next((e for e in endings if path.endswith(e)), None)
         if ending is None:
-            raise ValueError(
+            raise UserError(
                 f"LoRA key {key + '.down.weight'!r} maps to no module (old diffusers names end in {', '.join(e + '.down.weight' for e in endings)})"
             )
         module_path = canonical_path(component, path[: -len(ending)].removesuffix(".processor") + endings[ending], key)
@@ -247,7 +248,7 @@ def _read_diffusers_old(tensors, metadata, _adapter_config) -> dict[str, LoraMod
         component, path = split_component(key, default="unet")
         add_group(f"{component}.{canonical_path(component, path, key)}", key, group, alphas.pop(key + KOHYA_ALPHA, None))
     if alphas:
-        raise ValueError(f"LoRA key {next(iter(alphas))!r} maps to no module (no .down.weight/.up.weight pair beside it)")
+        raise UserError(f"LoRA key {next(iter(alphas))!r} maps to no module (no .down.weight/.up.weight pair beside it)")
     for key, magnitude in magnitudes.items():
         suffix = next(s for s in magnitude_suffixes if key.endswith(s))
         component, path = split_component(key[: -len(suffix)], default="unet")
@@ -257,9 +258,9 @@ def _read_diffusers_old(tensors, metadata, _adapter_config) -> dict[str, LoraMod
             path = path[: -len(ending)].removesuffix(".processor") + endings[ending]
         module = f"{component}.{canonical_path(component, path, key)}"
         if module not in groups:
-            raise ValueError(f"LoRA key {key!r} maps to no module (no LoRA down/up pair for {module} in the file)")
+            raise UserError(f"LoRA key {key!r} maps to no module (no LoRA down/up pair for {module} in the file)")
         if "magnitude" in groups[module]:
-            raise ValueError(f"LoRA key {key!r} is a second DoRA magnitude for {module}")
+            raise UserError(f"LoRA key {key!r} is a second DoRA magnitude for {module}")
         groups[module]["magnitude"] = magnitude
     configs = _component_configs(metadata)  # diffusers applies the header's LoraConfig whatever the keys' names
     modules: dict[str, LoraModule] = {}
@@ -278,7 +279,7 @@ def _component_configs(metadata: Mapping[str, str]) -> dict[str, dict]:
     try:
         flat = json.loads(metadata[METADATA_KEY])
     except json.JSONDecodeError as err:
-        raise ValueError(f"header {METADATA_KEY} is not valid JSON: {err}") from err
+        raise UserError(f"header {METADATA_KEY} is not valid JSON: {err}") from err
     configs: dict[str, dict] = {}
     for key, value in flat.items():
         component, _, field = key.partition(".")

@@ -12,6 +12,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from ...errors import UserError
 from ..families import UNET_SINGLE_FILE_PREFIX, TextEncoderSpec
 from .ldm import ldm_unet_key
 from .names import canonical_path
@@ -55,7 +56,7 @@ def single_file_slot(
     if component == "unet":
         return WeightSlot(UNET_SINGLE_FILE_PREFIX + ldm_unet_key(diffusers_key, unet_table))
     if text_encoder is None or text_encoder.component != component:
-        raise ValueError(f"{component} weights ({diffusers_key!r}) have no single-file name: the model has no {component}")
+        raise UserError(f"{component} weights ({diffusers_key!r}) have no single-file name: the model has no {component}")
     path = canonical_path(component, diffusers_key, diffusers_key)
     if text_encoder.single_file_layout == "hf":
         # transformers' layout keeps its `text_model.` level in single files (SD1, SDXL's first encoder)
@@ -68,16 +69,16 @@ def _openclip_target(prefix: str, path: str, shapes: Mapping[str, tuple[int, ...
         return WeightSlot(prefix + "text_projection", transposed=True)
     match = _OPENCLIP_LAYER.fullmatch(path)
     if match is None:
-        raise ValueError(f"text-encoder weight {path!r} has no single-file name in OpenCLIP's layout")
+        raise UserError(f"text-encoder weight {path!r} has no single-file name in OpenCLIP's layout")
     layer, name, param = match.groups()
     block = f"{prefix}transformer.resblocks.{layer}."
     if name.startswith("self_attn.") and name.removeprefix("self_attn.") in _QKV:
         fused = f"{block}attn.in_proj_{param}"
         if fused not in shapes:
-            raise ValueError(f"text-encoder weight {path!r}: the single file has no {fused}")
+            raise UserError(f"text-encoder weight {path!r}: the single file has no {fused}")
         hidden = shapes[fused][0] // 3
         start = _QKV.index(name.removeprefix("self_attn.")) * hidden
         return WeightSlot(fused, rows=(start, start + hidden))
     if name not in _OPENCLIP_LAYERS:
-        raise ValueError(f"text-encoder weight {path!r} has no single-file name in OpenCLIP's layout")
+        raise UserError(f"text-encoder weight {path!r} has no single-file name in OpenCLIP's layout")
     return WeightSlot(f"{block}{_OPENCLIP_LAYERS[name]}.{param}")

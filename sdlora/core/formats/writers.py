@@ -6,6 +6,7 @@ import json
 
 import torch
 
+from ...errors import UserError
 from ..families import ModelFamily
 from ..kinds import KIND_NAMES
 from ..state import LoraState
@@ -35,7 +36,7 @@ def to_diffusers_layers(state: LoraState) -> dict[str, tuple[dict[str, torch.Ten
     other = next((path for path, module in state.modules.items() if module.kind != "lora"), None)
     if other is not None:
         kind = KIND_NAMES[state.modules[other].kind]
-        raise ValueError(
+        raise UserError(
             f"the diffusers format holds plain LoRA, and {other} is {kind}: write it as kohya, or convert it to a LoRA with --rank"
         )
     layers = {}
@@ -70,7 +71,7 @@ def kohya_module_name(component: str, module_path: str, family: ModelFamily, lab
         try:
             ldm_path = ldm_unet_key(module_path + ".weight", ldm_table_of(family)).removesuffix(".weight")
         except ValueError as err:
-            raise ValueError(f"LoRA module {label} has no LDM name in {family.label}'s UNet, which kohya files need") from err
+            raise UserError(f"LoRA module {label} has no LDM name in {family.label}'s UNet, which kohya files need") from err
         return ldm_path.replace(".", "_")
     return kohya_name(module_path, label)
 
@@ -83,7 +84,7 @@ def to_kohya(state: LoraState, family: ModelFamily) -> dict[str, torch.Tensor]:
     for path, module in state.modules.items():
         component, _, module_path = path.partition(".")
         if component not in prefixes:
-            raise ValueError(f"LoRA module {path} is for {component}, which {family.label} models do not have")
+            raise UserError(f"LoRA module {path} is for {component}, which {family.label} models do not have")
         key = prefixes[component] + kohya_module_name(component, module_path, family, path)
         inner = module.inner if module.kind == "dora" else module
         names = {field: suffix for suffix, field in KIND_KEYS[inner.kind].items()} | {
