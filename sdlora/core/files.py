@@ -182,9 +182,13 @@ def _conv_args(state: LoraState) -> dict[str, str]:
         args["algo"] = "+".join({"lora": "locon", "oft": "diag-oft"}.get(kind, kind) for kind in kinds)
     if "dora" in state.kinds():
         args["dora_wd"] = "True"
-    conv = [m for m in state.modules.values() if m.rank is not None and len(m.weight_shape()) == 4 and m.weight_shape()[-1] > 1]
+    conv = [
+        (m.rank, m.effective_alpha)
+        for m in state.modules.values()
+        if m.rank is not None and m.effective_alpha is not None and len(m.weight_shape()) == 4 and (m.weight_shape()[-1] or 1) > 1
+    ]
     if conv:
-        args |= {"conv_dim": str(max(m.rank for m in conv)), "conv_alpha": f"{max(m.effective_alpha for m in conv):g}"}
+        args |= {"conv_dim": str(max(rank for rank, _ in conv)), "conv_alpha": f"{max(alpha for _, alpha in conv):g}"}
     return args
 
 

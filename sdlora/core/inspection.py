@@ -8,8 +8,8 @@ from collections import Counter
 from pathlib import Path
 
 from .families import guess_architecture
-from .kinds import KIND_NAMES
-from .state import FORMAT_METADATA_KEY, LoraState
+from .kinds import KIND_NAMES, DoraModule, OftModule
+from .state import FORMAT_METADATA_KEY, Adapter, LoraState
 
 
 def describe(state: LoraState, path: str | os.PathLike | None = None) -> dict:
@@ -25,7 +25,7 @@ def describe(state: LoraState, path: str | os.PathLike | None = None) -> dict:
         if module.rank is not None:
             entry["ranks"].add(module.rank)
             entry["alphas"].add(module.effective_alpha)
-        elif module.kind in ("oft", "boft"):  # no rank: its size is its rotation blocks', its alpha a constraint
+        elif isinstance(module, OftModule):  # OFT or BOFT, no rank: its size is its rotation blocks', its alpha a constraint
             entry["blocks"].add(int(module.blocks.shape[-1]))
             entry["alphas"].add(module.alpha)
     info = {
@@ -46,16 +46,16 @@ def describe(state: LoraState, path: str | os.PathLike | None = None) -> dict:
         "alphas": state.alphas(),
         "scale": alpha / rank if rank else 1.0,
         "dtype": str(state.dtype()).removeprefix("torch."),
-        "parameters": sum(t.numel() for m in state.modules.values() for t in m.factors().values()),
+        "parameters": sum(m.parameter_count() for m in state.modules.values()),
         "size_bytes": Path(path).stat().st_size if path else None,
         "metadata": {k: v for k, v in state.metadata.items() if k != FORMAT_METADATA_KEY},
     }
     return info
 
 
-def _kind_name(module) -> str:
+def _kind_name(module: Adapter) -> str:
     """LoRA, LoHa, LoKr, full diff, or `DoRA (LoRA)` for a DoRA of a kind."""
-    if module.kind == "dora":
+    if isinstance(module, DoraModule):
         return f"DoRA ({KIND_NAMES[module.base_kind]})"
     return KIND_NAMES[module.kind]
 
@@ -77,9 +77,10 @@ def _constraints(values) -> str:
     return "constraint " + "/".join("none" if value == 0 else f"{value:g}" for value in values)
 
 
-def _layer_kind(shape: tuple[int, ...]) -> str:
+def _layer_kind(shape: tuple[int | None, ...]) -> str:
     if len(shape) == 4:
-        return "conv3x3" if shape[-1] > 1 else "conv1x1"
+        kernel = shape[-1]
+        return "conv3x3" if kernel is not None and kernel > 1 else "conv1x1"
     return "linear"
 
 

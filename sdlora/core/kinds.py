@@ -1,9 +1,10 @@
 """Adapter kinds beyond plain LoRA (`core.state.LoraModule`): LoHa, LoKr, full diffs, DoRA, OFT/BOFT, IA3 and
 GLoRA, each with its factors and its weight update as a function of the base weight.
 
-Every kind has LoraModule's interface: `kind`, `additive` (W' = W + s * dW, so merging -s undoes it), `by_rows`
-(its update can be applied to a range of output rows on its own), `rank` / `alpha` / `effective_alpha` / `scale`,
-`weight_shape()`, `factors()`, `apply(weight, multiplier, rows)` and `to(dtype)`.
+Every kind is a `core.state.Adapter`: it answers `kind`, `additive` (W' = W + s * dW, so merging -s undoes it),
+`by_rows` (its update can be applied to a range of output rows on its own), `rank` / `alpha` / `effective_alpha` /
+`scale`, `weight_shape()`, `fits(shape)`, `factors()`, `apply(weight, multiplier, rows)`, `bias_update()` and
+`to(dtype)`, and inherits `delta()` and `parameter_count()`.
 
 The scale rules, as ComfyUI (`comfy/weight_adapter/`), AUTOMATIC1111 (`extensions-builtin/Lora/network_*.py`) and
 LyCORIS's forward pass apply them: alpha / dim applied once; no alpha means scale 1; LoKr's scale is 1 when neither
@@ -19,13 +20,14 @@ decomposition (weight 0 still rescales W to the learnt magnitude). All three agr
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
 from ..errors import UserError
-from .state import AlphaScaled, LoraModule
+from .state import Adapter, AlphaScaled, LoraModule, fits_size, known_shape
 
 Tensor = torch.Tensor
 
@@ -35,8 +37,8 @@ def _scale(alpha: float | None, dim: int | None) -> float:
     return 1.0 if alpha is None or dim is None else float(alpha) / dim
 
 
-def _cast(tensor: Tensor | None, like: Tensor) -> Tensor | None:
-    return None if tensor is None else tensor.to(device=like.device, dtype=torch.float32)
+def _cast(tensor: Tensor, like: Tensor) -> Tensor:
+    return tensor.to(device=like.device, dtype=torch.float32)
 
 
 def _add_rows(weight: Tensor, delta: Tensor, rows: tuple[int, int] | None) -> Tensor:
@@ -48,18 +50,12 @@ def _add_rows(weight: Tensor, delta: Tensor, rows: tuple[int, int] | None) -> Te
     return weight
 
 
-def _fits_size(ours: tuple[int, ...], shape: tuple[int, ...]) -> bool:
-    """Whether the update fits a weight of `shape`: the same output rows and element count (a LoHa of a conv without
-    Tucker stores its kernel flattened; `apply` updates the weight in whatever shape it has)."""
-    return ours[0] == shape[0] and math.prod(ours) == math.prod(shape)
-
-
 def _tucker(core: Tensor, down: Tensor, up: Tensor) -> Tensor:
     """LyCORIS/ComfyUI's Tucker rebuild, einsum('i j k l, j r, i p -> p r k l'): up [r, out], down [r, in]."""
     return torch.einsum("ijkl,jr,ip->prkl", core, down, up)
 
 
-class Unscaled:
+class Unscaled(Adapter):
     """The kinds without rank or alpha (full diffs, IA3): their update is what they store, at scale 1."""
 
     rank: ClassVar[None] = None
@@ -89,9 +85,10 @@ class LohaModule(AlphaScaled):
     by_rows: ClassVar[bool] = True  # a row of dW needs only that row of w1a / w2a (a column, with Tucker)
 
     def __post_init__(self) -> None:
-        if (self.t1 is None) != (self.t2 is None):
-            raise UserError("LoHa has one Tucker core (hada_t1/hada_t2) without the other")
-        if self.t1 is None:
+        t1, t2 = self.t1, self.t2
+        if t1 is None or t2 is None:
+            if t1 is not None or t2 is not None:
+                raise UserError("LoHa has one Tucker core (hada_t1/hada_t2) without the other")
             ok = (
                 self.w1a.shape[1] == self.w1b.shape[0] == self.w2a.shape[1] == self.w2b.shape[0]
                 and self.w1a.shape[0] == self.w2a.shape[0]
@@ -99,10 +96,10 @@ class LohaModule(AlphaScaled):
             )
         else:
             ok = (
-                self.t1.shape == self.t2.shape
+                t1.shape == t2.shape
                 and self.w1a.shape == self.w2a.shape
                 and self.w1b.shape == self.w2b.shape
-                and self.t1.shape[:2] == (self.w1a.shape[0], self.w1b.shape[0])
+                and t1.shape[:2] == (self.w1a.shape[0], self.w1b.shape[0])
             )
         if not ok:
             shapes = {name: tuple(t.shape) for name, t in self.factors().items()}
@@ -120,21 +117,20 @@ class LohaModule(AlphaScaled):
         return (self.w1a.shape[1], self.w1b.shape[1], *self.t1.shape[2:])
 
     def fits(self, shape: tuple[int, ...]) -> bool:
-        return _fits_size(self.weight_shape(), shape)
+        return fits_size(self.weight_shape(), shape)
 
     def factors(self) -> dict[str, Tensor]:
-        tucker = {"t1": self.t1, "t2": self.t2} if self.t1 is not None else {}
+        tucker = {"t1": self.t1, "t2": self.t2} if self.t1 is not None and self.t2 is not None else {}
         return {"w1a": self.w1a, "w1b": self.w1b, "w2a": self.w2a, "w2b": self.w2b} | tucker
 
     def to(self, dtype: torch.dtype) -> LohaModule:
         cast = {name: t.to(dtype) for name, t in self.factors().items()}
         return LohaModule(alpha=self.alpha, **cast)
 
-    def delta(self, multiplier: float = 1.0, like: Tensor | None = None, rows: tuple[int, int] | None = None) -> Tensor:
-        """dW (or its output `rows`) in fp32: [out, in * k] without Tucker, [out, in, kh, kw] with it."""
-        like = like if like is not None else self.w1a
+    def _update(self, multiplier: float, like: Tensor, rows: tuple[int, int] | None) -> Tensor:
+        """dW (or its output `rows`) in fp32 on `like`'s device: [out, in * k] without Tucker, [out, in, kh, kw] with it."""
         w1a, w1b, w2a, w2b = (_cast(t, like) for t in (self.w1a, self.w1b, self.w2a, self.w2b))
-        if self.t1 is None:
+        if self.t1 is None or self.t2 is None:
             if rows is not None:
                 w1a, w2a = w1a[rows[0] : rows[1]], w2a[rows[0] : rows[1]]
             first, second = w1a @ w1b.flatten(1), w2a @ w2b.flatten(1)
@@ -145,12 +141,15 @@ class LohaModule(AlphaScaled):
         return first.mul_(second).mul_(multiplier * self.scale)
 
     def apply(self, weight: Tensor, multiplier: float = 1.0, rows: tuple[int, int] | None = None) -> Tensor:
-        weight.view(weight.shape[0], -1).add_(self.delta(multiplier, weight, rows).reshape(weight.shape[0], -1))
+        weight.view(weight.shape[0], -1).add_(self._update(multiplier, weight, rows).reshape(weight.shape[0], -1))
         return weight
+
+    def bias_update(self) -> Adapter | None:
+        return None  # the layer's bias stays as it is
 
 
 @dataclass
-class LokrModule:
+class LokrModule(Adapter):
     """LoKr (LyCORIS): dW = kron(w1, w2) * scale, each half stored whole (`lokr_w1`, `lokr_w2`) or factored
     (`lokr_w1_a @ lokr_w1_b`, `lokr_w2_a @ lokr_w2_b`, the second optionally with a Tucker core `lokr_t2`).
     The scale is alpha / dim of a factored half (the second's when both are), 1 when neither is factored."""
@@ -170,12 +169,17 @@ class LokrModule:
 
     def __post_init__(self) -> None:
         for number, whole, a, b in ((1, self.w1, self.w1a, self.w1b), (2, self.w2, self.w2a, self.w2b)):
-            if (whole is None) == (a is None or b is None):
-                raise UserError(f"LoKr needs lokr_w{number}, or both lokr_w{number}_a and lokr_w{number}_b")
             tucker = number == 2 and self.t2 is not None  # then a is [dim, out], b [dim, in], as in LoHa's Tucker form
-            if whole is None and (a.shape[0] != b.shape[0] if tucker else a.shape[1] != b.shape[0]):
-                raise UserError(f"LoKr factors lokr_w{number}_a {tuple(a.shape)} and lokr_w{number}_b {tuple(b.shape)} do not fit together")
-        if self.t2 is not None and (self.w2a is None or tuple(self.t2.shape[:2]) != (self.w2a.shape[0], self.w2b.shape[0])):
+            if whole is None and a is not None and b is not None:
+                if a.shape[0] != b.shape[0] if tucker else a.shape[1] != b.shape[0]:
+                    raise UserError(
+                        f"LoKr factors lokr_w{number}_a {tuple(a.shape)} and lokr_w{number}_b {tuple(b.shape)} do not fit together"
+                    )
+            elif (whole is None) == (a is None or b is None):
+                raise UserError(f"LoKr needs lokr_w{number}, or both lokr_w{number}_a and lokr_w{number}_b")
+        if self.t2 is not None and (
+            self.w2a is None or self.w2b is None or tuple(self.t2.shape[:2]) != (self.w2a.shape[0], self.w2b.shape[0])
+        ):
             raise UserError(f"LoKr's Tucker core lokr_t2 {tuple(self.t2.shape)} does not fit lokr_w2_a / lokr_w2_b")
         if self.alpha is not None:
             self.alpha = float(self.alpha)
@@ -193,30 +197,43 @@ class LokrModule:
     def scale(self) -> float:
         return _scale(self.alpha, self.rank)
 
+    def _factored(self, number: int) -> tuple[Tensor, Tensor]:
+        """(lokr_wN_a, lokr_wN_b) of a half stored factored (`__post_init__` made sure both are there)."""
+        a, b = (self.w1a, self.w1b) if number == 1 else (self.w2a, self.w2b)
+        if a is None or b is None:
+            raise RuntimeError(f"LoKr half {number} is not factored")
+        return a, b
+
     def halves(self, like: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """The two halves of the Kronecker product in fp32 (the second holding a conv's kernel)."""
         like = like if like is not None else torch.empty(0)
-        w1 = _cast(self.w1, like) if self.w1 is not None else _cast(self.w1a, like) @ _cast(self.w1b, like)
-        if self.w2 is not None:
-            w2 = _cast(self.w2, like)
-        elif self.t2 is not None:
-            w2 = _tucker(_cast(self.t2, like), _cast(self.w2b, like), _cast(self.w2a, like))
+        if self.w1 is not None:
+            w1 = _cast(self.w1, like)
         else:
-            w2 = _cast(self.w2a, like) @ _cast(self.w2b, like).flatten(1)
-        return w1, w2
+            w1a, w1b = self._factored(1)
+            w1 = _cast(w1a, like) @ _cast(w1b, like)
+        if self.w2 is not None:
+            return w1, _cast(self.w2, like)
+        w2a, w2b = self._factored(2)
+        if self.t2 is not None:
+            return w1, _tucker(_cast(self.t2, like), _cast(w2b, like), _cast(w2a, like))
+        return w1, _cast(w2a, like) @ _cast(w2b, like).flatten(1)
 
     def weight_shape(self) -> tuple[int, ...]:
-        w1 = self.w1.shape if self.w1 is not None else (self.w1a.shape[0], self.w1b.shape[1])
+        if self.w1 is not None:
+            w1 = tuple(self.w1.shape)
+        else:
+            w1a, w1b = self._factored(1)
+            w1 = (w1a.shape[0], w1b.shape[1])
         if self.w2 is not None:
             w2 = tuple(self.w2.shape)
-        elif self.t2 is not None:
-            w2 = (self.w2a.shape[1], self.w2b.shape[1], *self.t2.shape[2:])
         else:
-            w2 = (self.w2a.shape[0], *self.w2b.shape[1:])
+            w2a, w2b = self._factored(2)
+            w2 = (w2a.shape[1], w2b.shape[1], *self.t2.shape[2:]) if self.t2 is not None else (w2a.shape[0], *w2b.shape[1:])
         return (w1[0] * w2[0], w1[1] * w2[1], *w2[2:])
 
     def fits(self, shape: tuple[int, ...]) -> bool:
-        return _fits_size(self.weight_shape(), shape)
+        return fits_size(self.weight_shape(), shape)
 
     def factors(self) -> dict[str, Tensor]:
         names = ("w1", "w1a", "w1b", "w2", "w2a", "w2b", "t2")
@@ -225,14 +242,15 @@ class LokrModule:
     def to(self, dtype: torch.dtype) -> LokrModule:
         return LokrModule(alpha=self.alpha, **{name: t.to(dtype) for name, t in self.factors().items()})
 
-    def delta(self, multiplier: float = 1.0, like: Tensor | None = None) -> Tensor:
-        w1, w2 = self.halves(like if like is not None else next(iter(self.factors().values())))
+    def _update(self, multiplier: float, like: Tensor) -> Tensor:
+        """dW in fp32 on `like`'s device, shaped as `weight_shape()`."""
+        w1, w2 = self.halves(like)
         w1 = w1.reshape(*w1.shape, *([1] * (w2.ndim - w1.ndim)))  # a conv's kernel stays in the second half
         return torch.kron(w1.contiguous(), w2.contiguous()).mul_(multiplier * self.scale)  # kron needs contiguous halves
 
     def apply(self, weight: Tensor, multiplier: float = 1.0, rows: tuple[int, int] | None = None) -> Tensor:
         if rows is None:
-            return _add_rows(weight, self.delta(multiplier, weight), None)
+            return _add_rows(weight, self._update(multiplier, weight), None)
         # row o of kron(w1, w2) is outer(w1[o // out2], w2[o % out2]) flattened: only the rows asked for are built
         w1, w2 = self.halves(weight)
         w1, w2 = w1.reshape(w1.shape[0], -1), w2.reshape(w2.shape[0], -1)
@@ -240,6 +258,9 @@ class LokrModule:
         block = (w1[index // w2.shape[0]].unsqueeze(2) * w2[index % w2.shape[0]].unsqueeze(1)).reshape(len(index), -1)
         weight.view(weight.shape[0], -1).add_(block, alpha=multiplier * self.scale)
         return weight
+
+    def bias_update(self) -> Adapter | None:
+        return None  # the layer's bias stays as it is
 
 
 @dataclass
@@ -263,7 +284,7 @@ class FullModule(Unscaled):
         return tuple(self.diff.shape)
 
     def fits(self, shape: tuple[int, ...]) -> bool:
-        return _fits_size(self.weight_shape(), shape)
+        return fits_size(self.weight_shape(), shape)
 
     def factors(self) -> dict[str, Tensor]:
         return {"diff": self.diff} | ({"diff_b": self.diff_b} if self.diff_b is not None else {})
@@ -280,7 +301,7 @@ class FullModule(Unscaled):
 
 
 @dataclass
-class DoraModule:
+class DoraModule(Adapter):
     """DoRA: a low-rank kind (`inner`) whose merged weight is renormalised to a learnt magnitude per output row or per
     input column: DoRA(W) = magnitude * (W + dW) / ||W + dW||. See the module docstring for weights below 1.
 
@@ -289,7 +310,7 @@ class DoraModule:
     row, the norm taken over every other axis (`DoraConv2dLayer.get_weight_norm`), and stored as [out] for a Linear,
     [1, out, 1, 1] for a conv: its readers say `on_output=True`, since a square conv's [1, c, 1, 1] reads either way."""
 
-    inner: LoraModule | LohaModule | LokrModule
+    inner: Adapter  # a LoRA, LoHa, LoKr or GLoRA (`_DORA_OVER`)
     magnitude: Tensor
     on_output: bool | None = None  # the norm's axis; None: told by the magnitude's shape, as LyCORIS stores it
 
@@ -298,7 +319,9 @@ class DoraModule:
     by_rows: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
-        shape, count = self.weight_shape(), self.magnitude.numel()
+        shape, count = known_shape(self.weight_shape()), self.magnitude.numel()
+        if shape is None:  # the kinds a DoRA sits on know their whole shape; OFT and IA3 take the layer's
+            raise UserError(f"a DoRA magnitude beside {KIND_NAMES[self.inner.kind]} weights is not something LyCORIS makes")
         told = self.on_output is not None
         if not told:  # LyCORIS's [1, in, ...] is per input column, any other shape per output row
             self.on_output = not (self.magnitude.ndim >= 2 and self.magnitude.shape[0] == 1 and shape[0] != 1)
@@ -314,16 +337,27 @@ class DoraModule:
             )
             raise UserError(f"DoRA magnitude {tuple(self.magnitude.shape)} {fit} of a {list(shape)} weight")
 
-    rank = property(lambda self: self.inner.rank)
-    alpha = property(lambda self: self.inner.alpha)
-    effective_alpha = property(lambda self: self.inner.effective_alpha)
-    scale = property(lambda self: self.inner.scale)
+    @property
+    def rank(self) -> int | None:
+        return self.inner.rank
+
+    @property
+    def alpha(self) -> float | None:
+        return self.inner.alpha
+
+    @property
+    def effective_alpha(self) -> float | None:
+        return self.inner.effective_alpha
+
+    @property
+    def scale(self) -> float:
+        return self.inner.scale
 
     @property
     def base_kind(self) -> str:
         return self.inner.kind
 
-    def weight_shape(self) -> tuple[int, ...]:
+    def weight_shape(self) -> tuple[int | None, ...]:
         return self.inner.weight_shape()
 
     def fits(self, shape: tuple[int, ...]) -> bool:
@@ -351,8 +385,11 @@ class DoraModule:
         flat.add_(decomposed.reshape(flat.shape) - flat, alpha=multiplier)
         return weight
 
+    def bias_update(self) -> Adapter | None:
+        return None  # the layer's bias stays as it is
 
-def _fits_known(ours: tuple, shape: tuple[int, ...]) -> bool:
+
+def _fits_known(ours: tuple[int | None, ...], shape: tuple[int, ...]) -> bool:
     """Whether a weight of `shape` fits an update whose shape is known only in part (None: any size there)."""
     known = [(i, size) for i, size in enumerate(ours[:2]) if size is not None]
     return all(i < len(shape) and shape[i] == size for i, size in known)
@@ -371,7 +408,7 @@ def _cayley(blocks: Tensor, constraint: float) -> Tensor:
 
 
 @dataclass
-class OftModule:
+class OftModule(Adapter):
     """Diagonal OFT (LyCORIS `diag-oft`, kohya's OFT): the weight's output rows, in blocks of `b`, are rotated by
     orthogonal blocks, OFT(W)_k = R_k^T W_k (LyCORIS's einsum 'k n m, k n ... -> k m ...'), then scaled per row by
     `rescale` when stored. `oft_blocks` is [blocks, b, b]; `alpha` is not a scale but the constraint on ||Q||,
@@ -404,10 +441,14 @@ class OftModule:
     def out_features(self) -> int:
         return int(self.blocks.shape[0] * self.blocks.shape[1])
 
-    effective_alpha = property(lambda self: self.alpha)
-    scale = property(lambda self: 1.0)
+    @property
+    def effective_alpha(self) -> float:
+        """The constraint (0: none); `__post_init__` turned a missing alpha into 0."""
+        return 0.0 if self.alpha is None else self.alpha
 
-    def weight_shape(self) -> tuple:
+    scale: ClassVar[float] = 1.0
+
+    def weight_shape(self) -> tuple[int | None, ...]:
         return (self.out_features, None)  # the input width is the layer's, whatever it is
 
     def fits(self, shape: tuple[int, ...]) -> bool:
@@ -416,11 +457,11 @@ class OftModule:
     def factors(self) -> dict[str, Tensor]:
         return {"blocks": self.blocks} | ({"rescale": self.rescale} if self.rescale is not None else {})
 
-    def to(self, dtype: torch.dtype):
+    def to(self, dtype: torch.dtype) -> OftModule:
         return type(self)(self.blocks.to(dtype), None if self.rescale is None else self.rescale.to(dtype), self.alpha)
 
     def _rotated(self, flat: Tensor) -> Tensor:
-        r = _cayley(_cast(self.blocks, flat), self.alpha * self.out_features)
+        r = _cayley(_cast(self.blocks, flat), self.effective_alpha * self.out_features)
         count, size, _ = r.shape
         return torch.einsum("knm,kni->kmi", r, flat.view(count, size, -1)).reshape(flat.shape)
 
@@ -437,6 +478,9 @@ class OftModule:
             adapted.mul_(_cast(self.rescale, flat).reshape(-1, 1))
         flat.add_(adapted - flat, alpha=multiplier)
         return weight
+
+    def bias_update(self) -> Adapter | None:
+        return None  # the layer's bias stays as it is
 
 
 @dataclass
@@ -460,7 +504,7 @@ class BoftModule(OftModule):
         return int(self.blocks.shape[1] * self.blocks.shape[2])
 
     def _rotated(self, flat: Tensor) -> Tensor:
-        r = _cayley(_cast(self.blocks, flat), self.alpha * self.out_features)
+        r = _cayley(_cast(self.blocks, flat), self.effective_alpha * self.out_features)
         size = r.shape[-1]
         x = flat
         for stage in range(r.shape[0]):
@@ -494,7 +538,7 @@ class Ia3Module(Unscaled):
     def inputs(self) -> bool:
         return bool(self.on_input.item())
 
-    def weight_shape(self) -> tuple:
+    def weight_shape(self) -> tuple[int | None, ...]:
         channels = int(self.weight.numel())
         return (None, channels) if self.inputs else (channels, None)
 
@@ -516,6 +560,9 @@ class Ia3Module(Unscaled):
             factor = (scales if rows is None else scales[rows[0] : rows[1]]).unsqueeze(1)
         flat.add_(flat * factor, alpha=multiplier)
         return weight
+
+    def bias_update(self) -> Adapter | None:
+        return None  # the layer's bias stays as it is
 
 
 @dataclass
@@ -588,6 +635,9 @@ class GloraModule(AlphaScaled):
         flat.add_(update, alpha=multiplier * self.scale)
         return weight
 
+    def bias_update(self) -> Adapter | None:
+        return None  # the layer's bias stays as it is
+
 
 # the kinds' names as messages and `sdlora inspect` give them
 KIND_NAMES = {
@@ -601,7 +651,7 @@ KIND_NAMES = {
     "ia3": "IA3",
     "glora": "GLoRA",
 }
-KIND_CLASSES = {
+KIND_CLASSES: dict[str, Callable[..., Adapter]] = {
     "lora": LoraModule,
     "loha": LohaModule,
     "lokr": LokrModule,
@@ -615,7 +665,7 @@ _NO_ALPHA = ("full", "ia3")  # kinds whose files carry no alpha
 _DORA_OVER = ("lora", "loha", "lokr", "glora")  # the kinds a DoRA magnitude can sit on (LyCORIS weight_decompose)
 
 
-def build_adapter(kind: str, fields: dict[str, Tensor], alpha: float | None = None, magnitude: Tensor | None = None):
+def build_adapter(kind: str, fields: dict[str, Tensor], alpha: float | None = None, magnitude: Tensor | None = None) -> Adapter:
     """The adapter of `kind` from its factors by field name; a DoRA of it when a magnitude is given. `oft` with
     4-dimensional blocks is BOFT (LyCORIS tells the two apart the same way)."""
     if kind == "oft" and fields["blocks"].ndim == 4:

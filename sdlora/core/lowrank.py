@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import UserError
-from .state import LoraModule
+from .kinds import LohaModule, LokrModule
+from .state import Adapter, LoraModule
 
 Tensor = torch.Tensor
 # kohya resize_lora.py's --dynamic_method names, with the value each takes
@@ -36,20 +37,16 @@ class Factored:
     error: float
 
 
-def update_of(module, weight: Tensor | None = None, shape: tuple[int, ...] | None = None) -> Tensor:
+def update_of(module: Adapter, weight: Tensor | None = None, shape: tuple[int, ...] | None = None) -> Tensor:
     """The module's weight update at weight 1 in fp32, shaped as the layer's weight (`shape`, or the base weight's).
 
     Additive kinds (LoRA, LoHa, LoKr, full diffs) need no base weight; the others' updates depend on it (DoRA's
     norm, OFT's rotation...), so `weight` is required for them."""
-    if weight is not None:
-        base = weight.detach().to(torch.float32)
-        return module.apply(base.clone().contiguous(), 1.0).sub_(base)
+    if weight is not None or shape is None:
+        return module.delta(1.0, weight)
     if not module.additive:
         raise UserError(f"a {module.kind} module's update depends on the weight it adapts: a base model is needed")
-    shape = tuple(shape) if shape is not None else module.weight_shape()
-    if any(size is None for size in shape):
-        raise UserError(f"a {module.kind} module's update does not say its full shape: a base model is needed")
-    return module.apply(torch.zeros(shape, dtype=torch.float32), 1.0)
+    return module.apply(torch.zeros(tuple(shape), dtype=torch.float32), 1.0)
 
 
 def dynamic_rank(singular: Tensor, method: str, value: float) -> int:
@@ -142,16 +139,16 @@ def factor_kron(first: Tensor, second: Tensor, shape: tuple[int, ...], rank: int
     return _truncate(u, s[order], vh, tuple(shape), rank, None, 1.0, None, lambda: scale * torch.kron(a, b))
 
 
-def factor_module(module, shape: tuple[int, ...], rank: int) -> Factored:
+def factor_module(module: Adapter, shape: tuple[int, ...], rank: int) -> Factored:
     """`factor` of an additive module's update at `rank`, by its kind's structure where it has one: a LoHa's
     (w1a @ w1b) * (w2a @ w2b) is the product of rank dim^2 factors (row-wise and column-wise Kronecker products of
     the halves), a LoKr's is a Kronecker product; the others through the SVD of their dense update."""
-    if module.kind == "loha" and module.t1 is None:
+    if isinstance(module, LohaModule) and module.t1 is None:
         out, dims = module.w1a.shape[0], module.rank * module.w2b.shape[0]
         up = (module.w1a.float().unsqueeze(2) * module.w2a.float().unsqueeze(1)).reshape(out, dims) * module.scale
         down = (module.w1b.float().flatten(1).unsqueeze(1) * module.w2b.float().flatten(1).unsqueeze(0)).reshape(dims, -1)
         return factor_product(up, down, shape, rank)
-    if module.kind == "lokr":
+    if isinstance(module, LokrModule):
         first, second = module.halves()
         return factor_kron(first, second, shape, rank, scale=module.scale)
     return factor(update_of(module, None, shape), rank)

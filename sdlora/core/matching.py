@@ -18,7 +18,7 @@ from torch import nn
 from ..errors import UserError
 from .families import ModelFamily, lora_architecture
 from .kinds import KIND_NAMES
-from .state import LoraModule, LoraState
+from .state import Adapter, LoraModule, LoraState
 
 ADAPTABLE_LAYERS = (nn.Linear, nn.Conv2d)
 ADAPTABLE_KINDS = ("Linear", "Conv2d")
@@ -45,7 +45,7 @@ class LayerLookup(Protocol):
 class Match:
     """The modules of a LoRA that matched, each fitted to its layer's shape, and those that matched nothing."""
 
-    modules: dict[str, tuple[str, LoraModule]] = field(default_factory=dict)  # LoraState path -> (layer name, module)
+    modules: dict[str, tuple[str, Adapter]] = field(default_factory=dict)  # LoraState path -> (layer name, module)
     unmatched: list[str] = field(default_factory=list)
 
     def require_all(self, label: str, where: str) -> None:
@@ -98,7 +98,7 @@ def squeezed(shape: tuple[int, ...]) -> tuple[int, ...]:
     return shape[:2] if len(shape) == 4 and shape[2:] == (1, 1) else shape
 
 
-def fit_to_shape(module: LoraModule, shape: tuple[int, ...]) -> LoraModule | None:
+def fit_to_shape(module: Adapter, shape: tuple[int, ...]) -> Adapter | None:
     """`module` reshaped to a layer of weight `shape` (SD1's 1x1-conv proj_in is SD2's Linear), or None if it differs.
 
     A plain LoRA is reshaped (it loads as a peft layer of the layer's kind); the other kinds apply their update to
@@ -106,7 +106,7 @@ def fit_to_shape(module: LoraModule, shape: tuple[int, ...]) -> LoraModule | Non
     shape = tuple(shape)
     if module.weight_shape() == shape:
         return module
-    if module.kind != "lora":
+    if not isinstance(module, LoraModule):
         return module if module.fits(shape) else None
     if squeezed(module.weight_shape()) != squeezed(shape) or len(squeezed(shape)) != 2:
         return None
@@ -115,11 +115,11 @@ def fit_to_shape(module: LoraModule, shape: tuple[int, ...]) -> LoraModule | Non
     return LoraModule(module.down.reshape(module.down.shape[:2]), module.up.reshape(module.up.shape[:2]), module.alpha)
 
 
-def _kind_label(module) -> str:
+def _kind_label(module: Adapter) -> str:
     return "LoRA" if module.kind == "lora" else KIND_NAMES[module.kind]
 
 
-def _shape_text(shape: tuple) -> str:
+def _shape_text(shape: tuple[int | None, ...]) -> str:
     """[320, 768], with `any` where the update takes the layer's size (an OFT's input width)."""
     return "[" + ", ".join("any" if size is None else str(size) for size in shape) + "]"
 

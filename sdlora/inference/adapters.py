@@ -26,7 +26,7 @@ from ..core import formats
 from ..core.families import ModelFamily, describe_model, family_of_pipeline, lora_architecture
 from ..core.files import LoraFile, open_lora
 from ..core.matching import ADAPTABLE_KINDS, base_layers, check_components, layers_of, match_lora
-from ..core.state import LoraState
+from ..core.state import Adapter, LoraModule, LoraState
 from ..errors import UserError
 
 _REGISTRY_ATTRIBUTE = "_sdlora_loras"  # {adapter name: LoadedLora} kept on the pipeline itself
@@ -46,7 +46,7 @@ class LoadedLora:
     scale: float
     file_hash: str | None
     modules: int
-    merged: list[tuple[str, str, object]] = field(default_factory=list)
+    merged: list[tuple[str, str, Adapter]] = field(default_factory=list)
     in_peft: bool = True  # whether it has peft layers (plain LoRA modules)
 
 
@@ -87,9 +87,9 @@ def load_lora(
     return name
 
 
-def _in_peft(module) -> bool:
+def _in_peft(module: Adapter) -> bool:
     """Whether peft's LoRA layers can carry the module: plain LoRA, not a Tucker-factored conv (no `lora_mid` in peft)."""
-    return module.kind == "lora" and module.mid is None
+    return isinstance(module, LoraModule) and module.mid is None
 
 
 def pipeline_layers(pipe, family: ModelFamily) -> dict[str, dict]:
@@ -107,7 +107,7 @@ def match_to_pipeline(state: LoraState, pipe, label: str = "the LoRA") -> LoraSt
     return _match_pipeline(state, pipe, label).state(state.metadata)
 
 
-def matched_layers(state: LoraState, pipe, label: str = "the LoRA") -> dict[str, tuple[torch.nn.Module, object]]:
+def matched_layers(state: LoraState, pipe, label: str = "the LoRA") -> dict[str, tuple[torch.nn.Module, Adapter]]:
     """{module path: (the pipeline's layer, the module fitted to it)} for the modules of `state` the pipeline has."""
     match = _match_pipeline(state, pipe, label)
     layers = {component: base_layers(getattr(pipe, component)) for component in {p.partition(".")[0] for p in match.modules}}
@@ -276,11 +276,11 @@ def _remerge(pipe) -> None:
     """Every merged layer recomputed from its original weights with the loaded LoRAs' merged modules at their
     current weights, in loading order (in fp32, cast to the layer's dtype)."""
     originals = getattr(pipe, _ORIGINALS_ATTRIBUTE, {})
-    updates: dict[tuple[str, str, str], list] = {}
+    updates: dict[tuple[str, str, str], list[tuple[Adapter, float]]] = {}
     for lora in _registry(pipe).values():
         for component, layer, module in lora.merged:
             updates.setdefault((component, layer, "weight"), []).append((module, lora.scale))
-            bias = module.bias_update() if hasattr(module, "bias_update") else None
+            bias = module.bias_update()
             if bias is not None:
                 updates.setdefault((component, layer, "bias"), []).append((bias, lora.scale))
     for (component, layer, param), original in originals.items():

@@ -36,7 +36,7 @@ from ..core.formats.ldm import ldm_unet_table_from_keys
 from ..core.formats.single_file import WeightSlot, single_file_slot
 from ..core.kinds import KIND_NAMES
 from ..core.matching import Layer, LayerLookup, base_layers, check_components, match_lora
-from ..core.state import COMPONENTS, LoraModule, LoraState
+from ..core.state import COMPONENTS, Adapter, LoraState
 from ..core.version import __version__
 from ..errors import UserError
 from ..models import loading as models
@@ -53,7 +53,7 @@ class _Update(NamedTuple):
     """One LoRA module's update of a stored weight: the module, its scale, and where in the stored tensor it lands."""
 
     label: str  # the module's LoraState path: names the culprit in errors
-    module: LoraModule
+    module: Adapter
     scale: float
     target: WeightSlot
 
@@ -242,7 +242,7 @@ def _plan(
             owner = path.partition(".")[0]
             target = locate(owner, name)
             plan.setdefault(target.key, []).append(_Update(path, module, lora.scale, target))
-            bias = module.bias_update() if hasattr(module, "bias_update") else None
+            bias = module.bias_update()
             if bias is not None:  # a full diff's bias difference, into the layer's bias
                 bias_target = locate(owner, name, "bias")
                 if bias_target is None:
@@ -257,7 +257,7 @@ def _plan(
 _PIECE_BYTES = 1 << 20  # rows merged at a time: about 1 MiB of fp32, so a piece stays in a core's cache
 
 
-def _merged(weight: torch.Tensor, updates: list, out_dtype: torch.dtype, name: str, stats: MergeStats) -> torch.Tensor:
+def _merged(weight: torch.Tensor, updates: list[_Update], out_dtype: torch.dtype, name: str, stats: MergeStats) -> torch.Tensor:
     """weight + sum(scale * update), computed in fp32 and cast to `out_dtype`, in pieces of rows small enough to stay
     in cache: each stored row is read once and written once, whatever its dtype. `weight` (a buffer of the caller's)
     is overwritten when `out_dtype` is its own dtype."""

@@ -16,7 +16,7 @@ from ..core.families import family_of_pipeline
 from ..core.formats.names import canonical_path
 from ..core.lowrank import Report, factor
 from ..core.matching import base_layers
-from ..core.state import LoraModule, LoraState
+from ..core.state import Adapter, LoraState
 from ..core.targets import TEXT_ENCODER_MLP, TEXT_ENCODER_TARGETS, text_encoder_target_modules, unet_target_modules
 from ..errors import UserError
 from ..inference.adapters import describe_pipeline
@@ -56,7 +56,7 @@ def extract_lora(
     layers = {component: (base_layers(getattr(pipes[0], component)), base_layers(getattr(pipes[1], component))) for component, _ in plan}
     report = Report({}, [])
     skipped = _unchanged_text_encoders(plan, layers, min_diff, report)
-    modules: dict[str, LoraModule] = {}
+    modules: dict[str, Adapter] = {}
     unchanged = 0
     for component, name in tqdm(
         [p for p in plan if p[0] not in skipped], desc="extracting", unit="layer", disable=None

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from ..core.families import unflattened_shape
 from ..core.kinds import KIND_NAMES
 from ..core.lowrank import Factored, Report, as_plain_lora, factor, factor_module, factor_product, update_of
-from ..core.state import FORMAT_METADATA_KEY, LoraModule, LoraState
+from ..core.state import FORMAT_METADATA_KEY, Adapter, LoraModule, LoraState, known_shape
 from ..errors import UserError
 from ..inference.adapters import matched_layers
 from ..inference.prompts import check_lora_weight
@@ -34,6 +34,19 @@ def model_weights(
 
 def _is_conv_kernel(shape: tuple[int, ...]) -> bool:
     return len(shape) == 4 and any(size > 1 for size in shape[2:])
+
+
+def _layer_shape(path: str, module: Adapter, weight: Tensor | None = None) -> tuple[int, ...] | None:
+    """The shape of the weight `module` adapts: `weight`'s, else the module's own (a conv kernel stored flattened
+    unflattened by the layer's name); None where neither says it (an OFT's or IA3's without the model)."""
+    if weight is not None:
+        return tuple(weight.shape)
+    shape = known_shape(module.weight_shape())
+    return None if shape is None else unflattened_shape(path, shape)
+
+
+def _needs_model(label: str, path: str, module: Adapter, remedy: str) -> UserError:
+    return UserError(f"{label}: module {path} is {KIND_NAMES[module.kind]}, whose update depends on the weight it adapts: {remedy}")
 
 
 def _product_norm(module: LoraModule) -> float:
@@ -63,35 +76,31 @@ def to_plain_lora(
     the others by the SVD of their update at `rank` (3x3 convs at `conv_rank`, default `rank`). `weights` holds the
     base weights that kinds like DoRA need (see `model_weights`)."""
     weights = weights or {}
-    modules: dict[str, LoraModule] = {}
+    modules: dict[str, Adapter] = {}
     report = Report({}, [])
-    biases = [path for path, m in state.modules.items() if getattr(m, "diff_b", None) is not None]
+    biases = [path for path, m in state.modules.items() if m.bias_update() is not None]
     for path, module in tqdm(
         state.modules.items(), desc="factoring", unit="module", leave=False, disable=None
     ):  # None: no bar off a terminal
         weight = weights.get(path)
-        shape = tuple(weight.shape) if weight is not None else unflattened_shape(path, module.weight_shape())
-        target = conv_rank if conv_rank is not None and _is_conv_kernel(shape) else rank
-        if module.kind == "lora":
+        shape = _layer_shape(path, module, weight)
+        target = conv_rank if conv_rank is not None and shape is not None and _is_conv_kernel(shape) else rank
+        if isinstance(module, LoraModule) and shape is not None:  # a LoRA always says its shape
             plain = as_plain_lora(module)
             if target is None or plain.rank <= target:
                 report.modules[path] = _exact(plain)
             else:
                 report.modules[path] = factor_product(plain.up * plain.scale, plain.down, shape, target, scale=plain.scale)
+        elif target is None:
+            raise UserError(
+                f"{label}: module {path} is {KIND_NAMES[module.kind]}, which only a LoRA of some rank can stand for: give --rank R (an SVD of its update)"
+            )
+        elif shape is None or (not module.additive and weight is None):  # no shape: an OFT's or IA3's, not additive either
+            raise _needs_model(label, path, module, "give --model (the model the LoRA is for) to factor it")
+        elif module.additive:
+            report.modules[path] = factor_module(module, shape, target)
         else:
-            if target is None:
-                raise UserError(
-                    f"{label}: module {path} is {KIND_NAMES[module.kind]}, which only a LoRA of some rank can stand for: give --rank R (an SVD of its update)"
-                )
-            if not module.additive and weight is None:
-                raise UserError(
-                    f"{label}: module {path} is {KIND_NAMES[module.kind]}, whose update depends on the weight it adapts: "
-                    "give --model (the model the LoRA is for) to factor it"
-                )
-            if module.additive:
-                report.modules[path] = factor_module(module, shape, target)
-            else:
-                report.modules[path] = factor(update_of(module, weight, shape), target)
+            report.modules[path] = factor(update_of(module, weight, shape), target)
         modules[path] = report.modules[path].module
     if biases:
         report.notes.append(f"bias differences (diff_b) of {len(biases)} modules left out: a LoRA carries none (first: {biases[0]})")
@@ -106,17 +115,17 @@ def resize_lora(
     keeps its alpha / rank, so the new alpha is new rank * old scale, as there."""
     if rank is None and dynamic is None:
         raise UserError("resize needs --rank R, --dynamic METHOD:VALUE, or both")
-    modules: dict[str, LoraModule] = {}
+    modules: dict[str, Adapter] = {}
     report = Report({}, [])
     for path, module in tqdm(
         state.modules.items(), desc="resizing", unit="module", leave=False, disable=None
     ):  # None: no bar off a terminal
-        if module.kind != "lora":
+        if not isinstance(module, LoraModule):
             raise UserError(
                 f"{label}: module {path} is {KIND_NAMES[module.kind]}: resize takes LoRA files; `sdlora convert --rank R` makes a LoRA of it"
             )
         plain = as_plain_lora(module)
-        if dynamic is None and plain.rank <= rank:
+        if dynamic is None and rank is not None and plain.rank <= rank:  # no dynamic: `rank` is given
             entry = _exact(plain)
         else:
             shape = (plain.up.shape[0], *plain.down.shape[1:])
@@ -132,44 +141,47 @@ def combine_loras(loras: Sequence[tuple[str, LoraState, float]], rank: int | Non
     updates at that rank (any additive kind), with its report."""
     if not loras:
         raise UserError("combine needs at least one LoRA")
-    by_path: dict[str, list[tuple[str, object, float]]] = {}
+    by_path: dict[str, list[tuple[str, Adapter, float]]] = {}
     for label, state, weight in loras:
         check_lora_weight(weight, label)
         for path, module in state.modules.items():
             by_path.setdefault(path, []).append((label, module, weight))
-    modules: dict[str, LoraModule] = {}
-    report = Report({}, []) if rank is not None else None
+    modules: dict[str, Adapter] = {}
+    factored: dict[str, Factored] = {}  # the report's modules, with `rank`
     for path, parts in tqdm(by_path.items(), desc="combining", unit="module", leave=False, disable=None):  # None: no bar off a terminal
         shape = _common_shape(path, parts)
-        plain = all(module.kind == "lora" for _, module, _ in parts)
+        plain_parts = [(label, module, weight) for label, module, weight in parts if isinstance(module, LoraModule)]
+        plain = len(plain_parts) == len(parts)
         if rank is None and not plain:
-            label, module, _ = next(p for p in parts if p[1].kind != "lora")
+            label, module, _ = next(p for p in parts if not isinstance(p[1], LoraModule))
             raise UserError(
                 f"{label}: module {path} is {KIND_NAMES[module.kind]}: combining without --rank joins LoRA modules side by side; give --rank R to combine it by SVD"
             )
         if plain:
-            ups, downs = _side_by_side(parts, shape)
+            ups, downs = _side_by_side(plain_parts, shape)
             if rank is None:
                 modules[path] = LoraModule(downs, ups, alpha=float(downs.shape[0]))
                 continue
-            report.modules[path] = factor_product(ups, downs, shape, rank)
+            factored[path] = factor_product(ups, downs, shape, rank)
         else:
             for label, module, _ in parts:
                 if not module.additive:
-                    raise UserError(
-                        f"{label}: module {path} is {KIND_NAMES[module.kind]}, whose update depends on the weight it adapts: "
-                        "convert it with `sdlora convert --rank R --model MODEL` first"
-                    )
+                    raise _needs_model(label, path, module, "convert it with `sdlora convert --rank R --model MODEL` first")
             total = sum(weight * update_of(module, None, shape) for _, module, weight in parts)
-            report.modules[path] = factor(total, rank)
-        modules[path] = report.modules[path].module
-    return LoraState(modules, {}), report
+            factored[path] = factor(total, rank)
+        modules[path] = factored[path].module
+    return LoraState(modules, {}), Report(factored, []) if rank is not None else None
 
 
-def _common_shape(path: str, parts: Sequence[tuple[str, object, float]]) -> tuple[int, ...]:
+def _common_shape(path: str, parts: Sequence[tuple[str, Adapter, float]]) -> tuple[int, ...]:
     """The layer shape every LoRA's module at `path` updates (a 1x1 conv and a Linear count as one); else an error
-    naming two that differ."""
-    shapes = [(label, unflattened_shape(path, module.weight_shape())) for label, module, _ in parts]
+    naming two that differ, or one whose shape only the model's weight says (OFT, IA3: not additive either)."""
+    shapes = []
+    for label, module, _ in parts:
+        shape = _layer_shape(path, module)
+        if shape is None:
+            raise _needs_model(label, path, module, "convert it with `sdlora convert --rank R --model MODEL` first")
+        shapes.append((label, shape))
     first_label, first = shapes[0]
     for label, shape in shapes[1:]:
         if _squeezed(shape) != _squeezed(first):

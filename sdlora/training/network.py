@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..core.matching import TEXT_MODEL_PREFIX, Layer, match_lora
-from ..core.state import LoraModule, LoraState
+from ..core.state import Adapter, LoraModule, LoraState
 from ..core.targets import PRESETS, unet_target_modules
 from ..errors import UserError
 
@@ -109,7 +109,7 @@ def load_state_into(state: LoraState, models: dict[str, nn.Module], adapter_name
     into `up`, so the update (alpha / r) * up @ down is the file's exactly. Raises a one-line ValueError naming
     `label` and what to change otherwise.
     """
-    other = next((path for path, module in state.modules.items() if module.kind != "lora"), None)
+    other = next((path for path, module in state.modules.items() if not isinstance(module, LoraModule)), None)
     if other is not None:
         raise UserError(
             f"{label} holds a {state.modules[other].kind} module ({other}); training goes on from a plain LoRA only: convert it with --rank first"
@@ -126,6 +126,8 @@ def load_state_into(state: LoraState, models: dict[str, nn.Module], adapter_name
         total = sum(len(found) for found in adapted.values())
         raise UserError(f"{label} lacks {len(missing)} of the {total} layers this run adapts (first: {missing[0]}){hint}")
     for path, (name, module) in match.modules.items():
+        if not isinstance(module, LoraModule):  # refused above: this narrows the type
+            raise RuntimeError(f"{path} is no LoRA module")
         layer = adapted[path.partition(".")[0]][name]
         down, up = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
         if module.rank != layer.r[adapter_name]:
@@ -197,7 +199,7 @@ def extract_lora_state(models: dict[str, nn.Module], adapter_name: str = "defaul
     Paths are `unet.<module>` and `text_encoder.text_model.<module>`: text encoders always with `text_model.`,
     also under transformers 5 whose CLIPTextModel tree drops that level.
     """
-    modules: dict[str, LoraModule] = {}
+    modules: dict[str, Adapter] = {}
     for component, model in models.items():
         for name, layer in _lora_layers(model, adapter_name).items():
             modules[f"{component}.{_canonical(component, name)}"] = _to_lora_module(layer, name, adapter_name)

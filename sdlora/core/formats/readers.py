@@ -10,7 +10,7 @@ import torch
 
 from ...errors import UserError
 from ..kinds import KIND_NAMES, DoraModule, build_adapter
-from ..state import LoraModule, LoraState
+from ..state import Adapter, LoraState
 from .detect import detect_format
 from .ldm import LDM_KOHYA, has_ldm_names, ldm_to_diffusers
 from .names import (
@@ -90,16 +90,16 @@ def _pair_up(
     return groups
 
 
-def _add_module(modules: dict[str, LoraModule], path: str, module: LoraModule, key: str) -> None:
+def _add_module(modules: dict[str, Adapter], path: str, module: Adapter, key: str) -> None:
     """Add one module; two keys naming the same module would silently drop one, so that is an error."""
     if path in modules:
         raise UserError(f"LoRA key {key!r} adapts {path}, which another key in the file already adapts")
     modules[path] = module
 
 
-def _read_diffusers(tensors, metadata, _adapter_config) -> dict[str, LoraModule]:
+def _read_diffusers(tensors, metadata, _adapter_config) -> dict[str, Adapter]:
     configs = _component_configs(metadata)
-    modules = {}
+    modules: dict[str, Adapter] = {}
     for key, group in _pair_up(tensors, SUFFIXES[DIFFUSERS], extra=(KOHYA_ALPHA,), magnitude=True).items():
         component, path = split_component(key, default="unet")
         path = canonical_path(component, path, key)
@@ -108,7 +108,7 @@ def _read_diffusers(tensors, metadata, _adapter_config) -> dict[str, LoraModule]
     return modules
 
 
-def _lora_or_dora(group: dict[str, torch.Tensor], alpha: float | None, key: str):
+def _lora_or_dora(group: dict[str, torch.Tensor], alpha: float | None, key: str) -> Adapter:
     """A LoRA module, or peft's DoRA of it when the file holds its `lora_magnitude_vector`: per output row, as peft
     has no other axis (a conv's [1, out, 1, 1] is no LyCORIS [1, in, 1, 1], even where out == in)."""
     magnitude = group.get("magnitude")
@@ -119,11 +119,11 @@ def _lora_or_dora(group: dict[str, torch.Tensor], alpha: float | None, key: str)
         raise UserError(f"LoRA module {key!r} ({'DoRA' if magnitude is not None else 'LoRA'}): {err}") from None
 
 
-def _read_peft(tensors, metadata, adapter_config) -> dict[str, LoraModule]:
+def _read_peft(tensors, metadata, adapter_config) -> dict[str, Adapter]:
     config = dict(adapter_config or {})
     if not config and METADATA_KEY in metadata:
         config = json.loads(metadata[METADATA_KEY])
-    modules = {}
+    modules: dict[str, Adapter] = {}
     for key, group in _pair_up(tensors, SUFFIXES[PEFT], magnitude=True).items():
         path = key.removeprefix("base_model.model.")
         component = "text_encoder" if path.startswith(("text_model.", "encoder.layers.")) else "unet"
@@ -134,9 +134,9 @@ def _read_peft(tensors, metadata, adapter_config) -> dict[str, LoraModule]:
     return modules
 
 
-def _read_kohya(tensors, _metadata, _adapter_config) -> dict[str, object]:
+def _read_kohya(tensors, _metadata, _adapter_config) -> dict[str, Adapter]:
     ldm_table = LDM_KOHYA if has_ldm_names(tensors) else {}
-    modules = {}
+    modules: dict[str, Adapter] = {}
     for key, adapter in _adapters_by_kind(tensors).items():
         prefix = next((p for p in sorted(KOHYA_PREFIXES, key=len, reverse=True) if key.startswith(p)), None)
         if prefix is None:
@@ -165,7 +165,7 @@ _UNREADABLE_KINDS = {
 }
 
 
-def _adapters_by_kind(tensors: dict[str, torch.Tensor]) -> dict[str, object]:
+def _adapters_by_kind(tensors: dict[str, torch.Tensor]) -> dict[str, Adapter]:
     """{module key: adapter} of a kohya/LyCORIS state dict, the kind of each module told by its tensors' names."""
     groups: dict[str, dict] = {}
     for key, tensor in tensors.items():
@@ -187,7 +187,7 @@ def _adapters_by_kind(tensors: dict[str, torch.Tensor]) -> dict[str, object]:
         else:
             group["kinds"].add(kind)
             group["fields"][field] = tensor
-    adapters = {}
+    adapters: dict[str, Adapter] = {}
     for module_key, group in groups.items():
         kinds = sorted(group["kinds"])
         found = ", ".join(sorted(group["names"]))
@@ -214,7 +214,7 @@ def _adapters_by_kind(tensors: dict[str, torch.Tensor]) -> dict[str, object]:
     return adapters
 
 
-def _read_diffusers_old(tensors, metadata, _adapter_config) -> dict[str, LoraModule]:
+def _read_diffusers_old(tensors, metadata, _adapter_config) -> dict[str, Adapter]:
     """Old diffusers and attention-processor names, with what diffusers' `convert_state_dict_to_diffusers` leaves in
     peft's names beside them (the other modules' lora_A/lora_B, every DoRA magnitude)."""
     magnitude_suffixes = tuple("." + suffix for suffix in PEFT_MAGNITUDE)
@@ -263,11 +263,11 @@ def _read_diffusers_old(tensors, metadata, _adapter_config) -> dict[str, LoraMod
             raise UserError(f"LoRA key {key!r} is a second DoRA magnitude for {module}")
         groups[module]["magnitude"] = magnitude
     configs = _component_configs(metadata)  # diffusers applies the header's LoraConfig whatever the keys' names
-    modules: dict[str, LoraModule] = {}
+    modules: dict[str, Adapter] = {}
     for path, group in groups.items():
         component, _, module_path = path.partition(".")
-        alpha = group["alpha"]
-        alpha = float(alpha) if alpha is not None else _config_alpha(configs.get(component), module_path, group["down"].shape[0])
+        stored = group["alpha"]
+        alpha = float(stored) if stored is not None else _config_alpha(configs.get(component), module_path, group["down"].shape[0])
         modules[path] = _lora_or_dora(group, alpha, path)
     return modules
 

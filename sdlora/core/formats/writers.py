@@ -8,8 +8,8 @@ import torch
 
 from ...errors import UserError
 from ..families import ModelFamily
-from ..kinds import KIND_NAMES
-from ..state import LoraState
+from ..kinds import KIND_NAMES, DoraModule
+from ..state import LoraModule, LoraState
 from .ldm import ldm_table_of, ldm_unet_key
 from .names import DIFFUSERS, KIND_KEYS, KOHYA_ALPHA, KOHYA_UNET_PREFIX, METADATA_KEY, SHARED_KEYS, SUFFIXES, kohya_name
 
@@ -33,7 +33,8 @@ def lora_config_kwargs(state: LoraState, component: str) -> dict:
 def to_diffusers_layers(state: LoraState) -> dict[str, tuple[dict[str, torch.Tensor], dict]]:
     """{component: (peft state dict without the component prefix, LoraConfig kwargs)} for save_lora_weights."""
     down_suffix, up_suffix = SUFFIXES[DIFFUSERS]
-    other = next((path for path, module in state.modules.items() if module.kind != "lora"), None)
+    loras = {path: module for path, module in state.modules.items() if isinstance(module, LoraModule)}
+    other = next((path for path in state.modules if path not in loras), None)
     if other is not None:
         kind = KIND_NAMES[state.modules[other].kind]
         raise UserError(
@@ -42,9 +43,11 @@ def to_diffusers_layers(state: LoraState) -> dict[str, tuple[dict[str, torch.Ten
     layers = {}
     for component in state.components():
         tensors = {}
-        for path, module in state.for_component(component).items():
-            tensors[path + down_suffix] = module.down.contiguous()
-            tensors[path + up_suffix] = module.up.contiguous()
+        prefix = component + "."
+        for path, module in loras.items():
+            if path.startswith(prefix):
+                tensors[path[len(prefix) :] + down_suffix] = module.down.contiguous()
+                tensors[path[len(prefix) :] + up_suffix] = module.up.contiguous()
         layers[component] = (tensors, lora_config_kwargs(state, component))
     return layers
 
@@ -86,7 +89,7 @@ def to_kohya(state: LoraState, family: ModelFamily) -> dict[str, torch.Tensor]:
         if component not in prefixes:
             raise UserError(f"LoRA module {path} is for {component}, which {family.label} models do not have")
         key = prefixes[component] + kohya_module_name(component, module_path, family, path)
-        inner = module.inner if module.kind == "dora" else module
+        inner = module.inner if isinstance(module, DoraModule) else module
         names = {field: suffix for suffix, field in KIND_KEYS[inner.kind].items()} | {
             field: suffix for suffix, field in SHARED_KEYS.items()
         }
