@@ -1,7 +1,11 @@
-"""`sdlora` command line: parses arguments and calls the library; user errors become one line on stderr.
+"""`sdlora` command line: parses arguments and calls the library; errors become one line on stderr.
+
+A UserError (sdlora's own checks) or an OSError (a missing file, a permission, a full disk) is the user's to fix:
+one line, exit 2. Any other exception is unexpected (a bug, or a library failing in a way sdlora did not foresee):
+one line that says so, exit 1; `--debug` or SDLORA_DEBUG=1 lets every error through with its traceback.
 
 Each command imports the library parts it runs when it runs (the imports inside the `_*_run` functions), so
-`sdlora --help` and argument errors answer at once instead of after torch's second of import time.
+`sdlora --help` and argument errors answer before diffusers' seconds of import time.
 """
 
 from __future__ import annotations
@@ -17,10 +21,53 @@ from collections.abc import Callable, Sequence
 from .config import add_arguments, config_from_args
 from .core.version import __version__
 from .errors import UserError
+from .models.loading import ALLOW_PICKLE_HELP, DTYPES, MODEL_CONFIG_HELP, MODEL_HELP, load_pipeline, parse_dtype, write_tiny_model
 
 EXIT_USER_ERROR = 2
-# errors a user can fix; anything else is a bug and keeps its traceback
-USER_ERRORS = (ValueError, OSError)  # OSError covers missing files, permissions, a full disk
+EXIT_UNEXPECTED = 1
+EXIT_INTERRUPTED = 130
+# errors a user can fix: sdlora's own checks, and the user's files and disk (missing, not allowed, full)
+USER_ERRORS = (UserError, OSError)
+DEBUG_ENV = "SDLORA_DEBUG"
+DEBUG_HINT = f"run with --debug (or {DEBUG_ENV}=1) for the traceback"
+
+
+# ---------------------------------------------------------------- options several commands share
+
+
+def _model_options(parser: argparse.ArgumentParser, purpose: str, *, default: str | None = None, required: bool = False) -> None:
+    """--model (`purpose`, then what a model may be) and --model-config."""
+    help_text = f"{purpose}: {MODEL_HELP}" + (f" (default: {default})" if default else "")
+    parser.add_argument("--model", default=default, required=required, help=help_text)
+    _model_config(parser)
+
+
+def _model_config(parser: argparse.ArgumentParser) -> None:
+    """--model-config (train's name for it too), and its old spelling --config: hidden from --help, it still works."""
+    parser.add_argument("--model-config", default=None, metavar="FOLDER", help=MODEL_CONFIG_HELP)
+    parser.add_argument("--config", dest="model_config", action=_RenamedOption, help=argparse.SUPPRESS)
+
+
+class _RenamedOption(argparse.Action):
+    """An option's old spelling: it sets the new one's value and warns, in one line, what to use."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, values)
+        new = "--" + self.dest.replace("_", "-")
+        sys.stderr.write(_one_line_warning(f"{option_string} is now {new}", UserWarning, "", 0))
+
+
+def _allow_pickle(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--allow-pickle", action="store_true", help=ALLOW_PICKLE_HELP)
+
+
+def _dtype(parser: argparse.ArgumentParser, help_text: str, *, flag: str = "--dtype", default: str | None = None) -> None:
+    """A dtype option (its meaning and default are the command's); the choices are those parse_dtype reads."""
+    parser.add_argument(flag, choices=tuple(DTYPES), default=default, help=help_text)
+
+
+def _device(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda, cuda:1 or mps (default: auto)")
 
 
 # ---------------------------------------------------------------- train
@@ -55,8 +102,6 @@ def _tiny_model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _tiny_model_run(args: argparse.Namespace) -> None:
-    from .models.loading import write_tiny_model  # lazy: see the module docstring
-
     out = write_tiny_model(args.out_dir, variant=args.variant, seed=args.seed)
     print(f"wrote {args.variant} pipeline to {out}")
 
@@ -79,7 +124,7 @@ def _convert_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="input format, when detection should be overridden (diffusers, kohya, kohya-ldm, diffusers-old, diffusers-attn-procs, peft)",
     )
-    parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None, help="cast the LoRA weights (default: keep)")
+    _dtype(parser, "cast the LoRA weights (default: keep)")
     parser.add_argument(
         "--rank",
         type=int,
@@ -88,22 +133,14 @@ def _convert_args(parser: argparse.ArgumentParser) -> None:
         "LoRA modules of a higher rank reduced (needed for --to diffusers when the file holds other kinds)",
     )
     parser.add_argument("--conv-rank", type=int, default=None, help="the rank for 3x3 convs (default: --rank)")
-    parser.add_argument(
-        "--model",
-        default=None,
-        help="the model the LoRA is for: kinds whose update depends on the weights (DoRA, OFT, BOFT, IA3, GLoRA) are factored on its weights",
-    )
-    parser.add_argument(
-        "--config", default=None, help="for a single-file --model offline: a local diffusers folder of the same architecture"
-    )
-    parser.add_argument("--allow-pickle", action="store_true", help="allow reading a pickle .bin/.ckpt file (weights only)")
+    _model_options(parser, "the model the LoRA is for (the updates of DoRA, OFT, BOFT, IA3 and GLoRA depend on its weights)")
+    _allow_pickle(parser)
 
 
 def _convert_run(args: argparse.Namespace) -> None:
     from .core.files import read_lora, write_lora  # lazy: see the module docstring
-    from .models.loading import parse_dtype
 
-    _check_output_file(args.output, [args.input, args.model, args.config], "output")
+    _check_output_file(args.output, [args.input, args.model, args.model_config], "output")
     state = read_lora(args.input, allow_pickle=args.allow_pickle, fmt=args.from_format)
     _check_ranks(args.rank, args.conv_rank)
     if args.rank is not None or args.conv_rank is not None or args.model is not None:
@@ -111,7 +148,7 @@ def _convert_run(args: argparse.Namespace) -> None:
 
         weights = None
         if args.model is not None:
-            weights = model_weights(state, args.model, config=args.config, allow_pickle=args.allow_pickle, label=args.input)
+            weights = model_weights(state, args.model, config=args.model_config, allow_pickle=args.allow_pickle, label=args.input)
         state, report = to_plain_lora(state, args.rank, args.conv_rank, weights, label=args.input)
         _print_report(report)
     if args.dtype:
@@ -144,12 +181,11 @@ def _out_format(parser: argparse.ArgumentParser) -> None:
         default="kohya",
         help="kohya (default): for A1111, ComfyUI and kohya's sd-scripts; diffusers: for load_lora_weights",
     )
-    parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None, help="dtype of the file written (default: fp32)")
+    _dtype(parser, "dtype of the file written (default: fp32)")
 
 
 def _write(state, args: argparse.Namespace, family=None) -> None:
     from .core.files import write_lora  # lazy: see the module docstring
-    from .models.loading import parse_dtype
 
     if args.dtype:
         state = state.to(parse_dtype(args.dtype))
@@ -161,7 +197,7 @@ def _write(state, args: argparse.Namespace, family=None) -> None:
 
 
 def _extract_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--base", required=True, help="the model that was fine-tuned: a diffusers folder, single file or hub id")
+    parser.add_argument("--base", required=True, help=f"the model that was fine-tuned: {MODEL_HELP}")
     parser.add_argument("--tuned", required=True, help="the fine-tuned model, of the same architecture")
     parser.add_argument("--rank", type=int, required=True, help="rank of each module (attention, feed-forward, text encoders)")
     parser.add_argument(
@@ -181,24 +217,23 @@ def _extract_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", required=True, help="LoRA file to write (.safetensors)")
     _out_format(parser)
-    parser.add_argument(
-        "--load-dtype",
-        choices=("fp32", "fp16", "bf16"),
+    _dtype(
+        parser,
+        "dtype the two models load in (default fp32: half precision rounds small differences away)",
+        flag="--load-dtype",
         default="fp32",
-        help="dtype the two models load in (default fp32: half precision rounds small differences away)",
     )
-    parser.add_argument("--config", default=None, help="for single-file models offline: a local diffusers folder of the same architecture")
-    parser.add_argument("--allow-pickle", action="store_true", help="allow pickle checkpoints (weights only)")
+    _model_config(parser)
+    _allow_pickle(parser)
 
 
 def _extract_run(args: argparse.Namespace) -> None:
-    from .models.loading import parse_dtype  # lazy: see the module docstring
-    from .tools.extract import extract_lora
+    from .tools.extract import extract_lora  # lazy: see the module docstring
 
-    _check_output_file(args.out, [args.base, args.tuned, args.config])
+    _check_output_file(args.out, [args.base, args.tuned, args.model_config])
     state, report, family = extract_lora(
         args.base, args.tuned, args.rank, conv_rank=args.conv_rank, clamp_quantile=args.clamp_quantile, min_diff=args.min_diff,
-        config=args.config, allow_pickle=args.allow_pickle, dtype=parse_dtype(args.load_dtype),
+        config=args.model_config, allow_pickle=args.allow_pickle, dtype=parse_dtype(args.load_dtype),
     )  # fmt: skip
     _print_report(report)
     _write(state, args, family)
@@ -216,7 +251,7 @@ def _resize_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", required=True, help="LoRA file to write (.safetensors)")
     _out_format(parser)
-    parser.add_argument("--allow-pickle", action="store_true", help="allow reading a pickle .bin/.ckpt file (weights only)")
+    _allow_pickle(parser)
 
 
 def _resize_run(args: argparse.Namespace) -> None:
@@ -258,7 +293,7 @@ def _combine_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", required=True, help="LoRA file to write (.safetensors)")
     _out_format(parser)
-    parser.add_argument("--allow-pickle", action="store_true", help="allow reading pickle .bin/.ckpt files (weights only)")
+    _allow_pickle(parser)
 
 
 def _combine_run(args: argparse.Namespace) -> None:
@@ -286,7 +321,7 @@ def _combine_run(args: argparse.Namespace) -> None:
 def _inspect_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", help="LoRA file in any supported format")
     parser.add_argument("--json", action="store_true", help="print a JSON object instead of text")
-    parser.add_argument("--allow-pickle", action="store_true", help="allow reading a pickle .bin/.ckpt file (weights only)")
+    _allow_pickle(parser)
 
 
 def _inspect_run(args: argparse.Namespace) -> None:
@@ -302,21 +337,14 @@ def _inspect_run(args: argparse.Namespace) -> None:
 
 def _image_args(parser: argparse.ArgumentParser, command_args: Callable[[argparse.ArgumentParser], None], out_help: str) -> None:
     """The options generate and grid share, around the command's own options (`command_args`), in --help's order."""
-    parser.add_argument(
-        "--model",
-        default="tiny",
-        help="a diffusers folder, a single-file checkpoint, a hub id, 'demo' (the pretrained 64 px demo model) or 'tiny' / 'tiny-sdxl' (random test models); SD1, SD2 or SDXL, told from the model (default: tiny)",
-    )
-    parser.add_argument(
-        "--config", default=None, help="for a single-file checkpoint offline: a local diffusers folder of the same architecture"
-    )
+    _model_options(parser, "the model to draw with", default="tiny")
     command_args(parser)
     parser.add_argument("--height", type=int, default=None, help="image height, a multiple of 8 (default: the model's)")
     parser.add_argument("--width", type=int, default=None, help="image width, a multiple of 8 (default: the model's)")
     parser.add_argument("--out", required=True, help=out_help)
-    parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None, help="model dtype (default: fp32 on CPU, fp16 on GPU)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps (default: auto)")
-    parser.add_argument("--allow-pickle", action="store_true", help="allow pickle LoRA files and checkpoints (weights only)")
+    _dtype(parser, "model dtype (default: fp32 on CPU, fp16 on GPU)")
+    _device(parser)
+    _allow_pickle(parser)
 
 
 def _generate_args(parser: argparse.ArgumentParser) -> None:
@@ -371,11 +399,10 @@ def _open_loras(args: argparse.Namespace, prompt_tags) -> list:
 
 def _load_model(args: argparse.Namespace):
     from .inference.generation import default_dtype, resolve_device  # lazy: see the module docstring
-    from .models.loading import load_pipeline, parse_dtype
 
     device = resolve_device(args.device)
     dtype = parse_dtype(args.dtype) if args.dtype else default_dtype(device)
-    return load_pipeline(args.model, dtype=dtype, config=args.config, allow_pickle=args.allow_pickle).to(device)
+    return load_pipeline(args.model, dtype=dtype, config=args.model_config, allow_pickle=args.allow_pickle).to(device)
 
 
 def _loading_loras(command: str):
@@ -406,7 +433,7 @@ def _generate_run(args: argparse.Namespace) -> None:
     check_image_size(args.height, "--height")
     check_image_size(args.width, "--width")
     check_guidance(args.guidance, "--guidance")
-    check_image_output(args.out, [args.model, args.config])
+    check_image_output(args.out, [args.model, args.model_config])
     if args.sampler is not None:
         find_sampler(args.sampler)
     prompt, tags = prompt_loras(args.prompt, args.lora_dir)
@@ -497,7 +524,7 @@ def _grid_run(args: argparse.Namespace) -> None:
 
     check_image_size(args.height, "--height")
     check_image_size(args.width, "--width")
-    out = check_image_output(args.out, [args.model, args.config])
+    out = check_image_output(args.out, [args.model, args.model_config])
     weights = _values(args.weights, "--weights", float)
     seeds = _values(args.seed, "--seed", int)
     if any(not 0 <= s < 2**63 for s in seeds):
@@ -527,11 +554,7 @@ def _grid_run(args: argparse.Namespace) -> None:
 
 
 def _merge_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--model",
-        required=True,
-        help="diffusers folder, single-file .safetensors checkpoint (SD1, SD2 or SDXL), 'demo', 'tiny', 'tiny-sdxl' or a hub id",
-    )
+    _model_options(parser, "the model to merge into", required=True)
     parser.add_argument(
         "--lora",
         action="append",
@@ -551,18 +574,8 @@ def _merge_args(parser: argparse.ArgumentParser) -> None:
         metavar="OUT.safetensors",
         help="write a single-file checkpoint instead (needs a single-file .safetensors --model)",
     )
-    parser.add_argument(
-        "--dtype",
-        choices=("fp32", "fp16", "bf16"),
-        default=None,
-        help="dtype of every floating tensor written (default: keep); updates are computed in fp32",
-    )
-    parser.add_argument(
-        "--config",
-        default=None,
-        help="for a single-file checkpoint written as a folder offline: a local diffusers folder of the same architecture",
-    )
-    parser.add_argument("--allow-pickle", action="store_true", help="allow pickle LoRA files and checkpoints (weights only)")
+    _dtype(parser, "dtype of every floating tensor written (default: keep); updates are computed in fp32")
+    _allow_pickle(parser)
 
 
 def _merge_run(args: argparse.Namespace, unmerge: bool = False) -> None:
@@ -572,7 +585,7 @@ def _merge_run(args: argparse.Namespace, unmerge: bool = False) -> None:
     stats = MergeStats()
     out = merge_model(
         args.model, loras, out_dir=args.out, dtype=args.dtype, single_file=args.single_file, unmerge=unmerge,
-        allow_pickle=args.allow_pickle, config=args.config, stats=stats,
+        allow_pickle=args.allow_pickle, config=args.model_config, stats=stats,
     )  # fmt: skip
     verb = "unmerged" if unmerge else "merged"
     print(
@@ -617,13 +630,20 @@ COMMANDS: list[Command] = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The full argument parser (also used to generate the README's CLI reference)."""
+    """The full argument parser (also used to generate the documentation site's CLI and training-options references)."""
     parser = argparse.ArgumentParser(prog="sdlora", description="Train, convert, load and merge LoRA adapters for Stable Diffusion.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help=f"let an error through with its traceback instead of one line (also after the command, or {DEBUG_ENV}=1)",
+    )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, help_text, add_command_arguments, run in COMMANDS:
         sub = subparsers.add_parser(name, help=help_text, description=help_text)
         add_command_arguments(sub)
+        # `sdlora CMD ... --debug` too; SUPPRESS: not given after the command, it leaves `sdlora --debug CMD` as it is
+        sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         sub.set_defaults(run=run)
     return parser
 
@@ -646,6 +666,11 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     return f"sdlora: warning: {text}\n"
 
 
+def _debugging(args: argparse.Namespace) -> bool:
+    """--debug, or SDLORA_DEBUG set to anything but empty, 0, false or no."""
+    return args.debug or os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
 def _one_line(err: Exception) -> str:
     """The first line of an error; an OSError as `reason: file` without Python's `[Errno N]` prefix."""
     if isinstance(err, OSError) and err.strerror:
@@ -658,18 +683,24 @@ def _one_line(err: Exception) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `sdlora` console script."""
+    """Entry point of the `sdlora` console script: 0 done, 2 a user error, 1 an unexpected error, 130 interrupted."""
     args = build_parser().parse_args(argv)
     _quiet_libraries()
+    debug = _debugging(args)
     try:
         args.run(args)
     except KeyboardInterrupt:
         print("sdlora: interrupted", file=sys.stderr)
-        return 130
-    except USER_ERRORS as err:
-        message = _one_line(err)
-        print(f"sdlora {args.command}: error: {message}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return EXIT_INTERRUPTED
+    except Exception as err:
+        if debug:
+            raise
+        if isinstance(err, USER_ERRORS):
+            print(f"sdlora {args.command}: error: {_one_line(err)}", file=sys.stderr)
+            return EXIT_USER_ERROR
+        detail = f"{type(err).__name__}: {_one_line(err)}" if str(err).strip() else type(err).__name__
+        print(f"sdlora {args.command}: unexpected error: {detail}; {DEBUG_HINT}", file=sys.stderr)
+        return EXIT_UNEXPECTED
     return 0
 
 

@@ -177,12 +177,23 @@ def parse_parameters(text: str) -> dict[str, str]:
 
 
 def resolve_device(name: str = "auto") -> str:
-    """'auto' -> 'cuda' when available, else 'mps', else 'cpu'; other names pass through."""
-    if name != "auto":
-        return name
-    if torch.cuda.is_available():
-        return "cuda"
-    return "mps" if torch.backends.mps.is_available() else "cpu"
+    """'auto' -> 'cuda' when available, else 'mps', else 'cpu'; another name passes through if this machine has it."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        return "mps" if torch.backends.mps.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name}: not a device; use auto, cpu, cuda, cuda:N or mps") from None
+    # torch fails on these only when the first tensor moves, with an AssertionError or a word about its build
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: this machine has no CUDA GPU that torch can use; use --device cpu (or auto)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: there is no such GPU here ({torch.cuda.device_count()} found, numbered from 0)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {name}: this machine has no MPS (Apple GPU) device; use --device cpu (or auto)")
+    return name
 
 
 def default_dtype(device: str) -> torch.dtype:

@@ -56,7 +56,17 @@ _LDM_VAE_PREFIXES = ("first_stage_model.", "vae.")
 _LDM_VAE_PARTS = ("encoder.down.0.", "encoder.mid.block_1.", "decoder.up.0.", "decoder.mid.block_1.")
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # a --dtype's choices: tuple(DTYPES)
+
+# the help of options every command that loads a model or a LoRA shares (cli.py; training's TrainConfig too)
+MODEL_HELP = (
+    "a diffusers folder, a single-file checkpoint, a hub id, 'demo' (the pretrained 64 px demo model) or 'tiny' / "
+    "'tiny-sdxl' (random test models); SD1, SD2 or SDXL, told from the model"
+)
+MODEL_CONFIG_HELP = "for a single-file checkpoint offline: a local diffusers folder of the same architecture, for its configs"
+ALLOW_PICKLE_HELP = (
+    "allow reading pickle files (.ckpt, .pt, .bin), LoRAs and models alike; weights only: one that would run code is refused"
+)
 
 
 def parse_dtype(name: str) -> torch.dtype:
@@ -129,12 +139,18 @@ def load_pipeline(
     if path.is_dir():
         family = check_model_dir(path)
         check_folder_pickles(path, allow_pickle)
+        check_folder_files(path)
         components = {}
         if _unet_weight_files(path / "unet"):
             # read the UNet tensor by tensor (in the target dtype): peak memory is one UNet, not a mapped file + a copy
             components["unet"] = load_unet_streaming(path / "unet", dtype)
         cls = pipeline_class(family)
-        return cls.from_pretrained(path, torch_dtype=dtype, local_files_only=True, **_pipeline_options(cls), **components)
+        try:
+            return cls.from_pretrained(path, torch_dtype=dtype, local_files_only=True, **_pipeline_options(cls), **components)
+        except (ValueError, RuntimeError) as err:  # what the checks above cannot see: a file that reads but does not fit
+            raise UserError(
+                f"could not load the model folder {path} ({_error_line(err)}): is a file in it damaged or of another model?"
+            ) from err
     if path.suffix.lower() in SINGLE_FILE_SUFFIXES:
         if not path.is_file():
             raise FileNotFoundError(f"model file not found: {path}")
@@ -152,13 +168,21 @@ def load_pipeline(
         kwargs = {"torch_dtype": dtype, **_pipeline_options(pipeline_class(family))}
         if config:
             kwargs["config"] = config
+        from diffusers.loaders.single_file_utils import SingleFileComponentError  # lazy: diffusers, as pipeline_class
+
         try:
             return pipeline_class(family).from_single_file(str(path), **kwargs)
         except OSError as err:
             if path.suffix.lower() in PICKLE_SUFFIXES:
                 _explain_pickle_failure(path)
             raise UserError(
-                f"could not load single-file checkpoint {path} ({_first_line(err)}); offline, pass --config pointing at a local diffusers folder of the same architecture"
+                f"could not load single-file checkpoint {path} ({_first_line(err)}); offline, pass --model-config pointing at a local diffusers folder of the same architecture"
+            ) from err
+        except (SingleFileComponentError, ValueError, RuntimeError) as err:
+            # a pickle's keys are only seen here (a .safetensors file's were checked above); or --model-config does not fit
+            raise UserError(
+                f"could not load single-file checkpoint {path} ({_error_line(err)}): is it a Stable Diffusion checkpoint, "
+                "and --model-config a folder of its architecture?"
             ) from err
     if _looks_like_path(model):
         raise FileNotFoundError(f"model not found: {model} (expected a diffusers folder, a .safetensors file, a hub id or 'tiny')")
@@ -189,7 +213,13 @@ def load_vae(source: str, dtype: torch.dtype = torch.float32, allow_pickle: bool
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(f"--vae {source}: no config.json there (expected a diffusers VAE folder)")
         check_folder_pickles(folder, allow_pickle)
-        return AutoencoderKL.from_pretrained(folder, torch_dtype=dtype, local_files_only=True)
+        check_folder_files(folder)
+        try:
+            return AutoencoderKL.from_pretrained(folder, torch_dtype=dtype, local_files_only=True)
+        except (ValueError, RuntimeError) as err:  # as in load_pipeline
+            raise UserError(
+                f"could not load the VAE folder {folder} ({_error_line(err)}): is a file in it damaged or of another model?"
+            ) from err
     if path.suffix.lower() in SINGLE_FILE_SUFFIXES:
         if not path.is_file():
             raise FileNotFoundError(f"VAE file not found: {path}")
@@ -230,8 +260,7 @@ def check_folder_pickles(folder: Path, allow_pickle: bool) -> None:
     unpickling can run code, as a single .ckpt can."""
     if allow_pickle:
         return
-    parts = [folder, *(entry for entry in sorted(folder.iterdir()) if entry.is_dir())]
-    for part in parts:
+    for part in _folder_parts(folder):
         files = [entry for entry in part.iterdir() if entry.is_file()]
         pickles = [entry for entry in files if entry.suffix.lower() in PICKLE_SUFFIXES]
         if pickles and not any(entry.suffix == ".safetensors" for entry in files):
@@ -239,6 +268,25 @@ def check_folder_pickles(folder: Path, allow_pickle: bool) -> None:
                 f"{pickles[0]} is a pickle file, which can run code when loaded, and {part} has no .safetensors weights: "
                 "convert it to .safetensors or pass --allow-pickle"
             )
+
+
+def check_folder_files(folder: Path) -> None:
+    """Read every .json file of a model folder and its parts, and every .safetensors file's header: a damaged one
+    is named in one line here, not met deep inside diffusers or transformers as a JSON or deserializing error."""
+    for part in _folder_parts(folder):
+        for file in sorted(part.iterdir()):
+            if file.suffix == ".safetensors" and file.is_file():
+                read_header(file)  # checks that every tensor lies inside the file, as a truncated download's does not
+            elif file.suffix == ".json" and file.is_file():
+                try:
+                    json.loads(file.read_text(encoding="utf-8"))
+                except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+                    raise UserError(f"{file} is not valid JSON ({_first_line(err)}): the model folder is damaged") from err
+
+
+def _folder_parts(folder: Path) -> list[Path]:
+    """A model folder and its subfolders (unet/, vae/, text_encoder/...)."""
+    return [folder, *(entry for entry in sorted(folder.iterdir()) if entry.is_dir())]
 
 
 def _unet_weight_files(folder: Path) -> list[Path]:
@@ -264,6 +312,13 @@ def load_unet_streaming(folder: Path, dtype: torch.dtype):
                 state[name] = read_tensor(fd, info).to(dtype)
         finally:
             os.close(fd)
+    expected = unet.state_dict()
+    for name, tensor in state.items():
+        if name in expected and tensor.shape != expected[name].shape:
+            raise UserError(
+                f"{folder}: UNet weight {name} is {list(tensor.shape)} but its config.json makes it {list(expected[name].shape)}: "
+                "the weights and the config are of different models"
+            )
     missing, unexpected = unet.load_state_dict(state, strict=False, assign=True)
     if missing or unexpected:
         raise UserError(f"{folder}: UNet weights do not fit its config (missing {missing[:3]}, unexpected {unexpected[:3]})")
@@ -314,3 +369,13 @@ def _looks_like_path(model: str) -> bool:
 def _first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return text[0] if text else type(err).__name__
+
+
+def _error_line(err: BaseException) -> str:
+    """`Type: first line` of a library's error, whose message alone may not say what kind it is (JSON, safetensors...);
+    a first line that only announces a list (torch's `Error(s) in loading state_dict for X:`) with the list's first."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(err).__name__
+    text = f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+    return f"{type(err).__name__}: {text}"

@@ -128,7 +128,7 @@ def build_cases(root: Path, model_dir: Path, sdxl_dir: Path, random_lora_state, 
     command("sample-prompts-size-100000", ["train", str(data), "--sample-prompts", str(prompts), "--model", "tiny", *TRAIN_FAST, "--output"],
             "run", f"{prompts}:1: --w 100000", "larger than 8192")  # fmt: skip
     diffusers_vae = write_sdxl_single_file(sdxl_dir, root / "xl-diffusers-vae.safetensors")  # its VAE keys are diffusers' names
-    generate("single-file-vae-not-ldm-named", "--model", str(diffusers_vae), "--config", str(sdxl_dir),
+    generate("single-file-vae-not-ldm-named", "--model", str(diffusers_vae), "--model-config", str(sdxl_dir),
              names=str(diffusers_vae), reason="not in the LDM layout")  # fmt: skip
 
     # ---- 14: a model's broken header was blamed on the LoRA

@@ -15,8 +15,9 @@ from sdlora import __version__
 from sdlora.cli import main
 from sdlora.core.files import lora_file_hash, write_kohya
 from sdlora.core.state import LoraModule
+from sdlora.errors import UserError
 from sdlora.inference.adapters import LoadedLora, load_lora
-from sdlora.inference.generation import a1111_parameters, generate, image_grid, read_parameters, save_images
+from sdlora.inference.generation import a1111_parameters, generate, image_grid, read_parameters, resolve_device, save_images
 
 
 @pytest.fixture
@@ -70,6 +71,7 @@ def test_lora_scale_zero_generates_the_base_image(tiny_pipe, kohya_file):
         (["--width", "100000"], "--width 100000 is larger than 8192: images that size would not fit in memory"),
         (["--guidance", "inf"], "--guidance inf: the guidance scale must be a number from 0 to 100 (7.5 is usual)"),
         (["--lora", "missing.safetensors:0.7"], "LoRA file not found: missing.safetensors"),
+        (["--device", "gpu"], "--device gpu: not a device; use auto, cpu, cuda, cuda:N or mps"),
     ],
 )
 def test_cli_user_errors_are_one_line_and_write_nothing(tmp_path, capsys, monkeypatch, extra, message):
@@ -79,6 +81,21 @@ def test_cli_user_errors_are_one_line_and_write_nothing(tmp_path, capsys, monkey
     assert code == 2
     assert err == f"sdlora generate: error: {message}\n"
     assert not (tmp_path / "out").exists()
+
+
+def test_a_device_this_machine_lacks_is_a_user_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert resolve_device("auto") == "cpu" and resolve_device("cpu") == "cpu"
+    with pytest.raises(UserError, match="--device cuda:1: this machine has no CUDA GPU"):
+        resolve_device("cuda:1")
+    with pytest.raises(UserError, match="--device mps: this machine has no MPS"):
+        resolve_device("mps")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("cuda:0") == "cuda:0"
+    with pytest.raises(UserError, match=r"--device cuda:1: there is no such GPU here \(1 found"):
+        resolve_device("cuda:1")
 
 
 def test_cli_sdxl_lora_is_refused_before_generating(tmp_path, tiny_pipe, capsys, random_lora_state):

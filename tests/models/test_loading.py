@@ -12,6 +12,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file, save_file
 
+from sdlora.errors import UserError
 from sdlora.models.loading import _check_single_file_vae, load_pipeline, write_tiny_model
 from sdlora.models.tiny import MAX_TOKENS, tiny_clip_vocab, tiny_tokenizer
 
@@ -93,6 +94,61 @@ def test_a_single_file_vae_must_be_ldm_named(tmp_path, tiny_sdxl_dir, write_sdxl
         load_pipeline(str(tmp_path / "no-vae.safetensors"), config=str(tiny_sdxl_dir))
     ldm = [f"first_stage_model.{part}conv1.weight" for part in ("encoder.down.0.block.0.", "encoder.mid.block_1.", "decoder.up.0.block.0.")]
     _check_single_file_vae([*ldm, "first_stage_model.decoder.mid.block_1.conv1.weight"], tmp_path / "ldm.safetensors")  # passes
+
+
+def _damaged_copy(tiny_model_dir, tmp_path, damage) -> str:
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    damage(folder)
+    return str(folder)
+
+
+def _truncate(file) -> None:
+    data = file.read_bytes()
+    file.write_bytes(data[: len(data) // 2])
+
+
+def _edit_config(file, **changes) -> None:
+    file.write_text(json.dumps({**json.loads(file.read_text()), **changes}))
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda m: _truncate(m / "text_encoder/model.safetensors"), r"text_encoder/model.safetensors: tensor '.*' ends past the end"),
+        (
+            lambda m: (m / "tokenizer/vocab.json").write_text("{not json"),
+            r"tokenizer/vocab.json is not valid JSON \(.*\): the model folder is damaged",
+        ),
+        (lambda m: (m / "scheduler/scheduler_config.json").write_bytes(b"\xff\xfe"), "scheduler_config.json is not valid JSON"),
+        (
+            lambda m: _edit_config(m / "unet/config.json", cross_attention_dim=7),
+            r"unet: UNet weight .*attn2.to_k.weight is \[64, 32\] but its config.json makes it \[64, 7\]",
+        ),
+        (
+            lambda m: _edit_config(m / "text_encoder/config.json", intermediate_size=41),
+            r"could not load the model folder .*model \(RuntimeError: .*\): is a file in it damaged or of another model\?",
+        ),
+    ],
+    ids=[
+        "truncated-text-encoder",
+        "vocab-not-json",
+        "scheduler-config-not-utf8",
+        "unet-config-of-another-model",
+        "text-encoder-config-of-another-model",
+    ],
+)
+def test_a_damaged_model_folder_is_a_user_error_naming_the_file(tiny_model_dir, tmp_path, damage, message):
+    with pytest.raises(UserError, match=message):
+        load_pipeline(_damaged_copy(tiny_model_dir, tmp_path, damage))
+
+
+def test_a_pickle_checkpoint_diffusers_cannot_use_is_a_user_error(tiny_model_dir, tmp_path):
+    torch.save({"state_dict": {"foo": torch.zeros(3)}}, tmp_path / "foo.ckpt")
+    with pytest.raises(
+        UserError, match=r"could not load single-file checkpoint .*foo.ckpt \(SingleFileComponentError: .*\): is it a Stable"
+    ):
+        load_pipeline(str(tmp_path / "foo.ckpt"), config=str(tiny_model_dir), allow_pickle=True)
 
 
 def test_hub_id_offline_says_to_pass_a_local_path(monkeypatch):
