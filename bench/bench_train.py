@@ -54,7 +54,7 @@ from sdlora.config import TrainConfig
 from sdlora.training.recipe import train
 options = json.loads(sys.argv[1])
 start = time.perf_counter()
-train(TrainConfig(**options))
+train(TrainConfig.from_options(**options))
 total = time.perf_counter() - start
 lines = [json.loads(l) for l in Path(options["output_dir"], "metrics.jsonl").read_text().splitlines()]
 times = [l["time"] for l in lines if "loss" in l]

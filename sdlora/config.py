@@ -1,16 +1,17 @@
-"""`TrainConfig` from the command line: one flag per field, a TOML file of options, flags overriding the file."""
+"""`TrainConfig` from the command line: one flag per option, grouped by section; a TOML file of options; flags
+overriding the file."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-from dataclasses import MISSING, fields
+from dataclasses import MISSING, Field
 from pathlib import Path
-from typing import Any, get_args, get_origin, get_type_hints
+from typing import Any, get_args, get_origin
 
 from .errors import UserError
-from .training.config import TrainConfig, toml_value, value_problem
+from .training.config import SECTION_OF, SECTIONS, TrainConfig, option_annotations, option_fields, section_title, toml_value, value_problem
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -20,49 +21,57 @@ else:  # pragma: no cover
 __all__ = ["TrainConfig", "add_arguments", "config_from_args", "load_toml"]
 
 
-def _field_type(item) -> type:
+def _field_type(owner: type, item: Field) -> type:
     """The plain type of a field (str, int, float, bool, list) with Optional removed."""
-    annotation = get_type_hints(TrainConfig)[item.name]  # the annotations are strings (`from __future__ import annotations`)
-    args = [a for a in get_args(annotation) if a is not type(None)]
-    origin = get_origin(annotation)
-    if origin is list:
+    annotation = option_annotations(owner)[item.name]
+    if get_origin(annotation) is list:
         return list
-    return args[0] if args and origin is not list else annotation
+    args = [a for a in get_args(annotation) if a is not type(None)]
+    return args[0] if args else annotation
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field (`--snake-case`), defaulting to 'not given' so the TOML file and defaults stay."""
+    """One flag per option (`--snake-case`), in one group per section, defaulting to 'not given' so the TOML file and
+    the defaults stay."""
     parser.add_argument("--config", help="TOML file of options (keys are the option names with underscores); flags override it")
-    for item in fields(TrainConfig):
-        kind = _field_type(item)
-        default = item.default if item.default is not MISSING else item.default_factory()
-        help_text = f"{item.metadata['help']} (default: {default})"
-        if item.metadata.get("positional"):
-            parser.add_argument(item.name, nargs="?", default=argparse.SUPPRESS, help=item.metadata["help"] + " (or data_dir in --config)")
-            continue
-        flags = ["--" + item.name.replace("_", "-")] + (["--output"] if item.name == "output_dir" else [])
-        kwargs: dict[str, Any] = {"dest": item.name, "help": help_text, "default": argparse.SUPPRESS}
-        if kind is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        elif kind is list:
-            # several values after one flag (kohya's `--optimizer_args a=1 b=2`), or the flag repeated
-            kwargs.update(action="extend", nargs="+", metavar="TEXT")
-        else:
-            kwargs.update(type=kind, choices=item.metadata.get("choices"))
-        parser.add_argument(*flags, **kwargs)
-    parser.add_argument(
-        "--timestep-range",
-        nargs=2,
-        type=int,
-        metavar=("MIN", "MAX"),
-        default=argparse.SUPPRESS,
-        help="training timesteps drawn from [MIN, MAX): --min-timestep and --max-timestep in one flag (kohya's --min_timestep/--max_timestep)",
-    )
+    for name, section in SECTIONS.items():
+        group = parser.add_argument_group(section_title(name), f"{section.__doc__} (config.toml: [{name}] or top-level keys)")
+        for _, item in (entry for entry in option_fields() if entry[0] == name):
+            _add_option(group, section, item)
+        if name == "objective":
+            group.add_argument(
+                "--timestep-range",
+                nargs=2,
+                type=int,
+                metavar=("MIN", "MAX"),
+                default=argparse.SUPPRESS,
+                help="training timesteps drawn from [MIN, MAX): --min-timestep and --max-timestep in one flag (kohya's --min_timestep/--max_timestep)",
+            )
+
+
+def _add_option(group, section: type, item: Field) -> None:
+    kind = _field_type(section, item)
+    default = item.default if item.default is not MISSING else item.default_factory()
+    if item.metadata.get("positional"):
+        group.add_argument(item.name, nargs="?", default=argparse.SUPPRESS, help=item.metadata["help"] + " (or data_dir in --config)")
+        return
+    flags = ["--" + item.name.replace("_", "-")] + (["--output"] if item.name == "output_dir" else [])
+    kwargs: dict[str, Any] = {"dest": item.name, "help": f"{item.metadata['help']} (default: {default})", "default": argparse.SUPPRESS}
+    if kind is bool:
+        kwargs["action"] = argparse.BooleanOptionalAction
+    elif kind is list:
+        # several values after one flag (kohya's `--optimizer_args a=1 b=2`), or the flag repeated
+        kwargs.update(action="extend", nargs="+", metavar="TEXT")
+    else:
+        kwargs.update(type=kind, choices=item.metadata.get("choices"))
+    group.add_argument(*flags, **kwargs)
 
 
 def load_toml(path: str | os.PathLike) -> dict[str, Any]:
-    """Options from a TOML file, each checked against its option's type; unknown keys and values of another type are
-    one-line errors naming the file, the key and the value; relative paths are made relative to the file."""
+    """Flat options from a TOML file: top-level keys, as kohya's and earlier sdlora's files have them, or keys in
+    [section] tables (as sdlora writes config.toml now). Each value is checked against its option's type; unknown
+    keys, keys in another section's table and values of another type are one-line errors naming the file, the key
+    and the value; relative paths are made relative to the file."""
     path = Path(path)
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -70,25 +79,48 @@ def load_toml(path: str | os.PathLike) -> dict[str, Any]:
         raise FileNotFoundError(f"config file not found: {path}") from err
     except tomllib.TOMLDecodeError as err:
         raise UserError(f"{path} is not valid TOML: {err}") from err
-    known = {item.name: item for item in fields(TrainConfig)}
-    options = {key.replace("-", "_"): value for key, value in data.items()}
-    unknown = sorted(set(options) - set(known))
-    if unknown:
-        raise UserError(f"{path}: unknown option {unknown[0]!r} (see sdlora train --help)")
-    for key, value in data.items():  # here, to name the file: TrainConfig checks them again, worded for Python
-        expected = value_problem(TrainConfig, known[key.replace("-", "_")], value, toml=True)
+    options: dict[str, Any] = {}
+    for key, value in _flat_entries(path, data):
+        option = key.replace("-", "_")
+        if option in options:
+            raise UserError(f"{path}: {key} is given twice (at the top level and in [{SECTION_OF[option]}]): keep one")
+        section = SECTIONS[SECTION_OF[option]]
+        item = section.__dataclass_fields__[option]
+        expected = value_problem(section, item, value, toml=True)  # here, to name the file: the section checks again
         if expected is not None:
             raise UserError(f"{path}: {key} = {toml_value(value)} must be {expected}")
-    # relative paths in a config file are relative to the file, so a dataset's train.toml works from anywhere
-    for key, value in options.items():
-        item = known[key]
-        if not item.metadata["path"] or not value or Path(value).expanduser().is_absolute():
-            continue
-        beside = path.parent / value
-        # a name (a hub id, a built-in model, `latest`, a checkpoint of the run) stays, unless it is a path here
-        if not item.metadata["may_be_name"] or value.startswith(".") or beside.exists():
-            options[key] = str(beside.resolve())
+        options[option] = _relative_to(path, item, value)
     return options
+
+
+def _flat_entries(path: Path, data: dict[str, Any]) -> list[tuple[str, Any]]:
+    """(key, value) of every option in the file, from the top level and from the [section] tables."""
+    entries = []
+    for key, value in data.items():
+        if key in SECTIONS and isinstance(value, dict):
+            for inner, inner_value in value.items():
+                owner = SECTION_OF.get(inner.replace("-", "_"))
+                if owner is None:
+                    raise UserError(f"{path}: unknown option {inner!r} in [{key}] (see sdlora train --help)")
+                if owner != key:
+                    raise UserError(f"{path}: {inner} is an option of [{owner}], not of [{key}]: move it there or to the top level")
+                entries.append((inner, inner_value))
+        elif key.replace("-", "_") in SECTION_OF:
+            entries.append((key, value))
+        else:
+            raise UserError(f"{path}: unknown option {key!r} (see sdlora train --help)")
+    return entries
+
+
+def _relative_to(path: Path, item: Field, value: Any) -> Any:
+    """A path option's value relative to the config file, so a dataset's train.toml works from anywhere; a name (a
+    hub id, a built-in model, `latest`, a checkpoint of the run) stays, unless it is a path there."""
+    if not item.metadata["path"] or not value or Path(value).expanduser().is_absolute():
+        return value
+    beside = path.parent / value
+    if not item.metadata["may_be_name"] or value.startswith(".") or beside.exists():
+        return str(beside.resolve())
+    return value
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -96,8 +128,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     options: dict[str, Any] = {}
     if getattr(args, "config", None):
         options.update(load_toml(args.config))
-    given = {k: v for k, v in vars(args).items() if k in {item.name for item in fields(TrainConfig)} and v is not None}
+    given = {k: v for k, v in vars(args).items() if k in SECTION_OF and v is not None}
     options.update(given)
     if getattr(args, "timestep_range", None):
         options["min_timestep"], options["max_timestep"] = args.timestep_range
-    return TrainConfig(**options)
+    return TrainConfig.from_options(**options)

@@ -23,7 +23,9 @@ from tqdm.auto import tqdm
 from ..core.families import ModelFamily
 from ..errors import UserError
 from ..storage.atomic import atomic_file
+from .base_model import BaseModel
 from .buckets import Size
+from .config import DataConfig
 from .data import ImageRecord, crop_window, drop_captions, load_image, sdxl_time_ids, step_caption
 from .objective import Conditioning
 
@@ -186,26 +188,27 @@ def encode_captions(
 
 
 def build_caches(
-    config, pipe, text_encoders: dict[str, torch.nn.Module], family: ModelFamily, device, out: Path, records: Sequence[ImageRecord]
+    mode: str, model: BaseModel, out: Path, records: Sequence[ImageRecord]
 ) -> tuple[LatentCache | None, EmbeddingCache | None]:
-    """Latent cache unless off or some subset crops at random; embedding cache unless a text encoder trains or every
-    caption changes from step to step (shuffled tags, tag dropout, wildcards): the captions that stay the same are
-    cached, the others encoded at each step."""
-    if config.cache == "off":
+    """Latent cache (`mode` memory, or disk in OUT/cache) unless off or some subset crops at random; embedding cache
+    unless a text encoder trains or every caption changes from step to step (shuffled tags, tag dropout, wildcards):
+    the captions that stay the same are cached, the others encoded at each step."""
+    if mode == "off":
         return None, None
+    pipe, device = model.pipe, model.device
     latent_cache = None
     if all(record.rules.crop != "random" for record in records):
-        cache_dir = out / "cache" if config.cache == "disk" else None
+        cache_dir = out / "cache" if mode == "disk" else None
         latent_cache = LatentCache(
-            lambda pixels, paths: encode_images(pipe.vae, pixels, paths, device), model_fingerprint(config.model, pipe.vae), cache_dir
+            lambda pixels, paths: encode_images(pipe.vae, pixels, paths, device), model_fingerprint(model.name, pipe.vae), cache_dir
         )
     embedding_cache = None
-    if not config.train_text_encoder and any(record.rules.static or record.rules.caption_dropout for record in records):
-        embedding_cache = EmbeddingCache(lambda captions: encode_captions(pipe, text_encoders, family, captions, device))
+    if not model.trains_text_encoders and any(record.rules.static or record.rules.caption_dropout for record in records):
+        embedding_cache = EmbeddingCache(lambda captions: encode_captions(pipe, model.text_encoders, model.family, captions, device))
     return latent_cache, embedding_cache
 
 
-def fill_caches(config, records, buckets, latent_cache: LatentCache | None, embedding_cache: EmbeddingCache | None, show: bool) -> None:
+def fill_caches(records, buckets, latent_cache: LatentCache | None, embedding_cache: EmbeddingCache | None, show: bool) -> None:
     """Encode every image (both flips when flipping) and caption once, before the first step; report the size."""
     if latent_cache is not None:
         jobs = [
@@ -233,19 +236,15 @@ class BatchEncoder:
     dropout drawn from the step's `rng`, latent samples from its `generator`; SDXL's time ids from each image's size
     and crop."""
 
-    config: object  # TrainConfig
-    pipe: object
-    text_encoders: dict[str, torch.nn.Module]  # possibly wrapped for training (DDP)
-    family: ModelFamily
+    data: DataConfig  # the trigger word
+    model: BaseModel  # the VAE and text encoders (possibly wrapped for training), the device and the UNet's dtype
     records: Sequence[ImageRecord]
     sizes: Sequence[Size]  # each record's bucket
     latent_cache: LatentCache | None
     embedding_cache: EmbeddingCache | None
-    device: torch.device
-    dtype: torch.dtype  # what the UNet runs in
 
     def __call__(self, indices: list[int], rng: random.Random, generator: torch.Generator) -> tuple[torch.Tensor, Conditioning]:
-        config, device = self.config, self.device
+        model, device = self.model, self.model.device
         means, stds, pixels, captions, time_ids = [], [], [], [], []
         for index in indices:
             record, size, rules = self.records[index], self.sizes[index], self.records[index].rules
@@ -258,29 +257,30 @@ class BatchEncoder:
                 stds.append(std)
             else:
                 pixels.append(load())
-            captions.append(step_caption(record.caption, rules, rng, config.trigger))
+            captions.append(step_caption(record.caption, rules, rng, self.data.trigger))
             time_ids.append(sdxl_time_ids(record, size, window, flip))
         captions = drop_captions(captions, [self.records[index].rules.caption_dropout for index in indices], rng)
         if pixels:  # no cache: the micro-batch (one bucket, so one size) through the VAE in one call
-            mean, std = encode_images(self.pipe.vae, torch.stack(pixels), [self.records[index].path for index in indices], device)
+            mean, std = encode_images(model.pipe.vae, torch.stack(pixels), [self.records[index].path for index in indices], device)
         else:
             mean, std = torch.stack(means), torch.stack(stds)
         mean, std = mean.to(device, torch.float32), std.to(device, torch.float32)
         noise = torch.randn(mean.shape, generator=generator).to(device)
-        latents = (mean + std * noise) * self.pipe.vae.config.scaling_factor
+        latents = (mean + std * noise) * model.pipe.vae.config.scaling_factor
         hidden, pooled = self._embed(captions, [caption == "" or self.records[i].rules.static for caption, i in zip(captions, indices)])
-        conditioning = Conditioning(hidden, pooled, torch.tensor(time_ids, dtype=torch.float32) if self.family.time_ids else None)
-        return latents.to(self.dtype), conditioning.to(device, self.dtype)
+        conditioning = Conditioning(hidden, pooled, torch.tensor(time_ids, dtype=torch.float32) if model.family.time_ids else None)
+        return latents.to(model.dtype), conditioning.to(device, model.dtype)
 
     def _embed(self, captions: list[str], cached: list[bool]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The captions' conditioning: those that never change from the cache, the others encoded now, in order."""
         if self.embedding_cache is None or not any(cached):
-            return encode_captions(self.pipe, self.text_encoders, self.family, captions, self.device)
+            return encode_captions(self.model.pipe, self.model.text_encoders, self.model.family, captions, self.model.device)
         if all(cached):
             return self.embedding_cache.get(captions)
         hidden, pooled = self.embedding_cache.get([c for c, hit in zip(captions, cached) if hit])
+        model = self.model
         fresh_hidden, fresh_pooled = encode_captions(
-            self.pipe, self.text_encoders, self.family, [c for c, hit in zip(captions, cached) if not hit], self.device
+            model.pipe, model.text_encoders, model.family, [c for c, hit in zip(captions, cached) if not hit], model.device
         )
         order = torch.tensor([index for index, hit in enumerate(cached) if hit] + [index for index, hit in enumerate(cached) if not hit])
         inverse = torch.argsort(order)

@@ -1,18 +1,26 @@
-"""`TrainConfig`: every training option with its default and why, checked when it is built; written back as TOML."""
+"""`TrainConfig`: every training option with its default and why, in one section per part of training, checked
+when it is built; written back as TOML.
+
+Each section is a frozen dataclass whose fields carry their help text and choices (`_opt`); the command line's flags,
+config.toml's keys and the documentation's option reference are generated from them. Each part of the trainer is
+handed only its own section (`config.data` to the data loaders, `config.objective` to the loss, ...). Option names
+are unique across sections, so flags and config.toml keys stay flat, as kohya's and as before the sections.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import types
-from dataclasses import Field, asdict, dataclass, field, fields
+from dataclasses import Field, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from ..errors import UserError
 from ..inference.samplers import find_sampler
+from ..models.loading import ALLOW_PICKLE_HELP, MODEL_CONFIG_HELP, MODEL_HELP
 from .optimizers import OPTIMIZER_NAMES, parse_optimizer_args
-from .sample_prompts import read_sample_prompts
 
 PRESETS = ("attn", "attn-ff", "all")
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -22,6 +30,12 @@ CROPS = ("center", "random")
 # accelerate's tracker names; "all": every one installed; "none": only metrics.jsonl
 REPORT_TO = ("tensorboard", "wandb", "comet_ml", "mlflow", "aim", "all", "none")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+LOSSES = ("l2", "huber", "smooth_l1")
+HUBER_SCHEDULES = ("constant", "exponential", "snr")
+ZERO_TERMINAL_SNR_EPSILON = (
+    "--zero-terminal-snr needs v-prediction (--prediction-type v_prediction): at zero SNR the last timestep's input is "
+    "pure noise, so an epsilon model learns nothing there and cannot recover the image from it"
+)
 # the diffusers-format file's stem (training/outputs.py's DIFFUSERS_FILE, which imports this module): --name must differ
 DIFFUSERS_STEM = "pytorch_lora_weights"
 # what a file name cannot hold on Windows (where most A1111 and ComfyUI users are), nor anywhere else
@@ -45,11 +59,25 @@ def _opt(
     return field(default=default, metadata=metadata)
 
 
-@dataclass
-class TrainConfig:
-    """Options of `sdlora train`. Defaults are for an SD1.5 style LoRA; each says when to change it."""
+class _Section:
+    """Every field checked against its annotation and choices, then the section's own checks (`_check_values`)."""
 
-    # --- inputs and outputs
+    def __post_init__(self) -> None:
+        for item in fields(self):  # types and choices first: the checks below compare and compute with the values
+            value = getattr(self, item.name)
+            expected = value_problem(type(self), item, value)
+            _check(expected is None, item.name, value, expected or "")
+        self._check_values()
+
+    def _check_values(self) -> None:
+        """Raise a one-line UserError naming the option for any value that cannot work (without reading files:
+        what needs a file is checked when training starts)."""
+
+
+@dataclass(frozen=True)
+class DataConfig(_Section):
+    """The training images, their captions, and how they are cut, batched and cached."""
+
     data_dir: str = _opt(
         "", "folder of images with .txt captions or a metadata.jsonl, or kohya's N_words subfolders", positional=True, path=True
     )
@@ -68,23 +96,6 @@ class TrainConfig:
     prior_loss_weight: float = _opt(
         1.0, "weight of the regularization images' loss against the training images' (kohya's prior_loss_weight)"
     )
-    output_dir: str = _opt("", "folder for the LoRA files, checkpoints, samples and logs", path=True)
-    model: str = _opt(
-        "tiny",
-        "base model (SD1, SD2 or SDXL, told from the model): diffusers folder, .safetensors checkpoint, hub id, 'demo' (the pretrained 64 px demo model) or 'tiny' / 'tiny-sdxl' (random test models)",
-        path=True,
-        may_be_name=True,
-    )
-    model_config: str | None = _opt(None, "for a single-file checkpoint offline: a local diffusers folder with its configs", path=True)
-    vae: str | None = _opt(
-        None,
-        "a VAE to use instead of the model's: diffusers folder, .safetensors file or hub id (e.g. an fp16-fixed SDXL VAE)",
-        path=True,
-        may_be_name=True,
-    )
-    allow_pickle: bool = _opt(False, "allow a pickle .ckpt base model (loaded weights-only)")
-    name: str = _opt("lora", "file name of the kohya-format LoRA (<name>.safetensors) for A1111/ComfyUI")
-    # --- data
     caption: str | None = _opt(None, "caption for images that have none (or for all, if no captions exist)")
     caption_extension: str = _opt(".txt", "extension of the caption file beside each image (kohya's sets often use .caption)")
     trigger: str | None = _opt(None, "word prepended to every caption; the word that calls up the style")
@@ -95,51 +106,60 @@ class TrainConfig:
     crop: str = _opt("center", "crop when an image does not fit its bucket", CROPS)
     flip: bool = _opt(False, "random horizontal flips; off when the style has handedness (text, logos)")
     val_split: float = _opt(0.0, "fraction of images held out for the validation loss (0 = none)")
-    # --- LoRA
-    rank: int = _opt(16, "LoRA rank: 4-8 for a light style, 32-128 for detailed subjects")
-    alpha: float = _opt(16.0, "LoRA alpha; the update is scaled by alpha/rank")
-    dropout: float = _opt(0.0, "dropout on the LoRA path; 0.05-0.1 against overfitting small sets")
-    preset: str = _opt("attn", "which UNet layers get LoRA: attn, attn-ff, all (LoCon-style)", PRESETS)
-    conv_rank: int | None = _opt(
-        None, "rank of the 3x3 convs (resnets, down/upsamplers) in --preset all, as kohya's conv_dim; 4-16 is usual (default: --rank)"
+    caption_dropout: float = _opt(0.0, "probability of training on an empty caption")
+    shuffle_captions: bool = _opt(
+        False, "shuffle comma-separated caption tags each step (keeps the --keep-tokens first tags, and the trigger, in place)"
     )
-    conv_alpha: float | None = _opt(None, "alpha of the 3x3 convs in --preset all, as kohya's conv_alpha (default: --alpha)")
-    ema_decay: float | None = _opt(
-        None,
-        "also keep an exponential moving average of the LoRA weights with this decay (0.999 for runs of thousands of steps), "
-        "saved beside the LoRA as NAME_ema.safetensors and pytorch_lora_weights_ema.safetensors: smoother, often cleaner",
+    keep_tokens: int = _opt(
+        0, "the first N comma-separated caption tags stay in place when shuffling and are never dropped (kohya's keep_tokens)"
     )
-    train_text_encoder: bool = _opt(False, "also train LoRA on the attention projections of the text encoder(s) (SDXL: both)")
-    init_lora: str | None = _opt(
-        None,
-        "start from this LoRA file (diffusers, kohya or peft) instead of a fresh LoRA, to train it further; its layers and rank must be this run's (--preset, --rank, --train-text-encoder)",
-        path=True,
-    )
-    text_encoder_lr: float | None = _opt(None, "learning rate for the text encoder LoRA (default: lr / 2)")
-    text_encoder_2_lr: float | None = _opt(None, "learning rate for the second text encoder's LoRA, SDXL only (default: --text-encoder-lr)")
-    # --- optimisation
-    steps: int = _opt(1000, "optimizer steps to train")
-    epochs: int | None = _opt(
-        None, "train this many epochs instead of --steps: an epoch is every image its repeats times, in batches (counted as kohya counts)"
+    tag_dropout: float = _opt(
+        0.0, "probability of leaving out each caption tag after the kept ones, per step (kohya's caption_tag_dropout_rate)"
     )
     batch_size: int = _opt(1, "images per step per process")
-    grad_accum: int = _opt(1, "micro-batches accumulated per optimizer step (effective batch = batch_size * grad_accum * processes)")
-    lr: float = _opt(1e-4, "learning rate of the UNet LoRA; --optimizer prodigy: 1.0 (it scales Prodigy's step), lion: 3-10x below AdamW's")
-    weight_decay: float = _opt(1e-2, "the optimizer's (decoupled) weight decay; Lion's usual one is 3-10x AdamW's")
-    optimizer: str = _opt(
-        "adamw",
-        "adamw (torch), adamw8bit (bitsandbytes, CUDA only), prodigy (adapts its step size: --lr 1.0), adafactor (at a fixed --lr), "
-        'lion (--lr 3-10x lower than AdamW\'s); pip install "sdlora[NAME]" installs one (adafactor comes with transformers)',
-        OPTIMIZER_NAMES,
+    cache: str = _opt("memory", "cache VAE latents and text embeddings: memory, disk (OUT/cache) or off", CACHE_MODES)
+
+    def _check_values(self) -> None:
+        if not self.data_dir and not self.dataset_config:
+            raise UserError("data_dir is required: the folder of training images (or --dataset-config, a kohya dataset TOML)")
+        if self.data_dir and self.dataset_config:
+            raise UserError(
+                f"pass DATA_DIR {self.data_dir} or --dataset-config {self.dataset_config}, not both: the dataset TOML names its folders"
+            )
+        if self.reg_data and self.dataset_config:
+            raise UserError("--reg-data and --dataset-config: put the regularization folder in the TOML as a subset with is_reg = true")
+        if self.reg_data and Path(self.reg_data).resolve() == Path(self.data_dir).resolve():
+            raise UserError(f"--reg-data {self.reg_data} is the data folder: regularization images are other images of the class")
+        if self.resolution is not None:
+            _check(
+                64 <= self.resolution <= 8192 and self.resolution % 8 == 0, "resolution", self.resolution, "a multiple of 8 from 64 to 8192"
+            )
+        _check(self.batch_size >= 1, "batch_size", self.batch_size, "at least 1")
+        _check(
+            math.isfinite(self.prior_loss_weight) and self.prior_loss_weight >= 0,
+            "prior_loss_weight",
+            self.prior_loss_weight,
+            "zero or more",
+        )
+        _check(self.keep_tokens >= 0, "keep_tokens", self.keep_tokens, "zero or more")
+        _check(bool(self.caption_extension.strip(". ")), "caption_extension", self.caption_extension, "an extension such as .txt")
+        for name in ("caption_dropout", "tag_dropout", "val_split"):
+            _check(0.0 <= getattr(self, name) < 1.0, name, getattr(self, name), "in [0, 1)")
+
+
+@dataclass(frozen=True)
+class BaseModelConfig(_Section):
+    """The base model, the precision it runs in and what trades compute for memory."""
+
+    model: str = _opt("tiny", "the base model: " + MODEL_HELP, path=True, may_be_name=True)
+    model_config: str | None = _opt(None, MODEL_CONFIG_HELP, path=True)
+    vae: str | None = _opt(
+        None,
+        "a VAE to use instead of the model's: diffusers folder, .safetensors file or hub id (e.g. an fp16-fixed SDXL VAE)",
+        path=True,
+        may_be_name=True,
     )
-    optimizer_args: list[str] = _opt(
-        [],
-        "key=value arguments for the optimizer, e.g. --optimizer-args d_coef=2 safeguard_warmup=True (values are Python "
-        "literals; several after one flag as in kohya, the flag repeated, or quoted together; put DATA_DIR before them)",
-    )
-    lr_scheduler: str = _opt("constant", "learning-rate schedule (diffusers get_scheduler)", LR_SCHEDULERS)
-    lr_warmup_steps: int = _opt(0, "linear warm-up steps")
-    max_grad_norm: float = _opt(1.0, "gradient clipping norm (0 = off)")
+    allow_pickle: bool = _opt(False, ALLOW_PICKLE_HELP)
     mixed_precision: str = _opt(
         "no", "fp16 or bf16 autocast with fp32 LoRA weights; bf16 is the safe choice on recent GPUs", MIXED_PRECISION
     )
@@ -154,15 +174,58 @@ class TrainConfig:
         "--full-bf16, for GPUs without bf16; overflows more easily",
     )
     gradient_checkpointing: bool = _opt(False, "trade compute for memory in the UNet")
-    seed: int = _opt(42, "seed of data order, noise, timesteps and LoRA init")
-    # --- objective
+
+    def _check_values(self) -> None:
+        if self.full_bf16 and self.full_fp16:
+            raise UserError("--full-bf16 and --full-fp16: choose one")
+        for flag, precision in (("full_bf16", "bf16"), ("full_fp16", "fp16")):
+            if getattr(self, flag) and self.mixed_precision != precision:
+                raise UserError(f"--{flag.replace('_', '-')} needs --mixed-precision {precision} (now {self.mixed_precision})")
+
+
+@dataclass(frozen=True)
+class NetworkConfig(_Section):
+    """The LoRA: its rank and alpha, which layers carry it, and where it starts from."""
+
+    rank: int = _opt(16, "LoRA rank: 4-8 for a light style, 32-128 for detailed subjects")
+    alpha: float = _opt(16.0, "LoRA alpha; the update is scaled by alpha/rank")
+    dropout: float = _opt(0.0, "dropout on the LoRA path; 0.05-0.1 against overfitting small sets")
+    preset: str = _opt("attn", "which UNet layers get LoRA: attn, attn-ff, all (LoCon-style)", PRESETS)
+    conv_rank: int | None = _opt(
+        None, "rank of the 3x3 convs (resnets, down/upsamplers) in --preset all, as kohya's conv_dim; 4-16 is usual (default: --rank)"
+    )
+    conv_alpha: float | None = _opt(None, "alpha of the 3x3 convs in --preset all, as kohya's conv_alpha (default: --alpha)")
+    train_text_encoder: bool = _opt(False, "also train LoRA on the attention projections of the text encoder(s) (SDXL: both)")
+    init_lora: str | None = _opt(
+        None,
+        "start from this LoRA file (diffusers, kohya or peft) instead of a fresh LoRA, to train it further; its layers and rank must be this run's (--preset, --rank, --train-text-encoder)",
+        path=True,
+    )
+
+    def _check_values(self) -> None:
+        _check(self.rank >= 1, "rank", self.rank, "at least 1")
+        _check(math.isfinite(self.alpha) and self.alpha > 0, "alpha", self.alpha, "a positive finite number")
+        _check(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "in [0, 1)")
+        if self.conv_rank is not None or self.conv_alpha is not None:
+            if self.preset != "all":
+                raise UserError(f"--conv-rank and --conv-alpha set the 3x3 convs, which only --preset all adapts (now {self.preset})")
+            if self.conv_rank is not None:
+                _check(self.conv_rank >= 1, "conv_rank", self.conv_rank, "at least 1")
+            if self.conv_alpha is not None:
+                _check(math.isfinite(self.conv_alpha) and self.conv_alpha > 0, "conv_alpha", self.conv_alpha, "a positive finite number")
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig(_Section):
+    """The noise-prediction loss: its target, weighting, noise and timesteps (kohya's names where it has them)."""
+
     prediction_type: str | None = _opt(None, "epsilon or v_prediction (default: the scheduler's)", PREDICTION_TYPES)
     snr_gamma: float | None = _opt(None, "min-SNR-gamma loss weighting; 5.0 is the usual value")
     noise_offset: float = _opt(0.0, "noise offset; 0.05-0.1 helps very dark/bright styles")
     loss: str = _opt(
         "l2",
         "loss between prediction and target: l2 (MSE, the usual); huber or smooth_l1 (kohya's pseudo-Huber forms) are pulled less by outliers, for noisy or inconsistent images",
-        ("l2", "huber", "smooth_l1"),
+        LOSSES,
     )
     huber_c: float = _opt(
         0.1, "Huber threshold of --loss huber / smooth_l1, in (0, 1]: where the loss turns from quadratic to linear; smaller is more robust"
@@ -170,7 +233,7 @@ class TrainConfig:
     huber_schedule: str = _opt(
         "snr",
         "Huber threshold per timestep: snr (L2-like at clean timesteps, --huber-c at noisy ones), exponential (1 at t=0 down to --huber-c) or constant (--huber-c)",
-        ("constant", "exponential", "snr"),
+        HUBER_SCHEDULES,
     )
     ip_noise_gamma: float = _opt(
         0.0, "input-perturbation noise: extra noise in the UNet's input, not its target, against exposure bias; 0.1 is usual (0 = off)"
@@ -190,21 +253,106 @@ class TrainConfig:
     multires_noise_discount: float = _opt(
         0.3, "weight discount^i of pyramid noise level i, in (0, 1]; only with --multires-noise-iterations"
     )
-    caption_dropout: float = _opt(0.0, "probability of training on an empty caption")
-    shuffle_captions: bool = _opt(
-        False, "shuffle comma-separated caption tags each step (keeps the --keep-tokens first tags, and the trigger, in place)"
+
+    def _check_values(self) -> None:
+        _check(math.isfinite(self.noise_offset) and self.noise_offset >= 0, "noise_offset", self.noise_offset, "zero or more")
+        if self.snr_gamma is not None:
+            _check(math.isfinite(self.snr_gamma) and self.snr_gamma > 0, "snr_gamma", self.snr_gamma, "a positive number")
+        _check(math.isfinite(self.huber_c) and 0 < self.huber_c <= 1, "huber_c", self.huber_c, "in (0, 1]")
+        _check(math.isfinite(self.ip_noise_gamma) and self.ip_noise_gamma >= 0, "ip_noise_gamma", self.ip_noise_gamma, "zero or more")
+        _check(self.min_timestep >= 0, "min_timestep", self.min_timestep, "zero or more")
+        if self.max_timestep is not None:
+            _check(self.max_timestep > self.min_timestep, "max_timestep", self.max_timestep, f"above --min-timestep {self.min_timestep}")
+        if self.zero_terminal_snr and self.prediction_type == "epsilon":
+            raise UserError(ZERO_TERMINAL_SNR_EPSILON)
+        _check(self.multires_noise_iterations >= 0, "multires_noise_iterations", self.multires_noise_iterations, "zero or more")
+        discount = self.multires_noise_discount
+        _check(math.isfinite(discount) and 0 < discount <= 1, "multires_noise_discount", discount, "in (0, 1]")
+
+
+@dataclass(frozen=True)
+class OptimizationConfig(_Section):
+    """The optimizer, its learning rates and schedule, how long to train, and the weights' moving average."""
+
+    optimizer: str = _opt(
+        "adamw",
+        "adamw (torch), adamw8bit (bitsandbytes, CUDA only), prodigy (adapts its step size: --lr 1.0), adafactor (at a fixed --lr), "
+        'lion (--lr 3-10x lower than AdamW\'s); pip install "sdlora[NAME]" installs one (adafactor comes with transformers)',
+        OPTIMIZER_NAMES,
     )
-    keep_tokens: int = _opt(
-        0, "the first N comma-separated caption tags stay in place when shuffling and are never dropped (kohya's keep_tokens)"
+    optimizer_args: list[str] = _opt(
+        [],
+        "key=value arguments for the optimizer, e.g. --optimizer-args d_coef=2 safeguard_warmup=True (values are Python "
+        "literals; several after one flag as in kohya, the flag repeated, or quoted together; put DATA_DIR before them)",
     )
-    tag_dropout: float = _opt(
-        0.0, "probability of leaving out each caption tag after the kept ones, per step (kohya's caption_tag_dropout_rate)"
+    lr: float = _opt(1e-4, "learning rate of the UNet LoRA; --optimizer prodigy: 1.0 (it scales Prodigy's step), lion: 3-10x below AdamW's")
+    text_encoder_lr: float | None = _opt(None, "learning rate for the text encoder LoRA (default: lr / 2)")
+    text_encoder_2_lr: float | None = _opt(None, "learning rate for the second text encoder's LoRA, SDXL only (default: --text-encoder-lr)")
+    weight_decay: float = _opt(1e-2, "the optimizer's (decoupled) weight decay; Lion's usual one is 3-10x AdamW's")
+    lr_scheduler: str = _opt("constant", "learning-rate schedule (diffusers get_scheduler)", LR_SCHEDULERS)
+    lr_warmup_steps: int = _opt(0, "linear warm-up steps")
+    max_grad_norm: float = _opt(1.0, "gradient clipping norm (0 = off)")
+    steps: int = _opt(1000, "optimizer steps to train")
+    epochs: int | None = _opt(
+        None, "train this many epochs instead of --steps: an epoch is every image its repeats times, in batches (counted as kohya counts)"
     )
-    # --- caching, checkpoints, validation
-    cache: str = _opt("memory", "cache VAE latents and text embeddings: memory, disk (OUT/cache) or off", CACHE_MODES)
+    grad_accum: int = _opt(1, "micro-batches accumulated per optimizer step (effective batch = batch_size * grad_accum * processes)")
+    ema_decay: float | None = _opt(
+        None,
+        "also keep an exponential moving average of the LoRA weights with this decay (0.999 for runs of thousands of steps), "
+        "saved beside the LoRA as NAME_ema.safetensors and pytorch_lora_weights_ema.safetensors: smoother, often cleaner",
+    )
+
+    def _check_values(self) -> None:
+        for name in ("steps", "grad_accum"):
+            _check(getattr(self, name) >= 1, name, getattr(self, name), "at least 1")
+        if self.epochs is not None:
+            _check(self.epochs >= 1, "epochs", self.epochs, "at least 1")
+        _check(math.isfinite(self.lr) and self.lr > 0, "lr", self.lr, "a positive finite number")
+        for name in ("text_encoder_lr", "text_encoder_2_lr"):
+            value = getattr(self, name)
+            if value is not None:
+                _check(math.isfinite(value) and value > 0, name, value, "a positive finite number")
+        for name in ("weight_decay", "max_grad_norm", "lr_warmup_steps"):
+            value = getattr(self, name)
+            _check(math.isfinite(value) and value >= 0, name, value, "zero or more")
+        if self.ema_decay is not None:
+            _check(0.0 < self.ema_decay < 1.0, "ema_decay", self.ema_decay, "in (0, 1), e.g. 0.999")
+        # the optimizer's arguments: their syntax here; names and values the optimizer refuses when training starts
+        # (that needs its package imported), before the model loads
+        parse_optimizer_args(self.optimizer_args)
+
+    def lr_of(self, component: str) -> float:
+        """The learning rate of one component's LoRA: `lr` for the UNet, the text encoders' own (or lr / 2)."""
+        if component == "unet":
+            return self.lr
+        first = self.text_encoder_lr or self.lr / 2
+        return (self.text_encoder_2_lr or first) if component == "text_encoder_2" else first
+
+
+@dataclass(frozen=True)
+class RunConfig(_Section):
+    """The run itself: its output folder and file name, its seed, and its checkpoints."""
+
+    output_dir: str = _opt("", "folder for the LoRA files, checkpoints, samples and logs", path=True)
+    name: str = _opt("lora", "file name of the kohya-format LoRA (<name>.safetensors) for A1111/ComfyUI")
+    seed: int = _opt(42, "seed of data order, noise, timesteps and LoRA init")
     checkpoint_every: int = _opt(500, "steps between resumable checkpoints (0 = only at the end)")
     keep_checkpoints: int = _opt(3, "how many checkpoints to keep")
     resume: str | None = _opt(None, "resume from 'latest' or a checkpoint folder", path=True, may_be_name=True)
+
+    def _check_values(self) -> None:
+        if not self.output_dir:
+            raise UserError("--output is required: the folder to write the LoRA to")
+        _check_name(self.name)
+        _check(self.checkpoint_every >= 0, "checkpoint_every", self.checkpoint_every, "zero or more")
+        _check(self.keep_checkpoints >= 1, "keep_checkpoints", self.keep_checkpoints, "at least 1")
+
+
+@dataclass(frozen=True)
+class SamplesConfig(_Section):
+    """The validation loss and the sample images drawn along the way."""
+
     validate_every: int = _opt(250, "steps between sample images and validation loss (0 = only at the end)")
     validation_prompts: list[str] = _opt(
         [], "prompts for sample images (default: the trigger, or the first caption, unless --sample-prompts)"
@@ -224,6 +372,18 @@ class TrainConfig:
         False, "also draw the sample images before the first step (the base model, to compare against), as kohya's"
     )
     sample_seed: int = _opt(1234, "seed of the sample images, fixed so samples compare between steps")
+
+    def _check_values(self) -> None:
+        _check(self.validate_every >= 0, "validate_every", self.validate_every, "zero or more")
+        _check(self.sample_steps >= 1, "sample_steps", self.sample_steps, "at least 1")
+        if self.sampler is not None:
+            find_sampler(self.sampler)  # an unknown name lists the known ones
+
+
+@dataclass(frozen=True)
+class LoggingConfig(_Section):
+    """Where the metrics go besides OUT/metrics.jsonl."""
+
     report_to: str | None = _opt(
         None,
         "experiment tracker(s) beside OUT/metrics.jsonl: tensorboard (OUT/logs), wandb, comet_ml, mlflow, aim, all (every one installed) or none (default: tensorboard when installed)",
@@ -233,116 +393,93 @@ class TrainConfig:
         "sdlora", "project name the trackers file the run under (W&B/Comet project, MLflow experiment, OUT/logs/<name> for TensorBoard)"
     )
 
+    def _check_values(self) -> None:
+        _check(bool(self.tracker_project.strip()), "tracker_project", self.tracker_project, "a non-empty name")
+
+
+def _section(title: str, default: type | None = None) -> Any:
+    """A section of TrainConfig with its title (the help's group and the docs' heading); `default`: the section's
+    class when every one of its options has a default."""
+    if default is None:
+        return field(metadata={"title": title})
+    return field(default_factory=default, metadata={"title": title})
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Options of `sdlora train`, by section. Defaults are for an SD1.5 style LoRA; each option says when to change it.
+
+    From flat options (as flags and config.toml keys name them): `TrainConfig.from_options(data_dir="photos",
+    output_dir="out", rank=8)`."""
+
+    data: DataConfig = _section("Data and captions")
+    base: BaseModelConfig = _section("Base model and precision", BaseModelConfig)
+    network: NetworkConfig = _section("Network (the LoRA)", NetworkConfig)
+    objective: ObjectiveConfig = _section("Objective (the loss)", ObjectiveConfig)
+    optimization: OptimizationConfig = _section("Optimizer and schedule", OptimizationConfig)
+    run: RunConfig = _section("Run: outputs, seed and checkpoints")
+    samples: SamplesConfig = _section("Validation and samples", SamplesConfig)
+    logging: LoggingConfig = _section("Logging", LoggingConfig)
+
     def __post_init__(self) -> None:
-        """Raise a one-line ValueError naming the option for any value that cannot work."""
-        for item in fields(self):  # types and choices first: the checks below compare and compute with the values
-            value = getattr(self, item.name)
-            expected = value_problem(type(self), item, value)
-            _check(expected is None, item.name, value, expected or "")
-        _check_name(self.name)
-        if not self.data_dir and not self.dataset_config:
-            raise UserError("data_dir is required: the folder of training images (or --dataset-config, a kohya dataset TOML)")
-        if self.data_dir and self.dataset_config:
-            raise UserError(
-                f"pass DATA_DIR {self.data_dir} or --dataset-config {self.dataset_config}, not both: the dataset TOML names its folders"
-            )
-        if self.reg_data and self.dataset_config:
-            raise UserError("--reg-data and --dataset-config: put the regularization folder in the TOML as a subset with is_reg = true")
-        if not self.output_dir:
-            raise UserError("--output is required: the folder to write the LoRA to")
-        output_dir = Path(self.output_dir).resolve()
-        for flag, folder in (("the data folder", self.data_dir), ("--reg-data", self.reg_data)):
+        """The checks that span sections (each section checked its own values when it was built)."""
+        output_dir = Path(self.run.output_dir).resolve()
+        for flag, folder in (("the data folder", self.data.data_dir), ("--reg-data", self.data.reg_data)):
             folder = Path(folder).resolve() if folder else None
             if folder is not None and (output_dir == folder or folder in output_dir.parents):
                 raise UserError(
-                    f"--output {self.output_dir} is inside {flag} {folder}: its sample images would become training data; choose another folder"
+                    f"--output {self.run.output_dir} is inside {flag} {folder}: its sample images would become training data; choose another folder"
                 )
-        if self.reg_data and Path(self.reg_data).resolve() == Path(self.data_dir).resolve():
-            raise UserError(f"--reg-data {self.reg_data} is the data folder: regularization images are other images of the class")
-        if self.resolution is not None:
-            _check(
-                64 <= self.resolution <= 8192 and self.resolution % 8 == 0, "resolution", self.resolution, "a multiple of 8 from 64 to 8192"
-            )
-        for name in ("rank", "steps", "batch_size", "grad_accum", "sample_steps"):
-            _check(getattr(self, name) >= 1, name, getattr(self, name), "at least 1")
-        _check(
-            math.isfinite(self.prior_loss_weight) and self.prior_loss_weight >= 0,
-            "prior_loss_weight",
-            self.prior_loss_weight,
-            "zero or more",
-        )
-        for name in ("lr", "alpha"):
-            value = getattr(self, name)
-            _check(math.isfinite(value) and value > 0, name, value, "a positive finite number")
-        if self.conv_rank is not None or self.conv_alpha is not None:
-            if self.preset != "all":
-                raise UserError(f"--conv-rank and --conv-alpha set the 3x3 convs, which only --preset all adapts (now {self.preset})")
-            if self.conv_rank is not None:
-                _check(self.conv_rank >= 1, "conv_rank", self.conv_rank, "at least 1")
-            if self.conv_alpha is not None:
-                _check(math.isfinite(self.conv_alpha) and self.conv_alpha > 0, "conv_alpha", self.conv_alpha, "a positive finite number")
-        if self.full_bf16 and self.full_fp16:
-            raise UserError("--full-bf16 and --full-fp16: choose one")
-        for flag, precision in (("full_bf16", "bf16"), ("full_fp16", "fp16")):
-            if getattr(self, flag) and self.mixed_precision != precision:
-                raise UserError(f"--{flag.replace('_', '-')} needs --mixed-precision {precision} (now {self.mixed_precision})")
-        if self.ema_decay is not None:
-            _check(0.0 < self.ema_decay < 1.0, "ema_decay", self.ema_decay, "in (0, 1), e.g. 0.999")
-        if self.sampler is not None:
-            find_sampler(self.sampler)  # an unknown name lists the known ones
-        if self.sample_prompts is not None:
-            read_sample_prompts(self.sample_prompts)  # a bad line fails here, before anything loads
-        if self.init_lora is not None and not Path(self.init_lora).is_file():
-            raise UserError(f"--init-lora {self.init_lora}: no such file")
-        for name in ("text_encoder_lr", "text_encoder_2_lr"):
-            value = getattr(self, name)
-            if value is not None:
-                _check(math.isfinite(value) and value > 0, name, value, "a positive finite number")
-        _check(self.keep_tokens >= 0, "keep_tokens", self.keep_tokens, "zero or more")
-        if self.epochs is not None:
-            _check(self.epochs >= 1, "epochs", self.epochs, "at least 1")
-        _check(bool(self.caption_extension.strip(". ")), "caption_extension", self.caption_extension, "an extension such as .txt")
-        for name in ("dropout", "caption_dropout", "tag_dropout"):
-            _check(0.0 <= getattr(self, name) < 1.0, name, getattr(self, name), "in [0, 1)")
-        _check(0.0 <= self.val_split < 1.0, "val_split", self.val_split, "in [0, 1)")
-        for name in ("weight_decay", "max_grad_norm", "noise_offset", "lr_warmup_steps", "checkpoint_every", "validate_every"):
-            value = getattr(self, name)
-            _check(math.isfinite(value) and value >= 0, name, value, "zero or more")
-        _check(self.keep_checkpoints >= 1, "keep_checkpoints", self.keep_checkpoints, "at least 1")
-        # the optimizer's arguments: their syntax here; names and values the optimizer refuses when training starts
-        # (that needs its package imported), before the model loads
-        parse_optimizer_args(self.optimizer_args)
-        if self.optimizer == "prodigy" and self.train_text_encoder:  # Prodigy refuses different lrs per parameter group
-            lrs = sorted({self.lr_of(part) for part in ("unet", "text_encoder", "text_encoder_2")})
+        if self.optimization.optimizer == "prodigy" and self.network.train_text_encoder:  # Prodigy: one lr for all groups
+            lrs = sorted({self.optimization.lr_of(part) for part in ("unet", "text_encoder", "text_encoder_2")})
             if len(lrs) > 1:
                 raise UserError(
                     f"--optimizer prodigy takes one learning rate for every trained part, got {', '.join(f'{x:g}' for x in lrs)}: pass --text-encoder-lr equal to --lr"
                 )
-        if self.snr_gamma is not None:
-            _check(math.isfinite(self.snr_gamma) and self.snr_gamma > 0, "snr_gamma", self.snr_gamma, "a positive number")
-        _check(math.isfinite(self.huber_c) and 0 < self.huber_c <= 1, "huber_c", self.huber_c, "in (0, 1]")
-        _check(math.isfinite(self.ip_noise_gamma) and self.ip_noise_gamma >= 0, "ip_noise_gamma", self.ip_noise_gamma, "zero or more")
-        _check(self.min_timestep >= 0, "min_timestep", self.min_timestep, "zero or more")
-        if self.max_timestep is not None:
-            _check(self.max_timestep > self.min_timestep, "max_timestep", self.max_timestep, f"above --min-timestep {self.min_timestep}")
-        if self.zero_terminal_snr and self.prediction_type == "epsilon":
-            raise UserError(
-                "--zero-terminal-snr cannot train --prediction-type epsilon (zero SNR: the input is pure noise); use v_prediction"
-            )
-        _check(self.multires_noise_iterations >= 0, "multires_noise_iterations", self.multires_noise_iterations, "zero or more")
-        discount = self.multires_noise_discount
-        _check(math.isfinite(discount) and 0 < discount <= 1, "multires_noise_discount", discount, "in (0, 1]")
-        _check(bool(self.tracker_project.strip()), "tracker_project", self.tracker_project, "a non-empty name")
 
-    def lr_of(self, component: str) -> float:
-        """The learning rate of one component's LoRA: `lr` for the UNet, the text encoders' own (or lr / 2)."""
-        if component == "unet":
-            return self.lr
-        first = self.text_encoder_lr or self.lr / 2
-        return (self.text_encoder_2_lr or first) if component == "text_encoder_2" else first
+    @classmethod
+    def from_options(cls, **options: Any) -> TrainConfig:
+        """A config from flat options (`rank=8`, as flags and config.toml keys name them), each put in its section."""
+        grouped = _grouped(options)
+        return cls(**{name: section(**grouped.get(name, {})) for name, section in SECTIONS.items()})
+
+    def replace(self, **options: Any) -> TrainConfig:
+        """A copy with some flat options changed (each section checked again)."""
+        changed = {name: dataclasses.replace(getattr(self, name), **values) for name, values in _grouped(options).items()}
+        return dataclasses.replace(self, **changed)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Every option by its flat name (as flags and config.toml keys name them), for trackers and metadata."""
+        return {item.name: getattr(getattr(self, section), item.name) for section, item in option_fields()}
+
+
+# each section's name in TrainConfig (config.toml's [table]) and its class
+SECTIONS: dict[str, type] = {item.name: get_type_hints(TrainConfig)[item.name] for item in fields(TrainConfig)}
+
+
+def option_fields() -> list[tuple[str, Field]]:
+    """(section name, field) of every option, in the order of the sections and their fields."""
+    return [(name, item) for name, section in SECTIONS.items() for item in fields(section)]
+
+
+def section_title(name: str) -> str:
+    """The title of the section `name` (the help's group heading)."""
+    return next(item.metadata["title"] for item in fields(TrainConfig) if item.name == name)
+
+
+# every option's section: option names are unique across sections, which keeps flags and config.toml keys flat
+SECTION_OF: dict[str, str] = {item.name: name for name, item in option_fields()}
+assert len(SECTION_OF) == len(option_fields()), "an option name is in two sections"
+
+
+def _grouped(options: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Flat options by section; an unknown name is a one-line error."""
+    grouped: dict[str, dict[str, Any]] = {}
+    for key, value in options.items():
+        if key not in SECTION_OF:
+            raise UserError(f"unknown option {key!r} (see sdlora train --help)")
+        grouped.setdefault(SECTION_OF[key], {})[key] = value
+    return grouped
 
 
 def _check(ok: bool, name: str, value: Any, expected: str) -> None:
@@ -382,7 +519,7 @@ def _check_name(name: str) -> None:
 
 
 @functools.cache
-def _annotations(owner: type) -> dict[str, Any]:
+def option_annotations(owner: type) -> dict[str, Any]:
     return get_type_hints(owner)  # the annotations are strings (`from __future__ import annotations`)
 
 
@@ -423,7 +560,7 @@ _KIND_NAMES = {
 def value_problem(owner: type, item: Field, value: Any, toml: bool = False) -> str | None:
     """What `value` must be as the field `item` of the dataclass `owner` (from its annotation and `choices`), worded
     for Python or, with `toml`, for a TOML file; None when it fits."""
-    kind, optional = _kind(_annotations(owner)[item.name])
+    kind, optional = _kind(option_annotations(owner)[item.name])
     if value is None and optional and not toml:
         return None
     if not _fits(kind, value):
@@ -447,20 +584,24 @@ def value_problem(owner: type, item: Field, value: Any, toml: bool = False) -> s
 
 # the options that name files or folders (`path` in their metadata): relative to the file in a config file, and
 # written absolute, so `--config OUT/config.toml` repeats the run from anywhere
-PATH_OPTIONS = tuple(item.name for item in fields(TrainConfig) if item.metadata["path"])
+PATH_OPTIONS = tuple(item.name for _, item in option_fields() if item.metadata["path"])
 
 
 def to_toml(config: TrainConfig) -> str:
-    """The effective config as TOML (None values left out), written beside the trained LoRA; paths made absolute
-    (for an option that may be a name, those that exist here: a hub id or built-in name stays as it is)."""
+    """The effective config as TOML, one [table] per section (None values left out), written beside the trained
+    LoRA; paths made absolute (for an option that may be a name, those that exist here: a hub id or built-in name
+    stays as it is)."""
     lines = []
-    for item in fields(config):
-        value = getattr(config, item.name)
-        if value is None:
-            continue
-        if item.metadata["path"] and value and (not item.metadata["may_be_name"] or Path(value).exists()):
-            value = str(Path(value).resolve())
-        lines.append(f"{item.name} = {toml_value(value)}")
+    for name in SECTIONS:
+        lines += ([""] if lines else []) + [f"[{name}]"]
+        section = getattr(config, name)
+        for item in fields(section):
+            value = getattr(section, item.name)
+            if value is None:
+                continue
+            if item.metadata["path"] and value and (not item.metadata["may_be_name"] or Path(value).exists()):
+                value = str(Path(value).resolve())
+            lines.append(f"{item.name} = {toml_value(value)}")
     return "\n".join(lines) + "\n"
 
 

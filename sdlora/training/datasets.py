@@ -23,6 +23,7 @@ from typing import Any
 from ..errors import UserError
 from ..inference.generation import MAX_IMAGE_SIDE
 from .buckets import Size, assign_bucket, bucket_sizes, no_upscale_bucket
+from .config import DataConfig
 from .data import (
     IMAGE_EXTENSIONS,
     MAX_REPEATS,
@@ -130,41 +131,41 @@ class TrainingData:
         return len(self.datasets) > 1 or any(record.subset or record.is_reg for record in self.records)
 
 
-def rules_of(config) -> CaptionRules:
+def rules_of(data: DataConfig) -> CaptionRules:
     """The run's flags as the caption rules of a plain data folder."""
     return CaptionRules(
-        shuffle=config.shuffle_captions, keep_tokens=config.keep_tokens, tag_dropout=config.tag_dropout,
-        caption_dropout=config.caption_dropout, flip=config.flip, crop=config.crop,
+        shuffle=data.shuffle_captions, keep_tokens=data.keep_tokens, tag_dropout=data.tag_dropout,
+        caption_dropout=data.caption_dropout, flip=data.flip, crop=data.crop,
     )  # fmt: skip
 
 
-def load_training_data(config) -> TrainingData:
+def load_training_data(data: DataConfig, seed: int, output_dir: str) -> TrainingData:
     """The run's images: DATA_DIR (and --reg-data), or --dataset-config; the held-out ones taken from the training
-    images only (regularization images are never held out)."""
-    if config.dataset_config:
-        datasets, subsets = read_dataset_config(config.dataset_config, config)
+    images only (regularization images are never held out, split by `seed`); no subset folder may hold `output_dir`."""
+    if data.dataset_config:
+        datasets, subsets = read_dataset_config(data.dataset_config, data, output_dir)
     else:
         records = find_images(
-            config.data_dir, caption=config.caption, trigger=config.trigger, caption_extension=config.caption_extension,
-            keep_tokens=config.keep_tokens,
+            data.data_dir, caption=data.caption, trigger=data.trigger, caption_extension=data.caption_extension,
+            keep_tokens=data.keep_tokens,
         )  # fmt: skip
-        rules = rules_of(config)
+        rules = rules_of(data)
         subsets = [[dataclasses.replace(record, rules=rules) for record in records]]
-        if config.reg_data:
-            subsets.append(_reg_folder(config, rules))
+        if data.reg_data:
+            subsets.append(_reg_folder(data, rules))
         datasets = [DatasetSpec()]
     records = [record for subset in subsets for record in subset]
     train = [record for record in records if not record.is_reg]
-    train, val = split_validation(train, config.val_split, config.seed)
+    train, val = split_validation(train, data.val_split, seed)
     records, unused = _with_reg_repeats(train, [record for record in records if record.is_reg], len(datasets))
     return TrainingData(datasets, records, val, unused)
 
 
-def _reg_folder(config, rules: CaptionRules) -> list[ImageRecord]:
+def _reg_folder(data: DataConfig, rules: CaptionRules) -> list[ImageRecord]:
     """--reg-data: a plain folder or kohya's `N_class` subfolders, no trigger word (they are the class without it)."""
     try:
         records = find_images(
-            config.reg_data, caption_extension=config.caption_extension,
+            data.reg_data, caption_extension=data.caption_extension,
             no_caption_hint="name the regularization folder's subfolders N_class (e.g. 1_person) or add caption files",
         )  # fmt: skip
     except (ValueError, FileNotFoundError) as err:
@@ -204,20 +205,20 @@ def _with_reg_repeats(train: list[ImageRecord], reg: list[ImageRecord], datasets
 # ---------------------------------------------------------------- sizes and batches of each dataset
 
 
-def dataset_sizes(spec: DatasetSpec, config) -> tuple[Size, bool]:
+def dataset_sizes(spec: DatasetSpec, data: DataConfig) -> tuple[Size, bool]:
     """A dataset's (width, height) and whether it buckets: its own, else the run's."""
-    size = spec.resolution or (config.resolution, config.resolution)
-    return size, config.buckets if spec.buckets is None else spec.buckets
+    size = spec.resolution or (data.resolution, data.resolution)
+    return size, data.buckets if spec.buckets is None else spec.buckets
 
 
-def record_buckets(data: TrainingData, config) -> list[Size]:
+def record_buckets(training: TrainingData, data: DataConfig) -> list[Size]:
     """Each record's bucket, from its dataset's resolution and bucket options (kohya's min/max_bucket_reso,
     bucket_reso_steps, bucket_no_upscale)."""
     choices: dict[int, list[Size]] = {}
     buckets = []
-    for record in data.records:
-        spec = data.datasets[record.dataset]
-        (width, height), bucketing = dataset_sizes(spec, config)
+    for record in training.records:
+        spec = training.datasets[record.dataset]
+        (width, height), bucketing = dataset_sizes(spec, data)
         if not bucketing:
             buckets.append((width, height))
             continue
@@ -231,15 +232,15 @@ def record_buckets(data: TrainingData, config) -> list[Size]:
     return buckets
 
 
-def batch_sizes(data: TrainingData, config) -> list[int]:
+def batch_sizes(training: TrainingData, data: DataConfig) -> list[int]:
     """Each dataset's batch size (kohya's batch_size; else --batch-size)."""
-    return [spec.batch_size or config.batch_size for spec in data.datasets]
+    return [spec.batch_size or data.batch_size for spec in training.datasets]
 
 
 # ---------------------------------------------------------------- reading a dataset TOML
 
 
-def read_dataset_config(path: str | Path, config) -> tuple[list[DatasetSpec], list[list[ImageRecord]]]:
+def read_dataset_config(path: str | Path, data: DataConfig, output_dir: str) -> tuple[list[DatasetSpec], list[list[ImageRecord]]]:
     """The datasets of a kohya dataset TOML (or JSON) and each subset's images with their rules, dataset index,
     repeats and regularization flag; raises a one-line ValueError naming the file and key for anything wrong."""
     path = Path(path)
@@ -273,7 +274,7 @@ def read_dataset_config(path: str | Path, config) -> tuple[list[DatasetSpec], li
         if not parts:
             raise UserError(f"{where}: no [[datasets.subsets]]; give each dataset at least one with an image_dir")
         merged = {**general, **own}
-        specs.append(_checked_buckets(_dataset_spec(merged, where), config, where))
+        specs.append(_checked_buckets(_dataset_spec(merged, where), data, where))
         seen: set[str] = set()
         for index, subset in enumerate(parts):
             at = f"{where}.subsets[{index}]"
@@ -284,7 +285,7 @@ def read_dataset_config(path: str | Path, config) -> tuple[list[DatasetSpec], li
             if source in seen:  # kohya ignores a repeated subset of one dataset; a repeat is almost always a slip
                 raise UserError(f"{at}: {source} is already a subset of this dataset; remove one, or use num_repeats")
             seen.add(source)
-            subsets.append(_subset_records(options, number, config, at))
+            subsets.append(_subset_records(options, number, data, output_dir, at))
     return specs, subsets
 
 
@@ -358,10 +359,10 @@ def _dataset_spec(options: dict[str, Any], where: str) -> DatasetSpec:
     )  # fmt: skip
 
 
-def _checked_buckets(spec: DatasetSpec, config, where: str) -> DatasetSpec:
+def _checked_buckets(spec: DatasetSpec, data: DataConfig, where: str) -> DatasetSpec:
     """`spec`, once its bucket options are known to leave buckets at its resolution (else an error naming them);
     unchecked while the resolution is the model's, not yet known."""
-    (width, height), bucketing = dataset_sizes(spec, config)
+    (width, height), bucketing = dataset_sizes(spec, data)
     if width is None or bucketing is False or spec.no_upscale or not (spec.min_bucket or spec.max_bucket or spec.bucket_step):
         return spec
     try:
@@ -371,12 +372,12 @@ def _checked_buckets(spec: DatasetSpec, config, where: str) -> DatasetSpec:
     return spec
 
 
-def _subset_records(options: dict[str, Any], dataset: int, config, where: str) -> list[ImageRecord]:
+def _subset_records(options: dict[str, Any], dataset: int, data: DataConfig, output_dir: str, where: str) -> list[ImageRecord]:
     """One subset's images with its options, falling back to the run's flags."""
     for name in ("caption_dropout_rate", "caption_tag_dropout_rate"):
         if not 0.0 <= options.get(name, 0.0) < 1.0:
             raise UserError(f"{where}: {name} must be in [0, 1), got {options[name]}")
-    repeats, keep_tokens = options.get("num_repeats", 1), options.get("keep_tokens", config.keep_tokens)
+    repeats, keep_tokens = options.get("num_repeats", 1), options.get("keep_tokens", data.keep_tokens)
     if repeats < 1:  # kohya skips such a subset with a warning; a subset that trains nothing is a mistake
         raise UserError(f"{where}: num_repeats must be at least 1, got {repeats}")
     if repeats > MAX_REPEATS:  # each repeat is an entry of the epoch's sample list
@@ -385,13 +386,13 @@ def _subset_records(options: dict[str, Any], dataset: int, config, where: str) -
         raise UserError(f"{where}: keep_tokens must be zero or more, got {keep_tokens}")
     is_reg = options.get("is_reg", False)
     rules = CaptionRules(
-        shuffle=options.get("shuffle_caption", config.shuffle_captions), keep_tokens=keep_tokens,
+        shuffle=options.get("shuffle_caption", data.shuffle_captions), keep_tokens=keep_tokens,
         keep_separator=options.get("keep_tokens_separator", ""), secondary_separator=options.get("secondary_separator", ""),
-        wildcards=options.get("enable_wildcard", False), tag_dropout=options.get("caption_tag_dropout_rate", config.tag_dropout),
-        caption_dropout=options.get("caption_dropout_rate", config.caption_dropout), flip=options.get("flip_aug", config.flip),
-        crop="random" if options.get("random_crop", config.crop == "random") else "center",
+        wildcards=options.get("enable_wildcard", False), tag_dropout=options.get("caption_tag_dropout_rate", data.tag_dropout),
+        caption_dropout=options.get("caption_dropout_rate", data.caption_dropout), flip=options.get("flip_aug", data.flip),
+        crop="random" if options.get("random_crop", data.crop == "random") else "center",
     )  # fmt: skip
-    trigger = None if is_reg else config.trigger  # regularization images show the class without the trigger
+    trigger = None if is_reg else data.trigger  # regularization images show the class without the trigger
     if "metadata_file" in options:
         records = _metadata_file_records(Path(options["metadata_file"]), options.get("image_dir"), where)
         name = Path(options["metadata_file"]).name
@@ -401,10 +402,10 @@ def _subset_records(options: dict[str, Any], dataset: int, config, where: str) -
             raise FileNotFoundError(
                 f"{where}: image_dir {folder} is not a folder (relative paths are from the current folder, as kohya reads them)"
             )
-        _check_outside(folder, config, where)
+        _check_outside(folder, output_dir, where)
         try:
             records = find_images(
-                folder, caption=options.get("class_tokens"), caption_extension=options.get("caption_extension", config.caption_extension),
+                folder, caption=options.get("class_tokens"), caption_extension=options.get("caption_extension", data.caption_extension),
                 flat=True, no_caption_hint="give the subset class_tokens or add caption files",
             )  # fmt: skip
         except ValueError as err:  # no images, none readable, no captions: said with where the subset is
@@ -427,10 +428,10 @@ def _subset_records(options: dict[str, Any], dataset: int, config, where: str) -
     return out
 
 
-def _check_outside(folder: Path, config, where: str) -> None:
-    output, folder = Path(config.output_dir).resolve(), folder.resolve()
+def _check_outside(folder: Path, output_dir: str, where: str) -> None:
+    output, folder = Path(output_dir).resolve(), folder.resolve()
     if output == folder or folder in output.parents:
-        raise UserError(f"{where}: --output {config.output_dir} is inside {folder}: its samples would become training data")
+        raise UserError(f"{where}: --output {output_dir} is inside {folder}: its samples would become training data")
 
 
 def _metadata_file_records(metadata: Path, image_dir: str | None, where: str) -> list[ImageRecord]:

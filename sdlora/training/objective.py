@@ -9,20 +9,16 @@ noise offset, multi-resolution (pyramid) noise, input-perturbation noise, a time
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
+from .config import HUBER_SCHEDULES, LOSSES, ZERO_TERMINAL_SNR_EPSILON, ObjectiveConfig
 
+# the targets a scheduler may predict (training takes the first two: the objective section's prediction_type)
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-LOSSES = ("l2", "huber", "smooth_l1")
-HUBER_SCHEDULES = ("constant", "exponential", "snr")
-ZERO_TERMINAL_SNR_EPSILON = (
-    "--zero-terminal-snr needs v-prediction (--prediction-type v_prediction): at zero SNR the last timestep's input is "
-    "pure noise, so an epsilon model learns nothing there and cannot recover the image from it"
-)
 
 
 @dataclass
@@ -54,50 +50,6 @@ class Conditioning:
         if self.pooled is not None:
             kwargs["added_cond_kwargs"] = {"text_embeds": self.pooled, "time_ids": self.time_ids}
         return kwargs
-
-
-@dataclass
-class ObjectiveConfig:
-    """Options of the noise-prediction loss."""
-
-    prediction_type: str | None = field(default=None, metadata={"help": "epsilon, v_prediction or sample; None: the scheduler's"})
-    snr_gamma: float | None = field(default=None, metadata={"help": "min-SNR-gamma weighting (5.0 is usual); None: unweighted"})
-    noise_offset: float = field(default=0.0, metadata={"help": "scale of a per-channel constant added to the noise"})
-    loss: str = field(default="l2", metadata={"help": "l2 (MSE), huber or smooth_l1 (kohya's pseudo-Huber forms)"})
-    huber_c: float = field(default=0.1, metadata={"help": "Huber threshold of huber / smooth_l1, in (0, 1]"})
-    huber_schedule: str = field(default="snr", metadata={"help": "the threshold per timestep: constant, exponential or snr"})
-    ip_noise_gamma: float = field(default=0.0, metadata={"help": "input-perturbation noise scale; 0: off"})
-    min_timestep: int = field(default=0, metadata={"help": "training timesteps are drawn from [min_timestep, max_timestep)"})
-    max_timestep: int | None = field(default=None, metadata={"help": "None: the scheduler's num_train_timesteps"})
-    zero_terminal_snr: bool = field(default=False, metadata={"help": "rescale the noise schedule to zero terminal SNR"})
-    multires_noise_iterations: int = field(default=0, metadata={"help": "pyramid noise levels; 0: off"})
-    multires_noise_discount: float = field(default=0.3, metadata={"help": "weight discount^i of pyramid level i, in (0, 1]"})
-
-    def __post_init__(self) -> None:
-        if self.prediction_type is not None and self.prediction_type not in PREDICTION_TYPES:
-            raise UserError(f"unknown prediction_type {self.prediction_type!r}: use one of {', '.join(PREDICTION_TYPES)}")
-        if self.snr_gamma is not None and not (math.isfinite(self.snr_gamma) and self.snr_gamma > 0):
-            raise UserError(f"snr_gamma must be a positive number, got {self.snr_gamma}")
-        if not (math.isfinite(self.noise_offset) and self.noise_offset >= 0):
-            raise UserError(f"noise_offset must be zero or more, got {self.noise_offset}")
-        if self.loss not in LOSSES:
-            raise UserError(f"unknown loss {self.loss!r}: use one of {', '.join(LOSSES)}")
-        if not (math.isfinite(self.huber_c) and 0 < self.huber_c <= 1):
-            raise UserError(f"huber_c must be in (0, 1], got {self.huber_c}")
-        if self.huber_schedule not in HUBER_SCHEDULES:
-            raise UserError(f"unknown huber_schedule {self.huber_schedule!r}: use one of {', '.join(HUBER_SCHEDULES)}")
-        if not (math.isfinite(self.ip_noise_gamma) and self.ip_noise_gamma >= 0):
-            raise UserError(f"ip_noise_gamma must be zero or more, got {self.ip_noise_gamma}")
-        if self.min_timestep < 0:
-            raise UserError(f"min_timestep must be zero or more, got {self.min_timestep}")
-        if self.max_timestep is not None and self.max_timestep <= self.min_timestep:
-            raise UserError(f"max_timestep must be more than min_timestep {self.min_timestep}, got {self.max_timestep}")
-        if self.zero_terminal_snr and self.prediction_type == "epsilon":
-            raise UserError(ZERO_TERMINAL_SNR_EPSILON)
-        if self.multires_noise_iterations < 0:
-            raise UserError(f"multires_noise_iterations must be zero or more, got {self.multires_noise_iterations}")
-        if not (math.isfinite(self.multires_noise_discount) and 0 < self.multires_noise_discount <= 1):
-            raise UserError(f"multires_noise_discount must be in (0, 1], got {self.multires_noise_discount}")
 
 
 def _generator_device(generator: torch.Generator | None) -> torch.device:

@@ -38,7 +38,7 @@ def check_output_dir(out: Path) -> None:
 
 def kohya_file(config: TrainConfig) -> str:
     """The kohya-format file's name: `<name>.safetensors`."""
-    return f"{config.name}.safetensors"
+    return f"{config.run.name}.safetensors"
 
 
 def tag_frequency(records: Sequence[ImageRecord]) -> dict[str, dict[str, int]]:
@@ -87,7 +87,7 @@ def datasets_metadata(config: TrainConfig, records: Sequence[ImageRecord], datas
     out = []
     for index, spec in enumerate(datasets):
         own = [record for record in records if record.dataset == index]
-        (width, height), bucketing = dataset_sizes(spec, config)
+        (width, height), bucketing = dataset_sizes(spec, config.data)
         subsets: dict[tuple[str, bool], list[ImageRecord]] = {}
         for record in own:
             subsets.setdefault((record.subset, record.is_reg), []).append(record)
@@ -104,7 +104,7 @@ def datasets_metadata(config: TrainConfig, records: Sequence[ImageRecord], datas
             entry.update({"metadata_file": name} if name.endswith(".json") else {"image_dir": name, "is_reg": is_reg})
             entries.append(entry)
         out.append({
-            "is_dreambooth": not all(name.endswith(".json") for name, _ in subsets), "batch_size_per_device": spec.batch_size or config.batch_size,
+            "is_dreambooth": not all(name.endswith(".json") for name, _ in subsets), "batch_size_per_device": spec.batch_size or config.data.batch_size,
             "num_train_images": sum(r.repeats for r in own if not r.is_reg), "num_reg_images": sum(r.repeats for r in own if r.is_reg),
             "resolution": [width, height], "enable_bucket": bool(bucketing), "min_bucket_reso": spec.min_bucket,
             "max_bucket_reso": spec.max_bucket, "tag_frequency": tag_frequency(own), "subsets": entries,
@@ -118,46 +118,52 @@ def training_metadata(config: TrainConfig, records: Sequence[ImageRecord], datas
     num_images = sum(record.repeats for record in records if not record.is_reg)  # kohya counts an image once per repeat
     num_reg = sum(record.repeats for record in records if record.is_reg)
     return {
-        "ss_output_name": config.name,
-        "ss_sd_model_name": Path(config.model).name or config.model,
+        "ss_output_name": config.run.name,
+        "ss_sd_model_name": Path(config.base.model).name or config.base.model,
         "ss_training_started_at": STARTED_AT,
-        "ss_learning_rate": f"{config.lr:g}",
-        "ss_unet_lr": f"{config.lr:g}",
-        "ss_text_encoder_lr": f"{config.lr_of('text_encoder') if config.train_text_encoder else 0:g}",
-        "ss_max_train_steps": str(config.steps),
+        "ss_learning_rate": f"{config.optimization.lr:g}",
+        "ss_unet_lr": f"{config.optimization.lr:g}",
+        "ss_text_encoder_lr": f"{config.optimization.lr_of('text_encoder') if config.network.train_text_encoder else 0:g}",
+        "ss_max_train_steps": str(config.optimization.steps),
         "ss_num_train_images": str(num_images),
         "ss_num_reg_images": str(num_reg),
-        "ss_prior_loss_weight": f"{config.prior_loss_weight:g}",
-        "ss_batch_size_per_device": str(config.batch_size),
-        "ss_gradient_accumulation_steps": str(config.grad_accum),
-        "ss_resolution": f"({config.resolution}, {config.resolution})",
-        "ss_enable_bucket": str(config.buckets),
-        "ss_flip_aug": str(config.flip),
-        "ss_seed": str(config.seed),
-        "ss_mixed_precision": config.mixed_precision,
-        "ss_full_fp16": str(config.full_fp16),
-        "ss_full_bf16": str(config.full_bf16),
-        "ss_lr_scheduler": config.lr_scheduler,
-        "ss_lr_warmup_steps": str(config.lr_warmup_steps),
-        "ss_network_dropout": f"{config.dropout:g}",
-        "ss_noise_offset": f"{config.noise_offset:g}",
-        "ss_min_snr_gamma": f"{config.snr_gamma:g}" if config.snr_gamma else "None",
-        "ss_loss_type": config.loss,
-        "ss_huber_schedule": config.huber_schedule,
-        "ss_huber_c": f"{config.huber_c:g}",
-        "ss_ip_noise_gamma": f"{config.ip_noise_gamma:g}" if config.ip_noise_gamma else "None",
-        "ss_multires_noise_iterations": str(config.multires_noise_iterations) if config.multires_noise_iterations else "None",
-        "ss_multires_noise_discount": f"{config.multires_noise_discount:g}",
-        "ss_zero_terminal_snr": str(config.zero_terminal_snr),
-        "ss_caption_dropout_rate": f"{config.caption_dropout:g}",
-        "ss_optimizer": optimizer_label(config.optimizer, parse_optimizer_args(config.optimizer_args)),
+        "ss_prior_loss_weight": f"{config.data.prior_loss_weight:g}",
+        "ss_batch_size_per_device": str(config.data.batch_size),
+        "ss_gradient_accumulation_steps": str(config.optimization.grad_accum),
+        "ss_resolution": f"({config.data.resolution}, {config.data.resolution})",
+        "ss_enable_bucket": str(config.data.buckets),
+        "ss_flip_aug": str(config.data.flip),
+        "ss_seed": str(config.run.seed),
+        "ss_mixed_precision": config.base.mixed_precision,
+        "ss_full_fp16": str(config.base.full_fp16),
+        "ss_full_bf16": str(config.base.full_bf16),
+        "ss_lr_scheduler": config.optimization.lr_scheduler,
+        "ss_lr_warmup_steps": str(config.optimization.lr_warmup_steps),
+        "ss_network_dropout": f"{config.network.dropout:g}",
+        "ss_noise_offset": f"{config.objective.noise_offset:g}",
+        "ss_min_snr_gamma": f"{config.objective.snr_gamma:g}" if config.objective.snr_gamma else "None",
+        "ss_loss_type": config.objective.loss,
+        "ss_huber_schedule": config.objective.huber_schedule,
+        "ss_huber_c": f"{config.objective.huber_c:g}",
+        "ss_ip_noise_gamma": f"{config.objective.ip_noise_gamma:g}" if config.objective.ip_noise_gamma else "None",
+        "ss_multires_noise_iterations": str(config.objective.multires_noise_iterations)
+        if config.objective.multires_noise_iterations
+        else "None",
+        "ss_multires_noise_discount": f"{config.objective.multires_noise_discount:g}",
+        "ss_zero_terminal_snr": str(config.objective.zero_terminal_snr),
+        "ss_caption_dropout_rate": f"{config.data.caption_dropout:g}",
+        "ss_optimizer": optimizer_label(config.optimization.optimizer, parse_optimizer_args(config.optimization.optimizer_args)),
         "ss_tag_frequency": json.dumps(tag_frequency(records), ensure_ascii=False),
         "ss_dataset_dirs": json.dumps(dataset_dirs(records), ensure_ascii=False),
         "ss_reg_dataset_dirs": json.dumps(dataset_dirs(records, reg=True), ensure_ascii=False),
-        **({"ss_datasets": json.dumps(datasets_metadata(config, records, datasets), ensure_ascii=False)} if config.dataset_config else {}),
-        "sdlora_preset": config.preset,
-        "sdlora_ema_decay": f"{config.ema_decay:g}" if config.ema_decay else "None",
-        "sdlora_trigger": config.trigger or "",
+        **(
+            {"ss_datasets": json.dumps(datasets_metadata(config, records, datasets), ensure_ascii=False)}
+            if config.data.dataset_config
+            else {}
+        ),
+        "sdlora_preset": config.network.preset,
+        "sdlora_ema_decay": f"{config.optimization.ema_decay:g}" if config.optimization.ema_decay else "None",
+        "sdlora_trigger": config.data.trigger or "",
     }
 
 
@@ -174,7 +180,7 @@ def lora_writers(
     `suffix` after each stem (the EMA's files)."""
     metadata = training_metadata(config, records, datasets)
     if suffix:
-        metadata["ss_output_name"] = config.name + suffix
+        metadata["ss_output_name"] = config.run.name + suffix
     return {
         DIFFUSERS_FILE.replace(".safetensors", suffix + ".safetensors"): lambda path: write_diffusers(state, path, family),
         kohya_file(config).replace(".safetensors", suffix + ".safetensors"): lambda path: write_kohya(state, path, metadata, family),
@@ -193,38 +199,38 @@ def model_card(config: TrainConfig, family: ModelFamily, num_images: int, out: P
     """The run's README.md: what it was trained on, its settings, its files and how to use it."""
     grids = sorted((out / SAMPLES_DIR).glob("step-*.png"))
     sample = f"![samples]({SAMPLES_DIR}/{grids[-1].name})\n" if grids else ""
-    trigger = f"Trigger word: **{config.trigger}** (put it in your prompt).\n" if config.trigger else "No trigger word.\n"
+    trigger = f"Trigger word: **{config.data.trigger}** (put it in your prompt).\n" if config.data.trigger else "No trigger word.\n"
     return f"""---
-{_base_model_line(config.model)}library_name: diffusers
+{_base_model_line(config.base.model)}library_name: diffusers
 tags: [stable-diffusion, lora, sdlora]
 ---
-# {config.name}
+# {config.run.name}
 
-A LoRA for Stable Diffusion trained with sdlora on {num_images} images from `{config.data_dir or config.dataset_config}`.
+A LoRA for Stable Diffusion trained with sdlora on {num_images} images from `{config.data.data_dir or config.data.dataset_config}`.
 {trigger}
 {sample}
 | setting | value |
 | --- | --- |
-| base model | `{config.model}` |
-| rank / alpha | {config.rank} / {config.alpha:g} |
-| layers | `{config.preset}`{" + text encoder" if config.train_text_encoder else ""} |
-| steps x batch | {config.steps} x {config.batch_size} (accumulation {config.grad_accum}) |
-| learning rate | {config.lr:g} ({config.lr_scheduler}, warm-up {config.lr_warmup_steps}) |
-| resolution | {config.resolution}{" with aspect buckets" if config.buckets else ""} |
-| mixed precision | {config.mixed_precision} |
-| seed | {config.seed} |
+| base model | `{config.base.model}` |
+| rank / alpha | {config.network.rank} / {config.network.alpha:g} |
+| layers | `{config.network.preset}`{" + text encoder" if config.network.train_text_encoder else ""} |
+| steps x batch | {config.optimization.steps} x {config.data.batch_size} (accumulation {config.optimization.grad_accum}) |
+| learning rate | {config.optimization.lr:g} ({config.optimization.lr_scheduler}, warm-up {config.optimization.lr_warmup_steps}) |
+| resolution | {config.data.resolution}{" with aspect buckets" if config.data.buckets else ""} |
+| mixed precision | {config.base.mixed_precision} |
+| seed | {config.run.seed} |
 
 ## Files
 - `pytorch_lora_weights.safetensors`: diffusers (`pipe.load_lora_weights(folder)`).
-- `{config.name}.safetensors`: A1111 / Forge (`models/Lora`), ComfyUI (`models/loras`), kohya's sd-scripts.
+- `{config.run.name}.safetensors`: A1111 / Forge (`models/Lora`), ComfyUI (`models/loras`), kohya's sd-scripts.
 - `config.toml`: the exact settings; `sdlora train --config config.toml` repeats the run.
 - `metrics.jsonl`: loss, learning rate and validation loss per step.
 
 ## Use with diffusers
 ```python
-{_pipeline_code(config.model, family)}
+{_pipeline_code(config.base.model, family)}
 pipe.load_lora_weights("{out}")
-image = pipe("{(config.validation_prompts or [config.trigger or "a picture"])[0]}").images[0]
+image = pipe("{(config.samples.validation_prompts or [config.data.trigger or "a picture"])[0]}").images[0]
 ```
 """
 

@@ -23,21 +23,20 @@ import torch
 from tqdm.auto import tqdm
 
 from ..core import targets
-from ..core.families import ModelFamily, family_of_pipeline
 from ..core.files import read_lora
 from ..errors import UserError
 from ..inference.samplers import set_sampler
-from ..models.loading import load_pipeline, load_vae
 from ..storage import output_rules
 from ..storage.atomic import remove_leftover_temporaries
 from . import checkpoint, ema, network, outputs
+from .base_model import BaseModel, load_base_model
 from .buckets import BucketBatchSampler, Size
 from .cache import BatchEncoder, build_caches, fill_caches
-from .config import TrainConfig
+from .config import BaseModelConfig, DataConfig, LoggingConfig, NetworkConfig, OptimizationConfig, TrainConfig
 from .data import ImageRecord, dataset_summary
 from .datasets import DatasetSpec, TrainingData, batch_sizes, load_training_data, record_buckets
 from .metrics import MetricsLogger, progress_bar, tracking_options
-from .objective import ObjectiveConfig, diffusion_loss, prepare_noise_scheduler
+from .objective import diffusion_loss, prepare_noise_scheduler
 from .optimizers import build_optimizer, check_optimizer, parse_optimizer_args
 from .sample_prompts import read_sample_prompts
 from .validation import Validator
@@ -53,11 +52,7 @@ class Run:
 
     config: TrainConfig
     accelerator: object
-    family: ModelFamily
-    pipe: object
-    unet: torch.nn.Module  # possibly wrapped by accelerate (DDP)
-    text_encoders: dict[str, torch.nn.Module]  # by component; the trained ones possibly wrapped
-    noise_scheduler: object
+    model: BaseModel  # the pipeline, the (possibly DDP-wrapped) UNet and text encoders, the DDPM noise scheduler
     records: list[ImageRecord]  # the training images, regularization ones last
     buckets: list[Size]  # each record's bucket
     sampler: BucketBatchSampler
@@ -66,7 +61,6 @@ class Run:
     trainable: dict[str, torch.nn.Parameter]  # by `component.parameter name`, as checkpoints store them
     encoder: BatchEncoder
     validator: Validator
-    objective: ObjectiveConfig
     generator: torch.Generator  # noise, timesteps and latent samples
     rng: random.Random  # flips, crops, caption dropout and shuffling
     metrics: MetricsLogger
@@ -76,8 +70,8 @@ class Run:
 
 
 def train(config: TrainConfig) -> Path:
-    """Train a LoRA as `config` says; returns the path of the diffusers-format file in `config.output_dir`."""
-    out = Path(config.output_dir)
+    """Train a LoRA as `config` says; returns the path of the diffusers-format file in `config.run.output_dir`."""
+    out = Path(config.run.output_dir)
     run: Run | None = None
     with _explain_full_disk(out, lambda: run.state.step if run else 0):
         created = not out.exists()
@@ -95,137 +89,154 @@ def train(config: TrainConfig) -> Path:
 
 
 def setup(config: TrainConfig) -> Run:
-    """Load the model and data, add LoRA, build the optimizer, schedule and caches, and resume if asked."""
-    from diffusers import DDPMScheduler  # diffusers takes seconds to import: only when training starts
-    from diffusers.optimization import get_scheduler
-
-    # the optimizer's package and arguments, checked before anything loads or is created
-    optimizer_args = parse_optimizer_args(config.optimizer_args)
-    check_optimizer(config.optimizer, config.lr, config.weight_decay, optimizer_args)
-    out = Path(config.output_dir)
-    # fail before the slow parts (nothing is created until data and model load): a new, empty or sdlora run folder,
-    # never one holding or inside an input
-    inputs = (config.data_dir, config.reg_data, config.dataset_config, config.model, config.model_config, config.init_lora,
-              config.sample_prompts, config.vae)  # fmt: skip
-    output_rules.check_run_folder(out, inputs, "--output", resume=bool(config.resume))
-    accelerator = _accelerator(config)
-    torch.manual_seed(config.seed)
-    # the images: DATA_DIR (kohya's N_words subfolders too) and --reg-data, or a kohya dataset TOML
-    data: TrainingData = load_training_data(config)
-    records, val_records = data.records, data.val_records
-    if data.structured and accelerator.is_local_main_process:
-        tqdm.write(dataset_summary(records))  # subsets, images, samples per epoch (and the regularization share)
-        if data.unused_reg:
-            tqdm.write(f"{data.unused_reg} regularization images left out: the training images need fewer (as kohya does)")
-
-    # the model: frozen base weights in half precision under mixed precision; LoRA parameters stay fp32
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
-    pipe = load_pipeline(config.model, dtype=weight_dtype, config=config.model_config, allow_pickle=config.allow_pickle)
-    if config.vae:
-        pipe.vae = load_vae(config.vae, weight_dtype, allow_pickle=config.allow_pickle)
-    family = family_of_pipeline(pipe)
-    if family.vae_fp32_when_half and weight_dtype != torch.float32 and pipe.vae.config.get("force_upcast", False):
-        pipe.vae.to(torch.float32)  # SDXL's VAE overflows in half precision unless fixed (its config says so)
-    config = _model_defaults(config, pipe, family)
-    # the data's buckets and the seeded batch order; with --epochs they give the step count (the schedule needs it)
-    buckets = record_buckets(data, config)  # each dataset's own resolution and bucket options
+    """Check the inputs, load the data and the model, add LoRA, build the optimizer, the caches and the validation,
+    and resume if asked. Each step is handed the sections it works from."""
+    accelerator = _setup_accelerator(config)
+    data = _setup_data(config, accelerator)
+    model = load_base_model(config.base, accelerator.device)
+    config = _model_defaults(config, model)  # the resolution and bucketing the model implies
+    buckets = record_buckets(data, config.data)  # each dataset's own resolution and bucket options
     sampler = BucketBatchSampler(
-        buckets, batch_sizes(data, config), seed=config.seed, num_replicas=accelerator.num_processes,
-        rank=accelerator.process_index, repeats=[r.repeats for r in records], datasets=[r.dataset for r in records],
+        buckets, batch_sizes(data, config.data), seed=config.run.seed, num_replicas=accelerator.num_processes,
+        rank=accelerator.process_index, repeats=[r.repeats for r in data.records], datasets=[r.dataset for r in data.records],
     )  # fmt: skip
-    if config.epochs:
-        config = dataclasses.replace(config, steps=epoch_steps(len(sampler), config.grad_accum, config.epochs))
-    pipe.set_progress_bar_config(disable=True)
-    pipe.to(accelerator.device)
-    text_encoders = {spec.component: getattr(pipe, spec.component) for spec in family.text_encoders}
-    for part in (pipe.vae, pipe.unet, *text_encoders.values()):
-        part.requires_grad_(False)
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    objective = ObjectiveConfig(
-        config.prediction_type, config.snr_gamma, config.noise_offset, loss=config.loss, huber_c=config.huber_c,
-        huber_schedule=config.huber_schedule, ip_noise_gamma=config.ip_noise_gamma, min_timestep=config.min_timestep,
-        max_timestep=config.max_timestep, zero_terminal_snr=config.zero_terminal_snr,
-        multires_noise_iterations=config.multires_noise_iterations, multires_noise_discount=config.multires_noise_discount,
-    )  # fmt: skip
-    prepare_noise_scheduler(noise_scheduler, objective)  # the timestep range must fit it; --zero-terminal-snr rescales it
-    if config.sampler:
-        set_sampler(pipe, config.sampler)  # how the sample images are drawn; training noises with DDPM above
-
-    # the LoRA: fresh, or a file trained further (a resumed checkpoint later overrides it); fp32 unless --full-bf16/fp16
-    lora_dtype = weight_dtype if config.full_bf16 or config.full_fp16 else torch.float32
-    unet_params = network.add_lora(
-        pipe.unet, targets.unet_target_modules(pipe.unet, config.preset), config.rank, config.alpha, config.dropout,
-        conv_rank=config.conv_rank, conv_alpha=config.conv_alpha, dtype=lora_dtype,
-    )  # fmt: skip
-    param_groups = [{"params": unet_params, "lr": config.lr}]
-    trained = {"unet": pipe.unet}
-    if config.train_text_encoder:
-        for component, encoder in text_encoders.items():
-            params = network.add_lora(
-                encoder, targets.text_encoder_target_modules(encoder), config.rank, config.alpha, config.dropout, dtype=lora_dtype
-            )
-            param_groups.append({"params": params, "lr": config.lr_of(component)})
-            trained[component] = encoder
-    if config.init_lora:
-        state = read_lora(config.init_lora, allow_pickle=config.allow_pickle)
-        state.check_finite(config.init_lora)
-        network.load_state_into(state, trained, label=config.init_lora)
+    if config.optimization.epochs:  # the step count the schedule needs
+        steps = epoch_steps(len(sampler), config.optimization.grad_accum, config.optimization.epochs)
+        config = config.replace(steps=steps)
+    prepare_noise_scheduler(model.noise_scheduler, config.objective)  # the timestep range must fit; --zero-terminal-snr
+    param_groups = _setup_network(config.network, config.optimization, config.base, model)
     if accelerator.is_main_process:
-        outputs.check_output_dir(out)
-        remove_leftover_temporaries(out)  # what a killed run was writing when it died
-    if config.gradient_checkpointing:
-        pipe.unet.enable_gradient_checkpointing()
-        for component, model in trained.items():
-            if component != "unet":
-                model.gradient_checkpointing_enable()
-    trainable = {f"{c}.{n}": p for c, model in trained.items() for n, p in model.named_parameters() if p.requires_grad}
-
-    # the optimizer; the schedule is stepped once per optimizer step by the loop, not prepared (accelerate would
-    # step it once per process)
-    optimizer = build_optimizer(config.optimizer, param_groups, config.lr, config.weight_decay, optimizer_args)
-    lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps, num_training_steps=config.steps)
-    prepared = accelerator.prepare(*trained.values(), optimizer)
-    wrapped, optimizer = dict(zip(trained, prepared[:-1])), prepared[-1]
-    if config.full_fp16 and accelerator.scaler is not None:
-        _allow_fp16_unscaling(accelerator.scaler)
-    unet = wrapped.pop("unet")
-    text_encoders.update(wrapped)
-
-    # the caches, filled before the first step
-    latent_cache, embedding_cache = build_caches(config, pipe, text_encoders, family, accelerator.device, out, records)
-    fill_caches(config, records, buckets, latent_cache, embedding_cache, show=accelerator.is_local_main_process)
-    # what the caches now hold, the steps no longer need: the VAE and frozen text encoders leave the accelerator
-    # (the encoders stay where some subset's captions change each step and are encoded then)
-    every_caption_cached = embedding_cache is not None and all(record.rules.static for record in records)
-    offloaded = ([pipe.vae] if latent_cache is not None else []) + ([*text_encoders.values()] if every_caption_cached else [])
-    for part in offloaded:
-        part.to("cpu")
-    encoder = BatchEncoder(
-        config=config, pipe=pipe, text_encoders=text_encoders, family=family, records=records, sizes=buckets,
-        latent_cache=latent_cache, embedding_cache=embedding_cache, device=accelerator.device, dtype=weight_dtype,
-    )  # fmt: skip
-    prompt_file = read_sample_prompts(config.sample_prompts) if config.sample_prompts else []
-    validator = Validator(
-        config=config, accelerator=accelerator, pipe=pipe, unet=unet, text_encoders=text_encoders, family=family,
-        noise_scheduler=noise_scheduler, objective=objective, weight_dtype=weight_dtype, records=val_records,
-        sample_prompts=list(config.validation_prompts) or ([] if prompt_file else [config.trigger or records[0].caption]),
-        prompt_file=prompt_file, offloaded=offloaded,
-    )  # fmt: skip
+        outputs.check_output_dir(Path(config.run.output_dir))
+        remove_leftover_temporaries(Path(config.run.output_dir))  # what a killed run was writing when it died
+    trainable = {f"{c}.{n}": p for c in model.trained for n, p in _component(model, c).named_parameters() if p.requires_grad}
+    optimizer, lr_scheduler = _setup_optimizer(config.optimization, param_groups, model, accelerator, config.base.full_fp16)
+    encoder = _setup_caches(config.data, model, data.records, buckets, Path(config.run.output_dir), accelerator)
+    validator = _setup_validation(config, model, accelerator, data)
+    process = accelerator.process_index
     run = Run(
-        config=config, accelerator=accelerator, family=family, pipe=pipe, unet=unet, text_encoders=text_encoders,
-        noise_scheduler=noise_scheduler, records=records, buckets=buckets, sampler=sampler, optimizer=optimizer,
-        lr_scheduler=lr_scheduler, trainable=trainable, encoder=encoder, validator=validator, objective=objective,
-        generator=torch.Generator().manual_seed(config.seed + 1000 * accelerator.process_index),
-        rng=random.Random(config.seed + 1000 * accelerator.process_index),
+        config=config, accelerator=accelerator, model=model, records=data.records, buckets=buckets, sampler=sampler,
+        optimizer=optimizer, lr_scheduler=lr_scheduler, trainable=trainable, encoder=encoder, validator=validator,
+        generator=torch.Generator().manual_seed(config.run.seed + 1000 * process), rng=random.Random(config.run.seed + 1000 * process),
         metrics=MetricsLogger(
-            out, accelerator, enabled=accelerator.is_main_process, project=config.tracker_project, config=config.to_dict()
+            Path(config.run.output_dir), accelerator, enabled=accelerator.is_main_process, project=config.logging.tracker_project,
+            config=config.to_dict(),
         ),
         state=checkpoint.TrainState(step=0, epoch=0, batch_in_epoch=0),
-        ema=ema.LoraEma(trainable, config.ema_decay) if config.ema_decay else None,
+        ema=ema.LoraEma(trainable, config.optimization.ema_decay) if config.optimization.ema_decay else None,
         datasets=data.datasets,
     )  # fmt: skip
     _start_or_resume(run)
     return run
+
+
+def _setup_accelerator(config: TrainConfig):
+    """Everything that can be refused before anything loads (the optimizer and its arguments, the files the options
+    name, the output folder), then the accelerator and the global seed."""
+    optimization = config.optimization
+    check_optimizer(optimization.optimizer, optimization.lr, optimization.weight_decay, parse_optimizer_args(optimization.optimizer_args))
+    if config.network.init_lora is not None and not Path(config.network.init_lora).is_file():
+        raise UserError(f"--init-lora {config.network.init_lora}: no such file")
+    if config.samples.sample_prompts is not None:
+        read_sample_prompts(config.samples.sample_prompts)  # a bad line fails here, before anything loads
+    # a new, empty or sdlora run folder, never one holding or inside an input (nothing is created until data and
+    # model load)
+    data, base = config.data, config.base
+    inputs = (data.data_dir, data.reg_data, data.dataset_config, base.model, base.model_config, config.network.init_lora,
+              config.samples.sample_prompts, base.vae)  # fmt: skip
+    output_rules.check_run_folder(Path(config.run.output_dir), inputs, "--output", resume=bool(config.run.resume))
+    accelerator = _accelerator(config.base, config.logging, config.run.output_dir)
+    torch.manual_seed(config.run.seed)
+    return accelerator
+
+
+def _setup_data(config: TrainConfig, accelerator) -> TrainingData:
+    """The images: DATA_DIR (kohya's N_words subfolders too) and --reg-data, or a kohya dataset TOML; what they add up
+    to, said when there is more than one folder."""
+    data = load_training_data(config.data, config.run.seed, config.run.output_dir)
+    if data.structured and accelerator.is_local_main_process:
+        tqdm.write(dataset_summary(data.records))  # subsets, images, samples per epoch (and the regularization share)
+        if data.unused_reg:
+            tqdm.write(f"{data.unused_reg} regularization images left out: the training images need fewer (as kohya does)")
+    return data
+
+
+def _setup_network(options: NetworkConfig, optimization: OptimizationConfig, base: BaseModelConfig, model: BaseModel) -> list[dict]:
+    """LoRA on the UNet (and the text encoders with --train-text-encoder): fresh, or a file trained further (a
+    resumed checkpoint later overrides it); fp32 unless --full-bf16/--full-fp16. Returns the optimizer's parameter
+    groups, each at its component's learning rate; `model.trained` names the components."""
+    lora_dtype = model.dtype if base.full_bf16 or base.full_fp16 else torch.float32
+    unet_params = network.add_lora(
+        model.unet, targets.unet_target_modules(model.unet, options.preset), options.rank, options.alpha, options.dropout,
+        conv_rank=options.conv_rank, conv_alpha=options.conv_alpha, dtype=lora_dtype,
+    )  # fmt: skip
+    param_groups = [{"params": unet_params, "lr": optimization.lr}]
+    trained = {"unet": model.unet}
+    if options.train_text_encoder:
+        for component, encoder in model.text_encoders.items():
+            params = network.add_lora(
+                encoder, targets.text_encoder_target_modules(encoder), options.rank, options.alpha, options.dropout, dtype=lora_dtype
+            )
+            param_groups.append({"params": params, "lr": optimization.lr_of(component)})
+            trained[component] = encoder
+    model.trained = tuple(trained)
+    if options.init_lora:
+        state = read_lora(options.init_lora, allow_pickle=base.allow_pickle)
+        state.check_finite(options.init_lora)
+        network.load_state_into(state, trained, label=options.init_lora)
+    if base.gradient_checkpointing:
+        model.unet.enable_gradient_checkpointing()
+        for component in model.trained[1:]:
+            trained[component].gradient_checkpointing_enable()
+    return param_groups
+
+
+def _component(model: BaseModel, component: str) -> torch.nn.Module:
+    return model.unet if component == "unet" else model.text_encoders[component]
+
+
+def _setup_optimizer(optimization: OptimizationConfig, param_groups: list[dict], model: BaseModel, accelerator, full_fp16: bool):
+    """The optimizer and its learning-rate schedule; the trained parts and the optimizer prepared by accelerate (the
+    model's UNet and trained text encoders become their DDP wrappers). The schedule is stepped once per optimizer
+    step by the loop, not prepared (accelerate would step it once per process)."""
+    from diffusers.optimization import get_scheduler  # diffusers takes seconds to import: only when training starts
+
+    arguments = parse_optimizer_args(optimization.optimizer_args)
+    optimizer = build_optimizer(optimization.optimizer, param_groups, optimization.lr, optimization.weight_decay, arguments)
+    lr_scheduler = get_scheduler(
+        optimization.lr_scheduler, optimizer, num_warmup_steps=optimization.lr_warmup_steps, num_training_steps=optimization.steps
+    )
+    prepared = accelerator.prepare(*(_component(model, c) for c in model.trained), optimizer)
+    wrapped, optimizer = dict(zip(model.trained, prepared[:-1])), prepared[-1]
+    if full_fp16 and accelerator.scaler is not None:
+        _allow_fp16_unscaling(accelerator.scaler)
+    model.unet = wrapped.pop("unet")
+    model.text_encoders.update(wrapped)
+    return optimizer, lr_scheduler
+
+
+def _setup_caches(data: DataConfig, model: BaseModel, records, buckets, out: Path, accelerator) -> BatchEncoder:
+    """The latent and caption caches, filled before the first step, and the encoder of batches that reads them. What
+    the caches now hold the steps no longer need: the VAE and frozen text encoders leave the accelerator (the
+    encoders stay where some subset's captions change each step and are encoded then)."""
+    latent_cache, embedding_cache = build_caches(data.cache, model, out, records)
+    fill_caches(records, buckets, latent_cache, embedding_cache, show=accelerator.is_local_main_process)
+    every_caption_cached = embedding_cache is not None and all(record.rules.static for record in records)
+    pipe = model.pipe
+    model.offloaded = ([pipe.vae] if latent_cache is not None else []) + ([*model.text_encoders.values()] if every_caption_cached else [])
+    for part in model.offloaded:
+        part.to("cpu")
+    return BatchEncoder(data, model, records, buckets, latent_cache, embedding_cache)
+
+
+def _setup_validation(config: TrainConfig, model: BaseModel, accelerator, data: TrainingData) -> Validator:
+    """The held-out loss and the sample images: --validation-prompts, else the --sample-prompts file's lines, else the
+    trigger word or the first caption, drawn with the run's sampler."""
+    samples = config.samples
+    if samples.sampler:
+        set_sampler(model.pipe, samples.sampler)  # how the sample images are drawn; training noises with DDPM
+    prompt_file = read_sample_prompts(samples.sample_prompts) if samples.sample_prompts else []
+    prompts = list(samples.validation_prompts) or ([] if prompt_file else [config.data.trigger or data.records[0].caption])
+    return Validator(samples, config.data, config.run, model, accelerator, config.objective, data.val_records, prompts, prompt_file)
 
 
 def _allow_fp16_unscaling(scaler) -> None:
@@ -242,15 +253,16 @@ def epoch_steps(batches_per_epoch: int, grad_accum: int, epochs: int) -> int:
     return epochs * math.ceil(batches_per_epoch / grad_accum)
 
 
-def _model_defaults(config: TrainConfig, pipe, family: ModelFamily) -> TrainConfig:
+def _model_defaults(config: TrainConfig, model: BaseModel) -> TrainConfig:
     """The options left to the model filled in: its own resolution (as its pipeline generates by default) and
     its family's bucketing (on for SDXL)."""
-    resolution = config.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    buckets = family.buckets_by_default if config.buckets is None else config.buckets
-    return dataclasses.replace(config, resolution=resolution, buckets=buckets)
+    data, pipe = config.data, model.pipe
+    resolution = data.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    buckets = model.family.buckets_by_default if data.buckets is None else data.buckets
+    return config.replace(resolution=resolution, buckets=buckets)
 
 
-def _accelerator(config: TrainConfig):
+def _accelerator(base: BaseModelConfig, logging: LoggingConfig, output_dir: str):
     from accelerate import Accelerator  # accelerate imports torch.distributed and more: only when training starts
     from accelerate.state import AcceleratorState
 
@@ -259,15 +271,15 @@ def _accelerator(config: TrainConfig):
     AcceleratorState._reset_state()
     # several processes without CUDA (torchrun/accelerate launch on CPUs) need accelerate's CPU mode for gloo
     multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-    # the --report-to trackers (a chosen one not installed is a ValueError here, before anything loads); the
+    # the --report-to trackers (a chosen one not installed is a UserError here, before anything loads); the
     # MetricsLogger starts them on the main process
-    trackers = tracking_options(config.report_to, config.output_dir)
-    return Accelerator(mixed_precision=config.mixed_precision, cpu=multi_cpu, **trackers)
+    trackers = tracking_options(logging.report_to, output_dir)
+    return Accelerator(mixed_precision=base.mixed_precision, cpu=multi_cpu, **trackers)
 
 
 def _start_or_resume(run: Run) -> None:
-    if run.config.resume:
-        path = checkpoint.find_checkpoint(Path(run.config.output_dir), run.config.resume)
+    if run.config.run.resume:
+        path = checkpoint.find_checkpoint(Path(run.config.run.output_dir), run.config.run.resume)
         run.state = checkpoint.load_checkpoint(path, run.trainable, run.optimizer, run.lr_scheduler)
         if run.ema is not None:
             run.ema.load(path / ema.STATE_FILE)
@@ -281,25 +293,25 @@ def _start_or_resume(run: Run) -> None:
 
 
 def run_steps(run: Run) -> None:
-    """Train from `run.state.step` to `config.steps`, with checkpoints, validation and metrics along the way."""
+    """Train from `run.state.step` to `config.optimization.steps`, with checkpoints, validation and metrics along the way."""
     config, accelerator, state, metrics = run.config, run.accelerator, run.state, run.metrics
-    if state.step == 0 and config.sample_at_first:
+    if state.step == 0 and config.samples.sample_at_first:
         run.validator.evaluate(metrics, 0)  # the base model's samples (and loss), to compare the LoRA against
     elif state.step == 0 and run.validator.records:
         metrics.log(0, val_loss=run.validator.loss())  # the base model's loss, to compare the LoRA against
-    bar = progress_bar(config.steps, state.step, disable=not accelerator.is_local_main_process)
+    bar = progress_bar(config.optimization.steps, state.step, disable=not accelerator.is_local_main_process)
     batches = _batches(run)
     with contextlib.closing(bar):  # closed on errors too, so an error message starts on a line of its own
-        while state.step < config.steps:
+        while state.step < config.optimization.steps:
             loss, grad_norm = _optimizer_step(run, batches)
             state.step += 1
             lr = run.lr_scheduler.get_last_lr()[0]
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
             metrics.log(state.step, loss=loss, lr=lr, grad_norm=grad_norm, epoch=state.epoch)
-            if config.checkpoint_every and state.step % config.checkpoint_every == 0 and state.step < config.steps:
+            if config.run.checkpoint_every and state.step % config.run.checkpoint_every == 0 and state.step < config.optimization.steps:
                 _save_checkpoint(run)
-            if config.validate_every and state.step % config.validate_every == 0 and state.step < config.steps:
+            if config.samples.validate_every and state.step % config.samples.validate_every == 0 and state.step < config.optimization.steps:
                 run.validator.evaluate(metrics, state.step)
     _save_checkpoint(run)
     run.validator.evaluate(metrics, state.step)
@@ -325,26 +337,32 @@ def _optimizer_step(run: Run, batches: Iterator[list[int]]) -> tuple[float, floa
     """grad_accum micro-batches, clip, step; raises TrainingDiverged on a non-finite loss or gradient."""
     config, accelerator, step = run.config, run.accelerator, run.state.step + 1
     # randomness is a function of (seed, step, process): a resumed run and every rank draw exactly what they would have
-    step_seed = (config.seed * 1_000_003 + step * 1_009 + accelerator.process_index) % 2**63
+    step_seed = (config.run.seed * 1_000_003 + step * 1_009 + accelerator.process_index) % 2**63
     run.generator.manual_seed(step_seed)
     run.rng.seed(step_seed)
     torch.manual_seed(step_seed)  # LoRA dropout draws from the global generator
     total = 0.0
-    for micro in range(config.grad_accum):
+    for micro in range(config.optimization.grad_accum):
         indices = next(batches)
         latents, embeddings = run.encoder(indices, run.rng, run.generator)
         weights = _loss_weights(run, indices)
-        sync = contextlib.nullcontext() if micro == config.grad_accum - 1 else accelerator.no_sync(run.unet)
+        sync = contextlib.nullcontext() if micro == config.optimization.grad_accum - 1 else accelerator.no_sync(run.model.unet)
         with sync, accelerator.autocast():
             loss = diffusion_loss(
-                run.unet, run.noise_scheduler, latents, embeddings, run.objective, generator=run.generator, weights=weights
+                run.model.unet,
+                run.model.noise_scheduler,
+                latents,
+                embeddings,
+                run.config.objective,
+                generator=run.generator,
+                weights=weights,
             )
         if not torch.isfinite(loss):
             raise TrainingDiverged(_diverged_message(step, f"the loss became {loss.item()}", run))
-        accelerator.backward(loss / config.grad_accum)
-        total += loss.item() / config.grad_accum
+        accelerator.backward(loss / config.optimization.grad_accum)
+        total += loss.item() / config.optimization.grad_accum
     grad_norm = float(
-        accelerator.clip_grad_norm_(list(run.trainable.values()), config.max_grad_norm or math.inf)
+        accelerator.clip_grad_norm_(list(run.trainable.values()), config.optimization.max_grad_norm or math.inf)
     )  # inf: measure, do not clip
     if not math.isfinite(grad_norm):
         raise TrainingDiverged(_diverged_message(step, f"the gradient norm became {grad_norm}", run))
@@ -361,15 +379,17 @@ def _loss_weights(run: Run, indices: list[int]) -> torch.Tensor | None:
     others (None when there are none: the plain mean)."""
     if not any(run.records[index].is_reg for index in indices):
         return None
-    weight = run.config.prior_loss_weight
+    weight = run.config.data.prior_loss_weight
     return torch.tensor([weight if run.records[index].is_reg else 1.0 for index in indices], device=run.accelerator.device)
 
 
 def _diverged_message(step: int, what: str, run: Run) -> str:
-    found = checkpoint.latest_checkpoint(Path(run.config.output_dir) / "checkpoints")
+    found = checkpoint.latest_checkpoint(Path(run.config.run.output_dir) / "checkpoints")
     kept = f"the last good checkpoint is {found}" if found else "no checkpoint was written yet"
-    hint = "use --mixed-precision bf16 instead of fp16, " if run.config.mixed_precision == "fp16" else ""
-    return f"training stopped at step {step}: {what}; {kept}. Try {hint}a lower --lr (now {run.config.lr:g}) or --max-grad-norm 1"
+    hint = "use --mixed-precision bf16 instead of fp16, " if run.config.base.mixed_precision == "fp16" else ""
+    return (
+        f"training stopped at step {step}: {what}; {kept}. Try {hint}a lower --lr (now {run.config.optimization.lr:g}) or --max-grad-norm 1"
+    )
 
 
 @contextlib.contextmanager
@@ -395,7 +415,7 @@ def _explain_full_disk(out: Path, step):
 
 def lora_state(run: Run):
     """The LoRA as trained so far, as a LoraState (fp32 CPU copies)."""
-    trained = {"unet": run.unet} | (run.text_encoders if run.config.train_text_encoder else {})
+    trained = {component: _component(run.model, component) for component in run.model.trained}
     return network.extract_lora_state({c: run.accelerator.unwrap_model(model) for c, model in trained.items()})
 
 
@@ -404,16 +424,16 @@ def _save_checkpoint(run: Run) -> Path | None:
     path = None
     if run.accelerator.is_main_process:
         run.state.capture_rngs(run.rng, run.generator)
-        files = outputs.lora_writers(lora_state(run), run.config, run.family, run.records, datasets=run.datasets)
+        files = outputs.lora_writers(lora_state(run), run.config, run.model.family, run.records, datasets=run.datasets)
         if run.ema is not None:
             files[ema.STATE_FILE] = run.ema.save
         path = checkpoint.save_checkpoint(
-            Path(run.config.output_dir) / "checkpoints",
+            Path(run.config.run.output_dir) / "checkpoints",
             run.state,
             run.trainable,
             run.optimizer,
             run.lr_scheduler,
-            run.config.keep_checkpoints,
+            run.config.run.keep_checkpoints,
             files,
         )
         if run.accelerator.is_local_main_process:
@@ -433,18 +453,20 @@ def _check_processes_in_sync(run: Run) -> int:
 
 def save_outputs(run: Run) -> Path:
     """The diffusers file, the kohya file, config.toml and the model card; returns the diffusers file's path."""
-    out = Path(run.config.output_dir)
+    out = Path(run.config.run.output_dir)
     run.metrics.close()
     run.accelerator.wait_for_everyone()
     if run.accelerator.is_main_process:
-        for name, write in outputs.lora_writers(lora_state(run), run.config, run.family, run.records, datasets=run.datasets).items():
+        for name, write in outputs.lora_writers(lora_state(run), run.config, run.model.family, run.records, datasets=run.datasets).items():
             write(out / name)
         if run.ema is not None:
             with run.ema.applied(run.trainable):
                 averaged = lora_state(run)
-            writers = outputs.lora_writers(averaged, run.config, run.family, run.records, suffix=outputs.EMA_SUFFIX, datasets=run.datasets)
+            writers = outputs.lora_writers(
+                averaged, run.config, run.model.family, run.records, suffix=outputs.EMA_SUFFIX, datasets=run.datasets
+            )
             for name, write in writers.items():
                 write(out / name)
-        outputs.write_config_and_card(run.config, run.family, len(run.records), out)
+        outputs.write_config_and_card(run.config, run.model.family, len(run.records), out)
     run.accelerator.wait_for_everyone()
     return out / outputs.DIFFUSERS_FILE

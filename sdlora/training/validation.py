@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 from PIL import Image as PILImage
 
-from ..core.families import ModelFamily
 from ..inference.generation import (
     PARAMETERS_KEY,
     NonFiniteImageError,
@@ -28,12 +27,13 @@ from ..inference.generation import (
     seed_own_noise,
 )
 from ..storage.atomic import atomic_file
+from .base_model import BaseModel
 from .buckets import assign_bucket, training_sizes
 from .cache import encode_captions, encode_images
-from .config import TrainConfig
+from .config import DataConfig, ObjectiveConfig, RunConfig, SamplesConfig
 from .data import ImageRecord, crop_window, load_image, sdxl_time_ids
 from .metrics import MetricsLogger
-from .objective import Conditioning, ObjectiveConfig, diffusion_loss
+from .objective import Conditioning, diffusion_loss
 from .sample_prompts import SamplePrompt
 
 TIMESTEPS = 8  # per held-out image, one UNet batch
@@ -60,75 +60,72 @@ class HeldOut:
 class Validator:
     """The held-out loss and the sample grids of one run; the held-out inputs are encoded once, at first use."""
 
-    config: TrainConfig
+    samples: SamplesConfig  # the sample images' steps and seed
+    data: DataConfig  # the training resolution and bucketing, which the held-out images and samples share
+    run: RunConfig  # the output folder (OUT/samples) and the seed of the held-out noise
+    model: BaseModel  # its offloaded parts are brought to the accelerator for the duration of a validation
     accelerator: object
-    pipe: object
-    unet: torch.nn.Module  # possibly wrapped by accelerate (DDP)
-    text_encoders: dict[str, torch.nn.Module]
-    family: ModelFamily
-    noise_scheduler: object
     objective: ObjectiveConfig
-    weight_dtype: torch.dtype
     records: list[ImageRecord]  # the held-out images
     sample_prompts: list[str]  # one grid batch at the run's sample settings
     prompt_file: list[SamplePrompt] = field(default_factory=list)  # --sample-prompts: an image each, at its own settings
-    offloaded: list[torch.nn.Module] = field(default_factory=list)  # kept off the accelerator between validations
     held_out: list[HeldOut] | None = field(default=None, repr=False)
 
     @contextlib.contextmanager
     def _visiting(self) -> Iterator[None]:
         """The offloaded VAE and text encoders on the accelerator for the duration (a no-op on the CPU)."""
-        device = self.accelerator.device
-        if not self.offloaded or torch.device(device).type == "cpu":
+        device, offloaded = self.accelerator.device, self.model.offloaded
+        if not offloaded or torch.device(device).type == "cpu":
             yield
             return
-        for module in self.offloaded:
+        for module in offloaded:
             module.to(device)
         try:
             yield
         finally:
-            for module in self.offloaded:
+            for module in offloaded:
                 module.to("cpu")
 
     @torch.no_grad()
     def held_out_inputs(self) -> list[HeldOut]:
         """The fixed inputs of every held-out image, encoded once per run (VAE and, unless trained, text encoders)."""
         if self.held_out is None:
-            generator = torch.Generator().manual_seed(self.config.seed + 7)
+            generator = torch.Generator().manual_seed(self.run.seed + 7)
             with self._visiting():
                 self.held_out = [self._held_out(record, generator) for record in self.records]
         return self.held_out
 
     def _held_out(self, record: ImageRecord, generator: torch.Generator) -> HeldOut:
-        config, device = self.config, self.accelerator.device
-        size = assign_bucket(record.width, record.height, training_sizes(config.resolution, config.buckets))
+        device, pipe = self.accelerator.device, self.model.pipe
+        size = assign_bucket(record.width, record.height, training_sizes(self.data.resolution, self.data.buckets))
         window = crop_window(record, size, "center")
         pixels = load_image(record, size, flip=False, window=window).unsqueeze(0)
-        mean, std = encode_images(self.pipe.vae, pixels, [record.path], device)
-        latents = (mean + std * torch.randn(mean.shape, generator=generator).to(device)) * self.pipe.vae.config.scaling_factor
+        mean, std = encode_images(pipe.vae, pixels, [record.path], device)
+        latents = (mean + std * torch.randn(mean.shape, generator=generator).to(device)) * pipe.vae.config.scaling_factor
         noise = torch.randn((TIMESTEPS, *latents.shape[1:]), generator=generator).to(device)
-        time_ids = torch.tensor([sdxl_time_ids(record, size, window, False)], dtype=torch.float32) if self.family.time_ids else None
+        time_ids = torch.tensor([sdxl_time_ids(record, size, window, False)], dtype=torch.float32) if self.model.family.time_ids else None
         held = HeldOut(latents, noise, record.caption, time_ids, None)
-        if not config.train_text_encoder:
+        if not self.model.trains_text_encoders:
             held.embeddings = self._conditioning(held)
         return held
 
     def _conditioning(self, held: HeldOut) -> Conditioning:
-        hidden, pooled = encode_captions(self.pipe, self.text_encoders, self.family, [held.caption], self.accelerator.device)
+        model = self.model
+        hidden, pooled = encode_captions(model.pipe, model.text_encoders, model.family, [held.caption], self.accelerator.device)
         return Conditioning(hidden, pooled, held.time_ids)
 
     @torch.no_grad()
     def loss(self) -> float:
         """Mean loss over the held-out images and the fixed timesteps."""
         device = self.accelerator.device
-        timesteps = fixed_timesteps(self.noise_scheduler.config.num_train_timesteps).to(device)
+        timesteps = fixed_timesteps(self.model.noise_scheduler.config.num_train_timesteps).to(device)
         losses = []
         for held in self.held_out_inputs():
             latents = held.latents.expand(len(timesteps), *held.latents.shape[1:])
             conditioning = (held.embeddings if held.embeddings is not None else self._conditioning(held)).repeat(len(timesteps))
             with self.accelerator.autocast():
                 loss = diffusion_loss(
-                    self.unet, self.noise_scheduler, latents.to(self.weight_dtype), conditioning.to(device, self.weight_dtype),
+                    self.model.unet, self.model.noise_scheduler, latents.to(self.model.dtype), conditioning.to(device, self.model.dtype),
                     self.objective, timesteps=timesteps, noise=held.noise,
                 )  # fmt: skip
             losses.append(loss.item())
@@ -138,30 +135,30 @@ class Validator:
     def save_samples(self, step: int) -> tuple[Path, PILImage.Image]:
         """The sample images at fixed seeds: the sample prompts' and then each --sample-prompts line's (also saved
         alone as samples/step-XXXXXXXX-NN.png with its A1111 parameters), in a grid saved as samples/step-XXXXXXXX.png."""
-        config, pipe = self.config, self.pipe
+        samples, resolution, pipe = self.samples, self.data.resolution, self.model.pipe
         was_training = pipe.unet.training
         pipe.unet.eval()
-        folder = Path(config.output_dir) / SAMPLES_DIR
+        folder = Path(self.run.output_dir) / SAMPLES_DIR
         images = []
         with self._visiting(), self.accelerator.autocast():
             if self.sample_prompts:
-                seed_own_noise(pipe.scheduler, config.sample_seed)  # DPM++ SDE's own noise: seeded, as generate seeds it
+                seed_own_noise(pipe.scheduler, samples.sample_seed)  # DPM++ SDE's own noise: seeded, as generate seeds it
                 images = pipe(
                     self.sample_prompts,
-                    num_inference_steps=config.sample_steps,
-                    generator=torch.Generator().manual_seed(config.sample_seed),
-                    height=config.resolution,
-                    width=config.resolution,
+                    num_inference_steps=samples.sample_steps,
+                    generator=torch.Generator().manual_seed(samples.sample_seed),
+                    height=resolution,
+                    width=resolution,
                 ).images
             scheduler = pipe.scheduler  # the run's sampler; a line's --ss holds for that line only
             for index, sample in enumerate(self.prompt_file):
-                height, width = sample.height or config.resolution, sample.width or config.resolution
+                height, width = sample.height or resolution, sample.width or resolution
                 try:
                     (image,) = generate(
-                        pipe, sample.prompt, sample.negative_prompt, steps=sample.steps or config.sample_steps,
+                        pipe, sample.prompt, sample.negative_prompt, steps=sample.steps or samples.sample_steps,
                         guidance=7.5 if sample.guidance is None else sample.guidance,
-                        seed=config.sample_seed if sample.seed is None else sample.seed, height=height, width=width,
-                        model_name=model_label(config.model), progress=False, sampler=sample.sampler,
+                        seed=samples.sample_seed if sample.seed is None else sample.seed, height=height, width=width,
+                        model_name=model_label(self.model.name), progress=False, sampler=sample.sampler,
                     )  # fmt: skip
                 except NonFiniteImageError as err:  # a sample is no reason to stop a run: say so, leave a black cell
                     warnings.warn(f"sample prompt {index + 1} at step {step}: {err}", stacklevel=1)

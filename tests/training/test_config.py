@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import fields
 from pathlib import Path
 
 import pytest
 
 from sdlora.cli import main
 from sdlora.config import add_arguments, config_from_args, load_toml
-from sdlora.training.config import DIFFUSERS_STEM, PATH_OPTIONS, TrainConfig, to_toml
+from sdlora.training.config import DIFFUSERS_STEM, PATH_OPTIONS, SECTIONS, TrainConfig, option_fields, to_toml
 
 
 def parse(argv: list[str]) -> TrainConfig:
@@ -21,9 +20,9 @@ def parse(argv: list[str]) -> TrainConfig:
 
 def test_defaults_are_an_sd15_style_lora():
     config = parse(["data", "--output", "out"])
-    assert (config.rank, config.alpha, config.lr, config.batch_size) == (16, 16.0, 1e-4, 1)
-    assert config.resolution is None  # the model's own size: 512 for SD1.5 (tests/training/test_recipe.py)
-    assert config.preset == "attn" and config.mixed_precision == "no"
+    assert (config.network.rank, config.network.alpha, config.optimization.lr, config.data.batch_size) == (16, 16.0, 1e-4, 1)
+    assert config.data.resolution is None  # the model's own size: 512 for SD1.5 (tests/training/test_recipe.py)
+    assert config.network.preset == "attn" and config.base.mixed_precision == "no"
 
 
 def test_every_option_is_a_flag_and_a_toml_key(tmp_path):
@@ -32,11 +31,11 @@ def test_every_option_is_a_flag_and_a_toml_key(tmp_path):
         'data_dir = "images"\noutput_dir = "out"\nrank = 4\nalpha = 2.5\nbuckets = true\nvalidation_prompts = ["a", "b"]\nlr = 3e-4\n'
     )
     config = parse(["--config", str(config_file), "--rank", "8", "--no-buckets", "--validation-prompts", "c"])
-    assert config.rank == 8  # flag beats file
-    assert config.alpha == 2.5 and config.lr == 3e-4  # file beats default
-    assert config.buckets is False and config.validation_prompts == ["c"]
-    assert config.data_dir == str((tmp_path / "images").resolve())  # relative to the file
-    assert config.output_dir == str((tmp_path / "out").resolve())
+    assert config.network.rank == 8  # flag beats file
+    assert config.network.alpha == 2.5 and config.optimization.lr == 3e-4  # file beats default
+    assert config.data.buckets is False and config.samples.validation_prompts == ["c"]
+    assert config.data.data_dir == str((tmp_path / "images").resolve())  # relative to the file
+    assert config.run.output_dir == str((tmp_path / "out").resolve())
 
 
 def test_effective_config_round_trips_through_toml(tmp_path):
@@ -44,7 +43,7 @@ def test_effective_config_round_trips_through_toml(tmp_path):
     path = tmp_path / "config.toml"
     path.write_text(to_toml(config))
     # the paths as the run meant them (from the folder it ran in), wherever config.toml is read from
-    assert TrainConfig(**load_toml(path)).to_dict() == {
+    assert TrainConfig.from_options(**load_toml(path)).to_dict() == {
         **config.to_dict(),
         "data_dir": str(Path("data").resolve()),
         "output_dir": str(Path("out").resolve()),
@@ -80,7 +79,7 @@ def test_unknown_toml_key_is_named(tmp_path):
 
 def test_nan_is_rejected_not_compared():
     with pytest.raises(ValueError, match="--lr"):
-        TrainConfig(data_dir="d", output_dir="o", lr=float("nan"))
+        TrainConfig.from_options(data_dir="d", output_dir="o", lr=float("nan"))
 
 
 # ---------------------------------------------------------------- --config values checked against the field types
@@ -138,18 +137,18 @@ def test_toml_value_of_the_wrong_type_is_one_line_naming_file_key_and_value(tmp_
 )
 def test_library_config_of_the_wrong_type_is_one_line(option, value, says):
     with pytest.raises(ValueError) as caught:
-        TrainConfig(data_dir="d", output_dir="o", **{option: value})
+        TrainConfig.from_options(data_dir="d", output_dir="o", **{option: value})
     assert str(caught.value) == says
 
 
 def test_every_field_type_is_checked_from_its_annotation():
     """No per-key list: each field's default passes, and a value of no option's type is refused naming the field."""
-    default = TrainConfig(data_dir="d", output_dir="o")
-    for item in fields(TrainConfig):
-        TrainConfig(**{**default.to_dict(), item.name: getattr(default, item.name)})
+    default = TrainConfig.from_options(data_dir="d", output_dir="o")
+    for _, item in option_fields():
+        TrainConfig.from_options(**{**default.to_dict(), item.name: default.to_dict()[item.name]})
         with pytest.raises(ValueError, match=f"^--{item.name.replace('_', '-')} "):
-            TrainConfig(**{**default.to_dict(), item.name: object()})
-    assert TrainConfig(data_dir="d", output_dir="o", alpha=8, resolution=None).alpha == 8  # an int is a number
+            TrainConfig.from_options(**{**default.to_dict(), item.name: object()})
+    assert TrainConfig.from_options(data_dir="d", output_dir="o", alpha=8, resolution=None).network.alpha == 8  # an int is a number
 
 
 # ---------------------------------------------------------------- relative paths in a TOML
@@ -173,8 +172,8 @@ def test_every_path_option_in_a_toml_is_relative_to_the_file(tmp_path, monkeypat
     for key, name in [("init_lora", "start.safetensors"), ("sample_prompts", "prompts.txt"), ("vae", "vae-here"), ("resume", "ckpt")]:
         assert options[key] == str(folder.resolve() / name), key
     assert options["output_dir"] == str((tmp_path / "out").resolve()) and options["model"] == "demo"
-    config = TrainConfig(**options)  # --init-lora and --sample-prompts are found from here
-    assert config.init_lora == str(folder.resolve() / "start.safetensors")
+    config = TrainConfig.from_options(**options)  # --init-lora and --sample-prompts are found from here
+    assert config.network.init_lora == str(folder.resolve() / "start.safetensors")
     # a value that may be a hub id or a keyword stays as written unless it starts with '.' or exists beside the file
     toml.write_text('data_dir = "."\nvae = "org/fixed-vae"\nresume = "latest"\nmodel = "./my-model"\n')
     options = load_toml(toml)
@@ -185,14 +184,14 @@ def test_every_path_option_in_a_toml_is_relative_to_the_file(tmp_path, monkeypat
 
 
 def test_path_options_are_one_list_from_the_field_metadata(tmp_path, monkeypatch):
-    marked = {item.name for item in fields(TrainConfig) if item.metadata.get("path")}
+    marked = {item.name for _, item in option_fields() if item.metadata.get("path")}
     assert marked == {
         "data_dir", "dataset_config", "reg_data", "output_dir", "model", "model_config", "vae", "init_lora", "resume", "sample_prompts",
     }  # fmt: skip
     assert set(PATH_OPTIONS) == marked
     monkeypatch.chdir(tmp_path)
     (tmp_path / "ckpt").mkdir()
-    written = to_toml(TrainConfig(data_dir="d", output_dir="o", resume="ckpt"))
+    written = to_toml(TrainConfig.from_options(data_dir="d", output_dir="o", resume="ckpt"))
     assert f"resume = {str((tmp_path / 'ckpt').resolve())!r}".replace("'", '"') in written
 
 
@@ -219,7 +218,7 @@ def test_path_options_are_one_list_from_the_field_metadata(tmp_path, monkeypatch
 )
 def test_a_name_that_is_not_a_file_stem_is_refused_before_training(tmp_path, capsys, name, says):
     with pytest.raises(ValueError) as caught:
-        TrainConfig(data_dir="d", output_dir="o", name=name)
+        TrainConfig.from_options(data_dir="d", output_dir="o", name=name)
     assert str(caught.value).startswith(says) and "\n" not in str(caught.value)
     out = tmp_path / "run"
     argv = ["train", str(tmp_path / "data"), "--output", str(out), "--name", name, "--steps", "1", "--resolution", "64"]
@@ -233,4 +232,48 @@ def test_the_refused_name_is_the_diffusers_files_stem():
 
     assert DIFFUSERS_FILE == DIFFUSERS_STEM + ".safetensors"
     for name in ("my style", "flat_poster", "v1.2", "über"):
-        assert TrainConfig(data_dir="d", output_dir="o", name=name).name == name
+        assert TrainConfig.from_options(data_dir="d", output_dir="o", name=name).run.name == name
+
+
+# ---------------------------------------------------------------- [section] tables in a TOML
+
+
+def test_a_toml_may_name_options_in_section_tables_or_at_the_top(tmp_path):
+    path = tmp_path / "conf" / "train.toml"
+    path.parent.mkdir()
+    path.write_text('data_dir = "."\nsteps = 5\n\n[network]\nrank = 8\nalpha = 4.0\n\n[data]\nflip = true\n')
+    config = TrainConfig.from_options(**load_toml(path), output_dir=str(tmp_path / "out"))
+    assert (config.network.rank, config.network.alpha, config.optimization.steps, config.data.flip) == (8, 4.0, 5, True)
+    assert config.data.data_dir == str(path.parent.resolve())  # a path in a table is relative to the file too
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("[data]\nrank = 8\n", "rank is an option of [network], not of [data]: move it there or to the top level"),
+        ("[network]\nrnak = 8\n", "unknown option 'rnak' in [network] (see sdlora train --help)"),
+        ("rank = 4\n[network]\nrank = 8\n", "rank is given twice (at the top level and in [network]): keep one"),
+        ('[network]\nrank = "8"\n', 'rank = "8" must be an integer (without quotes)'),
+        ("[optimization]\nlr = true\n", "lr = true must be a number"),
+        ('[data]\nflip = "yes"\n', 'flip = "yes" must be true or false (a TOML boolean, without quotes)'),
+        ('[samples]\nvalidation_prompts = "a cat"\n', 'validation_prompts = "a cat" must be a list of strings, e.g. ["a cat"]'),
+    ],
+)
+def test_section_tables_are_checked_in_one_line_naming_the_file(tmp_path, text, says):
+    path = tmp_path / "train.toml"
+    path.write_text(text)
+    with pytest.raises(ValueError) as caught:
+        load_toml(path)
+    assert str(caught.value) == f"{path}: {says}"
+
+
+def test_the_written_config_toml_has_one_table_per_section_and_loads_back(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = TrainConfig.from_options(
+        data_dir=str(tmp_path / "d"), output_dir=str(tmp_path / "o"), rank=8, validation_prompts=["a cat"], optimizer_args=["d_coef=2"]
+    )
+    path = tmp_path / "config.toml"
+    path.write_text(to_toml(config))
+    text = path.read_text()
+    assert [line for line in text.splitlines() if line.startswith("[")] == [f"[{name}]" for name in SECTIONS]
+    assert TrainConfig.from_options(**load_toml(path)) == config

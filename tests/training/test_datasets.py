@@ -26,6 +26,11 @@ from sdlora.training.datasets import batch_sizes, load_training_data, record_buc
 from sdlora.training.objective import ObjectiveConfig, diffusion_loss
 
 
+def _load(config):
+    """The run's images as the recipe loads them: from the data section, split by the run's seed."""
+    return load_training_data(config.data, config.run.seed, config.run.output_dir)
+
+
 def _kohya_reg_loop(train_samples: int, repeats: list[int]) -> list[int]:
     """kohya's loop as sd-scripts writes it (registering ImageInfo objects and raising their num_repeats), kept
     apart from sdlora's function."""
@@ -75,7 +80,7 @@ def test_reg_images_appear_as_often_as_kohya_puts_them(tmp_path, make_dataset, t
     for caption in reg.rglob("*.txt"):
         caption.unlink()  # the class tokens are their captions
     config = tiny_config(data, tmp_path / "out", reg_data=str(reg), batch_size=4)
-    loaded = load_training_data(config)
+    loaded = _load(config)
     train = [r for r in loaded.records if not r.is_reg]
     regs = [r for r in loaded.records if r.is_reg]
     assert sum(r.repeats for r in train) == 40
@@ -93,7 +98,7 @@ def test_reg_images_appear_as_often_as_kohya_puts_them(tmp_path, make_dataset, t
 def test_reg_images_are_never_held_out(tmp_path, make_dataset, tiny_config):
     data = make_dataset(tmp_path / "data", count=6)
     reg = make_dataset(tmp_path / "reg", count=4)
-    loaded = load_training_data(tiny_config(data, tmp_path / "out", reg_data=str(reg), val_split=0.5))
+    loaded = _load(tiny_config(data, tmp_path / "out", reg_data=str(reg), val_split=0.5))
     assert len(loaded.val_records) == 3 and not any(r.is_reg for r in loaded.val_records)
     assert [r.repeats for r in loaded.records if r.is_reg] == [1, 1, 1, 0][:3]  # 3 training samples: 3 reg images, 1 left out
     assert loaded.unused_reg == 1
@@ -210,7 +215,7 @@ def kohya_doc_dataset(tmp_path, make_dataset) -> Path:
 def test_kohyas_documented_toml_reads_with_its_meanings(kohya_doc_dataset, tiny_config, tmp_path):
     config = tiny_config(None, tmp_path / "out", data_dir="", dataset_config=str(kohya_doc_dataset), trigger=None, batch_size=1)
     with pytest.warns(UserWarning, match="1 images have no caption and use the caption 'hoge girl'"):
-        loaded = load_training_data(config)
+        loaded = _load(config)
     by_subset = {}
     for record in loaded.records:
         by_subset.setdefault(record.subset, []).append(record)
@@ -228,8 +233,8 @@ def test_kohyas_documented_toml_reads_with_its_meanings(kohya_doc_dataset, tiny_
     assert [r.dataset for r in by_subset["piyo_md.json"]] == [1, 1] and by_subset["hoge"][0].dataset == 0
     # 5 training samples in the first dataset: the 4 reg images give 5 (2, 1, 1, 1)
     assert [r.repeats for r in by_subset["reg"]] == [2, 1, 1, 1]
-    assert batch_sizes(loaded, config) == [4, 2]
-    buckets = record_buckets(loaded, dataclasses.replace(config, resolution=64, buckets=False))
+    assert batch_sizes(loaded, config.data) == [4, 2]
+    buckets = record_buckets(loaded, dataclasses.replace(config.data, resolution=64, buckets=False))
     assert {b for b, r in zip(buckets, loaded.records) if r.dataset == 0} == {(64, 64)}
     assert {b for b, r in zip(buckets, loaded.records) if r.dataset == 1} == {(96, 64)}
 
@@ -295,7 +300,7 @@ def test_a_bad_dataset_toml_is_refused_naming_the_key(tmp_path, make_dataset, ti
     path = _toml(tmp_path, body.format(data=data.as_posix()))
     config = tiny_config(None, tmp_path / "out", data_dir="", dataset_config=str(path))
     with pytest.raises((ValueError, FileNotFoundError), match=message):
-        load_training_data(config)
+        _load(config)
 
 
 @pytest.mark.parametrize(
@@ -319,7 +324,7 @@ def test_hostile_dataset_toml_values_are_one_line_naming_file_and_key(tmp_path, 
     path = _toml(tmp_path, body.format(data=data.as_posix(), number=number.as_posix(), listed=listed.as_posix()))
     config = tiny_config(None, tmp_path / "out", data_dir="", dataset_config=str(path))
     with pytest.raises(ValueError, match=message) as caught:
-        load_training_data(config)
+        _load(config)
     assert "\n" not in str(caught.value)
 
 
@@ -374,7 +379,7 @@ batch_size = 3
 """,
     )
     config = tiny_config(None, tmp_path / "out", data_dir="", dataset_config=str(path), trigger=None, batch_size=2, flip=False)
-    loaded = load_training_data(config)
+    loaded = _load(config)
     big_records = [r for r in loaded.records if r.subset == "big"]
     assert {r.caption for r in big_records} == {"masterpiece, a thing , from side"}
     assert all(r.rules.flip for r in big_records)  # [general]'s flip_aug over the run's --no-flip
@@ -383,11 +388,11 @@ batch_size = 3
     rules = next(r.rules for r in loaded.records if r.subset == "tagged")
     assert (rules.shuffle, rules.keep_separator, rules.secondary_separator, rules.wildcards) == (True, "|||", ";;;", True)
     assert (rules.tag_dropout, rules.caption_dropout, rules.static) == (0.2, 0.1, False)
-    assert batch_sizes(loaded, config) == [3, 2]
+    assert batch_sizes(loaded, config.data) == [3, 2]
     buckets = dict(
         zip(
             [r.path.name for r in loaded.records if r.dataset == 0],
-            record_buckets(loaded, dataclasses.replace(config, resolution=64, buckets=False)),
+            record_buckets(loaded, dataclasses.replace(config.data, resolution=64, buckets=False)),
         )
     )
     assert buckets == {"small.png": (48, 32), "wide.png": (64, 32)}  # no upscaling: the small one keeps its size
@@ -464,7 +469,7 @@ batch_size = 4
     encoder = run.encoder
     assert encoder.embedding_cache is not None
     # the text encoder stays on the accelerator: the shuffled captions need it at every step
-    assert not any(part in run.validator.offloaded for part in run.text_encoders.values())
+    assert not any(part in run.model.offloaded for part in run.model.text_encoders.values())
     cached_before = set(encoder.embedding_cache.memory)
     assert cached_before == {r.caption for r in run.records if r.subset == "plain"}
     indices = [2, 0, 3, 1]  # shuffled, plain, shuffled, plain
@@ -475,8 +480,8 @@ batch_size = 4
     for index in indices:  # the same draws: flip, crop window (none: centre), caption
         record = run.records[index]
         rng.random() if record.rules.flip else None
-        captions.append(step_caption(record.caption, record.rules, rng, run.config.trigger))
-    expected, pooled = encode_captions(run.pipe, run.text_encoders, run.family, captions, "cpu")
+        captions.append(step_caption(record.caption, record.rules, rng, run.config.data.trigger))
+    expected, pooled = encode_captions(run.model.pipe, run.model.text_encoders, run.model.family, captions, "cpu")
     torch.testing.assert_close(conditioning.hidden, expected.to(conditioning.hidden.dtype))
     if model == "tiny-sdxl":
         torch.testing.assert_close(conditioning.pooled, pooled.to(conditioning.pooled.dtype))

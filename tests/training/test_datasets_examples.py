@@ -67,13 +67,21 @@ def test_train_toml_loads_validates_and_finds_its_images(toml, tmp_path):
     # data_dir is resolved against the TOML's folder, so the config trains from any working directory
     assert Path(options["data_dir"]) == toml.parent.resolve()
     assert "output_dir" not in options, "leave the output to --output: a folder inside the dataset is refused"
-    config = TrainConfig(**options, output_dir=str(tmp_path / "out"))
-    assert config.model == "demo" and config.resolution == 64 and config.buckets and config.rank != config.alpha
-    assert config.val_split > 0 and config.validation_prompts and all(p.startswith(config.trigger) for p in config.validation_prompts)
-    records = data.find_images(config.data_dir, trigger=config.trigger)
-    train_records, held_out = data.split_validation(records, config.val_split, config.seed)
+    config = TrainConfig.from_options(**options, output_dir=str(tmp_path / "out"))
+    assert (
+        config.base.model == "demo" and config.data.resolution == 64 and config.data.buckets and config.network.rank != config.network.alpha
+    )
+    assert (
+        config.data.val_split > 0
+        and config.samples.validation_prompts
+        and all(p.startswith(config.data.trigger) for p in config.samples.validation_prompts)
+    )
+    records = data.find_images(config.data.data_dir, trigger=config.data.trigger)
+    train_records, held_out = data.split_validation(records, config.data.val_split, config.run.seed)
     assert len(held_out) >= 3 and len(train_records) >= 20
-    assert all(record.caption.startswith(config.trigger + ", ") and record.caption.count(config.trigger) == 1 for record in records)
+    assert all(
+        record.caption.startswith(config.data.trigger + ", ") and record.caption.count(config.data.trigger) == 1 for record in records
+    )
 
 
 def _rebuild(out: Path, hash_seed: str) -> None:

@@ -241,10 +241,13 @@ def test_report_to_is_checked_with_the_config(tmp_path):
     with pytest.raises(
         ValueError, match=r"^--report-to 'bogus' is invalid: it must be one of tensorboard, wandb, comet_ml, mlflow, aim, all, none$"
     ):
-        TrainConfig(**options, report_to="bogus")
+        TrainConfig.from_options(**options, report_to="bogus")
     with pytest.raises(ValueError, match="--tracker-project"):
-        TrainConfig(**options, tracker_project=" ")
-    assert TrainConfig(**options, report_to="all").report_to == "all" and TrainConfig(**options).report_to is None
+        TrainConfig.from_options(**options, tracker_project=" ")
+    assert (
+        TrainConfig.from_options(**options, report_to="all").logging.report_to == "all"
+        and TrainConfig.from_options(**options).logging.report_to is None
+    )
 
 
 def test_tracker_config_is_flat_and_tracker_safe():

@@ -240,7 +240,7 @@ def test_a_few_adamw_steps_overfit_one_batch(tiny_pipe, scheduler):
     ],
 )
 def test_objective_config_rejects_bad_values(options, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message.replace("_", "-")):  # named as its flag, as every option's error
         ObjectiveConfig(**options)
 
 
@@ -445,22 +445,26 @@ def _parse(argv: list[str]) -> TrainConfig:
 
 
 def test_the_options_are_flags_with_kohyas_defaults():
-    default = _parse([])
+    default = _parse([]).objective
     assert (default.loss, default.huber_c, default.huber_schedule) == ("l2", 0.1, "snr")
     assert (default.ip_noise_gamma, default.min_timestep, default.max_timestep, default.zero_terminal_snr) == (0.0, 0, None, False)
     assert (default.multires_noise_iterations, default.multires_noise_discount) == (0, 0.3)
     config = _parse(["--loss", "smooth_l1", "--huber-c", "0.2", "--huber-schedule", "exponential", "--ip-noise-gamma", "0.1",
                      "--min-timestep", "100", "--max-timestep", "900", "--zero-terminal-snr", "--prediction-type", "v_prediction",
                      "--multires-noise-iterations", "6", "--multires-noise-discount", "0.4"])  # fmt: skip
-    assert (config.loss, config.huber_c, config.huber_schedule, config.ip_noise_gamma) == ("smooth_l1", 0.2, "exponential", 0.1)
-    assert (config.min_timestep, config.max_timestep, config.zero_terminal_snr) == (100, 900, True)
-    assert (config.multires_noise_iterations, config.multires_noise_discount) == (6, 0.4)
-    # the choices are the objective's, and every ObjectiveConfig option is a TrainConfig option of the same default
-    choices = {item.name: item.metadata["choices"] for item in dataclasses.fields(TrainConfig)}
+    assert (config.objective.loss, config.objective.huber_c, config.objective.huber_schedule, config.objective.ip_noise_gamma) == (
+        "smooth_l1",
+        0.2,
+        "exponential",
+        0.1,
+    )
+    assert (config.objective.min_timestep, config.objective.max_timestep, config.objective.zero_terminal_snr) == (100, 900, True)
+    assert (config.objective.multires_noise_iterations, config.objective.multires_noise_discount) == (6, 0.4)
+    # the choices are the objective's, and the objective section is the ObjectiveConfig the loss takes (not a copy)
+    choices = {item.name: item.metadata["choices"] for item in dataclasses.fields(ObjectiveConfig)}
     assert choices["loss"] == LOSSES and choices["huber_schedule"] == HUBER_SCHEDULES
-    train_defaults = TrainConfig(data_dir="d", output_dir="o")
-    for item in dataclasses.fields(ObjectiveConfig):
-        assert getattr(train_defaults, item.name) == item.default, item.name
+    train_defaults = TrainConfig.from_options(data_dir="d", output_dir="o")
+    assert type(train_defaults.objective) is ObjectiveConfig and train_defaults.objective == ObjectiveConfig()
 
 
 @pytest.mark.parametrize(
@@ -486,12 +490,12 @@ def test_bad_objective_values_are_one_line_errors_naming_the_option(argv, option
 
 def test_timestep_range_sets_both_ends():
     config = _parse(["--timestep-range", "200", "700"])
-    assert (config.min_timestep, config.max_timestep) == (200, 700)
+    assert (config.objective.min_timestep, config.objective.max_timestep) == (200, 700)
 
 
 def test_an_unknown_loss_is_refused_by_the_flag_and_the_config(capsys):
     with pytest.raises(ValueError, match="^--loss 'bogus' is invalid: it must be one of l2, huber, smooth_l1$"):
-        TrainConfig(data_dir="d", output_dir="o", loss="bogus")  # a TOML file's value
+        TrainConfig.from_options(data_dir="d", output_dir="o", loss="bogus")  # a TOML file's value
     with pytest.raises(SystemExit):
         _parse(["--loss", "bogus"])
     assert "argument --loss: invalid choice: 'bogus'" in capsys.readouterr().err
@@ -535,11 +539,10 @@ def test_cli_run_with_every_option_trains_and_resumes_bit_for_bit(tmp_path, make
     assert 'loss = "huber"' in toml and "max_timestep = 900" in toml and "zero_terminal_snr = true" in toml
 
     # the recipe hands every option to the objective and rescales the training schedule
-    config = dataclasses.replace(_parse(options), data_dir=str(data), output_dir=str(tmp_path / "setup"), model="tiny", resolution=64)
+    config = _parse(options).replace(data_dir=str(data), output_dir=str(tmp_path / "setup"), model="tiny", resolution=64)
     run = recipe.setup(config)
     try:
-        for item in dataclasses.fields(ObjectiveConfig):
-            assert getattr(run.objective, item.name) == getattr(run.config, item.name), item.name
-        assert run.noise_scheduler.alphas_cumprod[-1] == 0 and run.validator.noise_scheduler is run.noise_scheduler
+        assert run.config.objective == _parse(options).objective and run.validator.objective is run.config.objective
+        assert run.model.noise_scheduler.alphas_cumprod[-1] == 0 and run.validator.model.noise_scheduler is run.model.noise_scheduler
     finally:
         run.metrics.close()

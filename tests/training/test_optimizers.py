@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import sdlora.training.base_model
 import sdlora.training.recipe
 from sdlora.cli import main
 from sdlora.training import optimizers
@@ -63,7 +64,7 @@ def no_model_load(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the optimizer settings were checked")
 
-    monkeypatch.setattr(sdlora.training.recipe, "load_pipeline", refuse)
+    monkeypatch.setattr(sdlora.training.base_model, "load_pipeline", refuse)
 
 
 # ---------------------------------------------------------------- parsing --optimizer-args
@@ -120,8 +121,8 @@ def test_values_are_never_evaluated(tmp_path):
 
 
 def test_default_adamw_is_torch_adamw_exactly():
-    assert TrainConfig(data_dir="d", output_dir="o").optimizer == "adamw"
-    assert TrainConfig(data_dir="d", output_dir="o").optimizer_args == []
+    assert TrainConfig.from_options(data_dir="d", output_dir="o").optimization.optimizer == "adamw"
+    assert TrainConfig.from_options(data_dir="d", output_dir="o").optimization.optimizer_args == []
 
     def groups(seed: int):
         torch.manual_seed(seed)
@@ -200,7 +201,7 @@ def test_resumed_run_ends_bit_identical_to_a_straight_one(dataset, tmp_path, mon
 
 def test_unknown_optimizer_name_is_one_line_everywhere(tmp_path, capsys, dataset):
     with pytest.raises(ValueError) as caught:
-        TrainConfig(data_dir="d", output_dir="o", optimizer="sgd")
+        TrainConfig.from_options(data_dir="d", output_dir="o", optimizer="sgd")
     assert str(caught.value) == "--optimizer 'sgd' is invalid: it must be one of adamw, adamw8bit, prodigy, adafactor, lion"
     with pytest.raises(ValueError, match="--optimizer 'sgd' is invalid: it must be one of adamw, "):
         build_optimizer("sgd", [{"params": [torch.nn.Parameter(torch.zeros(2))]}], 1e-3, 0.0)
@@ -348,7 +349,7 @@ def test_a_tuple_of_another_length_is_one_line_not_an_index_error():
 
 def test_malformed_value_from_the_cli_and_from_a_config(tmp_path, capsys, dataset):
     with pytest.raises(ValueError) as caught:
-        TrainConfig(data_dir="d", output_dir="o", optimizer="prodigy", optimizer_args=["d_coef=two"])
+        TrainConfig.from_options(data_dir="d", output_dir="o", optimizer="prodigy", optimizer_args=["d_coef=two"])
     assert str(caught.value).startswith("--optimizer-args d_coef=two: 'two' is not a Python literal") and "\n" not in str(caught.value)
     out = tmp_path / "run"
     assert main(["train", str(dataset), "--output", str(out), *FAST, "--optimizer-args", "d_coef=two"]) == 2
@@ -365,9 +366,11 @@ def test_prodigy_refuses_a_different_text_encoder_lr_up_front():
     with pytest.raises(
         ValueError, match=r"--optimizer prodigy takes one learning rate for every trained part, got 0\.5, 1: pass --text-encoder-lr"
     ):
-        TrainConfig(data_dir="d", output_dir="o", optimizer="prodigy", lr=1.0, train_text_encoder=True)
-    config = TrainConfig(data_dir="d", output_dir="o", optimizer="prodigy", lr=1.0, train_text_encoder=True, text_encoder_lr=1.0)
-    assert config.lr_of("text_encoder") == config.lr_of("unet") == 1.0
+        TrainConfig.from_options(data_dir="d", output_dir="o", optimizer="prodigy", lr=1.0, train_text_encoder=True)
+    config = TrainConfig.from_options(
+        data_dir="d", output_dir="o", optimizer="prodigy", lr=1.0, train_text_encoder=True, text_encoder_lr=1.0
+    )
+    assert config.optimization.lr_of("text_encoder") == config.optimization.lr_of("unet") == 1.0
 
 
 def test_prodigy_at_an_adamw_learning_rate_warns():
@@ -395,7 +398,7 @@ def test_the_kohya_file_names_the_optimizer_used(tmp_path):
     from sdlora.training.config import TrainConfig
     from sdlora.training.outputs import training_metadata
 
-    config = TrainConfig(
+    config = TrainConfig.from_options(
         data_dir=str(tmp_path / "d"), output_dir=str(tmp_path / "o"), optimizer="lion", optimizer_args=["betas=(0.9,0.99)"]
     )
     label = training_metadata(config, [])["ss_optimizer"]

@@ -64,7 +64,7 @@ def test_a_run_conditions_each_image_on_its_own_size_and_bucket(tmp_path, tiny_c
     Image.new("RGB", (96, 60), (200, 40, 40)).save(data / "wide.png")
     Image.new("RGB", (64, 64), (40, 40, 200)).save(data / "square.png")
     run = recipe.setup(_sdxl_config(tiny_config, data, tmp_path / "run", batch_size=1, caption="a shape"))
-    assert run.config.buckets is True and run.config.resolution == 64  # SDXL's defaults: buckets on, the model's size
+    assert run.config.data.buckets is True and run.config.data.resolution == 64  # SDXL's defaults: buckets on, the model's size
     wide = next(i for i, r in enumerate(run.records) if r.path.name == "wide.png")
     width, height = run.buckets[wide]
     assert width > height
@@ -162,9 +162,11 @@ def test_both_text_encoders_train_each_at_its_own_rate(tmp_path, dataset, tiny_c
 
 def test_vae_stays_fp32_under_half_precision_where_sdxl_says_so(tmp_path, dataset, tiny_config):
     run = recipe.setup(_sdxl_config(tiny_config, dataset, tmp_path / "xl", mixed_precision="bf16", steps=1, checkpoint_every=0))
-    assert run.pipe.vae.config.force_upcast and run.pipe.vae.dtype == torch.float32 and run.pipe.unet.dtype == torch.bfloat16
+    assert (
+        run.model.pipe.vae.config.force_upcast and run.model.pipe.vae.dtype == torch.float32 and run.model.pipe.unet.dtype == torch.bfloat16
+    )
     sd1 = recipe.setup(tiny_config(dataset, tmp_path / "sd1", mixed_precision="bf16", steps=1, checkpoint_every=0))
-    assert sd1.pipe.vae.dtype == torch.bfloat16  # SD1's VAE runs in half precision
+    assert sd1.model.pipe.vae.dtype == torch.bfloat16  # SD1's VAE runs in half precision
 
 
 def test_a_fixed_vae_replaces_the_models_own(tmp_path, dataset, tiny_config, tiny_sdxl_dir):
@@ -175,7 +177,7 @@ def test_a_fixed_vae_replaces_the_models_own(tmp_path, dataset, tiny_config, tin
 
     save_file(weights, str(vae_dir / "diffusion_pytorch_model.safetensors"))
     run = recipe.setup(_sdxl_config(tiny_config, dataset, tmp_path / "run", vae=str(vae_dir), steps=1, checkpoint_every=0))
-    assert torch.equal(run.pipe.vae.decoder.conv_out.bias, weights["decoder.conv_out.bias"])
+    assert torch.equal(run.model.pipe.vae.decoder.conv_out.bias, weights["decoder.conv_out.bias"])
 
 
 def _overflowing_vae_model(tiny_sdxl_dir: Path, folder: Path) -> Path:
@@ -222,11 +224,11 @@ def test_what_the_caches_hold_leaves_the_accelerator(tmp_path, dataset, tiny_con
     """Once the caches are filled, the steps need neither the VAE nor the frozen text encoders: they are offloaded
     (moved back only while validation draws samples); a trained encoder stays."""
     cached = recipe.setup(_sdxl_config(tiny_config, dataset, tmp_path / "cached", steps=1, checkpoint_every=0))
-    pipe = cached.pipe
-    assert cached.validator.offloaded == [pipe.vae, pipe.text_encoder, pipe.text_encoder_2]
+    pipe = cached.model.pipe
+    assert cached.model.offloaded == [pipe.vae, pipe.text_encoder, pipe.text_encoder_2]
     training_encoders = recipe.setup(
         _sdxl_config(tiny_config, dataset, tmp_path / "te", steps=1, checkpoint_every=0, train_text_encoder=True)
     )
-    assert training_encoders.validator.offloaded == [training_encoders.pipe.vae]
+    assert training_encoders.model.offloaded == [training_encoders.model.pipe.vae]
     uncached = recipe.setup(_sdxl_config(tiny_config, dataset, tmp_path / "off", steps=1, checkpoint_every=0, cache="off"))
-    assert uncached.validator.offloaded == []
+    assert uncached.model.offloaded == []

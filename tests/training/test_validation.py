@@ -41,9 +41,9 @@ def test_held_out_images_are_encoded_once_per_run(trained_run, monkeypatch):
     run = trained_run()
     first = run.validator.loss()  # the run validated at its end already: its inputs are held
     encodes = []
-    original_encode = run.pipe.vae.encode
-    monkeypatch.setattr(run.pipe.vae, "encode", lambda *a, **k: encodes.append(1) or original_encode(*a, **k))
-    text_encoder = run.text_encoders["text_encoder"]
+    original_encode = run.model.pipe.vae.encode
+    monkeypatch.setattr(run.model.pipe.vae, "encode", lambda *a, **k: encodes.append(1) or original_encode(*a, **k))
+    text_encoder = run.model.text_encoders["text_encoder"]
     original_text = text_encoder.forward
     monkeypatch.setattr(text_encoder, "forward", lambda *a, **k: encodes.append(2) or original_text(*a, **k))
     assert run.validator.loss() == first

@@ -1,0 +1,55 @@
+"""The frozen base model as a training run holds it (`BaseModel`), loaded from the run's base-model section."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..core.families import ModelFamily, family_of_pipeline
+from ..models.loading import load_pipeline, load_vae
+from .config import BaseModelConfig
+
+WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}  # by --mixed-precision; fp32 otherwise
+
+
+@dataclass
+class BaseModel:
+    """The pipeline and its parts as training uses them: frozen weights in `dtype` on `device`; the UNet and the
+    trained text encoders are replaced by accelerate's wrappers (DDP) once the optimizer is prepared."""
+
+    name: str  # --model as given: labels of sample images, fingerprints of cached latents
+    pipe: object
+    family: ModelFamily
+    dtype: torch.dtype  # of the frozen weights: what the UNet runs in
+    device: torch.device
+    unet: torch.nn.Module
+    text_encoders: dict[str, torch.nn.Module]  # by component
+    noise_scheduler: object  # DDPM over the model's schedule: how training noises
+    trained: tuple[str, ...] = ("unet",)  # the components that carry a trained LoRA
+    offloaded: list[torch.nn.Module] = field(default_factory=list)  # kept off the accelerator between uses
+
+    @property
+    def trains_text_encoders(self) -> bool:
+        return len(self.trained) > 1
+
+
+def load_base_model(base: BaseModelConfig, device: torch.device) -> BaseModel:
+    """The model of `base.model` (with `base.vae` instead of its own VAE), frozen, on `device`: half precision under
+    mixed precision (the LoRA parameters stay fp32 unless --full-bf16/--full-fp16)."""
+    from diffusers import DDPMScheduler  # diffusers takes seconds to import: only when training starts
+
+    dtype = WEIGHT_DTYPES.get(base.mixed_precision, torch.float32)
+    pipe = load_pipeline(base.model, dtype=dtype, config=base.model_config, allow_pickle=base.allow_pickle)
+    if base.vae:
+        pipe.vae = load_vae(base.vae, dtype, allow_pickle=base.allow_pickle)
+    family = family_of_pipeline(pipe)
+    if family.vae_fp32_when_half and dtype != torch.float32 and pipe.vae.config.get("force_upcast", False):
+        pipe.vae.to(torch.float32)  # SDXL's VAE overflows in half precision unless fixed (its config says so)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to(device)
+    text_encoders = {spec.component: getattr(pipe, spec.component) for spec in family.text_encoders}
+    for part in (pipe.vae, pipe.unet, *text_encoders.values()):
+        part.requires_grad_(False)
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    return BaseModel(base.model, pipe, family, dtype, torch.device(device), pipe.unet, text_encoders, noise_scheduler)
