@@ -1,12 +1,18 @@
 """Shared fixtures: the tiny pipeline (in memory and as a folder), small random LoRAs, LoRA files spelled as each
-format documents them, a tiny training set and a fast training config. Helpers that build things are fixtures
-returning the function, so tests take them as arguments instead of importing each other."""
+format documents them, a tiny training set and a fast training config; the parsing and running of the commands that
+README.md and docs/ show. Helpers that build things are fixtures returning the function, so tests take them as
+arguments instead of importing each other."""
 
 from __future__ import annotations
 
 import concurrent.futures
 import json
 import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -248,7 +254,7 @@ def _tiny_config(dataset: Path, out: Path, **overrides) -> TrainConfig:
         seed=3,
     )
     options.update(overrides)
-    return TrainConfig(**options)
+    return TrainConfig.from_options(**options)
 
 
 @pytest.fixture(scope="session")
@@ -325,3 +331,121 @@ def _write_sdxl_single_file(model_dir: Path, out: Path, text_encoder_2: bool = T
 def write_sdxl_single_file():
     """`write_sdxl_single_file(model_dir, out, text_encoder_2=True) -> out`."""
     return _write_sdxl_single_file
+
+
+# ---------------------------------------------------------------- commands shown in markdown (README.md, docs/)
+
+_SHELL_OPERATORS = {"&&", "||", ";", "|", "&", ";;", "(", ")"}
+
+
+def _bash_blocks(text: str) -> list[tuple[int, str]]:
+    """(first line number, body) of every ```bash block of a markdown text."""
+    blocks, lines = [], text.splitlines()
+    index = 0
+    while index < len(lines):
+        if lines[index].strip() == "```bash":
+            start, index = index + 1, index + 1
+            while lines[index].strip() != "```":
+                index += 1
+            blocks.append((start + 1, "\n".join(lines[start:index])))
+        index += 1
+    return blocks
+
+
+def _shell_commands(block: str) -> list[str]:
+    """The commands of a bash block, `\\` continuations joined; comment lines dropped."""
+    joined = re.sub(r"\s*\\\n\s*", " ", block)
+    return [line.strip() for line in joined.splitlines() if line.strip() and not line.strip().startswith("#")]
+
+
+def _sdlora_invocations(command: str) -> list[list[str]]:
+    """The arguments after `sdlora` of every `sdlora ...`, `python -m sdlora ...`, `accelerate launch ... -m sdlora`
+    or `torchrun ... -m sdlora` segment of a command line (segments split at &&, ||, ;, |)."""
+    lexer = shlex.shlex(command, posix=True, punctuation_chars=True)
+    lexer.whitespace_split = True
+    segments: list[list[str]] = [[]]
+    for token in lexer:
+        if token in _SHELL_OPERATORS:
+            segments.append([])
+        else:
+            segments[-1].append(token)
+    found = []
+    for words in segments:
+        if words and words[0] == "sdlora":
+            found.append(words[1:])
+        elif "-m" in words and words.index("-m") + 1 < len(words) and words[words.index("-m") + 1] == "sdlora":
+            found.append(words[words.index("-m") + 2 :])
+    return found
+
+
+@pytest.fixture(scope="session")
+def bash_blocks():
+    """`bash_blocks(markdown_text) -> [(first line number, body)]` of every ```bash block."""
+    return _bash_blocks
+
+
+@pytest.fixture(scope="session")
+def shell_commands():
+    """`shell_commands(block) -> [command]`: a bash block's commands, continuations joined, comments dropped."""
+    return _shell_commands
+
+
+@pytest.fixture(scope="session")
+def sdlora_invocations():
+    """`sdlora_invocations(command) -> [[arg, ...]]`: the arguments of each sdlora call in a command line."""
+    return _sdlora_invocations
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _repo_workspace(folder: Path) -> Path:
+    """`folder`, made to look like the repository root to the docs' relative paths; outputs land in it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "datasets_examples").symlink_to(REPO_ROOT / "datasets_examples", target_is_directory=True)
+    return folder
+
+
+def _run_sdlora(args: list[str], cwd: Path) -> str:
+    """Run `sdlora ARGS` in `cwd` as a user would (a new process, offline); its stdout, or a test failure."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-m", "sdlora", *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, f"sdlora {' '.join(args)} failed:\n{result.stderr[-3000:]}"
+    return result.stdout
+
+
+@pytest.fixture(scope="session")
+def repo_workspace():
+    """`repo_workspace(folder) -> folder`: a folder where the docs' commands run as from the repository root."""
+    return _repo_workspace
+
+
+@pytest.fixture(scope="session")
+def run_sdlora():
+    """`run_sdlora(args, cwd) -> stdout`: `sdlora ARGS` in a new process; fails the test on a non-zero exit."""
+    return _run_sdlora
+
+
+@pytest.fixture(scope="session")
+def train_once(tmp_path_factory):
+    """`train_once(args, cwd)`: `sdlora train ARGS` (with `--output`), run once per session for the same ARGS and its
+    output folder copied into `cwd`: the README and the getting-started page train the same demo LoRA."""
+    runs: dict[tuple[str, ...], Path | str] = {}  # the workspace of a run, or why it failed (not run twice)
+
+    def train(args: list[str], cwd: Path) -> None:
+        assert args[0] == "train" and "--output" in args, args
+        if tuple(args) not in runs:
+            work = _repo_workspace(tmp_path_factory.mktemp("train-once"))
+            try:
+                _run_sdlora(args, work)
+                runs[tuple(args)] = work
+            except (AssertionError, subprocess.TimeoutExpired) as err:
+                runs[tuple(args)] = str(err)
+                raise
+        work = runs[tuple(args)]
+        if isinstance(work, str):
+            pytest.fail(f"an earlier test's run of the same command failed:\n{work}")
+        output = args[args.index("--output") + 1]
+        shutil.copytree(work / output, cwd / output, symlinks=True)
+
+    return train

@@ -6,7 +6,7 @@
 It is fitted on renderings of the three styles at 64 px, drawn as the LoRA datasets are and then blurred and noised
 at random, because generated pictures are softer and noisier than drawn ones. Fixed image statistics (colourfulness,
 dark ridges, paper share, gradient spread) were tried first and separated neutral from flat_poster too poorly
-(docs/training.md). Fitting is deterministic: fixed seeds, one thread.
+(docs/benchmarks.md). Fitting is deterministic: fixed seeds, one thread.
 """
 
 from __future__ import annotations
