@@ -13,7 +13,9 @@ nn.Conv2d layers are ever chosen, and conv_in, conv_out, time_embedding and add_
   plus the `downsamplers` / `upsamplers` convs (3x3).
 
 The text encoder (`--train-text-encoder`) gets LoRA on CLIP's `q_proj`, `k_proj`, `v_proj`, `out_proj`; `extract`
-also takes its MLP's `fc1` / `fc2`, as kohya's extract_lora_from_models.py does.
+also takes its MLP's `fc1` / `fc2`, as kohya's extract_lora_from_models.py does. Training leaves out the layers
+after the one its family reads (SDXL's first encoder is read at its penultimate layer): a LoRA there would change
+nothing and get no gradient, which DDP refuses (kohya's sdxl_train.py freezes that layer for the same reason).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import re
 from torch import nn
 
 from ..errors import UserError
+from .families import TextEncoderSpec
 from .matching import ADAPTABLE_LAYERS, base_layers
 
 _ATTENTION = r"\.transformer_blocks\.\d+\.attn\d+\.(to_q|to_k|to_v|to_out\.0)$"
@@ -38,6 +41,8 @@ PRESETS: dict[str, tuple[str, ...]] = {
 }
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 TEXT_ENCODER_MLP = ("fc1", "fc2")
+# the index of the CLIP transformer layer a module sits in (names with or without `text_model.`)
+_ENCODER_LAYER = re.compile(r"(?:^|\.)encoder\.layers\.(\d+)\.")
 
 
 def unet_target_modules(unet: nn.Module, preset: str) -> list[str]:
@@ -53,12 +58,27 @@ def unet_target_modules(unet: nn.Module, preset: str) -> list[str]:
     return names
 
 
-def text_encoder_target_modules(text_encoder: nn.Module, targets: tuple[str, ...] = TEXT_ENCODER_TARGETS) -> list[str]:
+def text_encoder_target_modules(
+    text_encoder: nn.Module, targets: tuple[str, ...] = TEXT_ENCODER_TARGETS, spec: TextEncoderSpec | None = None
+) -> list[str]:
     """The full names of the CLIP text encoder's layers named `targets` (default: the attention projections
-    q/k/v/out_proj), as in its module tree."""
+    q/k/v/out_proj), as in its module tree. With `spec` (training), only those whose output reaches the UNet: the
+    transformer layers up to the hidden layer it reads, all of them when its pooled output conditions it too."""
     names = [
         name for name, layer in base_layers(text_encoder).items() if isinstance(layer, nn.Linear) and name.rpartition(".")[2] in targets
     ]
+    if spec is not None:
+        names = [name for name in names if reaches_the_unet(name, text_encoder, spec)]
     if not names:
         raise UserError(f"the text encoder ({type(text_encoder).__name__}) has no {'/'.join(targets)} layers to adapt")
     return names
+
+
+def reaches_the_unet(name: str, text_encoder: nn.Module, spec: TextEncoderSpec) -> bool:
+    """Whether the text encoder's module `name` can change what the UNet is conditioned on: not when it sits in a
+    transformer layer after the hidden layer `spec` reads, unless its pooled output (from the last layer) is read."""
+    found = _ENCODER_LAYER.search(name)
+    if spec.pooled or spec.hidden_layer == -1 or found is None:
+        return True
+    # hidden_states[0] is the embeddings, so hidden layer h (negative) is the output of layer `layers + h`
+    return int(found[1]) <= text_encoder.config.num_hidden_layers + spec.hidden_layer

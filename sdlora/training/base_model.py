@@ -9,6 +9,7 @@ import torch
 from ..core.families import ModelFamily, family_of_pipeline
 from ..models.loading import load_pipeline, load_vae
 from .config import BaseModelConfig
+from .fp8 import store_weights_in_fp8
 
 WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}  # by --mixed-precision; fp32 otherwise
 
@@ -36,7 +37,8 @@ class BaseModel:
 
 def load_base_model(base: BaseModelConfig, device: torch.device) -> BaseModel:
     """The model of `base.model` (with `base.vae` instead of its own VAE), frozen, on `device`: half precision under
-    mixed precision (the LoRA parameters stay fp32 unless --full-bf16/--full-fp16)."""
+    mixed precision (the LoRA parameters stay fp32 unless --full-bf16/--full-fp16); with --fp8-base the UNet's and
+    text encoders' Linear/Conv2d weights are stored in fp8 and cast up to that precision layer by layer."""
     from diffusers import DDPMScheduler  # diffusers takes seconds to import: only when training starts
 
     dtype = WEIGHT_DTYPES.get(base.mixed_precision, torch.float32)
@@ -47,9 +49,12 @@ def load_base_model(base: BaseModelConfig, device: torch.device) -> BaseModel:
     if family.vae_fp32_when_half and dtype != torch.float32 and pipe.vae.config.get("force_upcast", False):
         pipe.vae.to(torch.float32)  # SDXL's VAE overflows in half precision unless fixed (its config says so)
     pipe.set_progress_bar_config(disable=True)
-    pipe.to(device)
     text_encoders = {spec.component: getattr(pipe, spec.component) for spec in family.text_encoders}
     for part in (pipe.vae, pipe.unet, *text_encoders.values()):
         part.requires_grad_(False)
+    if base.fp8_base:  # before the move: the device never holds the model at full width
+        for part in (pipe.unet, *text_encoders.values()):
+            store_weights_in_fp8(part, dtype)
+    pipe.to(device)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     return BaseModel(base.model, pipe, family, dtype, torch.device(device), pipe.unet, text_encoders, noise_scheduler)

@@ -3,7 +3,9 @@ turn one micro-batch of dataset indices into the UNet's inputs (`BatchEncoder`),
 
 Latents are cached as the distribution (mean, std), not a sample: training still draws a fresh sample each step
 from its own generator, exactly as without the cache, so cached and uncached runs train the same model.
-Entries are keyed by image content hash, bucket size, crop, flip and the model's fingerprint.
+Entries are keyed by image content hash, bucket size, crop, flip and the model's fingerprint (captions by their
+hash and the text encoders' fingerprint). On disk (`--cache disk`) each entry is a small safetensors file, read
+when a step needs it, so RAM holds none of them; memory and disk give the same tensors, bit for bit.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import functools
 import hashlib
 import json
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +39,10 @@ def model_fingerprint(model_name: str, module: torch.nn.Module) -> str:
     digest = hashlib.sha256(f"{CACHE_VERSION}|{model_name}|".encode())
     config = getattr(module, "config", None)
     if config is not None:
-        digest.update(json.dumps(dict(config), sort_keys=True, default=str).encode())
+        config = dict(config) if isinstance(config, Mapping) else config.to_dict()  # diffusers' FrozenDict, transformers' configs
+        # diffusers lists the keys left at their defaults in set order, which changes with each process's hash seed
+        config.pop("_use_default_values", None)
+        digest.update(json.dumps(config, sort_keys=True, default=str).encode())
     first = next(iter(module.state_dict().values()))
     digest.update(first.detach().to(torch.float32).cpu().numpy().tobytes())
     return digest.hexdigest()[:16]
@@ -51,8 +56,13 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()[:24]
 
 
+LatentEntry = tuple[torch.Tensor, torch.Tensor]
+EmbeddingEntry = tuple[torch.Tensor, torch.Tensor | None]
+
+
 class LatentCache:
-    """(mean, std) of the VAE latent distribution per (image, size, crop, flip), in memory and optionally on disk."""
+    """(mean, std) of the VAE latent distribution per (image, size, crop, flip): in memory, or with a `cache_dir` on
+    disk only, each entry read back from its file when a step needs it (RAM holds none of them)."""
 
     def __init__(
         self,
@@ -63,7 +73,8 @@ class LatentCache:
         self.encode = encode
         self.fingerprint = fingerprint
         self.cache_dir = cache_dir
-        self.memory: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.memory: dict[str, LatentEntry] = {}  # memory mode only
+        self.keys: set[str] = set()  # the entries this run has used, wherever they are held
         self._digests: dict[Path, str] = {}
         if cache_dir is not None:
             cache_dir.mkdir(parents=True, exist_ok=True)
@@ -73,64 +84,128 @@ class LatentCache:
             self._digests[path] = file_digest(path)
         return f"{self._digests[path]}-{size[0]}x{size[1]}-{crop}-{'flip' if flip else 'noflip'}-{self.fingerprint}"
 
-    def get(
-        self, path: Path, size: tuple[int, int], crop: str, flip: bool, load_pixels: Callable[[], torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def get(self, path: Path, size: tuple[int, int], crop: str, flip: bool, load_pixels: Callable[[], torch.Tensor]) -> LatentEntry:
         """Cached (mean, std) for an image, encoding `load_pixels()` ([3, H, W] in [-1, 1]) on a miss."""
         key = self.key(path, size, crop, flip)
-        if key in self.memory:
-            return self.memory[key]
-        entry = self._read_disk(key)
+        entry = self._lookup(key)
         if entry is None:
             mean, std = self.encode(load_pixels().unsqueeze(0), [path])
-            entry = (mean[0].to(torch.float32).cpu().contiguous(), std[0].to(torch.float32).cpu().contiguous())
-            self._write_disk(key, entry)
-        self.memory[key] = entry
+            entry = self._store(key, mean[0], std[0])
         return entry
 
-    def _read_disk(self, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-        if self.cache_dir is None or not (self.cache_dir / f"{key}.safetensors").is_file():
-            return None
-        try:
-            tensors = load_file(self.cache_dir / f"{key}.safetensors")
-            return tensors["mean"], tensors["std"]
-        except Exception:  # a damaged entry is re-encoded, never trusted
-            return None
+    def fill(self, images: Sequence[tuple[Path, tuple[int, int], str, bool, Callable[[], torch.Tensor]]]) -> None:
+        """Cache `images` (path, size, crop, flip, load_pixels), all of one size: those not cached yet go through the
+        VAE together, in one call."""
+        missing = []
+        for path, size, crop, flip, load_pixels in images:
+            key = self.key(path, size, crop, flip)
+            if key not in {k for k, _, _ in missing} and self._lookup(key) is None:  # an image twice is encoded once
+                missing.append((key, path, load_pixels))
+        if missing:
+            mean, std = self.encode(torch.stack([load() for _, _, load in missing]), [path for _, path, _ in missing])
+            for index, (key, _, _) in enumerate(missing):
+                self._store(key, mean[index], std[index])
 
-    def _write_disk(self, key: str, entry: tuple[torch.Tensor, torch.Tensor]) -> None:
+    def _lookup(self, key: str) -> LatentEntry | None:
+        entry = self.memory.get(key) if self.cache_dir is None else _read_entry(self.cache_dir / f"{key}.safetensors", ("mean", "std"))
+        if entry is not None:
+            self.keys.add(key)
+        return entry
+
+    def _store(self, key: str, mean: torch.Tensor, std: torch.Tensor) -> LatentEntry:
+        entry = (mean.to(torch.float32).cpu().contiguous(), std.to(torch.float32).cpu().contiguous())
         if self.cache_dir is None:
-            return
-        with atomic_file(self.cache_dir / f"{key}.safetensors") as tmp:
-            save_file({"mean": entry[0], "std": entry[1]}, str(tmp))
+            self.memory[key] = entry
+        else:
+            _write_entry(self.cache_dir / f"{key}.safetensors", {"mean": entry[0], "std": entry[1]})
+        self.keys.add(key)
+        return entry
 
     def size_bytes(self) -> int:
-        """The cache's size: the bytes held in memory, or on disk when its folder holds more (entries of earlier runs)."""
-        in_memory = sum(m.numel() * m.element_size() + s.numel() * s.element_size() for m, s in self.memory.values())
-        on_disk = sum(p.stat().st_size for p in self.cache_dir.glob("*.safetensors")) if self.cache_dir else 0
-        return max(in_memory, on_disk)
+        """The bytes of this run's entries: in memory, or their files on disk."""
+        if self.cache_dir is None:
+            return sum(_bytes(entry) for entry in self.memory.values())
+        return _file_bytes(self.cache_dir / f"{key}.safetensors" for key in self.keys)
 
 
 class EmbeddingCache:
-    """Per caption, the text-encoder hidden states and (SDXL) the pooled embedding; the encoders are frozen when
-    this is used."""
+    """Per caption, the text-encoder hidden states and (SDXL) the pooled embedding, in memory, or with a `cache_dir`
+    on disk only (named by the caption's hash and the encoders' `fingerprint`); the encoders are frozen when this is
+    used."""
 
-    def __init__(self, encode: Callable[[list[str]], tuple[torch.Tensor, torch.Tensor | None]]):
+    def __init__(
+        self,
+        encode: Callable[[list[str]], tuple[torch.Tensor, torch.Tensor | None]],
+        fingerprint: str = "",
+        cache_dir: Path | None = None,
+    ):
         self.encode = encode
-        self.memory: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self.fingerprint = fingerprint
+        self.cache_dir = cache_dir
+        self.memory: dict[str, EmbeddingEntry] = {}  # memory mode only
+        self.keys: set[str] = set()  # the captions this run has used
+        if cache_dir is not None:
+            cache_dir.mkdir(parents=True, exist_ok=True)
 
     def get(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(hidden states, pooled embeddings or None) of `captions`, stacked in their order."""
-        missing = sorted({c for c in captions if c not in self.memory})
+        found = {caption: self._lookup(caption) for caption in set(captions)}
+        missing = sorted(caption for caption, entry in found.items() if entry is None)
         if missing:
             hidden, pooled = self.encode(missing)
             for index, caption in enumerate(missing):
-                self.memory[caption] = (_cpu(hidden[index]), None if pooled is None else _cpu(pooled[index]))
-        entries = [self.memory[c] for c in captions]
+                found[caption] = self._store(caption, _cpu(hidden[index]), None if pooled is None else _cpu(pooled[index]))
+        entries = [found[c] for c in captions]
         pooled = [p for _, p in entries]
         return torch.stack([h for h, _ in entries]), None if pooled[0] is None else torch.stack(pooled)
 
+    def _file(self, caption: str) -> Path:
+        return self.cache_dir / f"{hashlib.sha256(caption.encode()).hexdigest()[:24]}-{self.fingerprint}.safetensors"
+
+    def _lookup(self, caption: str) -> EmbeddingEntry | None:
+        entry = self.memory.get(caption) if self.cache_dir is None else _read_entry(self._file(caption), ("hidden",), ("pooled",))
+        if entry is not None:
+            self.keys.add(caption)
+        return entry
+
+    def _store(self, caption: str, hidden: torch.Tensor, pooled: torch.Tensor | None) -> EmbeddingEntry:
+        if self.cache_dir is None:
+            self.memory[caption] = (hidden, pooled)
+        else:
+            tensors = {"hidden": hidden.contiguous()} | ({} if pooled is None else {"pooled": pooled.contiguous()})
+            _write_entry(self._file(caption), tensors)
+        self.keys.add(caption)
+        return hidden, pooled
+
     def size_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for entry in self.memory.values() for t in entry if t is not None)
+        """The bytes of this run's entries: in memory, or their files on disk."""
+        if self.cache_dir is None:
+            return sum(_bytes(entry) for entry in self.memory.values())
+        return _file_bytes(self._file(caption) for caption in self.keys)
+
+
+def _read_entry(path: Path, names: tuple[str, ...], optional: tuple[str, ...] = ()) -> tuple | None:
+    """The named tensors of a cache file (None for a missing optional one), or None if it is absent or damaged."""
+    if not path.is_file():
+        return None
+    try:
+        tensors = load_file(path)
+        return (*(tensors[name] for name in names), *(tensors.get(name) for name in optional))
+    except Exception:  # a damaged entry is re-encoded, never trusted
+        return None
+
+
+def _write_entry(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    with atomic_file(path) as tmp:
+        save_file(tensors, str(tmp))
+
+
+def _bytes(entry: tuple[torch.Tensor | None, ...]) -> int:
+    return sum(t.numel() * t.element_size() for t in entry if t is not None)
+
+
+def _file_bytes(paths) -> int:
+    return sum(path.stat().st_size for path in paths if path.is_file())
 
 
 def _cpu(tensor: torch.Tensor) -> torch.Tensor:
@@ -191,43 +266,115 @@ def build_caches(
     mode: str, model: BaseModel, out: Path, records: Sequence[ImageRecord]
 ) -> tuple[LatentCache | None, EmbeddingCache | None]:
     """Latent cache (`mode` memory, or disk in OUT/cache) unless off or some subset crops at random; embedding cache
-    unless a text encoder trains or every caption changes from step to step (shuffled tags, tag dropout, wildcards):
-    the captions that stay the same are cached, the others encoded at each step."""
+    (memory, or disk in OUT/cache/text) unless a text encoder trains or every caption changes from step to step
+    (shuffled tags, tag dropout, wildcards): the captions that stay the same are cached, the others encoded at each
+    step. Each encodes where its model is: after filling, a damaged disk entry is encoded by the offloaded model."""
     if mode == "off":
         return None, None
-    pipe, device = model.pipe, model.device
+    pipe, encoders = model.pipe, model.text_encoders
     latent_cache = None
     if all(record.rules.crop != "random" for record in records):
         cache_dir = out / "cache" if mode == "disk" else None
         latent_cache = LatentCache(
-            lambda pixels, paths: encode_images(pipe.vae, pixels, paths, device), model_fingerprint(model.name, pipe.vae), cache_dir
+            lambda pixels, paths: encode_images(pipe.vae, pixels, paths, _device_of(pipe.vae)),
+            model_fingerprint(model.name, pipe.vae),
+            cache_dir,
         )
     embedding_cache = None
     if not model.trains_text_encoders and any(record.rules.static or record.rules.caption_dropout for record in records):
-        embedding_cache = EmbeddingCache(lambda captions: encode_captions(pipe, model.text_encoders, model.family, captions, device))
+        fingerprint, cache_dir = (text_fingerprint(model), out / "cache" / "text") if mode == "disk" else ("", None)
+        embedding_cache = EmbeddingCache(
+            lambda captions: encode_captions(pipe, encoders, model.family, captions, _device_of(next(iter(encoders.values())))),
+            fingerprint,
+            cache_dir,
+        )
     return latent_cache, embedding_cache
 
 
-def fill_caches(records, buckets, latent_cache: LatentCache | None, embedding_cache: EmbeddingCache | None, show: bool) -> None:
-    """Encode every image (both flips when flipping) and caption once, before the first step; report the size."""
+def text_fingerprint(model: BaseModel) -> str:
+    """A short hash of the text encoders, their tokenizers and which of their outputs condition the UNet, so cached
+    embeddings of different models never mix."""
+    pipe, family = model.pipe, model.family
+    parts = [f"{CACHE_VERSION}|{family.empty_prompt_zeros}"]
+    for spec in family.text_encoders:
+        tokenizer = getattr(pipe, spec.tokenizer)
+        parts.append(f"{spec.hidden_layer}|{spec.pooled}|{len(tokenizer)}|{tokenizer.model_max_length}")
+        parts.append(model_fingerprint(model.name, model.text_encoders[spec.component]))
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def _device_of(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def fill_caches(
+    records,
+    buckets,
+    latent_cache: LatentCache | None,
+    embedding_cache: EmbeddingCache | None,
+    show: bool,
+    batch_size: int = 1,
+    share: tuple[int, int] = (0, 1),
+    wait_for_everyone: Callable[[], None] = lambda: None,
+) -> None:
+    """Encode every image (both flips when flipping; `batch_size` images of one size per VAE call) and caption once,
+    before the first step; report the size.
+
+    `share` is (this process's index, the process count). A disk cache is filled once for all processes: each
+    encodes its share of the entries, waits for the others (`wait_for_everyone`, called by every process), then
+    reads theirs back. A memory cache is each process's own, so each fills it with every entry (every process
+    draws from all the images over the epochs)."""
+    process, count = share
+    shared = count > 1 and any(cache is not None and cache.cache_dir is not None for cache in (latent_cache, embedding_cache))
+    jobs: list[tuple[ImageRecord, Size, bool]] = []
+    captions: list[str] = []
     if latent_cache is not None:
         jobs = [
             (record, size, flip) for record, size in zip(records, buckets) for flip in ((False, True) if record.rules.flip else (False,))
         ]
-        for record, size, flip in tqdm(jobs, desc="caching latents", disable=not show):
-            crop = record.rules.crop
-            latent_cache.get(record.path, size, crop, flip, functools.partial(load_image, record, size, crop=crop, flip=flip))
+        if shared:  # one job per entry, so that no two processes encode the same image
+            jobs = list({(record.path, size, record.rules.crop, flip): (record, size, flip) for record, size, flip in jobs}.values())
+        _fill_latents(latent_cache, jobs[process::count] if shared else jobs, batch_size, show)
     if embedding_cache is not None:
-        captions = {step_caption(record.caption, record.rules, None) for record in records if record.rules.static}
-        captions = sorted(captions | ({""} if any(record.rules.caption_dropout for record in records) else set()))
-        for start in range(0, len(captions), 16):
-            embedding_cache.get(captions[start : start + 16])
+        static = {step_caption(record.caption, record.rules, None) for record in records if record.rules.static}
+        captions = sorted(static | ({""} if any(record.rules.caption_dropout for record in records) else set()))
+        _fill_embeddings(embedding_cache, captions[process::count] if shared else captions)
+    if shared:
+        wait_for_everyone()
+        # the other processes' entries, read from their files (one found damaged is encoded again)
+        if latent_cache is not None:
+            _fill_latents(latent_cache, jobs, batch_size, show=False)
+        if embedding_cache is not None:
+            _fill_embeddings(embedding_cache, captions)
     if show and (latent_cache or embedding_cache):
         size = sum(cache.size_bytes() for cache in (latent_cache, embedding_cache) if cache is not None)
         where = f" (on disk: {latent_cache.cache_dir})" if latent_cache and latent_cache.cache_dir else ""
-        latents = len(latent_cache.memory) if latent_cache else 0
-        captions = len(embedding_cache.memory) if embedding_cache else 0
+        latents = len(latent_cache.keys) if latent_cache else 0
+        captions = len(embedding_cache.keys) if embedding_cache else 0
         tqdm.write(f"cache: {latents} latents, {captions} captions, {size / 2**20:.1f} MiB{where}")
+
+
+def _fill_embeddings(embedding_cache: EmbeddingCache, captions: list[str]) -> None:
+    """The embeddings of `captions`, 16 captions per text-encoder call."""
+    for start in range(0, len(captions), 16):
+        embedding_cache.get(captions[start : start + 16])
+
+
+def _fill_latents(latent_cache: LatentCache, jobs: Sequence[tuple[ImageRecord, Size, bool]], batch_size: int, show: bool) -> None:
+    """The latents of `jobs` (record, bucket size, flip), `batch_size` images of one size per VAE call (jobs
+    grouped by size, in order within a size)."""
+    by_size: dict[Size, list[tuple[ImageRecord, Size, bool]]] = {}
+    for job in jobs:
+        by_size.setdefault(job[1], []).append(job)
+    batches = [group[start : start + batch_size] for group in by_size.values() for start in range(0, len(group), batch_size)]
+    with tqdm(total=len(jobs), desc="caching latents", disable=not show) as progress:
+        for batch in batches:
+            images = []
+            for record, size, flip in batch:
+                crop = record.rules.crop
+                images.append((record.path, size, crop, flip, functools.partial(load_image, record, size, crop=crop, flip=flip)))
+            latent_cache.fill(images)
+            progress.update(len(batch))
 
 
 @dataclass

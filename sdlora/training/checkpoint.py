@@ -2,7 +2,8 @@
 
 A checkpoint folder holds `trainable.safetensors` (trainable tensors by name), `optimizer.pt` (loads with
 `torch.load(weights_only=True)`), `scheduler.json`, `state.json` (step, data position, Python RNG, extra),
-`rng.safetensors` (torch generator states), any extra files the trainer adds, and a `COMPLETE` marker listing
+`rng.safetensors` (torch generator states), `scaler.json` (fp16's GradScaler: its loss scale and growth
+count; absent without one, and in checkpoints written before it was saved), any extra files the trainer adds, and a `COMPLETE` marker listing
 every file's size, written last. The folder is built under a temporary name and renamed into place, so a crash
 or a full disk leaves the previous checkpoints untouched and never a folder that looks complete but is not.
 """
@@ -34,7 +35,8 @@ OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.json"
 STATE_FILE = "state.json"
 RNG_FILE = "rng.safetensors"
-OWN_FILES = (LORA_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, STATE_FILE, RNG_FILE, COMPLETE)
+SCALER_FILE = "scaler.json"
+OWN_FILES = (LORA_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, STATE_FILE, RNG_FILE, COMPLETE)  # in every checkpoint
 DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))  # EDQUOT: over quota, same remedy
 
 
@@ -54,6 +56,7 @@ class TrainState:
     global_torch_rng: torch.Tensor | None = None  # torch's default CPU generator: LoRA dropout, anything unseeded
     extra: dict = field(default_factory=dict)  # JSON-able values the trainer wants back (e.g. a config digest)
     cuda_rng: torch.Tensor | None = None  # the current GPU's default generator: LoRA dropout on GPU
+    skipped_steps: int = 0  # optimizer steps fp16's GradScaler skipped (gradient overflow), so far
 
     def capture_rngs(self, python_rng: random.Random, torch_generator: torch.Generator) -> None:
         """Record the current state of the loop's RNGs and torch's global ones (call right before saving)."""
@@ -84,14 +87,16 @@ def save_checkpoint(
     lr_scheduler,
     keep: int,
     extra_files: dict[str, Callable[[Path], None]] | None = None,
+    scaler=None,
 ) -> Path:
-    """Write `checkpoints_dir/step-{step:08d}/` atomically, then delete older checkpoints beyond `keep`."""
+    """Write `checkpoints_dir/step-{step:08d}/` atomically, then delete older checkpoints beyond `keep`; `scaler`: a
+    GradScaler (fp16), whose state goes in too."""
     if state.python_rng is None or state.torch_rng is None or state.global_torch_rng is None:
         raise RuntimeError("TrainState has no RNG states: call state.capture_rngs(...) before save_checkpoint")
     if keep < 1:
         raise UserError(f"keep_checkpoints must be at least 1, got {keep}")
     for name in extra_files or {}:
-        if name in OWN_FILES or Path(name).name != name or name.startswith("."):
+        if name in (*OWN_FILES, SCALER_FILE) or Path(name).name != name or name.startswith("."):
             raise UserError(f"extra checkpoint file name {name!r} must be a plain file name other than {', '.join(OWN_FILES)}")
     checkpoints_dir = Path(checkpoints_dir)
     target = checkpoints_dir / step_dir_name(state.step)
@@ -99,7 +104,7 @@ def save_checkpoint(
     remove_leftover_temporaries(checkpoints_dir)  # what a killed save left behind
     try:
         with atomic_dir(target) as tmp:
-            _write_contents(tmp, state, trainable, optimizer, lr_scheduler, extra_files or {})
+            _write_contents(tmp, state, trainable, optimizer, lr_scheduler, extra_files or {}, scaler)
         _fsync_dir(checkpoints_dir)
     except OSError as err:
         if err.errno in DISK_FULL:
@@ -121,12 +126,16 @@ def _write_contents(
     optimizer,
     lr_scheduler,
     extra_files: dict[str, Callable[[Path], None]],
+    scaler=None,
 ) -> None:
     # clone: safetensors refuses tensors that share memory, and it wants contiguous CPU data
     save_file({name: tensor.detach().to("cpu", copy=True).contiguous() for name, tensor in trainable.items()}, str(folder / LORA_FILE))
     torch.save(optimizer.state_dict(), folder / OPTIMIZER_FILE)
     _write_json(folder / SCHEDULER_FILE, lr_scheduler.state_dict(), "lr scheduler state")
     _write_json(folder / STATE_FILE, _state_json(state), "training state")
+    scaler_state = scaler.state_dict() if scaler is not None else {}
+    if scaler_state:  # a disabled scaler's is empty
+        _write_json(folder / SCALER_FILE, scaler_state, "GradScaler state")
     rngs = {"torch_rng": state.torch_rng, "global_torch_rng": state.global_torch_rng}
     if state.cuda_rng is not None:
         rngs["cuda_rng"] = state.cuda_rng
@@ -151,6 +160,7 @@ def _state_json(state: TrainState) -> dict:
         "batch_in_epoch": state.batch_in_epoch,
         "python_rng": [version, list(internal), gauss_next],
         "extra": state.extra,
+        "skipped_steps": state.skipped_steps,
     }
 
 
@@ -251,8 +261,11 @@ def find_checkpoint(output_dir_or_checkpoints_dir: Path, resume: str) -> Path:
     return path
 
 
-def load_checkpoint(path: Path, trainable: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer, lr_scheduler) -> TrainState:
-    """Copy a checkpoint's LoRA weights into `trainable` and restore optimizer and scheduler; returns its TrainState."""
+def load_checkpoint(
+    path: Path, trainable: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer, lr_scheduler, scaler=None
+) -> TrainState:
+    """Copy a checkpoint's LoRA weights into `trainable` and restore optimizer, scheduler and (fp16) GradScaler; returns
+    its TrainState. A checkpoint without scaler state (fp32/bf16, or older) leaves `scaler` as it starts."""
     path = Path(path)
     if not is_complete(path):
         raise UserError(f"{path} is not a complete checkpoint (missing or mismatched {COMPLETE} marker)")
@@ -271,6 +284,13 @@ def load_checkpoint(path: Path, trainable: dict[str, torch.nn.Parameter], optimi
             f"cannot restore the optimizer from {path / OPTIMIZER_FILE} ({_first_line(err)}): was it saved with other settings?"
         ) from err
     lr_scheduler.load_state_dict(_read_json(path / SCHEDULER_FILE))
+    if scaler is not None and (path / SCALER_FILE).is_file():
+        try:
+            scaler.load_state_dict(_read_json(path / SCALER_FILE))
+        except (KeyError, TypeError, RuntimeError) as err:
+            raise UserError(
+                f"{path / SCALER_FILE} is not a GradScaler state ({_first_line(err)}): the checkpoint {path} is damaged"
+            ) from None
     return _read_state(path)
 
 
@@ -326,6 +346,7 @@ def _read_state(path: Path) -> TrainState:
             global_torch_rng=rngs["global_torch_rng"],
             extra=raw.get("extra", {}),
             cuda_rng=rngs.get("cuda_rng"),
+            skipped_steps=int(raw.get("skipped_steps", 0)),
         )
     except (TypeError, ValueError) as err:
         raise UserError(

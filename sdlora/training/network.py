@@ -11,9 +11,10 @@ import re
 import torch
 from torch import nn
 
+from ..core.families import ModelFamily
 from ..core.matching import TEXT_MODEL_PREFIX, Layer, match_lora
 from ..core.state import Adapter, LoraModule, LoraState
-from ..core.targets import PRESETS, unet_target_modules
+from ..core.targets import PRESETS, reaches_the_unet, unet_target_modules
 from ..errors import UserError
 
 INITS = ("gaussian", "default")
@@ -102,13 +103,24 @@ def _init_from_generator(model: nn.Module, adapter_name: str, init: str, generat
 
 
 @torch.no_grad()
-def load_state_into(state: LoraState, models: dict[str, nn.Module], adapter_name: str = "default", label: str = "the LoRA") -> int:
+def load_state_into(
+    state: LoraState,
+    models: dict[str, nn.Module],
+    adapter_name: str = "default",
+    label: str = "the LoRA",
+    family: ModelFamily | None = None,
+) -> int:
     """Copy `state` into the adapter `adapter_name` already added to `models` ({component: model}); return the count.
 
     The file and the adapter must cover the same layers with the same rank each; a different alpha is absorbed
     into `up`, so the update (alpha / r) * up @ down is the file's exactly. Raises a one-line ValueError naming
-    `label` and what to change otherwise.
+    `label` and what to change otherwise. With `family`, the file's modules on text-encoder layers the UNet never
+    reads (which training leaves out: SDXL's first encoder's last layer) are dropped, as they changed nothing.
     """
+    if family is not None:
+        state = LoraState(
+            {path: module for path, module in state.modules.items() if _reaches_the_unet(path, models, family)}, state.metadata
+        )
     other = next((path for path, module in state.modules.items() if not isinstance(module, LoraModule)), None)
     if other is not None:
         raise UserError(
@@ -135,6 +147,13 @@ def load_state_into(state: LoraState, models: dict[str, nn.Module], adapter_name
         down.copy_(module.down.reshape(down.shape).to(down.dtype))
         up.copy_((module.up.to(torch.float32) * (module.scale / layer.scaling[adapter_name])).reshape(up.shape).to(up.dtype))
     return len(match.modules)
+
+
+def _reaches_the_unet(path: str, models: dict[str, nn.Module], family: ModelFamily) -> bool:
+    component, _, name = path.partition(".")
+    if component == "unet" or component not in models:
+        return True
+    return reaches_the_unet(name, models[component], family.text_encoder(component))
 
 
 def _canonical(component: str, name: str) -> str:

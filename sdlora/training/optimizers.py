@@ -21,7 +21,7 @@ import math
 import os
 import re
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +31,7 @@ from ..errors import UserError
 
 __all__ = [
     "OPTIMIZERS",
+    "Fp32MasterWeights",
     "OptimizerSpec",
     "build_optimizer",
     "check_optimizer",
@@ -245,6 +246,66 @@ def build_optimizer(
     except (ValueError, TypeError, AssertionError) as err:  # the constructor's own checks (lion-pytorch asserts)
         given = " ".join(f"{k}={v!r}" for k, v in args.items())
         raise UserError(f"--optimizer {name}{' --optimizer-args ' + given if given else ''}: {_first_line(err)}") from err
+
+
+class Fp32MasterWeights(torch.optim.Optimizer):
+    """Steps fp16 parameters (--full-fp16) through an optimizer that works on fp32 copies of them.
+
+    In fp16, torch AdamW's eps 1e-8 rounds to 0 and squared gradients under ~2e-4 underflow to 0, so LoRA A's first
+    gradient (exactly 0, B starts at 0) makes its update 0/0 = NaN. A representable eps would not help: where the
+    squared gradient underflowed, the step becomes gradient/eps, thousands of times too large. So the optimizer state
+    and the weights it updates are fp32 (mixed precision's master weights; LoRA weights are a few MB, their fp32
+    copies cost little), and the fp16 parameters the model computes with are rounded from them after each step.
+    kohya's --full_fp16 (experimental there) only lifts the GradScaler's fp16 check (patch_accelerator_for_fp16_training)
+    and leaves a torch optimizer's state in fp16. This optimizer's own groups hold the fp16 parameters, so a GradScaler unscales and checks
+    their gradients, and an lr scheduler sets their lr, which each step hands to the inner optimizer."""
+
+    def __init__(self, param_groups: Iterable[dict[str, Any]], build: Callable[[list[dict[str, Any]]], torch.optim.Optimizer]):
+        param_groups = [dict(group, params=list(group["params"])) for group in param_groups]
+        master_groups = [
+            dict(group, params=[torch.nn.Parameter(p.detach().to(torch.float32), requires_grad=True) for p in group["params"]])
+            for group in param_groups
+        ]  # fmt: skip
+        self.inner = build(master_groups)
+        super().__init__(param_groups, defaults={})
+        self._sync_groups(self.inner.param_groups, self.param_groups)  # the inner optimizer's defaults, for schedulers
+
+    @staticmethod
+    def _sync_groups(sources: list[dict[str, Any]], targets: list[dict[str, Any]], keys: Iterable[str] | None = None) -> None:
+        for source, target in zip(sources, targets):
+            target.update({key: source[key] for key in (keys or source) if key != "params"})
+
+    def _pairs(self) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        for group, master_group in zip(self.param_groups, self.inner.param_groups):
+            yield from zip(group["params"], master_group["params"])
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One step of the inner optimizer on the fp32 copies (gradients cast up), then the fp16 weights rounded from them."""
+        if closure is not None:
+            raise ValueError("Fp32MasterWeights takes no closure")
+        self._sync_groups(self.param_groups, self.inner.param_groups, keys=("lr",))  # the scheduler's lr
+        for param, master in self._pairs():
+            master.grad = None if param.grad is None else param.grad.to(torch.float32)
+        self.inner.step()
+        for param, master in self._pairs():
+            param.copy_(master)
+            master.grad = None
+        self._sync_groups(self.inner.param_groups, self.param_groups)  # what the optimizer itself changes (Prodigy's d)
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        """The inner optimizer's state, and the fp32 weights under "fp32_master_weights"."""
+        return {**self.inner.state_dict(), "fp32_master_weights": [master.detach() for _, master in self._pairs()]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        masters = state_dict.pop("fp32_master_weights", None)
+        self.inner.load_state_dict(state_dict)
+        with torch.no_grad():
+            for index, (param, master) in enumerate(self._pairs()):
+                master.copy_(param if masters is None else masters[index])  # a state without them: from the weights
+        self._sync_groups(self.inner.param_groups, self.param_groups)
 
 
 def check_optimizer(name: str, lr: float, weight_decay: float, args: dict[str, Any]) -> None:

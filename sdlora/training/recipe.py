@@ -37,7 +37,7 @@ from .data import ImageRecord, dataset_summary
 from .datasets import DatasetSpec, TrainingData, batch_sizes, load_training_data, record_buckets
 from .metrics import MetricsLogger, progress_bar, tracking_options
 from .objective import diffusion_loss, prepare_noise_scheduler
-from .optimizers import build_optimizer, check_optimizer, parse_optimizer_args
+from .optimizers import Fp32MasterWeights, build_optimizer, check_optimizer, parse_optimizer_args
 from .sample_prompts import read_sample_prompts
 from .validation import Validator
 
@@ -174,15 +174,16 @@ def _setup_network(options: NetworkConfig, optimization: OptimizationConfig, bas
     if options.train_text_encoder:
         for component, encoder in model.text_encoders.items():
             params = network.add_lora(
-                encoder, targets.text_encoder_target_modules(encoder), options.rank, options.alpha, options.dropout, dtype=lora_dtype
-            )
+                encoder, targets.text_encoder_target_modules(encoder, spec=model.family.text_encoder(component)), options.rank, options.alpha,
+                options.dropout, dtype=lora_dtype,
+            )  # fmt: skip
             param_groups.append({"params": params, "lr": optimization.lr_of(component)})
             trained[component] = encoder
     model.trained = tuple(trained)
     if options.init_lora:
         state = read_lora(options.init_lora, allow_pickle=base.allow_pickle)
         state.check_finite(options.init_lora)
-        network.load_state_into(state, trained, label=options.init_lora)
+        network.load_state_into(state, trained, label=options.init_lora, family=model.family)
     if base.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
         for component in model.trained[1:]:
@@ -201,7 +202,12 @@ def _setup_optimizer(optimization: OptimizationConfig, param_groups: list[dict],
     from diffusers.optimization import get_scheduler  # diffusers takes seconds to import: only when training starts
 
     arguments = parse_optimizer_args(optimization.optimizer_args)
-    optimizer = build_optimizer(optimization.optimizer, param_groups, optimization.lr, optimization.weight_decay, arguments)
+
+    def build(groups: list[dict]) -> torch.optim.Optimizer:
+        return build_optimizer(optimization.optimizer, groups, optimization.lr, optimization.weight_decay, arguments)
+
+    # fp16 LoRA weights step through fp32 copies: an fp16 optimizer state turns AdamW's first update into 0/0
+    optimizer = Fp32MasterWeights(param_groups, build) if full_fp16 else build(param_groups)
     lr_scheduler = get_scheduler(
         optimization.lr_scheduler, optimizer, num_warmup_steps=optimization.lr_warmup_steps, num_training_steps=optimization.steps
     )
@@ -215,11 +221,14 @@ def _setup_optimizer(optimization: OptimizationConfig, param_groups: list[dict],
 
 
 def _setup_caches(data: DataConfig, model: BaseModel, records, buckets, out: Path, accelerator) -> BatchEncoder:
-    """The latent and caption caches, filled before the first step, and the encoder of batches that reads them. What
-    the caches now hold the steps no longer need: the VAE and frozen text encoders leave the accelerator (the
+    """The latent and caption caches, filled before the first step (a disk cache once for all processes, each
+    encoding its share), and the encoder of batches that reads them. What the caches now hold the steps no longer need: the VAE and frozen text encoders leave the accelerator (the
     encoders stay where some subset's captions change each step and are encoded then)."""
     latent_cache, embedding_cache = build_caches(data.cache, model, out, records)
-    fill_caches(records, buckets, latent_cache, embedding_cache, show=accelerator.is_local_main_process)
+    fill_caches(
+        records, buckets, latent_cache, embedding_cache, show=accelerator.is_local_main_process, batch_size=data.vae_batch_size,
+        share=(accelerator.process_index, accelerator.num_processes), wait_for_everyone=accelerator.wait_for_everyone,
+    )  # fmt: skip
     every_caption_cached = embedding_cache is not None and all(record.rules.static for record in records)
     pipe = model.pipe
     model.offloaded = ([pipe.vae] if latent_cache is not None else []) + ([*model.text_encoders.values()] if every_caption_cached else [])
@@ -269,18 +278,44 @@ def _accelerator(base: BaseModelConfig, logging: LoggingConfig, output_dir: str)
     # accelerate keeps its settings per process: a second train() (a notebook) with another precision would be
     # refused. Only the accelerator-level state is cleared; the process group (PartialState) stays.
     AcceleratorState._reset_state()
+    _refuse_sharded_training(None)  # an `accelerate launch` DeepSpeed/FSDP config says so in the environment
     # several processes without CUDA (torchrun/accelerate launch on CPUs) need accelerate's CPU mode for gloo
     multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     # the --report-to trackers (a chosen one not installed is a UserError here, before anything loads); the
     # MetricsLogger starts them on the main process
     trackers = tracking_options(logging.report_to, output_dir)
-    return Accelerator(mixed_precision=base.mixed_precision, cpu=multi_cpu, **trackers)
+    accelerator = Accelerator(mixed_precision=base.mixed_precision, cpu=multi_cpu, **trackers)
+    _refuse_sharded_training(accelerator.distributed_type)  # one set up some other way
+    return accelerator
+
+
+# the setups that shard the model or the optimizer: accelerate's distributed type -> (its launch variable, name)
+_SHARDED = {
+    "DEEPSPEED": ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"),
+    "FSDP": ("ACCELERATE_USE_FSDP", "FSDP"),
+    "MEGATRON_LM": ("ACCELERATE_USE_MEGATRON_LM", "Megatron-LM"),
+}
+
+
+def _refuse_sharded_training(distributed_type) -> None:
+    """DeepSpeed, FSDP and Megatron-LM (set by an `accelerate launch` config's variables, or `distributed_type`)
+    are refused with one line: the LoRA weights are a few MB, so sharding them saves nothing, and checkpoints, the
+    processes' sync check and the saved files read every weight whole on each process. DDP trains on several GPUs."""
+    from accelerate.utils import parse_flag_from_env  # accelerate imports torch.distributed and more: only when training starts
+
+    kind = getattr(distributed_type, "value", distributed_type)
+    for sharded, (variable, name) in _SHARDED.items():
+        if kind == sharded or parse_flag_from_env(variable):
+            raise UserError(
+                f"{name} is not supported: sdlora trains on several GPUs with DDP only; launch with `accelerate launch"
+                " --multi_gpu --num_processes N` or torchrun, or answer no to DeepSpeed/FSDP in `accelerate config` (docs/guides/multi-gpu.md)"
+            )
 
 
 def _start_or_resume(run: Run) -> None:
     if run.config.run.resume:
         path = checkpoint.find_checkpoint(Path(run.config.run.output_dir), run.config.run.resume)
-        run.state = checkpoint.load_checkpoint(path, run.trainable, run.optimizer, run.lr_scheduler)
+        run.state = checkpoint.load_checkpoint(path, run.trainable, run.optimizer, run.lr_scheduler, run.accelerator.scaler)
         if run.ema is not None:
             run.ema.load(path / ema.STATE_FILE)
         checkpoint.restore_rngs(run.state, run.rng, run.generator)
@@ -303,12 +338,14 @@ def run_steps(run: Run) -> None:
     batches = _batches(run)
     with contextlib.closing(bar):  # closed on errors too, so an error message starts on a line of its own
         while state.step < config.optimization.steps:
-            loss, grad_norm = _optimizer_step(run, batches)
+            loss, grad_norm, skipped = _optimizer_step(run, batches)
             state.step += 1
+            state.skipped_steps += skipped
             lr = run.lr_scheduler.get_last_lr()[0]
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-            metrics.log(state.step, loss=loss, lr=lr, grad_norm=grad_norm, epoch=state.epoch)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", **({"skipped": state.skipped_steps} if state.skipped_steps else {}))
+            scaled = {"skipped_steps": state.skipped_steps} if accelerator.scaler is not None else {}  # fp16's overflows
+            metrics.log(state.step, loss=loss, lr=lr, grad_norm=grad_norm, epoch=state.epoch, **scaled)
             if config.run.checkpoint_every and state.step % config.run.checkpoint_every == 0 and state.step < config.optimization.steps:
                 _save_checkpoint(run)
             if config.samples.validate_every and state.step % config.samples.validate_every == 0 and state.step < config.optimization.steps:
@@ -333,15 +370,18 @@ def _batches(run: Run) -> Iterator[list[int]]:
         state.batch_in_epoch = 0
 
 
-def _optimizer_step(run: Run, batches: Iterator[list[int]]) -> tuple[float, float]:
-    """grad_accum micro-batches, clip, step; raises TrainingDiverged on a non-finite loss or gradient."""
+def _optimizer_step(run: Run, batches: Iterator[list[int]]) -> tuple[float, float, bool]:
+    """grad_accum micro-batches, clip, step; returns the loss, the gradient norm and whether fp16's GradScaler skipped
+    the step (a gradient overflowed: no update, a halved loss scale, no lr-schedule or EMA step, as accelerate's
+    prepared scheduler does). Raises TrainingDiverged, on every process at once, on a non-finite loss on any process,
+    a non-finite gradient without a scaler, or a loss scale that collapsed."""
     config, accelerator, step = run.config, run.accelerator, run.state.step + 1
     # randomness is a function of (seed, step, process): a resumed run and every rank draw exactly what they would have
     step_seed = (config.run.seed * 1_000_003 + step * 1_009 + accelerator.process_index) % 2**63
     run.generator.manual_seed(step_seed)
     run.rng.seed(step_seed)
     torch.manual_seed(step_seed)  # LoRA dropout draws from the global generator
-    total = 0.0
+    losses = []
     for micro in range(config.optimization.grad_accum):
         indices = next(batches)
         latents, embeddings = run.encoder(indices, run.rng, run.generator)
@@ -357,21 +397,66 @@ def _optimizer_step(run: Run, batches: Iterator[list[int]]) -> tuple[float, floa
                 generator=run.generator,
                 weights=weights,
             )
-        if not torch.isfinite(loss):
-            raise TrainingDiverged(_diverged_message(step, f"the loss became {loss.item()}", run))
+        # backward even for a non-finite loss: the check below is collective, and DDP's backward is too
         accelerator.backward(loss / config.optimization.grad_accum)
-        total += loss.item() / config.optimization.grad_accum
-    grad_norm = float(
-        accelerator.clip_grad_norm_(list(run.trainable.values()), config.optimization.max_grad_norm or math.inf)
+        losses.append(loss.detach())
+    grad_norm = accelerator.clip_grad_norm_(
+        list(run.trainable.values()), config.optimization.max_grad_norm or math.inf
     )  # inf: measure, do not clip
-    if not math.isfinite(grad_norm):
+    values, grad_norm, bad_processes = _step_numbers(run, losses, grad_norm)
+    if bad_processes:
+        value = next((v for v in values if not math.isfinite(v)), "non-finite")
+        where = f" on process {', '.join(map(str, bad_processes))}" if accelerator.num_processes > 1 else ""
+        raise TrainingDiverged(_diverged_message(step, f"the loss became {value}{where}", run))
+    total = 0.0
+    for value in values:
+        total += value / config.optimization.grad_accum
+    scaler = accelerator.scaler
+    if scaler is None and not math.isfinite(grad_norm):  # with a scaler, an overflow only skips the step
         raise TrainingDiverged(_diverged_message(step, f"the gradient norm became {grad_norm}", run))
     run.optimizer.step()
-    run.lr_scheduler.step()
+    skipped = scaler is not None and accelerator.optimizer_step_was_skipped
+    if skipped:
+        _check_loss_scale(run, step, scaler.get_scale())
+    else:
+        run.lr_scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    if run.ema is not None:
+    if run.ema is not None and not skipped:
         run.ema.update(run.trainable, step)
-    return total, grad_norm
+    return total, grad_norm, skipped
+
+
+def _step_numbers(run: Run, losses: list[torch.Tensor], grad_norm) -> tuple[list[float], float, list[int]]:
+    """The micro-batch losses, the gradient norm and the processes whose loss was not finite, read in one host
+    synchronisation: each process sets its own flag and the flags are summed across processes, so a bad loss on any
+    process stops every one of them (none is left waiting in a collective the others never reach)."""
+    accelerator = run.accelerator
+    stacked = torch.stack([loss.float() for loss in losses])
+    flags = torch.zeros(accelerator.num_processes, device=stacked.device)
+    flags[accelerator.process_index] = (~torch.isfinite(stacked)).any().float()
+    if accelerator.num_processes > 1:
+        torch.distributed.all_reduce(flags)
+    norm = torch.as_tensor(grad_norm, device=stacked.device).float().reshape(1)
+    numbers = torch.cat([stacked, norm, flags]).tolist()
+    count = len(losses)
+    return numbers[:count], numbers[count], [process for process, flag in enumerate(numbers[count + 1 :]) if flag]
+
+
+# fp16's GradScaler halves its scale at each overflow (from 65536) and doubles it after 2000 clean steps. Below 1,
+# an overflow means the unscaled fp16 gradients themselves pass 65504: no scale can save that run (from 65536 it
+# takes 17 overflows in a row, more than the few of a normal start)
+MIN_LOSS_SCALE = 1.0
+
+
+def _check_loss_scale(run: Run, step: int, scale: float) -> None:
+    if scale < MIN_LOSS_SCALE:
+        raise TrainingDiverged(
+            _diverged_message(
+                step,
+                f"the fp16 gradients kept overflowing until the loss scale fell to {scale:g} ({run.state.skipped_steps + 1} steps skipped)",
+                run,
+            )
+        )
 
 
 def _loss_weights(run: Run, indices: list[int]) -> torch.Tensor | None:
@@ -386,7 +471,7 @@ def _loss_weights(run: Run, indices: list[int]) -> torch.Tensor | None:
 def _diverged_message(step: int, what: str, run: Run) -> str:
     found = checkpoint.latest_checkpoint(Path(run.config.run.output_dir) / "checkpoints")
     kept = f"the last good checkpoint is {found}" if found else "no checkpoint was written yet"
-    hint = "use --mixed-precision bf16 instead of fp16, " if run.config.base.mixed_precision == "fp16" else ""
+    hint = "--mixed-precision bf16 instead of fp16, " if run.config.base.mixed_precision == "fp16" else ""
     return (
         f"training stopped at step {step}: {what}; {kept}. Try {hint}a lower --lr (now {run.config.optimization.lr:g}) or --max-grad-norm 1"
     )
@@ -435,6 +520,7 @@ def _save_checkpoint(run: Run) -> Path | None:
             run.lr_scheduler,
             run.config.run.keep_checkpoints,
             files,
+            scaler=run.accelerator.scaler,
         )
         if run.accelerator.is_local_main_process:
             tqdm.write(f"checkpoint {path}: {checkpoint.checkpoint_size(path) / 2**20:.2f} MiB")

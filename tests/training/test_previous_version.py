@@ -70,17 +70,16 @@ def _assert_bit_identical(expected: Path, actual: Path, name: str) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("example", ["flat_poster", "ink_hatch"])
-def test_example_and_previous_config_toml_train_bit_identical(example, previous_version, tmp_path):
+def test_examples_train_bit_identical_to_the_previous_version(example, previous_version, tmp_path):
     toml = ROOT / "datasets_examples" / example / "train.toml"
     _train(previous_version, ["--config", str(toml), *SHORT, "--output", str(tmp_path / "previous")], tmp_path)
     _train(None, ["--config", str(toml), *SHORT, "--output", str(tmp_path / "now")], tmp_path)
     _assert_bit_identical(tmp_path / "previous", tmp_path / "now", example)
-    # the flat config.toml the previous version wrote repeats its run in this version (its output_dir replaced)
+    if example != "flat_poster":
+        return
+    # the flat config.toml the previous version wrote repeats its run in this version (its output_dir replaced); the
+    # sectioned one this version writes loads back to the same options (tests/training/test_config.py)
     written = (tmp_path / "previous" / "config.toml").read_text()
     assert "[data]" not in written and "rank = 4" in written
     _train(None, ["--config", str(tmp_path / "previous" / "config.toml"), "--output", str(tmp_path / "again")], tmp_path / "now")
     _assert_bit_identical(tmp_path / "previous", tmp_path / "again", example)
-    # and the sectioned config.toml this version writes repeats it too
-    assert "[network]" in (tmp_path / "now" / "config.toml").read_text()
-    _train(None, ["--config", str(tmp_path / "now" / "config.toml"), "--output", str(tmp_path / "sectioned")], tmp_path)
-    _assert_bit_identical(tmp_path / "previous", tmp_path / "sectioned", example)

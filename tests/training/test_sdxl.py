@@ -153,10 +153,12 @@ def test_both_text_encoders_train_each_at_its_own_rate(tmp_path, dataset, tiny_c
     assert [group["lr"] for group in run.optimizer.param_groups] == [1e-3, 3e-4, 2e-4]
     recipe.run_steps(run)
     state = recipe.lora_state(run)
-    for component in ("text_encoder", "text_encoder_2"):
+    # q, k, v, out of the layers the UNet reads: the first encoder's penultimate output (so 4 of its 5 layers), the
+    # second's too but also its pooled output, which comes out of its last layer (all 5)
+    for component, layers in (("text_encoder", 4), ("text_encoder_2", 5)):
         modules = state.for_component(component)
-        assert len(modules) == 4 * 5  # q, k, v, out of 5 layers
-        assert max(m.up.abs().max().item() for m in modules.values()) > 0  # moved from its zero start
+        assert len(modules) == 4 * layers
+        assert all(m.up.abs().max().item() > 0 for m in modules.values())  # each got a gradient and moved from its zero start
     recipe.save_outputs(run)
 
 

@@ -34,7 +34,7 @@ def test_train_config_is_a_handful_of_frozen_sections():
 
 
 def test_every_option_is_in_exactly_one_section_with_its_help():
-    assert len(option_fields()) == len(SECTION_OF) == 74  # the 74 options of the flat TrainConfig, none lost
+    assert len(option_fields()) == len(SECTION_OF) >= 74  # the flat TrainConfig's 74 options, and those added since
     for section, item in option_fields():
         assert SECTION_OF[item.name] == section and item.metadata["help"].strip(), item.name
 
