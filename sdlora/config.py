@@ -53,10 +53,13 @@ def _add_option(group, section: type, item: Field) -> None:
     kind = _field_type(section, item)
     default = item.default if item.default is not MISSING else item.default_factory()
     if item.metadata.get("positional"):
-        group.add_argument(item.name, nargs="?", default=argparse.SUPPRESS, help=item.metadata["help"] + " (or data_dir in --config)")
+        help_text = (item.metadata["help"] + " (or data_dir in --config)").replace("%", "%%")
+        group.add_argument(item.name, nargs="?", default=argparse.SUPPRESS, help=help_text)
         return
     flags = ["--" + item.name.replace("_", "-")] + (["--output"] if item.name == "output_dir" else [])
-    kwargs: dict[str, Any] = {"dest": item.name, "help": f"{item.metadata['help']} (default: {default})", "default": argparse.SUPPRESS}
+    # argparse expands %-formats in help texts: a literal % (as in "0.4% off") is written %%
+    help_text = f"{item.metadata['help']} (default: {default})".replace("%", "%%")
+    kwargs: dict[str, Any] = {"dest": item.name, "help": help_text, "default": argparse.SUPPRESS}
     if kind is bool:
         kwargs["action"] = argparse.BooleanOptionalAction
     elif kind is list:
