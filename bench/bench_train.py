@@ -64,7 +64,8 @@ print(json.dumps({"s_per_step": per_step, "peak_rss_gib": resource.getrusage(res
 """
 
 
-def make_dataset(folder: Path, count: int, size: int) -> Path:
+def make_dataset(folder: Path, count: int, size: int, caption: str = "benchstyle, a square") -> Path:
+    """`count` square images captioned `caption number N` (also bench/gpu_check.py's data)."""
     from PIL import Image, ImageDraw
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -72,9 +73,9 @@ def make_dataset(folder: Path, count: int, size: int) -> Path:
         image = Image.new("RGB", (size, size), (235, 230, 220))
         ImageDraw.Draw(image).rectangle((size // 5, size // 5, size * 4 // 5, size * 4 // 5), fill=(40 * index % 255, 90, 160))
         image.save(folder / f"{index:03d}.png")
-        (folder / f"{index:03d}.txt").write_text(f"benchstyle, a square number {index}")
-    # the same captions for the reference script, which reads an `imagefolder` with metadata.jsonl
-    lines = [json.dumps({"file_name": f"{index:03d}.png", "text": f"benchstyle, a square number {index}"}) for index in range(count)]
+        (folder / f"{index:03d}.txt").write_text(f"{caption} number {index}")
+    # the same captions for diffusers' reference script, which reads an `imagefolder` with metadata.jsonl
+    lines = [json.dumps({"file_name": f"{index:03d}.png", "text": f"{caption} number {index}"}) for index in range(count)]
     (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
     return folder
 

@@ -46,6 +46,9 @@ import tempfile
 import time
 from pathlib import Path
 
+# the benchmarks share their data: run as a script, this folder is on sys.path
+from bench_train import make_dataset
+
 # nothing here may reach the network; torch, diffusers and sdlora are imported inside the functions, after these are set
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -344,19 +347,6 @@ def run_reference(job: dict) -> dict:
 # ---------------------------------------------------------------- the table
 
 
-def make_dataset(folder: Path, count: int, size: int) -> Path:
-    """`count` square images with captions beside them (sdlora reads the .txt files, the reference too)."""
-    from PIL import Image, ImageDraw
-
-    folder.mkdir(parents=True, exist_ok=True)
-    for index in range(count):
-        image = Image.new("RGB", (size, size), (235, 230, 220))
-        ImageDraw.Draw(image).rectangle((size // 5, size // 5, size * 4 // 5, size * 4 // 5), fill=(40 * index % 255, 90, 160))
-        image.save(folder / f"{index:03d}.png")
-        (folder / f"{index:03d}.txt").write_text(f"{PROMPT} number {index}")
-    return folder
-
-
 def run_job(job: dict) -> dict:
     return (run_sdlora if job["trainer"] == "sdlora" else run_reference)(job)
 
@@ -446,7 +436,7 @@ def main() -> None:
                 continue
             model = Path(work, variant)
             write_tiny_model(model, variant=variant)
-            data = make_dataset(Path(work, f"data-{model_name}"), count=8, size=resolution)
+            data = make_dataset(Path(work, f"data-{model_name}"), count=8, size=resolution, caption=PROMPT)
             for precision in precisions:
                 for trainer in ("reference", "sdlora"):
                     job = dict(trainer=trainer, device=device, model=str(model), data=str(data), out=str(Path(work, f"{model_name}-{precision}-{trainer}")),
