@@ -36,7 +36,8 @@ class BaseModel:
 
 
 def load_base_model(base: BaseModelConfig, device: torch.device) -> BaseModel:
-    """The model of `base.model` (with `base.vae` instead of its own VAE), frozen, on `device`: half precision under
+    """The model of `base.model` (with `base.vae` instead of its own VAE), frozen, its VAE and text encoders on
+    `device` (the UNet on the CPU: the recipe moves it once the caches are filled): half precision under
     mixed precision (the LoRA parameters stay fp32 unless --full-bf16/--full-fp16); with --fp8-base the UNet's and
     text encoders' Linear/Conv2d weights are stored in fp8 and cast up to that precision layer by layer."""
     from diffusers import DDPMScheduler  # diffusers takes seconds to import: only when training starts
@@ -55,6 +56,7 @@ def load_base_model(base: BaseModelConfig, device: torch.device) -> BaseModel:
     if base.fp8_base:  # before the move: the device never holds the model at full width
         for part in (pipe.unet, *text_encoders.values()):
             store_weights_in_fp8(part, dtype)
-    pipe.to(device)
+    for part in (pipe.vae, *text_encoders.values()):  # the UNet stays off the accelerator until the caches are filled
+        part.to(device)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     return BaseModel(base.model, pipe, family, dtype, torch.device(device), pipe.unet, text_encoders, noise_scheduler)

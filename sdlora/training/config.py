@@ -23,7 +23,8 @@ from ..models.loading import ALLOW_PICKLE_HELP, MODEL_CONFIG_HELP, MODEL_HELP
 from .optimizers import OPTIMIZER_NAMES, parse_optimizer_args
 
 PRESETS = ("attn", "attn-ff", "all")
-MIXED_PRECISION = ("no", "fp16", "bf16")
+MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
+SAMPLE_VAE_TILING = ("auto", "on", "off")
 CACHE_MODES = ("memory", "disk", "off")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 CROPS = ("center", "random")
@@ -123,6 +124,11 @@ class DataConfig(_Section):
         "images of one size per VAE call when filling the latent cache (kohya's vae_batch_size): faster on a GPU; batched "
         "latents may differ from one-by-one ones in the last bits (on the tiny model, on a CPU, means by up to 2.2e-6 of 1.8)",
     )
+    workers: int = _opt(
+        2,
+        "threads that read, decode and crop the next step's images while the current step runs, when latents are not "
+        "cached (--cache off); the images are the same as without them (0 = read in the step)",
+    )
 
     def _check_values(self) -> None:
         if not self.data_dir and not self.dataset_config:
@@ -148,6 +154,7 @@ class DataConfig(_Section):
             "zero or more",
         )
         _check(self.keep_tokens >= 0, "keep_tokens", self.keep_tokens, "zero or more")
+        _check(self.workers >= 0, "workers", self.workers, "zero or more")
         _check(bool(self.caption_extension.strip(". ")), "caption_extension", self.caption_extension, "an extension such as .txt")
         for name in ("caption_dropout", "tag_dropout", "val_split"):
             _check(0.0 <= getattr(self, name) < 1.0, name, getattr(self, name), "in [0, 1)")
@@ -167,7 +174,20 @@ class BaseModelConfig(_Section):
     )
     allow_pickle: bool = _opt(False, ALLOW_PICKLE_HELP)
     mixed_precision: str = _opt(
-        "no", "fp16 or bf16 autocast with fp32 LoRA weights; bf16 is the safe choice on recent GPUs", MIXED_PRECISION
+        "auto",
+        "fp16 or bf16 autocast with fp32 LoRA weights, or no (fp32); auto: bf16 on a GPU that has it (Ampere and newer), "
+        "fp16 with a loss scaler on one that does not (T4, V100, 20xx), no on a CPU (where bf16 is slower than fp32)",
+        MIXED_PRECISION,
+    )
+    tf32: bool = _opt(
+        True,
+        "let the fp32 parts (the LoRA layers, the VAE of SDXL) use TF32 matrix products on Ampere and newer GPUs, as "
+        "diffusers' --allow_tf32 and kohya do (a 10-bit mantissa in the products; several times faster); no effect on a CPU",
+    )
+    compile: bool = _opt(
+        False,
+        "compile the UNet with torch.compile (inductor): faster steps on a GPU after a compile of a minute or more at the "
+        "start and at each new bucket size; needs a C compiler; worth it for runs of thousands of steps",
     )
     full_bf16: bool = _opt(
         False,
@@ -179,7 +199,12 @@ class BaseModelConfig(_Section):
         "LoRA weights and gradients in fp16 with a loss scaler (kohya's --full_fp16; needs --mixed-precision fp16): as "
         "--full-bf16, for GPUs without bf16; overflows more easily",
     )
-    gradient_checkpointing: bool = _opt(False, "trade compute for memory in the UNet")
+    gradient_checkpointing: bool | None = _opt(
+        None,
+        "recompute the UNet's (and trained text encoders') activations in the backward pass instead of keeping them: "
+        "one more forward pass of compute (about a third more per step) for a fraction of the activation memory; default: on for SDXL at 1024 px and above "
+        "(its step needs over 12 GB without it), off otherwise",
+    )
     fp8_base: bool = _opt(
         False,
         "store the frozen UNet and text-encoder Linear/Conv weights as float8 (e4m3fn), each cast up to the run's "
@@ -192,7 +217,7 @@ class BaseModelConfig(_Section):
         if self.full_bf16 and self.full_fp16:
             raise UserError("--full-bf16 and --full-fp16: choose one")
         for flag, precision in (("full_bf16", "bf16"), ("full_fp16", "fp16")):
-            if getattr(self, flag) and self.mixed_precision != precision:
+            if getattr(self, flag) and self.mixed_precision not in (precision, "auto"):
                 raise UserError(f"--{flag.replace('_', '-')} needs --mixed-precision {precision} (now {self.mixed_precision})")
 
 
@@ -385,6 +410,17 @@ class SamplesConfig(_Section):
         False, "also draw the sample images before the first step (the base model, to compare against), as kohya's"
     )
     sample_seed: int = _opt(1234, "seed of the sample images, fixed so samples compare between steps")
+    samples: bool = _opt(
+        True,
+        "draw sample images at each validation and at the end; --no-samples: the held-out loss only, which saves the "
+        "sampling time and its memory peak (the whole pipeline on the GPU at once)",
+    )
+    sample_vae_tiling: str = _opt(
+        "auto",
+        "decode sample images with the VAE in tiles and one image at a time (diffusers' enable_vae_tiling/slicing): "
+        "a fraction of the decoder's memory, with faint seams possible at tile edges; auto: above 1024x1024 pixels",
+        SAMPLE_VAE_TILING,
+    )
 
     def _check_values(self) -> None:
         _check(self.validate_every >= 0, "validate_every", self.validate_every, "zero or more")

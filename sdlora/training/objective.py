@@ -131,9 +131,16 @@ def target_for(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps:
 
 def snr(scheduler, timesteps: torch.Tensor) -> torch.Tensor:
     """Signal-to-noise ratio alpha_bar_t / (1 - alpha_bar_t) of each timestep, fp32 on the timesteps' device."""
-    # float64 on the CPU (MPS has no float64): 1 - alpha_bar loses digits in fp32 at small t
-    alphas_cumprod = scheduler.alphas_cumprod.to("cpu", torch.float64)[timesteps.cpu()]
-    return (alphas_cumprod / (1.0 - alphas_cumprod)).to(timesteps.device, torch.float32)
+    # float64 on the CPU (MPS has no float64): 1 - alpha_bar loses digits in fp32 at small t. The table of every
+    # timestep goes to the device and is indexed there: no copy of the timesteps back to the host (a synchronisation)
+    alphas_cumprod = scheduler.alphas_cumprod.to("cpu", torch.float64)
+    return _per_timestep(alphas_cumprod / (1.0 - alphas_cumprod), timesteps)
+
+
+def _per_timestep(table: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """`table[timesteps]` in fp32 on the timesteps' device: the table (one value per timestep, computed on the CPU)
+    is cast and copied there, so the timesteps never travel back to the host."""
+    return table.to(timesteps.device, torch.float32)[timesteps]
 
 
 def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float, prediction_type: str | None) -> torch.Tensor:
@@ -166,13 +173,14 @@ def huber_threshold(scheduler, timesteps: torch.Tensor, huber_c: float, schedule
     if schedule == "constant":
         return torch.full(timesteps.shape, huber_c, dtype=torch.float32, device=timesteps.device)
     if schedule == "exponential":
-        alpha = -math.log(huber_c) / scheduler.config.num_train_timesteps
-        return torch.exp(-alpha * timesteps.to("cpu", torch.float64)).to(timesteps.device, torch.float32)
+        count = scheduler.config.num_train_timesteps
+        alpha = -math.log(huber_c) / count
+        return _per_timestep(torch.exp(-alpha * torch.arange(count, dtype=torch.float64)), timesteps)
     if schedule == "snr":
         # float64 on the CPU, as snr(); alpha_bar 0 (zero terminal SNR) gives sigma inf and c = huber_c
-        alphas_cumprod = scheduler.alphas_cumprod.to("cpu", torch.float64)[timesteps.cpu()]
+        alphas_cumprod = scheduler.alphas_cumprod.to("cpu", torch.float64)
         sigmas = ((1.0 - alphas_cumprod) / alphas_cumprod).sqrt()
-        return ((1.0 - huber_c) / (1.0 + sigmas) ** 2 + huber_c).to(timesteps.device, torch.float32)
+        return _per_timestep((1.0 - huber_c) / (1.0 + sigmas) ** 2 + huber_c, timesteps)
     raise UserError(f"unknown huber_schedule {schedule!r}: use one of {', '.join(HUBER_SCHEDULES)}")
 
 

@@ -34,6 +34,7 @@ __all__ = [
     "Fp32MasterWeights",
     "OptimizerSpec",
     "build_optimizer",
+    "device_optimizer_args",
     "check_optimizer",
     "optimizer_class",
     "optimizer_label",
@@ -218,6 +219,19 @@ def _constructor_args(name: str, lr: float, weight_decay: float, args: dict[str,
     if name == "adafactor" and merged.get("relative_step"):
         merged["lr"] = None  # Adafactor's relative steps take no lr (it refuses one); the groups' lr go unused
     return merged
+
+
+# the optimizers whose fused CUDA kernel (one launch for every parameter's update instead of several per tensor) takes
+# the same arguments and computes the same update, up to the order of floating-point operations
+FUSED_ON_CUDA = ("adamw",)
+
+
+def device_optimizer_args(name: str, args: dict[str, Any], device: torch.device | str) -> dict[str, Any]:
+    """`args` with the device's fast path added: `fused=True` for torch's AdamW on CUDA, unless --optimizer-args
+    chose `fused` or `foreach` itself. On other devices `args` unchanged (torch picks foreach where it has it)."""
+    if torch.device(device).type != "cuda" or name not in FUSED_ON_CUDA or {"fused", "foreach"} & set(args):
+        return args
+    return {**args, "fused": True}
 
 
 def build_optimizer(

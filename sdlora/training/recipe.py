@@ -37,7 +37,7 @@ from .data import ImageRecord, dataset_summary
 from .datasets import DatasetSpec, TrainingData, batch_sizes, load_training_data, record_buckets
 from .metrics import MetricsLogger, progress_bar, tracking_options
 from .objective import diffusion_loss, prepare_noise_scheduler
-from .optimizers import Fp32MasterWeights, build_optimizer, check_optimizer, parse_optimizer_args
+from .optimizers import Fp32MasterWeights, build_optimizer, check_optimizer, device_optimizer_args, parse_optimizer_args
 from .sample_prompts import read_sample_prompts
 from .validation import Validator
 
@@ -91,6 +91,7 @@ def train(config: TrainConfig) -> Path:
 def setup(config: TrainConfig) -> Run:
     """Check the inputs, load the data and the model, add LoRA, build the optimizer, the caches and the validation,
     and resume if asked. Each step is handed the sections it works from."""
+    config = config.replace(mixed_precision=resolve_mixed_precision(config.base))  # --mixed-precision auto: this machine's
     accelerator = _setup_accelerator(config)
     data = _setup_data(config, accelerator)
     model = load_base_model(config.base, accelerator.device)
@@ -109,8 +110,9 @@ def setup(config: TrainConfig) -> Run:
         outputs.check_output_dir(Path(config.run.output_dir))
         remove_leftover_temporaries(Path(config.run.output_dir))  # what a killed run was writing when it died
     trainable = {f"{c}.{n}": p for c in model.trained for n, p in _component(model, c).named_parameters() if p.requires_grad}
-    optimizer, lr_scheduler = _setup_optimizer(config.optimization, param_groups, model, accelerator, config.base.full_fp16)
+    # the caches first: the VAE and text encoders fill them before the UNet reaches the accelerator
     encoder = _setup_caches(config.data, model, data.records, buckets, Path(config.run.output_dir), accelerator)
+    optimizer, lr_scheduler = _setup_optimizer(config.optimization, param_groups, model, accelerator, config.base.full_fp16)
     validator = _setup_validation(config, model, accelerator, data)
     process = accelerator.process_index
     run = Run(
@@ -145,6 +147,8 @@ def _setup_accelerator(config: TrainConfig):
               config.samples.sample_prompts, base.vae)  # fmt: skip
     output_rules.check_run_folder(Path(config.run.output_dir), inputs, "--output", resume=bool(config.run.resume))
     accelerator = _accelerator(config.base, config.logging, config.run.output_dir)
+    if accelerator.device.type == "cuda":  # TF32 products for the fp32 parts (Ampere and newer; ignored before)
+        torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = "tf32" if config.base.tf32 else "ieee"
     torch.manual_seed(config.run.seed)
     return accelerator
 
@@ -188,6 +192,8 @@ def _setup_network(options: NetworkConfig, optimization: OptimizationConfig, bas
         model.unet.enable_gradient_checkpointing()
         for component in model.trained[1:]:
             trained[component].gradient_checkpointing_enable()
+    if base.compile:  # in place (Module.compile): parameter names and state dicts stay the UNet's own
+        model.unet.compile()
     return param_groups
 
 
@@ -201,7 +207,9 @@ def _setup_optimizer(optimization: OptimizationConfig, param_groups: list[dict],
     step by the loop, not prepared (accelerate would step it once per process)."""
     from diffusers.optimization import get_scheduler  # diffusers takes seconds to import: only when training starts
 
-    arguments = parse_optimizer_args(optimization.optimizer_args)
+    for component in model.trained:  # the UNet arrives only now, after the caches; the optimizer's state is made there
+        _component(model, component).to(accelerator.device)
+    arguments = device_optimizer_args(optimization.optimizer, parse_optimizer_args(optimization.optimizer_args), accelerator.device)
 
     def build(groups: list[dict]) -> torch.optim.Optimizer:
         return build_optimizer(optimization.optimizer, groups, optimization.lr, optimization.weight_decay, arguments)
@@ -262,13 +270,34 @@ def epoch_steps(batches_per_epoch: int, grad_accum: int, epochs: int) -> int:
     return epochs * math.ceil(batches_per_epoch / grad_accum)
 
 
+# the training side from which gradient checkpointing is on unless told otherwise, by family: SDXL's UNet at 1024 px
+# keeps over 12 GB of activations for the backward pass at batch 1 in bf16 (diffusers and kohya advise checkpointing)
+CHECKPOINTING_FROM_RESOLUTION = {"sdxl": 1024}
+
+
+def resolve_mixed_precision(base: BaseModelConfig) -> str:
+    """--mixed-precision auto made concrete: what --full-bf16/--full-fp16 need, else bf16 on a CUDA GPU that has it,
+    fp16 (with accelerate's loss scaler) on one that does not, and no on anything else (a CPU runs bf16 slower
+    than fp32). Given values are kept."""
+    if base.mixed_precision != "auto":
+        return base.mixed_precision
+    if base.full_bf16 or base.full_fp16:
+        return "bf16" if base.full_bf16 else "fp16"
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "no"
+
+
 def _model_defaults(config: TrainConfig, model: BaseModel) -> TrainConfig:
-    """The options left to the model filled in: its own resolution (as its pipeline generates by default) and
-    its family's bucketing (on for SDXL)."""
+    """The options left to the model filled in: its own resolution (as its pipeline generates by default), its
+    family's bucketing (on for SDXL) and gradient checkpointing (on for SDXL from 1024 px)."""
     data, pipe = config.data, model.pipe
     resolution = data.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
     buckets = model.family.buckets_by_default if data.buckets is None else data.buckets
-    return config.replace(resolution=resolution, buckets=buckets)
+    checkpointing = config.base.gradient_checkpointing
+    if checkpointing is None:
+        checkpointing = resolution >= CHECKPOINTING_FROM_RESOLUTION.get(model.family.name, math.inf)
+    return config.replace(resolution=resolution, buckets=buckets, gradient_checkpointing=checkpointing)
 
 
 def _accelerator(base: BaseModelConfig, logging: LoggingConfig, output_dir: str):

@@ -45,6 +45,27 @@ def fixed_timesteps(num_train_timesteps: int, count: int = TIMESTEPS) -> torch.T
     return ((torch.arange(count, dtype=torch.float64) + 0.5) * num_train_timesteps / count).long()
 
 
+# --sample-vae-tiling auto tiles above this many pixels: SDXL's own 1024x1024 decodes whole, as its pipeline does
+TILING_FROM_PIXELS = 1024 * 1024
+
+
+@contextlib.contextmanager
+def decoding_in_tiles(vae, mode: str, width: int, height: int) -> Iterator[bool]:
+    """The VAE decodes in tiles and one image at a time (its enable_tiling/enable_slicing) for the duration when
+    --sample-vae-tiling is on, or auto and the image is larger than TILING_FROM_PIXELS; yields whether it does."""
+    tiled = mode == "on" or (mode == "auto" and width * height > TILING_FROM_PIXELS)
+    if not tiled:
+        yield False
+        return
+    vae.enable_tiling()
+    vae.enable_slicing()
+    try:
+        yield True
+    finally:
+        vae.disable_tiling()
+        vae.disable_slicing()
+
+
 @dataclass
 class HeldOut:
     """One held-out image's fixed inputs: a latent sample, one noise per timestep, its caption and its conditioning."""
@@ -142,24 +163,27 @@ class Validator:
         images = []
         with self._visiting(), self.accelerator.autocast():
             if self.sample_prompts:
+                tiling = decoding_in_tiles(pipe.vae, samples.sample_vae_tiling, resolution, resolution)
                 seed_own_noise(pipe.scheduler, samples.sample_seed)  # DPM++ SDE's own noise: seeded, as generate seeds it
-                images = pipe(
-                    self.sample_prompts,
-                    num_inference_steps=samples.sample_steps,
-                    generator=torch.Generator().manual_seed(samples.sample_seed),
-                    height=resolution,
-                    width=resolution,
-                ).images
+                with tiling:
+                    images = pipe(
+                        self.sample_prompts,
+                        num_inference_steps=samples.sample_steps,
+                        generator=torch.Generator().manual_seed(samples.sample_seed),
+                        height=resolution,
+                        width=resolution,
+                    ).images
             scheduler = pipe.scheduler  # the run's sampler; a line's --ss holds for that line only
             for index, sample in enumerate(self.prompt_file):
                 height, width = sample.height or resolution, sample.width or resolution
                 try:
-                    (image,) = generate(
-                        pipe, sample.prompt, sample.negative_prompt, steps=sample.steps or samples.sample_steps,
-                        guidance=7.5 if sample.guidance is None else sample.guidance,
-                        seed=samples.sample_seed if sample.seed is None else sample.seed, height=height, width=width,
-                        model_name=model_label(self.model.name), progress=False, sampler=sample.sampler,
-                    )  # fmt: skip
+                    with decoding_in_tiles(pipe.vae, samples.sample_vae_tiling, width, height):
+                        (image,) = generate(
+                            pipe, sample.prompt, sample.negative_prompt, steps=sample.steps or samples.sample_steps,
+                            guidance=7.5 if sample.guidance is None else sample.guidance,
+                            seed=samples.sample_seed if sample.seed is None else sample.seed, height=height, width=width,
+                            model_name=model_label(self.model.name), progress=False, sampler=sample.sampler,
+                        )  # fmt: skip
                 except NonFiniteImageError as err:  # a sample is no reason to stop a run: say so, leave a black cell
                     warnings.warn(f"sample prompt {index + 1} at step {step}: {err}", stacklevel=1)
                     images.append(PILImage.new("RGB", (width, height)))
@@ -180,8 +204,9 @@ class Validator:
         """Held-out loss (with --val-split) and the sample grid (to the trackers too); the main process writes them."""
         values = {"val_loss": self.loss()} if self.records else {}
         if self.accelerator.is_main_process:
-            _, grid = self.save_samples(step)
-            metrics.log_images(step, {"samples": grid})
+            if self.samples.samples:
+                _, grid = self.save_samples(step)
+                metrics.log_images(step, {"samples": grid})
             if values:
                 metrics.log(step, **values)
         self.accelerator.wait_for_everyone()
