@@ -81,6 +81,9 @@ def _train_run(args: argparse.Namespace) -> None:
     from .training.recipe import train  # lazy: see the module docstring
 
     path = train(config_from_args(args))
+    if path is None:
+        print("dry run: the memory plan above; nothing was cached, trained or written")
+        return
     print(f"wrote {path} and {path.parent}")
 
 
