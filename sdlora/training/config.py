@@ -423,7 +423,8 @@ class SamplesConfig(_Section):
     sample_vae_tiling: str = _opt(
         "auto",
         "decode sample images with the VAE in tiles and one image at a time (diffusers' enable_vae_tiling/slicing): "
-        "a fraction of the decoder's memory, with faint seams possible at tile edges; auto: above 1024x1024 pixels",
+        "512 px tiles, blended where they overlap: under a third of the decoder's memory (0.76 against 3.0 GiB for a 1024 px "
+        "SDXL image), with faint seams possible at tile edges; auto: from 1024x1024 pixels (SDXL's own size) up",
         SAMPLE_VAE_TILING,
     )
 

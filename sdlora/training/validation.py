@@ -45,18 +45,25 @@ def fixed_timesteps(num_train_timesteps: int, count: int = TIMESTEPS) -> torch.T
     return ((torch.arange(count, dtype=torch.float64) + 0.5) * num_train_timesteps / count).long()
 
 
-# --sample-vae-tiling auto tiles above this many pixels: SDXL's own 1024x1024 decodes whole, as its pipeline does
+# --sample-vae-tiling auto tiles from this many pixels: SDXL's own 1024x1024 included, whose whole decode (about 3 GiB
+# in fp32) would otherwise be a run's peak on an 8-12 GB card
 TILING_FROM_PIXELS = 1024 * 1024
+TILE_PIXELS = 512  # the tiles' side: diffusers' tiles are the VAE's sample_size (1024 for SDXL's: no tiles at 1024 px)
 
 
 @contextlib.contextmanager
 def decoding_in_tiles(vae, mode: str, width: int, height: int) -> Iterator[bool]:
-    """The VAE decodes in tiles and one image at a time (its enable_tiling/enable_slicing) for the duration when
-    --sample-vae-tiling is on, or auto and the image is larger than TILING_FROM_PIXELS; yields whether it does."""
-    tiled = mode == "on" or (mode == "auto" and width * height > TILING_FROM_PIXELS)
+    """The VAE decodes in tiles of at most TILE_PIXELS (overlapping and blended, diffusers' tiled_decode) and one
+    image at a time (enable_tiling/enable_slicing) for the duration when --sample-vae-tiling is on, or auto and the
+    image has TILING_FROM_PIXELS or more; yields whether it does."""
+    tiled = mode == "on" or (mode == "auto" and width * height >= TILING_FROM_PIXELS)
     if not tiled:
         yield False
         return
+    sizes = vae.tile_sample_min_size, vae.tile_latent_min_size
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    vae.tile_sample_min_size = min(vae.tile_sample_min_size, TILE_PIXELS)
+    vae.tile_latent_min_size = vae.tile_sample_min_size // factor
     vae.enable_tiling()
     vae.enable_slicing()
     try:
@@ -64,6 +71,7 @@ def decoding_in_tiles(vae, mode: str, width: int, height: int) -> Iterator[bool]
     finally:
         vae.disable_tiling()
         vae.disable_slicing()
+        vae.tile_sample_min_size, vae.tile_latent_min_size = sizes
 
 
 @dataclass
