@@ -178,7 +178,9 @@ class JobRunner:
                 raise UserError(f"job {job_id} is {job['status']}: only a queued or running job can be stopped")
             self.store.update(job_id, stop_requested=1)
             _signal_group(job["pid"], signal.SIGINT)
-        threading.Timer(STOP_GRACE_S, self._kill_if_running, args=(job_id, job["pid"])).start()
+        timer = threading.Timer(STOP_GRACE_S, self._kill_if_running, args=(job_id, job["pid"]))
+        timer.daemon = True  # a UI that quits leaves the job to stop by itself
+        timer.start()
 
     def _kill_if_running(self, job_id: int, pid: int) -> None:
         job = self.store.get(job_id)

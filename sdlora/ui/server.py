@@ -117,8 +117,8 @@ class Handler(BaseHTTPRequestHandler):
                 self._post(url.path, body)
             else:
                 self._get(url.path, query)
-        except OutsideRoots as err:
-            self._json(HTTPStatus.FORBIDDEN, _error(err))
+        except OutsideRoots as err:  # a training option's path too: the form shows it at its field
+            self._json(HTTPStatus.FORBIDDEN, _error(err) | ({"option": err.option} if isinstance(err, OptionError) else {}))
         except OptionError as err:
             self._json(HTTPStatus.BAD_REQUEST, _error(err) | {"option": err.option})
         except _HttpError as err:

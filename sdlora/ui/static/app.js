@@ -250,12 +250,16 @@ function showJob(job) {
   $("#job-stop").disabled = !(job.status === "running" || job.status === "queued");
   $("#job-resume").disabled = !job.can_resume;
   refreshJobs();
+  refreshLog(job.id);
 }
 
 async function refreshLog(id) {
   try {
     const {lines} = await api("GET", `/api/jobs/${id}/log`);
-    if (id === selectedJob) $("#job-log").textContent = lines.join("\n");
+    if (id !== selectedJob) return;
+    const log = $("#job-log");
+    log.textContent = lines.join("\n");
+    log.scrollTop = log.scrollHeight;
   } catch (error) {
     // the log is a convenience: the job's state comes from its events
   }

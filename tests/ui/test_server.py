@@ -1,0 +1,202 @@
+"""The UI's server through its HTTP API on a real port: bound to 127.0.0.1 by default, credentials and the CSRF
+token, the training form from TrainConfig, a bad option refused with the CLI's message before anything starts,
+and no path outside the roots read or written."""
+
+from __future__ import annotations
+
+import base64
+import os
+import urllib.parse
+
+import pytest
+
+from sdlora.cli import build_parser, main
+from sdlora.errors import UserError
+from sdlora.training.config import SECTIONS, TrainConfig, option_fields
+from sdlora.ui.server import make_server
+
+from .conftest import Client
+
+
+def test_binds_localhost_by_default_and_refuses_another_address_without_auth(tmp_path, capsys):
+    args = build_parser().parse_args(["ui"])
+    assert args.host == "127.0.0.1"
+    server = make_server(port=0, roots=[str(tmp_path)], state_dir=str(tmp_path / "state"))
+    try:
+        assert server.server_address[0] == "127.0.0.1"
+    finally:
+        server.server_close()
+    with pytest.raises(UserError, match="--auth USER:PASS"):
+        make_server(host="0.0.0.0", port=0, roots=[str(tmp_path)], state_dir=str(tmp_path / "state"))
+    assert main(["ui", "--listen", "0.0.0.0", "--port", "0", "--root", str(tmp_path)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("sdlora ui: error: --host 0.0.0.0") and "--auth" in error and "\n" not in error
+
+
+def test_auth_on_every_request_when_listening_beyond_localhost(tmp_path, start_ui):
+    server = start_ui(tmp_path, host="0.0.0.0", auth="ann:s3cret")
+    base = f"http://127.0.0.1:{server.port}"
+    anonymous = Client.__new__(Client)
+    anonymous.base = base
+    assert anonymous.raw("/")[0] == 401
+    assert anonymous.raw("/api/jobs")[0] == 401
+    wrong = {"Authorization": "Basic " + base64.b64encode(b"ann:guess").decode()}
+    assert anonymous.raw("/api/health", wrong)[0] == 401
+    right = {"Authorization": "Basic " + base64.b64encode(b"ann:s3cret").decode()}
+    status, body, kind = anonymous.raw("/api/health", right)
+    assert status == 200 and kind == "application/json" and b'"ok": true' in body
+
+
+def test_requests_for_another_host_name_are_refused(ui):
+    _, client = ui
+    # a DNS-rebinding page reaches 127.0.0.1 under its own name
+    assert client.raw("/api/csrf", {"Host": "evil.example:80"})[0] == 403
+    assert client.raw("/api/csrf", {"Host": f"localhost:{ui[0].port}"})[0] == 200
+
+
+def test_state_changing_calls_need_the_csrf_token(ui, ui_root):
+    _, client = ui
+    options = {"data_dir": "data", "output_dir": "out", "steps": 1}
+    assert client.request("POST", "/api/jobs", options, {"Content-Type": "application/json"})[0] == 403
+    status, answer = client.request("POST", "/api/jobs", options, {"X-CSRF-Token": "not-it"})
+    assert status == 403 and "X-CSRF-Token" in answer["error"]
+    assert client.get("/api/jobs")[1]["jobs"] == [] and not (ui_root / "out").exists()
+
+
+def test_the_form_is_every_training_option_with_its_default_help_and_choices(ui):
+    _, client = ui
+    status, answer = client.get("/api/options")
+    assert status == 200
+    assert [section["name"] for section in answer["sections"]] == list(SECTIONS)
+    shown = {option["name"]: option for section in answer["sections"] for option in section["options"]}
+    assert set(shown) == {item.name for _, item in option_fields()} - {"resume"}  # resume: the UI's button
+    rank, crop, prompts, buckets = shown["rank"], shown["crop"], shown["validation_prompts"], shown["buckets"]
+    assert (rank["type"], rank["default"], rank["optional"]) == ("int", 16, False)
+    assert crop["choices"] == ["center", "random"] and crop["default"] == "center"
+    assert prompts["type"] == "list" and buckets == buckets | {"type": "bool", "optional": True, "default": None}
+    rank_field = SECTIONS["network"].__dataclass_fields__["rank"]
+    assert rank["help"] == rank_field.metadata["help"] and rank["flag"] == "--rank"
+    assert shown["data_dir"]["flag"] is None and shown["data_dir"]["required"]
+
+
+@pytest.mark.parametrize(
+    "options, option, message",
+    [
+        ({"steps": "10"}, "steps", 'steps = "10" must be an integer (without quotes)'),
+        ({"crop": "middle"}, "crop", 'crop = "middle" must be one of center, random'),
+        ({"rank": 0}, "rank", None),  # the section's own check: the CLI's message, compared below
+        ({"output_dir": "data/out"}, "output_dir", None),
+        ({"name": "a/b"}, "name", None),
+        ({"colour": "red"}, None, "unknown option 'colour' (see sdlora train --help)"),
+    ],
+)
+def test_a_bad_option_is_refused_with_the_clis_message_before_anything_starts(ui, ui_root, options, option, message):
+    _, client = ui
+    submitted = {"data_dir": "data", "output_dir": "out", "steps": 2} | options
+    status, answer = client.post("/api/jobs", submitted)
+    assert status == 400 and answer["option"] == option
+    if message is None:  # the same line TrainConfig gives the CLI
+        resolved = submitted | {"data_dir": str(ui_root / "data"), "output_dir": str(ui_root / submitted["output_dir"])}
+        with pytest.raises(UserError) as err:
+            TrainConfig.from_options(**resolved)
+        message = str(err.value)
+    assert answer["error"] == message and "\n" not in answer["error"]
+    assert client.post("/api/check", submitted)[0] == 400
+    assert client.get("/api/jobs")[1]["jobs"] == []
+    assert not (ui_root / "out").exists() and not (ui_root / "data" / "out").exists()
+
+
+def test_a_valid_form_checks_without_starting(ui, ui_root):
+    _, client = ui
+    assert client.post("/api/check", {"data_dir": "data", "output_dir": "out", "rank": 4, "alpha": 2.0}) == (200, {"ok": True})
+    assert client.get("/api/jobs")[1]["jobs"] == [] and not (ui_root / "out").exists()
+
+
+@pytest.fixture
+def outside(tmp_path, ui_root):
+    """A secret image and LoRA-named file outside the root, and symlinks to them from inside it."""
+    secret = tmp_path / "outside"
+    secret.mkdir()
+    (secret / "secret.png").write_bytes(b"\x89PNG secret")
+    (secret / "secret.safetensors").write_bytes(b"not read")
+    (ui_root / "link-out").symlink_to(secret, target_is_directory=True)
+    (ui_root / "link.png").symlink_to(secret / "secret.png")
+    return secret
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/api/file?path=../outside/secret.png",
+        "/api/file?path={secret}/secret.png",
+        "/api/file?path=link.png",
+        "/api/file?path=link-out/secret.png",
+        "/api/file?path=%2e%2e%2foutside%2fsecret.png",
+        "/api/file?path=data/%2e%2e/%2e%2e/outside/secret.png",
+        "/api/inspect?path={secret}/secret.safetensors",
+        "/api/inspect?path=link-out/secret.safetensors",
+        "/api/loras?dir=..",
+        "/api/loras?dir=link-out",
+        "/api/loras?dir=/",
+    ],
+)
+def test_paths_outside_the_roots_are_refused_and_nothing_is_read(ui, outside, path):
+    _, client = ui
+    status, body, _ = client.raw(path.format(secret=urllib.parse.quote(str(outside))))
+    assert status == 403 and b"secret" not in body.replace(b"secret.", b"") and b"outside the UI's folders" in body
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/static/../server.py", "/static/..%2fserver.py", "/static/%2e%2e%2f%2e%2e%2fcli.py", "/static//etc/passwd", "/../../etc/passwd"],
+)
+def test_the_pages_files_are_served_by_name_only(ui, path):
+    _, client = ui
+    status, body, _ = client.raw(path)
+    assert status in (403, 404) and b"import" not in body and b"root:" not in body
+    assert client.raw("/static/app.js")[0] == 200 and client.raw("/")[2].startswith("text/html")
+
+
+def test_training_paths_outside_the_roots_are_refused(ui, ui_root, outside):
+    _, client = ui
+    for options, option in [
+        ({"data_dir": str(outside)}, "data_dir"),
+        ({"data_dir": "link-out"}, "data_dir"),
+        ({"output_dir": "../escaped"}, "output_dir"),
+        ({"output_dir": "link-out/run"}, "output_dir"),
+        ({"model": "../outside"}, "model"),
+    ]:
+        status, answer = client.post("/api/jobs", {"data_dir": "data", "output_dir": "out"} | options)
+        assert (status, answer["option"]) == (403, option), options
+    assert not (outside / "run").exists() and not (ui_root.parent / "escaped").exists()
+    assert client.get("/api/jobs")[1]["jobs"] == []
+
+
+def test_tools_write_only_under_the_roots(ui, ui_root, outside, write_format_file, format_rank_alpha):
+    _, client = ui
+    (ui_root / "loras").mkdir()
+    write_format_file(ui_root / "loras", "kohya")
+    rank, alphas = format_rank_alpha
+    status, answer = client.post(
+        "/api/convert", {"input": "loras/kohya.safetensors", "output": str(outside / "b.safetensors"), "to": "diffusers"}
+    )
+    assert status == 403 and not (outside / "b.safetensors").exists()
+    status, answer = client.post("/api/convert", {"input": "loras/kohya.safetensors", "output": "loras/b.safetensors", "to": "diffusers"})
+    assert status == 200 and answer["output"] == str(ui_root / "loras" / "b.safetensors")
+    listed = {entry["name"]: entry for entry in client.get("/api/loras?dir=loras")[1]["loras"]}
+    assert {name: (entry["format"], entry["rank"], entry["alpha"]) for name, entry in listed.items()} == {
+        "kohya.safetensors": ("kohya", rank, alphas["kohya"]),
+        "b.safetensors": ("diffusers", rank, alphas["kohya"]),
+    }
+    assert alphas["kohya"] != rank
+    status, answer = client.post("/api/convert", {"input": "loras/kohya.safetensors", "output": "loras/kohya.safetensors", "to": "kohya"})
+    assert status == 400 and "\n" not in answer["error"] and "kohya.safetensors" in answer["error"]
+    merge = {"model": "tiny", "loras": [{"path": "loras/kohya.safetensors", "scale": 0.5}], "output": "../m"}
+    assert client.post("/api/merge", merge)[0] == 403
+    assert sorted(os.listdir(outside)) == ["secret.png", "secret.safetensors"]
+
+
+def test_request_bodies_have_a_size_limit(ui):
+    _, client = ui
+    status, answer = client.post("/api/jobs", {"caption": "x" * (1 << 20)})
+    assert status == 413 and "at most" in answer["error"]
