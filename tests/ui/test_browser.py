@@ -1,0 +1,63 @@
+"""The page in a real browser (headless Chromium from the system's packages, through Selenium): the training form
+is drawn from the options' sections, and a bad value is shown at its field without starting a run."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from sdlora.errors import UserError
+from sdlora.training.config import SECTIONS, TrainConfig, option_fields, section_title
+
+webdriver = pytest.importorskip("selenium.webdriver", reason="pip install selenium (the test extra) for the browser test")
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="apt-get install chromium chromium-driver for the browser test"),
+]
+
+
+@pytest.fixture
+def browser():
+    from selenium.webdriver.chrome.options import Options  # selenium: only where the test runs
+    from selenium.webdriver.chrome.service import Service
+
+    options = Options()
+    options.binary_location = CHROMIUM
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,1600"):
+        options.add_argument(argument)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    yield driver
+    driver.quit()
+
+
+def test_the_page_draws_the_training_form_and_shows_a_bad_value_at_its_field(ui, ui_root, browser):
+    from selenium.webdriver.common.by import By  # selenium: only where the test runs
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    server, client = ui
+    browser.get(f"http://127.0.0.1:{server.port}/")
+    WebDriverWait(browser, 30).until(lambda driver: driver.execute_script("return document.body.dataset.ready") == "true")
+    titles = [element.get_attribute("textContent") for element in browser.find_elements(By.CSS_SELECTOR, "#train-sections summary")]
+    assert titles == [section_title(name) for name in SECTIONS]
+    drawn = [element.get_attribute("data-option") for element in browser.find_elements(By.CSS_SELECTOR, "#train-sections .field")]
+    assert drawn == [item.name for _, item in option_fields() if item.name != "resume"]
+    rank_help = browser.find_element(By.CSS_SELECTOR, '.field[data-option="rank"] small').text
+    assert rank_help.startswith(SECTIONS["network"].__dataclass_fields__["rank"].metadata["help"]) and rank_help.endswith("(default: 16)")
+    assert browser.find_element(By.ID, "opt-crop").get_attribute("value") == "center"
+
+    browser.find_element(By.ID, "opt-data_dir").send_keys("data")
+    browser.find_element(By.ID, "opt-output_dir").send_keys("out")
+    browser.find_element(By.ID, "opt-rank").send_keys("0")
+    browser.find_element(By.ID, "train-start").click()
+    error = browser.find_element(By.ID, "err-rank")
+    WebDriverWait(browser, 30).until(lambda _: error.text)
+    with pytest.raises(UserError) as expected:
+        TrainConfig.from_options(data_dir=str(ui_root / "data"), output_dir=str(ui_root / "out"), rank=0)
+    assert error.text == str(expected.value)
+    assert "invalid" in browser.find_element(By.CSS_SELECTOR, '.field[data-option="rank"]').get_attribute("class")
+    assert client.get("/api/jobs")[1]["jobs"] == [] and not (ui_root / "out").exists()
+    severe = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
+    assert severe == []
