@@ -16,6 +16,7 @@ import json
 import mimetypes
 import re
 import secrets
+import socket
 import sys
 import threading
 import time
@@ -79,6 +80,8 @@ class UiServer(ThreadingHTTPServer):
         self.auth = auth
         self.csrf_token = secrets.token_urlsafe(32)
         self.closing = threading.Event()
+        if ":" in host:  # an IPv6 address such as ::1
+            self.address_family = socket.AF_INET6
         super().__init__((host.strip("[]"), port), Handler)
         self.port = self.server_address[1]
         names = ("127.0.0.1", "localhost", "[::1]") if is_loopback(host) else ()
@@ -184,7 +187,7 @@ class Handler(BaseHTTPRequestHandler):
         if path == "/api/jobs":
             return self._json(HTTPStatus.OK, {"jobs": [runner.describe(job["id"]) for job in runner.store.all()]})
         if path == "/api/loras":
-            return self._json(HTTPStatus.OK, {"loras": list_loras(_required(query, "dir"), roots)})
+            return self._json(HTTPStatus.OK, list_loras(_required(query, "dir"), roots))
         if path == "/api/inspect":
             return self._json(HTTPStatus.OK, inspect_lora(_required(query, "path"), roots))
         if path == "/api/file":

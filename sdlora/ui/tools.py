@@ -9,15 +9,18 @@ from pathlib import Path
 from typing import Any
 
 from ..core.files import read_lora, write_lora
+from ..core.formats import detect_format
 from ..core.inspection import describe, to_json
 from ..errors import UserError
 from ..inference.merge import MergeStats, merge_model
 from ..models.loading import BUILTIN_MODELS
 from ..storage.output_rules import check_output_file
+from ..storage.safetensors_stream import read_header
 from .roots import Roots
 
 LORA_SUFFIXES = (".safetensors",)
 MAX_LISTED = 500  # LoRA files one listing reads
+TRIGGER_WORDS = 5  # tags shown per file
 
 
 def inspect_lora(path: str, roots: Roots) -> dict[str, Any]:
@@ -26,16 +29,22 @@ def inspect_lora(path: str, roots: Roots) -> dict[str, Any]:
     return json.loads(to_json(describe(read_lora(real), real)))
 
 
-def list_loras(folder: str, roots: Roots) -> list[dict[str, Any]]:
-    """Each LoRA file under `folder` (and its subfolders) with the inspect summary, or its error line."""
+def list_loras(folder: str, roots: Roots) -> dict[str, Any]:
+    """Each LoRA file under `folder` (and its subfolders) with the inspect summary, or the line that says why it
+    cannot be read; `.safetensors` files of no LoRA format (a checkpoint's optimizer state, a model) are only counted."""
     real = roots.resolve(folder, "folder")
     if not real.is_dir():
         raise FileNotFoundError(f"folder not found: {folder}")
-    listed = []
+    listed, other = [], 0
     for path in sorted(p for p in real.rglob("*") if p.suffix.lower() in LORA_SUFFIXES and p.is_file())[:MAX_LISTED]:
         if not roots.contains(path.resolve()):  # a symlink out of the roots is not read
             continue
         entry: dict[str, Any] = {"path": str(path), "name": str(path.relative_to(real))}
+        try:
+            detect_format(read_header(path).tensors)
+        except UserError:
+            other += 1
+            continue
         try:
             info = inspect_lora(str(path), roots)
             entry.update({key: info[key] for key in ("format", "architecture", "modules", "rank", "alpha", "size_bytes")})
@@ -44,11 +53,11 @@ def list_loras(folder: str, roots: Roots) -> list[dict[str, Any]]:
         except (UserError, OSError, ValueError) as err:
             entry["error"] = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         listed.append(entry)
-    return listed
+    return {"loras": listed, "other_files": other}
 
 
 def _trigger_words(metadata: dict[str, str]) -> list[str]:
-    """The most frequent tags of kohya's `ss_tag_frequency` (the words the LoRA was trained with), at most ten."""
+    """The most frequent tags of kohya's `ss_tag_frequency` (the words the LoRA was trained with), the first few."""
     try:
         frequency = json.loads(metadata.get("ss_tag_frequency", "{}"))
     except ValueError:
@@ -58,7 +67,7 @@ def _trigger_words(metadata: dict[str, str]) -> list[str]:
         for tag, count in tags.items() if isinstance(tags, dict) else ():
             if isinstance(count, int):
                 counts[tag] = counts.get(tag, 0) + count
-    return [tag for tag, _ in sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:10]]
+    return [tag for tag, _ in sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:TRIGGER_WORDS]]
 
 
 def convert_lora(source: str, output: str, to: str, roots: Roots) -> dict[str, Any]:

@@ -10,6 +10,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from sdlora.config import load_toml
 from sdlora.storage.steps import step_of
 from sdlora.training.checkpoint import latest_checkpoint
@@ -20,6 +22,7 @@ from sdlora.ui.jobs import LOG_FILE, OPTIONS_FILE, JobRunner
 TINY = {"model": "tiny", "resolution": 64, "rank": 4, "alpha": 8.0, "batch_size": 2, "report_to": "none", "seed": 3}
 
 
+@pytest.mark.slow
 def test_a_tiny_run_streams_its_metrics_and_samples_to_the_end(ui, ui_root):
     server, client = ui
     options = TINY | {"data_dir": "data", "output_dir": "runs/a", "steps": 2, "checkpoint_every": 0, "validate_every": 1, "sample_steps": 1}
@@ -41,8 +44,11 @@ def test_a_tiny_run_streams_its_metrics_and_samples_to_the_end(ui, ui_root):
     assert (last["status"], last["step"], last["steps"], last["loss"], last["error"]) == ("done", 2, 2, losses[-1][1], None)
     assert received[-1] == ("end", {"status": "done"})
     assert (out / "lora.safetensors").is_file() and (out / "pytorch_lora_weights.safetensors").is_file()
-    listed = {entry["name"]: entry for entry in client.get("/api/loras?dir=runs/a")[1]["loras"]}
+    listing = client.get("/api/loras?dir=runs/a")[1]
+    listed = {entry["name"]: entry for entry in listing["loras"]}
     assert (listed["lora.safetensors"]["rank"], listed["lora.safetensors"]["alpha"]) == (4, 8.0)
+    assert listed["lora.safetensors"]["trigger_words"][0] == "flat poster"  # in every caption; the others in one each
+    assert "checkpoints/step-00000002/trainable.safetensors" not in listed and listing["other_files"] >= 1
     # the job's options file is what `sdlora train --config` reads: the same run from the shell
     resolved = options | {"data_dir": str(ui_root / "data"), "output_dir": str(out)}
     job_file = server.runner.job_dir(job_id) / OPTIONS_FILE
@@ -58,6 +64,7 @@ def _stop_at(client, job_id: int, step: int, after: float = 0.0) -> dict:
     return client.wait_for(job_id, ("stopped", "done", "failed"))
 
 
+@pytest.mark.slow
 def test_one_run_at_a_time_stop_resume_from_the_checkpoint_and_a_failed_runs_error_line(ui, ui_root):
     server, client = ui
     (ui_root / "empty").mkdir()

@@ -172,6 +172,7 @@ def test_training_paths_outside_the_roots_are_refused(ui, ui_root, outside):
     assert client.get("/api/jobs")[1]["jobs"] == []
 
 
+@pytest.mark.slow
 def test_tools_write_only_under_the_roots(ui, ui_root, outside, write_format_file, format_rank_alpha):
     _, client = ui
     (ui_root / "loras").mkdir()

@@ -322,18 +322,20 @@ async function listLoras(event) {
   const body = $("#lora-table tbody");
   body.textContent = "";
   try {
-    const {loras} = await api("GET", `/api/loras?dir=${encodeURIComponent(new FormData(event.target).get("dir"))}`);
-    say(message, `${loras.length} file(s)`);
+    const {loras, other_files: other} = await api("GET", `/api/loras?dir=${encodeURIComponent(new FormData(event.target).get("dir"))}`);
+    say(message, `${loras.length} LoRA file(s)` + (other ? `, ${other} other .safetensors file(s)` : ""));
     for (const lora of loras) {
       const row = document.createElement("tr");
       const cells = lora.error
         ? [lora.name, lora.error]
-        : [lora.name, lora.format, lora.architecture, lora.kinds.join(", "), lora.modules, lora.rank, lora.alpha, lora.trigger_words.join(", ")];
+        : [lora.name, lora.format, lora.architecture, lora.kinds.join(", "), lora.modules, lora.rank, lora.alpha, lora.trigger_words.join(" | ")];
       for (const value of cells) {
         const cell = document.createElement("td");
         cell.textContent = value;
+        cell.title = value;
         row.append(cell);
       }
+      if (lora.error) row.lastChild.colSpan = 7;
       row.addEventListener("click", () => inspect(lora.path));
       body.append(row);
     }
