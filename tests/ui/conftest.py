@@ -17,9 +17,9 @@ from sdlora.ui.server import make_server
 class Client:
     """JSON calls to one server, with its CSRF token on every POST; `(status, value)` for each."""
 
-    def __init__(self, base: str) -> None:
+    def __init__(self, base: str, csrf: bool = True) -> None:
         self.base = base
-        self.token = self.get("/api/csrf")[1]["token"]
+        self.token = self.get("/api/csrf")[1]["token"] if csrf else ""
 
     def request(self, method: str, path: str, body=None, headers: dict | None = None) -> tuple[int, dict]:
         data = None if body is None else json.dumps(body).encode()
@@ -112,3 +112,9 @@ def start_ui():
     for server in started:
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture(scope="session")
+def client_for():
+    """`client_for(base_url, csrf=True) -> Client`: JSON calls to a UI (with its CSRF token unless `csrf=False`)."""
+    return Client

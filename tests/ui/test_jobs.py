@@ -1,11 +1,12 @@
 """Training jobs through the API: a tiny run (the tiny model, 64 px, a few steps) streamed to its end with its
-metrics and samples; one run at a time, stop and resume from the last checkpoint; a failed run's error line; a UI
-started again on the same state finding how its jobs ended."""
+metrics and samples; one run at a time, stop and resume from the last checkpoint; a failed run's error line; a run
+that outlives its UI, and a UI started again on the same state finding its jobs running or how they ended."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -126,3 +127,51 @@ def test_a_ui_started_again_finds_how_its_jobs_ended(tmp_path):
     assert [again.store.get(job_id)["status"] for job_id in ids] == ["done", "failed", "failed"]
     assert again.store.get(ids[1])["error"].startswith("the job's process ended without an exit status")
     assert again.store.get(ids[2])["error"] == "sdlora train: error: no images found in data"
+
+
+def _start_ui_process(root, read_line, client_for):
+    """`sdlora ui` as its own process on a free port of 127.0.0.1 over `root`, and a client of it."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "sdlora", "ui", "--port", "0", "--root", str(root)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )  # fmt: skip
+    line = read_line(process.stdout, timeout=120)
+    port = int(line.split("http://127.0.0.1:")[1].split("/")[0])
+    return process, client_for(f"http://127.0.0.1:{port}")
+
+
+@pytest.mark.slow
+def test_a_run_outlives_the_ui_and_a_ui_started_again_shows_and_stops_it(ui_root, read_line, client_for):
+    first, client = _start_ui_process(ui_root, read_line, client_for)
+    try:
+        options = TINY | {
+            "data_dir": "data",
+            "output_dir": "runs/kept",
+            "steps": 1000,
+            "checkpoint_every": 0,
+            "validate_every": 0,
+            "samples": False,
+        }
+        job_id = client.post("/api/jobs", options)[1]["id"]
+        for name, value in client.events(job_id):
+            if name == "metrics" and value["step"] >= 2:
+                break
+    finally:
+        first.terminate()
+        first.wait(timeout=60)
+    seen = json.loads((ui_root / "runs" / "kept" / "metrics.jsonl").read_text().splitlines()[-1])["step"]
+    second, client = _start_ui_process(ui_root, read_line, client_for)
+    try:
+        job = client.get(f"/api/jobs/{job_id}")[1]
+        assert job["status"] == "running" and job["step"] >= seen  # the run went on without a UI
+        for name, value in client.events(job_id):
+            if name == "metrics" and value["step"] > job["step"]:  # and the new UI follows it
+                break
+        assert client.post(f"/api/jobs/{job_id}/stop")[0] == 200
+        stopped = client.wait_for(job_id, ("stopped", "done", "failed"))
+        assert (stopped["status"], stopped["error"]) == ("stopped", None)
+        assert (ui_root / ".sdlora-ui" / "jobs" / str(job_id) / EXIT_FILE).read_text() == "130"
+    finally:
+        second.terminate()
+        second.wait(timeout=60)

@@ -15,8 +15,6 @@ from sdlora.errors import UserError
 from sdlora.training.config import SECTIONS, TrainConfig, option_fields
 from sdlora.ui.server import make_server
 
-from .conftest import Client
-
 
 def test_binds_localhost_by_default_and_refuses_another_address_without_auth(tmp_path, capsys):
     args = build_parser().parse_args(["ui"])
@@ -33,11 +31,9 @@ def test_binds_localhost_by_default_and_refuses_another_address_without_auth(tmp
     assert error.startswith("sdlora ui: error: --host 0.0.0.0") and "--auth" in error and "\n" not in error
 
 
-def test_auth_on_every_request_when_listening_beyond_localhost(tmp_path, start_ui):
+def test_auth_on_every_request_when_listening_beyond_localhost(tmp_path, start_ui, client_for):
     server = start_ui(tmp_path, host="0.0.0.0", auth="ann:s3cret")
-    base = f"http://127.0.0.1:{server.port}"
-    anonymous = Client.__new__(Client)
-    anonymous.base = base
+    anonymous = client_for(f"http://127.0.0.1:{server.port}", csrf=False)
     assert anonymous.raw("/")[0] == 401
     assert anonymous.raw("/api/jobs")[0] == 401
     wrong = {"Authorization": "Basic " + base64.b64encode(b"ann:guess").decode()}
