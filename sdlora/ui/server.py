@@ -28,6 +28,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from ..core.version import __version__
 from ..errors import UserError
+from ..training.config import to_toml
 from ..training.metrics import METRICS_FILE
 from ..training.validation import SAMPLES_DIR
 from .jobs import ACTIVE, JobRunner, read_new_metrics, sample_names
@@ -222,6 +223,8 @@ class Handler(BaseHTTPRequestHandler):
         if path == "/api/check":  # the form checked without starting anything
             check_options(body, roots)
             return self._json(HTTPStatus.OK, {"ok": True})
+        if path == "/api/toml":  # the form as the config.toml `sdlora train --config` reads
+            return self._json(HTTPStatus.OK, {"toml": to_toml(check_options(body, roots))})
         if not isinstance(body, dict):
             raise UserError("the request body must be a JSON object")
         if path == "/api/convert":

@@ -1,5 +1,6 @@
 """The page in a real browser (headless Chromium from the system's packages, through Selenium): the training form
-is drawn from the options' sections, and a bad value is shown at its field without starting a run."""
+is drawn from the options' sections, a bad value is shown at its field without starting a run, and the fixed form
+is shown as its config.toml."""
 
 from __future__ import annotations
 
@@ -59,6 +60,15 @@ def test_the_page_draws_the_training_form_and_shows_a_bad_value_at_its_field(ui,
     assert error.text == str(expected.value)
     assert "invalid" in browser.find_element(By.CSS_SELECTOR, '.field[data-option="rank"]').get_attribute("class")
     assert client.get("/api/jobs")[1]["jobs"] == [] and not (ui_root / "out").exists()
+
+    rank = browser.find_element(By.ID, "opt-rank")
+    rank.clear()
+    rank.send_keys("4")
+    browser.find_element(By.ID, "train-toml").click()
+    toml = browser.find_element(By.ID, "train-toml-text")
+    WebDriverWait(browser, 30).until(lambda _: toml.is_displayed())
+    assert "[network]\nrank = 4\n" in toml.text and f'data_dir = "{ui_root / "data"}"' in toml.text
+    assert error.text == "" and browser.find_element(By.ID, "train-message").text == "the options are valid"
     # no script error (the refused POST's 400 is logged as a network error, which it is meant to be)
     severe = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE" and entry["source"] != "network"]
     assert severe == []

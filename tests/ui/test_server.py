@@ -11,6 +11,7 @@ import urllib.parse
 import pytest
 
 from sdlora.cli import build_parser, main
+from sdlora.config import load_toml
 from sdlora.errors import UserError
 from sdlora.training.config import SECTIONS, TrainConfig, option_fields
 from sdlora.ui.server import make_server
@@ -102,9 +103,16 @@ def test_a_bad_option_is_refused_with_the_clis_message_before_anything_starts(ui
     assert not (ui_root / "out").exists() and not (ui_root / "data" / "out").exists()
 
 
-def test_a_valid_form_checks_without_starting(ui, ui_root):
+def test_a_valid_form_checks_without_starting_and_gives_the_config_toml_of_the_shell(ui, ui_root, tmp_path):
     _, client = ui
-    assert client.post("/api/check", {"data_dir": "data", "output_dir": "out", "rank": 4, "alpha": 2.0}) == (200, {"ok": True})
+    options = {"data_dir": "data", "output_dir": "out", "rank": 4, "alpha": 2.0, "validation_prompts": ["a", "b"], "buckets": False}
+    assert client.post("/api/check", options) == (200, {"ok": True})
+    status, answer = client.post("/api/toml", options)
+    assert status == 200 and "[network]\nrank = 4\nalpha = 2.0\n" in answer["toml"]
+    (tmp_path / "config.toml").write_text(answer["toml"])
+    resolved = options | {"data_dir": str(ui_root / "data"), "output_dir": str(ui_root / "out")}
+    assert TrainConfig.from_options(**load_toml(tmp_path / "config.toml")) == TrainConfig.from_options(**resolved)
+    assert client.post("/api/toml", options | {"rank": "4"})[0] == 400
     assert client.get("/api/jobs")[1]["jobs"] == [] and not (ui_root / "out").exists()
 
 

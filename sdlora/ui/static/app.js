@@ -144,12 +144,18 @@ function showOptionError(error) {
   field.scrollIntoView({block: "center"});
 }
 
-async function submitTraining(start) {
+async function submitTraining(start, asToml = false) {
   clearErrors();
   const message = $("#train-message");
+  const tomlText = $("#train-toml-text");
+  tomlText.hidden = true;
   say(message, start ? "starting..." : "checking...");
   try {
-    if (start) {
+    if (asToml) {
+      tomlText.textContent = "# sdlora train --config this.toml\n" + (await api("POST", "/api/toml", formOptions())).toml;
+      tomlText.hidden = false;
+      say(message, "the options are valid");
+    } else if (start) {
       const {id} = await api("POST", "/api/jobs", formOptions());
       say(message, `job ${id} queued`);
       selectJob(id);
@@ -389,6 +395,7 @@ async function start() {
     submitTraining(true);
   });
   $("#train-check").addEventListener("click", () => submitTraining(false));
+  $("#train-toml").addEventListener("click", () => submitTraining(false, true));
   $("#job-stop").addEventListener("click", () => jobAction("stop"));
   $("#job-resume").addEventListener("click", () => jobAction("resume"));
   $("#loras-form").addEventListener("submit", listLoras);
