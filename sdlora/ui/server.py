@@ -38,6 +38,7 @@ from .tools import convert_lora, inspect_lora, list_loras, merge_loras
 
 DEFAULT_PORT = 7861
 MAX_BODY = 1 << 20  # bytes of a request body (training options, a tool's arguments)
+DRAIN_LIMIT = 64 << 20  # a longer body is read and dropped up to this size before the 413, a still longer one cut off
 STATIC_DIR = Path(__file__).parent / "static"
 STATIC_FILES = {path.name: path for path in STATIC_DIR.iterdir() if path.is_file()}  # the only files served by name
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -116,8 +117,8 @@ class Handler(BaseHTTPRequestHandler):
         query = {key: values[-1] for key, values in parse_qs(url.query).items()}
         try:
             if method == "POST":
+                body = self._body()  # read first (at most MAX_BODY), so a refused request leaves the connection clean
                 self._check_csrf()
-                body = self._body()
                 self._post(url.path, body)
             else:
                 self._get(url.path, query)
@@ -137,7 +138,9 @@ class Handler(BaseHTTPRequestHandler):
             self._json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"unexpected error: {type(err).__name__}: {_line(err)}"})
 
     def _allowed(self) -> bool:
-        """The host name and the credentials: a request that fails either is answered here."""
+        """The host name and the credentials: a request that fails either is answered here (and its connection
+        closed: its body is not read)."""
+        keep_alive, self.close_connection = not self.close_connection, True
         if self.server.allowed_hosts and self.headers.get("Host") not in self.server.allowed_hosts:
             self._json(HTTPStatus.FORBIDDEN, {"error": f"requests must be addressed to {sorted(self.server.allowed_hosts)[0]}"})
             return False
@@ -147,6 +150,7 @@ class Handler(BaseHTTPRequestHandler):
             if not hmac.compare_digest(self.headers.get("Authorization", "").encode(), expected.encode()):
                 self._json(HTTPStatus.UNAUTHORIZED, {"error": "log in (HTTP basic auth)"}, {"WWW-Authenticate": 'Basic realm="sdlora"'})
                 return False
+        self.close_connection = not keep_alive
         return True
 
     def _check_csrf(self) -> None:
@@ -161,6 +165,9 @@ class Handler(BaseHTTPRequestHandler):
             raise _HttpError(HTTPStatus.BAD_REQUEST, "Content-Length is not a number") from None
         if length > MAX_BODY:
             self.close_connection = True
+            if length <= DRAIN_LIMIT:  # read and dropped, so the client hears the answer instead of a reset connection
+                for start in range(0, length, 1 << 16):
+                    self.rfile.read(min(1 << 16, length - start))
             raise _HttpError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"request body of {length} bytes: at most {MAX_BODY}")
         data = self.rfile.read(length) if length > 0 else b""
         try:
