@@ -7,9 +7,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
+import sqlite3
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -141,21 +144,35 @@ def _start_ui_process(root, read_line, client_for):
     return process, client_for(f"http://127.0.0.1:{port}")
 
 
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
 @pytest.mark.slow
-def test_a_run_outlives_the_ui_and_a_ui_started_again_shows_and_stops_it(ui_root, read_line, client_for):
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the training process through /proc")
+def test_a_run_outlives_the_ui_and_a_ui_started_again_follows_it_to_its_end(ui_root, read_line, client_for):
     first, client = _start_ui_process(ui_root, read_line, client_for)
     try:
         options = TINY | {
             "data_dir": "data",
             "output_dir": "runs/kept",
             "steps": 1000,
-            "checkpoint_every": 0,
+            "checkpoint_every": 2,
             "validate_every": 0,
             "samples": False,
         }
         job_id = client.post("/api/jobs", options)[1]["id"]
         for name, value in client.events(job_id):
-            if name == "metrics" and value["step"] >= 2:
+            if name == "metrics" and value["step"] >= 3:
                 break
     finally:
         first.terminate()
@@ -168,10 +185,17 @@ def test_a_run_outlives_the_ui_and_a_ui_started_again_shows_and_stops_it(ui_root
         for name, value in client.events(job_id):
             if name == "metrics" and value["step"] > job["step"]:  # and the new UI follows it
                 break
-        assert client.post(f"/api/jobs/{job_id}/stop")[0] == 200
-        stopped = client.wait_for(job_id, ("stopped", "done", "failed"))
-        assert (stopped["status"], stopped["error"]) == ("stopped", None)
-        assert (ui_root / ".sdlora-ui" / "jobs" / str(job_id) / EXIT_FILE).read_text() == "130"
+        (trainer,) = _children(_job_pid(ui_root, job_id))  # the table holds the job's child; the trainer is its child
+        os.kill(trainer, signal.SIGKILL)  # the training process dies without a word
+        failed = client.wait_for(job_id, ("stopped", "done", "failed"))
+        assert failed["status"] == "failed" and failed["error"].startswith("the training process was killed by signal 9 (last output: ")
+        assert failed["can_resume"]  # its checkpoints are complete: resume goes on from the last
     finally:
         second.terminate()
         second.wait(timeout=60)
+
+
+def _job_pid(root: Path, job_id: int) -> int:
+    """The pid of the job's child process, as the UI's table holds it."""
+    with sqlite3.connect(root / ".sdlora-ui" / "jobs.sqlite") as database:
+        return database.execute("SELECT pid FROM jobs WHERE id = ?", (job_id,)).fetchone()[0]
