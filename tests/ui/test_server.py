@@ -198,6 +198,9 @@ def test_tools_write_only_under_the_roots(ui, ui_root, outside, write_format_fil
     assert status == 400 and "\n" not in answer["error"] and "kohya.safetensors" in answer["error"]
     merge = {"model": "tiny", "loras": [{"path": "loras/kohya.safetensors", "scale": 0.5}], "output": "../m"}
     assert client.post("/api/merge", merge)[0] == 403
+    status, answer = client.post("/api/merge", merge | {"output": "merged"})  # an SD1.5-shaped LoRA, the tiny model
+    assert status == 400 and "\n" not in answer["error"] and not (ui_root / "merged").exists()
+    assert "the LoRA was made for SD1.x" in answer["error"]  # merge_model's own line, naming both architectures
     assert sorted(os.listdir(outside)) == ["secret.png", "secret.safetensors"]
 
 
