@@ -301,15 +301,22 @@ function drawChart() {
   if (y1 - y0 < 1e-9) [y0, y1] = [y0 - 0.5, y1 + 0.5];
   const x = (step) => pad + ((step - x0) / (x1 - x0)) * (width - pad - 8);
   const y = (value) => 8 + (1 - (value - y0) / (y1 - y0)) * (height - pad);
-  const line = (points, colour) => {
+  const line = (points, colour, dots = true) => {
     context.strokeStyle = colour;
     context.fillStyle = colour;
     context.beginPath();
     points.forEach(([step, value], index) => (index ? context.lineTo(x(step), y(value)) : context.moveTo(x(step), y(value))));
     context.stroke();
-    for (const [step, value] of points) context.fillRect(x(step) - 1.5, y(value) - 1.5, 3, 3);
+    if (dots) for (const [step, value] of points) context.fillRect(x(step) - 1.5, y(value) - 1.5, 3, 3);
   };
-  line(lossPoints, "#2a6fdb");
+  line(lossPoints, "#a9c4f0");
+  // the training loss smoothed as TensorBoard's slider at 0.9 does (a moving average, debiased at the start)
+  let average = 0;
+  const smoothed = lossPoints.map(([step, value], index) => {
+    average = 0.9 * average + 0.1 * value;
+    return [step, average / (1 - 0.9 ** (index + 1))];
+  });
+  line(smoothed, "#1c4fa3", false);
   line(valPoints, "#d9480f");
   context.fillStyle = "#333";
   context.font = "11px sans-serif";
@@ -317,7 +324,7 @@ function drawChart() {
   context.fillText(y0.toPrecision(4), 2, height - pad + 8);
   context.fillText(`step ${x0}`, pad, height - pad + 22);
   context.fillText(`step ${x1}`, width - 70, height - pad + 22);
-  context.fillText(valPoints.length ? "training loss (blue), held-out loss (orange)" : "training loss", pad + 120, height - 6);
+  context.fillText(`training loss (light blue; smoothed: dark blue)${valPoints.length ? ", held-out loss (orange)" : ""}`, pad + 120, height - 6);
 }
 
 // ---------------------------------------------------------------- the tools
