@@ -33,7 +33,12 @@ def test_a_tiny_run_streams_its_metrics_and_samples_to_the_end(ui, ui_root):
     status, answer = client.post("/api/jobs", options)
     assert status == 201
     job_id = answer["id"]
-    received = list(client.events(job_id))
+    received, latencies = [], []
+    for name, value in client.events(job_id):
+        received.append((name, value))
+        if name == "metrics":
+            latencies.append(time.time() - value["time"])
+    assert max(latencies) < 1.0, latencies  # a metrics line reaches the page within a second (the stream looks every 0.25 s)
     out = ui_root / "runs" / "a"
     written = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [value for name, value in received if name == "metrics"] == written  # every line, in order, once
