@@ -4,7 +4,7 @@ outlive the page is a subprocess with its state in SQLite, which needs no async 
 
 Safe by default: bound to 127.0.0.1 and answering only requests addressed to it (a DNS-rebinding page cannot
 reach it by another host name); another address needs `--auth USER:PASS` (HTTP basic auth on every request); every
-POST carries the token of `GET /api/csrf` in `X-CSRF-Token`; request bodies are at most `MAX_BODY` bytes; every
+POST and PUT carries the token of `GET /api/csrf` in `X-CSRF-Token`; request bodies are at most `MAX_BODY` bytes; every
 path a request names is resolved under the roots (403 otherwise, nothing read); no value reaches a shell."""
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from ..errors import UserError
 from ..training.config import to_toml
 from ..training.metrics import METRICS_FILE
 from ..training.validation import SAMPLES_DIR
+from .datasets import describe_dataset, write_caption
 from .jobs import ACTIVE, JobRunner, read_new_metrics, sample_names
 from .options import OptionError, check_options, option_schema
 from .roots import OutsideRoots, Roots
@@ -110,16 +111,19 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         self._handle("POST")
 
+    def do_PUT(self) -> None:
+        self._handle("PUT")
+
     def _handle(self, method: str) -> None:
         if not self._allowed():
             return
         url = urlsplit(self.path)
         query = {key: values[-1] for key, values in parse_qs(url.query).items()}
         try:
-            if method == "POST":
+            if method in ("POST", "PUT"):
                 body = self._body()  # read first (at most MAX_BODY), so a refused request leaves the connection clean
                 self._check_csrf()
-                self._post(url.path, body)
+                (self._put if method == "PUT" else self._post)(url.path, body)
             else:
                 self._get(url.path, query)
         except OutsideRoots as err:  # a training option's path too: the form shows it at its field
@@ -196,6 +200,8 @@ class Handler(BaseHTTPRequestHandler):
             return self._json(HTTPStatus.OK, {"jobs": [runner.describe(job["id"]) for job in runner.store.all()]})
         if path == "/api/loras":
             return self._json(HTTPStatus.OK, list_loras(_required(query, "dir"), roots))
+        if path == "/api/datasets":
+            return self._json(HTTPStatus.OK, describe_dataset(_required(query, "dir"), roots, query.get("caption_extension", ".txt")))
         if path == "/api/inspect":
             return self._json(HTTPStatus.OK, inspect_lora(_required(query, "path"), roots))
         if path == "/api/file":
@@ -245,6 +251,14 @@ class Handler(BaseHTTPRequestHandler):
             (runner.stop if match.group(2) == "stop" else runner.resume)(job_id)
             return self._json(HTTPStatus.OK, runner.describe(job_id))
         raise _HttpError(HTTPStatus.NOT_FOUND, f"no such call: POST {path}")
+
+    def _put(self, path: str, body: Any) -> None:
+        if path == "/api/datasets/caption":  # {"image": PATH, "caption": TEXT, "caption_extension": ".txt"}
+            if not isinstance(body, dict):
+                raise UserError("the request body must be a JSON object")
+            extension = body.get("caption_extension", ".txt")
+            return self._json(HTTPStatus.OK, write_caption(_text(body, "image"), body.get("caption"), self.server.roots, str(extension)))
+        raise _HttpError(HTTPStatus.NOT_FOUND, f"no such call: PUT {path}")
 
     # ------------------------------------------------------------ answers
 

@@ -1,6 +1,6 @@
 """The page in a real browser (headless Chromium from the system's packages, through Selenium): the training form
-is drawn from the options' sections, a bad value is shown at its field without starting a run, and the fixed form
-is shown as its config.toml."""
+is drawn from the options' sections, a bad value is shown at its field without starting a run, the fixed form
+is shown as its config.toml, and a caption edited on the dataset page is written to its .txt file."""
 
 from __future__ import annotations
 
@@ -69,6 +69,19 @@ def test_the_page_draws_the_training_form_and_shows_a_bad_value_at_its_field(ui,
     WebDriverWait(browser, 30).until(lambda _: toml.is_displayed())
     assert "[network]\nrank = 4\n" in toml.text and f'data_dir = "{ui_root / "data"}"' in toml.text
     assert error.text == "" and browser.find_element(By.ID, "train-message").text == "the options are valid"
+    # the dataset page: a caption edited in place is the .txt beside the image on disk
+    browser.find_element(By.CSS_SELECTOR, '#tabs button[data-tab="dataset"]').click()
+    browser.find_element(By.CSS_SELECTOR, "#dataset-form button").click()
+    WebDriverWait(browser, 30).until(lambda driver: len(driver.find_elements(By.CSS_SELECTOR, ".image-card")) == 4)
+    card = browser.find_element(By.CSS_SELECTOR, '.image-card[data-path="img01.png"]')
+    caption = card.find_element(By.TAG_NAME, "textarea")
+    assert caption.get_attribute("value") == (ui_root / "data" / "img01.txt").read_text()
+    caption.clear()
+    caption.send_keys("a blue circle, ink hatch")
+    card.find_element(By.TAG_NAME, "button").click()
+    WebDriverWait(browser, 30).until(lambda _: card.find_element(By.CLASS_NAME, "message").text == "saved to img01.txt")
+    assert (ui_root / "data" / "img01.txt").read_text() == "a blue circle, ink hatch\n"
+
     # no script error (the refused POST's 400 is logged as a network error, which it is meant to be)
     severe = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE" and entry["source"] != "network"]
     assert severe == []

@@ -142,6 +142,8 @@ def outside(tmp_path, ui_root):
         "/api/loras?dir=..",
         "/api/loras?dir=link-out",
         "/api/loras?dir=/",
+        "/api/datasets?dir=link-out",
+        "/api/datasets?dir=..%2Foutside",
     ],
 )
 def test_paths_outside_the_roots_are_refused_and_nothing_is_read(ui, outside, path):
@@ -208,3 +210,42 @@ def test_request_bodies_have_a_size_limit(ui):
     _, client = ui
     status, answer = client.post("/api/jobs", {"caption": "x" * (1 << 20)})
     assert status == 413 and "at most" in answer["error"]
+
+
+def test_the_dataset_page_shows_subsets_captions_tags_and_problems_and_writes_a_caption(ui, ui_root, make_dataset, tmp_path):
+    _, client = ui
+    make_dataset(ui_root / "kohya" / "10_sks style", count=3)
+    make_dataset(ui_root / "kohya" / "2_person", count=1)
+    (ui_root / "kohya" / "10_sks style" / "img02.txt").unlink()  # an image without a caption
+    (ui_root / "kohya" / "2_person" / "broken.png").write_bytes(b"not a png")  # an image that does not open
+    status, dataset = client.get("/api/datasets?dir=kohya")
+    assert status == 200
+    assert dataset["subsets"] == [{"name": "10_sks style", "repeats": 10, "images": 3}, {"name": "2_person", "repeats": 2, "images": 1}]
+    shown = {image["path"]: image for image in dataset["images"]}
+    assert sorted(shown) == ["10_sks style/img00.png", "10_sks style/img01.png", "10_sks style/img02.png", "2_person/img00.png"]
+    # the caption training reads: the subset's class tokens first
+    assert shown["10_sks style/img00.png"]["caption"] == "sks style, a red circle, flat poster"
+    assert (shown["10_sks style/img01.png"]["width"], shown["10_sks style/img01.png"]["height"]) == (64, 96)
+    assert dict(dataset["tags"])["flat poster"] == 3 and dict(dataset["tags"])["sks style"] == 3
+    problems = " | ".join(dataset["problems"])
+    assert "broken.png" in problems and "img02.png" not in problems  # class tokens caption it: training takes it
+    status, body, kind = client.raw(shown["2_person/img00.png"]["url"])
+    assert status == 200 and kind == "image/png" and body == (ui_root / "kohya" / "2_person" / "img00.png").read_bytes()
+
+    make_dataset(ui_root / "plain", count=2)
+    (ui_root / "plain" / "img01.txt").unlink()
+    status, plain = client.get("/api/datasets?dir=plain")
+    assert [image["caption"] for image in plain["images"]] == ["a red circle, flat poster", ""]
+    assert plain["problems"] == ["1 images have no caption (img01.png): training refuses them unless --caption or --trigger is given"]
+    edit = {"image": "plain/img01.png", "caption": "a blue circle, flat poster "}
+    assert client.request("PUT", "/api/datasets/caption", edit)[0] == 403  # no CSRF token
+    status, answer = client.request("PUT", "/api/datasets/caption", edit, {"X-CSRF-Token": client.token})
+    assert status == 200 and (ui_root / "plain" / "img01.txt").read_text() == "a blue circle, flat poster\n"
+    assert client.get("/api/datasets?dir=plain")[1]["problems"] == []
+    assert [p.name for p in (ui_root / "plain").iterdir() if p.name.startswith(".")] == []  # no temporary left
+    outside = tmp_path / "elsewhere.png"
+    outside.write_bytes((ui_root / "plain" / "img00.png").read_bytes())
+    for image, status in ((str(outside), 403), ("../elsewhere.png", 403), ("plain/img00.txt", 400)):
+        edit = {"image": image, "caption": "x"}
+        assert client.request("PUT", "/api/datasets/caption", edit, {"X-CSRF-Token": client.token})[0] == status, image
+    assert not (tmp_path / "elsewhere.txt").exists() and (ui_root / "plain" / "img00.txt").read_text() == "a red circle, flat poster"

@@ -327,6 +327,64 @@ function drawChart() {
   context.fillText(`training loss (light blue; smoothed: dark blue)${valPoints.length ? ", held-out loss (orange)" : ""}`, pad + 120, height - 6);
 }
 
+// ---------------------------------------------------------------- the dataset
+
+async function showDataset(event) {
+  if (event) event.preventDefault();
+  const form = $("#dataset-form").elements;
+  const message = $("#dataset-message");
+  const extension = form.caption_extension.value;
+  for (const id of ["#dataset-problems", "#dataset-subsets", "#dataset-tags", "#dataset-images"]) $(id).textContent = "";
+  let dataset;
+  try {
+    dataset = await api("GET", `/api/datasets?dir=${encodeURIComponent(form.dir.value)}&caption_extension=${encodeURIComponent(extension)}`);
+  } catch (error) {
+    say(message, error.message, true);
+    return;
+  }
+  say(message, `${dataset.images.length} image(s) in ${dataset.folder}`);
+  for (const problem of dataset.problems) {
+    const item = document.createElement("li");
+    item.textContent = problem;
+    $("#dataset-problems").append(item);
+  }
+  if (dataset.subsets.length) {
+    $("#dataset-subsets").textContent = "subsets: " + dataset.subsets.map((subset) => `${subset.name} (${subset.images} images x ${subset.repeats} repeats)`).join(", ");
+  }
+  $("#dataset-tags").textContent = dataset.tags.length ? "tags: " + dataset.tags.map(([tag, count]) => `${tag} (${count})`).join(", ") : "";
+  for (const image of dataset.images) $("#dataset-images").append(imageCard(dataset.folder, image, extension));
+}
+
+function imageCard(folder, image, extension) {
+  const card = document.createElement("figure");
+  card.className = "image-card";
+  card.dataset.path = image.path;
+  const picture = document.createElement("img");
+  picture.src = image.url;
+  picture.alt = image.path;
+  picture.loading = "lazy";
+  const name = document.createElement("figcaption");
+  name.textContent = `${image.path} (${image.width}x${image.height}${image.subset ? ", " + image.subset : ""})`;
+  const caption = document.createElement("textarea");
+  caption.rows = 3;
+  caption.value = image.caption;
+  caption.placeholder = "no caption";
+  const save = document.createElement("button");
+  save.textContent = "Save caption";
+  const status = document.createElement("span");
+  status.className = "message";
+  save.addEventListener("click", async () => {
+    try {
+      const written = await api("PUT", "/api/datasets/caption", {image: `${folder}/${image.path}`, caption: caption.value, caption_extension: extension});
+      say(status, `saved to ${written.caption_file.split("/").pop()}`);
+    } catch (error) {
+      say(status, error.message, true);
+    }
+  });
+  card.append(picture, name, caption, save, status);
+  return card;
+}
+
 // ---------------------------------------------------------------- the tools
 
 async function listLoras(event) {
@@ -406,6 +464,7 @@ async function start() {
   $("#job-stop").addEventListener("click", () => jobAction("stop"));
   $("#job-resume").addEventListener("click", () => jobAction("resume"));
   $("#loras-form").addEventListener("submit", listLoras);
+  $("#dataset-form").addEventListener("submit", showDataset);
   $("#inspect-form").addEventListener("submit", (event) => {
     event.preventDefault();
     inspect(event.target.elements.path.value);
