@@ -351,7 +351,11 @@ async function showDataset(event) {
   if (dataset.subsets.length) {
     $("#dataset-subsets").textContent = "subsets: " + dataset.subsets.map((subset) => `${subset.name} (${subset.images} images x ${subset.repeats} repeats)`).join(", ");
   }
-  $("#dataset-tags").textContent = dataset.tags.length ? "tags: " + dataset.tags.map(([tag, count]) => `${tag} (${count})`).join(", ") : "";
+  const shownTags = dataset.tags.slice(0, 12);
+  const moreTags = dataset.tags.length - shownTags.length;
+  $("#dataset-tags").textContent = shownTags.length
+    ? "tags: " + shownTags.map(([tag, count]) => `${tag} (${count})`).join(", ") + (moreTags > 0 ? `, and ${moreTags} more` : "")
+    : "";
   for (const image of dataset.images) $("#dataset-images").append(imageCard(dataset.folder, image, extension));
 }
 
