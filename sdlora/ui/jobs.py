@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from ..errors import UserError
 from ..training.checkpoint import latest_checkpoint
@@ -27,11 +27,17 @@ from ..training.metrics import METRICS_FILE
 from ..training.validation import SAMPLES_DIR
 from .child import EXIT_FILE
 
+try:
+    import fcntl
+except ImportError:  # Windows: no flock, and no second-UI check
+    fcntl = None
+
 STATUSES = ("queued", "running", "done", "failed", "stopped")
 ACTIVE = ("queued", "running")
 OPTIONS_FILE = "train.toml"
 LOG_FILE = "log.txt"
 DATABASE = "jobs.sqlite"
+LOCK_FILE = "ui.lock"  # held while a UI uses the state: two would start the same queued job twice
 STOP_GRACE_S = 30.0  # a stop that has not ended the trainer by then kills its process group
 _SCHEMA = """CREATE TABLE IF NOT EXISTS jobs (
     id INTEGER PRIMARY KEY AUTOINCREMENT, status TEXT NOT NULL, options TEXT NOT NULL, output_dir TEXT NOT NULL,
@@ -84,6 +90,7 @@ class JobRunner:
             raise UserError(f"--parallel {parallel} is invalid: it must be at least 1")
         self.state_dir = Path(state_dir)
         (self.state_dir / "jobs").mkdir(parents=True, exist_ok=True)
+        self._lock_file = _lock(self.state_dir / LOCK_FILE)
         self.store = JobStore(self.state_dir / DATABASE)
         self.parallel = parallel
         self._lock = threading.RLock()
@@ -91,6 +98,12 @@ class JobRunner:
         for job in self.store.all(("running",)):
             self._adopt(job)
         self._schedule()
+
+    def close(self) -> None:
+        """Let another UI take the state (the jobs go on)."""
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
 
     def job_dir(self, job_id: int) -> Path:
         return self.state_dir / "jobs" / str(job_id)
@@ -291,6 +304,21 @@ def _error_line(log: Path, code: int | None) -> str:
     if code < 0:
         return f"the training process was killed by signal {-code}{last}"
     return f"the training process exited with status {code}{last}"
+
+
+def _lock(path: Path) -> IO[str] | None:
+    """An exclusive lock on `path` for as long as the returned file is open (None where the system has no flock)."""
+    if fcntl is None:
+        return None
+    handle = open(path, "a+", encoding="utf-8")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise UserError(
+            f"another sdlora ui uses the jobs in {path.parent}: stop it, or give this one another --state (or --root)"
+        ) from None
+    return handle
 
 
 def _signal_group(pid: int, sig: int) -> None:

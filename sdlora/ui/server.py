@@ -93,6 +93,7 @@ class UiServer(ThreadingHTTPServer):
     def server_close(self) -> None:
         self.closing.set()
         super().server_close()
+        self.runner.close()
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -376,8 +377,13 @@ def make_server(
     """The UI's server, bound but not yet serving (port 0: a free port, read back from `.port`). `state_dir` holds
     the jobs' table and folders (default: `.sdlora-ui` in the first root)."""
     folders = Roots(roots or ["."])
+    credentials = parse_auth(auth)
     runner = JobRunner(Path(state_dir) if state_dir else folders.home / ".sdlora-ui", parallel=parallel)
-    return UiServer(host, port, folders, runner, parse_auth(auth))
+    try:
+        return UiServer(host, port, folders, runner, credentials)
+    except BaseException:
+        runner.close()  # the port taken, or another address without --auth: the state is free again
+        raise
 
 
 def serve(server: UiServer) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from sdlora.config import load_toml
+from sdlora.errors import UserError
 from sdlora.storage.steps import step_of
 from sdlora.training.checkpoint import latest_checkpoint
 from sdlora.training.config import TrainConfig
@@ -131,6 +132,9 @@ def test_a_ui_started_again_finds_how_its_jobs_ended(tmp_path):
         )
         runner.store.update(job_id, status="running", pid=pid)
         ids.append(job_id)
+    with pytest.raises(UserError, match="another sdlora ui uses the jobs"):
+        JobRunner(state)  # while the first UI runs: it would start the same queued job twice
+    runner.close()
     again = JobRunner(state)
     assert [again.store.get(job_id)["status"] for job_id in ids] == ["done", "failed", "failed"]
     assert again.store.get(ids[1])["error"].startswith("the job's process ended without an exit status")
