@@ -604,6 +604,44 @@ def _unmerge_run(args: argparse.Namespace) -> None:
     _merge_run(args, unmerge=True)
 
 
+# ---------------------------------------------------------------- ui
+
+
+def _ui_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--host",
+        "--listen",
+        default="127.0.0.1",
+        help="address to listen on (default: 127.0.0.1, this machine only); any other needs --auth, and is reachable from other machines",
+    )
+    parser.add_argument("--port", type=int, default=7861, help="port (default: 7861; 0: a free one, printed)")
+    parser.add_argument(
+        "--root",
+        action="append",
+        default=None,
+        metavar="DIR",
+        help="a folder the UI may read and write (datasets, models, runs); repeat for several; every other path is refused (default: the current folder)",
+    )
+    parser.add_argument(
+        "--auth", default=None, metavar="USER:PASS", help="HTTP basic auth on every page and call (needed with --host other than 127.0.0.1)"
+    )
+    parser.add_argument("--parallel", type=int, default=1, help="trainings run at once; the others wait in the queue (default: 1)")
+    parser.add_argument(
+        "--state",
+        default=None,
+        metavar="DIR",
+        help="folder of the jobs' table (jobs.sqlite) and folders (default: .sdlora-ui in the first --root); a UI started on it again finds its jobs",
+    )
+
+
+def _ui_run(args: argparse.Namespace) -> None:
+    from .ui.server import make_server, serve  # lazy: see the module docstring
+
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port {args.port} is invalid: it must be from 0 to 65535")
+    serve(make_server(args.host, args.port, args.root, args.state, args.auth, args.parallel))
+
+
 # ---------------------------------------------------------------- registry
 
 Command = tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], None]]
@@ -629,6 +667,12 @@ COMMANDS: list[Command] = [
     ("resize", "change a LoRA's rank by SVD (a fixed rank, or per module from its singular values)", _resize_args, _resize_run),
     ("combine", "combine several LoRAs into one file, exactly or by SVD at a rank", _combine_args, _combine_run),
     ("unmerge", "undo a merge: the same arguments as merge, with every scale negated (merge with -SCALE)", _unmerge_args, _unmerge_run),
+    (
+        "ui",
+        "a local web page: train with a form built from the training options, watch jobs learn, inspect, convert, merge",
+        _ui_args,
+        _ui_run,
+    ),
 ]
 
 

@@ -20,6 +20,7 @@ LAYERS = (
     "tools",
     "training",
     "demo",
+    "ui",  # sdlora/ui: the web page over training and the tools
     "",
 )  # "": cli.py, config.py, __init__.py, __main__.py
 LAZY_INTERNAL_IMPORTS = {"sdlora.cli"}  # the CLI imports each command's modules when it runs (fast --help)

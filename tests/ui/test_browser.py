@@ -1,0 +1,87 @@
+"""The page in a real browser (headless Chromium from the system's packages, through Selenium): the training form
+is drawn from the options' sections, a bad value is shown at its field without starting a run, the fixed form
+is shown as its config.toml, and a caption edited on the dataset page is written to its .txt file."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from sdlora.errors import UserError
+from sdlora.training.config import SECTIONS, TrainConfig, option_fields, section_title
+
+webdriver = pytest.importorskip("selenium.webdriver", reason="pip install selenium (the test extra) for the browser test")
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="apt-get install chromium chromium-driver for the browser test"),
+]
+
+
+@pytest.fixture
+def browser():
+    from selenium.webdriver.chrome.options import Options  # selenium: only where the test runs
+    from selenium.webdriver.chrome.service import Service
+
+    options = Options()
+    options.binary_location = CHROMIUM
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,1600"):
+        options.add_argument(argument)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    yield driver
+    driver.quit()
+
+
+def test_the_page_draws_the_training_form_and_shows_a_bad_value_at_its_field(ui, ui_root, browser):
+    from selenium.webdriver.common.by import By  # selenium: only where the test runs
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    server, client = ui
+    browser.get(f"http://127.0.0.1:{server.port}/")
+    WebDriverWait(browser, 30).until(lambda driver: driver.execute_script("return document.body.dataset.ready") == "true")
+    titles = [element.get_attribute("textContent") for element in browser.find_elements(By.CSS_SELECTOR, "#train-sections summary")]
+    assert titles == [section_title(name) for name in SECTIONS]
+    drawn = [element.get_attribute("data-option") for element in browser.find_elements(By.CSS_SELECTOR, "#train-sections .field")]
+    assert drawn == [item.name for _, item in option_fields() if item.name != "resume"]
+    rank_help = browser.find_element(By.CSS_SELECTOR, '.field[data-option="rank"] small').text
+    assert rank_help.startswith(SECTIONS["network"].__dataclass_fields__["rank"].metadata["help"]) and rank_help.endswith("(default: 16)")
+    assert browser.find_element(By.ID, "opt-crop").get_attribute("value") == "center"
+
+    browser.find_element(By.ID, "opt-data_dir").send_keys("data")
+    browser.find_element(By.ID, "opt-output_dir").send_keys("out")
+    browser.find_element(By.ID, "opt-rank").send_keys("0")
+    browser.find_element(By.ID, "train-start").click()
+    error = browser.find_element(By.ID, "err-rank")
+    WebDriverWait(browser, 30).until(lambda _: error.text)
+    with pytest.raises(UserError) as expected:
+        TrainConfig.from_options(data_dir=str(ui_root / "data"), output_dir=str(ui_root / "out"), rank=0)
+    assert error.text == str(expected.value)
+    assert "invalid" in browser.find_element(By.CSS_SELECTOR, '.field[data-option="rank"]').get_attribute("class")
+    assert client.get("/api/jobs")[1]["jobs"] == [] and not (ui_root / "out").exists()
+
+    rank = browser.find_element(By.ID, "opt-rank")
+    rank.clear()
+    rank.send_keys("4")
+    browser.find_element(By.ID, "train-toml").click()
+    toml = browser.find_element(By.ID, "train-toml-text")
+    WebDriverWait(browser, 30).until(lambda _: toml.is_displayed())
+    assert "[network]\nrank = 4\n" in toml.text and f'data_dir = "{ui_root / "data"}"' in toml.text
+    assert error.text == "" and browser.find_element(By.ID, "train-message").text == "the options are valid"
+    # the dataset page: a caption edited in place is the .txt beside the image on disk
+    browser.find_element(By.CSS_SELECTOR, '#tabs button[data-tab="dataset"]').click()
+    browser.find_element(By.CSS_SELECTOR, "#dataset-form button").click()
+    WebDriverWait(browser, 30).until(lambda driver: len(driver.find_elements(By.CSS_SELECTOR, ".image-card")) == 4)
+    card = browser.find_element(By.CSS_SELECTOR, '.image-card[data-path="img01.png"]')
+    caption = card.find_element(By.TAG_NAME, "textarea")
+    assert caption.get_attribute("value") == (ui_root / "data" / "img01.txt").read_text()
+    caption.clear()
+    caption.send_keys("a blue circle, ink hatch")
+    card.find_element(By.TAG_NAME, "button").click()
+    WebDriverWait(browser, 30).until(lambda _: card.find_element(By.CLASS_NAME, "message").text == "saved to img01.txt")
+    assert (ui_root / "data" / "img01.txt").read_text() == "a blue circle, ink hatch\n"
+
+    # no script error (the refused POST's 400 is logged as a network error, which it is meant to be)
+    severe = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE" and entry["source"] != "network"]
+    assert severe == []
