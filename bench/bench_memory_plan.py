@@ -76,6 +76,7 @@ def main() -> None:
     from sdlora.training import recipe
     from sdlora.training.config import TrainConfig
 
+    recipe.PLAN_ON_CPU = True  # the point of this script
     work = Path(tempfile.mkdtemp(prefix="sdlora-memplan-"))
     (work / "data").mkdir()
     rng = np.random.default_rng(0)

@@ -1,5 +1,6 @@
 """The memory plan: how much accelerator memory each phase of a run will hold at its peak, printed before the
-caches fill (and alone, with `--dry-run`), so a 12 GB card's owner knows before waiting for an out-of-memory error.
+caches fill on an accelerator (and alone, with `--dry-run`, anywhere), so a 12 GB card's owner knows before waiting
+for an out-of-memory error.
 
 Three phases, each the sum of what is resident then and the peak of what it computes:
 - setup: the VAE and text encoders that fill the caches, and one VAE encode of `--vae-batch-size` images at the

@@ -42,6 +42,11 @@ from .optimizers import Fp32MasterWeights, build_optimizer, check_optimizer, dev
 from .sample_prompts import read_sample_prompts
 from .validation import Validator
 
+# The memory plan is printed on accelerators and with --dry-run. Its trace runs the model's operators through PyTorch's
+# Python meta kernels (a few seconds, even for the tiny model): on a CPU, where every part of the pipeline shares the
+# one memory and a run is limited by RAM, it is left out unless asked for (bench/bench_memory_plan.py asks).
+PLAN_ON_CPU = False
+
 
 class TrainingDiverged(UserError):
     """The loss or the gradients stopped being finite."""
@@ -118,13 +123,15 @@ def setup(config: TrainConfig) -> Run | None:
         config = config.replace(steps=steps)
     prepare_noise_scheduler(model.noise_scheduler, config.objective)  # the timestep range must fit; --zero-terminal-snr
     param_groups = _setup_network(config.network, config.optimization, config.base, model)
-    plan = memory.plan_memory(
-        config, model, max(buckets, key=lambda size: size[0] * size[1]), max(batch_sizes(data, config.data)), accelerator.device,
-        latents_cached=config.data.cache != "off" and all(record.rules.crop != "random" for record in data.records),
-        captions_cached=config.data.cache != "off" and not config.network.train_text_encoder and all(r.rules.static for r in data.records),
-    )  # fmt: skip
-    if accelerator.is_main_process:
-        tqdm.write(plan.table())
+    plan = None
+    if config.run.dry_run or accelerator.device.type != "cpu" or PLAN_ON_CPU:
+        plan = memory.plan_memory(
+            config, model, max(buckets, key=lambda size: size[0] * size[1]), max(batch_sizes(data, config.data)), accelerator.device,
+            latents_cached=config.data.cache != "off" and all(record.rules.crop != "random" for record in data.records),
+            captions_cached=config.data.cache != "off" and not config.network.train_text_encoder and all(r.rules.static for r in data.records),
+        )  # fmt: skip
+        if accelerator.is_main_process:
+            tqdm.write(plan.table())
     if config.run.dry_run:
         return None
     if config.base.compile:  # in place (Module.compile): parameter names and state dicts stay the UNet's own

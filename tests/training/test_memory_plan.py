@@ -175,5 +175,12 @@ def test_dry_run_prints_the_plan_and_writes_nothing(dataset, tmp_path):
     assert not out.exists()
 
 
+def test_a_cpu_run_plans_only_when_asked(tiny_config, dataset, tmp_path, capsys):
+    run = recipe.setup(tiny_config(dataset, tmp_path / "out", steps=1))
+    assert run.plan is None and "memory plan" not in capsys.readouterr().out  # seconds of meta kernels, for nothing
+    run = recipe.setup(tiny_config(dataset, tmp_path / "out-2", steps=1, dry_run=True))
+    assert run is None and "memory plan (cpu" in capsys.readouterr().out
+
+
 def test_train_config_carries_dry_run():
     assert TrainConfig.from_options(data_dir="d", output_dir="o", dry_run=True).run.dry_run
