@@ -32,6 +32,8 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .validation import decoding_in_tiles
+
 GIB = 2**30
 PRECISION_NAMES = {"no": "fp32", "bf16": "bf16 mixed precision", "fp16": "fp16 mixed precision"}
 # optimizer state per trained parameter, in units of the parameter's own bytes (adafactor: see _optimizer_bytes)
@@ -227,8 +229,6 @@ def plan_memory(
     cached or prepared): the largest bucket `size` (width, height) and `batch` images per step on `device`;
     `latents_cached`: the VAE leaves the accelerator after setup; `captions_cached`: every caption is cached, so the
     frozen text encoders leave it too."""
-    from .validation import decoding_in_tiles  # validation imports the training parts; only when a plan is made
-
     data, samples, base = config.data, config.samples, config.base
     pipe, unet = model.pipe, model.unet
     on_cpu = torch.device(device).type == "cpu"  # one memory: whatever is "offloaded" stays in it

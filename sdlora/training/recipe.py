@@ -114,31 +114,17 @@ def setup(config: TrainConfig) -> Run | None:
     model = load_base_model(config.base, accelerator.device)
     config = _model_defaults(config, model)  # the resolution and bucketing the model implies
     buckets = record_buckets(data, config.data)  # each dataset's own resolution and bucket options
-    sampler = BucketBatchSampler(
-        buckets, batch_sizes(data, config.data), seed=config.run.seed, num_replicas=accelerator.num_processes,
-        rank=accelerator.process_index, repeats=[r.repeats for r in data.records], datasets=[r.dataset for r in data.records],
-    )  # fmt: skip
+    sampler = _setup_sampler(config, data, buckets, accelerator)
     if config.optimization.epochs:  # the step count the schedule needs
-        steps = epoch_steps(len(sampler), config.optimization.grad_accum, config.optimization.epochs)
-        config = config.replace(steps=steps)
+        config = config.replace(steps=epoch_steps(len(sampler), config.optimization.grad_accum, config.optimization.epochs))
     prepare_noise_scheduler(model.noise_scheduler, config.objective)  # the timestep range must fit; --zero-terminal-snr
     param_groups = _setup_network(config.network, config.optimization, config.base, model)
-    plan = None
-    if config.run.dry_run or accelerator.device.type != "cpu" or PLAN_ON_CPU:
-        plan = memory.plan_memory(
-            config, model, max(buckets, key=lambda size: size[0] * size[1]), max(batch_sizes(data, config.data)), accelerator.device,
-            latents_cached=config.data.cache != "off" and all(record.rules.crop != "random" for record in data.records),
-            captions_cached=config.data.cache != "off" and not config.network.train_text_encoder and all(r.rules.static for r in data.records),
-        )  # fmt: skip
-        if accelerator.is_main_process:
-            tqdm.write(plan.table())
+    plan = _setup_memory_plan(config, model, data, buckets, accelerator)
     if config.run.dry_run:
         return None
     if config.base.compile:  # in place (Module.compile): parameter names and state dicts stay the UNet's own
         model.unet.compile()
-    if accelerator.is_main_process:
-        outputs.check_output_dir(Path(config.run.output_dir))
-        remove_leftover_temporaries(Path(config.run.output_dir))  # what a killed run was writing when it died
+    _setup_output_dir(Path(config.run.output_dir), accelerator)
     trainable = {f"{c}.{n}": p for c in model.trained for n, p in _component(model, c).named_parameters() if p.requires_grad}
     # the caches first: the VAE and text encoders fill them before the UNet reaches the accelerator
     encoder = _setup_caches(config.data, model, data.records, buckets, Path(config.run.output_dir), accelerator)
@@ -149,10 +135,7 @@ def setup(config: TrainConfig) -> Run | None:
         config=config, accelerator=accelerator, model=model, records=data.records, buckets=buckets, sampler=sampler,
         optimizer=optimizer, lr_scheduler=lr_scheduler, trainable=trainable, encoder=encoder, validator=validator,
         generator=torch.Generator().manual_seed(config.run.seed + 1000 * process), rng=random.Random(config.run.seed + 1000 * process),
-        metrics=MetricsLogger(
-            Path(config.run.output_dir), accelerator, enabled=accelerator.is_main_process, project=config.logging.tracker_project,
-            config=config.to_dict(),
-        ),
+        metrics=_setup_metrics(config, accelerator),
         state=checkpoint.TrainState(step=0, epoch=0, batch_in_epoch=0),
         ema=ema.LoraEma(trainable, config.optimization.ema_decay) if config.optimization.ema_decay else None,
         datasets=data.datasets, plan=plan,
@@ -192,6 +175,48 @@ def _setup_data(config: TrainConfig, accelerator) -> TrainingData:
         if data.unused_reg:
             tqdm.write(f"{data.unused_reg} regularization images left out: the training images need fewer (as kohya does)")
     return data
+
+
+def _setup_output_dir(out: Path, accelerator) -> None:
+    if accelerator.is_main_process:
+        outputs.check_output_dir(out)
+        remove_leftover_temporaries(out)  # what a killed run was writing when it died
+
+
+def _setup_metrics(config: TrainConfig, accelerator) -> MetricsLogger:
+    """metrics.jsonl (and the trackers) with the run's options, written by the main process."""
+    return MetricsLogger(
+        Path(config.run.output_dir),
+        accelerator,
+        enabled=accelerator.is_main_process,
+        project=config.logging.tracker_project,
+        config=config.to_dict(),
+    )
+
+
+def _setup_sampler(config: TrainConfig, data: TrainingData, buckets: list[Size], accelerator) -> BucketBatchSampler:
+    """Batches of one bucket each, in a seeded order, each process its share."""
+    return BucketBatchSampler(
+        buckets, batch_sizes(data, config.data), seed=config.run.seed, num_replicas=accelerator.num_processes,
+        rank=accelerator.process_index, repeats=[r.repeats for r in data.records], datasets=[r.dataset for r in data.records],
+    )  # fmt: skip
+
+
+def _setup_memory_plan(
+    config: TrainConfig, model: BaseModel, data: TrainingData, buckets: list[Size], accelerator
+) -> memory.MemoryPlan | None:
+    """The memory plan of this run (on an accelerator, or asked for with --dry-run), printed once."""
+    if not (config.run.dry_run or accelerator.device.type != "cpu" or PLAN_ON_CPU):
+        return None
+    records = data.records
+    plan = memory.plan_memory(
+        config, model, max(buckets, key=lambda size: size[0] * size[1]), max(batch_sizes(data, config.data)), accelerator.device,
+        latents_cached=config.data.cache != "off" and all(record.rules.crop != "random" for record in records),
+        captions_cached=config.data.cache != "off" and not config.network.train_text_encoder and all(r.rules.static for r in records),
+    )  # fmt: skip
+    if accelerator.is_main_process:
+        tqdm.write(plan.table())
+    return plan
 
 
 def _setup_network(options: NetworkConfig, optimization: OptimizationConfig, base: BaseModelConfig, model: BaseModel) -> list[dict]:
