@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 from sdlora.core import formats
 from sdlora.core.state import LoraModule, LoraState
 from sdlora.models.loading import write_tiny_model
-from sdlora.models.tiny import build_tiny_pipeline, build_tiny_sdxl_pipeline
+from sdlora.models.tiny import build_tiny_pipeline, build_tiny_sd3_pipeline, build_tiny_sdxl_pipeline
 from sdlora.training.config import TrainConfig
 
 
@@ -66,6 +66,18 @@ def tiny_sdxl_dir(tmp_path_factory):
 def tiny_sdxl_pipe():
     """A fresh in-memory tiny SDXL pipeline (fp32; text encoders 32 and 48 wide, UNet cross-attention 80)."""
     return build_tiny_sdxl_pipeline()
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_dir(tmp_path_factory):
+    """A saved tiny SD3 pipeline folder (read-only for tests: copy it before changing it)."""
+    return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny-sd3", variant="sd3")
+
+
+@pytest.fixture
+def tiny_sd3_pipe():
+    """A fresh in-memory tiny SD3 pipeline (fp32; CLIP-L 32, CLIP-G 48, T5 96 wide, joint attention 40, three blocks)."""
+    return build_tiny_sd3_pipeline()
 
 
 @pytest.fixture
