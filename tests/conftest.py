@@ -122,6 +122,35 @@ def _random_lora_state(
     return LoraState(modules)
 
 
+def _every_linear_sd3_lora(pipe, rank: int = 3, alpha: float = 5.0, seed: int = 0) -> LoraState:
+    """A LoRA (alpha != rank, random factors) on every Linear and Conv2d of the SD3 transformer and the three text
+    encoders of `pipe`."""
+    generator = torch.Generator().manual_seed(seed)
+    modules = {}
+    for component in ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3"):
+        for name, layer in getattr(pipe, component).named_modules():
+            if not isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)):
+                continue
+            clip = component in ("text_encoder", "text_encoder_2") and not name.startswith(("text_model.", "text_projection"))
+            path = "text_model." + name if clip else name
+            if isinstance(layer, torch.nn.Linear):
+                down, up = (
+                    torch.randn(rank, layer.in_features, generator=generator),
+                    torch.randn(layer.out_features, rank, generator=generator),
+                )
+            else:
+                down = torch.randn(rank, layer.in_channels, *layer.kernel_size, generator=generator)
+                up = torch.randn(layer.out_channels, rank, 1, 1, generator=generator)
+            modules[f"{component}.{path}"] = LoraModule(down, up, alpha)
+    return LoraState(modules)
+
+
+@pytest.fixture(scope="session")
+def every_linear_lora():
+    """`every_linear_lora(sd3_pipe, rank=3, alpha=5.0, seed=0)`: a LoRA on every Linear/Conv2d of an SD3 pipeline."""
+    return _every_linear_sd3_lora
+
+
 @pytest.fixture(scope="session")
 def random_lora_state():
     """`random_lora_state(pipe, rank=4, alpha=8.0, unet_targets=..., text_encoder=True, seed=1, std=0.1)`."""

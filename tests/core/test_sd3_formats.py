@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 from sdlora.core import formats
 from sdlora.core.families import SD3, SDXL
@@ -13,29 +12,6 @@ from sdlora.core.formats.mmdit import fuse_qkv, split_qkv
 from sdlora.core.kinds import LohaModule
 from sdlora.core.state import LoraModule, LoraState
 from sdlora.errors import UserError
-
-
-def every_linear_lora(pipe, rank: int = 3, alpha: float = 5.0, seed: int = 0) -> LoraState:
-    """A LoRA (alpha != rank, random factors) on every Linear and Conv2d of the SD3 transformer and the three text
-    encoders of `pipe`."""
-    generator = torch.Generator().manual_seed(seed)
-    modules = {}
-    for component in SD3.components:
-        for name, layer in getattr(pipe, component).named_modules():
-            if not isinstance(layer, (nn.Linear, nn.Conv2d)):
-                continue
-            clip = component in ("text_encoder", "text_encoder_2") and not name.startswith(("text_model.", "text_projection"))
-            path = "text_model." + name if clip else name
-            if isinstance(layer, nn.Linear):
-                down, up = (
-                    torch.randn(rank, layer.in_features, generator=generator),
-                    torch.randn(layer.out_features, rank, generator=generator),
-                )
-            else:
-                down = torch.randn(rank, layer.in_channels, *layer.kernel_size, generator=generator)
-                up = torch.randn(layer.out_channels, rank, 1, 1, generator=generator)
-            modules[f"{component}.{path}"] = LoraModule(down, up, alpha)
-    return LoraState(modules)
 
 
 def assert_same_modules(read: LoraState, written: LoraState) -> None:
@@ -46,7 +22,7 @@ def assert_same_modules(read: LoraState, written: LoraState) -> None:
         assert other.effective_alpha == module.effective_alpha, path
 
 
-def test_every_module_of_tiny_sd3_survives_both_writers(tiny_sd3_pipe):
+def test_every_module_of_tiny_sd3_survives_both_writers(tiny_sd3_pipe, every_linear_lora):
     state = every_linear_lora(tiny_sd3_pipe)
     counts = {c: len(state.for_component(c)) for c in state.components()}
     assert counts == {"transformer": 51, "text_encoder": 31, "text_encoder_2": 31, "text_encoder_3": 14}
@@ -60,7 +36,7 @@ def test_every_module_of_tiny_sd3_survives_both_writers(tiny_sd3_pipe):
     assert_same_modules(formats.to_lora_state(tensors, header), without_t5)
 
 
-def test_kohya_names_are_sais_mmdit_names(tiny_sd3_pipe):
+def test_kohya_names_are_sais_mmdit_names(tiny_sd3_pipe, every_linear_lora):
     kohya = formats.to_kohya(every_linear_lora(tiny_sd3_pipe), SD3)
     names = {key.rsplit(".", 1)[0].removesuffix(".lora_down").removesuffix(".lora_up") for key in kohya}
     expected = {
@@ -93,7 +69,7 @@ def test_kohya_names_are_sais_mmdit_names(tiny_sd3_pipe):
     assert kohya["lora_unet_joint_blocks_0_x_block_attn_qkv.alpha"].item() == 3 * 5.0  # alpha / rank unchanged: 15 / 9 = 5 / 3
 
 
-def test_kohya_file_is_what_diffusers_converts_from_sai_names(tiny_sd3_pipe):
+def test_kohya_file_is_what_diffusers_converts_from_sai_names(tiny_sd3_pipe, every_linear_lora):
     """Each kohya module's update, placed in an SAI MMDiT checkpoint and converted by diffusers' own
     `convert_sd3_transformer_checkpoint_to_diffusers` (q/k/v row thirds, (shift, scale) swaps), equals the update of
     the diffusers-named LoRA module it was written from."""
@@ -161,7 +137,7 @@ def test_other_kinds_cannot_fuse_or_split():
     assert "lora_unet_joint_blocks_0_x_block_mlp_fc2.hada_w1_a" in kohya
 
 
-def test_the_continuous_norms_swap_their_halves(tiny_sd3_pipe):
+def test_the_continuous_norms_swap_their_halves(tiny_sd3_pipe, every_linear_lora):
     """diffusers orders an AdaLayerNormContinuous's rows (scale, shift), SAI's code (shift, scale): the final layer's
     and the last block's context norm; an AdaLayerNormZero's rows (the other blocks') are in the same order."""
     state = every_linear_lora(tiny_sd3_pipe)
