@@ -21,7 +21,16 @@ from collections.abc import Callable, Sequence
 from .config import add_arguments, config_from_args
 from .core.version import __version__
 from .errors import UserError
-from .models.loading import ALLOW_PICKLE_HELP, DTYPES, MODEL_CONFIG_HELP, MODEL_HELP, load_pipeline, parse_dtype, write_tiny_model
+from .models.loading import (
+    ALLOW_PICKLE_HELP,
+    DTYPES,
+    MODEL_CONFIG_HELP,
+    MODEL_HELP,
+    load_pipeline,
+    parse_dtype,
+    peek_family,
+    write_tiny_model,
+)
 
 EXIT_USER_ERROR = 2
 EXIT_UNEXPECTED = 1
@@ -80,7 +89,14 @@ def _train_args(parser: argparse.ArgumentParser) -> None:
 def _train_run(args: argparse.Namespace) -> None:
     from .training.recipe import train  # lazy: see the module docstring
 
-    path = train(config_from_args(args))
+    config = config_from_args(args)
+    family = peek_family(config.base.model)
+    if family is not None and family.denoiser != "unet":
+        raise UserError(
+            f"{config.base.model} is an {family.label} model, which sdlora cannot train yet: it reads, writes, converts, "
+            "inspects, loads and merges its LoRA files"
+        )
+    path = train(config)
     print(f"wrote {path} and {path.parent}")
 
 

@@ -278,6 +278,11 @@ def _read_json(path: Path) -> dict:
     return value
 
 
+def denoiser_text_width(config: Mapping) -> int:
+    """The width of the text a denoiser reads, from its config: a UNet's cross-attention, SD3's joint attention input."""
+    return int(config["cross_attention_dim"] if "cross_attention_dim" in config else config["joint_attention_dim"])
+
+
 def describe_model(family: ModelFamily, cross_attention_dim: int) -> str:
     """`SD1.x (cross-attention width 768)`, or the width alone for a model of no known family's width; SD3 models
     by their family (their text width is T5's, whatever the model)."""

@@ -19,6 +19,7 @@ from ..core.families import (
     SD1,
     ModelFamily,
     check_single_file_parts,
+    family_by_name,
     family_of_folder,
     family_of_model_index,
     family_of_pipeline,
@@ -366,6 +367,26 @@ def _pipeline_options(cls) -> dict:
 def _explain_pickle_failure(path: Path) -> None:
     """diffusers' error for a pickle it would not load says nothing useful: load it weights-only to say why."""
     read_tensors(path, allow_pickle=True)  # raises the one-line reason: code inside, truncated, not a pickle
+
+
+# the family of each built-in model, known without building it
+_BUILTIN_FAMILIES = {TINY_SD3: "sd3"}
+
+
+def peek_family(model: str) -> ModelFamily | None:
+    """The family of a built-in model, a diffusers folder or a .safetensors single file, from names, configs or
+    keys alone (nothing loaded); None where that cannot tell (a hub id, a pickle, a damaged folder: loading says why)."""
+    path = Path(model).expanduser()
+    try:
+        if is_builtin_model(model):
+            return family_by_name(_BUILTIN_FAMILIES.get(model, "sd1"))
+        if path.is_dir() and (path / "model_index.json").is_file():
+            return family_of_folder(path)
+        if path.is_file() and path.suffix.lower() == ".safetensors":
+            return family_of_single_file(read_header(path).tensors)
+    except (UserError, OSError):
+        return None
+    return None
 
 
 def is_builtin_model(model: str) -> bool:
