@@ -337,11 +337,11 @@ def lora_architecture(state: LoraState) -> str:
 
 def family_of_lora(state: LoraState) -> ModelFamily | None:
     """The family a LoRA was made for: what its tensor shapes say, else what its kohya metadata says (a file written
-    for a test model of no real width), else None. An SD3 LoRA of the CLIP encoders alone has SDXL's shapes: its
-    metadata tells it apart."""
+    for a test model of no real width), else None. An SD3 LoRA of the CLIP encoders alone has SDXL's (or, CLIP-L
+    alone, SD1's) shapes: its metadata tells it apart."""
     family = _BY_LABEL.get(guess_architecture(state))
     by_metadata = _family_of_metadata(state.metadata)
-    if family is None or (family is SDXL and by_metadata is SD3):
+    if family is None or (by_metadata is SD3 and "unet" not in state.components()):
         family = by_metadata
     return family
 

@@ -395,7 +395,7 @@ def build_tiny_sd3_pipeline(seed: int = TINY_SEED, with_t5: bool = True):
     norms), the last with no context MLP (`context_pre_only`); CLIP-L 32 and CLIP-G 48 wide, both with projection;
     T5 96 wide (optional: `with_t5=False` leaves it out, as the pipeline allows); a 16-channel VAE with SD3's shift.
     """
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline  # only when built
 
     torch.manual_seed(seed)
     text_encoder = _text_encoder(hidden=32, intermediate=37, heads=4, layers=5, projection=32, with_projection=True)

@@ -102,6 +102,9 @@ def test_an_sd3_lora_of_the_clips_alone_is_told_by_its_metadata():
     assert family_of_lora(LoraState(dict(modules), {"ss_base_model_version": "5-large"})) is SD3
     assert family_of_lora(LoraState(dict(modules), {"modelspec.architecture": "stable-diffusion-3-5-medium/lora"})) is SD3
     assert family_of_lora(LoraState({"transformer.proj_out": module})) is SD3
+    clip_l = {"text_encoder.text_model.encoder.layers.0.self_attn.q_proj": module}  # SD1's shapes
+    assert family_of_lora(LoraState(dict(clip_l))) is SD1
+    assert family_of_lora(LoraState(dict(clip_l), {"ss_base_model_version": "medium"})) is SD3
 
 
 def test_tiny_sd3_is_deterministic_with_asymmetric_widths(tiny_sd3_pipe):
