@@ -264,8 +264,17 @@ def check_single_file_parts(keys: Iterable[str], family: ModelFamily, label: str
     for spec in (spec for spec in family.text_encoders if spec.component in wanted and not spec.optional):
         if not any(key.startswith(spec.single_file_prefix) for key in keys):
             raise UserError(
-                f"{label} has no {spec.component} ({spec.single_file_prefix}* keys): {family.label} checkpoints need all {len(family.text_encoders)} text encoders"
+                f"{label} has no {spec.component} ({spec.single_file_prefix}* keys): {family.label} checkpoints need {_needed_encoders(family)}"
             )
+
+
+def _needed_encoders(family: ModelFamily) -> str:
+    """`all 2 text encoders`, or for a family with an optional one `text_encoder and text_encoder_2 (text_encoder_3 is optional)`."""
+    needed = [spec.component for spec in family.text_encoders if not spec.optional]
+    if len(needed) == len(family.text_encoders):
+        return f"all {len(needed)} text encoders"
+    optional = ", ".join(spec.component for spec in family.text_encoders if spec.optional)
+    return f"{' and '.join(needed)} ({optional} is optional)"
 
 
 def _read_json(path: Path) -> dict:

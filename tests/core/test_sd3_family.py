@@ -87,7 +87,11 @@ def test_family_of_sai_single_file_keys(text_encoders):
 def test_a_sd3_single_file_needs_both_clips_but_not_t5():
     clips = [f"text_encoders.{name}.transformer.text_model.final_layer_norm.weight" for name in ("clip_l", "clip_g")]
     check_single_file_parts([MMDIT_KEY, *clips], SD3, "sd3.safetensors")  # T5 is optional
-    with pytest.raises(UserError, match=r"sd3.safetensors has no text_encoder_2 \(text_encoders.clip_g.transformer.\* keys\)"):
+    with pytest.raises(
+        UserError,
+        match=r"sd3.safetensors has no text_encoder_2 \(text_encoders.clip_g.transformer.\* keys\): SD3 checkpoints need text_encoder and "
+        r"text_encoder_2 \(text_encoder_3 is optional\)$",
+    ):
         check_single_file_parts([MMDIT_KEY, clips[0]], SD3, "sd3.safetensors")
 
 
