@@ -96,3 +96,17 @@ def test_a_qkv_not_in_thirds_is_one_line_and_no_file(tmp_path, sd3_lora, capsys)
     err = capsys.readouterr().err.strip()
     assert f"LoRA module '{name}' is SD3's fused qkv, but its up factor has 119 rows, not three equal q/k/v parts" in err
     assert "\n" not in err and not (tmp_path / "out.safetensors").exists()
+
+
+def test_combine_and_resize_work_on_sd3_files(tmp_path, sd3_lora):
+    """Through the canonical form: combine joins two SD3 kohya files exactly (the fused qkv too); resize to the rank
+    the modules already have changes no update."""
+    kohya = tmp_path / "kohya.safetensors"
+    write_kohya(sd3_lora, kohya)
+    assert main(["combine", f"{kohya}:0.5", f"{kohya}:0.25", "--out", str(tmp_path / "combined.safetensors")]) == 0
+    combined = read_lora(tmp_path / "combined.safetensors")
+    assert combined.modules.keys() == sd3_lora.modules.keys()
+    for path, module in sd3_lora.modules.items():
+        torch.testing.assert_close(combined.modules[path].delta(), 0.75 * module.delta(), rtol=1e-5, atol=1e-6, msg=path)
+    assert main(["resize", str(kohya), "--rank", "3", "--out", str(tmp_path / "resized.safetensors")]) == 0
+    assert_same_updates(read_lora(tmp_path / "resized.safetensors"), sd3_lora)
