@@ -170,6 +170,7 @@ def run_sdlora(job: dict) -> dict:
         torch.cuda.reset_peak_memory_stats()
     recipe.run_steps(run)
     lora_file = recipe.save_outputs(run)
+    plan = {phase.name: phase.total / 2**30 for phase in run.plan.phases}  # what the run's memory plan said
     stamps = [line["time"] for line in map(json.loads, Path(job["out"], "metrics.jsonl").read_text().splitlines()) if "loss" in line]
     step_times = [b - a for a, b in zip(stamps, stamps[1:])]  # the metrics log's wall-clock stamps, one per step
     del run
@@ -180,7 +181,7 @@ def run_sdlora(job: dict) -> dict:
         "setup_s": setup_phase.seconds, "setup_peak_gib": setup_phase.peak_gib,
         "step_s": median_step(step_times, max(job["warmup"] - 1, 0)), "step_peak_gib": phases["step_peak_gib"],
         "sample_s": phases["sample"].seconds, "sample_peak_gib": phases["sample"].peak_gib,
-        "loads_in_diffusers": diffusers_load_check(job, lora_file),
+        "loads_in_diffusers": diffusers_load_check(job, lora_file), "plan": plan,
     }  # fmt: skip
 
 
@@ -397,6 +398,21 @@ def print_table(rows: list[tuple[str, str, str, dict]]) -> None:
         )
 
 
+def print_plan_table(rows: list[tuple[str, str, str, dict]]) -> None:
+    """sdlora's memory plan (printed at its start) against the peaks measured in the same run."""
+    print("| model | precision | plan setup GiB | measured | plan step GiB | measured | plan sample GiB | measured |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for model, precision, trainer, result in rows:
+        if trainer != "sdlora" or "error" in result:
+            continue
+        plan = result["plan"]
+        cells = [
+            f"{plan[name]:.3f} | {_gib(result[key])}" if name in plan else f"n/a | {_gib(result[key])}"
+            for name, key in (("setup (caching)", "setup_peak_gib"), ("training step", "step_peak_gib"), ("sampling", "sample_peak_gib"))
+        ]
+        print(f"| {model} | {'fp32' if precision == 'no' else precision} | {' | '.join(cells)} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
@@ -446,6 +462,8 @@ def main() -> None:
     print("\nreference: a re-implementation of diffusers' train_text_to_image_lora(_sdxl).py's step (see this script's docstring)")
     print(f"rank {', '.join(f'{n} {r[2]} at {r[1]} px' for n, r in shapes.items())}; sampling: {sample_steps} steps, one image\n")
     print_table(rows)
+    print()
+    print_plan_table(rows)
     print(f"\nelapsed: {time.perf_counter() - started:.0f} s")
     if any("error" in result or not result["loads_in_diffusers"] for *_, result in rows):
         raise SystemExit("a run failed or its LoRA did not give a finite image in diffusers (see the table)")

@@ -97,6 +97,9 @@ def _train_run(args: argparse.Namespace) -> None:
             "inspects, loads and merges its LoRA files"
         )
     path = train(config)
+    if path is None:
+        print("dry run: the memory plan above; nothing was cached, trained or written")
+        return
     print(f"wrote {path} and {path.parent}")
 
 

@@ -10,11 +10,13 @@ when a step needs it, so RAM holds none of them; memory and disk give the same t
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
 import random
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +30,7 @@ from ..storage.atomic import atomic_file
 from .base_model import BaseModel
 from .buckets import Size
 from .config import DataConfig
-from .data import ImageRecord, crop_window, drop_captions, load_image, sdxl_time_ids, step_caption
+from .data import ImageRecord, Window, crop_window, drop_captions, load_image, sdxl_time_ids, step_caption
 from .objective import Conditioning
 
 CACHE_VERSION = "1"
@@ -377,11 +379,63 @@ def _fill_latents(latent_cache: LatentCache, jobs: Sequence[tuple[ImageRecord, S
             progress.update(len(batch))
 
 
+@dataclass(frozen=True)
+class Draw:
+    """One image of a micro-batch as this step sees it: the random choices (mirror, crop window, caption after
+    shuffling and dropout) drawn, nothing loaded yet."""
+
+    index: int  # into the dataset's records
+    size: Size  # its bucket
+    flip: bool
+    window: Window  # where the image is cut (`crop_window`)
+    caption: str
+
+    @property
+    def key(self) -> tuple:
+        return (self.index, self.size, self.flip, self.window)
+
+
+class ImageLoader:
+    """Decodes, crops and resizes training images on `workers` threads, ahead of the step that needs them (the
+    next step's draws are known a step early: each step's choices are a function of its seed). PIL releases the
+    GIL while it decodes and resamples, so threads load in parallel with each other and with the training step.
+    `workers=0` loads each image in the step that needs it, on the training thread. Pixels are identical either way."""
+
+    def __init__(self, records: Sequence[ImageRecord], workers: int):
+        self.records = records
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="sdlora-images") if workers else None
+        self.pending: dict[tuple, Future] = {}
+
+    def prefetch(self, draws: Sequence[Draw]) -> None:
+        """Start loading `draws` (those not already under way); forget loads no longer wanted."""
+        if self.pool is None:
+            return
+        wanted = {draw.key: draw for draw in draws}
+        for key in [key for key in self.pending if key not in wanted]:
+            self.pending.pop(key).cancel()
+        for key, draw in wanted.items():
+            if key not in self.pending:
+                self.pending[key] = self.pool.submit(self._load, draw)
+
+    def __call__(self, draw: Draw) -> torch.Tensor:
+        """The image's pixels: from a prefetched load if one was started, else loaded now."""
+        future = self.pending.pop(draw.key, None)
+        return future.result() if future is not None else self._load(draw)
+
+    def _load(self, draw: Draw) -> torch.Tensor:
+        return load_image(self.records[draw.index], draw.size, flip=draw.flip, window=draw.window)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pending.clear()
+
+
 @dataclass
 class BatchEncoder:
-    """Turns a micro-batch of dataset indices into (latents, conditioning): flips, crops and caption shuffling and
-    dropout drawn from the step's `rng`, latent samples from its `generator`; SDXL's time ids from each image's size
-    and crop."""
+    """Turns a micro-batch of dataset indices into (latents, conditioning), in two halves: `draw` makes the step's
+    random choices (flips, crops, caption shuffling and dropout, from the step's `rng`), `encode` loads what they
+    need and encodes it (latent samples from the step's `generator`; SDXL's time ids from each image's size and crop)."""
 
     data: DataConfig  # the trigger word
     model: BaseModel  # the VAE and text encoders (possibly wrapped for training), the device and the UNet's dtype
@@ -389,32 +443,44 @@ class BatchEncoder:
     sizes: Sequence[Size]  # each record's bucket
     latent_cache: LatentCache | None
     embedding_cache: EmbeddingCache | None
+    loader: ImageLoader | None = None  # without a latent cache: the images, loaded ahead on worker threads
 
     def __call__(self, indices: list[int], rng: random.Random, generator: torch.Generator) -> tuple[torch.Tensor, Conditioning]:
-        model, device = self.model, self.model.device
-        means, stds, pixels, captions, time_ids = [], [], [], [], []
+        return self.encode(self.draw(indices, rng), generator)
+
+    def draw(self, indices: list[int], rng: random.Random) -> list[Draw]:
+        """The micro-batch's random choices, in a fixed order of draws from `rng`."""
+        draws = []
         for index in indices:
             record, size, rules = self.records[index], self.sizes[index], self.records[index].rules
             flip = rules.flip and rng.random() < 0.5
             window = crop_window(record, size, rules.crop, rng)
-            load = functools.partial(load_image, record, size, flip=flip, window=window)
-            if self.latent_cache is not None:
-                mean, std = self.latent_cache.get(record.path, size, rules.crop, flip, load)
-                means.append(mean)
-                stds.append(std)
-            else:
-                pixels.append(load())
-            captions.append(step_caption(record.caption, rules, rng, self.data.trigger))
-            time_ids.append(sdxl_time_ids(record, size, window, flip))
-        captions = drop_captions(captions, [self.records[index].rules.caption_dropout for index in indices], rng)
-        if pixels:  # no cache: the micro-batch (one bucket, so one size) through the VAE in one call
-            mean, std = encode_images(model.pipe.vae, torch.stack(pixels), [self.records[index].path for index in indices], device)
-        else:
-            mean, std = torch.stack(means), torch.stack(stds)
+            draws.append(Draw(index, size, flip, window, step_caption(record.caption, rules, rng, self.data.trigger)))
+        captions = drop_captions([d.caption for d in draws], [self.records[d.index].rules.caption_dropout for d in draws], rng)
+        return [dataclasses.replace(draw, caption=caption) for draw, caption in zip(draws, captions)]
+
+    def encode(self, draws: Sequence[Draw], generator: torch.Generator) -> tuple[torch.Tensor, Conditioning]:
+        """The UNet's inputs for the drawn micro-batch."""
+        model, device = self.model, self.model.device
+        if self.latent_cache is not None:
+            entries = [
+                self.latent_cache.get(
+                    self.records[d.index].path, d.size, self.records[d.index].rules.crop, d.flip,
+                    functools.partial(load_image, self.records[d.index], d.size, flip=d.flip, window=d.window),
+                )
+                for d in draws
+            ]  # fmt: skip
+            mean, std = torch.stack([mean for mean, _ in entries]), torch.stack([std for _, std in entries])
+        else:  # no cache: the micro-batch (one bucket, so one size) through the VAE in one call
+            load = self.loader or ImageLoader(self.records, 0)
+            pixels = torch.stack([load(d) for d in draws])
+            mean, std = encode_images(model.pipe.vae, pixels, [self.records[d.index].path for d in draws], device)
         mean, std = mean.to(device, torch.float32), std.to(device, torch.float32)
         noise = torch.randn(mean.shape, generator=generator).to(device)
         latents = (mean + std * noise) * model.pipe.vae.config.scaling_factor
-        hidden, pooled = self._embed(captions, [caption == "" or self.records[i].rules.static for caption, i in zip(captions, indices)])
+        captions = [d.caption for d in draws]
+        hidden, pooled = self._embed(captions, [c == "" or self.records[d.index].rules.static for c, d in zip(captions, draws)])
+        time_ids = [sdxl_time_ids(self.records[d.index], d.size, d.window, d.flip) for d in draws]
         conditioning = Conditioning(hidden, pooled, torch.tensor(time_ids, dtype=torch.float32) if model.family.time_ids else None)
         return latents.to(model.dtype), conditioning.to(device, model.dtype)
 

@@ -378,6 +378,11 @@ class RunConfig(_Section):
     checkpoint_every: int = _opt(500, "steps between resumable checkpoints (0 = only at the end)")
     keep_checkpoints: int = _opt(3, "how many checkpoints to keep")
     resume: str | None = _opt(None, "resume from 'latest' or a checkpoint folder", path=True, may_be_name=True)
+    dry_run: bool = _opt(
+        False,
+        "load the model, print the memory plan (the estimated accelerator memory of setup, the training step and "
+        "sampling) and stop: nothing is cached, trained or written",
+    )
 
     def _check_values(self) -> None:
         if not self.output_dir:

@@ -9,6 +9,7 @@ backpropagates into the LoRA parameters only, clips and steps.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import math
@@ -28,10 +29,10 @@ from ..errors import UserError
 from ..inference.samplers import set_sampler
 from ..storage import output_rules
 from ..storage.atomic import remove_leftover_temporaries
-from . import checkpoint, ema, network, outputs
+from . import checkpoint, ema, memory, network, outputs
 from .base_model import BaseModel, load_base_model
 from .buckets import BucketBatchSampler, Size
-from .cache import BatchEncoder, build_caches, fill_caches
+from .cache import BatchEncoder, ImageLoader, build_caches, fill_caches
 from .config import BaseModelConfig, DataConfig, LoggingConfig, NetworkConfig, OptimizationConfig, TrainConfig
 from .data import ImageRecord, dataset_summary
 from .datasets import DatasetSpec, TrainingData, batch_sizes, load_training_data, record_buckets
@@ -67,10 +68,12 @@ class Run:
     state: checkpoint.TrainState
     ema: ema.LoraEma | None = None  # --ema-decay: the average of the LoRA weights
     datasets: list[DatasetSpec] = dataclasses.field(default_factory=list)  # a dataset TOML's, for the kohya metadata
+    plan: memory.MemoryPlan | None = None  # the accelerator memory each phase was estimated to need
 
 
-def train(config: TrainConfig) -> Path:
-    """Train a LoRA as `config` says; returns the path of the diffusers-format file in `config.run.output_dir`."""
+def train(config: TrainConfig) -> Path | None:
+    """Train a LoRA as `config` says; returns the path of the diffusers-format file in `config.run.output_dir`
+    (None after --dry-run's memory plan)."""
     out = Path(config.run.output_dir)
     run: Run | None = None
     with _explain_full_disk(out, lambda: run.state.step if run else 0):
@@ -81,16 +84,25 @@ def train(config: TrainConfig) -> Path:
             if created:  # a run that fails before its first step leaves no output folder it made
                 shutil.rmtree(out, ignore_errors=True)
             raise
-        run_steps(run)
+        if run is None:  # --dry-run: the plan was the point
+            if created:
+                shutil.rmtree(out, ignore_errors=True)
+            return None
+        try:
+            run_steps(run)
+        finally:
+            if run.encoder.loader is not None:
+                run.encoder.loader.close()
         return save_outputs(run)
 
 
 # ---------------------------------------------------------------- setup
 
 
-def setup(config: TrainConfig) -> Run:
-    """Check the inputs, load the data and the model, add LoRA, build the optimizer, the caches and the validation,
-    and resume if asked. Each step is handed the sections it works from."""
+def setup(config: TrainConfig) -> Run | None:
+    """Check the inputs, load the data and the model, add LoRA, print the memory plan, build the caches, the
+    optimizer and the validation, and resume if asked. Each step is handed the sections it works from. With
+    --dry-run, returns None after the plan."""
     config = config.replace(mixed_precision=resolve_mixed_precision(config.base))  # --mixed-precision auto: this machine's
     accelerator = _setup_accelerator(config)
     data = _setup_data(config, accelerator)
@@ -106,6 +118,17 @@ def setup(config: TrainConfig) -> Run:
         config = config.replace(steps=steps)
     prepare_noise_scheduler(model.noise_scheduler, config.objective)  # the timestep range must fit; --zero-terminal-snr
     param_groups = _setup_network(config.network, config.optimization, config.base, model)
+    plan = memory.plan_memory(
+        config, model, max(buckets, key=lambda size: size[0] * size[1]), max(batch_sizes(data, config.data)), accelerator.device,
+        latents_cached=config.data.cache != "off" and all(record.rules.crop != "random" for record in data.records),
+        captions_cached=config.data.cache != "off" and not config.network.train_text_encoder and all(r.rules.static for r in data.records),
+    )  # fmt: skip
+    if accelerator.is_main_process:
+        tqdm.write(plan.table())
+    if config.run.dry_run:
+        return None
+    if config.base.compile:  # in place (Module.compile): parameter names and state dicts stay the UNet's own
+        model.unet.compile()
     if accelerator.is_main_process:
         outputs.check_output_dir(Path(config.run.output_dir))
         remove_leftover_temporaries(Path(config.run.output_dir))  # what a killed run was writing when it died
@@ -125,7 +148,7 @@ def setup(config: TrainConfig) -> Run:
         ),
         state=checkpoint.TrainState(step=0, epoch=0, batch_in_epoch=0),
         ema=ema.LoraEma(trainable, config.optimization.ema_decay) if config.optimization.ema_decay else None,
-        datasets=data.datasets,
+        datasets=data.datasets, plan=plan,
     )  # fmt: skip
     _start_or_resume(run)
     return run
@@ -192,8 +215,6 @@ def _setup_network(options: NetworkConfig, optimization: OptimizationConfig, bas
         model.unet.enable_gradient_checkpointing()
         for component in model.trained[1:]:
             trained[component].gradient_checkpointing_enable()
-    if base.compile:  # in place (Module.compile): parameter names and state dicts stay the UNet's own
-        model.unet.compile()
     return param_groups
 
 
@@ -242,7 +263,8 @@ def _setup_caches(data: DataConfig, model: BaseModel, records, buckets, out: Pat
     model.offloaded = ([pipe.vae] if latent_cache is not None else []) + ([*model.text_encoders.values()] if every_caption_cached else [])
     for part in model.offloaded:
         part.to("cpu")
-    return BatchEncoder(data, model, records, buckets, latent_cache, embedding_cache)
+    loader = ImageLoader(records, data.workers) if latent_cache is None and data.workers else None  # uncached: load ahead
+    return BatchEncoder(data, model, records, buckets, latent_cache, embedding_cache, loader)
 
 
 def _setup_validation(config: TrainConfig, model: BaseModel, accelerator, data: TrainingData) -> Validator:
@@ -364,7 +386,7 @@ def run_steps(run: Run) -> None:
     elif state.step == 0 and run.validator.records:
         metrics.log(0, val_loss=run.validator.loss())  # the base model's loss, to compare the LoRA against
     bar = progress_bar(config.optimization.steps, state.step, disable=not accelerator.is_local_main_process)
-    batches = _batches(run)
+    batches = _Batches(run)
     with contextlib.closing(bar):  # closed on errors too, so an error message starts on a line of its own
         while state.step < config.optimization.steps:
             loss, grad_norm, skipped = _optimizer_step(run, batches)
@@ -385,35 +407,58 @@ def run_steps(run: Run) -> None:
         metrics.log(state.step, processes_in_sync=_check_processes_in_sync(run))
 
 
-def _batches(run: Run) -> Iterator[list[int]]:
-    """Batches of dataset indices in a seeded order, from the resume position on; advances the state's epoch/position."""
-    state = run.state
-    while True:
-        run.sampler.set_epoch(state.epoch)
-        epoch_batches = list(run.sampler)
-        while state.batch_in_epoch < len(epoch_batches):
-            batch = epoch_batches[state.batch_in_epoch]
-            state.batch_in_epoch += 1
-            yield batch
-        state.epoch += 1
-        state.batch_in_epoch = 0
+class _Batches:
+    """The micro-batches of dataset indices in a seeded order, from the resume position on. Taking one moves the
+    state's epoch/position past it; `ahead(n)` shows the next n without taking them (to load their images early)."""
+
+    def __init__(self, run: Run):
+        self.run, self.queue = run, collections.deque()
+        self.source = self._positions(run.state.epoch, run.state.batch_in_epoch)
+
+    def _positions(self, epoch: int, position: int) -> Iterator[tuple[list[int], int, int]]:
+        while True:
+            self.run.sampler.set_epoch(epoch)
+            epoch_batches = list(self.run.sampler)
+            while position < len(epoch_batches):
+                position += 1
+                yield epoch_batches[position - 1], epoch, position
+            epoch, position = epoch + 1, 0
+
+    def ahead(self, n: int) -> list[list[int]]:
+        while len(self.queue) < n:
+            self.queue.append(next(self.source))
+        return [batch for batch, _, _ in list(self.queue)[:n]]
+
+    def __next__(self) -> list[int]:
+        self.ahead(1)
+        batch, self.run.state.epoch, self.run.state.batch_in_epoch = self.queue.popleft()
+        return batch
 
 
-def _optimizer_step(run: Run, batches: Iterator[list[int]]) -> tuple[float, float, bool]:
+def _step_seed(config: TrainConfig, step: int, process: int) -> int:
+    """The seed of a step's randomness on one process: a resumed run and every rank draw exactly what they would have."""
+    return (config.run.seed * 1_000_003 + step * 1_009 + process) % 2**63
+
+
+def _optimizer_step(run: Run, batches: _Batches) -> tuple[float, float, bool]:
     """grad_accum micro-batches, clip, step; returns the loss, the gradient norm and whether fp16's GradScaler skipped
     the step (a gradient overflowed: no update, a halved loss scale, no lr-schedule or EMA step, as accelerate's
     prepared scheduler does). Raises TrainingDiverged, on every process at once, on a non-finite loss on any process,
     a non-finite gradient without a scaler, or a loss scale that collapsed."""
     config, accelerator, step = run.config, run.accelerator, run.state.step + 1
-    # randomness is a function of (seed, step, process): a resumed run and every rank draw exactly what they would have
-    step_seed = (config.run.seed * 1_000_003 + step * 1_009 + accelerator.process_index) % 2**63
+    step_seed = _step_seed(config, step, accelerator.process_index)
     run.generator.manual_seed(step_seed)
     run.rng.seed(step_seed)
     torch.manual_seed(step_seed)  # LoRA dropout draws from the global generator
+    micro_batches = [next(batches) for _ in range(config.optimization.grad_accum)]
+    draws = [run.encoder.draw(indices, run.rng) for indices in micro_batches]
+    if run.encoder.loader is not None:  # this step's images and the next step's, loading on worker threads
+        upcoming = random.Random(_step_seed(config, step + 1, accelerator.process_index))
+        following = [run.encoder.draw(indices, upcoming) for indices in batches.ahead(config.optimization.grad_accum)]
+        run.encoder.loader.prefetch([d for micro in draws + following for d in micro])
     losses = []
-    for micro in range(config.optimization.grad_accum):
-        indices = next(batches)
-        latents, embeddings = run.encoder(indices, run.rng, run.generator)
+    for micro, (indices, micro_draws) in enumerate(zip(micro_batches, draws)):
+        latents, embeddings = run.encoder.encode(micro_draws, run.generator)
         weights = _loss_weights(run, indices)
         sync = contextlib.nullcontext() if micro == config.optimization.grad_accum - 1 else accelerator.no_sync(run.model.unet)
         with sync, accelerator.autocast():

@@ -38,5 +38,10 @@ def test_quick_run_fills_every_row_and_the_loras_load_in_diffusers(tmp_path):
         assert cells[4] == cells[7] == cells[9] == "n/a", key  # no CUDA memory counter on the CPU
         assert cells[14] == "yes", key  # the saved LoRA loaded in diffusers and the image is finite
         assert cells[10].endswith("x") and (key[2] == "sdlora" or cells[10] == "1.00x"), key  # s/step vs the reference
+    plans = [[cell.strip() for cell in line.strip("|").split("|")] for line in result.stdout.splitlines() if line.startswith("| sd")]
+    plans = [cells for cells in plans if len(cells) == 8]  # sdlora's memory plan against the measured peaks
+    assert {tuple(cells[:2]) for cells in plans} == {(model, precision) for model in ("sd15", "sdxl") for precision in ("fp32", "bf16")}
+    for cells in plans:
+        assert all(float(cells[i]) > 0 for i in (2, 4, 6)) and cells[3] == cells[5] == cells[7] == "n/a", cells
     assert "elapsed:" in result.stdout
     assert list(tmp_path.iterdir()) == []  # the temporary models and images are gone

@@ -22,7 +22,7 @@ def test_defaults_are_an_sd15_style_lora():
     config = parse(["data", "--output", "out"])
     assert (config.network.rank, config.network.alpha, config.optimization.lr, config.data.batch_size) == (16, 16.0, 1e-4, 1)
     assert config.data.resolution is None  # the model's own size: 512 for SD1.5 (tests/training/test_recipe.py)
-    assert config.network.preset == "attn" and config.base.mixed_precision == "no"
+    assert config.network.preset == "attn" and config.base.mixed_precision == "auto"
 
 
 def test_every_option_is_a_flag_and_a_toml_key(tmp_path):

@@ -137,7 +137,7 @@ def test_training_weighs_each_reg_image_by_prior_loss_weight(tmp_path, make_data
 
     monkeypatch.setattr(recipe, "diffusion_loss", recording)
     run = recipe.setup(tiny_config(data, tmp_path / "out", reg_data=str(reg), prior_loss_weight=0.25, batch_size=4, steps=2))
-    batches = recipe._batches(run)
+    batches = recipe._Batches(run)
     expected = [[0.25 if run.records[i].is_reg else 1.0 for i in batch] for batch in (next(batches), next(batches))]
     run.state.epoch = run.state.batch_in_epoch = 0
     recipe.run_steps(run)

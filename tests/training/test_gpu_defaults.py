@@ -1,11 +1,12 @@
 """What a GPU run gets by default and what can be switched off: --mixed-precision auto, TF32, fused AdamW, gradient
 checkpointing for SDXL at 1024 px, the caches filled before the UNet reaches the accelerator, --no-samples, VAE tiling
-for large samples, --compile, and the host synchronisations of one training step. The CPU has no CUDA: where a
+for large samples, --compile, images loaded ahead on worker threads, and the host synchronisations of one training step. The CPU has no CUDA: where a
 decision depends on it, torch's answers are replaced and the decision is read, not run."""
 
 from __future__ import annotations
 
 import collections
+import threading
 import traceback
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from sdlora.errors import UserError
-from sdlora.training import recipe
+from sdlora.training import cache, recipe
 from sdlora.training.config import BaseModelConfig, TrainConfig
 from sdlora.training.metrics import read_metrics
 from sdlora.training.optimizers import build_optimizer, device_optimizer_args
@@ -288,7 +289,7 @@ def test_one_host_synchronisation_per_step(tiny_config, dataset, tmp_path, monke
     every process in one .tolist() (_step_numbers). A NaN is still caught at the step it happens: the flags are in
     that one read. (fp16's GradScaler adds its own found-inf read in optimizer.step; that one torch needs.)"""
     run = recipe.setup(tiny_config(dataset, tmp_path / "out", steps=3, **options))
-    batches = recipe._batches(run)
+    batches = recipe._Batches(run)
     recipe._optimizer_step(run, batches)  # the first step builds the optimizer state
     with monkeypatch.context() as patch:
         counts = _count_syncs(patch, lambda: recipe._optimizer_step(run, batches))
@@ -314,3 +315,51 @@ def test_train_config_carries_the_new_options():
         TrainConfig.from_options(data_dir="d", output_dir="o", sample_vae_tiling="sometimes")
     with pytest.raises(UserError, match="workers"):
         TrainConfig.from_options(data_dir="d", output_dir="o", workers=-1)
+
+
+# ---------------------------------------------------------------- images loaded ahead (--workers, --cache off)
+
+
+def test_workers_load_ahead_and_train_the_same_lora(tiny_config, dataset, tmp_path, monkeypatch):
+    """Without a latent cache, each step's images and the next step's are loaded on worker threads while the step
+    runs: every image a step encodes was loaded off the training thread (after the first step, whose images start
+    loading when it does), and the LoRA is bit-identical to loading in the step (--workers 0)."""
+    load = cache.load_image
+    threads = []
+
+    def recording(*args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(cache, "load_image", recording)
+    files = {}
+    for workers in (0, 2):
+        threads.clear()
+        options = {"cache": "off", "workers": workers, "grad_accum": 2, "steps": 3, "flip": True, "crop": "random"}
+        files[workers] = load_file(recipe.train(tiny_config(dataset, tmp_path / f"out-{workers}", checkpoint_every=0, **options)))
+        training = [name for name in threads if name.startswith("sdlora-images") or name == "MainThread"]
+        if workers:
+            assert training and all(name.startswith("sdlora-images") for name in training), collections.Counter(threads)
+        else:
+            assert "MainThread" in training and not any(name.startswith("sdlora-images") for name in threads)
+    assert files[0].keys() == files[2].keys()
+    for key, tensor in files[0].items():
+        assert torch.equal(files[2][key], tensor), key
+
+
+def test_loader_forgets_loads_no_longer_wanted(dataset):
+    from sdlora.training.data import find_images
+
+    records = find_images(dataset)
+    loader = cache.ImageLoader(records, 2)
+    try:
+        first = cache.Draw(0, (64, 48), False, (0.5, 0.0, 0.0), "a")
+        second = cache.Draw(1, (64, 48), True, (0.5, 0.0, 0.0), "b")
+        loader.prefetch([first, second])
+        loader.prefetch([second])  # the first is no longer wanted
+        assert list(loader.pending) == [second.key]
+        pixels = loader(second)
+        assert pixels.shape == (3, 48, 64) and not loader.pending
+        torch.testing.assert_close(pixels, cache.load_image(records[1], (64, 48), flip=True, window=(0.5, 0.0, 0.0)), rtol=0, atol=0)
+    finally:
+        loader.close()

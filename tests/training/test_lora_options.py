@@ -71,7 +71,8 @@ def test_ema_files_are_written_and_resume_keeps_the_average(dataset, tmp_path, t
 
 def test_full_bf16_needs_bf16_autocast(dataset, tmp_path, tiny_config):
     with pytest.raises(ValueError, match="--full-bf16 needs --mixed-precision bf16"):
-        tiny_config(dataset, tmp_path / "out", full_bf16=True)
+        tiny_config(dataset, tmp_path / "out", full_bf16=True, mixed_precision="fp16")
+    assert tiny_config(dataset, tmp_path / "out", full_bf16=True).base.mixed_precision == "auto"  # bf16 when it runs
     with pytest.raises(ValueError, match="choose one"):
         tiny_config(dataset, tmp_path / "out", full_bf16=True, full_fp16=True, mixed_precision="bf16")
 
