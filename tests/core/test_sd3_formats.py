@@ -127,14 +127,52 @@ def test_a_qkv_up_factor_not_in_thirds_is_one_line():
     assert "\n" not in str(raised.value)
 
 
-def test_other_kinds_cannot_fuse_or_split():
-    loha = LohaModule(torch.ones(40, 2), torch.ones(2, 40), torch.ones(40, 2), torch.ones(2, 40), alpha=2.0)
-    state = LoraState({f"transformer.transformer_blocks.0.attn.to_{p}": loha for p in "qkv"})
-    with pytest.raises(UserError, match=r"is LoHa, and q, k and v fuse into SD3's qkv only for plain LoRA"):
+def test_other_additive_kinds_fuse_and_split_as_full_diffs():
+    """A LoHa cannot be cut into row parts in its own factors: on q/k/v (and the swapped norms) its update becomes an
+    exact full diff, which `convert --rank` can make a LoRA of; one-to-one layers keep their kind."""
+    generator = torch.Generator().manual_seed(5)
+
+    def loha() -> LohaModule:
+        return LohaModule(*(torch.randn(*shape, generator=generator) for shape in ((40, 2), (2, 40), (40, 2), (2, 40))), alpha=1.0)
+
+    parts = {p: loha() for p in "qk"}  # no v
+    state = LoraState({f"transformer.transformer_blocks.0.attn.to_{p}": module for p, module in parts.items()})
+    state.modules["transformer.transformer_blocks.0.ff.net.2"] = fc2 = LohaModule(
+        torch.randn(40, 2, generator=generator),
+        torch.randn(2, 160, generator=generator),
+        torch.randn(40, 2, generator=generator),
+        torch.randn(2, 160, generator=generator),
+        alpha=1.0,
+    )
+    kohya = formats.to_kohya(state, SD3)
+    fused = kohya["lora_unet_joint_blocks_0_x_block_attn_qkv.diff"]
+    torch.testing.assert_close(fused, torch.cat([parts["q"].delta(), parts["k"].delta(), torch.zeros(40, 40)]))
+    assert "lora_unet_joint_blocks_0_x_block_mlp_fc2.hada_w1_a" in kohya  # written as it is
+    back = formats.to_lora_state(kohya)
+    for p in "qk":
+        read = back.modules[f"transformer.transformer_blocks.0.attn.to_{p}"]
+        assert read.kind == "full"
+        torch.testing.assert_close(read.delta(), parts[p].delta(), rtol=1e-6, atol=1e-6)
+    assert back.modules["transformer.transformer_blocks.0.ff.net.2"].kind == "loha"
+    torch.testing.assert_close(back.modules["transformer.transformer_blocks.0.ff.net.2"].delta(), fc2.delta())
+
+
+def test_kinds_that_depend_on_the_weight_cannot_fuse_or_split():
+    from sdlora.core.kinds import DoraModule
+
+    dora = DoraModule(LoraModule(torch.ones(2, 40), torch.ones(40, 2), 2.0), torch.ones(40), on_output=True)
+    state = LoraState({"transformer.transformer_blocks.0.attn.to_q": dora})
+    with pytest.raises(UserError, match=r"is DoRA, whose update depends on the layer's weight, and q, k and v must fuse into SD3's qkv"):
         formats.to_kohya(state, SD3)
-    # a LoHa on a layer kohya names one to one is written as it is
-    kohya = formats.to_kohya(LoraState({"transformer.transformer_blocks.0.ff.net.2": loha}), SD3)
-    assert "lora_unet_joint_blocks_0_x_block_mlp_fc2.hada_w1_a" in kohya
+    tensors = formats.to_kohya(LoraState({"transformer.transformer_blocks.0.attn.to_out.0": dora}), SD3)
+    renamed = {key.replace("x_block_attn_proj", "x_block_attn_qkv"): value for key, value in tensors.items()}
+    with pytest.raises(UserError, match=r"is DoRA, whose update depends on the layer's weight, and SD3's fused qkv must split"):
+        formats.to_lora_state(
+            {
+                key: value.repeat(3, *[1] * (value.ndim - 1)) if "lora_up" in key or "dora_scale" in key else value
+                for key, value in renamed.items()
+            }
+        )
 
 
 def test_the_continuous_norms_swap_their_halves(tiny_sd3_pipe, every_linear_lora):

@@ -13,6 +13,10 @@ exact ones: the up split by rows, the down shared; where the up is block-diagona
 `split_qkv` make it), each part keeps only its own columns, so a file written here reads back as the LoRAs it came
 from. An AdaLayerNormContinuous (the final layer's, and the context stream's in the last block, which has no MLP)
 orders its output rows (scale, shift) in diffusers and (shift, scale) in SAI's code: its up rows swap halves.
+
+The other additive kinds (LoHa, LoKr, full diffs, GLoRA) cannot be cut into row parts in their own factors; on these
+layers their update becomes a full diff (`core.kinds.FullModule`), exact, which `sdlora convert --rank` can turn into
+a LoRA. Kinds whose update depends on the layer's weight (DoRA, OFT, BOFT, IA3) are refused there.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from collections.abc import Mapping
 import torch
 
 from ...errors import UserError
-from ..kinds import KIND_NAMES
+from ..kinds import KIND_NAMES, FullModule
 from ..state import Adapter, LoraModule
 
 # per joint block: SAI's layer -> diffusers' layers (three: q, k, v as row thirds of the fused projection)
@@ -120,36 +124,46 @@ def _is_continuous_norm(adapter: Adapter) -> bool:
     return shape[0] is not None and shape[1] is not None and shape[0] == 2 * shape[1]
 
 
-def _plain_lora(adapter: Adapter, key: str, what: str) -> LoraModule:
-    if not isinstance(adapter, LoraModule) or adapter.mid is not None:
-        kind = "LoRA with a Tucker core" if isinstance(adapter, LoraModule) else KIND_NAMES[adapter.kind]
+def _is_plain_lora(adapter: Adapter) -> bool:
+    return isinstance(adapter, LoraModule) and adapter.mid is None
+
+
+def _full_diff(adapter: Adapter, key: str, what: str) -> torch.Tensor:
+    """The update of an additive kind at weight 1, [out, in]; other kinds raise naming what needs their rows."""
+    if not adapter.additive or len(adapter.weight_shape()) != 2 or None in adapter.weight_shape():
         raise UserError(
-            f"LoRA module {key} is {kind}, and {what} only for plain LoRA: convert the file to a LoRA first (sdlora convert --rank)"
+            f"LoRA module {key} is {KIND_NAMES[adapter.kind]}, whose update depends on the layer's weight, and {what}: "
+            "sdlora reads and writes LoRA, LoHa, LoKr, full diffs and GLoRA there"
         )
-    return adapter
+    return adapter.delta()
 
 
-def swap_halves(adapter: Adapter, key: str) -> LoraModule:
-    """The LoRA with its up factor's two halves of rows swapped: (shift, scale) <-> (scale, shift)."""
-    lora = _plain_lora(adapter, key, "an SD3 norm layer's rows (shift and scale in another order) can be reordered")
-    half = lora.up.shape[0] // 2
-    return LoraModule(lora.down, torch.cat([lora.up[half:], lora.up[:half]]), lora.alpha)
+def swap_halves(adapter: Adapter, key: str) -> Adapter:
+    """The module with its output rows' two halves swapped, (shift, scale) <-> (scale, shift): a LoRA's up factor, or
+    another additive kind's update as a full diff."""
+    if _is_plain_lora(adapter):
+        half = adapter.up.shape[0] // 2
+        return LoraModule(adapter.down, torch.cat([adapter.up[half:], adapter.up[:half]]), adapter.alpha)
+    diff = _full_diff(adapter, key, "an SD3 norm layer's rows (shift and scale in another order) must be reordered")
+    half = diff.shape[0] // 2
+    return FullModule(torch.cat([diff[half:], diff[:half]]))
 
 
-def fuse_qkv(parts: Mapping[int, tuple[str, Adapter]]) -> LoraModule:
-    """q/k/v LoRAs ({0: q, 1: k, 2: v}; any may be missing, its rows left zero) -> one LoRA of the fused projection,
-    exactly: downs stacked, ups block-diagonal, alpha / rank equal to the parts' scale."""
-    loras = {
-        third: _plain_lora(adapter, f"transformer.{path}", "q, k and v fuse into SD3's qkv") for third, (path, adapter) in parts.items()
-    }
-    widths = {lora.up.shape[0] for lora in loras.values()}
-    inputs = {lora.down.shape[1] for lora in loras.values()}
-    if len(widths) != 1 or len(inputs) != 1:
+def fuse_qkv(parts: Mapping[int, tuple[str, Adapter]]) -> Adapter:
+    """q/k/v modules ({0: q, 1: k, 2: v}; any may be missing, its rows left zero) -> one module of the fused
+    projection, exactly: for LoRAs, downs stacked, ups block-diagonal, alpha / rank equal to the parts' scale; for
+    other additive kinds (or a mix), the three updates stacked as one full diff."""
+    shapes = {tuple(adapter.weight_shape()) for _, adapter in parts.values()}
+    if len(shapes) != 1:
         paths = ", ".join(path for path, _ in parts.values())
-        raise UserError(
-            f"LoRA modules {paths} have different shapes ({sorted(widths)} rows, {sorted(inputs)} inputs): no fused qkv holds them"
-        )
-    width = widths.pop()
+        raise UserError(f"LoRA modules {paths} have different shapes ({sorted(shapes)}): no fused qkv holds them")
+    if not all(_is_plain_lora(adapter) for _, adapter in parts.values()):
+        what = "q, k and v must fuse into SD3's qkv"
+        diffs = {third: _full_diff(adapter, f"transformer.{path}", what) for third, (path, adapter) in parts.items()}
+        zeros = torch.zeros(next(iter(diffs.values())).shape)
+        return FullModule(torch.cat([diffs.get(third, zeros) for third in range(3)]))
+    loras: dict[int, LoraModule] = {third: adapter for third, (_, adapter) in parts.items()}
+    width = next(iter(loras.values())).up.shape[0]
     ordered = [loras[third] for third in sorted(loras)]
     rank = sum(lora.rank for lora in ordered)
     scales = {lora.scale for lora in ordered}
@@ -168,18 +182,24 @@ def fuse_qkv(parts: Mapping[int, tuple[str, Adapter]]) -> LoraModule:
     return LoraModule(down, up, alpha)
 
 
-def split_qkv(adapter: Adapter, key: str) -> dict[int, LoraModule]:
-    """A fused qkv LoRA -> its q, k and v LoRAs ({0: q, 1: k, 2: v}), exactly: up split by rows into thirds, down
-    shared; where the up is block-diagonal, each part with only its own columns of up and rows of down, at the same
-    scale (and a third whose rows are all zero, a part the fused LoRA left out, is left out)."""
-    lora = _plain_lora(adapter, key, "SD3's fused qkv splits into q, k and v")
-    rows = lora.up.shape[0]
-    if lora.up.ndim != 2 or rows % 3:
+def split_qkv(adapter: Adapter, key: str) -> dict[int, Adapter]:
+    """A fused qkv module -> its q, k and v modules ({0: q, 1: k, 2: v}), exactly. A LoRA: up split by rows into
+    thirds, down shared; where the up is block-diagonal, each part with only its own columns of up and rows of down,
+    at the same scale (and a third whose rows are all zero, a part the fused LoRA left out, is left out). Another
+    additive kind: its update's row thirds as full diffs."""
+    rows = adapter.weight_shape()[0]
+    if rows is None or rows % 3:
+        factor = "up factor" if isinstance(adapter, LoraModule) else "update"
         raise UserError(
-            f"LoRA module {key!r} is SD3's fused qkv, but its up factor has {rows} rows, not three equal q/k/v parts: "
+            f"LoRA module {key!r} is SD3's fused qkv, but its {factor} has {rows} rows, not three equal q/k/v parts: "
             "the file is damaged or not for SD3"
         )
     width = rows // 3
+    if not _is_plain_lora(adapter):
+        diff = _full_diff(adapter, key, "SD3's fused qkv must split into q, k and v")
+        return {third: FullModule(diff[third * width : (third + 1) * width].clone()) for third in range(3)}
+    # a 1x1-conv spelling ([r, in, 1, 1]) of the Linear's LoRA, flattened
+    lora = adapter if adapter.down.ndim == 2 else LoraModule(adapter.down.flatten(1), adapter.up.flatten(1), adapter.alpha)
     thirds = [lora.up[third * width : (third + 1) * width] for third in range(3)]
     columns = [torch.nonzero(third.abs().sum(dim=0)).flatten() for third in thirds]
     used = torch.cat(columns)
