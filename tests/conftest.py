@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 from sdlora.core import formats
 from sdlora.core.state import LoraModule, LoraState
 from sdlora.models.loading import write_tiny_model
-from sdlora.models.tiny import build_tiny_pipeline, build_tiny_sdxl_pipeline
+from sdlora.models.tiny import build_tiny_pipeline, build_tiny_sd3_pipeline, build_tiny_sdxl_pipeline
 from sdlora.training.config import TrainConfig
 
 
@@ -66,6 +66,18 @@ def tiny_sdxl_dir(tmp_path_factory):
 def tiny_sdxl_pipe():
     """A fresh in-memory tiny SDXL pipeline (fp32; text encoders 32 and 48 wide, UNet cross-attention 80)."""
     return build_tiny_sdxl_pipeline()
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_dir(tmp_path_factory):
+    """A saved tiny SD3 pipeline folder (read-only for tests: copy it before changing it)."""
+    return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny-sd3", variant="sd3")
+
+
+@pytest.fixture
+def tiny_sd3_pipe():
+    """A fresh in-memory tiny SD3 pipeline (fp32; CLIP-L 32, CLIP-G 48, T5 96 wide, joint attention 40, three blocks)."""
+    return build_tiny_sd3_pipeline()
 
 
 @pytest.fixture
@@ -108,6 +120,35 @@ def _random_lora_state(
                     path = name if name.startswith("text_model.") else "text_model." + name
                     add(f"{component}.{path}", layer)
     return LoraState(modules)
+
+
+def _every_linear_sd3_lora(pipe, rank: int = 3, alpha: float = 5.0, seed: int = 0) -> LoraState:
+    """A LoRA (alpha != rank, random factors) on every Linear and Conv2d of the SD3 transformer and the three text
+    encoders of `pipe`."""
+    generator = torch.Generator().manual_seed(seed)
+    modules = {}
+    for component in ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3"):
+        for name, layer in getattr(pipe, component).named_modules():
+            if not isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)):
+                continue
+            clip = component in ("text_encoder", "text_encoder_2") and not name.startswith(("text_model.", "text_projection"))
+            path = "text_model." + name if clip else name
+            if isinstance(layer, torch.nn.Linear):
+                down, up = (
+                    torch.randn(rank, layer.in_features, generator=generator),
+                    torch.randn(layer.out_features, rank, generator=generator),
+                )
+            else:
+                down = torch.randn(rank, layer.in_channels, *layer.kernel_size, generator=generator)
+                up = torch.randn(layer.out_channels, rank, 1, 1, generator=generator)
+            modules[f"{component}.{path}"] = LoraModule(down, up, alpha)
+    return LoraState(modules)
+
+
+@pytest.fixture(scope="session")
+def every_linear_lora():
+    """`every_linear_lora(sd3_pipe, rank=3, alpha=5.0, seed=0)`: a LoRA on every Linear/Conv2d of an SD3 pipeline."""
+    return _every_linear_sd3_lora
 
 
 @pytest.fixture(scope="session")

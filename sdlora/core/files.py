@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import struct
@@ -137,6 +138,12 @@ def write_diffusers(state: LoraState, out_path: str | os.PathLike, family: Model
     import diffusers  # after the checks: importing it takes seconds
 
     pipeline_class = getattr(diffusers, family.pipeline_class)
+    held = inspect.signature(pipeline_class.save_lora_weights).parameters
+    other = next((component for component in layers if f"{component}_lora_layers" not in held), None)
+    if other is not None:  # SD3's T5: diffusers' SD3 files hold the transformer and the two CLIP encoders only
+        raise UserError(
+            f"diffusers' {family.label} LoRA files cannot hold {other} modules ({family.pipeline_class}.save_lora_weights has no place for them): write it as kohya"
+        )
     with atomic_file(out_path) as tmp:
         staged = tmp.with_name(f"{tmp.stem}-staged.safetensors")
         try:

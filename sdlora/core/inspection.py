@@ -78,9 +78,10 @@ def _constraints(values) -> str:
 
 
 def _layer_kind(shape: tuple[int | None, ...]) -> str:
+    """linear, conv1x1, or the conv by its kernel: conv3x3 (the UNets'), conv2x2 (SD3's patch embedding)."""
     if len(shape) == 4:
-        kernel = shape[-1]
-        return "conv3x3" if kernel is not None and kernel > 1 else "conv1x1"
+        height, width = shape[-2:]
+        return f"conv{height}x{width}" if height is not None and width is not None and (height, width) != (1, 1) else "conv1x1"
     return "linear"
 
 

@@ -20,7 +20,8 @@ import torch
 
 from ..errors import UserError
 
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+# every family's components in pipeline order (the denoiser, then the text encoders; core.families' table has them)
+COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
 FORMAT_METADATA_KEY = "sdlora_format"  # the format a file was read from, kept in LoraState.metadata
 
 
@@ -228,7 +229,7 @@ class LoraState:
         return len(self.modules)
 
     def components(self) -> list[str]:
-        """Components present, in pipeline order (unet, text_encoder, text_encoder_2)."""
+        """Components present, in pipeline order (unet or transformer, text_encoder, text_encoder_2, text_encoder_3)."""
         present = {path.split(".", 1)[0] for path in self.modules}
         return [c for c in COMPONENTS if c in present]
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..core import formats
-from ..core.families import ModelFamily, describe_model, family_of_pipeline, lora_architecture
+from ..core.families import ModelFamily, denoiser_text_width, describe_model, family_of_pipeline, lora_architecture
 from ..core.files import LoraFile, open_lora
 from ..core.matching import ADAPTABLE_KINDS, base_layers, check_components, layers_of, match_lora
 from ..core.state import Adapter, LoraModule, LoraState
@@ -61,7 +61,7 @@ def load_lora(
     allow_pickle: bool = False,
 ) -> str:
     """Load a LoRA file (any supported format, or one already read with `open_lora`) or a `LoraState` into the
-    pipeline's UNet and text encoders.
+    pipeline's denoiser (UNet, or SD3's transformer) and text encoders.
 
     Returns the adapter name (default: the file stem, made unique). Other loaded LoRAs keep their weights.
     Raises ValueError if the LoRA matches none of the model's modules or a shape differs (another architecture);
@@ -76,8 +76,9 @@ def load_lora(
     state.check_finite(label)
     name = _adapter_name(pipe, adapter_name, stem)
     match = _match_pipeline(state, pipe, label)
-    plain = LoraState({p: m for p, (_, m) in match.modules.items() if _in_peft(m)}, dict(state.metadata))
-    merged = [(p.partition(".")[0], layer, m) for p, (layer, m) in match.modules.items() if not _in_peft(m)]
+    loadable = _peft_components(pipe)
+    plain = LoraState({p: m for p, (_, m) in match.modules.items() if _in_peft(p, m, loadable)}, dict(state.metadata))
+    merged = [(p.partition(".")[0], layer, m) for p, (layer, m) in match.modules.items() if not _in_peft(p, m, loadable)]
     if len(plain):
         _load_into_components(pipe, plain, name, label)
     _registry(pipe)[name] = LoadedLora(name, float(scale), file_hash, len(match.modules), merged, in_peft=bool(len(plain)))
@@ -87,19 +88,26 @@ def load_lora(
     return name
 
 
-def _in_peft(module: Adapter) -> bool:
-    """Whether peft's LoRA layers can carry the module: plain LoRA, not a Tucker-factored conv (no `lora_mid` in peft)."""
-    return isinstance(module, LoraModule) and module.mid is None
+def _in_peft(path: str, module: Adapter, loadable: tuple[str, ...]) -> bool:
+    """Whether peft's LoRA layers can carry the module: plain LoRA, not a Tucker-factored conv (no `lora_mid` in peft),
+    of a component diffusers' loader takes (SD3's loads no T5 LoRA: its modules are merged in memory instead)."""
+    return isinstance(module, LoraModule) and module.mid is None and path.partition(".")[0] in loadable
+
+
+def _peft_components(pipe) -> tuple[str, ...]:
+    """The components the pipeline's diffusers LoRA loader takes (its `_lora_loadable_modules`)."""
+    return tuple(getattr(pipe, "_lora_loadable_modules", None) or family_of_pipeline(pipe).components)
 
 
 def pipeline_layers(pipe, family: ModelFamily) -> dict[str, dict]:
-    """{component: {layer name: Layer}} of the pipeline's UNet and text encoders, as the matcher sees them."""
+    """{component: {layer name: Layer}} of the pipeline's denoiser and text encoders, as the matcher sees them."""
     return {c: layers_of(getattr(pipe, c)) for c in family.components if getattr(pipe, c, None) is not None}
 
 
 def describe_pipeline(pipe) -> str:
-    """The model as error messages name it: `SD1.x (cross-attention width 768)`."""
-    return describe_model(family_of_pipeline(pipe), pipe.unet.config.cross_attention_dim)
+    """The model as error messages name it: `SD1.x (cross-attention width 768)`, `SD3 (text width 4096)`."""
+    family = family_of_pipeline(pipe)
+    return describe_model(family, denoiser_text_width(getattr(pipe, family.denoiser).config))
 
 
 def match_to_pipeline(state: LoraState, pipe, label: str = "the LoRA") -> LoraState:
@@ -146,6 +154,8 @@ def _load_into_components(pipe, state: LoraState, name: str, label: str) -> None
             warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
             if "unet" in components:
                 pipe.load_lora_into_unet(tensors, network_alphas=None, unet=pipe.unet, adapter_name=name, metadata=metadata, _pipeline=pipe)
+            if "transformer" in components:  # SD3's denoiser
+                pipe.load_lora_into_transformer(tensors, transformer=pipe.transformer, adapter_name=name, metadata=metadata, _pipeline=pipe)
             for component in components:
                 if component.startswith("text_encoder"):
                     pipe.load_lora_into_text_encoder(
@@ -161,7 +171,7 @@ def _load_into_components(pipe, state: LoraState, name: str, label: str) -> None
 
 
 def count_lora_layers(pipe, adapter_name: str) -> int:
-    """How many peft LoRA layers of `adapter_name` the pipeline's UNet and text encoder hold."""
+    """How many peft LoRA layers of `adapter_name` the pipeline's denoiser and text encoders hold."""
     from peft.tuners.lora import LoraLayer  # peft takes a second to import: only once adapters exist
 
     count = 0

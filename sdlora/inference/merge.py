@@ -25,6 +25,7 @@ import torch
 from ..core.families import (
     ModelFamily,
     check_single_file_parts,
+    denoiser_text_width,
     describe_model,
     family_of_folder,
     family_of_pipeline,
@@ -389,9 +390,13 @@ def _merge_folder(source: Path, loras: list[_Lora], out_dir: Path, out_dtype: to
 
 def _describe_folder(source: Path) -> tuple[ModelFamily, str]:
     """A diffusers folder's family, and the model as messages name it."""
-    family, config = family_of_folder(source), source / "unet" / "config.json"
-    width = json.loads(config.read_text(encoding="utf-8")).get("cross_attention_dim") if config.is_file() else None
-    return family, describe_model(family, width) if isinstance(width, int) else f"the {family.label} model in {source}"
+    family = family_of_folder(source)
+    config = source / family.denoiser / "config.json"
+    try:
+        width = denoiser_text_width(json.loads(config.read_text(encoding="utf-8")))
+    except (OSError, ValueError, KeyError):
+        return family, f"the {family.label} model in {source}"
+    return family, describe_model(family, width)
 
 
 class _SingleFileLayers:
@@ -424,6 +429,10 @@ def _merge_single_file(path: Path, loras: list[_Lora], out_file: Path, out_dtype
     """Merge into a single-file (LDM-named) checkpoint, written as one."""
     header = read_header(path)
     family = family_of_single_file(header.tensors)
+    if family.denoiser != "unet":
+        raise UserError(
+            f"{path} is an {family.label} single-file checkpoint, which sdlora cannot merge into yet: merge into its diffusers folder (--out)"
+        )
     components = _components(loras)
     check_single_file_parts(header.tensors, family, str(path), components)
     unet_table = ldm_unet_table_from_keys(header.tensors) if "unet" in components else {}

@@ -8,6 +8,10 @@ without its Runge-Kutta warm-up steps (`skip_prk_steps`, as A1111's PLMS). Every
 explicitly, the defaults included, so a model whose scheduler config already says `use_karras_sigmas` does not
 turn "Euler" into Euler Karras. The rest of the model's scheduler config (betas, prediction type, timestep
 spacing) is kept: a sampler is how to solve, not what the model learnt.
+
+Models trained by flow matching (SD3) sample with their own `FlowMatchEulerDiscreteScheduler`: "Euler" names it
+there (as ComfyUI's euler does on such a model); the noise-prediction samplers would solve the wrong equation, so
+they are refused in one line.
 """
 
 from __future__ import annotations
@@ -86,6 +90,8 @@ def _table() -> dict[str, Sampler]:
 
 
 SAMPLERS: Mapping[str, Sampler] = MappingProxyType(_table())
+# "Euler" on a model trained by flow matching (SD3): its own scheduler, its config kept
+FLOW_MATCH_EULER = Sampler("Euler", "FlowMatchEulerDiscreteScheduler", MappingProxyType({}))
 
 # kohya's sd-scripts `--sample_sampler` / `--ss` names (train_util's scheduler choice) -> the same sampler here;
 # `dpmsingle` has no A1111 name (A1111's "DPM++ 2S a" is ancestral, which diffusers has not): its class name
@@ -146,14 +152,27 @@ def find_sampler(name: str) -> Sampler:
 def set_sampler(pipe, name: str) -> Sampler:
     """Give the pipeline the named sampler, built on its current scheduler's config; returns it."""
     sampler = find_sampler(name)
+    if _flow_matching(pipe.scheduler):
+        if sampler.name != "Euler":
+            raise UserError(
+                f"this model samples by flow matching ({type(pipe.scheduler).__name__}), which sampler {name!r} cannot: "
+                "use 'Euler' or leave the sampler out"
+            )
+        sampler = FLOW_MATCH_EULER
     pipe.scheduler = sampler.build(pipe.scheduler.config)
     return sampler
+
+
+def _flow_matching(scheduler) -> bool:
+    return type(scheduler).__name__.startswith("FlowMatch")
 
 
 def sampler_name(scheduler) -> str:
     """A1111's name for a scheduler as configured (e.g. DPMSolverMultistepScheduler with Karras sigmas is
     "DPM++ 2M Karras"); the class name without `Scheduler` where A1111 has none."""
     class_name = type(scheduler).__name__
+    if class_name == FLOW_MATCH_EULER.scheduler:
+        return FLOW_MATCH_EULER.name
     config = scheduler.config
     for sampler in SAMPLERS.values():
         if sampler.scheduler == class_name and all(config.get(key, _default(key)) == value for key, value in sampler.options.items()):

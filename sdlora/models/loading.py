@@ -1,6 +1,6 @@
 """Load a Stable Diffusion pipeline from `tiny`, a local diffusers folder, a single-file checkpoint or a hub id.
 
-The model family (SD1, SD2, SDXL) is read off the model itself (`model_index.json` and the UNet config, or a single
+The model family (SD1, SD2, SDXL, SD3) is read off the model itself (`model_index.json` and the UNet config, or a single
 file's keys) and picks the diffusers pipeline class, so no flag is needed.
 """
 
@@ -19,6 +19,7 @@ from ..core.families import (
     SD1,
     ModelFamily,
     check_single_file_parts,
+    family_by_name,
     family_of_folder,
     family_of_model_index,
     family_of_pipeline,
@@ -31,13 +32,21 @@ from ..storage import output_rules
 from ..storage.atomic import atomic_dir
 from ..storage.safetensors_stream import read_header, read_tensor
 from .demo import demo_dir, demo_vocab, load_demo_pipeline
-from .tiny import build_sd15_shaped_pipeline, build_sdxl_shaped_pipeline, build_tiny_pipeline, build_tiny_sdxl_pipeline, tiny_clip_vocab
+from .tiny import (
+    build_sd15_shaped_pipeline,
+    build_sdxl_shaped_pipeline,
+    build_tiny_pipeline,
+    build_tiny_sd3_pipeline,
+    build_tiny_sdxl_pipeline,
+    tiny_clip_vocab,
+)
 
 TINY = "tiny"
 DEMO = "demo"
 SD15_SHAPED = "sd15-shaped"
 TINY_SDXL = "tiny-sdxl"
 SDXL_SHAPED = "sdxl-shaped"
+TINY_SD3 = "tiny-sd3"
 # `--model NAME` builds these in memory (random weights; `demo` is pretrained, loaded from the package); the shaped
 # ones have the real UNet and VAE, for benchmarks
 BUILTIN_MODELS = {
@@ -46,9 +55,17 @@ BUILTIN_MODELS = {
     SD15_SHAPED: build_sd15_shaped_pipeline,
     TINY_SDXL: build_tiny_sdxl_pipeline,
     SDXL_SHAPED: build_sdxl_shaped_pipeline,
+    TINY_SD3: build_tiny_sd3_pipeline,
 }
 # `sdlora tiny-model DIR --variant NAME` -> the built-in model it writes
-TINY_MODEL_VARIANTS = {"tiny": TINY, "demo": DEMO, "sd15-shaped": SD15_SHAPED, "sdxl": TINY_SDXL, "sdxl-shaped": SDXL_SHAPED}
+TINY_MODEL_VARIANTS = {
+    "tiny": TINY,
+    "demo": DEMO,
+    "sd15-shaped": SD15_SHAPED,
+    "sdxl": TINY_SDXL,
+    "sdxl-shaped": SDXL_SHAPED,
+    "sd3": TINY_SD3,
+}
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 # a single file's VAE: under one of these prefixes (diffusers' LDM_VAE_KEYS), with these LDM-named parts
@@ -61,7 +78,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16} 
 # the help of options every command that loads a model or a LoRA shares (cli.py; training's TrainConfig too)
 MODEL_HELP = (
     "a diffusers folder, a single-file checkpoint, a hub id, 'demo' (the pretrained 64 px demo model) or 'tiny' / "
-    "'tiny-sdxl' (random test models); SD1, SD2 or SDXL, told from the model"
+    "'tiny-sdxl' / 'tiny-sd3' (random test models); SD1, SD2, SDXL or SD3 (LoRA files, not training), told from the model"
 )
 MODEL_CONFIG_HELP = "for a single-file checkpoint offline: a local diffusers folder of the same architecture, for its configs"
 ALLOW_PICKLE_HELP = (
@@ -90,7 +107,8 @@ def save_pipeline(pipe, out_dir: str | os.PathLike, command: str = "save") -> Pa
     with atomic_dir(out_dir) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         for spec in family_of_pipeline(pipe).text_encoders:
-            _write_tokenizer_files(getattr(pipe, spec.tokenizer), tmp / spec.tokenizer)
+            if getattr(pipe, spec.tokenizer, None) is not None:  # an optional encoder (SD3's T5) may be left out
+                _write_tokenizer_files(getattr(pipe, spec.tokenizer), tmp / spec.tokenizer)
         output_rules.write_marker(tmp, command, __version__)
     return out_dir
 
@@ -108,7 +126,7 @@ def _write_tokenizer_files(tokenizer, folder: Path) -> None:
 
 def write_tiny_model(out_dir: str | os.PathLike, variant: str = "tiny", seed: int = 0) -> Path:
     """Write a built-in pipeline as a diffusers folder: a random-weight one (`tiny`, `sd15-shaped`, `sdxl`,
-    `sdxl-shaped`) or the pretrained `demo`, copied file for file from the package (`seed` does not apply to it)."""
+    `sdxl-shaped`, `sd3`) or the pretrained `demo`, copied file for file from the package (`seed` does not apply to it)."""
     if variant not in TINY_MODEL_VARIANTS and variant not in BUILTIN_MODELS:
         raise UserError(f"unknown tiny-model variant {variant!r}: use one of {', '.join(TINY_MODEL_VARIANTS)}")
     output_rules.check_output_folder(out_dir, option="output folder")  # replaces only a folder sdlora wrote
@@ -349,6 +367,26 @@ def _pipeline_options(cls) -> dict:
 def _explain_pickle_failure(path: Path) -> None:
     """diffusers' error for a pickle it would not load says nothing useful: load it weights-only to say why."""
     read_tensors(path, allow_pickle=True)  # raises the one-line reason: code inside, truncated, not a pickle
+
+
+# the family of each built-in model, known without building it
+_BUILTIN_FAMILIES = {TINY_SD3: "sd3"}
+
+
+def peek_family(model: str) -> ModelFamily | None:
+    """The family of a built-in model, a diffusers folder or a .safetensors single file, from names, configs or
+    keys alone (nothing loaded); None where that cannot tell (a hub id, a pickle, a damaged folder: loading says why)."""
+    path = Path(model).expanduser()
+    try:
+        if is_builtin_model(model):
+            return family_by_name(_BUILTIN_FAMILIES.get(model, "sd1"))
+        if path.is_dir() and (path / "model_index.json").is_file():
+            return family_of_folder(path)
+        if path.is_file() and path.suffix.lower() == ".safetensors":
+            return family_of_single_file(read_header(path).tensors)
+    except (UserError, OSError):
+        return None
+    return None
 
 
 def is_builtin_model(model: str) -> bool:

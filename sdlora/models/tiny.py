@@ -343,3 +343,103 @@ def _build_sdxl_shaped(seed: int, text_layers: int):
     text_encoder = _text_encoder(hidden=768, intermediate=3072, heads=12, layers=text_layers, projection=768)
     text_encoder_2 = _text_encoder(hidden=1280, intermediate=5120, heads=20, layers=text_layers, projection=1280, with_projection=True)
     return _assemble_sdxl(unet, vae, text_encoder, text_encoder_2)
+
+
+# ---------------------------------------------------------------- SD3
+
+# Widths of the tiny SD3 model, all different so that wiring one in place of another fails on shape: CLIP-L 32,
+# CLIP-G 48 (their pooled projections joined: 80), T5 96 (the text width the transformer reads, CLIP's states padded to
+# it), the joint attention 40 (2 heads of 20)
+TINY_SD3_T5_WIDTH = 96
+TINY_SD3_ATTENTION = (2, 20)  # heads, head width
+TINY_SD3_VAE_SHIFT = 0.0609  # SD3's VAE: latents are (z - shift) * scale, 16 channels
+TINY_SD3_T5_TOKENS = 32  # the tiny T5 tokenizer's longest prompt
+
+_TINY_T5_LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+def tiny_t5_tokenizer():
+    """A T5 (Unigram) tokenizer over the tiny word list, one piece per word and a letter fallback, built on the spot."""
+    from transformers import T5TokenizerFast  # transformers takes seconds to import: only when a tiny model is built
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -3.0)]
+    pieces += [("\u2581" + word, -1.0 - index * 0.001) for index, word in enumerate(dict.fromkeys(_TINY_WORDS))]
+    pieces += [(letter, -5.0) for letter in _TINY_T5_LETTERS]
+    return T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=TINY_SD3_T5_TOKENS)
+
+
+def _t5_encoder(width: int, layers: int, heads: int, vocab_size: int):
+    """A T5 v1.1 encoder (gated GELU, as SD3's T5-XXL) of the given width."""
+    from transformers import T5Config, T5EncoderModel  # only when a tiny model is built
+
+    config = T5Config(
+        vocab_size=vocab_size,
+        d_model=width,
+        d_kv=width // heads,
+        d_ff=2 * width + 8,
+        num_layers=layers,
+        num_heads=heads,
+        feed_forward_proj="gated-gelu",
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=16,
+        is_encoder_decoder=False,
+        use_cache=False,
+    )
+    return T5EncoderModel(config)
+
+
+def build_tiny_sd3_pipeline(seed: int = TINY_SEED, with_t5: bool = True):
+    """The tiny SD3-architecture pipeline (64x64 images), random weights from `seed`.
+
+    Three joint blocks (SD3's MMDiT): the first with SD3.5 Medium's second image self-attention (`attn2`, RMS q/k
+    norms), the last with no context MLP (`context_pre_only`); CLIP-L 32 and CLIP-G 48 wide, both with projection;
+    T5 96 wide (optional: `with_t5=False` leaves it out, as the pipeline allows); a 16-channel VAE with SD3's shift.
+    """
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline  # only when built
+
+    torch.manual_seed(seed)
+    text_encoder = _text_encoder(hidden=32, intermediate=37, heads=4, layers=5, projection=32, with_projection=True)
+    text_encoder_2 = _text_encoder(hidden=48, intermediate=53, heads=4, layers=5, projection=48, with_projection=True)
+    tokenizer_3 = tiny_t5_tokenizer()
+    text_encoder_3 = _t5_encoder(TINY_SD3_T5_WIDTH, layers=2, heads=4, vocab_size=len(tokenizer_3))
+    heads, head_width = TINY_SD3_ATTENTION
+    transformer = SD3Transformer2DModel(
+        sample_size=32,
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=3,
+        attention_head_dim=head_width,
+        num_attention_heads=heads,
+        joint_attention_dim=TINY_SD3_T5_WIDTH,
+        caption_projection_dim=heads * head_width,
+        pooled_projection_dim=32 + 48,
+        pos_embed_max_size=32,
+        dual_attention_layers=(0,),
+        qk_norm="rms_norm",
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(32, 64),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=16,
+        sample_size=64,
+        norm_num_groups=32,
+        scaling_factor=TINY_VAE_SCALING,
+        shift_factor=TINY_SD3_VAE_SHIFT,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+    return StableDiffusion3Pipeline(
+        transformer=transformer.eval(),
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        tokenizer=tiny_tokenizer(),
+        text_encoder_2=text_encoder_2.eval(),
+        tokenizer_2=tiny_tokenizer(),
+        text_encoder_3=text_encoder_3.eval() if with_t5 else None,
+        tokenizer_3=tokenizer_3 if with_t5 else None,
+    )

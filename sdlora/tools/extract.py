@@ -49,6 +49,8 @@ def extract_lora(
             f"the base model is {family.label} ({described[0]}) but the fine-tuned one is {other.label} ({described[1]}): "
             "extract takes two models of one architecture"
         )
+    if family.denoiser != "unet":
+        raise UserError(f"extract takes SD1, SD2 and SDXL models; {base} is an {family.label} model, which it cannot read yet")
     plan: list[tuple[str, str]] = [("unet", name) for name in unet_target_modules(pipes[0].unet, "all" if conv_rank else "attn-ff")]
     for spec in family.text_encoders:
         encoder = getattr(pipes[0], spec.component)

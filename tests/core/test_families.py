@@ -23,7 +23,7 @@ from sdlora.core.state import LoraModule, LoraState
 
 
 def test_the_table_says_what_differs():
-    assert [f.name for f in families.FAMILIES] == ["sd1", "sd2", "sdxl"]
+    assert [f.name for f in families.FAMILIES] == ["sd1", "sd2", "sdxl", "sd3"]
     assert SD1.components == SD2.components == ("unet", "text_encoder")
     assert SDXL.components == ("unet", "text_encoder", "text_encoder_2")
     assert SDXL.required_parts == ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
@@ -32,15 +32,23 @@ def test_the_table_says_what_differs():
     assert [(s.hidden_layer, s.pooled) for s in SDXL.text_encoders] == [(-2, False), (-2, True)]
     assert [s.single_file_layout for s in SDXL.text_encoders] == ["hf", "openclip"]
     assert (SD1.kohya_unet_names, SDXL.kohya_unet_names) == ("diffusers", "ldm")
-    assert {f.ss_base_model_version for f in families.FAMILIES} == {"sd_v1", "sd_v2", "sdxl_base_v1-0"}
+    assert {f.ss_base_model_version for f in families.FAMILIES} == {"sd_v1", "sd_v2", "sdxl_base_v1-0", "medium"}
     with pytest.raises(ValueError, match="SD1.x models have no text_encoder_2"):
         SD1.text_encoder("text_encoder_2")
-    with pytest.raises(ValueError, match="unknown model family 'sd3'"):
-        families.family_by_name("sd3")
+    with pytest.raises(ValueError, match="unknown model family 'flux'"):
+        families.family_by_name("flux")
 
 
 def test_kohya_prefixes_are_read_from_the_family_table():
-    assert KOHYA_PREFIXES == {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2"}
+    assert KOHYA_PREFIXES == {
+        "lora_unet_": "unet",
+        "lora_te_": "text_encoder",
+        "lora_te1_": "text_encoder",
+        "lora_te2_": "text_encoder_2",
+        "lora_te3_": "text_encoder_3",  # SD3's T5
+        "lora_transformer_": "transformer",  # OneTrainer's SD3 (diffusers' names)
+        "lycoris_": "transformer",  # SimpleTuner's SD3 LyCORIS (diffusers' names)
+    }
 
 
 def test_family_of_the_tiny_pipeline_and_its_folder(tiny_pipe, tiny_model_dir):

@@ -2,7 +2,8 @@
 
 A kohya key is a module path with its dots turned into underscores (`lora_unet_down_blocks_0_attentions_0_proj_in`),
 so reading one back needs to know which underscores belong to a name. `SEGMENTS` is that vocabulary: every name a
-module path of a Stable Diffusion UNet or CLIP text encoder is made of. The reader splits with it and the writer
+module path of a Stable Diffusion UNet, SD3 transformer (in diffusers' and SAI's MMDiT names), CLIP or T5 text
+encoder is made of. The reader splits with it and the writer
 joins with it, so a path the writer accepts always reads back, and a word outside it raises when a file is read,
 naming the key.
 """
@@ -13,6 +14,7 @@ import re
 
 from ...errors import UserError
 from ..families import FAMILIES
+from ..state import COMPONENTS
 
 DIFFUSERS = "diffusers"  # unet.<path>.lora_A.weight + lora_adapter_metadata (what save_lora_weights writes)
 KOHYA = "kohya"  # lora_unet_<path_with_underscores>.lora_down.weight / .lora_up.weight / .alpha
@@ -65,9 +67,13 @@ KIND_REQUIRED = {
 }
 SHARED_KEYS = {"alpha": "alpha", "dora_scale": "magnitude"}  # beside any kind: the scale's alpha, DoRA's magnitude
 PEFT_MAGNITUDE = ("lora_magnitude_vector.weight", "lora_magnitude_vector")  # peft's DoRA, in diffusers/peft files
-KOHYA_UNET_PREFIX = "lora_unet_"
-# kohya prefix -> component, from the family table (lora_te_ for one text encoder, lora_te1_/lora_te2_ for two)
+KOHYA_UNET_PREFIX = "lora_unet_"  # the denoiser's, in every family (SD3's MMDiT too: kohya chose it for ComfyUI)
+# kohya prefix -> component, from the family table (lora_te_ for one text encoder, lora_te1_/lora_te2_ for two,
+# lora_te3_ for SD3's T5); a lora_unet_ key with SAI's MMDiT names is the transformer's (the reader tells)
 KOHYA_PREFIXES = {KOHYA_UNET_PREFIX: "unet"} | {spec.kohya_prefix: spec.component for family in FAMILIES for spec in family.text_encoders}
+# kohya-style prefixes other SD3 trainers use for the transformer under diffusers' names (read only): OneTrainer's
+# lora_transformer_, SimpleTuner's LyCORIS lycoris_ (ComfyUI's comfy/lora.py reads both for SD3)
+KOHYA_PREFIXES |= {"lora_transformer_": "transformer", "lycoris_": "transformer"}
 
 # Old diffusers (non-peft and attention processors) keys are <module key>.down.weight / .up.weight; the module
 # key's last name says what it adapts: `.lora` the module itself, `<proj>_lora` a projection of the attention
@@ -87,7 +93,8 @@ ATTN_PROC_ENDINGS = tuple(f".{name}_lora" for name in ATTN_PROC_PROJECTIONS)
 OLD_UNET_MAGNITUDE_ENDINGS = {f".{name}": unet for name, (unet, _) in ATTN_PROC_PROJECTIONS.items()}
 OLD_TEXT_ENCODER_MAGNITUDE_ENDINGS = {f".{name}": clip for name, (_, clip) in ATTN_PROC_PROJECTIONS.items()}
 
-# Every name (between dots) of a module path in SD1/SD2/SDXL UNets and CLIP text encoders; numbers are indices.
+# Every name (between dots) of a module path in SD1/SD2/SDXL UNets, SD3's transformer (diffusers' and SAI's names),
+# CLIP and T5 text encoders; numbers are indices.
 SEGMENTS = frozenset({
     # UNet blocks and layers
     "conv_in", "conv_out", "conv_norm_out", "time_embedding", "linear_1", "linear_2", "add_embedding",
@@ -99,6 +106,14 @@ SEGMENTS = frozenset({
     "text_model", "embeddings", "token_embedding", "position_embedding", "encoder", "layers", "self_attn", "q_proj",
     "k_proj", "v_proj", "out_proj", "layer_norm1", "layer_norm2", "mlp", "fc1", "fc2", "final_layer_norm",
     "text_projection",
+    # SD3's transformer, diffusers' names
+    "pos_embed", "time_text_embed", "timestep_embedder", "text_embedder", "context_embedder", "attn", "add_q_proj",
+    "to_add_out", "ff_context", "norm1_context", "linear", "norm_out",
+    # SD3's MMDiT, SAI's names (kohya's SD3 files)
+    "joint_blocks", "context_block", "x_block", "qkv", "adaLN_modulation", "x_embedder", "t_embedder", "y_embedder",
+    "final_layer",
+    # T5 (SD3's third text encoder)
+    "block", "layer", "SelfAttention", "q", "k", "v", "o", "DenseReluDense", "wi_0", "wi_1", "wo",
 })  # fmt: skip
 _MAX_SEGMENT_PARTS = max(len(segment.split("_")) for segment in SEGMENTS)
 
@@ -129,8 +144,18 @@ def split_kohya_name(name: str, key: str) -> str:
     return ".".join(segments)
 
 
+# the first names of diffusers' SD3 transformer paths (a UNet's are conv_in, time_embedding, down_blocks, ...)
+TRANSFORMER_FIRST_NAMES = ("transformer_blocks", "pos_embed", "time_text_embed", "context_embedder", "norm_out", "proj_out")
+# the text encoders that are T5 (module paths encoder.block..., no text_model.), from the family table
+T5_COMPONENTS = frozenset(spec.component for family in FAMILIES for spec in family.text_encoders if spec.architecture == "t5")
+
+
 def canonical_path(component: str, path: str, key: str) -> str:
-    """Component-relative module path as LoraState keeps it: text encoders always with `text_model.`."""
+    """Component-relative module path as LoraState keeps it: CLIP text encoders always with `text_model.`."""
+    if component in T5_COMPONENTS:
+        if not path.startswith("encoder."):
+            raise UserError(f"LoRA key {key!r} maps to no T5 text-encoder module (expected encoder.block...)")
+        return path
     if component.startswith("text_encoder"):
         if path.startswith(("encoder.", "embeddings.", "final_layer_norm")):
             path = "text_model." + path
@@ -142,7 +167,7 @@ def canonical_path(component: str, path: str, key: str) -> str:
 def split_component(key: str, default: str) -> tuple[str, str]:
     """`unet.down_blocks...` -> ("unet", "down_blocks..."); a key without a component prefix belongs to `default`."""
     head, _, rest = key.partition(".")
-    if head in ("unet", "text_encoder", "text_encoder_2"):
+    if head in COMPONENTS:
         return head, rest
     return default, key
 

@@ -13,6 +13,7 @@ from ..kinds import KIND_NAMES, DoraModule, build_adapter
 from ..state import Adapter, LoraState
 from .detect import detect_format
 from .ldm import LDM_KOHYA, has_ldm_names, ldm_to_diffusers
+from .mmdit import from_mmdit, is_mmdit_path
 from .names import (
     ATTN_PROCS,
     DIFFUSERS,
@@ -34,6 +35,7 @@ from .names import (
     PEFT_MAGNITUDE,
     SHARED_KEYS,
     SUFFIXES,
+    TRANSFORMER_FIRST_NAMES,
     canonical_path,
     peft_pattern_matches,
     split_component,
@@ -127,6 +129,8 @@ def _read_peft(tensors, metadata, adapter_config) -> dict[str, Adapter]:
     for key, group in _pair_up(tensors, SUFFIXES[PEFT], magnitude=True).items():
         path = key.removeprefix("base_model.model.")
         component = "text_encoder" if path.startswith(("text_model.", "encoder.layers.")) else "unet"
+        if path.split(".", 1)[0] in TRANSFORMER_FIRST_NAMES:
+            component = "transformer"  # an SD3 transformer's adapter (ComfyUI reads these for SD3)
         path = canonical_path(component, path, key)
         _add_module(
             modules, f"{component}.{path}", _lora_or_dora(group, _config_alpha(config or None, path, group["down"].shape[0]), key), key
@@ -145,8 +149,13 @@ def _read_kohya(tensors, _metadata, _adapter_config) -> dict[str, Adapter]:
         name = key[len(prefix) :]
         if component == "unet" and ldm_table:
             name = ldm_to_diffusers(name, ldm_table, key)
-        path = canonical_path(component, split_kohya_name(name, key), key)
-        _add_module(modules, f"{component}.{path}", adapter, key)
+        path = split_kohya_name(name, key)
+        if component == "unet" and is_mmdit_path(path):
+            # kohya's SD3: lora_unet_ + SAI's MMDiT names, q/k/v fused: the transformer's modules under diffusers' paths
+            for module_path, module in from_mmdit(path, adapter, key).items():
+                _add_module(modules, f"transformer.{module_path}", module, key)
+            continue
+        _add_module(modules, f"{component}.{canonical_path(component, path, key)}", adapter, key)
     return modules
 
 

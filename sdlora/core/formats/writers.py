@@ -9,8 +9,9 @@ import torch
 from ...errors import UserError
 from ..families import ModelFamily
 from ..kinds import KIND_NAMES, DoraModule
-from ..state import LoraModule, LoraState
+from ..state import Adapter, LoraModule, LoraState
 from .ldm import ldm_table_of, ldm_unet_key
+from .mmdit import to_mmdit
 from .names import DIFFUSERS, KIND_KEYS, KOHYA_ALPHA, KOHYA_UNET_PREFIX, METADATA_KEY, SHARED_KEYS, SUFFIXES, kohya_name
 
 
@@ -62,8 +63,9 @@ def to_diffusers(state: LoraState) -> tuple[dict[str, torch.Tensor], dict[str, s
 
 
 def kohya_prefixes(family: ModelFamily) -> dict[str, str]:
-    """component -> kohya key prefix for a family: lora_unet_, and lora_te_ or lora_te1_/lora_te2_."""
-    return {"unet": KOHYA_UNET_PREFIX} | {spec.component: spec.kohya_prefix for spec in family.text_encoders}
+    """component -> kohya key prefix for a family: lora_unet_ for its denoiser, and lora_te_ or lora_te1_/lora_te2_
+    (/lora_te3_)."""
+    return {family.denoiser: KOHYA_UNET_PREFIX} | {spec.component: spec.kohya_prefix for spec in family.text_encoders}
 
 
 def kohya_module_name(component: str, module_path: str, family: ModelFamily, label: str) -> str:
@@ -79,15 +81,27 @@ def kohya_module_name(component: str, module_path: str, family: ModelFamily, lab
     return kohya_name(module_path, label)
 
 
+def _kohya_modules(state: LoraState, family: ModelFamily) -> dict[tuple[str, str], Adapter]:
+    """{(component, path as kohya names it before underscoring): module}: SD3's transformer in SAI's MMDiT names
+    with q/k/v fused (kohya's SD3 files), every other module under its own path."""
+    prefixes = kohya_prefixes(family)
+    for path in state.modules:
+        component = path.partition(".")[0]
+        if component not in prefixes:
+            raise UserError(f"LoRA module {path} is for {component}, which {family.label} models do not have")
+    if family.kohya_unet_names != "mmdit":
+        return {tuple(path.split(".", 1)): module for path, module in state.modules.items()}
+    modules = {(family.denoiser, path): module for path, module in to_mmdit(state.for_component(family.denoiser)).items()}
+    return modules | {tuple(path.split(".", 1)): m for path, m in state.modules.items() if not path.startswith(family.denoiser + ".")}
+
+
 def to_kohya(state: LoraState, family: ModelFamily) -> dict[str, torch.Tensor]:
     """kohya/A1111/ComfyUI tensors, named as `family`'s kohya files are: per module its kind's tensors (LoRA's
     lora_down/lora_up, LyCORIS's hada_*/lokr_*/diff, DoRA's dora_scale) and an `.alpha` where the kind has one."""
     prefixes = kohya_prefixes(family)
     tensors = {}
-    for path, module in state.modules.items():
-        component, _, module_path = path.partition(".")
-        if component not in prefixes:
-            raise UserError(f"LoRA module {path} is for {component}, which {family.label} models do not have")
+    for (component, module_path), module in _kohya_modules(state, family).items():
+        path = f"{component}.{module_path}"
         key = prefixes[component] + kohya_module_name(component, module_path, family, path)
         inner = module.inner if isinstance(module, DoraModule) else module
         names = {field: suffix for suffix, field in KIND_KEYS[inner.kind].items()} | {
