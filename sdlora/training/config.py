@@ -25,6 +25,7 @@ from .optimizers import OPTIMIZER_NAMES, parse_optimizer_args
 PRESETS = ("attn", "attn-ff", "all")
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 SAMPLE_VAE_TILING = ("auto", "on", "off")
+SAVE_PRECISIONS = ("fp32", "fp16", "bf16")
 CACHE_MODES = ("memory", "disk", "off")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 CROPS = ("center", "random")
@@ -377,6 +378,12 @@ class RunConfig(_Section):
     seed: int = _opt(42, "seed of data order, noise, timesteps and LoRA init")
     checkpoint_every: int = _opt(500, "steps between resumable checkpoints (0 = only at the end)")
     keep_checkpoints: int = _opt(3, "how many checkpoints to keep")
+    save_precision: str = _opt(
+        "fp32",
+        "precision of the LoRA files' weights (kohya's save_precision): fp32 as trained, or fp16/bf16 for half-size files "
+        "(each weight rounded once when written; checkpoints stay fp32)",
+        SAVE_PRECISIONS,
+    )
     resume: str | None = _opt(None, "resume from 'latest' or a checkpoint folder", path=True, may_be_name=True)
     dry_run: bool = _opt(
         False,
