@@ -12,6 +12,7 @@ from typing import Any, get_args, get_origin
 
 from .errors import UserError
 from .training.config import SECTION_OF, SECTIONS, TrainConfig, option_annotations, option_fields, section_title, toml_value, value_problem
+from .training.kohya_config import read_kohya_config
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -149,8 +150,6 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def _kohya_options(path: str) -> dict[str, Any]:
     """The options of kohya's training config, saying in one line each which keys were ignored (no effect on the
     LoRA) and the equivalent sdlora command line."""
-    from .training.kohya_config import read_kohya_config  # lazy: only for --kohya-config
-
     kohya = read_kohya_config(path)
     if kohya.ignored:
         print(f"{path}: ignored (no effect on the trained LoRA): {', '.join(kohya.ignored)}", file=sys.stderr)

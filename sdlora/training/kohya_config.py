@@ -200,6 +200,15 @@ def _keep_last(value: Any, config: dict[str, Any]) -> Options:
     return {"keep_checkpoints": max(1, value // every)}
 
 
+def _epoch_saves(value: Any, config: dict[str, Any]) -> Options:
+    """save_every_n_epochs: nothing more than the final file when it is max_train_epochs or more (kohya_ss's usual 1
+    with 1 epoch); sdlora's cadence is in steps."""
+    epochs = config.get("max_train_epochs")
+    if isinstance(epochs, int) and value >= epochs:
+        return {}
+    raise UserError(f"kohya config: save_every_n_epochs = {value} is not carried out by sdlora: {_NO_EPOCH_CADENCE}")
+
+
 def _save_precision(value: Any, config: dict[str, Any]) -> Options:
     if value not in ("float", "fp16", "bf16"):
         raise UserError(f"kohya config: save_precision = {value!r} must be float, fp16 or bf16")
@@ -211,7 +220,8 @@ KOHYA_STEPS = 1600
 KOHYA_DEFAULTS: Options = {
     "rank": 4, "alpha": 1.0, "lr": 2e-6, "steps": KOHYA_STEPS, "train_text_encoder": True, "buckets": False,
     "caption_extension": ".caption", "mixed_precision": "no", "prediction_type": "epsilon", "checkpoint_every": 0,
-    "validate_every": 0, "preset": "attn-ff", "weight_decay": 1e-2, "save_precision": "fp32",
+    "validate_every": 0, "preset": "attn-ff", "weight_decay": 1e-2, "save_precision": "fp32", "min_bucket_reso": 256,
+    "max_bucket_reso": 1024, "bucket_reso_steps": 64,
 }  # fmt: skip
 
 _NO_EFFECT = "no effect on the trained LoRA"
@@ -227,7 +237,7 @@ KEYS: dict[str, Key] = {
     "v_parameterization": Key(_BOOL, _flag("prediction_type", lambda v: "v_prediction" if v else "epsilon")),
     "sdxl": _ignored("sdlora tells SDXL from the model itself", _BOOL),
     "clip_skip": _refused("sdlora reads the text encoder's layer its family uses (clip_skip 2 is not supported yet)", _INT, 1),
-    "max_token_length": _refused("captions are cut at 75 tokens, as kohya's default", _INT),
+    "max_token_length": _refused("captions are cut at 75 tokens, as kohya's default", _INT, 75),
     "tokenizer_cache_dir": _ignored(_NO_EFFECT, _STR),
     "no_half_vae": _ignored("sdlora's VAE precision follows the model family (fp32 where fp16 overflows)", _BOOL),
     "lowram": _ignored("where the model is loaded, " + _NO_EFFECT, _BOOL),
@@ -241,10 +251,10 @@ KEYS: dict[str, Key] = {
     "prior_loss_weight": _to("prior_loss_weight", _FLOAT),
     "resolution": Key(_STR + _INT, _resolution),
     "enable_bucket": _to("buckets", _BOOL),
-    "min_bucket_reso": _refused(_DATASET_TOML, _INT, 256),
-    "max_bucket_reso": _refused(_DATASET_TOML, _INT, 1024),
-    "bucket_reso_steps": _refused(_DATASET_TOML, _INT, 64),
-    "bucket_no_upscale": _refused(_DATASET_TOML, _BOOL, False),
+    "min_bucket_reso": _to("min_bucket_reso", _INT),
+    "max_bucket_reso": _to("max_bucket_reso", _INT),
+    "bucket_reso_steps": _to("bucket_reso_steps", _INT),
+    "bucket_no_upscale": _to("bucket_no_upscale", _BOOL),
     "caption_extension": _to("caption_extension", _STR),
     "caption_extention": _to("caption_extension", _STR),  # sd-scripts' old misspelling, still read
     "shuffle_caption": _to("shuffle_captions", _BOOL),
@@ -298,6 +308,11 @@ KEYS: dict[str, Key] = {
     "loraplus_unet_lr_ratio": _refused("LoRA+ " + _NOT_YET, _FLOAT),
     "loraplus_text_encoder_lr_ratio": _refused("LoRA+ " + _NOT_YET, _FLOAT),
     "training_comment": _ignored("a metadata text, " + _NO_EFFECT, _STR),
+    "metadata_title": _ignored("a metadata text, " + _NO_EFFECT, _STR),
+    "metadata_author": _ignored("a metadata text, " + _NO_EFFECT, _STR),
+    "metadata_description": _ignored("a metadata text, " + _NO_EFFECT, _STR),
+    "metadata_license": _ignored("a metadata text, " + _NO_EFFECT, _STR),
+    "metadata_tags": _ignored("a metadata text, " + _NO_EFFECT, _STR),
     "no_metadata": _refused("sdlora always writes the kohya metadata", _BOOL, False),
     "fp8_base": _to("fp8_base", _BOOL),
     "fp8_base_unet": _refused("use fp8_base (sdlora stores the text encoders in fp8 too)", _BOOL, False),
@@ -372,7 +387,7 @@ KEYS: dict[str, Key] = {
     "save_state": _ignored("sdlora's checkpoints are always resumable states", _BOOL),
     "save_state_on_train_end": _ignored("sdlora's checkpoints are always resumable states", _BOOL),
     "save_last_n_steps_state": Key(_INT, _keep_last),
-    "save_every_n_epochs": _refused(_NO_EPOCH_CADENCE, _INT),
+    "save_every_n_epochs": Key(_INT, _epoch_saves),
     "save_n_epoch_ratio": _refused(_NO_EPOCH_CADENCE, _INT),
     "save_last_n_epochs": _refused(_NO_EPOCH_CADENCE, _INT),
     "save_last_n_epochs_state": _refused(_NO_EPOCH_CADENCE, _INT),
@@ -382,6 +397,7 @@ KEYS: dict[str, Key] = {
     "initial_step": _refused("start the run again", _INT),
     # samples, validation, logs
     "sample_prompts": _to("sample_prompts", _STR),
+    "sample_prompt_lines": _to("validation_prompts", (list,)),  # kohya_ss's prompt text, one prompt a line
     "sample_every_n_steps": _to("validate_every", _INT),
     "sample_every_n_epochs": _refused(_NO_EPOCH_CADENCE, _INT),
     "sample_sampler": _to("sampler", _STR),
@@ -412,57 +428,104 @@ KEYS: dict[str, Key] = {
 }
 
 
-# kohya_ss's saved JSON: the GUI's names of sd-scripts' keys, and its own keys
+# kohya_ss's saved JSON (its lora_gui.py builds the sd-scripts command from it): the GUI's names of sd-scripts' keys
 GUI_NAMES = {
     "epoch": "max_train_epochs",
     "max_resolution": "resolution",
     "optimizer": "optimizer_type",
-    "text_encoder_lr": "text_encoder_lr",
-    "max_token_length": "max_token_length",
+    "lora_network_weights": "network_weights",
+    "sdxl_cache_text_encoder_outputs": "cache_text_encoder_outputs",
+    "sdxl_no_half_vae": "no_half_vae",
 }
-GUI_ONLY = {
-    "LoRA_type": "read with network_args (Standard and LyCORIS/LoCon only)",
-    "conv_dim": "read with network_args",
-    "conv_alpha": "read with network_args",
-    "lr_warmup": "a percentage of the steps",
-    "model_list": "the GUI's model menu",
-    "num_cpu_threads_per_process": "accelerate's CPU threads, " + _NO_EFFECT,
-    "additional_parameters": "refused unless empty",
-    "noise_offset_type": "Original or Multires",
-    "stop_text_encoder_training": "refused unless 0",
-}
+# the GUI's own keys: read below (LoRA_type and its network settings, lr_warmup %, xformers as a choice), or of its
+# other tabs and launchers, with no effect on a LoRA run of SD1/SD2/SDXL
+GUI_ONLY = (
+    "LoRA_type", "LyCORIS_preset", "conv_dim", "conv_alpha", "lr_warmup", "noise_offset_type", "model_list",
+    "num_cpu_threads_per_process", "gpu_ids", "multi_gpu", "num_machines", "num_processes", "main_process_port",
+    "extra_accelerate_launch_args", "dynamo_mode", "dynamo_use_dynamic", "dynamo_use_fullgraph", "save_as_bool",
+    "use_wandb", "additional_parameters", "stop_text_encoder_training", "sample_prompts",
+    "factor", "decompose_both", "unit", "use_cp", "constrain", "rescaled", "train_on_input", "bypass_mode", "dora_wd",
+    "learning_rate_te", "learning_rate_te1", "learning_rate_te2", "no_token_padding", "mem_eff_save",
+    "blockwise_fused_optimizers", "fused_optimizer_groups", "metadata_author", "metadata_description",
+    "metadata_license", "metadata_tags", "metadata_title",
+)  # fmt: skip
+# the GUI's keys of its FLUX and SD3 tabs: used only when their checkbox is on
+_OTHER_MODELS = ("flux1_", "sd3_", "t5xxl", "clip_l", "clip_g", "ae", "guidance_scale", "discrete_flow_shift",
+                 "model_prediction_type", "timestep_sampling", "split_mode", "train_blocks", "double_blocks_to_swap",
+                 "single_blocks_to_swap", "save_clip", "save_t5xxl", "apply_t5_attn_mask", "logit_mean", "logit_std",
+                 "mode_scale", "weighting_scheme", "flux_fused_backward_pass")  # fmt: skip
+# the network settings lora_gui.py passes as network_args when set, for its LoRA types (all refused by _network)
+_GUI_NETWORK_ARGS = {
+    "networks.lora": ("down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold", "block_dims",
+                      "block_alphas", "conv_block_dims", "conv_block_alphas", "rank_dropout", "module_dropout"),
+    "lycoris.kohya": ("rank_dropout", "module_dropout", "use_tucker", "use_scalar", "rank_dropout_scale", "train_norm"),
+}  # fmt: skip
+_GUI_KEPT_AT_ZERO = ("max_grad_norm",)  # where the GUI's 0 is a value (no clipping), not "unset"
 
 
 def _gui_to_kohya(data: dict[str, Any]) -> dict[str, Any]:
-    """kohya_ss's JSON as sd-scripts' keys: empty values (the GUI's unset) dropped, its names renamed, its own keys
-    (LoRA_type, conv_dim, lr_warmup %, xformers as a choice) turned into sd-scripts' ones."""
-    data = {key: value for key, value in data.items() if value not in ("", None)}
+    """kohya_ss's JSON as sd-scripts' keys, as its lora_gui.py passes them: empty, zero and false values are the
+    GUI's "not set" (it passes no flag for them), numbers it saved as text are numbers, its names renamed, its
+    LoRA_type turned into network_module and network_args."""
+    if data.get("flux1_checkbox") or data.get("sd3_checkbox"):
+        raise UserError("kohya_ss config: FLUX and SD3 training is not supported by sdlora (flux1_checkbox / sd3_checkbox)")
+    for key in list(data):
+        if key.startswith(_OTHER_MODELS) or key in ("flux1_checkbox", "sd3_checkbox"):
+            data.pop(key)
+    data = {key: _gui_number(value) for key, value in data.items()}
+    data = {key: value for key, value in data.items() if value not in ("", None, False, 0) or key in _GUI_KEPT_AT_ZERO}
     config: dict[str, Any] = {}
-    lora_type = data.pop("LoRA_type", "Standard")
-    conv_dim, conv_alpha = data.pop("conv_dim", 0), data.pop("conv_alpha", 1)
-    if lora_type in ("LyCORIS/LoCon", "Kohya LoCon") or (lora_type == "Standard" and conv_dim):
-        config["network_args"] = [f"conv_dim={conv_dim}", f"conv_alpha={conv_alpha}"] if conv_dim else []
-    elif lora_type != "Standard":
-        raise UserError(f"kohya_ss config: LoRA_type = {lora_type!r} {_NOT_YET}: sdlora trains Standard and LyCORIS/LoCon")
-    warmup = data.pop("lr_warmup", 0)
-    if warmup:
-        config["lr_warmup_steps"] = float(warmup) / 100
-    attention = data.pop("xformers", "none")
-    if attention not in ("xformers", "sdpa", "none", True, False):
-        raise UserError(f"kohya_ss config: xformers = {attention!r} must be xformers, sdpa or none")
-    noise = data.pop("noise_offset_type", "Original")
-    if noise == "Original":
+    lora_type = data.get("LoRA_type", "Standard")
+    if lora_type in ("Standard", "Kohya LoCon"):
+        module, args = "networks.lora", []
+    elif lora_type == "LyCORIS/LoCon":
+        module, args = "lycoris.kohya", ["algo=locon", f"preset={data.get('LyCORIS_preset', 'full')}"]
+    else:
+        raise UserError(f"kohya_ss config: LoRA_type = {lora_type!r} {_NOT_YET}: sdlora trains Standard, Kohya LoCon and LyCORIS/LoCon")
+    if lora_type != "Standard":
+        args += [f"conv_dim={data.get('conv_dim', 1)}", f"conv_alpha={data.get('conv_alpha', 1)}"]
+    args += [f"{key}={data.pop(key)}" for key in _GUI_NETWORK_ARGS[module] if key in data]
+    config |= {"network_module": module, "network_args": args}
+    if data.get("lr_warmup"):  # a percentage of the steps
+        config["lr_warmup_steps"] = data["lr_warmup"] / 100
+    if data.get("noise_offset_type", "Original") == "Original":
         data.pop("multires_noise_iterations", None), data.pop("multires_noise_discount", None)
-    elif noise == "Multires":
+    else:
         data.pop("noise_offset", None)
+    if data.get("use_wandb"):
+        config["log_with"] = "wandb"
+    if isinstance(data.get("optimizer_args"), str):  # the GUI's one text of key=value pairs
+        config["optimizer_args"] = [data.pop("optimizer_args")]
+    if isinstance(data.get("network_args"), str):
+        config["network_args"] += data.pop("network_args").split()
+    prompts = data.get("sample_prompts")  # the GUI's prompt text, which it writes to a file for sd-scripts
+    if prompts:
+        if " --" in prompts:
+            raise UserError("kohya_ss config: sample_prompts with --options: save them as a prompt file and give its path")
+        config["sample_prompt_lines"] = [line.strip() for line in prompts.splitlines() if line.strip()]
     for key, zero in (("additional_parameters", ""), ("stop_text_encoder_training", 0)):
-        if data.pop(key, zero) != zero:
-            raise UserError(f"kohya_ss config: {key} is not carried out by sdlora; leave it empty")
-    for key in GUI_ONLY:
-        data.pop(key, None)
+        if data.get(key, zero) != zero:
+            raise UserError(f"kohya_ss config: {key} = {data[key]!r} is not carried out by sdlora; leave it empty")
+    attention = data.get("xformers", "none")
+    if attention not in ("xformers", "sdpa", "none", True):
+        raise UserError(f"kohya_ss config: xformers = {attention!r} must be xformers, sdpa or none")
+    data.pop("xformers", None)
     for key, value in data.items():
-        config[GUI_NAMES.get(key, key)] = value
+        if key not in GUI_ONLY:
+            config[GUI_NAMES.get(key, key)] = value
     return config
+
+
+def _gui_number(value: Any) -> Any:
+    """A number the GUI saved as text ("1234", "0.5") as the number; any other value as it is."""
+    if not isinstance(value, str):
+        return value
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
 
 
 # ---------------------------------------------------------------- reading a file

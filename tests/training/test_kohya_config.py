@@ -11,6 +11,8 @@ from safetensors import safe_open
 
 from sdlora.cli import main
 from sdlora.training.config import TrainConfig
+from sdlora.training.data import ImageRecord
+from sdlora.training.datasets import DatasetSpec, TrainingData, record_buckets
 from sdlora.training.kohya_config import KEYS, command_line, read_kohya_config
 
 # sd-scripts docs/train_network_README-ja.md ("コマンドラインの例", the train_network.py example), as --config_file keys,
@@ -164,6 +166,75 @@ def test_kohya_ss_json(tmp_path):
     assert "seed" not in options  # "" is the GUI's unset: sdlora's seed 42
     options = read_kohya_config(_write(tmp_path, json.dumps({"epoch": 3, "optimizer": "Lion"}), "kohya.json")).options
     assert (options["epochs"], options["optimizer"], options["weight_decay"]) == (3, "lion", 0.0)
+
+
+# kohya_ss's own test/config/locon-AdamW8bit-toml.json (bmaltais/kohya_ss), as the GUI saves it: numbers as text,
+# "" / 0 / false for "not set"; clip_skip 2 made 1 (sdlora refuses 2, tested below) and paths made relative
+KOHYA_SS_LOCON = {
+    "LoRA_type": "Standard", "LyCORIS_preset": "full", "adaptive_noise_scale": 0, "additional_parameters": "",
+    "block_alphas": "", "block_dims": "", "block_lr_zero_threshold": "", "bucket_no_upscale": True, "bucket_reso_steps": 64,
+    "cache_latents": True, "cache_latents_to_disk": False, "caption_dropout_every_n_epochs": 0.0, "caption_dropout_rate": 0.05,
+    "caption_extension": "", "clip_skip": 1, "color_aug": False, "constrain": 0.0, "conv_alpha": 1, "conv_block_alphas": "",
+    "conv_block_dims": "", "conv_dim": 1, "dataset_config": "test/config/dataset.toml", "debiased_estimation_loss": False,
+    "decompose_both": False, "dim_from_weights": False, "down_lr_weight": "", "enable_bucket": True, "epoch": 1, "factor": -1,
+    "flip_aug": False, "fp8_base": False, "full_bf16": False, "full_fp16": False, "gpu_ids": "", "gradient_accumulation_steps": 1,
+    "gradient_checkpointing": False, "keep_tokens": "0", "learning_rate": 0.0005, "log_tracker_config": "", "log_tracker_name": "",
+    "logging_dir": "./test/logs", "lora_network_weights": "", "lr_scheduler": "constant", "lr_scheduler_args": "",
+    "lr_scheduler_num_cycles": "", "lr_scheduler_power": "", "lr_warmup": 0, "max_bucket_reso": 2048,
+    "max_data_loader_n_workers": "0", "max_grad_norm": 1, "max_resolution": "512,512", "max_timestep": 1000,
+    "max_token_length": "75", "max_train_epochs": "", "max_train_steps": "", "mem_eff_attn": False, "mid_lr_weight": "",
+    "min_bucket_reso": 256, "min_snr_gamma": 0, "min_timestep": 0, "mixed_precision": "bf16",
+    "model_list": "runwayml/stable-diffusion-v1-5", "module_dropout": 0, "multi_gpu": False, "multires_noise_discount": 0,
+    "multires_noise_iterations": 0, "network_alpha": 1, "network_dim": 8, "network_dropout": 0, "noise_offset": 0.05,
+    "noise_offset_type": "Original", "num_cpu_threads_per_process": 2, "num_machines": 1, "num_processes": 1,
+    "optimizer": "AdamW8bit", "optimizer_args": "", "output_dir": "./test/output", "output_name": "locon-AdamW8bit-toml",
+    "persistent_data_loader_workers": False, "pretrained_model_name_or_path": "runwayml/stable-diffusion-v1-5",
+    "prior_loss_weight": 1.0, "random_crop": False, "rank_dropout": 0, "rank_dropout_scale": False, "reg_data_dir": "",
+    "rescaled": False, "resume": "", "sample_every_n_epochs": 0, "sample_every_n_steps": 25,
+    "sample_prompts": "a painting of a gas mask , by darius kawasaki", "sample_sampler": "euler_a", "save_every_n_epochs": 1,
+    "save_every_n_steps": 0, "save_last_n_steps": 0, "save_last_n_steps_state": 0, "save_model_as": "safetensors",
+    "save_precision": "fp16", "save_state": False, "scale_v_pred_loss_like_noise_pred": False, "scale_weight_norms": 0,
+    "sdxl": False, "sdxl_cache_text_encoder_outputs": False, "sdxl_no_half_vae": True, "seed": "1234", "shuffle_caption": False,
+    "stop_text_encoder_training": 0, "text_encoder_lr": 0.0, "train_batch_size": 4, "train_data_dir": "./test/img",
+    "train_norm": False, "train_on_input": True, "training_comment": "", "unet_lr": 0.0, "unit": 1, "up_lr_weight": "",
+    "use_cp": False, "use_scalar": False, "use_tucker": False, "use_wandb": False, "v2": False, "v_parameterization": False,
+    "v_pred_like_loss": 0, "vae": "", "vae_batch_size": 0, "wandb_api_key": "", "wandb_run_name": "", "weighted_captions": False,
+    "xformers": "xformers",
+}  # fmt: skip
+
+
+def test_kohya_ss_saved_json_as_the_gui_runs_it(tmp_path):
+    options = read_kohya_config(_write(tmp_path, json.dumps(KOHYA_SS_LOCON), "kohya.json")).options
+    config = TrainConfig.from_options(**options)
+    # Standard: networks.lora, conv_dim unused (lora_gui.py passes it for Kohya LoCon only)
+    assert (config.network.preset, config.network.conv_rank, config.network.rank, config.network.alpha) == ("attn-ff", None, 8, 1.0)
+    # unet_lr and text_encoder_lr 0: the GUI passes neither, so both train at learning_rate
+    assert (config.optimization.lr, config.optimization.lr_of("text_encoder"), config.optimization.optimizer) == (5e-4, 5e-4, "adamw8bit")
+    assert (config.optimization.epochs, config.run.seed, config.data.keep_tokens, config.data.batch_size) == (1, 1234, 0, 4)
+    assert config.data.dataset_config == "test/config/dataset.toml" and config.data.data_dir == ""  # dataset_config wins
+    assert (config.data.bucket_no_upscale, config.data.max_bucket_reso, config.data.buckets) == (True, 2048, True)
+    assert (config.data.caption_dropout, config.objective.noise_offset, config.objective.multires_noise_iterations) == (0.05, 0.05, 0)
+    assert config.samples.validation_prompts == ["a painting of a gas mask , by darius kawasaki"]
+    assert (config.samples.validate_every, config.samples.sampler, config.run.save_precision) == (25, "euler_a", "fp16")
+    assert config.data.caption_extension == ".caption"  # "" is unset: sd-scripts' default
+    locon = KOHYA_SS_LOCON | {"LoRA_type": "Kohya LoCon", "conv_dim": 4, "conv_alpha": 2, "rank_dropout": 0.1}
+    with pytest.raises(ValueError, match="network_args rank_dropout=0.1 is not supported by sdlora's training yet"):
+        read_kohya_config(_write(tmp_path, json.dumps(locon), "kohya.json"))
+    locon["rank_dropout"] = 0
+    options = read_kohya_config(_write(tmp_path, json.dumps(locon), "kohya.json")).options
+    assert (options["preset"], options["conv_rank"], options["conv_alpha"]) == ("all", 4, 2.0)
+    with pytest.raises(ValueError, match="LoRA_type = 'LyCORIS/LoHa' is not supported"):
+        read_kohya_config(_write(tmp_path, json.dumps(KOHYA_SS_LOCON | {"LoRA_type": "LyCORIS/LoHa"}), "kohya.json"))
+
+
+def test_run_level_bucket_options_reach_a_plain_folder():
+    config = TrainConfig.from_options(data_dir="d", output_dir="o", resolution=512, buckets=True, min_bucket_reso=320,
+                                      max_bucket_reso=640, bucket_reso_steps=32)  # fmt: skip
+    records = [ImageRecord(Path("a.png"), "a", 2000, 500), ImageRecord(Path("b.png"), "b", 100, 100)]
+    (wide, small) = record_buckets(TrainingData([DatasetSpec()], records, []), config.data)
+    assert wide[0] == 640 and wide[1] % 32 == 0 and min(wide + small) >= 320  # kohya's min/max sides and step
+    no_upscale = config.replace(bucket_no_upscale=True)
+    assert record_buckets(TrainingData([DatasetSpec()], records, []), no_upscale.data)[1] == (96, 96)
 
 
 def test_command_line_is_equivalent(tmp_path):
