@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
+from .config import SECTION_OF, SECTIONS
 from .optimizers import parse_optimizer_args
 
 if sys.version_info >= (3, 11):
@@ -293,7 +294,7 @@ KEYS: dict[str, Key] = {
     "persistent_data_loader_workers": _ignored("loader threads, " + _NO_EFFECT, _BOOL),
     # network
     "network_module": Key(_STR, _network),
-    "network_args": Key(None, lambda v, c: {}),  # read by network_module's converter
+    "network_args": Key((list,), lambda v, c: {}),  # read by network_module's converter
     "network_dim": _to("rank", _INT),
     "network_alpha": _to("alpha", _FLOAT),
     "network_dropout": _to("dropout", _FLOAT),
@@ -318,7 +319,7 @@ KEYS: dict[str, Key] = {
     "fp8_base_unet": _refused("use fp8_base (sdlora stores the text encoders in fp8 too)", _BOOL, False),
     # optimizer and schedule
     "optimizer_type": Key(_STR, _optimizer),
-    "optimizer_args": Key(None, lambda v, c: {}),  # read by optimizer_type's converter
+    "optimizer_args": Key((list,), lambda v, c: {}),  # read by optimizer_type's converter
     "use_8bit_adam": Key(_BOOL, lambda v, c: {}),  # read by optimizer_type's converter
     "use_lion_optimizer": Key(_BOOL, lambda v, c: {}),  # read by optimizer_type's converter
     "learning_rate": Key(_FLOAT, lambda v, c: {} if c.get("unet_lr") else {"lr": float(v)}),
@@ -596,6 +597,9 @@ def kohya_options(config: dict[str, Any]) -> tuple[Options, tuple[str, ...]]:
             if value not in (rule.default, None, "") and not (value is False and rule.default is None):
                 raise UserError(f"kohya config: {key} = {value!r} is not carried out by sdlora: {rule.refused}")
         elif isinstance(rule.to, str):
+            choices = SECTIONS[SECTION_OF[rule.to]].__dataclass_fields__[rule.to].metadata["choices"]
+            if choices and value not in choices:
+                raise UserError(f"kohya config: {key} = {value!r} is not carried out by sdlora: it takes {', '.join(choices)}")
             options[rule.to] = float(value) if rule.types == _FLOAT else value
         else:
             options |= rule.to(value, config)
@@ -612,8 +616,8 @@ def kohya_options(config: dict[str, Any]) -> tuple[Options, tuple[str, ...]]:
 def _fits(types: tuple[type, ...], value: Any) -> bool:
     if isinstance(value, bool):
         return bool in types
-    if list in types and isinstance(value, list):
-        return True
+    if isinstance(value, list):  # sd-scripts' lists: network_args and optimizer_args of texts, text_encoder_lr of numbers
+        return list in types and all(isinstance(item, str if str in types or types == (list,) else (int, float)) for item in value)
     return isinstance(value, types)
 
 
