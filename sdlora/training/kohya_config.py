@@ -149,7 +149,7 @@ def _text_encoder_lr(value: Any, config: dict[str, Any]) -> Options:
 
 
 # network_args that sdlora carries out (the others: not yet, one line each)
-_NETWORK_ARGS = ("conv_dim", "conv_alpha", "algo", "dropout", "preset")
+_NETWORK_ARGS = ("conv_dim", "conv_alpha", "algo", "preset")
 _NOT_YET = "is not supported by sdlora's training yet"
 
 
@@ -176,12 +176,10 @@ def _network(value: Any, config: dict[str, Any]) -> Options:
         raise UserError(f"kohya config: network_args preset={args['preset']} {_NOT_YET}: sdlora trains LyCORIS's full preset")
     options: Options = {"preset": "attn-ff"}
     try:
-        if float(args.get("dropout", 0)):
-            options["dropout"] = float(args["dropout"])
         if int(args.get("conv_dim", 0)):
             options |= {"preset": "all", "conv_rank": int(args["conv_dim"]), "conv_alpha": float(args.get("conv_alpha", 1))}
     except ValueError as err:
-        raise UserError(f"kohya config: network_args {err}: conv_dim is an integer, conv_alpha and dropout numbers") from None
+        raise UserError(f"kohya config: network_args {err}: conv_dim is an integer, conv_alpha a number") from None
     return options
 
 
@@ -297,7 +295,9 @@ KEYS: dict[str, Key] = {
     "network_args": Key((list,), lambda v, c: {}),  # read by network_module's converter
     "network_dim": _to("rank", _INT),
     "network_alpha": _to("alpha", _FLOAT),
-    "network_dropout": _to("dropout", _FLOAT),
+    # kohya drops the down projection's outputs (networks/lora.py: dropout(lora_down(x))); sdlora's --dropout is peft's,
+    # on the layer's input: another regularizer, so not taken for it
+    "network_dropout": _refused("kohya's network_dropout (on the down projection's output) " + _NOT_YET, _FLOAT, 0),
     "network_weights": _to("init_lora", _STR),
     "dim_from_weights": _refused("give network_dim equal to network_weights' rank", _BOOL, False),
     "network_train_unet_only": Key(_BOOL, _flag("train_text_encoder", lambda v: not v)),

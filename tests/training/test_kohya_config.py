@@ -267,6 +267,8 @@ def test_command_line_is_equivalent(tmp_path):
         ('optimizer_type = "AdaFactor"', 'add "relative_step=False"'),
         ("save_every_n_epochs = 1", "save_every_n_epochs = 1 is not carried out by sdlora: sdlora counts in steps"),
         ("clip_skip = 2", "clip_skip = 2 is not carried out"),
+        ("network_dropout = 0.1", "network_dropout = 0.1 is not carried out by sdlora: kohya's network_dropout"),
+        ('network_module = "lycoris.kohya"\nnetwork_args = ["algo=locon", "dropout=0.1"]', "network_args dropout=0.1 is not supported"),
         ('mixed_precision = "fp8"', "mixed_precision = 'fp8' is not carried out by sdlora: it takes auto, no, fp16, bf16"),
         ('loss_type = "l1"', "loss_type = 'l1' is not carried out"),
         ('network_args = "conv_dim=4"', "network_args = 'conv_dim=4' must be a list"),
