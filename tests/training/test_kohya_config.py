@@ -326,3 +326,37 @@ max_data_loader_n_workers = 0
     assert any("_ff_net_2" in name for name in names)  # networks.lora adapts the transformer blocks' feed-forward too
     written = (out / "config.toml").read_text()
     assert "steps = 2\n" in written and "lr = 0.001\n" in written and "rank = 4\n" in written  # the flag won, the rest is kohya's
+
+
+@pytest.mark.slow  # a training run of the tiny SDXL model, about 30 s on two cores
+def test_an_sdxl_lycoris_locon_config_trains_both_text_encoders_at_their_rates(dataset, tmp_path, capsys):
+    out = tmp_path / "sdxl_out"
+    path = _write(
+        tmp_path,
+        f"""
+pretrained_model_name_or_path = "tiny-sdxl"
+train_data_dir = "{dataset}"
+output_dir = "{out}"
+output_name = "sdxl_style"
+caption_extension = ".txt"
+resolution = 64
+network_module = "lycoris.kohya"
+network_args = ["algo=locon", "conv_dim=2", "conv_alpha=1"]
+network_dim = 4
+network_alpha = 2
+learning_rate = 1e-3
+text_encoder_lr = [1e-4, 5e-5]
+max_train_steps = 2
+save_precision = "bf16"
+sdpa = true
+""",
+    )
+    assert main(["train", "--kohya-config", str(path), "--no-samples"]) == 0
+    assert "--text-encoder-lr 0.0001" in capsys.readouterr().err
+    with safe_open(str(out / "sdxl_style.safetensors"), "pt") as file:
+        names = list(file.keys())
+        conv = next(name for name in names if "_in_layers_2.lora_down" in name)  # a ResNet's 3x3 conv (LDM names)
+        assert file.get_tensor(conv).shape[0] == 2 and file.get_tensor(conv).dtype == torch.bfloat16
+    assert any(name.startswith("lora_te1_") for name in names) and any(name.startswith("lora_te2_") for name in names)
+    written = (out / "config.toml").read_text()
+    assert "text_encoder_lr = 0.0001\n" in written and "text_encoder_2_lr = 5e-05\n" in written
