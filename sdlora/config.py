@@ -12,6 +12,7 @@ from typing import Any, get_args, get_origin
 
 from .errors import UserError
 from .training.config import SECTION_OF, SECTIONS, TrainConfig, option_annotations, option_fields, section_title, toml_value, value_problem
+from .training.kohya_config import read_kohya_config
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -34,6 +35,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per option (`--snake-case`), in one group per section, defaulting to 'not given' so the TOML file and
     the defaults stay."""
     parser.add_argument("--config", help="TOML file of options (keys are the option names with underscores); flags override it")
+    parser.add_argument(
+        "--kohya-config",
+        metavar="FILE",
+        help="kohya's own training config, as it is: sd-scripts' --config_file TOML or kohya_ss's saved JSON, read with "
+        "kohya's meanings and defaults; the run prints the equivalent sdlora options; --config and flags override it",
+    )
     for name, section in SECTIONS.items():
         group = parser.add_argument_group(section_title(name), f"{section.__doc__} (config.toml: [{name}] or top-level keys)")
         for _, item in (entry for entry in option_fields() if entry[0] == name):
@@ -127,8 +134,10 @@ def _relative_to(path: Path, item: Field, value: Any) -> Any:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """TrainConfig from defaults <- TOML file (--config) <- CLI flags, validated."""
+    """TrainConfig from defaults <- kohya's config (--kohya-config) <- TOML file (--config) <- CLI flags, validated."""
     options: dict[str, Any] = {}
+    if getattr(args, "kohya_config", None):
+        options.update(_kohya_options(args.kohya_config))
     if getattr(args, "config", None):
         options.update(load_toml(args.config))
     given = {k: v for k, v in vars(args).items() if k in SECTION_OF and v is not None}
@@ -136,3 +145,13 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if getattr(args, "timestep_range", None):
         options["min_timestep"], options["max_timestep"] = args.timestep_range
     return TrainConfig.from_options(**options)
+
+
+def _kohya_options(path: str) -> dict[str, Any]:
+    """The options of kohya's training config, saying in one line each which keys were ignored (no effect on the
+    LoRA) and the equivalent sdlora command line."""
+    kohya = read_kohya_config(path)
+    if kohya.ignored:
+        print(f"{path}: ignored (no effect on the trained LoRA): {', '.join(kohya.ignored)}", file=sys.stderr)
+    print(f"{path} as sdlora options: {kohya.command_line()}", file=sys.stderr)
+    return kohya.options

@@ -25,6 +25,7 @@ from .optimizers import OPTIMIZER_NAMES, parse_optimizer_args
 PRESETS = ("attn", "attn-ff", "all")
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 SAMPLE_VAE_TILING = ("auto", "on", "off")
+SAVE_PRECISIONS = ("fp32", "fp16", "bf16")
 CACHE_MODES = ("memory", "disk", "off")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 CROPS = ("center", "random")
@@ -104,6 +105,15 @@ class DataConfig(_Section):
     buckets: bool | None = _opt(
         None, "aspect-ratio buckets of about resolution^2 pixels instead of square crops (when not given: on for SDXL, off for SD1/SD2)"
     )
+    min_bucket_reso: int | None = _opt(None, "shortest bucket side in pixels, as kohya's min_bucket_reso (default: resolution / 2)")
+    max_bucket_reso: int | None = _opt(None, "longest bucket side in pixels, as kohya's max_bucket_reso (default: resolution * 2)")
+    bucket_reso_steps: int | None = _opt(
+        None, "bucket sides are multiples of this, as kohya's bucket_reso_steps (default: 64, or less for small resolutions)"
+    )
+    bucket_no_upscale: bool = _opt(
+        False,
+        "an image smaller than the bucket area keeps its own size (cropped to the step, never enlarged), as kohya's bucket_no_upscale",
+    )
     crop: str = _opt("center", "crop when an image does not fit its bucket", CROPS)
     flip: bool = _opt(False, "random horizontal flips; off when the style has handedness (text, logos)")
     val_split: float = _opt(0.0, "fraction of images held out for the validation loss (0 = none)")
@@ -146,6 +156,11 @@ class DataConfig(_Section):
                 64 <= self.resolution <= 8192 and self.resolution % 8 == 0, "resolution", self.resolution, "a multiple of 8 from 64 to 8192"
             )
         _check(self.batch_size >= 1, "batch_size", self.batch_size, "at least 1")
+        for name in ("min_bucket_reso", "max_bucket_reso", "bucket_reso_steps"):
+            if getattr(self, name) is not None:
+                _check(getattr(self, name) >= 8, name, getattr(self, name), "at least 8")
+        if self.min_bucket_reso and self.max_bucket_reso and self.min_bucket_reso > self.max_bucket_reso:
+            raise UserError(f"--min-bucket-reso {self.min_bucket_reso} is above --max-bucket-reso {self.max_bucket_reso}")
         _check(self.vae_batch_size >= 1, "vae_batch_size", self.vae_batch_size, "at least 1")
         _check(
             math.isfinite(self.prior_loss_weight) and self.prior_loss_weight >= 0,
@@ -377,6 +392,12 @@ class RunConfig(_Section):
     seed: int = _opt(42, "seed of data order, noise, timesteps and LoRA init")
     checkpoint_every: int = _opt(500, "steps between resumable checkpoints (0 = only at the end)")
     keep_checkpoints: int = _opt(3, "how many checkpoints to keep")
+    save_precision: str = _opt(
+        "fp32",
+        "precision of the LoRA files' weights (kohya's save_precision): fp32 as trained, or fp16/bf16 for half-size files "
+        "(each weight rounded once when written; checkpoints stay fp32)",
+        SAVE_PRECISIONS,
+    )
     resume: str | None = _opt(None, "resume from 'latest' or a checkpoint folder", path=True, may_be_name=True)
     dry_run: bool = _opt(
         False,

@@ -217,7 +217,7 @@ def record_buckets(training: TrainingData, data: DataConfig) -> list[Size]:
     choices: dict[int, list[Size]] = {}
     buckets = []
     for record in training.records:
-        spec = training.datasets[record.dataset]
+        spec = _with_run_buckets(training.datasets[record.dataset], data)
         (width, height), bucketing = dataset_sizes(spec, data)
         if not bucketing:
             buckets.append((width, height))
@@ -230,6 +230,18 @@ def record_buckets(training: TrainingData, data: DataConfig) -> list[Size]:
             choices[record.dataset] = bucket_sizes(side, spec.min_bucket, spec.max_bucket, spec.bucket_step, area=width * height)
         buckets.append(assign_bucket(record.width, record.height, choices[record.dataset]))
     return buckets
+
+
+def _with_run_buckets(spec: DatasetSpec, data: DataConfig) -> DatasetSpec:
+    """A dataset's bucket options, each from the run's options where the dataset leaves it out (as kohya falls back
+    on its command line's)."""
+    return dataclasses.replace(
+        spec,
+        min_bucket=spec.min_bucket if spec.min_bucket is not None else data.min_bucket_reso,
+        max_bucket=spec.max_bucket if spec.max_bucket is not None else data.max_bucket_reso,
+        bucket_step=spec.bucket_step if spec.bucket_step is not None else data.bucket_reso_steps,
+        no_upscale=spec.no_upscale or data.bucket_no_upscale,
+    )
 
 
 def batch_sizes(training: TrainingData, data: DataConfig) -> list[int]:

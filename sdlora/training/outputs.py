@@ -8,6 +8,8 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import torch
+
 from ..core.families import ModelFamily
 from ..core.files import write_diffusers, write_kohya
 from ..core.state import LoraState
@@ -179,6 +181,8 @@ def lora_writers(
     (save_lora_weights, alpha in its header) and the kohya file with the training metadata, both for `family`;
     `suffix` after each stem (the EMA's files)."""
     metadata = training_metadata(config, records, datasets)
+    if config.run.save_precision != "fp32":  # kohya's save_precision: the files' weights rounded once, as kohya saves them
+        state = state.to({"fp16": torch.float16, "bf16": torch.bfloat16}[config.run.save_precision])
     if suffix:
         metadata["ss_output_name"] = config.run.name + suffix
     return {
