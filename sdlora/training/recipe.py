@@ -77,8 +77,8 @@ class Run:
 
 
 def train(config: TrainConfig) -> Path | None:
-    """Train a LoRA as `config` says; returns the path of the diffusers-format file in `config.run.output_dir`
-    (None after --dry-run's memory plan)."""
+    """Train a LoRA as `config` says; returns the path of the diffusers-format file in `config.run.output_dir`, the
+    kohya file for a --kind diffusers cannot load (None after --dry-run's memory plan)."""
     out = Path(config.run.output_dir)
     run: Run | None = None
     with _explain_full_disk(out, lambda: run.state.step if run else 0):
@@ -123,6 +123,8 @@ def setup(config: TrainConfig) -> Run | None:
         config = config.replace(steps=steps)
     prepare_noise_scheduler(model.noise_scheduler, config.objective)  # the timestep range must fit; --zero-terminal-snr
     param_groups = _setup_network(config.network, config.optimization, config.base, model)
+    if (note := outputs.no_diffusers_file(config)) and accelerator.is_local_main_process:
+        tqdm.write(note)
     plan = None
     if config.run.dry_run or accelerator.device.type != "cpu" or PLAN_ON_CPU:
         plan = memory.plan_memory(
@@ -201,7 +203,7 @@ def _setup_network(options: NetworkConfig, optimization: OptimizationConfig, bas
     lora_dtype = model.dtype if base.full_bf16 or base.full_fp16 else torch.float32
     unet_params = network.add_lora(
         model.unet, targets.unet_target_modules(model.unet, options.preset), options.rank, options.alpha, options.dropout,
-        conv_rank=options.conv_rank, conv_alpha=options.conv_alpha, dtype=lora_dtype,
+        conv_rank=options.conv_rank, conv_alpha=options.conv_alpha, dtype=lora_dtype, kind=options.kind,
     )  # fmt: skip
     param_groups = [{"params": unet_params, "lr": optimization.lr}]
     trained = {"unet": model.unet}
@@ -209,7 +211,7 @@ def _setup_network(options: NetworkConfig, optimization: OptimizationConfig, bas
         for component, encoder in model.text_encoders.items():
             params = network.add_lora(
                 encoder, targets.text_encoder_target_modules(encoder, spec=model.family.text_encoder(component)), options.rank, options.alpha,
-                options.dropout, dtype=lora_dtype,
+                options.dropout, dtype=lora_dtype, kind=options.kind,
             )  # fmt: skip
             param_groups.append({"params": params, "lr": optimization.lr_of(component)})
             trained[component] = encoder
@@ -636,4 +638,4 @@ def save_outputs(run: Run) -> Path:
                 write(out / name)
         outputs.write_config_and_card(run.config, run.model.family, len(run.records), out)
     run.accelerator.wait_for_everyone()
-    return out / outputs.DIFFUSERS_FILE
+    return out / outputs.main_file(run.config)

@@ -95,6 +95,9 @@ def to_kohya(state: LoraState, family: ModelFamily) -> dict[str, torch.Tensor]:
         }
         for field, tensor in module.factors().items():
             tensors[f"{key}.{names[field]}"] = tensor.contiguous()
-        if module.effective_alpha is not None:
-            tensors[key + KOHYA_ALPHA] = torch.tensor(module.effective_alpha, dtype=torch.float32)
+        # LoKr with both halves whole has scale 1 and no effective alpha, but keeps the alpha it was given: LyCORIS's
+        # loader needs the key (every reader ignores its value there)
+        alpha = module.effective_alpha if module.effective_alpha is not None else module.alpha
+        if alpha is not None:
+            tensors[key + KOHYA_ALPHA] = torch.tensor(alpha, dtype=torch.float32)
     return tensors

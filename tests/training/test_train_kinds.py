@@ -1,0 +1,147 @@
+"""`--kind loha | lokr | dora` in training: peft's layers trained, written in LyCORIS's layout at LyCORIS's scale.
+
+Per module, the weight the trained peft model computes with (peft's own merge) equals what sdlora's merge and
+LyCORIS 4.1.3's forward pass make of the written kohya file; short runs of each kind resume bit for bit.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sdlora.core.families import SD1
+from sdlora.core.files import read_lora, write_kohya
+from sdlora.core.kinds import DoraModule, LohaModule, LokrModule
+from sdlora.core.state import LoraModule
+from sdlora.core.targets import text_encoder_target_modules, unet_target_modules
+from sdlora.errors import UserError
+from sdlora.inference.merge import merge_lora
+from sdlora.models.tiny import build_tiny_pipeline
+from sdlora.training import network
+from sdlora.training.recipe import train
+
+RANK, ALPHA, CONV_RANK, CONV_ALPHA = 4, 6.0, 2, 3.0  # alpha != rank; the convs at another rank and alpha
+CLASSES = {"lora": LoraModule, "loha": LohaModule, "lokr": LokrModule, "dora": DoraModule}
+KOHYA_KEYS = {  # per kind, the LyCORIS tensor names each module of the kohya file must carry
+    "lora": {"lora_down.weight", "lora_up.weight", "alpha"},
+    "dora": {"lora_down.weight", "lora_up.weight", "alpha", "dora_scale"},
+    "loha": {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha"},
+    "lokr": {"lokr_w1", "lokr_w2", "alpha"},  # the factored second half: lokr_w2_a / lokr_w2_b instead of lokr_w2
+}
+
+
+def _trained(kind: str):
+    """The tiny pipeline with `kind` on every UNet layer (preset all, 3x3 convs at CONV_RANK) and the text encoder,
+    its adapter weights set at random as training would leave them."""
+    pipe = build_tiny_pipeline()
+    network.add_lora(
+        pipe.unet, unet_target_modules(pipe.unet, "all"), RANK, ALPHA, kind=kind, conv_rank=CONV_RANK, conv_alpha=CONV_ALPHA
+    )
+    network.add_lora(pipe.text_encoder, text_encoder_target_modules(pipe.text_encoder), RANK, ALPHA, kind=kind)
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for model in (pipe.unet, pipe.text_encoder):
+            for param in network.lora_parameters(model):
+                param.add_(torch.randn(param.shape, generator=generator) * 0.2)
+    return pipe
+
+
+def _peft_weights(pipe) -> dict[str, torch.Tensor]:
+    """Each adapted layer's effective weight as peft computes it (peft's own merge), by its LoraState path."""
+    weights = {}
+    for component, model in (("unet", pipe.unet), ("text_encoder", pipe.text_encoder)):
+        for name, layer in network._adapter_layers(model, "default").items():
+            layer.merge(adapter_names=["default"])
+            weights[f"{component}.{network._canonical(component, name)}"] = layer.get_base_layer().weight.detach().clone()
+            layer.unmerge()
+    return weights
+
+
+def _layers(pipe) -> dict[str, torch.nn.Module]:
+    """The pipeline's layers by LoraState path (text encoders with `text_model.` on any transformers)."""
+    models = (("unet", pipe.unet), ("text_encoder", pipe.text_encoder))
+    return {f"{c}.{network._canonical(c, n)}": m for c, model in models for n, m in model.named_modules() if n}
+
+
+@pytest.mark.parametrize("kind", ["lora", "loha", "lokr", "dora"])
+def test_kohya_file_holds_exactly_the_trained_update(kind, tmp_path):
+    pipe = _trained(kind)
+    expected = _peft_weights(pipe)
+    state = network.extract_lora_state({"unet": pipe.unet, "text_encoder": pipe.text_encoder})
+    assert {type(module) for module in state.modules.values()} == {CLASSES[kind]}
+    path = write_kohya(state, tmp_path / f"{kind}.safetensors", {}, SD1)
+    tensors = load_file(path)
+    names = {key.partition(".")[0] for key in tensors}
+    for name in names:
+        held = {key.partition(".")[2] for key in tensors if key.startswith(name + ".")}
+        if kind == "lokr" and "lokr_w2_a" in held:
+            held = held - {"lokr_w2_a", "lokr_w2_b"} | {"lokr_w2"}
+        assert held == KOHYA_KEYS[kind], name
+    if kind == "dora":  # LyCORIS's magnitude per output row (wd_on_out): [out, 1] for a Linear, [out, 1, 1, 1] for a conv
+        scale = tensors["lora_te_text_model_encoder_layers_0_self_attn_q_proj.dora_scale"]
+        assert scale.shape == (_layers(pipe)["text_encoder.text_model.encoder.layers.0.self_attn.q_proj"].out_features, 1)
+        assert {t.ndim for k, t in tensors.items() if k.endswith("dora_scale")} == {2, 4}
+    if kind == "lokr":  # both of LyCORIS's forms: whole halves (scale 1: peft's alpha / r folded into w1) and a
+        # factored half (alpha / r, r = the half's rank), the 3x3 convs at CONV_RANK
+        scales = {(m.w2 is None, m.scale) for m in read_lora(path).modules.values()}
+        assert scales == {(False, 1.0), (True, CONV_ALPHA / CONV_RANK)}, scales
+
+    merged = build_tiny_pipeline()
+    assert merge_lora(merged, [(path, 1.0)]) == len(expected) == len(state.modules)
+    layers = _layers(merged)
+    base = _layers(build_tiny_pipeline())
+    for name, weight in expected.items():
+        assert not torch.allclose(weight, base[name].weight, rtol=1e-3, atol=0), name  # the update is not nothing
+        torch.testing.assert_close(layers[name].weight, weight, rtol=1e-5, atol=1e-6, msg=name)
+
+    # LyCORIS 4.1.3 reading the same file: its module's forward pass equals the layer at peft's weight
+    pytest.importorskip("lycoris")
+    from lycoris.modules import get_module, make_module
+
+    generator = torch.Generator().manual_seed(1)
+    read = read_lora(path)
+    assert set(read.modules) == set(expected)
+    prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+    for name, weight in expected.items():
+        component, _, layer_path = name.partition(".")
+        lora_name = prefixes[component] + layer_path.replace(".", "_")
+        layer = base[name]
+        lycoris_type, params = get_module(tensors, lora_name)
+        module = make_module(lycoris_type, params, lora_name, layer)
+        if isinstance(layer, torch.nn.Conv2d):
+            x = torch.randn(2, layer.in_channels, 6, 5, generator=generator)
+            reference = torch.nn.functional.conv2d(x, weight, layer.bias, layer.stride, layer.padding)
+        else:
+            x = torch.randn(3, layer.in_features, generator=generator)
+            reference = torch.nn.functional.linear(x, weight, layer.bias)
+        with torch.no_grad():
+            torch.testing.assert_close(module(x), reference, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_options_a_kind_lacks_are_refused_in_one_line(dataset, tmp_path, tiny_config):
+    with pytest.raises(UserError, match="--dropout .* loha"):
+        tiny_config(dataset, tmp_path / "out", kind="loha", dropout=0.1)
+    with pytest.raises(UserError, match="--init-lora continues a plain LoRA"):
+        tiny_config(dataset, tmp_path / "out", kind="dora", init_lora=str(tmp_path / "some.safetensors"))
+    with pytest.raises(UserError, match="kind"):
+        tiny_config(dataset, tmp_path / "out", kind="oft")
+
+
+@pytest.mark.parametrize("kind", ["loha", "lokr", "dora"])
+def test_each_kind_trains_and_resumes_bit_for_bit(kind, dataset, tmp_path, tiny_config, capsys):
+    options = dict(kind=kind, no_samples=True, checkpoint_every=1, steps=2, preset="all", conv_rank=CONV_RANK)
+    straight = train(tiny_config(dataset, tmp_path / "straight", **options))
+    assert straight.name == "lora.safetensors"  # the kohya file: diffusers cannot load these kinds (said once)
+    assert capsys.readouterr().out.count("diffusers cannot load") == 1
+    assert not (tmp_path / "straight" / "pytorch_lora_weights.safetensors").exists()
+    card = (tmp_path / "straight" / "README.md").read_text()
+    assert "pytorch_lora_weights" not in card and "lora.safetensors" in card
+    train(tiny_config(dataset, tmp_path / "resumed", **(options | {"steps": 1})))
+    resumed = train(tiny_config(dataset, tmp_path / "resumed", **options, resume="latest"))
+    expected, actual = load_file(straight), load_file(resumed)
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        assert torch.equal(expected[key], actual[key]), key
+    state = read_lora(straight)
+    assert {type(module) for module in state.modules.values()} == {CLASSES[kind]}
