@@ -251,7 +251,9 @@ class NetworkConfig(_Section):
 
     def _check_values(self) -> None:
         if self.kind in ("loha", "lokr") and self.dropout:
-            raise UserError(f"--dropout is LoRA's dropout on the layer input, which {self.kind} has not: leave it at 0 with --kind {self.kind}")
+            raise UserError(
+                f"--dropout is LoRA's dropout on the layer input, which {self.kind} has not: leave it at 0 with --kind {self.kind}"
+            )
         if self.kind != "lora" and self.init_lora:
             raise UserError(f"--init-lora continues a plain LoRA; with --kind {self.kind} training starts fresh: drop --init-lora")
         _check(self.rank >= 1, "rank", self.rank, "at least 1")

@@ -27,8 +27,8 @@ import torch
 from torch import nn
 
 from ..core.families import ModelFamily
-from ..core.matching import TEXT_MODEL_PREFIX, Layer, match_lora
 from ..core.kinds import DoraModule, LohaModule, LokrModule
+from ..core.matching import TEXT_MODEL_PREFIX, Layer, match_lora
 from ..core.state import Adapter, LoraModule, LoraState
 from ..core.targets import PRESETS, reaches_the_unet, unet_target_modules
 from ..errors import UserError
@@ -90,7 +90,9 @@ def add_lora(
         rank_pattern = {re.escape(name): conv_rank for name in convs} if conv_rank is not None else {}
         alpha_pattern = {re.escape(name): conv_alpha for name in convs} if conv_alpha is not None else {}
     if kind == "loha":  # use_effective_conv2d off: convs as [out, in * kh * kw] products, LyCORIS's non-Tucker form
-        config = LoHaConfig(r=rank, alpha=alpha, target_modules=list(target_modules), rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
+        config = LoHaConfig(
+            r=rank, alpha=alpha, target_modules=list(target_modules), rank_pattern=rank_pattern, alpha_pattern=alpha_pattern
+        )
     elif kind == "lokr":  # factor -1 (halves near the square root) and decompose_both off: LyCORIS's defaults
         config = LoKrConfig(
             r=rank, alpha=alpha, target_modules=list(target_modules), rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
@@ -275,13 +277,24 @@ def _to_adapter(layer: nn.Module, name: str, adapter_name: str) -> Adapter:
 
     if isinstance(layer, LoHaLayer):
         names = {"w1a": "hada_w1_a", "w1b": "hada_w1_b", "w2a": "hada_w2_a", "w2b": "hada_w2_b", "t1": "hada_t1", "t2": "hada_t2"}
-        factors = {key: _cpu(getattr(layer, attribute)[adapter_name]) for key, attribute in names.items() if adapter_name in getattr(layer, attribute)}
+        factors = {
+            key: _cpu(getattr(layer, attribute)[adapter_name])
+            for key, attribute in names.items()
+            if adapter_name in getattr(layer, attribute)
+        }
         return LohaModule(alpha=_alpha(layer, adapter_name), **factors)
     if isinstance(layer, LoKrLayer):
         factors = {
             key: _cpu(getattr(layer, attribute)[adapter_name])
-            for key, attribute in (("w1", "lokr_w1"), ("w1a", "lokr_w1_a"), ("w1b", "lokr_w1_b"), ("w2", "lokr_w2"),
-                                   ("w2a", "lokr_w2_a"), ("w2b", "lokr_w2_b"), ("t2", "lokr_t2"))  # fmt: skip
+            for key, attribute in (
+                ("w1", "lokr_w1"),
+                ("w1a", "lokr_w1_a"),
+                ("w1b", "lokr_w1_b"),
+                ("w2", "lokr_w2"),
+                ("w2a", "lokr_w2_a"),
+                ("w2b", "lokr_w2_b"),
+                ("t2", "lokr_t2"),
+            )  # fmt: skip
             if adapter_name in getattr(layer, attribute)
         }
         if "w1" in factors and "w2" in factors:  # LyCORIS's scale is 1 here: peft's alpha / r goes into w1

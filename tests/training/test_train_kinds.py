@@ -35,9 +35,7 @@ def _trained(kind: str):
     """The tiny pipeline with `kind` on every UNet layer (preset all, 3x3 convs at CONV_RANK) and the text encoder,
     its adapter weights set at random as training would leave them."""
     pipe = build_tiny_pipeline()
-    network.add_lora(
-        pipe.unet, unet_target_modules(pipe.unet, "all"), RANK, ALPHA, kind=kind, conv_rank=CONV_RANK, conv_alpha=CONV_ALPHA
-    )
+    network.add_lora(pipe.unet, unet_target_modules(pipe.unet, "all"), RANK, ALPHA, kind=kind, conv_rank=CONV_RANK, conv_alpha=CONV_ALPHA)
     network.add_lora(pipe.text_encoder, text_encoder_target_modules(pipe.text_encoder), RANK, ALPHA, kind=kind)
     generator = torch.Generator().manual_seed(5)
     with torch.no_grad():
