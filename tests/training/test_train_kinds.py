@@ -128,7 +128,7 @@ def test_options_a_kind_lacks_are_refused_in_one_line(dataset, tmp_path, tiny_co
 
 @pytest.mark.parametrize("kind", ["loha", "lokr", "dora"])
 def test_each_kind_trains_and_resumes_bit_for_bit(kind, dataset, tmp_path, tiny_config, capsys):
-    options = dict(kind=kind, no_samples=True, checkpoint_every=1, steps=2, preset="all", conv_rank=CONV_RANK)
+    options = dict(kind=kind, samples=False, checkpoint_every=1, steps=2, preset="all", conv_rank=CONV_RANK)
     straight = train(tiny_config(dataset, tmp_path / "straight", **options))
     assert straight.name == "lora.safetensors"  # the kohya file: diffusers cannot load these kinds (said once)
     assert capsys.readouterr().out.count("diffusers cannot load") == 1
