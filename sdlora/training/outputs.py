@@ -24,7 +24,7 @@ from .validation import SAMPLES_DIR
 
 DIFFUSERS_FILE = f"{DIFFUSERS_STEM}.safetensors"
 # the --kind values diffusers' load_lora_weights can load (through peft); the others are written as kohya files only
-DIFFUSERS_KINDS = ("lora",)
+DIFFUSERS_KINDS = ("lora", "dora")  # DoRA through peft's use_dora
 EMA_SUFFIX = "_ema"  # the --ema-decay average's files: pytorch_lora_weights_ema.safetensors, NAME_ema.safetensors
 STARTED_AT = str(int(time.time()))
 

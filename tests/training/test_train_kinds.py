@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from sdlora.core.families import SD1
-from sdlora.core.files import read_lora, write_kohya
+from sdlora.core.files import read_lora, write_diffusers, write_kohya
 from sdlora.core.kinds import DoraModule, LohaModule, LokrModule
 from sdlora.core.state import LoraModule
 from sdlora.core.targets import text_encoder_target_modules, unet_target_modules
@@ -19,6 +19,7 @@ from sdlora.errors import UserError
 from sdlora.inference.merge import merge_lora
 from sdlora.models.tiny import build_tiny_pipeline
 from sdlora.training import network
+from sdlora.training.outputs import DIFFUSERS_KINDS
 from sdlora.training.recipe import train
 
 RANK, ALPHA, CONV_RANK, CONV_ALPHA = 4, 6.0, 2, 3.0  # alpha != rank; the convs at another rank and alpha
@@ -93,6 +94,17 @@ def test_kohya_file_holds_exactly_the_trained_update(kind, tmp_path):
         assert not torch.allclose(weight, base[name].weight, rtol=1e-3, atol=0), name  # the update is not nothing
         torch.testing.assert_close(layers[name].weight, weight, rtol=1e-5, atol=1e-6, msg=name)
 
+    if kind in DIFFUSERS_KINDS:  # the diffusers file, loaded and fused by diffusers (peft): the same weights
+        diffusers_path = write_diffusers(state, tmp_path / "pytorch_lora_weights.safetensors", SD1)
+        loaded = build_tiny_pipeline()
+        loaded.load_lora_weights(str(diffusers_path))
+        loaded.fuse_lora()
+        loaded.unload_lora_weights()
+        fused = _layers(loaded)
+        for name, weight in expected.items():
+            torch.testing.assert_close(fused[name].weight, weight, rtol=1e-5, atol=1e-6, msg=name)
+        assert {type(module) for module in read_lora(diffusers_path).modules.values()} == {CLASSES[kind]}
+
     # LyCORIS 4.1.3 reading the same file: its module's forward pass equals the layer at peft's weight
     pytest.importorskip("lycoris")
     from lycoris.modules import get_module, make_module
@@ -126,17 +138,25 @@ def test_options_a_kind_lacks_are_refused_in_one_line(dataset, tmp_path, tiny_co
         tiny_config(dataset, tmp_path / "out", kind="oft")
 
 
+@pytest.mark.slow  # three short runs per kind
 @pytest.mark.parametrize("kind", ["loha", "lokr", "dora"])
-def test_each_kind_trains_and_resumes_bit_for_bit(kind, dataset, tmp_path, tiny_config, capsys):
-    options = dict(kind=kind, samples=False, checkpoint_every=1, steps=2, preset="all", conv_rank=CONV_RANK)
+def test_each_kind_trains_and_resumes_bit_for_bit(kind, make_dataset, tmp_path, tiny_config, capsys):
+    dataset = make_dataset(tmp_path / "data", count=2)
+    options = dict(kind=kind, samples=False, checkpoint_every=1, steps=2, batch_size=1)
     straight = train(tiny_config(dataset, tmp_path / "straight", **options))
-    assert straight.name == "lora.safetensors"  # the kohya file: diffusers cannot load these kinds (said once)
-    assert capsys.readouterr().out.count("diffusers cannot load") == 1
-    assert not (tmp_path / "straight" / "pytorch_lora_weights.safetensors").exists()
     card = (tmp_path / "straight" / "README.md").read_text()
-    assert "pytorch_lora_weights" not in card and "lora.safetensors" in card
+    diffusers_file = tmp_path / "straight" / "pytorch_lora_weights.safetensors"
+    if kind == "dora":  # diffusers loads DoRA (peft's use_dora): both files
+        assert straight == diffusers_file and "load_lora_weights" in card
+        assert "diffusers cannot load" not in capsys.readouterr().out
+        straight = tmp_path / "straight" / "lora.safetensors"
+    else:  # the kohya file alone: diffusers cannot load LoHa or LoKr, which the run says once
+        assert straight.name == "lora.safetensors" and not diffusers_file.exists()
+        assert capsys.readouterr().out.count("diffusers cannot load") == 1
+        assert "pytorch_lora_weights" not in card and "load_lora(pipe" in card
     train(tiny_config(dataset, tmp_path / "resumed", **(options | {"steps": 1})))
-    resumed = train(tiny_config(dataset, tmp_path / "resumed", **options, resume="latest"))
+    train(tiny_config(dataset, tmp_path / "resumed", **options, resume="latest"))
+    resumed = tmp_path / "resumed" / straight.name
     expected, actual = load_file(straight), load_file(resumed)
     assert expected.keys() == actual.keys()
     for key in expected:
