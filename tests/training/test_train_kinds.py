@@ -142,7 +142,7 @@ def test_options_a_kind_lacks_are_refused_in_one_line(dataset, tmp_path, tiny_co
 @pytest.mark.parametrize("kind", ["loha", "lokr", "dora"])
 def test_each_kind_trains_and_resumes_bit_for_bit(kind, make_dataset, tmp_path, tiny_config, capsys):
     dataset = make_dataset(tmp_path / "data", count=2)
-    options = dict(kind=kind, samples=False, checkpoint_every=1, steps=2, batch_size=1)
+    options = dict(kind=kind, samples=False, checkpoint_every=1, steps=2, batch_size=1, ema_decay=0.5)
     straight = train(tiny_config(dataset, tmp_path / "straight", **options))
     card = (tmp_path / "straight" / "README.md").read_text()
     diffusers_file = tmp_path / "straight" / "pytorch_lora_weights.safetensors"
@@ -156,10 +156,13 @@ def test_each_kind_trains_and_resumes_bit_for_bit(kind, make_dataset, tmp_path, 
         assert "pytorch_lora_weights" not in card and "load_lora(pipe" in card
     train(tiny_config(dataset, tmp_path / "resumed", **(options | {"steps": 1})))
     train(tiny_config(dataset, tmp_path / "resumed", **options, resume="latest"))
-    resumed = tmp_path / "resumed" / straight.name
-    expected, actual = load_file(straight), load_file(resumed)
-    assert expected.keys() == actual.keys()
-    for key in expected:
-        assert torch.equal(expected[key], actual[key]), key
+    for name in (straight.name, straight.name.replace(".safetensors", "_ema.safetensors")):  # the LoRA and its EMA
+        expected, actual = load_file(tmp_path / "straight" / name), load_file(tmp_path / "resumed" / name)
+        assert expected.keys() == actual.keys()
+        for key in expected:
+            assert torch.equal(expected[key], actual[key]), (name, key)
+    last = load_file(straight)
+    averaged = load_file(tmp_path / "straight" / straight.name.replace(".safetensors", "_ema.safetensors"))
+    assert any(not torch.equal(tensor, last[key]) for key, tensor in averaged.items() if key.endswith(("w1", "_b", "weight")))
     state = read_lora(straight)
     assert {type(module) for module in state.modules.values()} == {CLASSES[kind]}
