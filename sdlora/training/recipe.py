@@ -123,8 +123,6 @@ def setup(config: TrainConfig) -> Run | None:
         config = config.replace(steps=steps)
     prepare_noise_scheduler(model.noise_scheduler, config.objective)  # the timestep range must fit; --zero-terminal-snr
     param_groups = _setup_network(config.network, config.optimization, config.base, model)
-    if (note := outputs.no_diffusers_file(config)) and accelerator.is_local_main_process:
-        tqdm.write(note)
     plan = None
     if config.run.dry_run or accelerator.device.type != "cpu" or PLAN_ON_CPU:
         plan = memory.plan_memory(
@@ -165,7 +163,7 @@ def setup(config: TrainConfig) -> Run | None:
 
 def _setup_accelerator(config: TrainConfig):
     """Everything that can be refused before anything loads (the optimizer and its arguments, the files the options
-    name, the output folder), then the accelerator and the global seed."""
+    name, the output folder), then the accelerator and the global seed; says when --kind gets no diffusers file."""
     optimization = config.optimization
     check_optimizer(optimization.optimizer, optimization.lr, optimization.weight_decay, parse_optimizer_args(optimization.optimizer_args))
     if config.network.init_lora is not None and not Path(config.network.init_lora).is_file():
@@ -182,6 +180,8 @@ def _setup_accelerator(config: TrainConfig):
     if accelerator.device.type == "cuda":  # TF32 products for the fp32 parts (Ampere and newer; ignored before)
         torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = "tf32" if config.base.tf32 else "ieee"
     torch.manual_seed(config.run.seed)
+    if (note := outputs.no_diffusers_file(config)) and accelerator.is_local_main_process:
+        tqdm.write(note)  # once, before anything loads: a --kind diffusers cannot load gets the kohya file alone
     return accelerator
 
 

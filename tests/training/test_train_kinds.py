@@ -6,6 +6,8 @@ LyCORIS 4.1.3's forward pass make of the written kohya file; short runs of each 
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -166,3 +168,7 @@ def test_each_kind_trains_and_resumes_bit_for_bit(kind, make_dataset, tmp_path, 
     assert any(not torch.equal(tensor, last[key]) for key, tensor in averaged.items() if key.endswith(("w1", "_b", "weight")))
     state = read_lora(straight)
     assert {type(module) for module in state.modules.values()} == {CLASSES[kind]}
+    # the header names LyCORIS's network and algo, as a LyCORIS-trained file's does
+    assert state.metadata["ss_network_module"] == "lycoris.kohya"
+    args = json.loads(state.metadata["ss_network_args"])
+    assert args["algo"] == {"loha": "loha", "lokr": "lokr", "dora": "locon"}[kind] and (args.get("dora_wd") == "True") == (kind == "dora")
