@@ -500,6 +500,8 @@ class TrainConfig:
                 raise UserError(
                     f"--output {self.run.output_dir} is inside {flag} {folder}: its sample images would become training data; choose another folder"
                 )
+        if self.network.kind == "dora" and self.base.fp8_base:  # peft's DoRA takes the norm of the stored (fp8) weight
+            raise UserError("--kind dora renormalises the base weight, which --fp8-base stores in fp8: drop one of them")
         if self.optimization.optimizer == "prodigy" and self.network.train_text_encoder:  # Prodigy: one lr for all groups
             lrs = sorted({self.optimization.lr_of(part) for part in ("unet", "text_encoder", "text_encoder_2")})
             if len(lrs) > 1:

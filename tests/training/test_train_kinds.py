@@ -138,6 +138,9 @@ def test_options_a_kind_lacks_are_refused_in_one_line(dataset, tmp_path, tiny_co
         tiny_config(dataset, tmp_path / "out", kind="dora", init_lora=str(tmp_path / "some.safetensors"))
     with pytest.raises(UserError, match="kind"):
         tiny_config(dataset, tmp_path / "out", kind="oft")
+    with pytest.raises(UserError, match="--kind dora .* --fp8-base"):
+        tiny_config(dataset, tmp_path / "out", kind="dora", fp8_base=True)
+    assert not (tmp_path / "out").exists()  # refused before anything is written
 
 
 @pytest.mark.slow  # three short runs per kind
