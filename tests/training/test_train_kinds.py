@@ -18,6 +18,7 @@ from sdlora.core.kinds import DoraModule, LohaModule, LokrModule
 from sdlora.core.state import LoraModule
 from sdlora.core.targets import text_encoder_target_modules, unet_target_modules
 from sdlora.errors import UserError
+from sdlora.inference.grid import find_checkpoints
 from sdlora.inference.merge import merge_lora
 from sdlora.models.tiny import build_tiny_pipeline
 from sdlora.training import network
@@ -171,6 +172,10 @@ def test_each_kind_trains_and_resumes_bit_for_bit(kind, make_dataset, tmp_path, 
     assert any(not torch.equal(tensor, last[key]) for key, tensor in averaged.items() if key.endswith(("w1", "_b", "weight")))
     state = read_lora(straight)
     assert {type(module) for module in state.modules.values()} == {CLASSES[kind]}
+    # `sdlora grid --lora-steps RUN` finds each checkpoint's LoRA (the kohya file where there is no diffusers file)
+    found = find_checkpoints([tmp_path / "straight"])
+    expected_name = "pytorch_lora_weights.safetensors" if kind == "dora" else "lora.safetensors"
+    assert [(c.label, c.path.name) for c in found] == [("step 1", expected_name), ("step 2", expected_name)]
     # the header names LyCORIS's network and algo, as a LyCORIS-trained file's does
     assert state.metadata["ss_network_module"] == "lycoris.kohya"
     args = json.loads(state.metadata["ss_network_args"])
