@@ -22,6 +22,7 @@ from ..storage.output_rules import WRITTEN_BY_KEY
 from ..storage.safetensors_stream import read_header, rewrite
 from . import formats
 from .families import SD1, ModelFamily, family_of_lora
+from .kinds import DoraModule
 from .state import FORMAT_METADATA_KEY, LoraState
 from .version import __version__
 
@@ -183,7 +184,8 @@ def _conv_args(state: LoraState) -> dict[str, str]:
     """kohya's network args UIs show beside network dim/alpha: conv_dim/conv_alpha of 3x3-conv (LoCon) modules,
     LyCORIS's `algo` (and `dora_wd`) for its kinds."""
     args = {}
-    kinds = [kind for kind in state.kinds() if kind != "dora"]
+    # a DoRA's algo is the kind it sits on (LyCORIS: algo=locon with dora_wd=True)
+    kinds = sorted({m.inner.kind if isinstance(m, DoraModule) else m.kind for m in state.modules.values()})
     if state.kinds() != ["lora"]:
         # LyCORIS's algo names (`lycoris.kohya` reads them), where they are not the kind's own
         args["algo"] = "+".join({"lora": "locon", "oft": "diag-oft"}.get(kind, kind) for kind in kinds)

@@ -33,7 +33,9 @@ AXES = ("weight", "checkpoint", "prompt", "seed", "sampler", "steps", "guidance"
 _TITLES = {"weight": "Weight", "checkpoint": "Checkpoint", "prompt": "Prompt", "seed": "Seed", "sampler": "Sampler", "steps": "Steps",
            "guidance": "CFG scale"}  # fmt: skip
 _DIFFUSERS_LORA = "pytorch_lora_weights.safetensors"  # diffusers' save_lora_weights name, as training writes it
-_NOT_A_LORA = {"trainable.safetensors"}  # a checkpoint's raw trainable tensors, beside its LoRA files
+# a checkpoint's raw trainable tensors, RNG states and --ema-decay's averaged tensors (training's checkpoint and ema
+# file names), beside its LoRA files: a checkpoint of a --kind without a diffusers file holds the kohya file alone
+_NOT_A_LORA = {"trainable.safetensors", "rng.safetensors", "ema.safetensors"}
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from ..models.loading import ALLOW_PICKLE_HELP, MODEL_CONFIG_HELP, MODEL_HELP
 from .optimizers import OPTIMIZER_NAMES, parse_optimizer_args
 
 PRESETS = ("attn", "attn-ff", "all")
+KINDS = ("lora", "loha", "lokr", "dora")  # what --kind trains: training/network.py builds each through peft's own layers
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 SAMPLE_VAE_TILING = ("auto", "on", "off")
 SAVE_PRECISIONS = ("fp32", "fp16", "bf16")
@@ -238,8 +239,16 @@ class BaseModelConfig(_Section):
 
 @dataclass(frozen=True)
 class NetworkConfig(_Section):
-    """The LoRA: its rank and alpha, which layers carry it, and where it starts from."""
+    """The LoRA: its kind, rank and alpha, which layers carry it, and where it starts from."""
 
+    kind: str = _opt(
+        "lora",
+        "adapter kind: lora (plain low-rank B @ A); loha (LyCORIS LoHa: Hadamard product of two low-rank products, "
+        "more expressive per parameter); lokr (LyCORIS LoKr: Kronecker product of a small and a low-rank half, very small "
+        "files); dora (LoRA with a learnt magnitude per output row: DoRA, closer to full fine-tuning). "
+        "All are written in kohya/LyCORIS's layout; the diffusers file only for lora and dora",
+        KINDS,
+    )
     rank: int = _opt(16, "LoRA rank: 4-8 for a light style, 32-128 for detailed subjects")
     alpha: float = _opt(16.0, "LoRA alpha; the update is scaled by alpha/rank")
     dropout: float = _opt(0.0, "dropout on the LoRA path; 0.05-0.1 against overfitting small sets")
@@ -256,6 +265,12 @@ class NetworkConfig(_Section):
     )
 
     def _check_values(self) -> None:
+        if self.kind in ("loha", "lokr") and self.dropout:
+            raise UserError(
+                f"--dropout is LoRA's dropout on the layer input, which {self.kind} has not: leave it at 0 with --kind {self.kind}"
+            )
+        if self.kind != "lora" and self.init_lora:
+            raise UserError(f"--init-lora continues a plain LoRA; with --kind {self.kind} training starts fresh: drop --init-lora")
         _check(self.rank >= 1, "rank", self.rank, "at least 1")
         _check(math.isfinite(self.alpha) and self.alpha > 0, "alpha", self.alpha, "a positive finite number")
         _check(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "in [0, 1)")
@@ -506,6 +521,8 @@ class TrainConfig:
                 raise UserError(
                     f"--output {self.run.output_dir} is inside {flag} {folder}: its sample images would become training data; choose another folder"
                 )
+        if self.network.kind == "dora" and self.base.fp8_base:  # peft's DoRA takes the norm of the stored (fp8) weight
+            raise UserError("--kind dora renormalises the base weight, which --fp8-base stores in fp8: drop one of them")
         if self.optimization.optimizer == "prodigy" and self.network.train_text_encoder:  # Prodigy: one lr for all groups
             lrs = sorted({self.optimization.lr_of(part) for part in ("unet", "text_encoder", "text_encoder_2")})
             if len(lrs) > 1:

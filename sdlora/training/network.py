@@ -1,6 +1,21 @@
 """Which layers get LoRA, adding it through peft, and reading the trained LoRA back as a `LoraState`.
 
-The layers come from `core.targets` (the UNet presets and the text encoders' projections).
+The layers come from `core.targets` (the UNet presets and the text encoders' projections). `--kind` picks peft's
+layer type: LoRA (`LoraConfig`), DoRA (`LoraConfig(use_dora=True)`), LoHa (`LoHaConfig`) or LoKr (`LoKrConfig`).
+What each writes as LyCORIS's kinds (`core.kinds`), with peft's scale against LyCORIS's (ComfyUI's, A1111's and
+sdlora's own reader apply LyCORIS's):
+
+- LoRA: peft alpha / r, LyCORIS alpha / r: alpha as configured.
+- DoRA: peft W' = m * (W + alpha/r B A) / ||W + alpha/r B A|| per output row (the norm over each row of a Linear,
+  over in x kh x kw of a conv); LyCORIS's `dora_scale` with `wd_on_out=True` is the same magnitude per output row,
+  stored [out, 1] / [out, 1, 1, 1] (peft keeps [out] / [1, out, 1, 1]): lora_down/up/alpha as LoRA, the magnitude
+  reshaped. (LyCORIS and sdlora add float32 eps to the norm, peft adds nothing: a relative 1e-7 apart.)
+- LoHa: peft (w1a @ w1b) * (w2a @ w2b) * alpha / r, LyCORIS the same with dim = r: factors and alpha as they are
+  (convs flattened to [out, in * kh * kw], LyCORIS's non-Tucker layout).
+- LoKr: peft kron(w1, w2) * alpha / r on every layer; LyCORIS (and ComfyUI, A1111) alpha / dim where a half is
+  factored (dim = that half's rank, r), but 1 where both halves are whole (LyCORIS `lokr.py` sets alpha = dim then):
+  a layer whose halves both came out whole (its rank at least half of each factor) has alpha / r folded into w1
+  and its alpha written as r (LyCORIS's loader needs the key; every reader ignores it there); the others keep alpha.
 """
 
 from __future__ import annotations
@@ -12,12 +27,14 @@ import torch
 from torch import nn
 
 from ..core.families import ModelFamily
+from ..core.kinds import DoraModule, LohaModule, LokrModule
 from ..core.matching import TEXT_MODEL_PREFIX, Layer, match_lora
 from ..core.state import Adapter, LoraModule, LoraState
 from ..core.targets import PRESETS, reaches_the_unet, unet_target_modules
 from ..errors import UserError
 
 INITS = ("gaussian", "default")
+KINDS = ("lora", "loha", "lokr", "dora")  # config.KINDS: what add_lora builds (peft's layer types)
 
 
 def add_lora(
@@ -32,6 +49,7 @@ def add_lora(
     conv_rank: int | None = None,
     conv_alpha: float | None = None,
     dtype: torch.dtype = torch.float32,
+    kind: str = "lora",
 ) -> list[nn.Parameter]:
     """Add a peft LoRA adapter to `target_modules` of `model`; return its (trainable, fp32) parameters.
 
@@ -42,8 +60,15 @@ def add_lora(
     `conv_rank`/`conv_alpha` (kohya's conv_dim/conv_alpha): the rank and alpha of the 3x3 convs among the targets
     (default: `rank`, `alpha`); 1x1 convs are the linear layers they stand for and keep `rank`.
     `dtype`: the LoRA parameters' dtype; fp32 unless kohya's --full-bf16 / --full-fp16 ask for half precision.
+    `kind` (module docstring): lora, dora (`init` applies to its A; the magnitude starts at the weight's row norms),
+    loha or lokr (their own inits: LoHa's w2b zero, LoKr's w2 / w2b zero as LyCORIS; no input dropout).
     """
-    from peft import LoraConfig, inject_adapter_in_model  # peft takes a second to import: only when training
+    from peft import LoHaConfig, LoKrConfig, LoraConfig, inject_adapter_in_model  # peft takes a second to import
+
+    if kind not in KINDS:
+        raise UserError(f"unknown adapter kind {kind!r}: use one of {', '.join(KINDS)}")
+    if dropout and kind in ("loha", "lokr"):
+        raise UserError(f"LoRA dropout is on the layer input, which {kind} has not: leave it at 0")
 
     if rank < 1:
         raise UserError(f"LoRA rank must be 1 or more, got {rank}")
@@ -64,15 +89,26 @@ def add_lora(
         # peft matches each pattern as a regex suffix of the module's name: the escaped full name is that layer alone
         rank_pattern = {re.escape(name): conv_rank for name in convs} if conv_rank is not None else {}
         alpha_pattern = {re.escape(name): conv_alpha for name in convs} if conv_alpha is not None else {}
-    config = LoraConfig(
-        r=rank,
-        lora_alpha=alpha,
-        lora_dropout=dropout,
-        target_modules=list(target_modules),
-        init_lora_weights="gaussian" if init == "gaussian" else True,
-        rank_pattern=rank_pattern,
-        alpha_pattern=alpha_pattern,
-    )
+    if kind == "loha":  # use_effective_conv2d off: convs as [out, in * kh * kw] products, LyCORIS's non-Tucker form
+        config = LoHaConfig(
+            r=rank, alpha=alpha, target_modules=list(target_modules), rank_pattern=rank_pattern, alpha_pattern=alpha_pattern
+        )
+    elif kind == "lokr":  # factor -1 (halves near the square root) and decompose_both off: LyCORIS's defaults
+        config = LoKrConfig(
+            r=rank, alpha=alpha, target_modules=list(target_modules), rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
+            init_weights="lycoris",
+        )  # fmt: skip
+    else:
+        config = LoraConfig(
+            r=rank,
+            lora_alpha=alpha,
+            lora_dropout=dropout,
+            target_modules=list(target_modules),
+            init_lora_weights="gaussian" if init == "gaussian" else True,
+            rank_pattern=rank_pattern,
+            alpha_pattern=alpha_pattern,
+            use_dora=kind == "dora",
+        )
     if hasattr(model, "add_adapter"):  # diffusers ModelMixin / transformers PreTrainedModel: also registers peft_config
         model.add_adapter(config, adapter_name=adapter_name)
     else:
@@ -84,6 +120,8 @@ def add_lora(
         param.data = param.data.to(dtype)
         param.requires_grad_(True)
     if generator is not None:
+        if kind in ("loha", "lokr"):
+            raise UserError(f"a LoRA init generator redraws lora_A, which {kind} has not")
         _init_from_generator(model, adapter_name, init, generator)
     return params
 
@@ -187,29 +225,108 @@ def _lora_layers(model: nn.Module, adapter_name: str | None) -> dict[str, nn.Mod
     return {name: layer for name, layer in layers.items() if adapter_name in layer.lora_A}
 
 
-def lora_parameters(model: nn.Module, adapter_name: str | None = None) -> list[nn.Parameter]:
-    """The lora_A/lora_B parameters of `model` (of one adapter, or all adapters when `adapter_name` is None)."""
+def _adapter_layers(model: nn.Module, adapter_name: str | None) -> dict[str, nn.Module]:
+    """peft adapter layers of any kind trained here (LoRA/DoRA, LoHa, LoKr) holding `adapter_name` (any when None)."""
+    from peft.tuners.loha import LoHaLayer  # peft takes a second to import: only when training
+    from peft.tuners.lokr import LoKrLayer
+
+    layers = _lora_layers(model, adapter_name)
+    for name, module in model.named_modules():
+        if isinstance(module, LoHaLayer | LoKrLayer):
+            held = module._available_adapters
+            if held if adapter_name is None else adapter_name in held:
+                layers[name] = module
+    return layers
+
+
+def _layer_parameters(layer: nn.Module, adapter_name: str) -> list[nn.Parameter]:
+    """`adapter_name`'s parameters in `layer`, from peft's own list of its adapter containers (`adapter_layer_names`:
+    lora_A/lora_B/lora_magnitude_vector, hada_*, lokr_*)."""
     params: list[nn.Parameter] = []
-    for layer in _lora_layers(model, adapter_name).values():
-        for name in layer.lora_A if adapter_name is None else [adapter_name]:
-            params.extend(layer.lora_A[name].parameters())
-            params.extend(layer.lora_B[name].parameters())
+    for attribute in layer.adapter_layer_names:
+        container = getattr(layer, attribute)
+        if adapter_name in container:
+            entry = container[adapter_name]
+            params.extend([entry] if isinstance(entry, nn.Parameter) else entry.parameters())
     return params
+
+
+def lora_parameters(model: nn.Module, adapter_name: str | None = None) -> list[nn.Parameter]:
+    """The adapter parameters of `model` (lora_A/lora_B and DoRA's magnitude, LoHa's hada_*, LoKr's lokr_*), of one
+    adapter, or all adapters when `adapter_name` is None."""
+    params: list[nn.Parameter] = []
+    for layer in _adapter_layers(model, adapter_name).values():
+        names = adapter_name and [adapter_name]
+        if not names:
+            names = list(layer.lora_A) if hasattr(layer, "lora_A") else sorted(layer._available_adapters)
+        for name in names:
+            params.extend(_layer_parameters(layer, name))
+    unique = {id(param): param for param in params}  # a parameter peft lists under two containers is trained once
+    return list(unique.values())
+
+
+def _cpu(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().to("cpu", torch.float32, copy=True)
+
+
+def _to_adapter(layer: nn.Module, name: str, adapter_name: str) -> Adapter:
+    """One trained peft layer as the `core` kind the kohya file holds it as, at the scale LyCORIS applies (module
+    docstring): LoRA, DoRA over LoRA, LoHa or LoKr."""
+    from peft.tuners.loha import LoHaLayer  # peft takes a second to import: only when training
+    from peft.tuners.lokr import LoKrLayer
+
+    if isinstance(layer, LoHaLayer):
+        names = {"w1a": "hada_w1_a", "w1b": "hada_w1_b", "w2a": "hada_w2_a", "w2b": "hada_w2_b", "t1": "hada_t1", "t2": "hada_t2"}
+        factors = {
+            key: _cpu(getattr(layer, attribute)[adapter_name])
+            for key, attribute in names.items()
+            if adapter_name in getattr(layer, attribute)
+        }
+        return LohaModule(alpha=_alpha(layer, adapter_name), **factors)
+    if isinstance(layer, LoKrLayer):
+        factors = {
+            key: _cpu(getattr(layer, attribute)[adapter_name])
+            for key, attribute in (
+                ("w1", "lokr_w1"),
+                ("w1a", "lokr_w1_a"),
+                ("w1b", "lokr_w1_b"),
+                ("w2", "lokr_w2"),
+                ("w2a", "lokr_w2_a"),
+                ("w2b", "lokr_w2_b"),
+                ("t2", "lokr_t2"),
+            )  # fmt: skip
+            if adapter_name in getattr(layer, attribute)
+        }
+        if "w1" in factors and "w2" in factors:  # LyCORIS's scale is 1 here: peft's alpha / r goes into w1
+            factors["w1"] = factors["w1"] * layer.scaling[adapter_name]
+            return LokrModule(alpha=float(layer.r[adapter_name]), **factors)  # alpha there for LyCORIS's loader, unused
+        return LokrModule(alpha=_alpha(layer, adapter_name), **factors)
+    lora = _to_lora_module(layer, name, adapter_name)
+    if not layer.use_dora.get(adapter_name, False):
+        return lora
+    magnitude = _cpu(layer.lora_magnitude_vector[adapter_name].weight)
+    return DoraModule(lora, magnitude.reshape(lora.up.shape[0], *[1] * (lora.down.ndim - 1)), on_output=True)
+
+
+def _alpha(layer: nn.Module, adapter_name: str) -> float:
+    """alpha in LyCORIS's sense (scale * r) of a peft LoHa/LoKr layer: its configured alpha where that is exact."""
+    rank = layer.r[adapter_name]
+    alpha = layer.scaling[adapter_name] * rank
+    configured = float(layer.alpha[adapter_name])
+    return configured if math.isclose(alpha, configured, rel_tol=1e-9) else alpha
 
 
 def _to_lora_module(layer: nn.Module, name: str, adapter_name: str) -> LoraModule:
     # getattr: layers of older peft versions have no lora_bias at all
-    if layer.use_dora.get(adapter_name, False) or getattr(layer, "lora_bias", {}).get(adapter_name, False):
-        raise UserError(f"LoRA layer {name} uses DoRA or a LoRA bias, which LoRA files cannot hold")
+    if getattr(layer, "lora_bias", {}).get(adapter_name, False):
+        raise UserError(f"LoRA layer {name} uses a LoRA bias, which LoRA files cannot hold")
     rank = layer.r[adapter_name]
     # scaling is alpha / r (alpha / sqrt(r) with rsLoRA, times any set_adapters weight): alpha in our sense is scaling * r
     alpha = layer.scaling[adapter_name] * rank
     configured = float(layer.lora_alpha[adapter_name])
     if math.isclose(alpha, configured, rel_tol=1e-9):
         alpha = configured  # the exact configured value, not one rounded through alpha / r * r
-    down = layer.lora_A[adapter_name].weight.detach().to("cpu", torch.float32, copy=True)
-    up = layer.lora_B[adapter_name].weight.detach().to("cpu", torch.float32, copy=True)
-    return LoraModule(down, up, alpha)
+    return LoraModule(_cpu(layer.lora_A[adapter_name].weight), _cpu(layer.lora_B[adapter_name].weight), alpha)
 
 
 def extract_lora_state(models: dict[str, nn.Module], adapter_name: str = "default") -> LoraState:
@@ -220,8 +337,8 @@ def extract_lora_state(models: dict[str, nn.Module], adapter_name: str = "defaul
     """
     modules: dict[str, Adapter] = {}
     for component, model in models.items():
-        for name, layer in _lora_layers(model, adapter_name).items():
-            modules[f"{component}.{_canonical(component, name)}"] = _to_lora_module(layer, name, adapter_name)
+        for name, layer in _adapter_layers(model, adapter_name).items():
+            modules[f"{component}.{_canonical(component, name)}"] = _to_adapter(layer, name, adapter_name)
     if not modules:
         raise UserError(f"the model has no LoRA adapter named {adapter_name!r}")
     return LoraState(modules)

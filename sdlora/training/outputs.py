@@ -12,6 +12,7 @@ import torch
 
 from ..core.families import ModelFamily
 from ..core.files import write_diffusers, write_kohya
+from ..core.kinds import KIND_NAMES
 from ..core.state import LoraState
 from ..core.version import __version__
 from ..models.loading import SINGLE_FILE_SUFFIXES, is_builtin_model, is_hub_id
@@ -24,6 +25,8 @@ from .optimizers import optimizer_label, parse_optimizer_args
 from .validation import SAMPLES_DIR
 
 DIFFUSERS_FILE = f"{DIFFUSERS_STEM}.safetensors"
+# the --kind values diffusers' load_lora_weights can load (through peft); the others are written as kohya files only
+DIFFUSERS_KINDS = ("lora", "dora")  # DoRA through peft's use_dora
 EMA_SUFFIX = "_ema"  # the --ema-decay average's files: pytorch_lora_weights_ema.safetensors, NAME_ema.safetensors
 STARTED_AT = str(int(time.time()))
 
@@ -179,16 +182,33 @@ def lora_writers(
 ) -> dict[str, Callable[[Path], None]]:
     """The run's two LoRA files by name, each as a function that writes it to a path: the diffusers file
     (save_lora_weights, alpha in its header) and the kohya file with the training metadata, both for `family`;
-    `suffix` after each stem (the EMA's files)."""
+    `suffix` after each stem (the EMA's files). A --kind diffusers cannot load (`DIFFUSERS_KINDS`) gets the kohya
+    file alone."""
     metadata = training_metadata(config, records, datasets)
     if config.run.save_precision != "fp32":  # kohya's save_precision: the files' weights rounded once, as kohya saves them
         state = state.to({"fp16": torch.float16, "bf16": torch.bfloat16}[config.run.save_precision])
     if suffix:
         metadata["ss_output_name"] = config.run.name + suffix
-    return {
+    writers = {
         DIFFUSERS_FILE.replace(".safetensors", suffix + ".safetensors"): lambda path: write_diffusers(state, path, family),
         kohya_file(config).replace(".safetensors", suffix + ".safetensors"): lambda path: write_kohya(state, path, metadata, family),
     }
+    if config.network.kind not in DIFFUSERS_KINDS:
+        del writers[DIFFUSERS_FILE.replace(".safetensors", suffix + ".safetensors")]
+    return writers
+
+
+def no_diffusers_file(config: TrainConfig) -> str | None:
+    """The line a run prints once when its --kind gets no diffusers file; None when it gets one."""
+    if config.network.kind in DIFFUSERS_KINDS:
+        return None
+    kind = KIND_NAMES[config.network.kind]
+    return f"--kind {config.network.kind}: diffusers cannot load {kind} files, so this run writes the kohya file {kohya_file(config)} only (A1111, Forge, ComfyUI, sdlora load it)"
+
+
+def main_file(config: TrainConfig) -> str:
+    """The run's first LoRA file: the diffusers file, or the kohya file for a --kind diffusers cannot load."""
+    return DIFFUSERS_FILE if config.network.kind in DIFFUSERS_KINDS else kohya_file(config)
 
 
 def write_config_and_card(config: TrainConfig, family: ModelFamily, num_images: int, out: Path) -> None:
@@ -203,6 +223,14 @@ def model_card(config: TrainConfig, family: ModelFamily, num_images: int, out: P
     """The run's README.md: what it was trained on, its settings, its files and how to use it."""
     grids = sorted((out / SAMPLES_DIR).glob("step-*.png"))
     sample = f"![samples]({SAMPLES_DIR}/{grids[-1].name})\n" if grids else ""
+    diffusers = config.network.kind in DIFFUSERS_KINDS
+    diffusers_line = "- `pytorch_lora_weights.safetensors`: diffusers (`pipe.load_lora_weights(folder)`).\n" if diffusers else ""
+    kind_note = "" if config.network.kind == "lora" else f" (a {KIND_NAMES[config.network.kind]} in LyCORIS's layout)"
+    usage = (
+        f'pipe.load_lora_weights("{out}")'
+        if diffusers
+        else f'# diffusers cannot load {KIND_NAMES[config.network.kind]}: sdlora merges it into the weights\nfrom sdlora import load_lora\nload_lora(pipe, "{out / kohya_file(config)}")'
+    )
     trigger = f"Trigger word: **{config.data.trigger}** (put it in your prompt).\n" if config.data.trigger else "No trigger word.\n"
     return f"""---
 {_base_model_line(config.base.model)}library_name: diffusers
@@ -216,7 +244,7 @@ A LoRA for Stable Diffusion trained with sdlora on {num_images} images from `{co
 | setting | value |
 | --- | --- |
 | base model | `{config.base.model}` |
-| rank / alpha | {config.network.rank} / {config.network.alpha:g} |
+| kind, rank / alpha | {KIND_NAMES[config.network.kind]}, {config.network.rank} / {config.network.alpha:g} |
 | layers | `{config.network.preset}`{" + text encoder" if config.network.train_text_encoder else ""} |
 | steps x batch | {config.optimization.steps} x {config.data.batch_size} (accumulation {config.optimization.grad_accum}) |
 | learning rate | {config.optimization.lr:g} ({config.optimization.lr_scheduler}, warm-up {config.optimization.lr_warmup_steps}) |
@@ -225,15 +253,14 @@ A LoRA for Stable Diffusion trained with sdlora on {num_images} images from `{co
 | seed | {config.run.seed} |
 
 ## Files
-- `pytorch_lora_weights.safetensors`: diffusers (`pipe.load_lora_weights(folder)`).
-- `{config.run.name}.safetensors`: A1111 / Forge (`models/Lora`), ComfyUI (`models/loras`), kohya's sd-scripts.
+{diffusers_line}- `{config.run.name}.safetensors`: A1111 / Forge (`models/Lora`), ComfyUI (`models/loras`), kohya's sd-scripts{kind_note}.
 - `config.toml`: the exact settings; `sdlora train --config config.toml` repeats the run.
 - `metrics.jsonl`: loss, learning rate and validation loss per step.
 
 ## Use with diffusers
 ```python
 {_pipeline_code(config.base.model, family)}
-pipe.load_lora_weights("{out}")
+{usage}
 image = pipe("{(config.samples.validation_prompts or [config.data.trigger or "a picture"])[0]}").images[0]
 ```
 """

@@ -77,8 +77,8 @@ class Run:
 
 
 def train(config: TrainConfig) -> Path | None:
-    """Train a LoRA as `config` says; returns the path of the diffusers-format file in `config.run.output_dir`
-    (None after --dry-run's memory plan)."""
+    """Train a LoRA as `config` says; returns the path of the diffusers-format file in `config.run.output_dir`, the
+    kohya file for a --kind diffusers cannot load (None after --dry-run's memory plan)."""
     out = Path(config.run.output_dir)
     run: Run | None = None
     with _explain_full_disk(out, lambda: run.state.step if run else 0):
@@ -146,7 +146,7 @@ def setup(config: TrainConfig) -> Run | None:
 
 def _setup_accelerator(config: TrainConfig):
     """Everything that can be refused before anything loads (the optimizer and its arguments, the files the options
-    name, the output folder), then the accelerator and the global seed."""
+    name, the output folder), then the accelerator and the global seed; says when --kind gets no diffusers file."""
     optimization = config.optimization
     check_optimizer(optimization.optimizer, optimization.lr, optimization.weight_decay, parse_optimizer_args(optimization.optimizer_args))
     if config.network.init_lora is not None and not Path(config.network.init_lora).is_file():
@@ -163,6 +163,8 @@ def _setup_accelerator(config: TrainConfig):
     if accelerator.device.type == "cuda":  # TF32 products for the fp32 parts (Ampere and newer; ignored before)
         torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = "tf32" if config.base.tf32 else "ieee"
     torch.manual_seed(config.run.seed)
+    if (note := outputs.no_diffusers_file(config)) and accelerator.is_local_main_process:
+        tqdm.write(note)  # once, before anything loads: a --kind diffusers cannot load gets the kohya file alone
     return accelerator
 
 
@@ -226,7 +228,7 @@ def _setup_network(options: NetworkConfig, optimization: OptimizationConfig, bas
     lora_dtype = model.dtype if base.full_bf16 or base.full_fp16 else torch.float32
     unet_params = network.add_lora(
         model.unet, targets.unet_target_modules(model.unet, options.preset), options.rank, options.alpha, options.dropout,
-        conv_rank=options.conv_rank, conv_alpha=options.conv_alpha, dtype=lora_dtype,
+        conv_rank=options.conv_rank, conv_alpha=options.conv_alpha, dtype=lora_dtype, kind=options.kind,
     )  # fmt: skip
     param_groups = [{"params": unet_params, "lr": optimization.lr}]
     trained = {"unet": model.unet}
@@ -234,7 +236,7 @@ def _setup_network(options: NetworkConfig, optimization: OptimizationConfig, bas
         for component, encoder in model.text_encoders.items():
             params = network.add_lora(
                 encoder, targets.text_encoder_target_modules(encoder, spec=model.family.text_encoder(component)), options.rank, options.alpha,
-                options.dropout, dtype=lora_dtype,
+                options.dropout, dtype=lora_dtype, kind=options.kind,
             )  # fmt: skip
             param_groups.append({"params": params, "lr": optimization.lr_of(component)})
             trained[component] = encoder
@@ -661,4 +663,4 @@ def save_outputs(run: Run) -> Path:
                 write(out / name)
         outputs.write_config_and_card(run.config, run.model.family, len(run.records), out)
     run.accelerator.wait_for_everyone()
-    return out / outputs.DIFFUSERS_FILE
+    return out / outputs.main_file(run.config)

@@ -12,7 +12,7 @@ from ..kinds import KIND_NAMES, DoraModule
 from ..state import Adapter, LoraModule, LoraState
 from .ldm import ldm_table_of, ldm_unet_key
 from .mmdit import to_mmdit
-from .names import DIFFUSERS, KIND_KEYS, KOHYA_ALPHA, KOHYA_UNET_PREFIX, METADATA_KEY, SHARED_KEYS, SUFFIXES, kohya_name
+from .names import DIFFUSERS, KIND_KEYS, KOHYA_ALPHA, KOHYA_UNET_PREFIX, METADATA_KEY, PEFT_MAGNITUDE, SHARED_KEYS, SUFFIXES, kohya_name
 
 
 def lora_config_kwargs(state: LoraState, component: str) -> dict:
@@ -26,29 +26,48 @@ def lora_config_kwargs(state: LoraState, component: str) -> dict:
         "rank_pattern": {path: m.rank for path, m in modules.items() if m.rank != rank},
         "alpha_pattern": {path: m.effective_alpha for path, m in modules.items() if m.effective_alpha != alpha},
         "target_modules": sorted(modules),
-        "use_dora": False,
+        "use_dora": any(isinstance(m, DoraModule) for m in modules.values()),
         "lora_bias": False,
     }
 
 
 def to_diffusers_layers(state: LoraState) -> dict[str, tuple[dict[str, torch.Tensor], dict]]:
-    """{component: (peft state dict without the component prefix, LoraConfig kwargs)} for save_lora_weights."""
+    """{component: (peft state dict without the component prefix, LoraConfig kwargs)} for save_lora_weights.
+
+    Plain LoRA, and DoRA over LoRA with its magnitude per output row (peft's `use_dora`, which diffusers loads): the
+    magnitude as peft keeps it, `lora_magnitude_vector` [out] for a Linear, [1, out, 1, 1] for a conv. peft's
+    use_dora is per component, so a component holds DoRA on every module or on none."""
     down_suffix, up_suffix = SUFFIXES[DIFFUSERS]
-    loras = {path: module for path, module in state.modules.items() if isinstance(module, LoraModule)}
-    other = next((path for path in state.modules if path not in loras), None)
-    if other is not None:
-        kind = KIND_NAMES[state.modules[other].kind]
-        raise UserError(
-            f"the diffusers format holds plain LoRA, and {other} is {kind}: write it as kohya, or convert it to a LoRA with --rank"
-        )
+    loras: dict[str, LoraModule] = {}
+    magnitudes: dict[str, torch.Tensor] = {}
+    for path, module in state.modules.items():
+        if isinstance(module, DoraModule) and isinstance(module.inner, LoraModule) and module.on_output:
+            loras[path] = module.inner
+            out = module.inner.up.shape[0]
+            magnitudes[path] = module.magnitude.reshape(out) if module.inner.down.ndim == 2 else module.magnitude.reshape(1, out, 1, 1)
+        elif isinstance(module, LoraModule):
+            loras[path] = module
+        else:
+            kind = KIND_NAMES[module.kind] + (f" over {KIND_NAMES[module.inner.kind]}" if isinstance(module, DoraModule) else "")
+            raise UserError(
+                f"the diffusers format holds plain LoRA and peft's DoRA, and {path} is {kind}: write it as kohya, or convert it to a LoRA with --rank"
+            )
     layers = {}
     for component in state.components():
         tensors = {}
         prefix = component + "."
-        for path, module in loras.items():
-            if path.startswith(prefix):
-                tensors[path[len(prefix) :] + down_suffix] = module.down.contiguous()
-                tensors[path[len(prefix) :] + up_suffix] = module.up.contiguous()
+        paths = [path for path in loras if path.startswith(prefix)]
+        if 0 < sum(path in magnitudes for path in paths) < len(paths):
+            raise UserError(
+                f"the diffusers format takes DoRA on all of a component's modules or none, and {component} mixes DoRA and LoRA: write it as kohya"
+            )
+        for path in paths:
+            module = loras[path]
+            tensors[path[len(prefix) :] + down_suffix] = module.down.contiguous()
+            tensors[path[len(prefix) :] + up_suffix] = module.up.contiguous()
+            if path in magnitudes:  # diffusers' text-encoder loader keeps the name as it is: there with `.weight`
+                suffix = PEFT_MAGNITUDE[1] if component == "unet" else PEFT_MAGNITUDE[0]
+                tensors[path[len(prefix) :] + "." + suffix] = magnitudes[path].contiguous()
         layers[component] = (tensors, lora_config_kwargs(state, component))
     return layers
 
@@ -109,6 +128,9 @@ def to_kohya(state: LoraState, family: ModelFamily) -> dict[str, torch.Tensor]:
         }
         for field, tensor in module.factors().items():
             tensors[f"{key}.{names[field]}"] = tensor.contiguous()
-        if module.effective_alpha is not None:
-            tensors[key + KOHYA_ALPHA] = torch.tensor(module.effective_alpha, dtype=torch.float32)
+        # LoKr with both halves whole has scale 1 and no effective alpha, but keeps the alpha it was given: LyCORIS's
+        # loader needs the key (every reader ignores its value there)
+        alpha = module.effective_alpha if module.effective_alpha is not None else module.alpha
+        if alpha is not None:
+            tensors[key + KOHYA_ALPHA] = torch.tensor(alpha, dtype=torch.float32)
     return tensors
