@@ -149,7 +149,9 @@ def _text_encoder_lr(value: Any, config: dict[str, Any]) -> Options:
 
 
 # network_args that sdlora carries out (the others: not yet, one line each)
-_NETWORK_ARGS = ("conv_dim", "conv_alpha", "algo", "preset")
+_NETWORK_ARGS = ("conv_dim", "conv_alpha", "algo", "preset", "dora_wd", "factor")
+# LyCORIS's algo -> sdlora's --kind (dora: algo lora/locon with dora_wd=True, as LyCORIS writes it)
+KOHYA_ALGOS = {"lora": "lora", "locon": "lora", "loha": "loha", "lokr": "lokr"}
 _NOT_YET = "is not supported by sdlora's training yet"
 
 
@@ -167,14 +169,24 @@ def _network(value: Any, config: dict[str, Any]) -> Options:
             raise UserError(f"kohya config: network_args item {item!r} is not key=value")
         args[key.strip()] = text.strip()
     algo = args.get("algo", "lora")
-    if algo not in ("lora", "locon"):
-        raise UserError(f"kohya config: network_args algo={algo} (LyCORIS {algo}) {_NOT_YET}: sdlora trains algo=lora and algo=locon")
+    if algo not in KOHYA_ALGOS:
+        raise UserError(
+            f"kohya config: network_args algo={algo} (LyCORIS {algo}) {_NOT_YET}: sdlora trains algo=lora, locon, loha and lokr "
+            "(and dora_wd=True with lora/locon)"
+        )
     for key in args:
-        if key not in _NETWORK_ARGS or (key in ("algo", "preset") and module != "lycoris.kohya"):
+        if key not in _NETWORK_ARGS or (key in ("algo", "preset", "dora_wd", "factor") and module != "lycoris.kohya"):
             raise UserError(f"kohya config: network_args {key}={args[key]} {_NOT_YET} (sdlora carries out conv_dim, conv_alpha)")
     if args.get("preset", "full") != "full":
         raise UserError(f"kohya config: network_args preset={args['preset']} {_NOT_YET}: sdlora trains LyCORIS's full preset")
-    options: Options = {"preset": "attn-ff"}
+    if args.get("factor", "-1").strip() != "-1":  # LyCORIS's default: the most balanced split of each dimension
+        raise UserError(f"kohya config: network_args factor={args['factor']} {_NOT_YET}: sdlora's LoKr splits as LyCORIS's factor=-1")
+    kind = KOHYA_ALGOS[algo]
+    if args.get("dora_wd", "false").strip().lower() in ("true", "1"):
+        if kind != "lora":
+            raise UserError(f"kohya config: network_args dora_wd=True with algo={algo}: sdlora trains DoRA on algo=lora/locon")
+        kind = "dora"
+    options: Options = {"preset": "attn-ff", "kind": kind}
     try:
         if int(args.get("conv_dim", 0)):
             options |= {"preset": "all", "conv_rank": int(args["conv_dim"]), "conv_alpha": float(args.get("conv_alpha", 1))}

@@ -138,6 +138,10 @@ def test_sdxl_example_with_lycoris_locon(tmp_path):
         ("save_every_n_steps = 200\nsave_last_n_steps = 600", {"checkpoint_every": 200, "keep_checkpoints": 3}),
         ("random_crop = true\nflip_aug = true", {"crop": "random", "flip": True}),
         ('train_data_dir = "img"\nreg_data_dir = "reg"', {"data_dir": "img", "reg_data": "reg"}),
+        ('network_module = "lycoris.kohya"\nnetwork_args = ["algo=loha"]', {"kind": "loha", "preset": "attn-ff"}),
+        ('network_module = "lycoris.kohya"\nnetwork_args = ["algo=lokr", "factor=-1"]', {"kind": "lokr"}),
+        ('network_module = "lycoris.kohya"\nnetwork_args = ["algo=locon", "dora_wd=True", "conv_dim=4"]', {"kind": "dora", "conv_rank": 4}),
+        ('network_module = "networks.lora"', {"kind": "lora"}),
     ],
 )
 def test_keys_whose_meaning_differs_are_converted(tmp_path, text, expected):
@@ -258,7 +262,9 @@ def test_command_line_is_equivalent(tmp_path):
         ('network_dim = "8"', "network_dim = '8' must be int"),
         ("shuffle_caption = 1", "shuffle_caption = 1 must be bool"),
         ('network_module = "networks.dylora"', "network_module = 'networks.dylora' is not supported by sdlora's training yet"),
-        ('network_module = "lycoris.kohya"\nnetwork_args = ["algo=lokr", "factor=8"]', "algo=lokr (LyCORIS lokr) is not supported"),
+        ('network_module = "lycoris.kohya"\nnetwork_args = ["algo=lokr", "factor=8"]', "factor=8 is not supported"),
+        ('network_module = "lycoris.kohya"\nnetwork_args = ["algo=glora"]', "algo=glora (LyCORIS glora) is not supported"),
+        ('network_module = "lycoris.kohya"\nnetwork_args = ["algo=loha", "dora_wd=True"]', "dora_wd=True with algo=loha"),
         ('network_args = ["loraplus_lr_ratio=16"]', "network_args loraplus_lr_ratio=16 is not supported"),
         ('network_args = ["down_lr_weight=0.5,0.5,0.5,0.5,1.0,1.0,1.0,1.0,1.5,1.5,1.5,1.5"]', "down_lr_weight"),
         ("masked_loss = true", "masked_loss = True is not carried out by sdlora: masked loss is not supported"),
