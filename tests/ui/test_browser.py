@@ -67,7 +67,7 @@ def test_the_page_draws_the_training_form_and_shows_a_bad_value_at_its_field(ui,
     browser.find_element(By.ID, "train-toml").click()
     toml = browser.find_element(By.ID, "train-toml-text")
     WebDriverWait(browser, 30).until(lambda _: toml.is_displayed())
-    assert "[network]\nrank = 4\n" in toml.text and f'data_dir = "{ui_root / "data"}"' in toml.text
+    assert '[network]\nkind = "lora"\nrank = 4\n' in toml.text and f'data_dir = "{ui_root / "data"}"' in toml.text
     assert error.text == "" and browser.find_element(By.ID, "train-message").text == "the options are valid"
     # the dataset page: a caption edited in place is the .txt beside the image on disk
     browser.find_element(By.CSS_SELECTOR, '#tabs button[data-tab="dataset"]').click()

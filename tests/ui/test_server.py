@@ -108,7 +108,7 @@ def test_a_valid_form_checks_without_starting_and_gives_the_config_toml_of_the_s
     options = {"data_dir": "data", "output_dir": "out", "rank": 4, "alpha": 2.0, "validation_prompts": ["a", "b"], "buckets": False}
     assert client.post("/api/check", options) == (200, {"ok": True})
     status, answer = client.post("/api/toml", options)
-    assert status == 200 and "[network]\nrank = 4\nalpha = 2.0\n" in answer["toml"]
+    assert status == 200 and '[network]\nkind = "lora"\nrank = 4\nalpha = 2.0\n' in answer["toml"]
     (tmp_path / "config.toml").write_text(answer["toml"])
     resolved = options | {"data_dir": str(ui_root / "data"), "output_dir": str(ui_root / "out")}
     assert TrainConfig.from_options(**load_toml(tmp_path / "config.toml")) == TrainConfig.from_options(**resolved)
