@@ -184,22 +184,27 @@ TINY_VAE_LOGVAR = -12.0
 TINY_VAE_SCALING = 3.64
 
 
-def _tiny_vae():
-    """The tiny models' VAE: 2 levels (a factor 2), its encoder near-deterministic."""
+def _tiny_vae(near_deterministic: bool = True, **config):
+    """The tiny models' VAE: 2 levels (a factor 2), 4 latent channels unless `config` says otherwise, its encoder
+    near-deterministic unless told not to."""
     from diffusers import AutoencoderKL  # only when a tiny model is built
 
     vae = AutoencoderKL(
-        block_out_channels=(32, 64),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        sample_size=64,
-        norm_num_groups=32,
-        scaling_factor=TINY_VAE_SCALING,
+        **{
+            "block_out_channels": (32, 64),
+            "in_channels": 3,
+            "out_channels": 3,
+            "down_block_types": ("DownEncoderBlock2D", "DownEncoderBlock2D"),
+            "up_block_types": ("UpDecoderBlock2D", "UpDecoderBlock2D"),
+            "latent_channels": 4,
+            "sample_size": 64,
+            "norm_num_groups": 32,
+            "scaling_factor": TINY_VAE_SCALING,
+            **config,
+        }
     )
-    make_encoder_near_deterministic(vae)
+    if near_deterministic:
+        make_encoder_near_deterministic(vae)
     return vae
 
 
@@ -395,7 +400,7 @@ def build_tiny_sd3_pipeline(seed: int = TINY_SEED, with_t5: bool = True):
     norms), the last with no context MLP (`context_pre_only`); CLIP-L 32 and CLIP-G 48 wide, both with projection;
     T5 96 wide (optional: `with_t5=False` leaves it out, as the pipeline allows); a 16-channel VAE with SD3's shift.
     """
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline  # only when built
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline  # only when built
 
     torch.manual_seed(seed)
     text_encoder = _text_encoder(hidden=32, intermediate=37, heads=4, layers=5, projection=32, with_projection=True)
@@ -418,19 +423,8 @@ def build_tiny_sd3_pipeline(seed: int = TINY_SEED, with_t5: bool = True):
         dual_attention_layers=(0,),
         qk_norm="rms_norm",
     )
-    vae = AutoencoderKL(
-        block_out_channels=(32, 64),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=16,
-        sample_size=64,
-        norm_num_groups=32,
-        scaling_factor=TINY_VAE_SCALING,
-        shift_factor=TINY_SD3_VAE_SHIFT,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
+    vae = _tiny_vae(
+        near_deterministic=False, latent_channels=16, shift_factor=TINY_SD3_VAE_SHIFT, use_quant_conv=False, use_post_quant_conv=False
     )
     return StableDiffusion3Pipeline(
         transformer=transformer.eval(),
