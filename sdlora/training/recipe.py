@@ -29,7 +29,7 @@ from ..errors import UserError
 from ..inference.samplers import set_sampler
 from ..storage import output_rules
 from ..storage.atomic import remove_leftover_temporaries
-from . import checkpoint, ema, memory, network, outputs
+from . import blocks, checkpoint, ema, memory, network, outputs
 from .base_model import BaseModel, load_base_model
 from .buckets import BucketBatchSampler, Size
 from .cache import BatchEncoder, ImageLoader, build_caches, fill_caches
@@ -226,20 +226,27 @@ def _setup_network(options: NetworkConfig, optimization: OptimizationConfig, bas
     resumed checkpoint later overrides it); fp32 unless --full-bf16/--full-fp16. Returns the optimizer's parameter
     groups, each at its component's learning rate; `model.trained` names the components."""
     lora_dtype = model.dtype if base.full_bf16 or base.full_fp16 else torch.float32
-    unet_params = network.add_lora(
-        model.unet, targets.unet_target_modules(model.unet, options.preset), options.rank, options.alpha, options.dropout,
+    unet_targets = targets.unet_target_modules(model.unet, options.preset)
+    plan = blocks.block_plan(model.unet, unet_targets, options, model.family)  # kohya's block_dims / *_lr_weight
+    network.add_lora(
+        model.unet, list(plan.ranks) if plan else unet_targets, options.rank, options.alpha, options.dropout,
         conv_rank=options.conv_rank, conv_alpha=options.conv_alpha, dtype=lora_dtype, kind=options.kind,
+        module_ranks=plan.ranks if plan else None,
     )  # fmt: skip
-    param_groups = [{"params": unet_params, "lr": optimization.lr}]
+    param_groups = network.parameter_groups(
+        model.unet, optimization.lr, optimization.loraplus_ratio("unet"), plan.lr_weight if plan and plan.lr_weights else None
+    )
     trained = {"unet": model.unet}
     if options.train_text_encoder:
         for component, encoder in model.text_encoders.items():
-            params = network.add_lora(
+            network.add_lora(
                 encoder, targets.text_encoder_target_modules(encoder, spec=model.family.text_encoder(component)), options.rank, options.alpha,
                 options.dropout, dtype=lora_dtype, kind=options.kind,
             )  # fmt: skip
-            param_groups.append({"params": params, "lr": optimization.lr_of(component)})
+            param_groups += network.parameter_groups(encoder, optimization.lr_of(component), optimization.loraplus_ratio(component))
             trained[component] = encoder
+    for part in trained.values():
+        network.add_kohya_dropout(part, options.network_dropout, options.rank_dropout, options.module_dropout)
     model.trained = tuple(trained)
     if options.init_lora:
         state = read_lora(options.init_lora, allow_pickle=base.allow_pickle)
@@ -415,6 +422,7 @@ def _start_or_resume(run: Run) -> None:
 def run_steps(run: Run) -> None:
     """Train from `run.state.step` to `config.optimization.steps`, with checkpoints, validation and metrics along the way."""
     config, accelerator, state, metrics = run.config, run.accelerator, run.state, run.metrics
+    _adapters_training(run, False)  # LoRA dropouts only in the steps, never in the held-out loss or the samples
     if state.step == 0 and config.samples.sample_at_first:
         run.validator.evaluate(metrics, 0)  # the base model's samples (and loss), to compare the LoRA against
     elif state.step == 0 and run.validator.records:
@@ -423,14 +431,17 @@ def run_steps(run: Run) -> None:
     batches = _Batches(run)
     with contextlib.closing(bar):  # closed on errors too, so an error message starts on a line of its own
         while state.step < config.optimization.steps:
-            loss, grad_norm, skipped = _optimizer_step(run, batches)
+            _adapters_training(run, True)
+            loss, grad_norm, skipped, norms = _optimizer_step(run, batches)
+            _adapters_training(run, False)
             state.step += 1
             state.skipped_steps += skipped
-            lr = run.lr_scheduler.get_last_lr()[0]
+            # the UNet's base rate: group 0 may be a block's (block learning-rate weights) at a multiple of it
+            lr = run.lr_scheduler.get_last_lr()[0] * config.optimization.lr / run.lr_scheduler.base_lrs[0]
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", **({"skipped": state.skipped_steps} if state.skipped_steps else {}))
             scaled = {"skipped_steps": state.skipped_steps} if accelerator.scaler is not None else {}  # fp16's overflows
-            metrics.log(state.step, loss=loss, lr=lr, grad_norm=grad_norm, epoch=state.epoch, **scaled)
+            metrics.log(state.step, loss=loss, lr=lr, grad_norm=grad_norm, epoch=state.epoch, **scaled, **norms)
             if config.run.checkpoint_every and state.step % config.run.checkpoint_every == 0 and state.step < config.optimization.steps:
                 _save_checkpoint(run)
             if config.samples.validate_every and state.step % config.samples.validate_every == 0 and state.step < config.optimization.steps:
@@ -439,6 +450,12 @@ def run_steps(run: Run) -> None:
     run.validator.evaluate(metrics, state.step)
     if accelerator.num_processes > 1:
         metrics.log(state.step, processes_in_sync=_check_processes_in_sync(run))
+
+
+def _adapters_training(run: Run, training: bool) -> None:
+    """The trained parts' adapter layers in training mode (their dropouts on) for the steps, in evaluation mode otherwise."""
+    for component in run.model.trained:
+        network.set_adapter_training(_component(run.model, component), training)
 
 
 class _Batches:
@@ -474,10 +491,10 @@ def _step_seed(config: TrainConfig, step: int, process: int) -> int:
     return (config.run.seed * 1_000_003 + step * 1_009 + process) % 2**63
 
 
-def _optimizer_step(run: Run, batches: _Batches) -> tuple[float, float, bool]:
-    """grad_accum micro-batches, clip, step; returns the loss, the gradient norm and whether fp16's GradScaler skipped
-    the step (a gradient overflowed: no update, a halved loss scale, no lr-schedule or EMA step, as accelerate's
-    prepared scheduler does). Raises TrainingDiverged, on every process at once, on a non-finite loss on any process,
+def _optimizer_step(run: Run, batches: _Batches) -> tuple[float, float, bool, dict[str, float]]:
+    """grad_accum micro-batches, clip, step (then kohya's max-norm with --scale-weight-norms); returns the loss, the
+    gradient norm, whether fp16's GradScaler skipped the step (a gradient overflowed: no update, a halved loss scale,
+    no lr-schedule or EMA step, as accelerate's prepared scheduler does) and the max-norm's figures. Raises TrainingDiverged, on every process at once, on a non-finite loss on any process,
     a non-finite gradient without a scaler, or a loss scale that collapsed."""
     config, accelerator, step = run.config, run.accelerator, run.state.step + 1
     step_seed = _step_seed(config, step, accelerator.process_index)
@@ -529,9 +546,14 @@ def _optimizer_step(run: Run, batches: _Batches) -> tuple[float, float, bool]:
     else:
         run.lr_scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
+    norms = {}
+    if config.optimization.scale_weight_norms and not skipped:  # kohya's max-norm after each step, before the EMA sees it
+        models = {c: accelerator.unwrap_model(_component(run.model, c)) for c in run.model.trained}
+        keys_scaled, average, largest = network.apply_max_norm(models, config.optimization.scale_weight_norms)
+        norms = {"keys_scaled": keys_scaled, "average_key_norm": average, "max_key_norm": largest}
     if run.ema is not None and not skipped:
         run.ema.update(run.trainable, step)
-    return total, grad_norm, skipped
+    return total, grad_norm, skipped, norms
 
 
 def _step_numbers(run: Run, losses: list[torch.Tensor], grad_norm) -> tuple[list[float], float, list[int]]:
