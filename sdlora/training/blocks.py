@@ -129,7 +129,9 @@ def block_plan(unet: nn.Module, target_modules: list[str], options: NetworkConfi
     for name in ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas"):
         values = getattr(options, name)
         if values and len(values) != count:
-            raise UserError(f"--{name.replace('_', '-')} has {len(values)} values; {family.label}'s UNet has {count} blocks (kohya's count)")
+            raise UserError(
+                f"--{name.replace('_', '-')} has {len(values)} values; {family.label}'s UNet has {count} blocks (kohya's count)"
+            )
     dims = options.block_dims or [options.rank] * count
     alphas = options.block_alphas or [options.alpha] * count
     conv_dims = options.conv_block_dims or [options.conv_rank or options.rank] * count

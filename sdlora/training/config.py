@@ -271,7 +271,9 @@ class NetworkConfig(_Section):
     rank_dropout: float = _opt(
         0.0, "kohya's rank_dropout: drop each rank of A x with this probability per image while training, the rest scaled by 1/(1-p)"
     )
-    module_dropout: float = _opt(0.0, "kohya's module_dropout: skip a module's whole LoRA with this probability per forward pass while training")
+    module_dropout: float = _opt(
+        0.0, "kohya's module_dropout: skip a module's whole LoRA with this probability per forward pass while training"
+    )
     block_dims: list[int] = _opt(
         [],
         "kohya's block_dims: the rank of each UNet block's Linear and 1x1 conv layers, one per block in kohya's order (25 "
@@ -312,7 +314,6 @@ class NetworkConfig(_Section):
             if self.conv_alpha is not None:
                 _check(math.isfinite(self.conv_alpha) and self.conv_alpha > 0, "conv_alpha", self.conv_alpha, "a positive finite number")
 
-
     def _check_kohya_values(self) -> None:
         """kohya's network_args: dropouts in [0, 1), block lists of non-negative values (a list's length needs the
         model's family: training.blocks checks it when the model is loaded)."""
@@ -331,11 +332,17 @@ class NetworkConfig(_Section):
         if not self.block_dims and not self.block_lr_weights:
             given = next((name for name in ("block_alphas", "conv_block_dims", "conv_block_alphas") if getattr(self, name)), None)
             if given:  # kohya reads them only in its block mode (networks/lora.py create_network)
-                raise UserError(f"--{given.replace('_', '-')} takes effect with --block-dims or a block learning-rate weight: add one of them")
+                raise UserError(
+                    f"--{given.replace('_', '-')} takes effect with --block-dims or a block learning-rate weight: add one of them"
+                )
         if (self.conv_block_dims or self.conv_block_alphas) and self.preset != "all":
-            raise UserError(f"--conv-block-dims and --conv-block-alphas set the 3x3 convs, which only --preset all adapts (now {self.preset})")
+            raise UserError(
+                f"--conv-block-dims and --conv-block-alphas set the 3x3 convs, which only --preset all adapts (now {self.preset})"
+            )
         if (self.block_dims or self.block_lr_weights) and self.kind in ("loha", "lokr"):
-            raise UserError(f"block ranks and learning-rate weights are kohya's networks.lora options: train them with --kind lora or dora, not {self.kind}")
+            raise UserError(
+                f"block ranks and learning-rate weights are kohya's networks.lora options: train them with --kind lora or dora, not {self.kind}"
+            )
 
     @property
     def block_lr_weights(self) -> bool:
@@ -431,9 +438,7 @@ class OptimizationConfig(_Section):
         "learning rate of the down ones; 16 is the paper's usual value",
     )
     loraplus_unet_lr_ratio: float | None = _opt(None, "LoRA+ ratio of the UNet's LoRA alone (default: --loraplus-lr-ratio)")
-    loraplus_text_encoder_lr_ratio: float | None = _opt(
-        None, "LoRA+ ratio of the text encoders' LoRA alone (default: --loraplus-lr-ratio)"
-    )
+    loraplus_text_encoder_lr_ratio: float | None = _opt(None, "LoRA+ ratio of the text encoders' LoRA alone (default: --loraplus-lr-ratio)")
     scale_weight_norms: float | None = _opt(
         None,
         "kohya's scale_weight_norms: after each step, scale down every module whose update (alpha/r) B A has a norm above "
@@ -609,14 +614,22 @@ class TrainConfig:
             raise UserError("--kind dora renormalises the base weight, which --fp8-base stores in fp8: drop one of them")
         several_rates = self.network.block_lr_weights or any(self.optimization.loraplus_ratio(c) for c in ("unet", "text_encoder"))
         if self.optimization.optimizer == "prodigy" and several_rates:  # kohya: LoRA+ is not for Prodigy either
-            raise UserError("--optimizer prodigy takes one learning rate for every parameter: drop LoRA+ and the block learning-rate weights")
+            raise UserError(
+                "--optimizer prodigy takes one learning rate for every parameter: drop LoRA+ and the block learning-rate weights"
+            )
         loraplus = any(self.optimization.loraplus_ratio(c) for c in ("unet", "text_encoder"))
         if loraplus and self.network.kind in ("loha", "lokr"):
-            raise UserError(f"LoRA+ raises the rate of LoRA's up projection (B), which {self.network.kind} has not: use --kind lora or dora")
+            raise UserError(
+                f"LoRA+ raises the rate of LoRA's up projection (B), which {self.network.kind} has not: use --kind lora or dora"
+            )
         if self.optimization.scale_weight_norms and self.base.full_fp16:  # the optimizer's fp32 copies would undo it
-            raise UserError("--scale-weight-norms with --full-fp16: the fp32 master weights would undo each scaling; use --full-bf16 or neither")
+            raise UserError(
+                "--scale-weight-norms with --full-fp16: the fp32 master weights would undo each scaling; use --full-bf16 or neither"
+            )
         if self.optimization.scale_weight_norms and self.network.kind != "lora":
-            raise UserError(f"--scale-weight-norms bounds a LoRA's update B A (kohya's networks.lora); --kind {self.network.kind} has another form")
+            raise UserError(
+                f"--scale-weight-norms bounds a LoRA's update B A (kohya's networks.lora); --kind {self.network.kind} has another form"
+            )
         if self.optimization.optimizer == "prodigy" and self.network.train_text_encoder:  # Prodigy: one lr for all groups
             lrs = sorted({self.optimization.lr_of(part) for part in ("unet", "text_encoder", "text_encoder_2")})
             if len(lrs) > 1:

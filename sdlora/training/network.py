@@ -354,7 +354,9 @@ def extract_lora_state(models: dict[str, nn.Module], adapter_name: str = "defaul
 # ---------------------------------------------------------------- kohya's network options on peft's LoRA layers
 
 
-def add_kohya_dropout(model: nn.Module, network_dropout: float, rank_dropout: float, module_dropout: float, adapter_name: str = "default") -> int:
+def add_kohya_dropout(
+    model: nn.Module, network_dropout: float, rank_dropout: float, module_dropout: float, adapter_name: str = "default"
+) -> int:
     """kohya's three dropouts on every LoRA layer of `model`, while training only (`set_adapter_training`); returns
     the count of layers. They act on the down projection's output lx = A x, as sd-scripts networks/lora.py
     `LoRAModule.forward` does (peft's `lora_dropout`, sdlora's --dropout, is on the input x instead):
