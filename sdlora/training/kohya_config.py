@@ -219,7 +219,7 @@ def _lora_args(args: dict[str, str], config: dict[str, Any]) -> Options:
         text = args[key]
         try:
             if key in ("down_lr_weight", "up_lr_weight") and "," not in text:
-                options[key] = blocks.lr_weight_preset(text, count)
+                options[key] = None  # a named curve, expanded below (its own errors name it)
             elif key in ("down_lr_weight", "mid_lr_weight", "up_lr_weight"):
                 options[key] = [float(part) if part.strip() else 0.0 for part in text.split(",")]
             elif key in ("block_dims", "conv_block_dims"):
@@ -230,6 +230,8 @@ def _lora_args(args: dict[str, str], config: dict[str, Any]) -> Options:
                 options[key] = float(text)
         except ValueError:
             raise UserError(f"kohya config: network_args {key}={text}: give numbers, comma-separated for a list") from None
+        if options[key] is None:
+            options[key] = blocks.lr_weight_preset(text, count)
     if "conv_block_dims" in options:
         options["preset"] = "all"
         options.setdefault("conv_alpha", float(args.get("conv_alpha", 1)))
