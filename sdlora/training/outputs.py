@@ -144,7 +144,9 @@ def training_metadata(config: TrainConfig, records: Sequence[ImageRecord], datas
         "ss_full_bf16": str(config.base.full_bf16),
         "ss_lr_scheduler": config.optimization.lr_scheduler,
         "ss_lr_warmup_steps": str(config.optimization.lr_warmup_steps),
-        "ss_network_dropout": f"{config.network.dropout:g}",
+        "ss_network_dropout": f"{config.network.network_dropout:g}",  # kohya's, on the down projection's output
+        "ss_scale_weight_norms": f"{config.optimization.scale_weight_norms:g}" if config.optimization.scale_weight_norms else "None",
+        "sdlora_dropout": f"{config.network.dropout:g}",  # peft's, on the layer's input
         "ss_noise_offset": f"{config.objective.noise_offset:g}",
         "ss_min_snr_gamma": f"{config.objective.snr_gamma:g}" if config.objective.snr_gamma else "None",
         "ss_loss_type": config.objective.loss,

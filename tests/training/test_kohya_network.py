@@ -9,6 +9,7 @@ import re
 
 import pytest
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from sdlora.core import targets
@@ -390,6 +391,8 @@ def test_a_run_with_every_kohya_network_option(dataset, tmp_path, tiny_config):
     assert {r for p, r in ranks.items() if ".down_blocks.1.attentions.1." in p} == {(4, 3.0)}
     kohya = read_lora(out.parent / "lora.safetensors")
     assert {(m.rank, m.alpha) for m in kohya.modules.values()} == {(2, 3.0), (4, 3.0)}
+    header = safe_open(str(out.parent / "lora.safetensors"), "pt").metadata()
+    assert (header["ss_network_dropout"], header["ss_scale_weight_norms"]) == ("0.1", "0.05")  # kohya's keys, its meanings
     lines = [json.loads(line) for line in (out.parent / "metrics.jsonl").read_text().splitlines()]
     steps = [line for line in lines if "loss" in line]
     assert len(steps) == 3 and all({"keys_scaled", "average_key_norm", "max_key_norm"} <= line.keys() for line in steps)
