@@ -321,6 +321,11 @@ class NetworkConfig(_Section):
             _check(0.0 <= getattr(self, name) < 1.0, name, getattr(self, name), "in [0, 1)")
             if getattr(self, name) and self.kind in ("loha", "lokr"):
                 raise UserError(f"--{name.replace('_', '-')} acts on LoRA's down projection, which {self.kind} has not: leave it at 0")
+            if getattr(self, name) and self.kind == "dora":  # peft's DoRA runs lora_A on an identity to take the norm
+                raise UserError(
+                    f"--{name.replace('_', '-')} with --kind dora: peft's DoRA runs the down projection to measure the weight's norm, "
+                    "which the dropout would change; use --kind lora or leave it at 0"
+                )
         for name in ("block_dims", "conv_block_dims", "down_lr_weight", "mid_lr_weight", "up_lr_weight"):
             values = getattr(self, name)
             _check(all(math.isfinite(v) and v >= 0 for v in values), name, values, "a list of numbers, zero or more")

@@ -371,6 +371,8 @@ def add_kohya_dropout(
         return 0
     layers = _lora_layers(model, adapter_name)
     for layer in layers.values():
+        if layer.use_dora.get(adapter_name, False):  # peft's DoRA calls lora_A on an identity to take the weight's norm
+            raise UserError("kohya's dropouts with DoRA would change the norm DoRA divides by: train them with --kind lora")
         layer.lora_A[adapter_name].register_forward_hook(_KohyaDropout(network_dropout, rank_dropout, module_dropout))
     return len(layers)
 

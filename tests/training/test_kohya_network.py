@@ -154,6 +154,7 @@ def test_block_lists_of_the_wrong_length_are_one_line(tiny_pipe, options, says):
         ({"block_dims": [4] * 25, "conv_block_dims": [4] * 25}, "only --preset all adapts"),
         ({"kind": "loha", "rank_dropout": 0.1}, "--rank-dropout acts on LoRA's down projection, which loha has not"),
         ({"kind": "lokr", "block_dims": [4] * 25}, "not lokr"),
+        ({"kind": "dora", "network_dropout": 0.1}, "--network-dropout with --kind dora"),
         ({"module_dropout": 1.0}, "--module-dropout 1.0 is invalid: it must be in [0, 1)"),
         ({"block_lr_zero_threshold": -0.5}, "--block-lr-zero-threshold"),
     ],
