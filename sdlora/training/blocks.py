@@ -97,7 +97,10 @@ def lr_weights(options: NetworkConfig, family: ModelFamily) -> list[float] | Non
     updown, mid = block_layout(family)
     lists = []
     for name, count in (("down_lr_weight", updown), ("mid_lr_weight", mid), ("up_lr_weight", updown)):
-        values = getattr(options, name) or [1.0] * count
+        values = getattr(options, name)
+        if not values:  # kohya: a list not given is 1.0 everywhere, the threshold not applied to it
+            lists += [1.0] * count
+            continue
         if len(values) != count:
             raise UserError(f"--{name.replace('_', '-')} has {len(values)} values; {family.label}'s UNet has {count} (kohya's count)")
         lists += [value if value > options.block_lr_zero_threshold else 0.0 for value in values]

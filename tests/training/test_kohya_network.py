@@ -77,6 +77,10 @@ def test_lr_weight_presets_are_kohyas_curves():
     assert blocks.lr_weight_preset("cosine+0.5", 9) == pytest.approx([math.sin(math.pi / 2 * i / 8) + 0.5 for i in reversed(range(9))])
     assert blocks.lr_weight_preset("reverse_linear", 12) == pytest.approx([i / 11 for i in reversed(range(12))])
     assert blocks.lr_weight_preset("zeros+0.25", 9) == [0.25] * 9
+    # get_block_lr_weight: the threshold zeroes the given lists' values at or below it, never the defaults of 1.0
+    options = NetworkConfig(mid_lr_weight=[1.5], block_lr_zero_threshold=2.0)
+    assert blocks.lr_weights(options, SD1) == [1.0] * 12 + [0.0] + [1.0] * 12
+    assert blocks.lr_weights(NetworkConfig(up_lr_weight=[0.5] * 9), SDXL) == [1.0] * 13 + [0.5] * 9 + [1.0]
     with pytest.raises(UserError, match="use numbers or one of"):
         blocks.lr_weight_preset("wave", 12)
 
