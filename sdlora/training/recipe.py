@@ -429,11 +429,10 @@ def run_steps(run: Run) -> None:
         metrics.log(0, val_loss=run.validator.loss())  # the base model's loss, to compare the LoRA against
     bar = progress_bar(config.optimization.steps, state.step, disable=not accelerator.is_local_main_process)
     batches = _Batches(run)
+    _adapters_training(run, True)
     with contextlib.closing(bar):  # closed on errors too, so an error message starts on a line of its own
         while state.step < config.optimization.steps:
-            _adapters_training(run, True)
             loss, grad_norm, skipped, norms = _optimizer_step(run, batches)
-            _adapters_training(run, False)
             state.step += 1
             state.skipped_steps += skipped
             # the UNet's base rate: group 0 may be a block's (block learning-rate weights) at a multiple of it
@@ -445,7 +444,10 @@ def run_steps(run: Run) -> None:
             if config.run.checkpoint_every and state.step % config.run.checkpoint_every == 0 and state.step < config.optimization.steps:
                 _save_checkpoint(run)
             if config.samples.validate_every and state.step % config.samples.validate_every == 0 and state.step < config.optimization.steps:
+                _adapters_training(run, False)
                 run.validator.evaluate(metrics, state.step)
+                _adapters_training(run, True)  # the samples left the whole UNet in evaluation mode
+    _adapters_training(run, False)
     _save_checkpoint(run)
     run.validator.evaluate(metrics, state.step)
     if accelerator.num_processes > 1:

@@ -16,6 +16,7 @@ from sdlora.core import targets
 from sdlora.core.families import SD1, SDXL
 from sdlora.core.files import read_lora, write_diffusers, write_kohya
 from sdlora.errors import UserError
+from sdlora.models.tiny import build_tiny_pipeline
 from sdlora.training import blocks, network, recipe
 from sdlora.training.base_model import load_base_model
 from sdlora.training.config import NetworkConfig, TrainConfig
@@ -129,6 +130,12 @@ def test_block_dims_give_kohyas_ranks_and_both_files_keep_them(tiny_pipe, tmp_pa
         assert {p.removeprefix("unet."): (m.rank, m.alpha) for p, m in read.modules.items()} == expected, path
         for name, module in read.modules.items():
             torch.testing.assert_close(module.delta(), state.modules[name].delta())
+    fresh = build_tiny_pipeline()  # diffusers' own loader builds each layer at its rank and alpha from the header
+    fresh.load_lora_weights(str(diffusers_file))
+    loaded = network._lora_layers(fresh.unet, None)
+    assert {name: layer.r["default_0"] for name, layer in loaded.items()} == {name: rank for name, (rank, _) in expected.items()}
+    for name, layer in loaded.items():
+        assert layer.scaling["default_0"] == pytest.approx(expected[name][1] / expected[name][0]), name
 
 
 @pytest.mark.parametrize(
