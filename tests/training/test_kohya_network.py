@@ -10,10 +10,11 @@ import re
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 from torch import nn
 
 from sdlora.core import targets
-from sdlora.core.families import SD1, SDXL
+from sdlora.core.families import SD1, SD3, SDXL
 from sdlora.core.files import read_lora, write_diffusers, write_kohya
 from sdlora.errors import UserError
 from sdlora.models.tiny import build_tiny_pipeline
@@ -150,6 +151,8 @@ def test_block_lists_of_the_wrong_length_are_one_line(tiny_pipe, options, says):
     names = targets.unet_target_modules(tiny_pipe.unet, "attn")
     with pytest.raises(UserError, match=re.escape(says).replace("SD1", ".*")):
         blocks.block_plan(tiny_pipe.unet, names, NetworkConfig(**options), SD1)
+    with pytest.raises(UserError, match="kohya's block ranks and learning-rate weights are for UNets"):
+        blocks.block_count(SD3)  # SD3's transformer has no kohya blocks
 
 
 @pytest.mark.parametrize(
@@ -387,16 +390,16 @@ def test_kohya_network_args_become_the_options():
     assert "scale_weight_norms" not in kohya_options({"scale_weight_norms": 0.0})[0]  # kohya: 0 is off
 
 
-@pytest.mark.slow  # a training run: about 15 s on two free cores
-def test_a_run_with_every_kohya_network_option(dataset, tmp_path, tiny_config):
+@pytest.mark.slow  # three short training runs: about 30 s on two free cores
+def test_a_run_with_every_kohya_network_option_resumes_bit_for_bit(make_dataset, tmp_path, tiny_config):
+    dataset = make_dataset(tmp_path / "data", count=2)
     dims = [4] * 25
     dims[4] = 2  # down_blocks.1.attentions.0 (block 4) at rank 2
-    out = recipe.train(
-        tiny_config(
-            dataset, tmp_path / "out", steps=3, loraplus_lr_ratio=4.0, network_dropout=0.1, rank_dropout=0.2, module_dropout=0.1,
-            block_dims=dims, block_alphas=[3.0] * 25, mid_lr_weight=[0.5], scale_weight_norms=0.05, lr=1e-2,
-        )
+    options = dict(
+        steps=2, checkpoint_every=1, samples=False, batch_size=1, loraplus_lr_ratio=4.0, network_dropout=0.1, rank_dropout=0.2,
+        module_dropout=0.1, block_dims=dims, block_alphas=[3.0] * 25, mid_lr_weight=[0.5], scale_weight_norms=0.05, lr=1e-2,
     )  # fmt: skip
+    out = recipe.train(tiny_config(dataset, tmp_path / "out", **options))
     state = read_lora(out)
     ranks = {path: (m.rank, m.alpha) for path, m in state.modules.items()}
     assert {r for p, r in ranks.items() if ".down_blocks.1.attentions.0." in p} == {(2, 3.0)}
@@ -407,8 +410,13 @@ def test_a_run_with_every_kohya_network_option(dataset, tmp_path, tiny_config):
     assert (header["ss_network_dropout"], header["ss_scale_weight_norms"]) == ("0.1", "0.05")  # kohya's keys, its meanings
     lines = [json.loads(line) for line in (out.parent / "metrics.jsonl").read_text().splitlines()]
     steps = [line for line in lines if "loss" in line]
-    assert len(steps) == 3 and all({"keys_scaled", "average_key_norm", "max_key_norm"} <= line.keys() for line in steps)
+    assert len(steps) == 2 and all({"keys_scaled", "average_key_norm", "max_key_norm"} <= line.keys() for line in steps)
     assert steps[-1]["max_key_norm"] <= 0.05 * (1 + 1e-5) and steps[-1]["keys_scaled"] > 0  # lr 1e-2 pushes norms past 0.05
     assert all(line["lr"] == pytest.approx(1e-2) for line in steps)  # the UNet's base rate, not a block's
     for module in state.modules.values():
         assert float((module.delta()).norm()) <= 0.05 * (1 + 1e-4)
+    # the dropouts draw from each step's seed: a resumed run is the same run
+    recipe.train(tiny_config(dataset, tmp_path / "resumed", **(options | {"steps": 1})))
+    resumed = recipe.train(tiny_config(dataset, tmp_path / "resumed", **options, resume="latest"))
+    expected, actual = load_file(out), load_file(resumed)
+    assert expected.keys() == actual.keys() and all(torch.equal(expected[key], actual[key]) for key in expected)
