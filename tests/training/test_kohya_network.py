@@ -408,6 +408,13 @@ def test_a_run_with_every_kohya_network_option_resumes_bit_for_bit(make_dataset,
     assert {(m.rank, m.alpha) for m in kohya.modules.values()} == {(2, 3.0), (4, 3.0)}
     header = safe_open(str(out.parent / "lora.safetensors"), "pt").metadata()
     assert (header["ss_network_dropout"], header["ss_scale_weight_norms"]) == ("0.1", "0.05")  # kohya's keys, its meanings
+    args = json.loads(header["ss_network_args"])  # kohya records its network_args as given
+    assert (args["block_dims"], args["mid_lr_weight"], args["rank_dropout"], args["loraplus_lr_ratio"]) == (
+        ",".join(map(str, dims)),
+        "0.5",
+        "0.2",
+        "4",
+    )
     lines = [json.loads(line) for line in (out.parent / "metrics.jsonl").read_text().splitlines()]
     steps = [line for line in lines if "loss" in line]
     assert len(steps) == 2 and all({"keys_scaled", "average_key_norm", "max_key_norm"} <= line.keys() for line in steps)
