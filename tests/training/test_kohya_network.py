@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shlex
 
 import pytest
 import torch
@@ -13,6 +14,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
+from sdlora.cli import build_parser
+from sdlora.config import config_from_args
 from sdlora.core import targets
 from sdlora.core.families import SD1, SD3, SDXL
 from sdlora.core.files import read_lora, write_diffusers, write_kohya
@@ -21,7 +24,7 @@ from sdlora.models.tiny import build_tiny_pipeline
 from sdlora.training import blocks, network, recipe
 from sdlora.training.base_model import load_base_model
 from sdlora.training.config import NetworkConfig, TrainConfig
-from sdlora.training.kohya_config import kohya_options
+from sdlora.training.kohya_config import command_line, kohya_options
 
 # ---------------------------------------------------------------- kohya's block index, restated
 
@@ -388,6 +391,10 @@ def test_kohya_network_args_become_the_options():
         [i / 8 for i in range(9)]
     )  # an SDXL config's curves over its 9 blocks
     assert "scale_weight_norms" not in kohya_options({"scale_weight_norms": 0.0})[0]  # kohya: 0 is off
+    # the equivalent command line says the same run
+    options |= {"data_dir": "img", "output_dir": "out"}
+    args = build_parser().parse_args(shlex.split(command_line(options))[1:])
+    assert config_from_args(args) == TrainConfig.from_options(**options)
 
 
 @pytest.mark.slow  # three short training runs: about 30 s on two free cores
