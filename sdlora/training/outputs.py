@@ -270,7 +270,7 @@ A LoRA for Stable Diffusion trained with sdlora on {num_images} images from `{co
 | setting | value |
 | --- | --- |
 | base model | `{config.base.model}` |
-| kind, rank / alpha | {KIND_NAMES[config.network.kind]}, {config.network.rank} / {config.network.alpha:g} |
+| kind, rank / alpha | {KIND_NAMES[config.network.kind]}, {config.network.rank} / {config.network.alpha:g}{" (UNet: per block, kohya's block_dims)" if config.network.block_dims else ""} |
 | layers | `{config.network.preset}`{" + text encoder" if config.network.train_text_encoder else ""} |
 | steps x batch | {config.optimization.steps} x {config.data.batch_size} (accumulation {config.optimization.grad_accum}) |
 | learning rate | {config.optimization.lr:g} ({config.optimization.lr_scheduler}, warm-up {config.optimization.lr_warmup_steps}) |
