@@ -405,6 +405,7 @@ def test_a_run_with_every_kohya_network_option_resumes_bit_for_bit(make_dataset,
     options = dict(
         steps=2, checkpoint_every=1, samples=False, batch_size=1, loraplus_lr_ratio=4.0, network_dropout=0.1, rank_dropout=0.2,
         module_dropout=0.1, block_dims=dims, block_alphas=[3.0] * 25, mid_lr_weight=[0.5], scale_weight_norms=0.05, lr=1e-2,
+        down_lr_weight=[1.0] * 4 + [0.5] + [1.0] * 7,  # block 4, the optimizer's first group, at half the rate
     )  # fmt: skip
     out = recipe.train(tiny_config(dataset, tmp_path / "out", **options))
     state = read_lora(out)
