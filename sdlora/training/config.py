@@ -123,6 +123,15 @@ class DataConfig(_Section):
     flip: bool = _opt(False, "random horizontal flips; off when the style has handedness (text, logos)")
     val_split: float = _opt(0.0, "fraction of images held out for the validation loss (0 = none)")
     caption_dropout: float = _opt(0.0, "probability of training on an empty caption")
+    clip_l_dropout_rate: float = _opt(
+        0.0,
+        "SD3: probability, per image and step, that CLIP-L's part of the text and pooled embedding is zeros (kohya's clip_l_dropout_rate)",
+    )
+    clip_g_dropout_rate: float = _opt(
+        0.0,
+        "SD3: probability, per image and step, that CLIP-G's part of the text and pooled embedding is zeros (kohya's clip_g_dropout_rate)",
+    )
+    t5_dropout_rate: float = _opt(0.0, "SD3: probability, per image and step, that T5's tokens are zeros (kohya's t5_dropout_rate)")
     shuffle_captions: bool = _opt(
         False, "shuffle comma-separated caption tags each step (keeps the --keep-tokens first tags, and the trigger, in place)"
     )
@@ -176,7 +185,7 @@ class DataConfig(_Section):
         _check(self.keep_tokens >= 0, "keep_tokens", self.keep_tokens, "zero or more")
         _check(self.workers >= 0, "workers", self.workers, "zero or more")
         _check(bool(self.caption_extension.strip(". ")), "caption_extension", self.caption_extension, "an extension such as .txt")
-        for name in ("caption_dropout", "tag_dropout", "val_split"):
+        for name in ("caption_dropout", "tag_dropout", "val_split", "clip_l_dropout_rate", "clip_g_dropout_rate", "t5_dropout_rate"):
             _check(0.0 <= getattr(self, name) < 1.0, name, getattr(self, name), "in [0, 1)")
 
 
@@ -232,8 +241,20 @@ class BaseModelConfig(_Section):
         "the memory of bf16, a quarter of fp32; costs a cast per layer per step and rounds each weight to 3 mantissa bits "
         "(held-out loss 0.4% off bf16 on the demo model); for a GPU the bf16 model barely fits (SDXL on 8-12 GB)",
     )
+    t5_max_length: int = _opt(
+        77,
+        "SD3: tokens the T5 encoder reads of a caption (zero-padded to this): diffusers' SD3 training script's 77, which keeps "
+        "the joint attention's text stream short; kohya's --t5xxl_max_token_length and the pipeline's generation use 256: "
+        "raise it for captions longer than about 60 words",
+    )
+    no_t5: bool = _opt(
+        False,
+        "SD3: leave the T5 encoder out (its slot of the text is zeros, as StableDiffusion3Pipeline does without text_encoder_3): "
+        "saves its memory (T5-XXL is 4.7B parameters, 9.5 GB in bf16) and its encoding time",
+    )
 
     def _check_values(self) -> None:
+        _check(1 <= self.t5_max_length <= 512, "t5_max_length", self.t5_max_length, "from 1 to 512 (T5's length)")
         if self.full_bf16 and self.full_fp16:
             raise UserError("--full-bf16 and --full-fp16: choose one")
         for flag, precision in (("full_bf16", "bf16"), ("full_fp16", "fp16")):

@@ -140,7 +140,9 @@ class Validator:
 
     def _conditioning(self, held: HeldOut) -> Conditioning:
         model = self.model
-        hidden, pooled = encode_captions(model.pipe, model.text_encoders, model.family, [held.caption], self.accelerator.device)
+        hidden, pooled = encode_captions(
+            model.pipe, model.text_encoders, model.family, [held.caption], self.accelerator.device, model.t5_max_length
+        )
         return Conditioning(hidden, pooled, held.time_ids)
 
     @torch.no_grad()
