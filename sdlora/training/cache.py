@@ -224,6 +224,12 @@ def encode_distribution(vae, pixels: torch.Tensor, device) -> tuple[torch.Tensor
     return distribution.mean.float(), distribution.std.float()
 
 
+def scale_latents(latents: torch.Tensor, vae) -> torch.Tensor:
+    """A latent sample as the denoiser reads it: (x - shift_factor) * scaling_factor (SD3's VAE has a shift, SD1/SDXL's none)."""
+    shift = vae.config.get("shift_factor", None) or 0.0
+    return (latents - shift) * vae.config.scaling_factor
+
+
 def encode_images(vae, pixels: torch.Tensor, images: Sequence[Path], device) -> tuple[torch.Tensor, torch.Tensor]:
     """`encode_distribution` of the pixels of `images`; NaN or inf latents (a VAE overflowing in fp16) are a
     one-line error naming the first image that gave them."""
@@ -515,7 +521,7 @@ class BatchEncoder:
             mean, std = encode_images(model.pipe.vae, pixels, [self.records[d.index].path for d in draws], device)
         mean, std = mean.to(device, torch.float32), std.to(device, torch.float32)
         noise = torch.randn(mean.shape, generator=generator).to(device)
-        latents = (mean + std * noise) * model.pipe.vae.config.scaling_factor
+        latents = scale_latents(mean + std * noise, model.pipe.vae)
         captions = [d.caption for d in draws]
         hidden, pooled = self._embed(captions, [c == "" or self.records[d.index].rules.static for c, d in zip(captions, draws)])
         time_ids = [sdxl_time_ids(self.records[d.index], d.size, d.window, d.flip) for d in draws]

@@ -123,15 +123,6 @@ class DataConfig(_Section):
     flip: bool = _opt(False, "random horizontal flips; off when the style has handedness (text, logos)")
     val_split: float = _opt(0.0, "fraction of images held out for the validation loss (0 = none)")
     caption_dropout: float = _opt(0.0, "probability of training on an empty caption")
-    clip_l_dropout_rate: float = _opt(
-        0.0,
-        "SD3: probability, per image and step, that CLIP-L's part of the text and pooled embedding is zeros (kohya's clip_l_dropout_rate)",
-    )
-    clip_g_dropout_rate: float = _opt(
-        0.0,
-        "SD3: probability, per image and step, that CLIP-G's part of the text and pooled embedding is zeros (kohya's clip_g_dropout_rate)",
-    )
-    t5_dropout_rate: float = _opt(0.0, "SD3: probability, per image and step, that T5's tokens are zeros (kohya's t5_dropout_rate)")
     shuffle_captions: bool = _opt(
         False, "shuffle comma-separated caption tags each step (keeps the --keep-tokens first tags, and the trigger, in place)"
     )
@@ -185,7 +176,7 @@ class DataConfig(_Section):
         _check(self.keep_tokens >= 0, "keep_tokens", self.keep_tokens, "zero or more")
         _check(self.workers >= 0, "workers", self.workers, "zero or more")
         _check(bool(self.caption_extension.strip(". ")), "caption_extension", self.caption_extension, "an extension such as .txt")
-        for name in ("caption_dropout", "tag_dropout", "val_split", "clip_l_dropout_rate", "clip_g_dropout_rate", "t5_dropout_rate"):
+        for name in ("caption_dropout", "tag_dropout", "val_split"):
             _check(0.0 <= getattr(self, name) < 1.0, name, getattr(self, name), "in [0, 1)")
 
 
@@ -453,7 +444,7 @@ class OptimizationConfig(_Section):
 
     def lr_of(self, component: str) -> float:
         """The learning rate of one component's LoRA: `lr` for the UNet, the text encoders' own (or lr / 2)."""
-        if component == "unet":
+        if not component.startswith("text_encoder"):  # the denoiser: the UNet, or SD3's transformer
             return self.lr
         first = self.text_encoder_lr or self.lr / 2
         return (self.text_encoder_2_lr or first) if component == "text_encoder_2" else first

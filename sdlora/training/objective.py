@@ -299,8 +299,12 @@ def diffusion_loss(
     timesteps: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
     weights: torch.Tensor | None = None,
+    flow_matching: bool = False,
 ) -> torch.Tensor:
-    """Mean (optionally min-SNR-weighted) loss (`config.loss`) between the UNet's prediction and its target, as a scalar.
+    """The training loss of the model's kind: `flow_matching_loss` for a flow-matching model (SD3), else the diffusion
+    loss below.
+
+    Mean (optionally min-SNR-weighted) loss (`config.loss`) between the UNet's prediction and its target, as a scalar.
     `weights` weigh each image's loss in that mean (kohya's loss_weights: --prior-loss-weight for regularization
     images): mean_i(w_i * loss_i).
 
@@ -309,6 +313,8 @@ def diffusion_loss(
     deterministic, as the validation loss needs. The UNet runs in the dtype of `latents` (the caller's
     mixed-precision dtype); noising, target and loss are computed in fp32.
     """
+    if flow_matching:
+        return flow_matching_loss(unet, scheduler, latents, conditioning, config, generator, timesteps, noise, weights)
     prediction_type = _prediction_type(scheduler, config.prediction_type)
     clean = latents.to(torch.float32)
     noise, noisy, timesteps = noisy_inputs(scheduler, clean, config, generator, timesteps, noise)
