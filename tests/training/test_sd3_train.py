@@ -73,6 +73,7 @@ def test_cli_run_writes_every_output_and_diffusers_loads_it_as_sdlora_does(tmp_p
     np.testing.assert_allclose(ours, theirs, atol=1e-5)
 
 
+@pytest.mark.slow  # a training run with both CLIPs
 def test_both_clips_train_at_their_own_rates_and_t5_stays_frozen(tmp_path, dataset, tiny_config):
     config = _sd3_config(
         tiny_config, dataset, tmp_path / "run", steps=2, checkpoint_every=0, train_text_encoder=True,
