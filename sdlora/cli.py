@@ -28,7 +28,6 @@ from .models.loading import (
     MODEL_HELP,
     load_pipeline,
     parse_dtype,
-    peek_family,
     write_tiny_model,
 )
 
@@ -90,12 +89,6 @@ def _train_run(args: argparse.Namespace) -> None:
     from .training.recipe import train  # lazy: see the module docstring
 
     config = config_from_args(args)
-    family = peek_family(config.base.model)
-    if family is not None and family.denoiser != "unet":
-        raise UserError(
-            f"{config.base.model} is an {family.label} model, which sdlora cannot train yet: it reads, writes, converts, "
-            "inspects, loads and merges its LoRA files"
-        )
     path = train(config)
     if path is None:
         print("dry run: the memory plan above; nothing was cached, trained or written")

@@ -193,14 +193,6 @@ def test_inspect_shows_an_sd3_file(tmp_path, sd3_lora, capsys):
     assert info["layer_kinds"] == {"linear": len(sd3_lora) - 1, "conv2x2": 1}  # the patch embedding is a 2x2 conv
 
 
-def test_training_an_sd3_model_is_refused_in_one_line(tmp_path, capsys):
-    (tmp_path / "data").mkdir()
-    assert main(["train", str(tmp_path / "data"), "--model", "tiny-sd3", "--output-dir", str(tmp_path / "run")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "tiny-sd3 is an SD3 model, which sdlora cannot train yet" in err and "\n" not in err
-    assert not (tmp_path / "run").exists()
-
-
 def test_extracting_from_sd3_models_is_refused_in_one_line(tmp_path, capsys):
     assert main(["extract", "--base", "tiny-sd3", "--tuned", "tiny-sd3", "--out", str(tmp_path / "x.safetensors"), "--rank", "2"]) == 2
     err = capsys.readouterr().err.strip()
