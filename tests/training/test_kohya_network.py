@@ -435,3 +435,21 @@ def test_a_run_with_every_kohya_network_option_resumes_bit_for_bit(make_dataset,
     resumed = recipe.train(tiny_config(dataset, tmp_path / "resumed", **options, resume="latest"))
     expected, actual = load_file(out), load_file(resumed)
     assert expected.keys() == actual.keys() and all(torch.equal(expected[key], actual[key]) for key in expected)
+
+
+def test_sd3_takes_loraplus_on_its_transformer_and_refuses_block_options(tmp_path):
+    options = dict(data_dir=str(tmp_path / "d"), output_dir=str(tmp_path / "o"), model="tiny-sd3", rank=4, alpha=2.0)
+    config = TrainConfig.from_options(
+        **options, train_text_encoder=True, lr=1e-3, text_encoder_lr=2e-4, loraplus_unet_lr_ratio=16.0, loraplus_text_encoder_lr_ratio=2.0
+    )
+    model = load_base_model(config.base, torch.device("cpu"))
+    groups = recipe._setup_network(config.network, config.optimization, config.base, model)
+    denoiser = _rates(groups, model.unet, "transformer")
+    assert sorted({rate for name, rate in denoiser.items() if ".lora_A." in name}) == pytest.approx([1e-3])
+    assert sorted({rate for name, rate in denoiser.items() if ".lora_B." in name}) == pytest.approx([1e-3 * 16.0])
+    clip = _rates(groups, model.text_encoders["text_encoder"], "text_encoder")
+    assert sorted(set(clip.values())) == pytest.approx([2e-4, 2e-4 * 2.0])
+    assert not _rates(groups, model.text_encoders["text_encoder_3"], "text_encoder_3")  # T5 stays frozen
+    blocked = TrainConfig.from_options(**options, mid_lr_weight=[0.5])
+    with pytest.raises(UserError, match="kohya's block ranks and learning-rate weights are for UNets"):
+        recipe._setup_network(blocked.network, blocked.optimization, blocked.base, load_base_model(blocked.base, torch.device("cpu")))
