@@ -452,11 +452,14 @@ def parameter_groups(
     down projections and DoRA's magnitudes at that rate and the up projections (lora_B, kohya's lora_up) at rate x
     ratio. Groups at rate 0 are left out, as kohya does."""
     groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
+    seen: set[int] = set()  # a parameter peft lists under two containers is trained once (as lora_parameters)
     for name, layer in _adapter_layers(model, adapter_name).items():
         weight = 1.0 if lr_weight is None else lr_weight(name)
         up = {id(layer.lora_B[adapter_name].weight)} if loraplus_ratio and hasattr(layer, "lora_B") else set()
         for param in _layer_parameters(layer, adapter_name):
-            groups.setdefault((weight, id(param) in up), []).append(param)
+            if id(param) not in seen:
+                seen.add(id(param))
+                groups.setdefault((weight, id(param) in up), []).append(param)
     result = []
     for (weight, is_up), params in groups.items():
         rate = lr * weight * (loraplus_ratio if is_up else 1.0)

@@ -453,3 +453,12 @@ def test_sd3_takes_loraplus_on_its_transformer_and_refuses_block_options(tmp_pat
     blocked = TrainConfig.from_options(**options, mid_lr_weight=[0.5])
     with pytest.raises(UserError, match="kohya's block ranks and learning-rate weights are for UNets"):
         recipe._setup_network(blocked.network, blocked.optimization, blocked.base, load_base_model(blocked.base, torch.device("cpu")))
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora", "loha", "lokr"])
+def test_parameter_groups_hold_each_trained_parameter_once(kind):
+    model = nn.Sequential(nn.Linear(8, 6), nn.Conv2d(6, 4, 3, padding=1))
+    trained = network.add_lora(model, ["0", "1"], 2, 3.0, kind=kind)
+    groups = network.parameter_groups(model, 1e-3, 4.0 if kind in ("lora", "dora") else None)
+    listed = [id(param) for group in groups for param in group["params"]]
+    assert len(listed) == len(set(listed)) and set(listed) == {id(param) for param in trained}  # peft lists DoRA's twice
