@@ -265,6 +265,13 @@ def noisy_inputs(
     return noise, scheduler.add_noise(latents, noised_with, timesteps), timesteps
 
 
+def latent_mask(mask: torch.Tensor, size) -> torch.Tensor:
+    """Loss masks [batch, 1, H, W] at pixel size brought to the latent grid `size` (h, w) by area averaging, as
+    kohya's apply_masked_loss resizes them (`interpolate(mode="area")`): each latent pixel weighs the mean of the
+    mask over the pixels it covers."""
+    return F.interpolate(mask.float(), size=tuple(size), mode="area")
+
+
 def diffusion_loss(
     unet,
     scheduler,
@@ -275,10 +282,13 @@ def diffusion_loss(
     timesteps: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
     weights: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean (optionally min-SNR-weighted) loss (`config.loss`) between the UNet's prediction and its target, as a scalar.
     `weights` weigh each image's loss in that mean (kohya's loss_weights: --prior-loss-weight for regularization
-    images): mean_i(w_i * loss_i).
+    images): mean_i(w_i * loss_i). `mask` ([batch, 1, h, w] on the latent grid, in [0, 1]) weighs each latent
+    pixel's loss before the mean over the image, as kohya's masked_loss (custom_train_functions.apply_masked_loss:
+    `loss * mask`, then the plain mean over channels and pixels, not renormalised by the mask's area).
 
     Noise and timesteps are drawn from `generator` unless given (given noise is used as is, without noise offset,
     pyramid noise or input perturbation; given timesteps ignore the timestep range): fixed ones make the loss
@@ -295,7 +305,10 @@ def diffusion_loss(
     )[0]
     target = target_for(scheduler, clean, noise, timesteps, prediction_type)
     huber_c = None if config.loss == "l2" else huber_threshold(scheduler, timesteps, config.huber_c, config.huber_schedule)
-    per_sample = elementwise_loss(prediction.float(), target, config.loss, huber_c).mean(dim=tuple(range(1, target.ndim)))
+    elementwise = elementwise_loss(prediction.float(), target, config.loss, huber_c)
+    if mask is not None:
+        elementwise = elementwise * mask.to(elementwise.device, elementwise.dtype)
+    per_sample = elementwise.mean(dim=tuple(range(1, target.ndim)))
     if config.snr_gamma is not None:
         per_sample = per_sample * min_snr_weights(scheduler, timesteps, config.snr_gamma, prediction_type)
     if weights is not None:

@@ -172,11 +172,24 @@ def _setup_data(config: TrainConfig, accelerator) -> TrainingData:
     """The images: DATA_DIR (kohya's N_words subfolders too) and --reg-data, or a kohya dataset TOML; what they add up
     to, said when there is more than one folder."""
     data = load_training_data(config.data, config.run.seed, config.run.output_dir)
+    _check_masks(config, data)
     if data.structured and accelerator.is_local_main_process:
         tqdm.write(dataset_summary(data.records))  # subsets, images, samples per epoch (and the regularization share)
         if data.unused_reg:
             tqdm.write(f"{data.unused_reg} regularization images left out: the training images need fewer (as kohya does)")
     return data
+
+
+def _check_masks(config: TrainConfig, data: TrainingData) -> None:
+    """A dataset TOML's masks and --masked-loss go together (the flags' own are checked with the config)."""
+    masked = [record for record in data.records + data.val_records if record.mask_source is not None]
+    where = f"--dataset-config {config.data.dataset_config}"
+    if config.objective.masked_loss and not masked:
+        raise UserError(f"--masked-loss needs masks: {where} gives none; set conditioning_data_dir or alpha_mask = true in its subsets")
+    if masked and not config.objective.masked_loss:
+        raise UserError(
+            f"{where} gives loss masks ({masked[0].mask_source.name}...), which only --masked-loss uses: add --masked-loss (masked_loss = true)"
+        )
 
 
 def _setup_output_dir(out: Path, accelerator) -> None:
@@ -492,7 +505,7 @@ def _optimizer_step(run: Run, batches: _Batches) -> tuple[float, float, bool]:
         run.encoder.loader.prefetch([d for micro in draws + following for d in micro])
     losses = []
     for micro, (indices, micro_draws) in enumerate(zip(micro_batches, draws)):
-        latents, embeddings = run.encoder.encode(micro_draws, run.generator)
+        latents, embeddings, masks = run.encoder.encode(micro_draws, run.generator)
         weights = _loss_weights(run, indices)
         sync = contextlib.nullcontext() if micro == config.optimization.grad_accum - 1 else accelerator.no_sync(run.model.unet)
         with sync, accelerator.autocast():
@@ -504,6 +517,7 @@ def _optimizer_step(run: Run, batches: _Batches) -> tuple[float, float, bool]:
                 run.config.objective,
                 generator=run.generator,
                 weights=weights,
+                mask=masks if config.objective.masked_loss else None,
             )
         # backward even for a non-finite loss: the check below is collective, and DDP's backward is too
         accelerator.backward(loss / config.optimization.grad_accum)
