@@ -156,7 +156,7 @@ def _setup_accelerator(config: TrainConfig):
     # a new, empty or sdlora run folder, never one holding or inside an input (nothing is created until data and
     # model load)
     data, base = config.data, config.base
-    inputs = (data.data_dir, data.reg_data, data.dataset_config, base.model, base.model_config, config.network.init_lora,
+    inputs = (data.data_dir, data.reg_data, data.dataset_config, data.mask_dir, base.model, base.model_config, config.network.init_lora,
               config.samples.sample_prompts, base.vae)  # fmt: skip
     output_rules.check_run_folder(Path(config.run.output_dir), inputs, "--output", resume=bool(config.run.resume))
     accelerator = _accelerator(config.base, config.logging, config.run.output_dir)
