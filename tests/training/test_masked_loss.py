@@ -175,11 +175,12 @@ def _masks_and_prediction_gradient(run, draws: list[Draw]) -> tuple[torch.Tensor
     return masks, captured["prediction"].grad
 
 
+@pytest.mark.slow  # three setups of the tiny model: 3 s alone, up to 18 s on two shared cores
 def test_training_masks_follow_flips_are_cached_and_zero_the_masked_gradient(tmp_path, tiny_config):
     """On the tiny SD1 model: the masks a micro-batch trains with are the same from the memory cache, the disk cache
     and no cache; a mirrored draw has the mirrored mask; the gradient at the UNet's prediction is exactly zero where
     the mask is (the left half) and not elsewhere."""
-    images, masks_dir = _masked_dataset(tmp_path)
+    images, masks_dir = _masked_dataset(tmp_path, count=2)
     options = dict(mask_dir=str(masks_dir), masked_loss=True, flip=True, buckets=True, batch_size=1)
     found = {}
     for cache in ("memory", "disk", "off"):
