@@ -267,7 +267,6 @@ def test_command_line_is_equivalent(tmp_path):
         ('network_module = "lycoris.kohya"\nnetwork_args = ["algo=loha", "dora_wd=True"]', "dora_wd=True with algo=loha"),
         ('network_args = ["loraplus_lr_ratio=16"]', "network_args loraplus_lr_ratio=16 is not supported"),
         ('network_args = ["down_lr_weight=0.5,0.5,0.5,0.5,1.0,1.0,1.0,1.0,1.5,1.5,1.5,1.5"]', "down_lr_weight"),
-        ("masked_loss = true", "masked_loss = True is not carried out by sdlora: masked loss is not supported"),
         ('resolution = "512,768"', "put resolution = [512, 768] in a dataset_config"),
         ('optimizer_type = "DAdaptAdam"', "optimizer_type = 'DAdaptAdam' is not one sdlora trains with"),
         ('optimizer_type = "AdaFactor"', 'add "relative_step=False"'),
