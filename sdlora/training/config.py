@@ -120,6 +120,16 @@ class DataConfig(_Section):
         "an image smaller than the bucket area keeps its own size (cropped to the step, never enlarged), as kohya's bucket_no_upscale",
     )
     crop: str = _opt("center", "crop when an image does not fit its bucket", CROPS)
+    mask_dir: str | None = _opt(
+        None,
+        "folder of loss masks for --masked-loss: for each image a mask image of the same name (and subfolder), of the same "
+        "size, white where the image trains and black where it does not (its red channel, as kohya's conditioning_data_dir)",
+        path=True,
+    )
+    alpha_mask: bool = _opt(
+        False,
+        "the training images' alpha channels are their loss masks for --masked-loss (opaque trains, transparent does not; kohya's alpha_mask)",
+    )
     flip: bool = _opt(False, "random horizontal flips; off when the style has handedness (text, logos)")
     val_split: float = _opt(0.0, "fraction of images held out for the validation loss (0 = none)")
     caption_dropout: float = _opt(0.0, "probability of training on an empty caption")
@@ -154,6 +164,12 @@ class DataConfig(_Section):
             )
         if self.reg_data and self.dataset_config:
             raise UserError("--reg-data and --dataset-config: put the regularization folder in the TOML as a subset with is_reg = true")
+        if self.mask_dir and self.alpha_mask:
+            raise UserError(f"--mask-dir {self.mask_dir} and --alpha-mask are two mask sources: keep one")
+        if self.mask_dir and self.dataset_config:
+            raise UserError(
+                "--mask-dir and --dataset-config: give each subset of the TOML its conditioning_data_dir (or alpha_mask = true)"
+            )
         if self.reg_data and Path(self.reg_data).resolve() == Path(self.data_dir).resolve():
             raise UserError(f"--reg-data {self.reg_data} is the data folder: regularization images are other images of the class")
         if self.resolution is not None:
@@ -438,6 +454,11 @@ class ObjectiveConfig(_Section):
         "flow matching: compare the x0 the prediction implies with the image instead of the velocity with noise - x0 "
         "(diffusers' --precondition_outputs, on there by default; off in kohya): weighs each sample's loss by sigma^2",
     )
+    masked_loss: bool = _opt(
+        False,
+        "weight each latent pixel's loss by the image's mask (--mask-dir, --alpha-mask, or a dataset TOML's "
+        "conditioning_data_dir / alpha_mask), as kohya's masked_loss: only the unmasked part of each image is learnt",
+    )
 
     def _check_values(self) -> None:
         _check(math.isfinite(self.noise_offset) and self.noise_offset >= 0, "noise_offset", self.noise_offset, "zero or more")
@@ -667,6 +688,11 @@ class TrainConfig:
                 raise UserError(
                     f"--output {self.run.output_dir} is inside {flag} {folder}: its sample images would become training data; choose another folder"
                 )
+        masks = "--mask-dir" if self.data.mask_dir else "--alpha-mask" if self.data.alpha_mask else None
+        if self.objective.masked_loss and not (masks or self.data.dataset_config):
+            raise UserError("--masked-loss needs masks: pass --mask-dir DIR (a mask image per image) or --alpha-mask (the images' alpha)")
+        if masks and not self.objective.masked_loss:
+            raise UserError(f"{masks} gives loss masks, which only --masked-loss uses: add --masked-loss (or drop {masks})")
         if self.network.kind == "dora" and self.base.fp8_base:  # peft's DoRA takes the norm of the stored (fp8) weight
             raise UserError("--kind dora renormalises the base weight, which --fp8-base stores in fp8: drop one of them")
         several_rates = self.network.block_lr_weights or any(self.optimization.loraplus_ratio(c) for c in ("unet", "text_encoder"))

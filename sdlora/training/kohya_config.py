@@ -329,9 +329,10 @@ KEYS: dict[str, Key] = {
     "token_warmup_min": _refused("leave the token warm-up out", _INT, 1),
     "token_warmup_step": _refused("leave the token warm-up out", _FLOAT, 0),
     "resize_interpolation": _refused("images are resized with Lanczos", _STR),
-    "alpha_mask": _refused("masked loss " + _NOT_YET, _BOOL, False),
-    "masked_loss": _refused("masked loss " + _NOT_YET, _BOOL, False),
-    "conditioning_data_dir": _refused("masked loss " + _NOT_YET, _STR),
+    # kohya weighs the loss by alpha masks whether or not masked_loss is set (train_network.py: `masked_loss or alpha_masks`)
+    "alpha_mask": Key(_BOOL, lambda value, config: {"alpha_mask": True, "masked_loss": True} if value else {}),
+    "masked_loss": _to("masked_loss", _BOOL),
+    "conditioning_data_dir": _to("mask_dir", _STR),
     "dataset_class": _refused("give the images as a folder or a dataset_config", _STR),
     "dataset_repeats": _refused("give repeats as N_name folders or in a dataset_config", _INT, 1),
     "debug_dataset": _refused("it trains nothing", _BOOL, False),

@@ -33,7 +33,7 @@ from . import blocks, checkpoint, ema, memory, network, outputs
 from .base_model import BaseModel, load_base_model
 from .buckets import BucketBatchSampler, Size
 from .cache import BatchEncoder, ImageLoader, build_caches, fill_caches
-from .config import BaseModelConfig, DataConfig, LoggingConfig, NetworkConfig, OptimizationConfig, TrainConfig
+from .config import BaseModelConfig, DataConfig, LoggingConfig, NetworkConfig, ObjectiveConfig, OptimizationConfig, TrainConfig
 from .data import ImageRecord, dataset_summary
 from .datasets import DatasetSpec, TrainingData, batch_sizes, load_training_data, record_buckets
 from .metrics import MetricsLogger, progress_bar, tracking_options
@@ -117,10 +117,7 @@ def setup(config: TrainConfig) -> Run | None:
     sampler = _setup_sampler(config, data, buckets, accelerator)
     if config.optimization.epochs:  # the step count the schedule needs
         config = config.replace(steps=epoch_steps(len(sampler), config.optimization.grad_accum, config.optimization.epochs))
-    if model.flow_matching:  # SD3: the options the flow-matching objective takes
-        prepare_flow_scheduler(model.noise_scheduler, config.objective)
-    else:
-        prepare_noise_scheduler(model.noise_scheduler, config.objective)  # the timestep range must fit; --zero-terminal-snr
+    _setup_objective(config.objective, model)
     param_groups = _setup_network(config.network, config.optimization, config.base, model)
     plan = _setup_memory_plan(config, model, data, buckets, accelerator)
     if config.run.dry_run:
@@ -147,6 +144,14 @@ def setup(config: TrainConfig) -> Run | None:
     return run
 
 
+def _setup_objective(objective: ObjectiveConfig, model: BaseModel) -> None:
+    """The training scheduler set up for the objective's options, each refused where the model's kind has no use for it."""
+    if model.flow_matching:  # SD3: the options the flow-matching objective takes
+        prepare_flow_scheduler(model.noise_scheduler, objective)
+    else:
+        prepare_noise_scheduler(model.noise_scheduler, objective)  # the timestep range must fit; --zero-terminal-snr
+
+
 def _setup_accelerator(config: TrainConfig):
     """Everything that can be refused before anything loads (the optimizer and its arguments, the files the options
     name, the output folder), then the accelerator and the global seed; says when --kind gets no diffusers file."""
@@ -159,7 +164,7 @@ def _setup_accelerator(config: TrainConfig):
     # a new, empty or sdlora run folder, never one holding or inside an input (nothing is created until data and
     # model load)
     data, base = config.data, config.base
-    inputs = (data.data_dir, data.reg_data, data.dataset_config, base.model, base.model_config, config.network.init_lora,
+    inputs = (data.data_dir, data.reg_data, data.dataset_config, data.mask_dir, base.model, base.model_config, config.network.init_lora,
               config.samples.sample_prompts, base.vae)  # fmt: skip
     output_rules.check_run_folder(Path(config.run.output_dir), inputs, "--output", resume=bool(config.run.resume))
     accelerator = _accelerator(config.base, config.logging, config.run.output_dir)
@@ -175,11 +180,24 @@ def _setup_data(config: TrainConfig, accelerator) -> TrainingData:
     """The images: DATA_DIR (kohya's N_words subfolders too) and --reg-data, or a kohya dataset TOML; what they add up
     to, said when there is more than one folder."""
     data = load_training_data(config.data, config.run.seed, config.run.output_dir)
+    _check_masks(config, data)
     if data.structured and accelerator.is_local_main_process:
         tqdm.write(dataset_summary(data.records))  # subsets, images, samples per epoch (and the regularization share)
         if data.unused_reg:
             tqdm.write(f"{data.unused_reg} regularization images left out: the training images need fewer (as kohya does)")
     return data
+
+
+def _check_masks(config: TrainConfig, data: TrainingData) -> None:
+    """A dataset TOML's masks and --masked-loss go together (the flags' own are checked with the config)."""
+    masked = [record for record in data.records + data.val_records if record.mask_source is not None]
+    where = f"--dataset-config {config.data.dataset_config}"
+    if config.objective.masked_loss and not masked:
+        raise UserError(f"--masked-loss needs masks: {where} gives none; set conditioning_data_dir or alpha_mask = true in its subsets")
+    if masked and not config.objective.masked_loss:
+        raise UserError(
+            f"{where} gives loss masks ({masked[0].mask_source.name}...), which only --masked-loss uses: add --masked-loss (masked_loss = true)"
+        )
 
 
 def _setup_output_dir(out: Path, accelerator) -> None:
@@ -523,7 +541,7 @@ def _optimizer_step(run: Run, batches: _Batches) -> tuple[float, float, bool, di
         run.encoder.loader.prefetch([d for micro in draws + following for d in micro])
     losses = []
     for micro, (indices, micro_draws) in enumerate(zip(micro_batches, draws)):
-        latents, embeddings = run.encoder.encode(micro_draws, run.generator)
+        latents, embeddings, masks = run.encoder.encode(micro_draws, run.generator)
         weights = _loss_weights(run, indices)
         sync = contextlib.nullcontext() if micro == config.optimization.grad_accum - 1 else accelerator.no_sync(run.model.unet)
         with sync, accelerator.autocast():
@@ -536,6 +554,7 @@ def _optimizer_step(run: Run, batches: _Batches) -> tuple[float, float, bool, di
                 generator=run.generator,
                 weights=weights,
                 flow_matching=run.model.flow_matching,
+                mask=masks if config.objective.masked_loss else None,
             )
         # backward even for a non-finite loss: the check below is collective, and DDP's backward is too
         accelerator.backward(loss / config.optimization.grad_accum)

@@ -271,7 +271,6 @@ def test_command_line_is_equivalent(tmp_path):
         ),
         ('network_args = ["down_lr_weight=wave"]', "use numbers or one of cosine, sine"),
         ('network_args = ["loraplus_lr_ratio=x"]', "network_args loraplus_lr_ratio=x: give numbers"),
-        ("masked_loss = true", "masked_loss = True is not carried out by sdlora: masked loss is not supported"),
         ('resolution = "512,768"', "put resolution = [512, 768] in a dataset_config"),
         ('optimizer_type = "DAdaptAdam"', "optimizer_type = 'DAdaptAdam' is not one sdlora trains with"),
         ('optimizer_type = "AdaFactor"', 'add "relative_step=False"'),
