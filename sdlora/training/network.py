@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
+from unittest import mock
 
 import torch
 from torch import nn
@@ -35,6 +37,45 @@ from ..errors import UserError
 
 INITS = ("gaussian", "default")
 KINDS = ("lora", "loha", "lokr", "dora")  # config.KINDS: what add_lora builds (peft's layer types)
+TUCKER_KINDS = ("loha", "lokr")  # the kinds whose peft layers have a Tucker form of 3x3 convs (use_effective_conv2d)
+
+
+@dataclass(frozen=True)
+class LycorisOptions:
+    """LyCORIS's own network_args for LoHa and LoKr, carried out through peft's LoHaConfig / LoKrConfig:
+    - factor (LoKr): each dimension split as LyCORIS's `factorization(dim, factor)` (lycoris/functional/general.py):
+      -1 the most balanced split; a factor that divides the dimension gives (factor, dim / factor), the smaller
+      first; one that does not falls back to the most balanced split whose smaller part is at most the factor
+      (LyCORIS's loop; no error there, none here). peft's own `factorization` leaves a dividing factor first even
+      when it is the larger part (factor 16 of 64: peft (16, 4), LyCORIS (4, 16)): sdlora splits as LyCORIS.
+    - decompose_both (LoKr): the first half factored too where its rank is below half its larger side.
+    - use_tucker: 3x3 convs with Tucker cores (LoHa hada_t1/hada_t2, LoKr lokr_t2; peft's use_effective_conv2d).
+    - rank_dropout, module_dropout, rank_dropout_scale: LyCORIS's dropouts while training (module docstring of
+      `add_lora`)."""
+
+    factor: int = -1
+    decompose_both: bool = False
+    use_tucker: bool = False
+    rank_dropout: float = 0.0
+    module_dropout: float = 0.0
+    rank_dropout_scale: bool = False
+
+
+def lycoris_factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
+    """LyCORIS's split of `dimension` into (m, n), m <= n, m * n = dimension (`LycorisOptions.factor`)."""
+    if factor > 0 and dimension % factor == 0:
+        return min(factor, dimension // factor), max(factor, dimension // factor)
+    bound = dimension if factor < 0 else factor
+    m, n = 1, dimension
+    while m < n:  # through the divisors upwards, while m stays within the bound
+        new_m = m + 1
+        while dimension % new_m:
+            new_m += 1
+        new_n = dimension // new_m
+        if new_m + new_n > 1 + dimension or new_m > bound:
+            break
+        m, n = new_m, new_n
+    return min(m, n), max(m, n)
 
 
 def add_lora(
@@ -51,6 +92,7 @@ def add_lora(
     dtype: torch.dtype = torch.float32,
     kind: str = "lora",
     module_ranks: dict[str, tuple[int, float]] | None = None,
+    lycoris: LycorisOptions | None = None,
 ) -> list[nn.Parameter]:
     """Add a peft LoRA adapter to `target_modules` of `model`; return its (trainable, fp32) parameters.
 
@@ -65,11 +107,20 @@ def add_lora(
     loha or lokr (their own inits: LoHa's w2b zero, LoKr's w2 / w2b zero as LyCORIS; no input dropout).
     `module_ranks`: {layer name: (rank, alpha)} of layers at their own rank and alpha (kohya's block_dims,
     `training.blocks`), through peft's rank and alpha patterns as the convs'.
+    `lycoris`: LyCORIS's LoKr factor and decompose_both, Tucker 3x3 convs and its dropouts (`LycorisOptions`), for
+    loha and lokr. The dropouts are peft's, the same as LyCORIS 4.1.3's (modules/loha.py, lokr.py) while the layer
+    is in training mode: module_dropout skips the layer's whole update with probability p per forward call;
+    rank_dropout zeroes each output row of the update with probability p (one mask per call, not per sample),
+    the kept rows scaled by 1 / (kept fraction) with rank_dropout_scale. peft's LoHa always scales (LyCORIS only with
+    rank_dropout_scale): LoHa's rank_dropout is refused without it.
     """
     from peft import LoHaConfig, LoKrConfig, LoraConfig, inject_adapter_in_model  # peft takes a second to import
+    from peft.tuners.lokr import layer as peft_lokr_layer
 
     if kind not in KINDS:
         raise UserError(f"unknown adapter kind {kind!r}: use one of {', '.join(KINDS)}")
+    lycoris = lycoris or LycorisOptions()
+    _check_lycoris(lycoris, kind)
     if dropout and kind in ("loha", "lokr"):
         raise UserError(f"LoRA dropout is on the layer input, which {kind} has not: leave it at 0")
 
@@ -96,14 +147,18 @@ def add_lora(
         if layer_rank < 1 or not (math.isfinite(layer_alpha) and layer_alpha > 0):
             raise UserError(f"{name}: rank must be 1 or more and alpha positive, got {layer_rank} and {layer_alpha}")
         rank_pattern[re.escape(name)], alpha_pattern[re.escape(name)] = layer_rank, layer_alpha
-    if kind == "loha":  # use_effective_conv2d off: convs as [out, in * kh * kw] products, LyCORIS's non-Tucker form
+    # without Tucker (use_effective_conv2d), convs as [out, in * kh * kw] products: LyCORIS's non-Tucker form
+    dropouts = {"rank_dropout": lycoris.rank_dropout, "module_dropout": lycoris.module_dropout}
+    if kind == "loha":
         config = LoHaConfig(
-            r=rank, alpha=alpha, target_modules=list(target_modules), rank_pattern=rank_pattern, alpha_pattern=alpha_pattern
-        )
-    elif kind == "lokr":  # factor -1 (halves near the square root) and decompose_both off: LyCORIS's defaults
+            r=rank, alpha=alpha, target_modules=list(target_modules), rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
+            use_effective_conv2d=lycoris.use_tucker, **dropouts,
+        )  # fmt: skip
+    elif kind == "lokr":
         config = LoKrConfig(
             r=rank, alpha=alpha, target_modules=list(target_modules), rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
-            init_weights="lycoris",
+            init_weights="lycoris", decompose_factor=lycoris.factor, decompose_both=lycoris.decompose_both,
+            use_effective_conv2d=lycoris.use_tucker, rank_dropout_scale=lycoris.rank_dropout_scale, **dropouts,
         )  # fmt: skip
     else:
         config = LoraConfig(
@@ -116,10 +171,12 @@ def add_lora(
             alpha_pattern=alpha_pattern,
             use_dora=kind == "dora",
         )
-    if hasattr(model, "add_adapter"):  # diffusers ModelMixin / transformers PreTrainedModel: also registers peft_config
-        model.add_adapter(config, adapter_name=adapter_name)
-    else:
-        inject_adapter_in_model(config, model, adapter_name)
+    # peft's LoKr layers split each dimension with peft's factorization; LyCORIS's differs (LycorisOptions.factor)
+    with mock.patch.object(peft_lokr_layer, "factorization", lycoris_factorization):
+        if hasattr(model, "add_adapter"):  # diffusers ModelMixin / transformers PreTrainedModel: also registers peft_config
+            model.add_adapter(config, adapter_name=adapter_name)
+        else:
+            inject_adapter_in_model(config, model, adapter_name)
     model.requires_grad_(False)
     params = lora_parameters(model, adapter_name)
     for param in params:
@@ -131,6 +188,28 @@ def add_lora(
             raise UserError(f"a LoRA init generator redraws lora_A, which {kind} has not")
         _init_from_generator(model, adapter_name, init, generator)
     return params
+
+
+def _check_lycoris(options: LycorisOptions, kind: str) -> None:
+    """One line for a LyCORIS option `kind` cannot carry out (training.config checks the same on the options)."""
+    if (options.factor != -1 or options.decompose_both) and kind != "lokr":
+        raise UserError(f"LoKr's factor and decompose_both split LoKr's halves; --kind {kind} has none: use --kind lokr")
+    if options.factor == 0 or options.factor < -1:
+        raise UserError(f"LoKr factor must be -1 (the most balanced split) or 1 or more, got {options.factor}")
+    if options.use_tucker and kind not in TUCKER_KINDS:
+        raise UserError(
+            f"Tucker convs (use_tucker) are LoHa's and LoKr's here; peft's --kind {kind} has no Tucker form: use --kind loha or lokr"
+        )
+    if (options.rank_dropout or options.module_dropout) and kind not in TUCKER_KINDS:
+        raise UserError(f"LyCORIS's rank and module dropouts are LoHa's and LoKr's; --kind {kind} takes kohya's (add_kohya_dropout)")
+    for name in ("rank_dropout", "module_dropout"):
+        if not 0.0 <= getattr(options, name) < 1.0:
+            raise UserError(f"{name} must be in [0, 1), got {getattr(options, name)}")
+    if kind == "loha" and options.rank_dropout and not options.rank_dropout_scale:
+        raise UserError(
+            "LoHa's rank_dropout: peft scales the kept rows by 1 / (kept fraction), LyCORIS only with rank_dropout_scale: "
+            "add --rank-dropout-scale"
+        )
 
 
 @torch.no_grad()
