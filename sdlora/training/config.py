@@ -301,10 +301,27 @@ class NetworkConfig(_Section):
         "0.1 is usual (--dropout is peft's, on the layer's input)",
     )
     rank_dropout: float = _opt(
-        0.0, "kohya's rank_dropout: drop each rank of A x with this probability per image while training, the rest scaled by 1/(1-p)"
+        0.0,
+        "kohya's rank_dropout: drop each rank of A x with this probability per image while training, the rest scaled by 1/(1-p); "
+        "with --kind loha/lokr LyCORIS's: drop each output row of the update with this probability per forward pass",
     )
     module_dropout: float = _opt(
-        0.0, "kohya's module_dropout: skip a module's whole LoRA with this probability per forward pass while training"
+        0.0, "kohya's and LyCORIS's module_dropout: skip a module's whole update with this probability per forward pass while training"
+    )
+    rank_dropout_scale: bool = _opt(
+        False, "LyCORIS's rank_dropout_scale (--kind loha/lokr): scale the rows --rank-dropout keeps by 1 / (kept fraction)"
+    )
+    lokr_factor: int = _opt(
+        -1,
+        "LyCORIS's factor (--kind lokr): split each dimension as (factor, dim / factor), the smaller first; -1 the most "
+        "balanced split; a factor that does not divide a dimension takes the most balanced split within it (as LyCORIS). "
+        "A small factor with a large rank trains a whole second half (bigger files)",
+    )
+    lokr_decompose_both: bool = _opt(
+        False, "LyCORIS's decompose_both (--kind lokr): also factor the first half at --rank where that makes it smaller"
+    )
+    use_tucker: bool = _opt(
+        False, "LyCORIS's use_tucker (--kind loha/lokr, --preset all): the 3x3 convs with a Tucker core (hada_t1/t2, lokr_t2)"
     )
     block_dims: list[int] = _opt(
         [],
@@ -351,7 +368,7 @@ class NetworkConfig(_Section):
         model's family: training.blocks checks it when the model is loaded)."""
         for name in ("network_dropout", "rank_dropout", "module_dropout"):
             _check(0.0 <= getattr(self, name) < 1.0, name, getattr(self, name), "in [0, 1)")
-            if getattr(self, name) and self.kind in ("loha", "lokr"):
+            if name == "network_dropout" and getattr(self, name) and self.kind in ("loha", "lokr"):
                 raise UserError(f"--{name.replace('_', '-')} acts on LoRA's down projection, which {self.kind} has not: leave it at 0")
             if getattr(self, name) and self.kind == "dora":  # peft's DoRA runs lora_A on an identity to take the norm
                 raise UserError(
@@ -379,6 +396,28 @@ class NetworkConfig(_Section):
         if (self.block_dims or self.block_lr_weights) and self.kind in ("loha", "lokr"):
             raise UserError(
                 f"block ranks and learning-rate weights are kohya's networks.lora options: train them with --kind lora or dora, not {self.kind}"
+            )
+        self._check_lycoris_values()
+
+    def _check_lycoris_values(self) -> None:
+        """LyCORIS's LoHa/LoKr arguments (training.network.LycorisOptions): each with a kind that has it."""
+        if (self.lokr_factor != -1 or self.lokr_decompose_both) and self.kind != "lokr":
+            raise UserError(f"--lokr-factor and --lokr-decompose-both split LoKr's halves: use them with --kind lokr (now {self.kind})")
+        _check(
+            self.lokr_factor == -1 or self.lokr_factor >= 1, "lokr_factor", self.lokr_factor, "-1 (the most balanced split) or 1 or more"
+        )
+        if self.use_tucker and self.kind not in ("loha", "lokr"):
+            raise UserError(
+                f"--use-tucker: peft's {self.kind} layers have no Tucker form of a conv (LoHa's and LoKr's have): use --kind loha or lokr"
+            )
+        if self.use_tucker and self.preset != "all":
+            raise UserError(f"--use-tucker acts on the 3x3 convs, which only --preset all adapts (now {self.preset})")
+        if self.rank_dropout_scale and self.kind not in ("loha", "lokr"):
+            raise UserError("--rank-dropout-scale is LyCORIS's, for --kind loha or lokr (kohya's --rank-dropout always scales)")
+        if self.kind == "loha" and self.rank_dropout and not self.rank_dropout_scale:
+            raise UserError(
+                "--rank-dropout with --kind loha: peft's LoHa scales the kept rows by 1 / (kept fraction), which LyCORIS does only "
+                "with rank_dropout_scale: add --rank-dropout-scale"
             )
 
     @property

@@ -155,7 +155,13 @@ _LORA_ARGS = (
     "conv_block_dims", "conv_block_alphas", "rank_dropout", "module_dropout", "loraplus_lr_ratio",
     "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio",
 )  # fmt: skip
-_NETWORK_ARGS = ("conv_dim", "conv_alpha", "algo", "preset", "dora_wd", "factor", *_LORA_ARGS)
+# lycoris.kohya's own (lycoris/kohya.py create_network); use_cp / use_conv_cp are its older names of use_tucker
+_LYCORIS_ARGS = (
+    "algo", "preset", "dora_wd", "factor", "decompose_both", "use_tucker", "use_cp", "use_conv_cp", "use_scalar",
+    "train_norm", "rank_dropout_scale",
+)  # fmt: skip
+_LYCORIS_DROPOUTS = ("rank_dropout", "module_dropout")  # lycoris.kohya's, for LoHa and LoKr (peft's LoHaConfig/LoKrConfig)
+_NETWORK_ARGS = ("conv_dim", "conv_alpha", *_LYCORIS_ARGS, *_LORA_ARGS)
 # LyCORIS's algo -> sdlora's --kind (dora: algo lora/locon with dora_wd=True, as LyCORIS writes it)
 KOHYA_ALGOS = {"lora": "lora", "locon": "lora", "loha": "loha", "lokr": "lokr"}
 _NOT_YET = "is not supported by sdlora's training yet"
@@ -167,7 +173,9 @@ def _network(value: Any, config: dict[str, Any]) -> Options:
     the 3x3 convs of the ResNets and samplers (--preset all with --conv-rank/--conv-alpha)."""
     module = config.get("network_module", "networks.lora")
     if module not in ("networks.lora", "lycoris.kohya"):
-        raise UserError(f"kohya config: network_module = {module!r} {_NOT_YET}: sdlora trains networks.lora and lycoris.kohya's lora/locon")
+        raise UserError(
+            f"kohya config: network_module = {module!r} {_NOT_YET}: sdlora trains networks.lora and lycoris.kohya's lora/locon/loha/lokr"
+        )
     args: dict[str, str] = {}
     for item in config.get("network_args", []):
         key, sep, text = item.partition("=")
@@ -181,28 +189,73 @@ def _network(value: Any, config: dict[str, Any]) -> Options:
             "(and dora_wd=True with lora/locon)"
         )
     for key in args:
-        lycoris_only = key in ("algo", "preset", "dora_wd", "factor") and module != "lycoris.kohya"
-        if key not in _NETWORK_ARGS or lycoris_only or (key in _LORA_ARGS and module != "networks.lora"):
+        lycoris_only = key in _LYCORIS_ARGS and module != "lycoris.kohya"
+        lycoris_dropout = key in _LYCORIS_DROPOUTS and KOHYA_ALGOS[algo] in ("loha", "lokr")
+        if key not in _NETWORK_ARGS or lycoris_only or (key in _LORA_ARGS and module != "networks.lora" and not lycoris_dropout):
             raise UserError(
                 f"kohya config: network_args {key}={args[key]} {_NOT_YET} with {module} (sdlora carries out conv_dim, conv_alpha; "
-                "and networks.lora's block, dropout and LoRA+ arguments)"
+                "networks.lora's block, dropout and LoRA+ arguments; LyCORIS's factor, decompose_both, use_tucker, and its "
+                "rank_dropout and module_dropout with algo=loha/lokr)"
             )
     if args.get("preset", "full") != "full":
         raise UserError(f"kohya config: network_args preset={args['preset']} {_NOT_YET}: sdlora trains LyCORIS's full preset")
-    if args.get("factor", "-1").strip() != "-1":  # LyCORIS's default: the most balanced split of each dimension
-        raise UserError(f"kohya config: network_args factor={args['factor']} {_NOT_YET}: sdlora's LoKr splits as LyCORIS's factor=-1")
     kind = KOHYA_ALGOS[algo]
+    options: Options = {"preset": "attn-ff", "kind": kind}
+    if module == "lycoris.kohya":
+        options |= _lycoris_args(args, kind)
     if args.get("dora_wd", "false").strip().lower() in ("true", "1"):
         if kind != "lora":
             raise UserError(f"kohya config: network_args dora_wd=True with algo={algo}: sdlora trains DoRA on algo=lora/locon")
-        kind = "dora"
-    options: Options = {"preset": "attn-ff", "kind": kind}
+        options["kind"] = "dora"
     try:
         if int(args.get("conv_dim", 0)):
             options |= {"preset": "all", "conv_rank": int(args["conv_dim"]), "conv_alpha": float(args.get("conv_alpha", 1))}
     except ValueError as err:
         raise UserError(f"kohya config: network_args {err}: conv_dim is an integer, conv_alpha a number") from None
     return options | _lora_args(args, config)
+
+
+def _true(text: str) -> bool:
+    return text.strip().lower() in ("true", "1")
+
+
+def _lycoris_args(args: dict[str, str], kind: str) -> Options:
+    """lycoris.kohya's LoHa/LoKr network_args as sdlora's options (training.network.LycorisOptions): factor and
+    decompose_both (LoKr), use_tucker (its older names use_cp, use_conv_cp), rank_dropout and module_dropout;
+    use_scalar and train_norm refused in one line. LyCORIS 4.1.3's kohya network does not pass rank_dropout_scale
+    on (its modules never scale there), so it is read and has no effect here either; it passes decompose_both as
+    the text given, so that "decompose_both=False" turns it on in LyCORIS: sdlora reads it as a boolean."""
+    options: Options = {}
+    for key in ("use_scalar", "train_norm"):
+        if _true(args.get(key, "false")):
+            reason = "peft's LoHa/LoKr layers have no trained scalar" if key == "use_scalar" else "sdlora trains no norm layers"
+            raise UserError(f"kohya config: network_args {key}={args[key]} {_NOT_YET} ({reason}): leave it out")
+    try:
+        if "factor" in args and int(args["factor"]) != -1:
+            options["lokr_factor"] = int(args["factor"])
+        options |= {key: float(args[key]) for key in _LYCORIS_DROPOUTS if key in args}
+        conv_dim = int(args.get("conv_dim", "0") or 0)
+    except ValueError:
+        raise UserError("kohya config: network_args factor and conv_dim are integers, rank_dropout and module_dropout numbers") from None
+    if _true(args.get("decompose_both", "false")):
+        options["lokr_decompose_both"] = True
+    if any(_true(args.get(key, "false")) for key in ("use_tucker", "use_cp", "use_conv_cp")):
+        options["use_tucker"] = True
+    if (options.get("lokr_factor") or options.get("lokr_decompose_both")) and kind != "lokr":
+        raise UserError("kohya config: network_args factor and decompose_both split LoKr's halves: use them with algo=lokr")
+    if options.get("use_tucker") and kind not in ("loha", "lokr"):
+        raise UserError(
+            "kohya config: network_args use_tucker with algo=lora/locon (LyCORIS's lora_mid) is not supported by sdlora's "
+            "training yet: peft's LoRA has no Tucker form; use it with algo=loha or lokr"
+        )
+    if options.get("use_tucker") and not conv_dim:
+        raise UserError("kohya config: network_args use_tucker shapes the 3x3 convs, which sdlora adapts with conv_dim: add conv_dim")
+    if kind == "loha" and options.get("rank_dropout"):
+        raise UserError(
+            "kohya config: network_args rank_dropout with algo=loha: LyCORIS's LoHa keeps the other rows as they are, peft's "
+            f"scales them by 1 / (kept fraction) {_NOT_YET}: leave it out or use algo=lokr"
+        )
+    return options
 
 
 def _lora_args(args: dict[str, str], config: dict[str, Any]) -> Options:

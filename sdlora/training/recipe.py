@@ -253,10 +253,16 @@ def _setup_network(options: NetworkConfig, optimization: OptimizationConfig, bas
     lora_dtype = model.dtype if base.full_bf16 or base.full_fp16 else torch.float32
     unet_targets = targets.unet_target_modules(model.unet, options.preset)
     plan = blocks.block_plan(model.unet, unet_targets, options, model.family)  # kohya's block_dims / *_lr_weight
+    lycoris = None  # LyCORIS's LoHa/LoKr arguments (its dropouts among them); LoRA and DoRA take kohya's dropouts below
+    if options.kind in network.TUCKER_KINDS:
+        lycoris = network.LycorisOptions(
+            options.lokr_factor, options.lokr_decompose_both, options.use_tucker, options.rank_dropout, options.module_dropout,
+            options.rank_dropout_scale,
+        )  # fmt: skip
     network.add_lora(
         model.unet, list(plan.ranks) if plan else unet_targets, options.rank, options.alpha, options.dropout,
         conv_rank=options.conv_rank, conv_alpha=options.conv_alpha, dtype=lora_dtype, kind=options.kind,
-        module_ranks=plan.ranks if plan else None,
+        module_ranks=plan.ranks if plan else None, lycoris=lycoris,
     )  # fmt: skip
     param_groups = network.parameter_groups(
         model.unet,
@@ -271,12 +277,13 @@ def _setup_network(options: NetworkConfig, optimization: OptimizationConfig, bas
                 continue
             network.add_lora(
                 encoder, targets.text_encoder_target_modules(encoder, spec=model.family.text_encoder(component)), options.rank, options.alpha,
-                options.dropout, dtype=lora_dtype, kind=options.kind,
+                options.dropout, dtype=lora_dtype, kind=options.kind, lycoris=lycoris,
             )  # fmt: skip
             param_groups += network.parameter_groups(encoder, optimization.lr_of(component), optimization.loraplus_ratio(component))
             trained[component] = encoder
-    for part in trained.values():
-        network.add_kohya_dropout(part, options.network_dropout, options.rank_dropout, options.module_dropout)
+    if lycoris is None:
+        for part in trained.values():
+            network.add_kohya_dropout(part, options.network_dropout, options.rank_dropout, options.module_dropout)
     model.trained = tuple(trained)
     if options.init_lora:
         state = read_lora(options.init_lora, allow_pickle=base.allow_pickle)
