@@ -183,8 +183,8 @@ _LORAPLUS = ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encod
 
 
 def training_network_args(config: TrainConfig) -> dict[str, str]:
-    """kohya's network_args of this run (block ranks and rates, rank and module dropout, LoRA+) as its
-    ss_network_args holds them: lists comma-separated; the ones at their default left out."""
+    """kohya's network_args of this run (block ranks and rates, rank and module dropout, LoRA+; LyCORIS's factor,
+    decompose_both and use_tucker) as its ss_network_args holds them: lists comma-separated; the ones at their default left out."""
     args = {}
     for name in _NETWORK_ARGS:
         value = getattr(config.network, name)
@@ -194,6 +194,12 @@ def training_network_args(config: TrainConfig) -> dict[str, str]:
         value = getattr(config.optimization, name)
         if value:
             args[name] = f"{value:g}"
+    network = config.network  # LyCORIS's own network_args, by its names (lycoris/kohya.py create_network)
+    if network.lokr_factor != -1:
+        args["factor"] = str(network.lokr_factor)
+    for name, given in (("decompose_both", network.lokr_decompose_both), ("use_tucker", network.use_tucker)):
+        if given:
+            args[name] = "True"
     return args
 
 

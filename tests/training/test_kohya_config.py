@@ -282,7 +282,7 @@ def test_command_line_is_equivalent(tmp_path):
         ('network_module = "lycoris.kohya"\nnetwork_args = ["algo=lokr", "train_norm=True"]', "train_norm=True is not supported"),
         ('network_module = "lycoris.kohya"\nnetwork_args = ["algo=loha", "factor=8"]', "factor and decompose_both split LoKr's halves"),
         ('network_module = "lycoris.kohya"\nnetwork_args = ["algo=locon", "conv_dim=4", "use_tucker=True"]', "peft's LoRA has no Tucker"),
-        ('network_module = "lycoris.kohya"\nnetwork_args = ["algo=lokr", "factor=x"]', "factor is an integer"),
+        ('network_module = "lycoris.kohya"\nnetwork_args = ["algo=lokr", "factor=x"]', "factor and conv_dim are integers"),
         ('network_module = "lycoris.kohya"\nnetwork_args = ["algo=loha", "rank_dropout=0.1"]', "rank_dropout with algo=loha"),
         ('network_module = "lycoris.kohya"\nnetwork_args = ["algo=locon", "rank_dropout=0.1"]', "rank_dropout=0.1 is not supported"),
         ('network_module = "lycoris.kohya"\nnetwork_args = ["algo=lokr", "use_tucker=True"]', "use_tucker shapes the 3x3 convs"),

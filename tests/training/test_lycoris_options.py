@@ -5,6 +5,8 @@ LyCORIS network built with the same arguments would hold)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -181,3 +183,35 @@ def test_lycoris_options_refused_in_one_line():
         with pytest.raises(UserError, match=message):
             network.add_lora(pipe.text_encoder, targets, 4, ALPHA, kind=kind, lycoris=options)
     assert not network._adapter_layers(pipe.text_encoder, None)  # refused before any layer was changed
+
+
+@pytest.mark.slow  # three short runs
+def test_lokr_run_with_lycoris_options_writes_them_and_resumes_bit_for_bit(make_dataset, tmp_path, tiny_config):
+    from sdlora.training.recipe import train
+
+    dataset = make_dataset(tmp_path / "data", count=2)
+    options = dict(
+        kind="lokr", preset="all", rank=4, alpha=ALPHA, conv_rank=CONV_RANK, conv_alpha=CONV_ALPHA, lokr_factor=4, use_tucker=True,
+        rank_dropout=0.3, module_dropout=0.2, samples=False, checkpoint_every=1, steps=2, batch_size=1,
+    )  # fmt: skip
+    straight = train(tiny_config(dataset, tmp_path / "straight", **options))
+    train(tiny_config(dataset, tmp_path / "resumed", **(options | {"steps": 1})))
+    resumed = train(tiny_config(dataset, tmp_path / "resumed", **options, resume="latest"))
+    expected, actual = load_file(straight), load_file(resumed)
+    assert expected.keys() == actual.keys()
+    assert all(torch.equal(expected[key], actual[key]) for key in expected)  # the dropouts' draws resume exactly too
+    assert any(key.endswith("lokr_t2") for key in expected)
+    shapes = {key: tuple(tensor.shape) for key, tensor in expected.items()}
+    q_proj = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"  # 64 wide: factor 4 -> (4, 16), not (8, 8)
+    assert (shapes[f"{q_proj}.lokr_w1"], shapes[f"{q_proj}.lokr_w2_a"], shapes[f"{q_proj}.lokr_w2_b"]) == ((4, 4), (16, 4), (4, 16))
+    conv = "lora_unet_down_blocks_0_resnets_0_conv1"  # 32 -> 32, 3x3 at CONV_RANK: (4, 8) with a Tucker core
+    assert [shapes[f"{conv}.{name}"] for name in ("lokr_w1", "lokr_w2_a", "lokr_w2_b", "lokr_t2")] == [(4, 4), (2, 8), (2, 8), (2, 2, 3, 3)]
+    state = read_lora(straight)
+    args = json.loads(state.metadata["ss_network_args"])
+    assert (args["algo"], args["factor"], args["use_tucker"], args["rank_dropout"], args["module_dropout"]) == (
+        "lokr",
+        "4",
+        "True",
+        "0.3",
+        "0.2",
+    )
