@@ -108,9 +108,10 @@ def add_lora(
     `module_ranks`: {layer name: (rank, alpha)} of layers at their own rank and alpha (kohya's block_dims,
     `training.blocks`), through peft's rank and alpha patterns as the convs'.
     `lycoris`: LyCORIS's LoKr factor and decompose_both, Tucker 3x3 convs and its dropouts (`LycorisOptions`), for
-    loha and lokr. The dropouts are peft's, the same as LyCORIS 4.1.3's (modules/loha.py, lokr.py) while the layer
-    is in training mode: module_dropout skips the layer's whole update with probability p per forward call;
-    rank_dropout zeroes each output row of the update with probability p (one mask per call, not per sample),
+    loha and lokr. The dropouts act as LyCORIS 4.1.3's (modules/loha.py, lokr.py) while the layer is in training
+    mode: module_dropout skips the layer's whole update with probability p per forward call (a hook
+    multiplying the update by 0, so that its parameters keep a zero gradient: `_LycorisModuleDropout`);
+    rank_dropout (peft's) zeroes each output row of the update with probability p (one mask per call, not per sample),
     the kept rows scaled by 1 / (kept fraction) with rank_dropout_scale. peft's LoHa always scales (LyCORIS only with
     rank_dropout_scale): LoHa's rank_dropout is refused without it.
     """
@@ -148,7 +149,7 @@ def add_lora(
             raise UserError(f"{name}: rank must be 1 or more and alpha positive, got {layer_rank} and {layer_alpha}")
         rank_pattern[re.escape(name)], alpha_pattern[re.escape(name)] = layer_rank, layer_alpha
     # without Tucker (use_effective_conv2d), convs as [out, in * kh * kw] products: LyCORIS's non-Tucker form
-    dropouts = {"rank_dropout": lycoris.rank_dropout, "module_dropout": lycoris.module_dropout}
+    dropouts = {"rank_dropout": lycoris.rank_dropout}  # module_dropout: _LycorisModuleDropout, keeping every gradient
     if kind == "loha":
         config = LoHaConfig(
             r=rank, alpha=alpha, target_modules=list(target_modules), rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
@@ -178,6 +179,9 @@ def add_lora(
         else:
             inject_adapter_in_model(config, model, adapter_name)
     model.requires_grad_(False)
+    if lycoris.module_dropout:
+        for layer in _adapter_layers(model, adapter_name).values():
+            _LycorisModuleDropout(lycoris.module_dropout).attach(layer)
     params = lora_parameters(model, adapter_name)
     for param in params:
         # fp32 master weights under mixed precision (what diffusers' cast_training_params does), unless asked otherwise
@@ -188,6 +192,31 @@ def add_lora(
             raise UserError(f"a LoRA init generator redraws lora_A, which {kind} has not")
         _init_from_generator(model, adapter_name, init, generator)
     return params
+
+
+class _LycorisModuleDropout:
+    """LyCORIS's module_dropout on a peft LoHa/LoKr layer: in training mode, with probability p (one torch.rand(1) per
+    call, as LyCORIS's and peft's `forward`) the layer's output is its base layer's. peft's own module_dropout skips
+    the update, which leaves its parameters without a gradient, which DDP refuses; here the update is multiplied by 0,
+    the same output with a zero gradient (as `add_kohya_dropout`). Two forward hooks: the base layer's output kept,
+    the layer's replaced."""
+
+    def __init__(self, probability: float):
+        self.probability = probability
+        self.base_output: torch.Tensor | None = None
+
+    def attach(self, layer: nn.Module) -> None:
+        layer.get_base_layer().register_forward_hook(self._keep)
+        layer.register_forward_hook(self._drop)
+
+    def _keep(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        self.base_output = output
+
+    def _drop(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        base, self.base_output = self.base_output, None
+        if not module.training or base is None or not torch.rand(1) < self.probability:
+            return output
+        return (base + (output - base) * 0.0).to(output.dtype)
 
 
 def _check_lycoris(options: LycorisOptions, kind: str) -> None:

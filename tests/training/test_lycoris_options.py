@@ -166,6 +166,14 @@ def test_lycoris_dropouts_act_in_training_mode_only():
         assert 0 < rows.sum() < rows.numel()
         scale = rows.numel() / rows.sum()
         torch.testing.assert_close(out[..., rows], full[..., rows] * scale, rtol=1e-5, atol=1e-6)
+    # a skipped layer still gives its parameters a (zero) gradient, as DDP needs
+    params = [p for p in network.lora_parameters(pipe.text_encoder) if any(p is q for q in layer.parameters())]
+    torch.manual_seed(0)
+    for _ in range(40):
+        for param in params:
+            param.grad = None
+        layer(x).sum().backward()
+        assert all(param.grad is not None for param in params)
 
 
 def test_lycoris_options_refused_in_one_line():
