@@ -223,3 +223,27 @@ def test_lokr_run_with_lycoris_options_writes_them_and_resumes_bit_for_bit(make_
         "0.3",
         "0.2",
     )
+
+
+def test_lycoris_kohya_config_gives_the_same_config_as_its_command_line(tmp_path):
+    import shlex
+
+    from sdlora.cli import build_parser
+    from sdlora.config import config_from_args
+    from sdlora.training.config import TrainConfig
+    from sdlora.training.kohya_config import command_line, read_kohya_config
+
+    path = tmp_path / "kohya.toml"
+    path.write_text(
+        'train_data_dir = "img"\noutput_dir = "out"\nnetwork_module = "lycoris.kohya"\nnetwork_args = ["algo=lokr", "factor=8", '
+        '"decompose_both=True", "conv_dim=4", "use_cp=True", "rank_dropout=0.1", "module_dropout=0.05"]\n'
+    )
+    options = read_kohya_config(path).options
+    line = command_line(options)
+    assert "--lokr-factor 8" in line and "--lokr-decompose-both" in line and "--use-tucker" in line
+    config = config_from_args(build_parser().parse_args(shlex.split(line)[1:]))
+    assert config == TrainConfig.from_options(**options)
+    network_section = config.network
+    assert (network_section.kind, network_section.lokr_factor, network_section.use_tucker, network_section.module_dropout) == (
+        "lokr", 8, True, 0.05,
+    )  # fmt: skip
