@@ -28,12 +28,12 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from ..core.version import __version__
 from ..errors import UserError
-from ..training.config import to_toml
 from ..training.metrics import METRICS_FILE
 from ..training.validation import SAMPLES_DIR
 from .datasets import describe_dataset, write_caption
 from .jobs import ACTIVE, JobRunner, read_new_metrics, sample_names
-from .options import OptionError, check_options, option_schema
+from .options import OptionError, check_options, model_defaults, option_schema
+from .presets import load_preset, parse_preset, preset_text, save_preset
 from .roots import OutsideRoots, Roots
 from .tools import convert_lora, inspect_lora, list_loras, merge_loras
 
@@ -203,6 +203,10 @@ class Handler(BaseHTTPRequestHandler):
             return self._json(HTTPStatus.OK, list_loras(_required(query, "dir"), roots))
         if path == "/api/datasets":
             return self._json(HTTPStatus.OK, describe_dataset(_required(query, "dir"), roots, query.get("caption_extension", ".txt")))
+        if path == "/api/model":  # the family of the form's model and the defaults that follow from it
+            return self._json(HTTPStatus.OK, model_defaults(_required(query, "model"), roots))
+        if path == "/api/presets":  # a config.toml under the roots as the form's options
+            return self._json(HTTPStatus.OK, load_preset(_required(query, "path"), roots))
         if path == "/api/inspect":
             return self._json(HTTPStatus.OK, inspect_lora(_required(query, "path"), roots))
         if path == "/api/file":
@@ -237,10 +241,14 @@ class Handler(BaseHTTPRequestHandler):
         if path == "/api/check":  # the form checked without starting anything
             check_options(body, roots)
             return self._json(HTTPStatus.OK, {"ok": True})
-        if path == "/api/toml":  # the form as the config.toml `sdlora train --config` reads
-            return self._json(HTTPStatus.OK, {"toml": to_toml(check_options(body, roots))})
+        if path == "/api/toml":  # the form as the config.toml `sdlora train --config` reads (a preset to download)
+            return self._json(HTTPStatus.OK, {"toml": preset_text(body, roots)})
         if not isinstance(body, dict):
             raise UserError("the request body must be a JSON object")
+        if path == "/api/presets":  # {"path": FILE.toml, "options": FORM}: the preset written under a root
+            return self._json(HTTPStatus.OK, save_preset(_text(body, "path"), body.get("options"), roots))
+        if path == "/api/presets/parse":  # {"toml": TEXT, "name": FILE}: an uploaded preset as the form's options
+            return self._json(HTTPStatus.OK, parse_preset(body.get("toml"), body.get("name"), roots))
         if path == "/api/convert":
             result = convert_lora(_text(body, "input"), _text(body, "output"), _text(body, "to"), roots)
             return self._json(HTTPStatus.OK, result)

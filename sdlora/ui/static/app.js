@@ -127,13 +127,115 @@ function formOptions() {
   return options;
 }
 
+// a preset's options into the form: each field shows the preset's value, or its default where the preset has none
+function fillForm(options) {
+  for (const section of schema) {
+    for (const option of section.options) {
+      const input = document.getElementById(`opt-${option.name}`);
+      const given = Object.prototype.hasOwnProperty.call(options, option.name);
+      const value = given ? options[option.name] : option.default;
+      if (input.type === "checkbox") input.checked = value === true;
+      else if (option.type === "list") input.value = (value || []).join("\n");
+      else if (input.tagName === "SELECT") input.value = value === null || (!given && option.optional) ? "" : String(value);
+      else input.value = given && value !== null ? String(value) : "";
+    }
+  }
+  modelChanged();
+}
+
+// the options training leaves to the model (resolution, buckets, gradient checkpointing): their shown defaults follow
+// the model field's family; a field left empty still goes as unset, so the trainer decides as the form says
+const MODEL_DEFAULTS = ["resolution", "buckets", "gradient_checkpointing"];
+let modelTimer = null;
+let modelAsked = 0;
+
+function modelChanged() {
+  clearTimeout(modelTimer);
+  modelTimer = setTimeout(showModelDefaults, 250);
+}
+
+async function showModelDefaults() {
+  const input = document.getElementById("opt-model");
+  const model = input.value.trim() || input.placeholder;
+  const asked = ++modelAsked;
+  let answer;
+  try {
+    answer = await api("GET", `/api/model?model=${encodeURIComponent(model)}`);
+  } catch (error) {
+    answer = {family: null, label: null, defaults: {}, note: error.message};
+  }
+  if (asked !== modelAsked) return; // a later model name was typed meanwhile
+  const field = document.querySelector('.field[data-option="model"]');
+  let info = $(".model-family", field);
+  if (!info) {
+    info = document.createElement("span");
+    info.className = "model-family note";
+    field.append(info);
+  }
+  info.textContent = answer.label ? `${answer.label} model` + (answer.note ? `: ${answer.note}` : "") : answer.note || "family unknown until it loads";
+  info.classList.toggle("error", Boolean(answer.note));
+  const option = (name) => schema.flatMap((section) => section.options).find((item) => item.name === name);
+  for (const name of MODEL_DEFAULTS) {
+    const value = answer.defaults[name] === undefined ? null : answer.defaults[name];
+    const target = document.getElementById(`opt-${name}`);
+    const own = option(name).default;
+    const shown = value === null ? own : value;
+    const suffix = value === null || !answer.label ? "" : ` for this ${answer.label} model`;
+    target.dataset.modelDefault = shown === null ? "" : String(shown);
+    if (target.tagName === "SELECT") target.options[0].text = `(default${shown === null ? "" : ": " + shown}${suffix})`;
+    else target.placeholder = shown === null ? "" : `${shown}${suffix}`;
+  }
+}
+
+async function presetAction(action) {
+  clearErrors();
+  const message = $("#preset-message");
+  const path = $("#preset-path").value.trim();
+  try {
+    if (action === "load") {
+      const preset = await api("GET", `/api/presets?path=${encodeURIComponent(path)}`);
+      showPreset(preset, `loaded ${preset.path}`);
+    } else if (action === "save") {
+      const saved = await api("POST", "/api/presets", {path, options: formOptions()});
+      say(message, `saved ${saved.path}`);
+    } else {
+      const {toml} = await api("POST", "/api/toml", formOptions());
+      const link = document.createElement("a");
+      link.href = URL.createObjectURL(new Blob([toml], {type: "application/toml"}));
+      link.download = (path.split("/").pop() || "config.toml").replace(/(\.toml)?$/, ".toml");
+      link.click();
+      URL.revokeObjectURL(link.href);
+      say(message, `downloaded ${link.download}`);
+    }
+  } catch (error) {
+    if (action === "load") say(message, error.message, true);
+    else showOptionError(error, message);
+  }
+}
+
+async function uploadPreset(event) {
+  const file = event.target.files[0];
+  if (!file) return;
+  try {
+    showPreset(await api("POST", "/api/presets/parse", {toml: await file.text(), name: file.name}), `loaded ${file.name}`);
+  } catch (error) {
+    say($("#preset-message"), error.message, true);
+  }
+  event.target.value = "";
+}
+
+function showPreset(preset, text) {
+  fillForm(preset.options);
+  const leftOut = preset.left_out.length ? ` (not a field of this form, left out: ${preset.left_out.join(", ")})` : "";
+  say($("#preset-message"), text + leftOut);
+}
+
 function clearErrors() {
   for (const element of document.querySelectorAll(".field-error")) element.textContent = "";
   for (const element of document.querySelectorAll(".field.invalid")) element.classList.remove("invalid");
 }
 
-function showOptionError(error) {
-  const message = $("#train-message");
+function showOptionError(error, message = $("#train-message")) {
   say(message, error.message, true);
   if (!error.option) return;
   const field = document.querySelector(`.field[data-option="${error.option}"]`);
@@ -465,6 +567,10 @@ async function start() {
   });
   $("#train-check").addEventListener("click", () => submitTraining(false));
   $("#train-toml").addEventListener("click", () => submitTraining(false, true));
+  for (const action of ["load", "save", "download"]) $(`#preset-${action}`).addEventListener("click", () => presetAction(action));
+  $("#preset-upload").addEventListener("change", uploadPreset);
+  document.getElementById("opt-model").addEventListener("input", modelChanged);
+  await showModelDefaults();
   $("#job-stop").addEventListener("click", () => jobAction("stop"));
   $("#job-resume").addEventListener("click", () => jobAction("resume"));
   $("#loras-form").addEventListener("submit", listLoras);
