@@ -30,11 +30,12 @@ from ..core.version import __version__
 from ..errors import UserError
 from ..training.metrics import METRICS_FILE
 from ..training.validation import SAMPLES_DIR
-from .datasets import describe_dataset, write_caption
+from .datasets import SizeCache, describe_dataset, write_caption
 from .jobs import ACTIVE, JobRunner, read_new_metrics, sample_names
 from .options import OptionError, check_options, model_defaults, option_schema
 from .presets import load_preset, parse_preset, preset_text, save_preset
 from .roots import OutsideRoots, Roots
+from .thumbnails import THUMBNAILS_DIR, thumbnail
 from .tools import convert_lora, inspect_lora, list_loras, merge_loras
 
 DEFAULT_PORT = 7861
@@ -82,6 +83,7 @@ class UiServer(ThreadingHTTPServer):
         self.runner = runner
         self.auth = auth
         self.csrf_token = secrets.token_urlsafe(32)
+        self.image_sizes = SizeCache()
         self.closing = threading.Event()
         if ":" in host:  # an IPv6 address such as ::1
             self.address_family = socket.AF_INET6
@@ -202,13 +204,18 @@ class Handler(BaseHTTPRequestHandler):
         if path == "/api/loras":
             return self._json(HTTPStatus.OK, list_loras(_required(query, "dir"), roots))
         if path == "/api/datasets":
-            return self._json(HTTPStatus.OK, describe_dataset(_required(query, "dir"), roots, query.get("caption_extension", ".txt")))
+            return self._json(
+                HTTPStatus.OK,
+                describe_dataset(_required(query, "dir"), roots, query.get("caption_extension", ".txt"), self.server.image_sizes),
+            )
         if path == "/api/model":  # the family of the form's model and the defaults that follow from it
             return self._json(HTTPStatus.OK, model_defaults(_required(query, "model"), roots))
         if path == "/api/presets":  # a config.toml under the roots as the form's options
             return self._json(HTTPStatus.OK, load_preset(_required(query, "path"), roots))
         if path == "/api/inspect":
             return self._json(HTTPStatus.OK, inspect_lora(_required(query, "path"), roots))
+        if path == "/api/thumb":  # an image's thumbnail, made once and cached in the state folder
+            return self._file(thumbnail(_required(query, "path"), roots, runner.state_dir / THUMBNAILS_DIR), cache=True)
         if path == "/api/file":
             real = roots.resolve(_required(query, "path"), "file")
             if real.suffix.lower() not in IMAGE_SUFFIXES:
@@ -280,19 +287,23 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def _file(self, path: Path) -> None:
+    def _file(self, path: Path, cache: bool = False) -> None:
+        """A file's bytes; with `cache`, the browser may keep it for a day (a thumbnail: the dataset page asks for it
+        with the image's modification time and size in its URL, so an edited image's is asked for anew)."""
         data = path.read_bytes()
         kind = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
         self.send_response(HTTPStatus.OK)
-        self._common_headers(kind + ("; charset=utf-8" if kind.startswith("text/") or kind.endswith("javascript") else ""), len(data))
+        self._common_headers(
+            kind + ("; charset=utf-8" if kind.startswith("text/") or kind.endswith("javascript") else ""), len(data), cache
+        )
         self.end_headers()
         self.wfile.write(data)
 
-    def _common_headers(self, kind: str, length: int | None) -> None:
+    def _common_headers(self, kind: str, length: int | None, cache: bool = False) -> None:
         self.send_header("Content-Type", kind)
         if length is not None:
             self.send_header("Content-Length", str(length))
-        self.send_header("Cache-Control", "no-store")
+        self.send_header("Cache-Control", "private, max-age=86400" if cache else "no-store")
         self.send_header("X-Content-Type-Options", "nosniff")
         self.send_header("X-Frame-Options", "DENY")
         self.send_header("Content-Security-Policy", "default-src 'self'; img-src 'self' data:; style-src 'self'; frame-ancestors 'none'")

@@ -466,7 +466,7 @@ function imageCard(folder, image, extension) {
   card.className = "image-card";
   card.dataset.path = image.path;
   const picture = document.createElement("img");
-  picture.src = image.url;
+  picture.src = image.thumb;
   picture.alt = image.path;
   picture.loading = "lazy";
   const name = document.createElement("figcaption");
