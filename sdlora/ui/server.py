@@ -31,6 +31,7 @@ from ..errors import UserError
 from ..training.metrics import METRICS_FILE
 from ..training.validation import SAMPLES_DIR
 from .datasets import SizeCache, describe_dataset, write_caption
+from .images import generate_command, grid_command
 from .jobs import ACTIVE, JobRunner, read_new_metrics, sample_names
 from .options import OptionError, check_options, model_defaults, option_schema
 from .presets import load_preset, parse_preset, preset_text, save_preset
@@ -45,7 +46,7 @@ STATIC_DIR = Path(__file__).parent / "static"
 STATIC_FILES = {path.name: path for path in STATIC_DIR.iterdir() if path.is_file()}  # the only files served by name
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 EVENT_INTERVAL_S = 0.25  # how often a job's event stream looks for new metrics lines and samples
-_JOB_PATH = re.compile(r"^/api/jobs/(\d+)(?:/(events|log|stop|resume|samples/([^/]+)))?$")
+_JOB_PATH = re.compile(r"^/api/jobs/(\d+)(?:/(events|log|stop|resume|samples/([^/]+)|images/([^/]+)))?$")
 
 
 def is_loopback(host: str) -> bool:
@@ -230,6 +231,12 @@ class Handler(BaseHTTPRequestHandler):
                 return self._json(HTTPStatus.OK, {"lines": runner.log_tail(job_id)})
             if action == "events":
                 return self._events(job_id)
+            image = match.group(4)
+            if image is not None:  # an image job's picture, by a name it wrote
+                job = runner.describe(job_id)
+                if unquote(image) not in job["images"]:
+                    raise _HttpError(HTTPStatus.NOT_FOUND, f"job {job_id} has no image {unquote(image)}")
+                return self._file(Path(job["output_dir"]) / unquote(image))
             if sample is not None:
                 job = runner.describe(job_id)
                 if unquote(sample) not in job["samples"]:
@@ -256,6 +263,9 @@ class Handler(BaseHTTPRequestHandler):
             return self._json(HTTPStatus.OK, save_preset(_text(body, "path"), body.get("options"), roots))
         if path == "/api/presets/parse":  # {"toml": TEXT, "name": FILE}: an uploaded preset as the form's options
             return self._json(HTTPStatus.OK, parse_preset(body.get("toml"), body.get("name"), roots))
+        if path in ("/api/grid", "/api/generate"):  # an X/Y comparison or a generated image, run as a job
+            args = (grid_command if path == "/api/grid" else generate_command)(body, roots)
+            return self._json(HTTPStatus.CREATED, {"id": runner.submit_command(args, body)})
         if path == "/api/convert":
             result = convert_lora(_text(body, "input"), _text(body, "output"), _text(body, "to"), roots)
             return self._json(HTTPStatus.OK, result)
