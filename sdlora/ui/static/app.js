@@ -286,7 +286,8 @@ async function refreshJobs() {
     const row = document.createElement("tr");
     row.dataset.job = job.id;
     row.classList.toggle("selected", job.id === selectedJob);
-    const cells = [job.id, job.status, `${job.step} / ${job.steps}`, job.loss === null ? "" : job.loss.toFixed(4), job.output_dir];
+    const progress = job.command === "train" ? `${job.step} / ${job.steps}` : `sdlora ${job.command}`;
+    const cells = [job.id, job.status, progress, job.loss === null ? "" : job.loss.toFixed(4), job.output_dir];
     for (const value of cells) {
       const cell = document.createElement("td");
       cell.textContent = value;
@@ -553,6 +554,77 @@ function mergeBody(form) {
   return {model: form.elements.model.value, loras, output: form.elements.output.value};
 }
 
+// ---------------------------------------------------------------- image jobs: the X/Y comparison and the generate box
+
+const lines = (text) => text.split("\n").map((line) => line.trim()).filter((line) => line);
+// a comma-separated field as a list of numbers (a text that is no number goes as text: the server says what it must be)
+const numbers = (text) => text.split(",").map((item) => item.trim()).filter((item) => item).map((item) => (Number.isNaN(Number(item)) ? item : Number(item)));
+const optionalNumber = (text) => (text.trim() === "" ? null : Number.isNaN(Number(text)) ? text : Number(text));
+
+function gridBody(form) {
+  const e = form.elements;
+  return {
+    model: e.model.value.trim(), lora_steps: lines(e.lora_steps.value), weights: numbers(e.weights.value), prompts: lines(e.prompts.value),
+    seeds: numbers(e.seeds.value), steps: numbers(e.steps.value), guidance: numbers(e.guidance.value),
+    samplers: e.samplers.value.split(",").map((item) => item.trim()).filter((item) => item),
+    x: e.x.value.trim() || null, y: e.y.value.trim() || null, lora_dir: e.lora_dir.value.trim() || null,
+    width: optionalNumber(e.width.value), height: optionalNumber(e.height.value),
+  };
+}
+
+function generateBody(form) {
+  const e = form.elements;
+  return {
+    model: e.model.value.trim(), prompt: e.prompt.value, lora_dir: e.lora_dir.value.trim() || null, negative_prompt: e.negative_prompt.value,
+    seed: optionalNumber(e.seed.value), steps: optionalNumber(e.steps.value), guidance: optionalNumber(e.guidance.value),
+    sampler: e.sampler.value.trim() || null, width: optionalNumber(e.width.value), height: optionalNumber(e.height.value),
+  };
+}
+
+// queue the job, then follow it until it ends and show its pictures (the labelled grid first, then each cell)
+async function runImageJob(event, path, body, name) {
+  event.preventDefault();
+  const message = $(`#${name}-message`);
+  const shown = $(`#${name}-images`);
+  shown.textContent = "";
+  let id;
+  try {
+    id = (await api("POST", path, body)).id;
+  } catch (error) {
+    say(message, error.message, true);
+    return;
+  }
+  say(message, `job ${id} queued (see Jobs)...`);
+  for (;;) {
+    await new Promise((resolve) => setTimeout(resolve, 1000));
+    let job;
+    try {
+      job = await api("GET", `/api/jobs/${id}`);
+    } catch (error) {
+      say(message, error.message, true);
+      return;
+    }
+    if (job.status === "queued" || job.status === "running") {
+      say(message, `job ${id} ${job.status}...`);
+      continue;
+    }
+    if (job.status !== "done") {
+      say(message, `job ${id} ${job.status}: ${job.error || ""}`, true);
+      return;
+    }
+    say(message, `job ${id} done: ${job.output_dir}`);
+    for (const image of job.images) {
+      const picture = document.createElement("img");
+      picture.src = `/api/jobs/${id}/images/${encodeURIComponent(image)}`;
+      picture.alt = image;
+      picture.title = image;
+      if (image !== "grid.png") picture.className = "cell";
+      shown.append(picture);
+    }
+    return;
+  }
+}
+
 // ---------------------------------------------------------------- start
 
 async function start() {
@@ -584,6 +656,8 @@ async function start() {
     runTool(event, "/api/convert", {input: form.input.value, output: form.output.value, to: form.to.value}, $("#convert-message"));
   });
   $("#merge-form").addEventListener("submit", (event) => runTool(event, "/api/merge", mergeBody(event.target), $("#merge-message")));
+  $("#grid-form").addEventListener("submit", (event) => runImageJob(event, "/api/grid", gridBody(event.target), "grid"));
+  $("#generate-form").addEventListener("submit", (event) => runImageJob(event, "/api/generate", generateBody(event.target), "generate"));
   await refreshJobs();
   if (selectedJob !== null) showTab("jobs");
   setInterval(() => {
