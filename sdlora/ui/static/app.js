@@ -613,13 +613,19 @@ async function runImageJob(event, path, body, name) {
       return;
     }
     say(message, `job ${id} done: ${job.output_dir}`);
-    for (const image of job.images) {
+    // a comparison: its labelled grid (each cell is a file beside it); generated images: each one
+    const pictures = job.command === "grid" ? job.images.filter((image) => image === "grid.png") : job.images.filter((image) => image !== "grid.png");
+    for (const image of pictures) {
+      const link = document.createElement("a");
+      link.href = `/api/jobs/${id}/images/${encodeURIComponent(image)}`;
+      link.target = "_blank";
       const picture = document.createElement("img");
-      picture.src = `/api/jobs/${id}/images/${encodeURIComponent(image)}`;
+      picture.src = link.href;
       picture.alt = image;
       picture.title = image;
-      if (image !== "grid.png") picture.className = "cell";
-      shown.append(picture);
+      picture.className = job.command === "grid" ? "grid" : "cell";
+      link.append(picture);
+      shown.append(link);
     }
     return;
   }
