@@ -29,9 +29,10 @@ def _pixels(path) -> np.ndarray:
 
 
 @pytest.mark.slow
-def test_an_xy_comparison_and_a_generated_image_run_as_jobs(ui, ui_root, loras, monkeypatch):
-    server, client = ui
+def test_an_xy_comparison_and_a_generated_image_run_as_jobs(ui_root, loras, start_ui, client_for, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    server = start_ui(ui_root, parallel=2)  # both jobs at once: most of each is its process starting
+    client = client_for(f"http://127.0.0.1:{server.port}")
     grid = {"model": "tiny", "lora_steps": ["loras/one.safetensors", "loras/two.safetensors"], "weights": [0, 0.8],
             "prompts": ["a red circle, flat poster"], "steps": [2], "seeds": [5], "width": 64, "height": 64}  # fmt: skip
     status, answer = client.post("/api/grid", grid)
