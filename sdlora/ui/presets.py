@@ -7,6 +7,7 @@ form and a file it refuses is refused with the same line."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,8 @@ from .roots import Roots
 PRESET_HEADER = "# sdlora ui preset: run it as sdlora train --config THIS_FILE\n"  # marks a file the UI may replace
 PRESET_SUFFIX = ".toml"
 MAX_PRESET = 1 << 20  # characters of an uploaded preset
+LISTED_DEPTH = 3  # folders below a root searched for presets to pick (a dataset's train.toml, presets/x.toml, runs/r/config.toml)
+MAX_LISTED = 200
 
 
 def preset_text(options: Any, roots: Roots) -> str:
@@ -52,6 +55,23 @@ def parse_preset(text: Any, name: Any, roots: Roots) -> dict[str, Any]:
         raise UserError(f"the preset must be the text of a TOML file of at most {MAX_PRESET} characters")
     label = Path(name).name if isinstance(name, str) and name else "preset.toml"
     return _form_options(toml_options(text, roots.home / label))
+
+
+def list_presets(roots: Roots) -> list[str]:
+    """The .toml files the page offers to load: those in each root and up to `LISTED_DEPTH` folders below it (hidden
+    folders, such as the UI's state, left out), relative to the first root where they lie under it, at most `MAX_LISTED`."""
+    found: list[str] = []
+    for root in roots.folders:
+        for folder, subfolders, files in os.walk(root):
+            depth = len(Path(folder).relative_to(root).parts)
+            subfolders[:] = sorted(name for name in subfolders if not name.startswith(".")) if depth < LISTED_DEPTH else []
+            for name in sorted(files):
+                path = Path(folder) / name
+                if name.lower().endswith(PRESET_SUFFIX) and roots.contains(Path(os.path.realpath(path))):
+                    found.append(path.relative_to(roots.home).as_posix() if path.is_relative_to(roots.home) else str(path))
+                    if len(found) >= MAX_LISTED:
+                        return found
+    return found
 
 
 def _form_options(options: dict[str, Any]) -> dict[str, Any]:

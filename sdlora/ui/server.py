@@ -34,7 +34,7 @@ from .datasets import SizeCache, describe_dataset, write_caption
 from .images import generate_command, grid_command
 from .jobs import ACTIVE, JobRunner, read_new_metrics, sample_names
 from .options import OptionError, check_options, model_defaults, option_schema
-from .presets import load_preset, parse_preset, preset_text, save_preset
+from .presets import list_presets, load_preset, parse_preset, preset_text, save_preset
 from .roots import OutsideRoots, Roots
 from .thumbnails import THUMBNAILS_DIR, thumbnail
 from .tools import convert_lora, inspect_lora, list_loras, merge_loras
@@ -211,7 +211,9 @@ class Handler(BaseHTTPRequestHandler):
             )
         if path == "/api/model":  # the family of the form's model and the defaults that follow from it
             return self._json(HTTPStatus.OK, model_defaults(_required(query, "model"), roots))
-        if path == "/api/presets":  # a config.toml under the roots as the form's options
+        if path == "/api/presets":  # a config.toml under the roots as the form's options; without ?path, the ones to pick
+            if "path" not in query:
+                return self._json(HTTPStatus.OK, {"presets": list_presets(roots)})
             return self._json(HTTPStatus.OK, load_preset(_required(query, "path"), roots))
         if path == "/api/inspect":
             return self._json(HTTPStatus.OK, inspect_lora(_required(query, "path"), roots))

@@ -93,4 +93,6 @@ def test_image_jobs_are_refused_in_one_line_before_anything_is_queued(ui, ui_roo
     for path, body, status, message in refused:
         code, answer = client.post(path, body)
         assert code == status and message in answer["error"] and "\n" not in answer["error"], (body, answer)
+    for path in ("/api/grid", "/api/generate"):  # the CSRF token, as on every POST
+        assert client.request("POST", path, grid | {"prompt": "a circle"}, {"Content-Type": "application/json"})[0] == 403
     assert client.get("/api/jobs")[1]["jobs"] == []

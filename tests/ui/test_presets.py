@@ -91,6 +91,13 @@ def test_a_config_toml_fills_the_form_as_the_cli_reads_it(ui, ui_root):
     status, answer = client.post("/api/presets/parse", {"toml": "colour = 1\n", "name": "x.toml"})
     assert status == 400 and answer["error"] == f"{ui_root / 'x.toml'}: unknown option 'colour' (see sdlora train --help)"
     assert client.get("/api/presets?path=../elsewhere.toml")[0] == 403
+    # the files the page offers to pick: .toml files under the root, none from the UI's state or outside
+    (ui_root.parent / "outside.toml").write_text("rank = 4\n")
+    (ui_root / "link.toml").symlink_to(ui_root.parent / "outside.toml")
+    (ui_root / ".sdlora-ui" / "jobs" / "1").mkdir(parents=True, exist_ok=True)
+    (ui_root / ".sdlora-ui" / "jobs" / "1" / "train.toml").write_text("rank = 4\n")
+    listed = client.get("/api/presets")[1]["presets"]
+    assert listed == ["bad.toml", "up.toml", "presets/mine.toml"]
     assert client.get("/api/presets?path=presets/none.toml")[0] == 404
 
 

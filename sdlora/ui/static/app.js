@@ -198,6 +198,7 @@ async function presetAction(action) {
     } else if (action === "save") {
       const saved = await api("POST", "/api/presets", {path, options: formOptions()});
       say(message, `saved ${saved.path}`);
+      listPresets();
     } else {
       const {toml} = await api("POST", "/api/toml", formOptions());
       const link = document.createElement("a");
@@ -210,6 +211,16 @@ async function presetAction(action) {
   } catch (error) {
     if (action === "load") say(message, error.message, true);
     else showOptionError(error, message);
+  }
+}
+
+// the .toml files under the roots, offered as the preset field's choices (asked again when the field is entered)
+async function listPresets() {
+  try {
+    const {presets} = await api("GET", "/api/presets");
+    $("#preset-list").replaceChildren(...presets.map((path) => new Option(path, path)));
+  } catch (error) {
+    // the list is a convenience: a path can still be typed
   }
 }
 
@@ -356,6 +367,15 @@ function showJob(job) {
   $("#job-loss").textContent = job.loss === null ? "" : `loss ${job.loss.toFixed(4)}`;
   $("#job-output").textContent = job.output_dir;
   $("#job-error").textContent = job.error || "";
+  // an image job (sdlora grid / generate): its pictures where a training's samples go
+  for (const image of job.images || []) {
+    if (document.querySelector(`#job-samples img[data-image="${CSS.escape(image)}"]`)) continue;
+    const picture = document.createElement("img");
+    picture.src = `/api/jobs/${job.id}/images/${encodeURIComponent(image)}`;
+    picture.alt = image;
+    picture.dataset.image = image;
+    $("#job-samples").append(picture);
+  }
   $("#job-stop").disabled = !(job.status === "running" || job.status === "queued");
   $("#job-resume").disabled = !job.can_resume;
   refreshJobs();
@@ -647,6 +667,8 @@ async function start() {
   $("#train-toml").addEventListener("click", () => submitTraining(false, true));
   for (const action of ["load", "save", "download"]) $(`#preset-${action}`).addEventListener("click", () => presetAction(action));
   $("#preset-upload").addEventListener("change", uploadPreset);
+  $("#preset-path").addEventListener("focus", listPresets);
+  listPresets();
   document.getElementById("opt-model").addEventListener("input", modelChanged);
   await showModelDefaults();
   $("#job-stop").addEventListener("click", () => jobAction("stop"));
