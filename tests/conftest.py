@@ -374,6 +374,90 @@ def write_sdxl_single_file():
     return _write_sdxl_single_file
 
 
+# ---------------------------------------------------------------- an SD3 single-file checkpoint, built by hand
+
+
+def _sai_mmdit_tensors(transformer: dict[str, torch.Tensor], layers: int) -> dict[str, torch.Tensor]:
+    """SD3's transformer under SAI's MMDiT names, written as the inverse of diffusers'
+    `convert_sd3_transformer_checkpoint_to_diffusers` (not by sdlora's tables): q/k/v fused into `qkv`, and the
+    continuous norms (the last block's context norm, the final layer's) with their halves in (shift, scale) order."""
+    t = dict(transformer)
+
+    def swapped(tensor: torch.Tensor) -> torch.Tensor:
+        scale, shift = tensor.chunk(2, dim=0)
+        return torch.cat([shift, scale])
+
+    out = {
+        "pos_embed": t.pop("pos_embed.pos_embed"),
+        "x_embedder.proj.weight": t.pop("pos_embed.proj.weight"),
+        "x_embedder.proj.bias": t.pop("pos_embed.proj.bias"),
+        "context_embedder.weight": t.pop("context_embedder.weight"),
+        "context_embedder.bias": t.pop("context_embedder.bias"),
+        "final_layer.linear.weight": t.pop("proj_out.weight"),
+        "final_layer.linear.bias": t.pop("proj_out.bias"),
+        "final_layer.adaLN_modulation.1.weight": swapped(t.pop("norm_out.linear.weight")),
+        "final_layer.adaLN_modulation.1.bias": swapped(t.pop("norm_out.linear.bias")),
+    }
+    for sai, ours in (("t_embedder", "timestep_embedder"), ("y_embedder", "text_embedder")):
+        for index, linear in (("0", "linear_1"), ("2", "linear_2")):
+            for param in ("weight", "bias"):
+                out[f"{sai}.mlp.{index}.{param}"] = t.pop(f"time_text_embed.{ours}.{linear}.{param}")
+    for i in range(layers):
+        block, joint = f"transformer_blocks.{i}.", f"joint_blocks.{i}."
+        last = i == layers - 1
+        streams = {
+            "x_block.attn": ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.norm_q", "attn.norm_k"),
+            "context_block.attn": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", None if last else "attn.to_add_out",
+                                   "attn.norm_added_q", "attn.norm_added_k"),
+            "x_block.attn2": ("attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0", "attn2.norm_q", "attn2.norm_k"),
+        }  # fmt: skip
+        for sai, (q, k, v, proj, norm_q, norm_k) in streams.items():
+            if block + q + ".weight" not in t:
+                continue  # a block without a second attention
+            for param in ("weight", "bias"):
+                out[f"{joint}{sai}.qkv.{param}"] = torch.cat([t.pop(f"{block}{name}.{param}") for name in (q, k, v)])
+                if proj is not None:
+                    out[f"{joint}{sai}.proj.{param}"] = t.pop(f"{block}{proj}.{param}")
+            for name, ln in ((norm_q, "ln_q"), (norm_k, "ln_k")):
+                if block + name + ".weight" in t:
+                    out[f"{joint}{sai}.{ln}.weight"] = t.pop(f"{block}{name}.weight")
+        for param in ("weight", "bias"):
+            out[f"{joint}x_block.adaLN_modulation.1.{param}"] = t.pop(f"{block}norm1.linear.{param}")
+            context_norm = t.pop(f"{block}norm1_context.linear.{param}")
+            out[f"{joint}context_block.adaLN_modulation.1.{param}"] = swapped(context_norm) if last else context_norm
+            out[f"{joint}x_block.mlp.fc1.{param}"] = t.pop(f"{block}ff.net.0.proj.{param}")
+            out[f"{joint}x_block.mlp.fc2.{param}"] = t.pop(f"{block}ff.net.2.{param}")
+            if not last:
+                out[f"{joint}context_block.mlp.fc1.{param}"] = t.pop(f"{block}ff_context.net.0.proj.{param}")
+                out[f"{joint}context_block.mlp.fc2.{param}"] = t.pop(f"{block}ff_context.net.2.{param}")
+    assert not t, f"transformer tensors without an SAI name: {sorted(t)}"
+    return {"model.diffusion_model." + key: value for key, value in out.items()}
+
+
+def _write_sd3_single_file(model_dir: Path, out: Path, text_encoders: bool = True) -> Path:
+    """The tiny SD3 folder as SAI's single-file checkpoint (`sd3_medium_incl_clips_t5xxlfp16.safetensors`'s layout):
+    the MMDiT under `model.diffusion_model.`, CLIP-L, CLIP-G and T5 under `text_encoders.{clip_l,clip_g,t5xxl}.
+    transformer.` in transformers' names (CLIPs with `text_model.`), the VAE under `first_stage_model.`."""
+    from safetensors.torch import load_file
+
+    config = json.loads((model_dir / "transformer" / "config.json").read_text())
+    tensors = _sai_mmdit_tensors(load_file(model_dir / "transformer/diffusion_pytorch_model.safetensors"), config["num_layers"])
+    if text_encoders:
+        for folder, name in (("text_encoder", "clip_l"), ("text_encoder_2", "clip_g"), ("text_encoder_3", "t5xxl")):
+            for key, value in load_file(model_dir / folder / "model.safetensors").items():
+                clip = name != "t5xxl" and not key.startswith(("text_model.", "text_projection"))
+                tensors[f"text_encoders.{name}.transformer.{'text_model.' if clip else ''}{key}"] = value
+    tensors.update({"first_stage_model." + k: v for k, v in load_file(model_dir / "vae/diffusion_pytorch_model.safetensors").items()})
+    save_file(tensors, str(out), metadata={"format": "pt", "note": "kept"})
+    return out
+
+
+@pytest.fixture(scope="session")
+def write_sd3_single_file():
+    """`write_sd3_single_file(model_dir, out, text_encoders=True) -> out`."""
+    return _write_sd3_single_file
+
+
 # ---------------------------------------------------------------- commands shown in markdown (README.md, docs/)
 
 _SHELL_OPERATORS = {"&&", "||", ";", "|", "&", ";;", "(", ")"}

@@ -59,6 +59,7 @@ class ModelFamily:
     single_file_marker: str  # a key prefix that only this family's single-file checkpoints have (SD3's, then SDXL's checked first)
     # other ss_base_model_version values of the family's files (kohya's SD3: one per model), recognised when read
     ss_base_model_aliases: tuple[str, ...] = ()
+    objective: str = "diffusion"  # how it trains: "diffusion" (noise or v prediction) or "flow_matching" (SD3's velocity)
 
     @property
     def components(self) -> tuple[str, ...]:
@@ -174,6 +175,7 @@ SD3 = ModelFamily(
     vae_fp32_when_half=False,
     single_file_marker="model.diffusion_model.joint_blocks.",
     ss_base_model_aliases=("5-medium", "5-large"),
+    objective="flow_matching",
 )
 FAMILIES: tuple[ModelFamily, ...] = (SD1, SD2, SDXL, SD3)
 BY_NAME = {family.name: family for family in FAMILIES}

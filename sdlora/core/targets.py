@@ -39,6 +39,17 @@ PRESETS: dict[str, tuple[str, ...]] = {
     "attn-ff": (_ATTENTION, _FEED_FORWARD, _PROJECTIONS),
     "all": (_BLOCK_LAYERS,),
 }
+# SD3's MMDiT (SD3Transformer2DModel): the same three presets over its joint blocks. attn: both streams' projections
+# (the image's to_q/k/v/to_out.0, the text's add_q/k/v_proj/to_add_out) and SD3.5 Medium's attn2; attn-ff: plus both
+# streams' MLPs; all: every Linear of the blocks, the adaLN modulations (norm1.linear, norm1_context.linear) included,
+# as kohya's sd3 LoRA (networks/lora_sd3.py) adapts them
+_MMDIT_ATTENTION = r"^transformer_blocks\.\d+\.attn2?\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)$"
+_MMDIT_FEED_FORWARD = r"^transformer_blocks\.\d+\.ff(_context)?\.net\.(0\.proj|2)$"
+MMDIT_PRESETS: dict[str, tuple[str, ...]] = {
+    "attn": (_MMDIT_ATTENTION,),
+    "attn-ff": (_MMDIT_ATTENTION, _MMDIT_FEED_FORWARD),
+    "all": (r"^transformer_blocks\.\d+\.",),
+}
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 TEXT_ENCODER_MLP = ("fc1", "fc2")
 # the index of the CLIP transformer layer a module sits in (names with or without `text_model.`)
@@ -46,13 +57,14 @@ _ENCODER_LAYER = re.compile(r"(?:^|\.)encoder\.layers\.(\d+)\.")
 
 
 def unet_target_modules(unet: nn.Module, preset: str) -> list[str]:
-    """The full names of the UNet's Linear/Conv2d layers that `preset` adapts (see the module docstring)."""
+    """The full names of the denoiser's Linear/Conv2d layers that `preset` adapts (see the module docstring; SD3's
+    transformer by `MMDIT_PRESETS`)."""
     if preset not in PRESETS:
         raise UserError(f"unknown LoRA preset {preset!r}: use one of {', '.join(PRESETS)}")
-    patterns = [re.compile(p) for p in PRESETS[preset]]
-    names = [
-        name for name, layer in base_layers(unet).items() if isinstance(layer, ADAPTABLE_LAYERS) and any(p.search(name) for p in patterns)
-    ]
+    layers = base_layers(unet)
+    mmdit = any(name.startswith("transformer_blocks.") for name in layers)  # SD3's transformer, not a UNet
+    patterns = [re.compile(p) for p in (MMDIT_PRESETS if mmdit else PRESETS)[preset]]
+    names = [name for name, layer in layers.items() if isinstance(layer, ADAPTABLE_LAYERS) and any(p.search(name) for p in patterns)]
     if not names:
         raise UserError(f"LoRA preset {preset!r} matches no layer of this UNet ({type(unet).__name__}): is it a Stable Diffusion UNet?")
     return names

@@ -265,9 +265,9 @@ def _merged(weight: torch.Tensor, updates: list[_Update], out_dtype: torch.dtype
     start = time.perf_counter()
     flat = weight.reshape(weight.shape[0], -1)
     result = flat if out_dtype == weight.dtype else torch.empty(flat.shape, dtype=out_dtype)
-    # a transposed update (OpenCLIP's text_projection, a small matrix), or a kind whose update spans all rows (a norm,
-    # a Kronecker product), needs the whole tensor at once
-    whole = any(u.target.transposed or not u.module.by_rows for u in updates)
+    # a transposed or half-swapped update (OpenCLIP's text_projection, SD3's continuous norms: small matrices), or a
+    # kind whose update spans all rows (a norm, a Kronecker product), needs the whole tensor at once
+    whole = any(u.target.transposed or u.target.swapped or not u.module.by_rows for u in updates)
     rows_per_piece = flat.shape[0] if whole else max(1, _PIECE_BYTES // (4 * flat.shape[1]))
     finite = True
     for begin in range(0, flat.shape[0], rows_per_piece):
@@ -281,6 +281,10 @@ def _merged(weight: torch.Tensor, updates: list[_Update], out_dtype: torch.dtype
             part = piece[low - begin : high - begin]  # a row slice of a contiguous tensor stays contiguous
             if update.target.transposed:  # stored for x @ W: update W, store it back transposed
                 part.copy_(update.module.apply(part.T.contiguous(), update.scale).T)
+            elif update.target.swapped:  # stored (shift, scale), updated as diffusers' (scale, shift)
+                half = part.shape[0] // 2
+                weight_rows = update.module.apply(torch.cat([part[half:], part[:half]]), update.scale)
+                part.copy_(torch.cat([weight_rows[half:], weight_rows[:half]]))
             elif whole:
                 update.module.apply(part, update.scale)
             else:
@@ -426,18 +430,16 @@ class _SingleFileLayers:
 
 
 def _merge_single_file(path: Path, loras: list[_Lora], out_file: Path, out_dtype: torch.dtype | None, stats: MergeStats) -> Path:
-    """Merge into a single-file (LDM-named) checkpoint, written as one."""
+    """Merge into a single-file checkpoint (a UNet's LDM names, SD3's MMDiT names), written as one."""
     header = read_header(path)
     family = family_of_single_file(header.tensors)
-    if family.denoiser != "unet":
-        raise UserError(
-            f"{path} is an {family.label} single-file checkpoint, which sdlora cannot merge into yet: merge into its diffusers folder (--out)"
-        )
     components = _components(loras)
     check_single_file_parts(header.tensors, family, str(path), components)
     unet_table = ldm_unet_table_from_keys(header.tensors) if "unet" in components else {}
     layers = {component: _SingleFileLayers(header, component, family, unet_table) for component in components}
-    widths = [info.shape[1] for key, info in header.tensors.items() if key.endswith("attn2.to_k.weight")]
+    # the width of the text the denoiser reads: a UNet's cross-attention, the MMDiT's context embedder's input
+    text_reader = "attn2.to_k.weight" if family.denoiser == "unet" else "diffusion_model.context_embedder.weight"
+    widths = [info.shape[1] for key, info in header.tensors.items() if key.endswith(text_reader)]
     description = describe_model(family, widths[0]) if widths else family.label
     plan = _plan(
         loras, family, layers, str(path), description, lambda component, name, param="weight": layers[component].target(name, param)

@@ -33,6 +33,7 @@ from ..storage.atomic import atomic_dir
 from ..storage.safetensors_stream import read_header, read_tensor
 from .demo import demo_dir, demo_vocab, load_demo_pipeline
 from .tiny import (
+    build_sd3_shaped_pipeline,
     build_sd15_shaped_pipeline,
     build_sdxl_shaped_pipeline,
     build_tiny_pipeline,
@@ -47,8 +48,9 @@ SD15_SHAPED = "sd15-shaped"
 TINY_SDXL = "tiny-sdxl"
 SDXL_SHAPED = "sdxl-shaped"
 TINY_SD3 = "tiny-sd3"
+SD3_SHAPED = "sd3-shaped"
 # `--model NAME` builds these in memory (random weights; `demo` is pretrained, loaded from the package); the shaped
-# ones have the real UNet and VAE, for benchmarks
+# ones have the real UNet (SD3.5 Medium's transformer) and VAE, for benchmarks
 BUILTIN_MODELS = {
     TINY: build_tiny_pipeline,
     DEMO: load_demo_pipeline,
@@ -56,6 +58,7 @@ BUILTIN_MODELS = {
     TINY_SDXL: build_tiny_sdxl_pipeline,
     SDXL_SHAPED: build_sdxl_shaped_pipeline,
     TINY_SD3: build_tiny_sd3_pipeline,
+    SD3_SHAPED: build_sd3_shaped_pipeline,
 }
 # `sdlora tiny-model DIR --variant NAME` -> the built-in model it writes
 TINY_MODEL_VARIANTS = {
@@ -65,6 +68,7 @@ TINY_MODEL_VARIANTS = {
     "sdxl": TINY_SDXL,
     "sdxl-shaped": SDXL_SHAPED,
     "sd3": TINY_SD3,
+    "sd3-shaped": SD3_SHAPED,
 }
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -370,7 +374,7 @@ def _explain_pickle_failure(path: Path) -> None:
 
 
 # the family of each built-in model, known without building it
-_BUILTIN_FAMILIES = {TINY_SDXL: "sdxl", SDXL_SHAPED: "sdxl", TINY_SD3: "sd3"}
+_BUILTIN_FAMILIES = {TINY_SDXL: "sdxl", SDXL_SHAPED: "sdxl", TINY_SD3: "sd3", SD3_SHAPED: "sd3"}
 
 
 def peek_family(model: str) -> ModelFamily | None:
@@ -390,7 +394,7 @@ def peek_family(model: str) -> ModelFamily | None:
 
 
 # the training side of each built-in model (its denoiser's sample size times the VAE's factor), known without building it
-_BUILTIN_RESOLUTIONS = {TINY: 64, DEMO: 64, SD15_SHAPED: 512, TINY_SDXL: 64, SDXL_SHAPED: 1024, TINY_SD3: 64}
+_BUILTIN_RESOLUTIONS = {TINY: 64, DEMO: 64, SD15_SHAPED: 512, TINY_SDXL: 64, SDXL_SHAPED: 1024, TINY_SD3: 64, SD3_SHAPED: 1024}
 
 
 def peek_resolution(model: str) -> int | None:

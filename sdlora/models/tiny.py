@@ -217,13 +217,13 @@ def make_encoder_near_deterministic(vae) -> None:
 
 
 def _sd_vae(**config):
-    """Stable Diffusion's real VAE architecture (a factor 8, 4 latent channels), random weights."""
+    """Stable Diffusion's real VAE architecture (a factor 8, 4 latent channels unless `config` says 16), random weights."""
     from diffusers import AutoencoderKL  # only when a model is built
 
     layout = dict(
         block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4
     )
-    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, **layout, **config)
+    return AutoencoderKL(in_channels=3, out_channels=3, layers_per_block=2, **{"latent_channels": 4, **layout, **config})
 
 
 def build_sd15_shaped_pipeline(seed: int = TINY_SEED, text_layers: int = 2):
@@ -436,4 +436,72 @@ def build_tiny_sd3_pipeline(seed: int = TINY_SEED, with_t5: bool = True):
         tokenizer_2=tiny_tokenizer(),
         text_encoder_3=text_encoder_3.eval() if with_t5 else None,
         tokenizer_3=tokenizer_3 if with_t5 else None,
+    )
+
+
+# SD3.5 Medium's transformer (diffusers' config of stabilityai/stable-diffusion-3.5-medium): 24 joint blocks of 24 heads
+# of 64, the first 13 with the second image self-attention, RMS q/k norms; CLIP-L 768, CLIP-G 1280, T5-XXL 4096 wide
+SD35_MEDIUM_TRANSFORMER = dict(
+    sample_size=128,
+    patch_size=2,
+    in_channels=16,
+    out_channels=16,
+    num_layers=24,
+    attention_head_dim=64,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    caption_projection_dim=1536,
+    pooled_projection_dim=2048,
+    pos_embed_max_size=384,
+    dual_attention_layers=tuple(range(13)),
+    qk_norm="rms_norm",
+)
+SD3_VAE_SHIFT, SD3_VAE_SCALING = 0.0609, 1.5305
+
+
+def build_sd3_shaped_pipeline(seed: int = TINY_SEED, text_layers: int = 2, with_t5: bool = True, meta: bool = False):
+    """SD3.5 Medium's real transformer and SD3's 16-channel VAE with random weights, and text encoders of SD3's
+    widths (CLIP-L 768, CLIP-G 1280, T5-XXL 4096 with its 64 heads and gated MLP of 10240) cut to `text_layers`
+    layers, for benchmarks and name coverage. Built in bf16 (the transformer alone is 2.5 B parameters: 4.9 GB), or
+    with `meta` on the meta device: every module and shape, no memory (for counting modules and planning memory)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        if meta:
+            with torch.device("meta"):
+                return _build_sd3_shaped(seed, text_layers, with_t5)
+        return _build_sd3_shaped(seed, text_layers, with_t5)
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _build_sd3_shaped(seed: int, text_layers: int, with_t5: bool):
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline  # only when built
+
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(**SD35_MEDIUM_TRANSFORMER)
+    vae = _sd_vae(sample_size=1024, latent_channels=16, shift_factor=SD3_VAE_SHIFT, scaling_factor=SD3_VAE_SCALING,
+                  use_quant_conv=False, use_post_quant_conv=False)  # fmt: skip
+    text_encoder = _text_encoder(hidden=768, intermediate=3072, heads=12, layers=text_layers, projection=768, with_projection=True)
+    text_encoder_2 = _text_encoder(hidden=1280, intermediate=5120, heads=20, layers=text_layers, projection=1280, with_projection=True)
+    tokenizer_3 = tiny_t5_tokenizer() if with_t5 else None
+    text_encoder_3 = None
+    if with_t5:
+        from transformers import T5Config, T5EncoderModel  # only when a model is built
+
+        config = T5Config(
+            vocab_size=len(tokenizer_3), d_model=4096, d_kv=64, d_ff=10240, num_layers=text_layers, num_heads=64,
+            feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False,
+        )  # fmt: skip
+        text_encoder_3 = T5EncoderModel(config).eval()
+    return StableDiffusion3Pipeline(
+        transformer=transformer.eval(),
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        tokenizer=tiny_tokenizer(),
+        text_encoder_2=text_encoder_2.eval(),
+        tokenizer_2=tiny_tokenizer(),
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=tokenizer_3,
     )

@@ -224,6 +224,12 @@ def encode_distribution(vae, pixels: torch.Tensor, device) -> tuple[torch.Tensor
     return distribution.mean.float(), distribution.std.float()
 
 
+def scale_latents(latents: torch.Tensor, vae) -> torch.Tensor:
+    """A latent sample as the denoiser reads it: (x - shift_factor) * scaling_factor (SD3's VAE has a shift, SD1/SDXL's none)."""
+    shift = vae.config.get("shift_factor", None) or 0.0
+    return (latents - shift) * vae.config.scaling_factor
+
+
 def encode_images(vae, pixels: torch.Tensor, images: Sequence[Path], device) -> tuple[torch.Tensor, torch.Tensor]:
     """`encode_distribution` of the pixels of `images`; NaN or inf latents (a VAE overflowing in fp16) are a
     one-line error naming the first image that gave them."""
@@ -239,13 +245,15 @@ def encode_images(vae, pixels: torch.Tensor, images: Sequence[Path], device) -> 
 
 
 def encode_captions(
-    pipe, text_encoders: dict[str, torch.nn.Module], family: ModelFamily, captions: list[str], device
+    pipe, text_encoders: dict[str, torch.nn.Module], family: ModelFamily, captions: list[str], device, t5_max_length: int = 77
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(hidden states, pooled embedding or None) the UNet is conditioned on, for captions padded to each
+    """(hidden states, pooled embedding or None) the denoiser is conditioned on, for captions padded to each
     tokenizer's length: each of the family's text encoders (`text_encoders`, by component) at its hidden layer,
     joined along the width, and the pooled, projected output of the encoder that gives one (SDXL's second). An
     empty caption gives zeros where the family's pipeline does so for an empty prompt (SDXL). With gradients only
-    if an encoder trains."""
+    if an encoder trains. SD3's layout is `_encode_joint`'s."""
+    if any(spec.architecture == "t5" for spec in family.text_encoders):
+        return _encode_joint(pipe, text_encoders, family, captions, device, t5_max_length)
     hidden, pooled = [], None
     for spec in family.text_encoders:
         tokenizer, encoder = getattr(pipe, spec.tokenizer), text_encoders[spec.component]
@@ -262,6 +270,35 @@ def encode_captions(
         hidden = hidden * keep.view(-1, 1, 1).to(hidden.dtype)
         pooled = None if pooled is None else pooled * keep.view(-1, 1).to(pooled.dtype)
     return hidden, pooled
+
+
+def _encode_joint(
+    pipe, text_encoders: dict[str, torch.nn.Module], family: ModelFamily, captions: list[str], device, t5_max_length: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SD3's text, as `StableDiffusion3Pipeline.encode_prompt` makes it: the CLIPs' penultimate states joined along the
+    width and zero-padded to T5's, then T5's tokens (`t5_max_length` of them) after them along the sequence, zeros
+    there when the T5 is left out; the pooled embedding is both CLIPs' projected outputs joined."""
+    clips, pooled, t5 = [], [], None
+    for spec in family.text_encoders:
+        encoder = text_encoders.get(spec.component)
+        if encoder is None:  # the optional T5 left out (--no-t5, or a pipeline without it)
+            continue
+        tokenizer = getattr(pipe, spec.tokenizer)
+        length = t5_max_length if spec.architecture == "t5" else tokenizer.model_max_length
+        tokens = tokenizer(captions, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
+        with torch.set_grad_enabled(torch.is_grad_enabled() and any(p.requires_grad for p in encoder.parameters())):
+            if spec.architecture == "t5":
+                t5 = encoder(tokens.input_ids.to(device))[0]
+                continue
+            output = encoder(tokens.input_ids.to(device), output_hidden_states=True)
+        clips.append(output.hidden_states[spec.hidden_layer])
+        pooled.append(output[0])  # CLIPTextModelWithProjection's first output: the projected pooled embedding
+    clip = torch.cat(clips, dim=-1)
+    width = pipe.transformer.config.joint_attention_dim
+    if t5 is None:
+        t5 = torch.zeros(len(captions), t5_max_length, width, device=clip.device, dtype=clip.dtype)
+    clip = torch.nn.functional.pad(clip, (0, width - clip.shape[-1]))
+    return torch.cat([clip, t5.to(clip.dtype)], dim=-2), torch.cat(pooled, dim=-1)
 
 
 def build_caches(
@@ -286,7 +323,9 @@ def build_caches(
     if not model.trains_text_encoders and any(record.rules.static or record.rules.caption_dropout for record in records):
         fingerprint, cache_dir = (text_fingerprint(model), out / "cache" / "text") if mode == "disk" else ("", None)
         embedding_cache = EmbeddingCache(
-            lambda captions: encode_captions(pipe, encoders, model.family, captions, _device_of(next(iter(encoders.values())))),
+            lambda captions: encode_captions(
+                pipe, encoders, model.family, captions, _device_of(next(iter(encoders.values()))), model.t5_max_length
+            ),
             fingerprint,
             cache_dir,
         )
@@ -299,7 +338,12 @@ def text_fingerprint(model: BaseModel) -> str:
     pipe, family = model.pipe, model.family
     parts = [f"{CACHE_VERSION}|{family.empty_prompt_zeros}"]
     for spec in family.text_encoders:
+        if spec.component not in model.text_encoders:  # SD3's T5 left out: zeros in its place
+            parts.append(f"{spec.component} left out")
+            continue
         tokenizer = getattr(pipe, spec.tokenizer)
+        if spec.architecture == "t5":
+            parts.append(f"t5 {model.t5_max_length}")
         parts.append(f"{spec.hidden_layer}|{spec.pooled}|{len(tokenizer)}|{tokenizer.model_max_length}")
         parts.append(model_fingerprint(model.name, model.text_encoders[spec.component]))
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
@@ -477,7 +521,7 @@ class BatchEncoder:
             mean, std = encode_images(model.pipe.vae, pixels, [self.records[d.index].path for d in draws], device)
         mean, std = mean.to(device, torch.float32), std.to(device, torch.float32)
         noise = torch.randn(mean.shape, generator=generator).to(device)
-        latents = (mean + std * noise) * model.pipe.vae.config.scaling_factor
+        latents = scale_latents(mean + std * noise, model.pipe.vae)
         captions = [d.caption for d in draws]
         hidden, pooled = self._embed(captions, [c == "" or self.records[d.index].rules.static for c, d in zip(captions, draws)])
         time_ids = [sdxl_time_ids(self.records[d.index], d.size, d.window, d.flip) for d in draws]
@@ -487,13 +531,20 @@ class BatchEncoder:
     def _embed(self, captions: list[str], cached: list[bool]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The captions' conditioning: those that never change from the cache, the others encoded now, in order."""
         if self.embedding_cache is None or not any(cached):
-            return encode_captions(self.model.pipe, self.model.text_encoders, self.model.family, captions, self.model.device)
+            return encode_captions(
+                self.model.pipe, self.model.text_encoders, self.model.family, captions, self.model.device, self.model.t5_max_length
+            )
         if all(cached):
             return self.embedding_cache.get(captions)
         hidden, pooled = self.embedding_cache.get([c for c, hit in zip(captions, cached) if hit])
         model = self.model
         fresh_hidden, fresh_pooled = encode_captions(
-            model.pipe, model.text_encoders, model.family, [c for c, hit in zip(captions, cached) if not hit], model.device
+            model.pipe,
+            model.text_encoders,
+            model.family,
+            [c for c, hit in zip(captions, cached) if not hit],
+            model.device,
+            model.t5_max_length,
         )
         order = torch.tensor([index for index, hit in enumerate(cached) if hit] + [index for index, hit in enumerate(cached) if not hit])
         inverse = torch.argsort(order)

@@ -41,6 +41,10 @@ REPORT_TO = ("tensorboard", "wandb", "comet_ml", "mlflow", "aim", "all", "none")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 LOSSES = ("l2", "huber", "smooth_l1")
 HUBER_SCHEDULES = ("constant", "exponential", "snr")
+# flow matching (SD3): how the noise level is drawn, and how each sample's loss is weighted (the SD3 paper's names,
+# as diffusers' training_utils and kohya's sd3_train_utils spell them)
+TIMESTEP_SAMPLINGS = ("uniform", "logit_normal", "mode", "sigmoid")
+FLOW_WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
 ZERO_TERMINAL_SNR_EPSILON = (
     "--zero-terminal-snr needs v-prediction (--prediction-type v_prediction): at zero SNR the last timestep's input is "
     "pure noise, so an epsilon model learns nothing there and cannot recover the image from it"
@@ -234,8 +238,20 @@ class BaseModelConfig(_Section):
         "the memory of bf16, a quarter of fp32; costs a cast per layer per step and rounds each weight to 3 mantissa bits "
         "(held-out loss 0.4% off bf16 on the demo model); for a GPU the bf16 model barely fits (SDXL on 8-12 GB)",
     )
+    t5_max_length: int = _opt(
+        77,
+        "SD3: tokens the T5 encoder reads of a caption (zero-padded to this): diffusers' SD3 training script's 77, which keeps "
+        "the joint attention's text stream short; kohya's --t5xxl_max_token_length and the pipeline's generation use 256: "
+        "raise it for captions longer than about 60 words",
+    )
+    no_t5: bool = _opt(
+        False,
+        "SD3: leave the T5 encoder out (its slot of the text is zeros, as StableDiffusion3Pipeline does without text_encoder_3): "
+        "saves its memory (T5-XXL is 4.7B parameters, 9.5 GB in bf16) and its encoding time",
+    )
 
     def _check_values(self) -> None:
+        _check(1 <= self.t5_max_length <= 512, "t5_max_length", self.t5_max_length, "from 1 to 512 (T5's length)")
         if self.full_bf16 and self.full_fp16:
             raise UserError("--full-bf16 and --full-fp16: choose one")
         for flag, precision in (("full_bf16", "bf16"), ("full_fp16", "fp16")):
@@ -327,6 +343,35 @@ class ObjectiveConfig(_Section):
     multires_noise_discount: float = _opt(
         0.3, "weight discount^i of pyramid noise level i, in (0, 1]; only with --multires-noise-iterations"
     )
+    # flow matching (SD3): sigma drawn by --timestep-sampling, shifted; input (1 - sigma) x0 + sigma noise; target noise - x0
+    timestep_sampling: str = _opt(
+        "logit_normal",
+        "flow matching (SD3): how the noise level sigma is drawn before --flow-shift: logit_normal (sigmoid of a normal, "
+        "--logit-mean/--logit-std; diffusers' default, the SD3 paper's best), uniform (kohya's sd3_train.py default), "
+        "mode (--mode-scale) or sigmoid (sigmoid of --sigmoid-scale x a normal, kohya's FLUX option)",
+        TIMESTEP_SAMPLINGS,
+    )
+    logit_mean: float = _opt(0.0, "flow matching, --timestep-sampling logit_normal: the normal's mean (diffusers and kohya: 0)")
+    logit_std: float = _opt(1.0, "flow matching, --timestep-sampling logit_normal: the normal's std (diffusers and kohya: 1)")
+    mode_scale: float = _opt(1.29, "flow matching, --timestep-sampling mode: its scale (diffusers and kohya: 1.29)")
+    sigmoid_scale: float = _opt(1.0, "flow matching, --timestep-sampling sigmoid: the normal's scale (kohya: 1)")
+    flow_shift: float | None = _opt(
+        None,
+        "flow matching: shift of the drawn sigma, shift s / (1 + (shift - 1) s); above 1 trains noisier levels "
+        "(composition), below 1 cleaner ones (detail). Default: the model scheduler's shift (3.0 for SD3), as diffusers "
+        "trains; kohya's --training_shift defaults to 1 (none)",
+    )
+    flow_weighting: str = _opt(
+        "none",
+        "flow matching: loss weight per sample by its sigma: none (diffusers' and kohya's default), sigma_sqrt (1 / sigma^2) "
+        "or cosmap (2 / (pi (1 - 2 sigma + 2 sigma^2)))",
+        FLOW_WEIGHTINGS,
+    )
+    precondition_outputs: bool = _opt(
+        False,
+        "flow matching: compare the x0 the prediction implies with the image instead of the velocity with noise - x0 "
+        "(diffusers' --precondition_outputs, on there by default; off in kohya): weighs each sample's loss by sigma^2",
+    )
 
     def _check_values(self) -> None:
         _check(math.isfinite(self.noise_offset) and self.noise_offset >= 0, "noise_offset", self.noise_offset, "zero or more")
@@ -342,6 +387,13 @@ class ObjectiveConfig(_Section):
         _check(self.multires_noise_iterations >= 0, "multires_noise_iterations", self.multires_noise_iterations, "zero or more")
         discount = self.multires_noise_discount
         _check(math.isfinite(discount) and 0 < discount <= 1, "multires_noise_discount", discount, "in (0, 1]")
+        _check(math.isfinite(self.logit_std) and self.logit_std > 0, "logit_std", self.logit_std, "a positive number")
+        _check(math.isfinite(self.logit_mean), "logit_mean", self.logit_mean, "a finite number")
+        _check(math.isfinite(self.sigmoid_scale) and self.sigmoid_scale > 0, "sigmoid_scale", self.sigmoid_scale, "a positive number")
+        # the SD3 paper's range (section 3.1): outside it the mode map is not monotonic and leaves [0, 1]; 0 is uniform
+        _check(-1 <= self.mode_scale <= 2 / (math.pi - 2), "mode_scale", self.mode_scale, "in [-1, 1.75] (2 / (pi - 2))")
+        if self.flow_shift is not None:
+            _check(math.isfinite(self.flow_shift) and self.flow_shift > 0, "flow_shift", self.flow_shift, "a positive number")
 
 
 @dataclass(frozen=True)
@@ -398,7 +450,7 @@ class OptimizationConfig(_Section):
 
     def lr_of(self, component: str) -> float:
         """The learning rate of one component's LoRA: `lr` for the UNet, the text encoders' own (or lr / 2)."""
-        if component == "unet":
+        if not component.startswith("text_encoder"):  # the denoiser: the UNet, or SD3's transformer
             return self.lr
         first = self.text_encoder_lr or self.lr / 2
         return (self.text_encoder_2_lr or first) if component == "text_encoder_2" else first

@@ -189,26 +189,27 @@ def load_state_into(
 
 def _reaches_the_unet(path: str, models: dict[str, nn.Module], family: ModelFamily) -> bool:
     component, _, name = path.partition(".")
-    if component == "unet" or component not in models:
+    if not component.startswith("text_encoder") or component not in models:
         return True
     return reaches_the_unet(name, models[component], family.text_encoder(component))
 
 
 def _canonical(component: str, name: str) -> str:
     """A layer name as LoraState spells it: text encoders with `text_model.` whatever the installed tree says."""
-    return name if component == "unet" else TEXT_MODEL_PREFIX + name.removeprefix(TEXT_MODEL_PREFIX)
+    return name if not component.startswith("text_encoder") else TEXT_MODEL_PREFIX + name.removeprefix(TEXT_MODEL_PREFIX)
 
 
 def _layer_set_hint(state: LoraState, models: dict[str, nn.Module]) -> str:
     """What to change so that this run adapts the layers `state` holds: the preset, or --train-text-encoder."""
     has_text = any(path.startswith("text_encoder") for path in state.modules)
-    text_encoder_adapted = any(component != "unet" for component in models)
+    text_encoder_adapted = any(component.startswith("text_encoder") for component in models)
     if has_text != text_encoder_adapted:
         return ": add --train-text-encoder" if has_text else ": it has no text-encoder layers, drop --train-text-encoder"
-    in_file = {path.removeprefix("unet.") for path in state.modules if path.startswith("unet.")}
+    denoiser = next(component for component in models if not component.startswith("text_encoder"))
+    in_file = {path.removeprefix(denoiser + ".") for path in state.modules if path.startswith(denoiser + ".")}
     for preset in PRESETS:
         try:
-            if set(unet_target_modules(models["unet"], preset)) == in_file:
+            if set(unet_target_modules(models[denoiser], preset)) == in_file:
                 return f": it was trained with --preset {preset}"
         except ValueError:
             continue

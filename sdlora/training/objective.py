@@ -1,4 +1,7 @@
-"""The diffusion training objective: timesteps, noise, the target the UNet learns, min-SNR weights, the loss.
+"""The training objective of both kinds: diffusion (SD1/SD2/SDXL: timesteps, noise, the target the UNet learns,
+min-SNR weights) and flow matching (SD3: a noise level sigma drawn from a density and shifted, the straight path
+(1 - sigma) x0 + sigma noise, the velocity noise - x0 as target, optional output preconditioning and sigma weights);
+the loss of each.
 
 All randomness comes from the `torch.Generator` passed in, so a run (and a resumed run that reseeds it) draws the
 same timesteps and noise. The options follow kohya's sd-scripts (`library/train_util.py`,
@@ -8,6 +11,7 @@ noise offset, multi-resolution (pyramid) noise, input-perturbation noise, a time
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -15,7 +19,20 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
-from .config import HUBER_SCHEDULES, LOSSES, ZERO_TERMINAL_SNR_EPSILON, ObjectiveConfig
+from .config import FLOW_WEIGHTINGS, HUBER_SCHEDULES, LOSSES, TIMESTEP_SAMPLINGS, ZERO_TERMINAL_SNR_EPSILON, ObjectiveConfig
+
+# the options of flow matching (SD3) only, and their defaults: a diffusion model refuses them when set
+FLOW_ONLY = (
+    "timestep_sampling",
+    "logit_mean",
+    "logit_std",
+    "mode_scale",
+    "sigmoid_scale",
+    "flow_shift",
+    "flow_weighting",
+    "precondition_outputs",
+)
+FLOW_DEFAULTS = {item.name: item.default for item in dataclasses.fields(ObjectiveConfig) if item.name in FLOW_ONLY}
 
 # the targets a scheduler may predict (training takes the first two: the objective section's prediction_type)
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -50,6 +67,10 @@ class Conditioning:
         if self.pooled is not None:
             kwargs["added_cond_kwargs"] = {"text_embeds": self.pooled, "time_ids": self.time_ids}
         return kwargs
+
+    def transformer_kwargs(self) -> dict:
+        """The keyword arguments SD3's SD3Transformer2DModel takes them as (text tokens, pooled text)."""
+        return {"encoder_hidden_states": self.hidden, "pooled_projections": self.pooled}
 
 
 def _generator_device(generator: torch.Generator | None) -> torch.device:
@@ -218,6 +239,9 @@ def prepare_noise_scheduler(scheduler, config: ObjectiveConfig) -> None:
     The timestep range must fit the schedule; zero terminal SNR needs v-prediction (the option's or the scheduler's),
     and then rescales the betas (alphas, alphas_cumprod follow), recorded in the scheduler's config as diffusers'
     `rescale_betas_zero_snr`."""
+    for name in FLOW_ONLY:
+        if getattr(config, name) != FLOW_DEFAULTS[name]:
+            raise UserError(f"--{name.replace('_', '-')} is for flow-matching models (SD3); this model trains by diffusion: drop it")
     count = scheduler.config.num_train_timesteps
     high = count if config.max_timestep is None else config.max_timestep
     if high > count:
@@ -275,8 +299,12 @@ def diffusion_loss(
     timesteps: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
     weights: torch.Tensor | None = None,
+    flow_matching: bool = False,
 ) -> torch.Tensor:
-    """Mean (optionally min-SNR-weighted) loss (`config.loss`) between the UNet's prediction and its target, as a scalar.
+    """The training loss of the model's kind: `flow_matching_loss` for a flow-matching model (SD3), else the diffusion
+    loss below.
+
+    Mean (optionally min-SNR-weighted) loss (`config.loss`) between the UNet's prediction and its target, as a scalar.
     `weights` weigh each image's loss in that mean (kohya's loss_weights: --prior-loss-weight for regularization
     images): mean_i(w_i * loss_i).
 
@@ -285,6 +313,8 @@ def diffusion_loss(
     deterministic, as the validation loss needs. The UNet runs in the dtype of `latents` (the caller's
     mixed-precision dtype); noising, target and loss are computed in fp32.
     """
+    if flow_matching:
+        return flow_matching_loss(unet, scheduler, latents, conditioning, config, generator, timesteps, noise, weights)
     prediction_type = _prediction_type(scheduler, config.prediction_type)
     clean = latents.to(torch.float32)
     noise, noisy, timesteps = noisy_inputs(scheduler, clean, config, generator, timesteps, noise)
@@ -298,6 +328,134 @@ def diffusion_loss(
     per_sample = elementwise_loss(prediction.float(), target, config.loss, huber_c).mean(dim=tuple(range(1, target.ndim)))
     if config.snr_gamma is not None:
         per_sample = per_sample * min_snr_weights(scheduler, timesteps, config.snr_gamma, prediction_type)
+    if weights is not None:
+        per_sample = per_sample * weights.to(per_sample.device, per_sample.dtype)
+    return per_sample.mean()
+
+
+# ---------------------------------------------------------------- flow matching (SD3)
+
+
+def timestep_density(config: ObjectiveConfig, batch: int, generator: torch.Generator | None) -> torch.Tensor:
+    """`batch` draws u in [0, 1] of `config.timestep_sampling`, fp32 on the generator's device: the same numbers as
+    diffusers' `training_utils.compute_density_for_timestep_sampling` (and kohya's copy in `sd3_train_utils`) for the
+    same generator state. logit_normal: sigmoid(N(mean, std)); mode: 1 - u - scale (cos^2(pi u / 2) - 1 + u) of a
+    uniform u; uniform; sigmoid: sigmoid(scale N(0, 1)) (kohya's flux_train_utils)."""
+    device = _generator_device(generator)
+    sampling = config.timestep_sampling
+    if sampling == "logit_normal":
+        normal = torch.normal(mean=config.logit_mean, std=config.logit_std, size=(batch,), device=device, generator=generator)
+        return torch.sigmoid(normal)
+    if sampling == "sigmoid":
+        return torch.sigmoid(config.sigmoid_scale * torch.randn((batch,), device=device, generator=generator))
+    if sampling not in TIMESTEP_SAMPLINGS:
+        raise UserError(f"unknown timestep_sampling {sampling!r}: use one of {', '.join(TIMESTEP_SAMPLINGS)}")
+    u = torch.rand((batch,), device=device, generator=generator)
+    if sampling == "mode":
+        return 1 - u - config.mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
+    return u
+
+
+def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
+    """shift s / (1 + (shift - 1) s): the time shift of SD3's scheduler (FlowMatchEulerDiscreteScheduler's `shift`) and
+    kohya's --training_shift; 1 leaves sigma alone, above 1 moves it towards noise."""
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
+def sample_sigmas(scheduler, config: ObjectiveConfig, batch: int, generator: torch.Generator | None, device) -> torch.Tensor:
+    """`batch` noise levels sigma in (0, 1], fp32 on `device`: the density's u (as the SD3 paper and kohya read it,
+    u is the noise level; diffusers indexes its descending table with u, which is 1 - u, the same for the symmetric
+    defaults), shifted (`--flow-shift`, else the scheduler's), then put in [min_timestep, max_timestep) / 1000 as
+    kohya does. Continuous (kohya rounds down to t / 1000, diffusers to its table's 1000 values), floored at one
+    step, 1 / num_train_timesteps, so sigma_sqrt's 1 / sigma^2 stays finite."""
+    count = scheduler.config.num_train_timesteps
+    shift = config.flow_shift if config.flow_shift is not None else float(scheduler.config.get("shift", 1.0))
+    sigmas = shift_sigmas(timestep_density(config, batch, generator), shift)
+    low, high = config.min_timestep / count, (count if config.max_timestep is None else config.max_timestep) / count
+    return (low + sigmas * (high - low)).clamp(min=1.0 / count).to(device)
+
+
+def flow_weights(weighting: str, sigmas: torch.Tensor) -> torch.Tensor:
+    """Each sample's loss weight from its sigma, as diffusers' `compute_loss_weighting_for_sd3`: none 1, sigma_sqrt
+    1 / sigma^2, cosmap 2 / (pi (1 - 2 sigma + 2 sigma^2))."""
+    if weighting == "none":
+        return torch.ones_like(sigmas)
+    if weighting == "sigma_sqrt":
+        return sigmas.float() ** -2.0
+    if weighting == "cosmap":
+        return 2 / (math.pi * (1 - 2 * sigmas + 2 * sigmas**2))
+    raise UserError(f"unknown flow_weighting {weighting!r}: use one of {', '.join(FLOW_WEIGHTINGS)}")
+
+
+# options of the diffusion objective that have no meaning for flow matching, with their default
+_DIFFUSION_ONLY = {"prediction_type": None, "snr_gamma": None, "zero_terminal_snr": False}
+
+
+def prepare_flow_scheduler(scheduler, config: ObjectiveConfig) -> None:
+    """Check the options against a flow-matching model's scheduler: the timestep range fits, no diffusion-only option
+    is set, a Huber loss has a constant threshold (its snr and exponential schedules are for diffusion), and the
+    shift is a fixed one (SD3's; FLUX's resolution-dependent shifting is not trained here)."""
+    for name, default in _DIFFUSION_ONLY.items():
+        if getattr(config, name) != default:
+            flag = "--" + name.replace("_", "-")
+            raise UserError(f"{flag} is for diffusion models (SD1/SD2/SDXL); SD3 trains by flow matching: drop it (see --flow-weighting)")
+    if config.loss != "l2" and config.huber_schedule != "constant":
+        raise UserError(f"--loss {config.loss} with flow matching (SD3) needs --huber-schedule constant")
+    if scheduler.config.get("use_dynamic_shifting", False):
+        raise UserError("this model's scheduler shifts by resolution (use_dynamic_shifting): sdlora trains SD3's fixed shift only")
+    count = scheduler.config.num_train_timesteps
+    high = count if config.max_timestep is None else config.max_timestep
+    if high > count:
+        raise UserError(f"--max-timestep {high} is invalid: the noise schedule has {count} timesteps, so it must be at most {count}")
+
+
+def flow_matching_loss(
+    transformer,
+    scheduler,
+    latents: torch.Tensor,
+    conditioning: Conditioning,
+    config: ObjectiveConfig,
+    generator: torch.Generator | None = None,
+    timesteps: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The flow-matching loss (diffusers' train_dreambooth_lora_sd3.py, kohya's sd3_train.py), a scalar: the input
+    (1 - sigma) x0 + sigma noise at timestep 1000 sigma, the target noise - x0 (with `precondition_outputs`, the
+    prediction turned into x0 = input - sigma prediction and compared with x0), each sample weighted by
+    `flow_weighting` and `weights`. Draws from `generator`: noise (offset, pyramid), sigma, then the input
+    perturbation; given `timesteps` (1000 sigma) and noise are used as is (the validation loss). The transformer
+    runs in the dtype of `latents`; the rest in fp32."""
+    clean = latents.to(torch.float32)
+    drawn = noise is None
+    if drawn:
+        noise = make_noise(clean, generator, config.noise_offset, config.multires_noise_iterations, config.multires_noise_discount)
+    noise = noise.to(clean.device, torch.float32)
+    count = scheduler.config.num_train_timesteps
+    if timesteps is None:
+        sigmas = sample_sigmas(scheduler, config, clean.shape[0], generator, clean.device)
+    else:
+        sigmas = timesteps.to(clean.device, torch.float32) / count
+    noised_with = noise
+    if drawn and config.ip_noise_gamma:
+        device = _generator_device(generator)
+        perturbation = torch.randn(noise.shape, generator=generator, device=device, dtype=torch.float32).to(noise.device)
+        noised_with = noise + config.ip_noise_gamma * perturbation
+    sigma = sigmas.view(-1, *([1] * (clean.ndim - 1)))
+    noisy = (1.0 - sigma) * clean + sigma * noised_with
+    prediction = transformer(
+        hidden_states=noisy.to(latents.dtype),
+        timestep=sigmas * count,
+        **conditioning.to(latents.device, latents.dtype).transformer_kwargs(),
+        return_dict=False,
+    )[0].float()
+    if config.precondition_outputs:  # diffusers' EDM-style preconditioning: the x0 the velocity implies
+        prediction, target = noisy - sigma * prediction, clean
+    else:
+        target = noise - clean
+    huber_c = None if config.loss == "l2" else torch.full(sigmas.shape, config.huber_c, device=sigmas.device)
+    per_sample = elementwise_loss(prediction, target, config.loss, huber_c).mean(dim=tuple(range(1, target.ndim)))
+    per_sample = per_sample * flow_weights(config.flow_weighting, sigmas)
     if weights is not None:
         per_sample = per_sample * weights.to(per_sample.device, per_sample.dtype)
     return per_sample.mean()

@@ -38,7 +38,7 @@ from .config import BaseModelConfig, DataConfig, LoggingConfig, NetworkConfig, O
 from .data import ImageRecord, dataset_summary
 from .datasets import DatasetSpec, TrainingData, batch_sizes, load_training_data, record_buckets
 from .metrics import MetricsLogger, progress_bar, tracking_options
-from .objective import diffusion_loss, prepare_noise_scheduler
+from .objective import diffusion_loss, prepare_flow_scheduler, prepare_noise_scheduler
 from .optimizers import Fp32MasterWeights, build_optimizer, check_optimizer, device_optimizer_args, parse_optimizer_args
 from .sample_prompts import read_sample_prompts
 from .validation import Validator
@@ -118,7 +118,10 @@ def setup(config: TrainConfig) -> Run | None:
     sampler = _setup_sampler(config, data, buckets, accelerator)
     if config.optimization.epochs:  # the step count the schedule needs
         config = config.replace(steps=epoch_steps(len(sampler), config.optimization.grad_accum, config.optimization.epochs))
-    prepare_noise_scheduler(model.noise_scheduler, config.objective)  # the timestep range must fit; --zero-terminal-snr
+    if model.flow_matching:  # SD3: the options the flow-matching objective takes
+        prepare_flow_scheduler(model.noise_scheduler, config.objective)
+    else:
+        prepare_noise_scheduler(model.noise_scheduler, config.objective)  # the timestep range must fit; --zero-terminal-snr
     param_groups = _setup_network(config.network, config.optimization, config.base, model)
     plan = _setup_memory_plan(config, model, data, buckets, accelerator)
     if config.run.dry_run:
@@ -211,6 +214,10 @@ def _setup_memory_plan(
     """The memory plan of this run (on an accelerator, or asked for with --dry-run), printed once."""
     if not (config.run.dry_run or accelerator.device.type != "cpu" or PLAN_ON_CPU):
         return None
+    if model.flow_matching:  # the plan's trace runs UNets; SD3's transformer is not traced yet
+        if accelerator.is_main_process:
+            tqdm.write("memory plan: not made for SD3 models yet")
+        return None
     records = data.records
     plan = memory.plan_memory(
         config, model, max(buckets, key=lambda size: size[0] * size[1]), max(batch_sizes(data, config.data)), accelerator.device,
@@ -232,9 +239,11 @@ def _setup_network(options: NetworkConfig, optimization: OptimizationConfig, bas
         conv_rank=options.conv_rank, conv_alpha=options.conv_alpha, dtype=lora_dtype, kind=options.kind,
     )  # fmt: skip
     param_groups = [{"params": unet_params, "lr": optimization.lr}]
-    trained = {"unet": model.unet}
+    trained = {model.family.denoiser: model.unet}
     if options.train_text_encoder:
         for component, encoder in model.text_encoders.items():
+            if model.family.text_encoder(component).architecture == "t5":  # SD3's T5 (4.7B parameters) stays frozen, as in kohya
+                continue
             params = network.add_lora(
                 encoder, targets.text_encoder_target_modules(encoder, spec=model.family.text_encoder(component)), options.rank, options.alpha,
                 options.dropout, dtype=lora_dtype, kind=options.kind,
@@ -254,7 +263,7 @@ def _setup_network(options: NetworkConfig, optimization: OptimizationConfig, bas
 
 
 def _component(model: BaseModel, component: str) -> torch.nn.Module:
-    return model.unet if component == "unet" else model.text_encoders[component]
+    return model.unet if component == model.family.denoiser else model.text_encoders[component]
 
 
 def _setup_optimizer(optimization: OptimizationConfig, param_groups: list[dict], model: BaseModel, accelerator, full_fp16: bool):
@@ -279,7 +288,7 @@ def _setup_optimizer(optimization: OptimizationConfig, param_groups: list[dict],
     wrapped, optimizer = dict(zip(model.trained, prepared[:-1])), prepared[-1]
     if full_fp16 and accelerator.scaler is not None:
         _allow_fp16_unscaling(accelerator.scaler)
-    model.unet = wrapped.pop("unet")
+    model.unet = wrapped.pop(model.family.denoiser)
     model.text_encoders.update(wrapped)
     return optimizer, lr_scheduler
 
@@ -349,7 +358,7 @@ def _model_defaults(config: TrainConfig, model: BaseModel) -> TrainConfig:
     """The options left to the model filled in: its own resolution (as its pipeline generates by default), its
     family's bucketing (on for SDXL) and gradient checkpointing (on for SDXL from 1024 px)."""
     data, pipe = config.data, model.pipe
-    resolution = data.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    resolution = data.resolution or model.unet.config.sample_size * pipe.vae_scale_factor
     defaults = family_defaults(model.family, resolution)
     buckets = defaults["buckets"] if data.buckets is None else data.buckets
     checkpointing = config.base.gradient_checkpointing
@@ -514,6 +523,7 @@ def _optimizer_step(run: Run, batches: _Batches) -> tuple[float, float, bool]:
                 run.config.objective,
                 generator=run.generator,
                 weights=weights,
+                flow_matching=run.model.flow_matching,
             )
         # backward even for a non-finite loss: the check below is collective, and DDP's backward is too
         accelerator.backward(loss / config.optimization.grad_accum)

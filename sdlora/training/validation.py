@@ -29,7 +29,7 @@ from ..inference.generation import (
 from ..storage.atomic import atomic_file
 from .base_model import BaseModel
 from .buckets import assign_bucket, training_sizes
-from .cache import encode_captions, encode_images
+from .cache import encode_captions, encode_images, scale_latents
 from .config import DataConfig, ObjectiveConfig, RunConfig, SamplesConfig
 from .data import ImageRecord, crop_window, load_image, sdxl_time_ids
 from .metrics import MetricsLogger
@@ -130,7 +130,7 @@ class Validator:
         window = crop_window(record, size, "center")
         pixels = load_image(record, size, flip=False, window=window).unsqueeze(0)
         mean, std = encode_images(pipe.vae, pixels, [record.path], device)
-        latents = (mean + std * torch.randn(mean.shape, generator=generator).to(device)) * pipe.vae.config.scaling_factor
+        latents = scale_latents(mean + std * torch.randn(mean.shape, generator=generator).to(device), pipe.vae)
         noise = torch.randn((TIMESTEPS, *latents.shape[1:]), generator=generator).to(device)
         time_ids = torch.tensor([sdxl_time_ids(record, size, window, False)], dtype=torch.float32) if self.model.family.time_ids else None
         held = HeldOut(latents, noise, record.caption, time_ids, None)
@@ -140,7 +140,9 @@ class Validator:
 
     def _conditioning(self, held: HeldOut) -> Conditioning:
         model = self.model
-        hidden, pooled = encode_captions(model.pipe, model.text_encoders, model.family, [held.caption], self.accelerator.device)
+        hidden, pooled = encode_captions(
+            model.pipe, model.text_encoders, model.family, [held.caption], self.accelerator.device, model.t5_max_length
+        )
         return Conditioning(hidden, pooled, held.time_ids)
 
     @torch.no_grad()
@@ -155,7 +157,7 @@ class Validator:
             with self.accelerator.autocast():
                 loss = diffusion_loss(
                     self.model.unet, self.model.noise_scheduler, latents.to(self.model.dtype), conditioning.to(device, self.model.dtype),
-                    self.objective, timesteps=timesteps, noise=held.noise,
+                    self.objective, timesteps=timesteps, noise=held.noise, flow_matching=self.model.flow_matching,
                 )  # fmt: skip
             losses.append(loss.item())
         return sum(losses) / len(losses)
@@ -165,8 +167,9 @@ class Validator:
         """The sample images at fixed seeds: the sample prompts' and then each --sample-prompts line's (also saved
         alone as samples/step-XXXXXXXX-NN.png with its A1111 parameters), in a grid saved as samples/step-XXXXXXXX.png."""
         samples, resolution, pipe = self.samples, self.data.resolution, self.model.pipe
-        was_training = pipe.unet.training
-        pipe.unet.eval()
+        denoiser = getattr(pipe, self.model.family.denoiser)
+        was_training = denoiser.training
+        denoiser.eval()
         folder = Path(self.run.output_dir) / SAMPLES_DIR
         images = []
         with self._visiting(), self.accelerator.autocast():
@@ -201,7 +204,7 @@ class Validator:
                 with atomic_file(folder / f"step-{step:08d}-{index:02d}.png") as tmp:
                     image.save(tmp, format="PNG", pnginfo=png_info(image.info[PARAMETERS_KEY]))
                 images.append(image)
-        pipe.unet.train(was_training)
+        denoiser.train(was_training)
         grid = image_grid(images)
         path = folder / f"step-{step:08d}.png"
         with atomic_file(path) as tmp:

@@ -151,13 +151,9 @@ def model_defaults(model: str, roots: Roots) -> dict[str, Any]:
         defaults |= {"buckets": family.buckets_by_default}
         if resolution is not None:
             defaults |= family_defaults(family, resolution)
-    note = None
-    if family is not None and family.denoiser != "unet":
-        note = f"{family.label} models cannot be trained yet: sdlora train refuses it"
     return {
         "model": name,
         "family": family.name if family else None,
         "label": family.label if family else None,
         "defaults": defaults,
-        "note": note,
     }

@@ -118,17 +118,70 @@ def test_another_familys_lora_is_one_line_naming_both(tmp_path, tiny_sd3_pipe, t
 def test_merge_refusals_are_one_line(tmp_path, tiny_model_dir, sd3_lora, capsys):
     lora = tmp_path / "sd3.safetensors"
     write_kohya(sd3_lora, lora)
-    single = tmp_path / "sd3_medium.safetensors"
+    single = tmp_path / "sd3_medium.safetensors"  # an MMDiT without its text encoders, and a LoRA of them too
     save_file({"model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight": torch.zeros(120, 40)}, str(single))
     assert main(["merge", "--model", str(single), "--lora", str(lora), "--single-file", str(tmp_path / "out.safetensors")]) == 2
     err = capsys.readouterr().err.strip()
-    assert (
-        "is an SD3 single-file checkpoint, which sdlora cannot merge into yet: merge into its diffusers folder" in err and "\n" not in err
-    )
+    assert "has no text_encoder (text_encoders.clip_l.transformer.* keys)" in err and "\n" not in err
     assert main(["merge", "--model", str(tiny_model_dir), "--lora", str(lora), "--out", str(tmp_path / "merged")]) == 2
     err = capsys.readouterr().err.strip()
     assert "has modules for transformer, which SD1.x models do not have; it was made for SD3" in err and "\n" not in err
     assert not (tmp_path / "merged").exists() and not (tmp_path / "out.safetensors").exists()
+
+
+def test_single_file_merge_equals_the_folder_merge_and_unmerges(tmp_path, tiny_sd3_dir, sd3_lora, write_sd3_single_file, capsys):
+    """Our kohya file (fused qkv, (shift, scale) norms) merged into SAI's single file (MMDiT, CLIP-L, CLIP-G, T5):
+    diffusers' own `from_single_file` reads back the transformer of the folder merge, the text encoders' tensors equal
+    the folder merge's, every tensor no module touches is byte-identical, and unmerge gives the model back."""
+    from diffusers import SD3Transformer2DModel
+    from safetensors.torch import load_file
+
+    kohya = tmp_path / "kohya.safetensors"
+    write_kohya(sd3_lora, kohya)
+    single = write_sd3_single_file(tiny_sd3_dir, tmp_path / "sd3_tiny.safetensors")
+    merged_file = tmp_path / "merged.safetensors"
+    argv = ["merge", "--model", str(single), "--lora", f"{kohya}:0.7", "--single-file", str(merged_file)]
+    assert main(argv) == 0, capsys.readouterr().err
+    folder = load_pipeline(str(merge_model(tiny_sd3_dir, [(kohya, 0.7)], tmp_path / "merged")))
+    ours = SD3Transformer2DModel.from_single_file(str(merged_file), config=str(tiny_sd3_dir), subfolder="transformer").state_dict()
+    for key, value in folder.transformer.state_dict().items():
+        torch.testing.assert_close(ours[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    source, merged = load_file(single), load_file(merged_file)
+    for component, name in (("text_encoder", "clip_l"), ("text_encoder_2", "clip_g"), ("text_encoder_3", "t5xxl")):
+        for key, value in getattr(folder, component).state_dict().items():
+            clip = name != "t5xxl" and not key.startswith(("text_model.", "text_projection"))
+            stored = f"text_encoders.{name}.transformer.{'text_model.' if clip else ''}{key}"
+            if stored in merged:  # position_ids and tied T5 embeddings are not stored twice
+                torch.testing.assert_close(merged[stored], value, rtol=1e-5, atol=1e-6, msg=stored)
+    changed = {key for key in source if not torch.equal(source[key], merged[key])}
+    untouched = set(source) - changed
+    assert any(key.startswith("first_stage_model.") for key in untouched) and "model.diffusion_model.pos_embed" in untouched
+    assert all(not key.endswith("bias") for key in changed)  # a LoRA changes weights only
+    # the final layer's norm and the last block's context norm: the swapped halves land where diffusers reads them
+    assert {
+        "model.diffusion_model.final_layer.adaLN_modulation.1.weight",
+        "model.diffusion_model.joint_blocks.2.context_block.adaLN_modulation.1.weight",
+    } <= changed
+    restored = merge_model(merged_file, [(kohya, 0.7)], single_file=tmp_path / "restored.safetensors", unmerge=True)
+    for key, value in load_file(restored).items():
+        torch.testing.assert_close(value, source[key], rtol=0, atol=1e-5, msg=key)
+
+
+def test_single_file_without_text_encoders_takes_a_transformer_lora(tmp_path, tiny_sd3_dir, sd3_lora, write_sd3_single_file):
+    """SAI's MMDiT-only file (`sd3.5_medium.safetensors` without clips): the transformer's modules merge; a LoRA with
+    text-encoder modules is one line saying which encoder the file lacks."""
+    from safetensors.torch import load_file
+
+    single = write_sd3_single_file(tiny_sd3_dir, tmp_path / "mmdit_only.safetensors", text_encoders=False)
+    transformer_only = sd3_lora.restricted_to("transformer")
+    out = merge_model(single, [(transformer_only, 1.0)], single_file=tmp_path / "merged.safetensors")
+    source, merged = load_file(single), load_file(out)
+    qkv = "model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight"
+    q, k, v = (sd3_lora.modules[f"transformer.transformer_blocks.0.attn.{name}"].delta() for name in ("to_q", "to_k", "to_v"))
+    torch.testing.assert_close(merged[qkv], source[qkv] + torch.cat([q, k, v]), rtol=1e-5, atol=1e-6)
+    with pytest.raises(UserError, match=r"has no text_encoder \(text_encoders\.clip_l\.transformer\.\* keys\)"):
+        merge_model(single, [(sd3_lora, 1.0)], single_file=tmp_path / "refused.safetensors")
+    assert not (tmp_path / "refused.safetensors").exists()
 
 
 def test_inspect_shows_an_sd3_file(tmp_path, sd3_lora, capsys):
@@ -138,14 +191,6 @@ def test_inspect_shows_an_sd3_file(tmp_path, sd3_lora, capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["architecture"] == "SD3" and info["format"] == "kohya"
     assert info["layer_kinds"] == {"linear": len(sd3_lora) - 1, "conv2x2": 1}  # the patch embedding is a 2x2 conv
-
-
-def test_training_an_sd3_model_is_refused_in_one_line(tmp_path, capsys):
-    (tmp_path / "data").mkdir()
-    assert main(["train", str(tmp_path / "data"), "--model", "tiny-sd3", "--output-dir", str(tmp_path / "run")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "tiny-sd3 is an SD3 model, which sdlora cannot train yet" in err and "\n" not in err
-    assert not (tmp_path / "run").exists()
 
 
 def test_extracting_from_sd3_models_is_refused_in_one_line(tmp_path, capsys):

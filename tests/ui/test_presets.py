@@ -117,16 +117,15 @@ def test_the_forms_model_defaults_follow_the_models_family(ui, ui_root, model_fo
     def defaults(model: str) -> tuple:
         status, answer = client.get("/api/model?model=" + urllib.parse.quote(model))
         assert status == 200, answer
-        return answer["family"], answer["defaults"], answer["note"]
+        return answer["family"], answer["defaults"]
 
     off = {"buckets": False, "gradient_checkpointing": False}
-    assert defaults("tiny") == ("sd1", {"resolution": 64} | off, None)
-    assert defaults("tiny-sdxl") == ("sdxl", {"resolution": 64, "buckets": True, "gradient_checkpointing": False}, None)
+    assert defaults("tiny") == ("sd1", {"resolution": 64} | off)
+    assert defaults("tiny-sdxl") == ("sdxl", {"resolution": 64, "buckets": True, "gradient_checkpointing": False})
     # a folder: its family from model_index.json, its side from the UNet's and VAE's configs (nothing loaded)
-    assert defaults("models/xl") == ("sdxl", {"resolution": 1024, "buckets": True, "gradient_checkpointing": True}, None)
+    assert defaults("models/xl") == ("sdxl", {"resolution": 1024, "buckets": True, "gradient_checkpointing": True})
     pipe = load_pipeline(str(model_folders / "xl"))  # the side training takes: the loaded UNet's sample size x the VAE's factor
     assert pipe.unet.config.sample_size * pipe.vae_scale_factor == 1024
-    family, sd3, note = defaults("models/sd3")
-    assert family == "sd3" and sd3["resolution"] == 64 and "cannot be trained yet" in note
-    assert defaults("someone/some-model") == (None, {"resolution": None, "buckets": None, "gradient_checkpointing": None}, None)
+    assert defaults("models/sd3") == ("sd3", {"resolution": 64, "buckets": True, "gradient_checkpointing": False})
+    assert defaults("someone/some-model") == (None, {"resolution": None, "buckets": None, "gradient_checkpointing": None})
     assert client.get("/api/model?model=../outside")[0] == 403

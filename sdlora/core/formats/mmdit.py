@@ -70,6 +70,22 @@ _TO_SAI_BLOCK = {name: (sai, index if len(names) == 3 else None) for sai, names 
 _TO_SAI_TOP = {name: sai for sai, name in TOP_LAYERS}
 
 
+def mmdit_layer(path: str) -> tuple[str, int | None] | None:
+    """A diffusers SD3 transformer layer (`transformer_blocks.3.attn.to_k`) -> its SAI MMDiT layer and, for q/k/v,
+    which third of the fused rows it is (`joint_blocks.3.x_block.attn.qkv`, 1); None for a layer outside the tables."""
+    match = _DIFFUSERS_BLOCK.match(path)
+    if match is not None:
+        found = _TO_SAI_BLOCK.get(match.group(2))
+        return None if found is None else (f"joint_blocks.{match.group(1)}.{found[0]}", found[1])
+    return (_TO_SAI_TOP[path], None) if path in _TO_SAI_TOP else None
+
+
+def rows_swapped(sai_layer: str, weight_shape: tuple[int, ...]) -> bool:
+    """Whether SAI's layer (with this stored weight shape) orders its output rows (shift, scale) where diffusers has
+    (scale, shift): an AdaLayerNormContinuous, whose linear has twice as many rows as inputs."""
+    return sai_layer.endswith(_SWAPPED) and len(weight_shape) == 2 and weight_shape[0] == 2 * weight_shape[1]
+
+
 def is_mmdit_path(path: str) -> bool:
     """Whether a denoiser module path is in SAI's MMDiT names (`joint_blocks.0.x_block.attn.qkv`)."""
     return path.split(".", 1)[0] in MMDIT_FIRST_NAMES

@@ -162,7 +162,7 @@ async function showModelDefaults() {
   try {
     answer = await api("GET", `/api/model?model=${encodeURIComponent(model)}`);
   } catch (error) {
-    answer = {family: null, label: null, defaults: {}, note: error.message};
+    answer = {family: null, label: null, defaults: {}, error: error.message};
   }
   if (asked !== modelAsked) return; // a later model name was typed meanwhile
   const field = document.querySelector('.field[data-option="model"]');
@@ -172,8 +172,8 @@ async function showModelDefaults() {
     info.className = "model-family note";
     field.append(info);
   }
-  info.textContent = answer.label ? `${answer.label} model` + (answer.note ? `: ${answer.note}` : "") : answer.note || "family unknown until it loads";
-  info.classList.toggle("error", Boolean(answer.note));
+  info.textContent = answer.label ? `${answer.label} model` : answer.error || "family unknown until it loads";
+  info.classList.toggle("error", Boolean(answer.error));
   const option = (name) => schema.flatMap((section) => section.options).find((item) => item.name === name);
   for (const name of MODEL_DEFAULTS) {
     const value = answer.defaults[name] === undefined ? null : answer.defaults[name];
