@@ -123,6 +123,18 @@ class DataConfig(_Section):
     flip: bool = _opt(False, "random horizontal flips; off when the style has handedness (text, logos)")
     val_split: float = _opt(0.0, "fraction of images held out for the validation loss (0 = none)")
     caption_dropout: float = _opt(0.0, "probability of training on an empty caption")
+    # SD3's per-encoder dropout (kohya's sd3_train_network.py): each drawn per image per step, after the caches
+    clip_l_dropout: float = _opt(
+        0.0,
+        "SD3: probability of zeroing CLIP-L's part of an image's text (its columns of the CLIP tokens and of the pooled "
+        "embedding), per image per step, as kohya's --clip_l_dropout_rate",
+    )
+    clip_g_dropout: float = _opt(0.0, "SD3: as --clip-l-dropout, for CLIP-G's part (kohya's --clip_g_dropout_rate)")
+    t5_dropout: float = _opt(
+        0.0,
+        "SD3: probability of zeroing T5's tokens of an image's text, per image per step (kohya's --t5_dropout_rate): "
+        "teaches the LoRA to work without T5 too",
+    )
     shuffle_captions: bool = _opt(
         False, "shuffle comma-separated caption tags each step (keeps the --keep-tokens first tags, and the trigger, in place)"
     )
@@ -178,6 +190,8 @@ class DataConfig(_Section):
         _check(bool(self.caption_extension.strip(". ")), "caption_extension", self.caption_extension, "an extension such as .txt")
         for name in ("caption_dropout", "tag_dropout", "val_split"):
             _check(0.0 <= getattr(self, name) < 1.0, name, getattr(self, name), "in [0, 1)")
+        for name in ("clip_l_dropout", "clip_g_dropout", "t5_dropout"):
+            _check(0.0 <= getattr(self, name) <= 1.0, name, getattr(self, name), "in [0, 1]")
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from ..storage.atomic import remove_leftover_temporaries
 from . import checkpoint, ema, memory, network, outputs
 from .base_model import BaseModel, load_base_model
 from .buckets import BucketBatchSampler, Size
-from .cache import BatchEncoder, ImageLoader, build_caches, fill_caches
+from .cache import BatchEncoder, ImageLoader, build_caches, encoder_dropout_rates, fill_caches
 from .config import BaseModelConfig, DataConfig, LoggingConfig, NetworkConfig, OptimizationConfig, TrainConfig
 from .data import ImageRecord, dataset_summary
 from .datasets import DatasetSpec, TrainingData, batch_sizes, load_training_data, record_buckets
@@ -296,6 +296,7 @@ def _setup_caches(data: DataConfig, model: BaseModel, records, buckets, out: Pat
     """The latent and caption caches, filled before the first step (a disk cache once for all processes, each
     encoding its share), and the encoder of batches that reads them. What the caches now hold the steps no longer need: the VAE and frozen text encoders leave the accelerator (the
     encoders stay where some subset's captions change each step and are encoded then)."""
+    dropout = encoder_dropout_rates(data, model)  # SD3's per-encoder rates, refused for other families before any encoding
     latent_cache, embedding_cache = build_caches(data.cache, model, out, records)
     fill_caches(
         records, buckets, latent_cache, embedding_cache, show=accelerator.is_local_main_process, batch_size=data.vae_batch_size,
@@ -307,7 +308,7 @@ def _setup_caches(data: DataConfig, model: BaseModel, records, buckets, out: Pat
     for part in model.offloaded:
         part.to("cpu")
     loader = ImageLoader(records, data.workers) if latent_cache is None and data.workers else None  # uncached: load ahead
-    return BatchEncoder(data, model, records, buckets, latent_cache, embedding_cache, loader)
+    return BatchEncoder(data, model, records, buckets, latent_cache, embedding_cache, loader, dropout)
 
 
 def _setup_validation(config: TrainConfig, model: BaseModel, accelerator, data: TrainingData) -> Validator:

@@ -1,5 +1,6 @@
 """Training SD3 on the tiny SD3 model by flow matching: a CLI run writes every output and its diffusers file loads in
-diffusers as in sdlora; caches, resume, the two CLIPs' LoRAs at their own rates (never T5), the presets."""
+diffusers as in sdlora; caches, resume, the two CLIPs' LoRAs at their own rates (never T5), the per-encoder dropout
+with them, the presets."""
 
 from __future__ import annotations
 
@@ -43,8 +44,12 @@ def _image(pipe) -> np.ndarray:
     ).images
 
 
+# per-encoder dropout rates (kohya's clip_l/clip_g/t5_dropout_rate), different for each encoder
+DROPOUT = dict(clip_l_dropout=0.3, clip_g_dropout=0.5, t5_dropout=0.7)
 # one run both the CLIPs' test and the resume test read: 4 steps of batch 2 over 3 buckets of 2 (an epoch is 3 steps)
-SHARED_RUN = dict(steps=4, checkpoint_every=0, samples=False, train_text_encoder=True, text_encoder_lr=3e-3, text_encoder_2_lr=7e-3)
+SHARED_RUN = dict(
+    steps=4, checkpoint_every=0, samples=False, train_text_encoder=True, text_encoder_lr=3e-3, text_encoder_2_lr=7e-3, **DROPOUT
+)
 
 
 @pytest.fixture(scope="module")
@@ -120,14 +125,29 @@ def test_both_clips_train_at_their_own_rates_and_t5_stays_frozen(shared_run):
     assert shared_run["t5_frozen"]
 
 
-@pytest.mark.slow  # two training runs
-def test_cached_and_uncached_runs_train_the_same_sd3_lora(tmp_path, dataset, tiny_config):
-    config = dict(steps=2, batch_size=1, checkpoint_every=0, samples=False)
-    paths = [recipe.train(_sd3_config(tiny_config, dataset, tmp_path / cache, cache=cache, **config)) for cache in ("memory", "off")]
+@pytest.mark.slow  # three short training runs
+def test_cached_and_uncached_runs_train_the_same_sd3_lora_with_encoder_dropout(tmp_path, dataset, tiny_config):
+    config = dict(steps=2, batch_size=2, checkpoint_every=0, samples=False)
+    paths = [
+        recipe.train(_sd3_config(tiny_config, dataset, tmp_path / cache, cache=cache, **config, **DROPOUT)) for cache in ("memory", "off")
+    ]
     cached, uncached = (_lora(p) for p in paths)
     assert cached.keys() == uncached.keys() and any(k.startswith("transformer.") for k in cached)
-    for key in cached:
+    for key in cached:  # the dropout applies after the cache: the cached text is whole, each step zeroes its own parts
         torch.testing.assert_close(cached[key], uncached[key], rtol=1e-4, atol=1e-5, msg=key)
+    whole = _lora(recipe.train(_sd3_config(tiny_config, dataset, tmp_path / "whole", **config)))
+    assert any(not torch.allclose(whole[key], cached[key], atol=1e-6) for key in cached)  # the dropout changed what trained
+
+
+def test_encoder_dropout_is_refused_without_sd3s_encoders(tmp_path, dataset, tiny_config):
+    from sdlora.errors import UserError
+
+    with pytest.raises(UserError, match=r"^--clip-l-dropout, --t5-dropout: per-encoder dropout is for SD3.*use --caption-dropout$"):
+        recipe.setup(tiny_config(dataset, tmp_path / "sd1", clip_l_dropout=0.2, t5_dropout=0.1))
+    with pytest.raises(UserError, match="--t5-dropout with --no-t5"):
+        recipe.setup(_sd3_config(tiny_config, dataset, tmp_path / "no-t5", t5_dropout=0.1, no_t5=True))
+    with pytest.raises(UserError, match=r"--clip-g-dropout 1.5 is invalid: it must be in \[0, 1\]"):
+        _sd3_config(tiny_config, dataset, tmp_path / "rate", clip_g_dropout=1.5)
 
 
 @pytest.mark.slow  # the shared run again: a step, then resumed mid-epoch across the epoch's end
