@@ -17,6 +17,7 @@ from dataclasses import Field, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
+from ..core.targets import parse_block_selection
 from ..errors import UserError
 from ..inference.samplers import find_sampler
 from ..models.loading import ALLOW_PICKLE_HELP, MODEL_CONFIG_HELP, MODEL_HELP
@@ -287,6 +288,11 @@ class NetworkConfig(_Section):
         None, "rank of the 3x3 convs (resnets, down/upsamplers) in --preset all, as kohya's conv_dim; 4-16 is usual (default: --rank)"
     )
     conv_alpha: float | None = _opt(None, "alpha of the 3x3 convs in --preset all, as kohya's conv_alpha (default: --alpha)")
+    lora_blocks: str | None = _opt(
+        None,
+        "SD3: only these joint blocks of the transformer get LoRA, as kohya's train_block_indices: indices and inclusive "
+        "ranges, e.g. 0-11,20 (SD3.5 Medium has 24 blocks, 0-23; SD3.5 Large 38); default: every block. UNet models refuse it",
+    )
     train_text_encoder: bool = _opt(False, "also train LoRA on the attention projections of the text encoder(s) (SDXL: both)")
     init_lora: str | None = _opt(
         None,
@@ -303,6 +309,8 @@ class NetworkConfig(_Section):
             raise UserError(f"--init-lora continues a plain LoRA; with --kind {self.kind} training starts fresh: drop --init-lora")
         _check(self.rank >= 1, "rank", self.rank, "at least 1")
         _check(math.isfinite(self.alpha) and self.alpha > 0, "alpha", self.alpha, "a positive finite number")
+        if self.lora_blocks is not None:
+            parse_block_selection(self.lora_blocks)  # the syntax now; the block count when the model is loaded
         _check(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "in [0, 1)")
         if self.conv_rank is not None or self.conv_alpha is not None:
             if self.preset != "all":

@@ -234,7 +234,7 @@ def _setup_network(options: NetworkConfig, optimization: OptimizationConfig, bas
     groups, each at its component's learning rate; `model.trained` names the components."""
     lora_dtype = model.dtype if base.full_bf16 or base.full_fp16 else torch.float32
     unet_params = network.add_lora(
-        model.unet, targets.unet_target_modules(model.unet, options.preset), options.rank, options.alpha, options.dropout,
+        model.unet, targets.unet_target_modules(model.unet, options.preset, options.lora_blocks), options.rank, options.alpha, options.dropout,
         conv_rank=options.conv_rank, conv_alpha=options.conv_alpha, dtype=lora_dtype, kind=options.kind,
     )  # fmt: skip
     param_groups = [{"params": unet_params, "lr": optimization.lr}]

@@ -175,3 +175,13 @@ def test_sd3_refuses_diffusion_options(tmp_path, dataset, tiny_config):
 
     with pytest.raises(UserError, match="--snr-gamma is for diffusion"):
         recipe.setup(_sd3_config(tiny_config, dataset, tmp_path / "run", snr_gamma=5.0))
+
+
+def test_lora_blocks_train_only_the_chosen_joint_blocks(tmp_path, dataset, tiny_config):
+    run = recipe.setup(_sd3_config(tiny_config, dataset, tmp_path / "run", lora_blocks="0,2", preset="all", samples=False))
+    blocks = {name.split(".")[2] for name in run.trainable}  # transformer.transformer_blocks.N....
+    assert blocks == {"0", "2"} and all(name.startswith("transformer.transformer_blocks.") for name in run.trainable)
+    from sdlora.errors import UserError
+
+    with pytest.raises(UserError, match="block 3 is beyond this transformer's 3 joint blocks"):
+        recipe.setup(_sd3_config(tiny_config, dataset, tmp_path / "beyond", lora_blocks="1-3"))
