@@ -213,10 +213,6 @@ def _setup_memory_plan(
     """The memory plan of this run (on an accelerator, or asked for with --dry-run), printed once."""
     if not (config.run.dry_run or accelerator.device.type != "cpu" or PLAN_ON_CPU):
         return None
-    if model.flow_matching:  # the plan's trace runs UNets; SD3's transformer is not traced yet
-        if accelerator.is_main_process:
-            tqdm.write("memory plan: not made for SD3 models yet")
-        return None
     records = data.records
     plan = memory.plan_memory(
         config, model, max(buckets, key=lambda size: size[0] * size[1]), max(batch_sizes(data, config.data)), accelerator.device,
