@@ -71,7 +71,8 @@ def _add_option(group, section: type, item: Field) -> None:
         kwargs["action"] = argparse.BooleanOptionalAction
     elif kind is list:
         # several values after one flag (kohya's `--optimizer_args a=1 b=2`), or the flag repeated
-        kwargs.update(action="extend", nargs="+", metavar="TEXT")
+        (element,) = get_args(option_annotations(section)[item.name])
+        kwargs.update(action="extend", nargs="+", type=element, metavar="TEXT" if element is str else element.__name__.upper())
     else:
         kwargs.update(type=kind, choices=item.metadata.get("choices"))
     group.add_argument(*flags, **kwargs)

@@ -168,7 +168,7 @@ def kohya_metadata(state: LoraState, extra: dict[str, str] | None = None, family
         "ss_network_alpha": f"{alpha:g}",
         "ss_base_model_version": family.ss_base_model_version if family else "unknown",
         "ss_v2": str(family is not None and family.name == "sd2"),
-        "ss_network_args": json.dumps(_conv_args(state)),
+        "ss_network_args": json.dumps(kohya_network_args(state)),
         "ss_training_comment": "written by sdlora",
         "modelspec.architecture": family.modelspec_architecture if family else "unknown",
     }
@@ -180,7 +180,7 @@ def kohya_metadata(state: LoraState, extra: dict[str, str] | None = None, family
     return metadata
 
 
-def _conv_args(state: LoraState) -> dict[str, str]:
+def kohya_network_args(state: LoraState) -> dict[str, str]:
     """kohya's network args UIs show beside network dim/alpha: conv_dim/conv_alpha of 3x3-conv (LoCon) modules,
     LyCORIS's `algo` (and `dora_wd`) for its kinds."""
     args = {}

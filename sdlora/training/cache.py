@@ -3,8 +3,9 @@ turn one micro-batch of dataset indices into the UNet's inputs (`BatchEncoder`),
 
 Latents are cached as the distribution (mean, std), not a sample: training still draws a fresh sample each step
 from its own generator, exactly as without the cache, so cached and uncached runs train the same model.
-Entries are keyed by image content hash, bucket size, crop, flip and the model's fingerprint (captions by their
-hash and the text encoders' fingerprint). On disk (`--cache disk`) each entry is a small safetensors file, read
+Entries are keyed by image content hash, bucket size, crop, flip, the loss mask's source and content hash and the
+model's fingerprint (captions by their hash and the text encoders' fingerprint); an image's loss mask (`--masked-loss`)
+is cached with its latents, already on the latent grid. On disk (`--cache disk`) each entry is a small safetensors file, read
 when a step needs it, so RAM holds none of them; memory and disk give the same tensors, bit for bit.
 """
 
@@ -30,8 +31,8 @@ from ..storage.atomic import atomic_file
 from .base_model import BaseModel
 from .buckets import Size
 from .config import DataConfig
-from .data import ImageRecord, Window, crop_window, drop_captions, load_image, sdxl_time_ids, step_caption
-from .objective import Conditioning
+from .data import ImageRecord, Window, crop_window, drop_captions, load_image, load_mask, sdxl_time_ids, step_caption
+from .objective import Conditioning, latent_mask
 
 CACHE_VERSION = "1"
 
@@ -58,13 +59,14 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()[:24]
 
 
-LatentEntry = tuple[torch.Tensor, torch.Tensor]
+LatentEntry = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # mean, std, the loss mask on the latent grid
 EmbeddingEntry = tuple[torch.Tensor, torch.Tensor | None]
 
 
 class LatentCache:
-    """(mean, std) of the VAE latent distribution per (image, size, crop, flip): in memory, or with a `cache_dir` on
-    disk only, each entry read back from its file when a step needs it (RAM holds none of them)."""
+    """(mean, std) of the VAE latent distribution per (image, size, crop, flip), and the image's loss mask if it has
+    one: in memory, or with a `cache_dir` on disk only, each entry read back from its file when a step needs it (RAM
+    holds none of them)."""
 
     def __init__(
         self,
@@ -81,45 +83,73 @@ class LatentCache:
         if cache_dir is not None:
             cache_dir.mkdir(parents=True, exist_ok=True)
 
-    def key(self, path: Path, size: tuple[int, int], crop: str, flip: bool) -> str:
+    def _digest(self, path: Path) -> str:
         if path not in self._digests:
             self._digests[path] = file_digest(path)
-        return f"{self._digests[path]}-{size[0]}x{size[1]}-{crop}-{'flip' if flip else 'noflip'}-{self.fingerprint}"
+        return self._digests[path]
 
-    def get(self, path: Path, size: tuple[int, int], crop: str, flip: bool, load_pixels: Callable[[], torch.Tensor]) -> LatentEntry:
-        """Cached (mean, std) for an image, encoding `load_pixels()` ([3, H, W] in [-1, 1]) on a miss."""
-        key = self.key(path, size, crop, flip)
+    def mask_tag(self, record: ImageRecord) -> str:
+        """What an entry's key says of the image's loss mask: its source (a mask image, or the image's alpha) and
+        the content hash of the file it is read from; "" without one (the keys of runs without masks)."""
+        if record.mask_source is None:
+            return ""
+        return f"-{'alpha' if record.alpha_mask else 'mask'}{self._digest(record.mask_source)}"
+
+    def key(self, path: Path, size: tuple[int, int], crop: str, flip: bool, mask: str = "") -> str:
+        return f"{self._digest(path)}-{size[0]}x{size[1]}-{crop}-{'flip' if flip else 'noflip'}{mask}-{self.fingerprint}"
+
+    def get(
+        self,
+        path: Path,
+        size: tuple[int, int],
+        crop: str,
+        flip: bool,
+        load_pixels: Callable[[], torch.Tensor],
+        mask: str = "",
+        load_pixel_mask: Callable[[], torch.Tensor] | None = None,
+    ) -> LatentEntry:
+        """Cached (mean, std, mask) for an image, encoding `load_pixels()` ([3, H, W] in [-1, 1]) on a miss, and
+        bringing `load_pixel_mask()` ([1, H, W] in [0, 1]; its tag `mask`) to the latent grid."""
+        key = self.key(path, size, crop, flip, mask)
         entry = self._lookup(key)
         if entry is None:
             mean, std = self.encode(load_pixels().unsqueeze(0), [path])
-            entry = self._store(key, mean[0], std[0])
+            on_grid = None if load_pixel_mask is None else latent_mask(load_pixel_mask()[None], mean.shape[-2:])[0]
+            entry = self._store(key, mean[0], std[0], on_grid)
         return entry
 
-    def fill(self, images: Sequence[tuple[Path, tuple[int, int], str, bool, Callable[[], torch.Tensor]]]) -> None:
-        """Cache `images` (path, size, crop, flip, load_pixels), all of one size: those not cached yet go through the
-        VAE together, in one call."""
+    def fill(self, images: Sequence[tuple]) -> None:
+        """Cache `images` (path, size, crop, flip, load_pixels, and for an image with a loss mask its tag and
+        load_pixel_mask), all of one size: those not cached yet go through the VAE together, in one call."""
         missing = []
-        for path, size, crop, flip, load_pixels in images:
-            key = self.key(path, size, crop, flip)
-            if key not in {k for k, _, _ in missing} and self._lookup(key) is None:  # an image twice is encoded once
-                missing.append((key, path, load_pixels))
+        for path, size, crop, flip, load_pixels, *masked in images:
+            mask, load_pixel_mask = masked or ("", None)
+            key = self.key(path, size, crop, flip, mask)
+            if key not in {k for k, *_ in missing} and self._lookup(key) is None:  # an image twice is encoded once
+                missing.append((key, path, load_pixels, load_pixel_mask))
         if missing:
-            mean, std = self.encode(torch.stack([load() for _, _, load in missing]), [path for _, path, _ in missing])
-            for index, (key, _, _) in enumerate(missing):
-                self._store(key, mean[index], std[index])
+            mean, std = self.encode(torch.stack([load() for _, _, load, _ in missing]), [path for _, path, _, _ in missing])
+            for index, (key, _, _, load_pixel_mask) in enumerate(missing):
+                on_grid = None if load_pixel_mask is None else latent_mask(load_pixel_mask()[None], mean.shape[-2:])[0]
+                self._store(key, mean[index], std[index], on_grid)
 
     def _lookup(self, key: str) -> LatentEntry | None:
-        entry = self.memory.get(key) if self.cache_dir is None else _read_entry(self.cache_dir / f"{key}.safetensors", ("mean", "std"))
+        if self.cache_dir is None:
+            entry = self.memory.get(key)
+        else:
+            entry = _read_entry(self.cache_dir / f"{key}.safetensors", ("mean", "std"), ("mask",))
         if entry is not None:
             self.keys.add(key)
         return entry
 
-    def _store(self, key: str, mean: torch.Tensor, std: torch.Tensor) -> LatentEntry:
-        entry = (mean.to(torch.float32).cpu().contiguous(), std.to(torch.float32).cpu().contiguous())
+    def _store(self, key: str, mean: torch.Tensor, std: torch.Tensor, mask: torch.Tensor | None = None) -> LatentEntry:
+        cpu = [None if t is None else t.to(torch.float32).cpu().contiguous() for t in (mean, std, mask)]
+        entry: LatentEntry = (cpu[0], cpu[1], cpu[2])
         if self.cache_dir is None:
             self.memory[key] = entry
         else:
-            _write_entry(self.cache_dir / f"{key}.safetensors", {"mean": entry[0], "std": entry[1]})
+            tensors = {"mean": entry[0], "std": entry[1]} | ({} if mask is None else {"mask": entry[2]})
+            _write_entry(self.cache_dir / f"{key}.safetensors", tensors)
         self.keys.add(key)
         return entry
 
@@ -434,7 +464,12 @@ def fill_caches(
             (record, size, flip) for record, size in zip(records, buckets) for flip in ((False, True) if record.rules.flip else (False,))
         ]
         if shared:  # one job per entry, so that no two processes encode the same image
-            jobs = list({(record.path, size, record.rules.crop, flip): (record, size, flip) for record, size, flip in jobs}.values())
+            jobs = list(
+                {
+                    (record.path, size, record.rules.crop, flip, record.mask_source, record.alpha_mask): (record, size, flip)
+                    for record, size, flip in jobs
+                }.values()
+            )
         _fill_latents(latent_cache, jobs[process::count] if shared else jobs, batch_size, show)
     if embedding_cache is not None:
         static = {step_caption(record.caption, record.rules, None) for record in records if record.rules.static}
@@ -473,7 +508,11 @@ def _fill_latents(latent_cache: LatentCache, jobs: Sequence[tuple[ImageRecord, S
             images = []
             for record, size, flip in batch:
                 crop = record.rules.crop
-                images.append((record.path, size, crop, flip, functools.partial(load_image, record, size, crop=crop, flip=flip)))
+                load_pixels = functools.partial(load_image, record, size, crop=crop, flip=flip)
+                load_pixel_mask = None
+                if record.mask_source is not None:  # a cached crop is the centre one
+                    load_pixel_mask = functools.partial(load_mask, record, size, crop_window(record, size, crop), flip)
+                images.append((record.path, size, crop, flip, load_pixels, latent_cache.mask_tag(record), load_pixel_mask))
             latent_cache.fill(images)
             progress.update(len(batch))
 
@@ -517,13 +556,16 @@ class ImageLoader:
             if key not in self.pending:
                 self.pending[key] = self.pool.submit(self._load, draw)
 
-    def __call__(self, draw: Draw) -> torch.Tensor:
-        """The image's pixels: from a prefetched load if one was started, else loaded now."""
+    def __call__(self, draw: Draw) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The image's pixels and its loss mask at pixel size (None without one): from a prefetched load if one was
+        started, else loaded now."""
         future = self.pending.pop(draw.key, None)
         return future.result() if future is not None else self._load(draw)
 
-    def _load(self, draw: Draw) -> torch.Tensor:
-        return load_image(self.records[draw.index], draw.size, flip=draw.flip, window=draw.window)
+    def _load(self, draw: Draw) -> tuple[torch.Tensor, torch.Tensor | None]:
+        record = self.records[draw.index]
+        pixels = load_image(record, draw.size, flip=draw.flip, window=draw.window)
+        return pixels, None if record.mask_source is None else load_mask(record, draw.size, draw.window, draw.flip)
 
     def close(self) -> None:
         if self.pool is not None:
@@ -546,7 +588,9 @@ class BatchEncoder:
     loader: ImageLoader | None = None  # without a latent cache: the images, loaded ahead on worker threads
     encoder_dropout: dict[str, float] = dataclasses.field(default_factory=dict)  # SD3: `encoder_dropout_rates`
 
-    def __call__(self, indices: list[int], rng: random.Random, generator: torch.Generator) -> tuple[torch.Tensor, Conditioning]:
+    def __call__(
+        self, indices: list[int], rng: random.Random, generator: torch.Generator
+    ) -> tuple[torch.Tensor, Conditioning, torch.Tensor | None]:
         return self.encode(self.draw(indices, rng), generator)
 
     def draw(self, indices: list[int], rng: random.Random) -> list[Draw]:
@@ -561,23 +605,31 @@ class BatchEncoder:
         dropped = draw_encoder_dropout(self.encoder_dropout, len(draws), rng) if self.encoder_dropout else [frozenset()] * len(draws)
         return [dataclasses.replace(d, caption=c, dropped_encoders=parts) for d, c, parts in zip(draws, captions, dropped)]
 
-    def encode(self, draws: Sequence[Draw], generator: torch.Generator) -> tuple[torch.Tensor, Conditioning]:
-        """The UNet's inputs for the drawn micro-batch."""
+    def encode(self, draws: Sequence[Draw], generator: torch.Generator) -> tuple[torch.Tensor, Conditioning, torch.Tensor | None]:
+        """The UNet's inputs for the drawn micro-batch, and the loss masks on the latent grid ([batch, 1, h, w]; ones
+        for an image without a mask, as kohya fills them) or None when no image of it has one."""
         model, device = self.model, self.model.device
         if self.latent_cache is not None:
-            entries = [
-                self.latent_cache.get(
-                    self.records[d.index].path, d.size, self.records[d.index].rules.crop, d.flip,
-                    functools.partial(load_image, self.records[d.index], d.size, flip=d.flip, window=d.window),
-                )
-                for d in draws
-            ]  # fmt: skip
-            mean, std = torch.stack([mean for mean, _ in entries]), torch.stack([std for _, std in entries])
+            entries = []
+            for d in draws:
+                record = self.records[d.index]
+                load_pixels = functools.partial(load_image, record, d.size, flip=d.flip, window=d.window)
+                load_pixel_mask = None if record.mask_source is None else functools.partial(load_mask, record, d.size, d.window, d.flip)
+                mask = self.latent_cache.mask_tag(record)
+                entries.append(self.latent_cache.get(record.path, d.size, record.rules.crop, d.flip, load_pixels, mask, load_pixel_mask))
+            mean, std = torch.stack([entry[0] for entry in entries]), torch.stack([entry[1] for entry in entries])
+            masks = [entry[2] for entry in entries]
         else:  # no cache: the micro-batch (one bucket, so one size) through the VAE in one call
             load = self.loader or ImageLoader(self.records, 0)
-            pixels = torch.stack([load(d) for d in draws])
+            loaded = [load(d) for d in draws]
+            pixels = torch.stack([pixels for pixels, _ in loaded])
             mean, std = encode_images(model.pipe.vae, pixels, [self.records[d.index].path for d in draws], device)
+            masks = [None if mask is None else latent_mask(mask[None], mean.shape[-2:])[0].cpu() for _, mask in loaded]
         mean, std = mean.to(device, torch.float32), std.to(device, torch.float32)
+        loss_masks = None
+        if any(mask is not None for mask in masks):
+            ones = torch.ones(1, *mean.shape[-2:])
+            loss_masks = torch.stack([ones if mask is None else mask for mask in masks]).to(device, torch.float32)
         noise = torch.randn(mean.shape, generator=generator).to(device)
         latents = scale_latents(mean + std * noise, model.pipe.vae)
         captions = [d.caption for d in draws]
@@ -586,7 +638,7 @@ class BatchEncoder:
             hidden, pooled = zero_dropped_encoders(model, hidden, pooled, [d.dropped_encoders for d in draws])
         time_ids = [sdxl_time_ids(self.records[d.index], d.size, d.window, d.flip) for d in draws]
         conditioning = Conditioning(hidden, pooled, torch.tensor(time_ids, dtype=torch.float32) if model.family.time_ids else None)
-        return latents.to(model.dtype), conditioning.to(device, model.dtype)
+        return latents.to(model.dtype), conditioning.to(device, model.dtype), loss_masks
 
     def _embed(self, captions: list[str], cached: list[bool]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The captions' conditioning: those that never change from the cache, the others encoded now, in order."""

@@ -121,6 +121,16 @@ class DataConfig(_Section):
         "an image smaller than the bucket area keeps its own size (cropped to the step, never enlarged), as kohya's bucket_no_upscale",
     )
     crop: str = _opt("center", "crop when an image does not fit its bucket", CROPS)
+    mask_dir: str | None = _opt(
+        None,
+        "folder of loss masks for --masked-loss: for each image a mask image of the same name (and subfolder), of the same "
+        "size, white where the image trains and black where it does not (its red channel, as kohya's conditioning_data_dir)",
+        path=True,
+    )
+    alpha_mask: bool = _opt(
+        False,
+        "the training images' alpha channels are their loss masks for --masked-loss (opaque trains, transparent does not; kohya's alpha_mask)",
+    )
     flip: bool = _opt(False, "random horizontal flips; off when the style has handedness (text, logos)")
     val_split: float = _opt(0.0, "fraction of images held out for the validation loss (0 = none)")
     caption_dropout: float = _opt(0.0, "probability of training on an empty caption")
@@ -167,6 +177,12 @@ class DataConfig(_Section):
             )
         if self.reg_data and self.dataset_config:
             raise UserError("--reg-data and --dataset-config: put the regularization folder in the TOML as a subset with is_reg = true")
+        if self.mask_dir and self.alpha_mask:
+            raise UserError(f"--mask-dir {self.mask_dir} and --alpha-mask are two mask sources: keep one")
+        if self.mask_dir and self.dataset_config:
+            raise UserError(
+                "--mask-dir and --dataset-config: give each subset of the TOML its conditioning_data_dir (or alpha_mask = true)"
+            )
         if self.reg_data and Path(self.reg_data).resolve() == Path(self.data_dir).resolve():
             raise UserError(f"--reg-data {self.reg_data} is the data folder: regularization images are other images of the class")
         if self.resolution is not None:
@@ -299,6 +315,37 @@ class NetworkConfig(_Section):
         "start from this LoRA file (diffusers, kohya or peft) instead of a fresh LoRA, to train it further; its layers and rank must be this run's (--preset, --rank, --train-text-encoder)",
         path=True,
     )
+    network_dropout: float = _opt(
+        0.0,
+        "kohya's network_dropout: dropout on the down projection's output (A x) while training, against overfitting; "
+        "0.1 is usual (--dropout is peft's, on the layer's input)",
+    )
+    rank_dropout: float = _opt(
+        0.0, "kohya's rank_dropout: drop each rank of A x with this probability per image while training, the rest scaled by 1/(1-p)"
+    )
+    module_dropout: float = _opt(
+        0.0, "kohya's module_dropout: skip a module's whole LoRA with this probability per forward pass while training"
+    )
+    block_dims: list[int] = _opt(
+        [],
+        "kohya's block_dims: the rank of each UNet block's Linear and 1x1 conv layers, one per block in kohya's order (25 "
+        "for SD1/SD2, 23 for SDXL); 0 leaves a block out",
+    )
+    block_alphas: list[float] = _opt([], "kohya's block_alphas: each UNet block's alpha, as many as --block-dims (default: --alpha)")
+    conv_block_dims: list[int] = _opt(
+        [], "kohya's conv_block_dims: each UNet block's 3x3-conv rank in --preset all (default: --conv-rank); 0 leaves a block's convs out"
+    )
+    conv_block_alphas: list[float] = _opt([], "kohya's conv_block_alphas: each UNet block's 3x3-conv alpha (default: --conv-alpha)")
+    down_lr_weight: list[float] = _opt(
+        [],
+        "kohya's down_lr_weight: the UNet learning rate's factor for each down block, shallow to deep (12 for SD1/SD2, 9 "
+        "for SDXL); a block at or below --block-lr-zero-threshold is not trained at all",
+    )
+    mid_lr_weight: list[float] = _opt([], "kohya's mid_lr_weight: the factor of the mid block (1 value for SD1/SD2, 3 for SDXL)")
+    up_lr_weight: list[float] = _opt([], "kohya's up_lr_weight: the factor of each up block, deep to shallow (12 for SD1/SD2, 9 for SDXL)")
+    block_lr_zero_threshold: float = _opt(
+        0.0, "kohya's block_lr_zero_threshold: blocks whose learning-rate factor is at or below it get no LoRA"
+    )
 
     def _check_values(self) -> None:
         if self.kind in ("loha", "lokr") and self.dropout:
@@ -312,6 +359,7 @@ class NetworkConfig(_Section):
         if self.lora_blocks is not None:
             parse_block_selection(self.lora_blocks)  # the syntax now; the block count when the model is loaded
         _check(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "in [0, 1)")
+        self._check_kohya_values()
         if self.conv_rank is not None or self.conv_alpha is not None:
             if self.preset != "all":
                 raise UserError(f"--conv-rank and --conv-alpha set the 3x3 convs, which only --preset all adapts (now {self.preset})")
@@ -319,6 +367,46 @@ class NetworkConfig(_Section):
                 _check(self.conv_rank >= 1, "conv_rank", self.conv_rank, "at least 1")
             if self.conv_alpha is not None:
                 _check(math.isfinite(self.conv_alpha) and self.conv_alpha > 0, "conv_alpha", self.conv_alpha, "a positive finite number")
+
+    def _check_kohya_values(self) -> None:
+        """kohya's network_args: dropouts in [0, 1), block lists of non-negative values (a list's length needs the
+        model's family: training.blocks checks it when the model is loaded)."""
+        for name in ("network_dropout", "rank_dropout", "module_dropout"):
+            _check(0.0 <= getattr(self, name) < 1.0, name, getattr(self, name), "in [0, 1)")
+            if getattr(self, name) and self.kind in ("loha", "lokr"):
+                raise UserError(f"--{name.replace('_', '-')} acts on LoRA's down projection, which {self.kind} has not: leave it at 0")
+            if getattr(self, name) and self.kind == "dora":  # peft's DoRA runs lora_A on an identity to take the norm
+                raise UserError(
+                    f"--{name.replace('_', '-')} with --kind dora: peft's DoRA runs the down projection to measure the weight's norm, "
+                    "which the dropout would change; use --kind lora or leave it at 0"
+                )
+        for name in ("block_dims", "conv_block_dims", "down_lr_weight", "mid_lr_weight", "up_lr_weight"):
+            values = getattr(self, name)
+            _check(all(math.isfinite(v) and v >= 0 for v in values), name, values, "a list of numbers, zero or more")
+        for name in ("block_alphas", "conv_block_alphas"):
+            values = getattr(self, name)
+            _check(all(math.isfinite(v) and v > 0 for v in values), name, values, "a list of positive numbers")
+        threshold = self.block_lr_zero_threshold
+        _check(math.isfinite(threshold) and threshold >= 0, "block_lr_zero_threshold", threshold, "zero or more")
+        if not self.block_dims and not self.block_lr_weights:
+            given = next((name for name in ("block_alphas", "conv_block_dims", "conv_block_alphas") if getattr(self, name)), None)
+            if given:  # kohya reads them only in its block mode (networks/lora.py create_network)
+                raise UserError(
+                    f"--{given.replace('_', '-')} takes effect with --block-dims or a block learning-rate weight: add one of them"
+                )
+        if (self.conv_block_dims or self.conv_block_alphas) and self.preset != "all":
+            raise UserError(
+                f"--conv-block-dims and --conv-block-alphas set the 3x3 convs, which only --preset all adapts (now {self.preset})"
+            )
+        if (self.block_dims or self.block_lr_weights) and self.kind in ("loha", "lokr"):
+            raise UserError(
+                f"block ranks and learning-rate weights are kohya's networks.lora options: train them with --kind lora or dora, not {self.kind}"
+            )
+
+    @property
+    def block_lr_weights(self) -> bool:
+        """Whether any block learning-rate weight is given (kohya's block mode)."""
+        return bool(self.down_lr_weight or self.mid_lr_weight or self.up_lr_weight)
 
 
 @dataclass(frozen=True)
@@ -388,6 +476,11 @@ class ObjectiveConfig(_Section):
         "flow matching: compare the x0 the prediction implies with the image instead of the velocity with noise - x0 "
         "(diffusers' --precondition_outputs, on there by default; off in kohya): weighs each sample's loss by sigma^2",
     )
+    masked_loss: bool = _opt(
+        False,
+        "weight each latent pixel's loss by the image's mask (--mask-dir, --alpha-mask, or a dataset TOML's "
+        "conditioning_data_dir / alpha_mask), as kohya's masked_loss: only the unmasked part of each image is learnt",
+    )
 
     def _check_values(self) -> None:
         _check(math.isfinite(self.noise_offset) and self.noise_offset >= 0, "noise_offset", self.noise_offset, "zero or more")
@@ -439,6 +532,18 @@ class OptimizationConfig(_Section):
         None, "train this many epochs instead of --steps: an epoch is every image its repeats times, in batches (counted as kohya counts)"
     )
     grad_accum: int = _opt(1, "micro-batches accumulated per optimizer step (effective batch = batch_size * grad_accum * processes)")
+    loraplus_lr_ratio: float | None = _opt(
+        None,
+        "LoRA+ (kohya's loraplus_lr_ratio): the up projections (B, kohya's lora_up) learn at this many times the "
+        "learning rate of the down ones; 16 is the paper's usual value",
+    )
+    loraplus_unet_lr_ratio: float | None = _opt(None, "LoRA+ ratio of the UNet's LoRA alone (default: --loraplus-lr-ratio)")
+    loraplus_text_encoder_lr_ratio: float | None = _opt(None, "LoRA+ ratio of the text encoders' LoRA alone (default: --loraplus-lr-ratio)")
+    scale_weight_norms: float | None = _opt(
+        None,
+        "kohya's scale_weight_norms: after each step, scale down every module whose update (alpha/r) B A has a norm above "
+        "this (1.0 is usual); metrics.jsonl logs keys_scaled, average_key_norm and max_key_norm",
+    )
     ema_decay: float | None = _opt(
         None,
         "also keep an exponential moving average of the LoRA weights with this decay (0.999 for runs of thousands of steps), "
@@ -458,11 +563,21 @@ class OptimizationConfig(_Section):
         for name in ("weight_decay", "max_grad_norm", "lr_warmup_steps"):
             value = getattr(self, name)
             _check(math.isfinite(value) and value >= 0, name, value, "zero or more")
+        for name in ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio", "scale_weight_norms"):
+            value = getattr(self, name)
+            if value is not None:
+                _check(math.isfinite(value) and value > 0, name, value, "a positive finite number")
         if self.ema_decay is not None:
             _check(0.0 < self.ema_decay < 1.0, "ema_decay", self.ema_decay, "in (0, 1), e.g. 0.999")
         # the optimizer's arguments: their syntax here; names and values the optimizer refuses when training starts
         # (that needs its package imported), before the model loads
         parse_optimizer_args(self.optimizer_args)
+
+    def loraplus_ratio(self, component: str) -> float | None:
+        """The LoRA+ ratio of one component's up projections, as kohya's networks/lora.py prepare_optimizer_params
+        picks it (the component's own ratio, else loraplus_lr_ratio); None: no LoRA+."""
+        own = self.loraplus_text_encoder_lr_ratio if component.startswith("text_encoder") else self.loraplus_unet_lr_ratio
+        return own or self.loraplus_lr_ratio
 
     def lr_of(self, component: str) -> float:
         """The learning rate of one component's LoRA: `lr` for the UNet, the text encoders' own (or lr / 2)."""
@@ -595,8 +710,31 @@ class TrainConfig:
                 raise UserError(
                     f"--output {self.run.output_dir} is inside {flag} {folder}: its sample images would become training data; choose another folder"
                 )
+        masks = "--mask-dir" if self.data.mask_dir else "--alpha-mask" if self.data.alpha_mask else None
+        if self.objective.masked_loss and not (masks or self.data.dataset_config):
+            raise UserError("--masked-loss needs masks: pass --mask-dir DIR (a mask image per image) or --alpha-mask (the images' alpha)")
+        if masks and not self.objective.masked_loss:
+            raise UserError(f"{masks} gives loss masks, which only --masked-loss uses: add --masked-loss (or drop {masks})")
         if self.network.kind == "dora" and self.base.fp8_base:  # peft's DoRA takes the norm of the stored (fp8) weight
             raise UserError("--kind dora renormalises the base weight, which --fp8-base stores in fp8: drop one of them")
+        several_rates = self.network.block_lr_weights or any(self.optimization.loraplus_ratio(c) for c in ("unet", "text_encoder"))
+        if self.optimization.optimizer == "prodigy" and several_rates:  # kohya: LoRA+ is not for Prodigy either
+            raise UserError(
+                "--optimizer prodigy takes one learning rate for every parameter: drop LoRA+ and the block learning-rate weights"
+            )
+        loraplus = any(self.optimization.loraplus_ratio(c) for c in ("unet", "text_encoder"))
+        if loraplus and self.network.kind in ("loha", "lokr"):
+            raise UserError(
+                f"LoRA+ raises the rate of LoRA's up projection (B), which {self.network.kind} has not: use --kind lora or dora"
+            )
+        if self.optimization.scale_weight_norms and self.base.full_fp16:  # the optimizer's fp32 copies would undo it
+            raise UserError(
+                "--scale-weight-norms with --full-fp16: the fp32 master weights would undo each scaling; use --full-bf16 or neither"
+            )
+        if self.optimization.scale_weight_norms and self.network.kind != "lora":
+            raise UserError(
+                f"--scale-weight-norms bounds a LoRA's update B A (kohya's networks.lora); --kind {self.network.kind} has another form"
+            )
         if self.optimization.optimizer == "prodigy" and self.network.train_text_encoder:  # Prodigy: one lr for all groups
             lrs = sorted({self.optimization.lr_of(part) for part in ("unet", "text_encoder", "text_encoder_2")})
             if len(lrs) > 1:

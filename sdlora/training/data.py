@@ -12,6 +12,7 @@ subfolder is named so, every subfolder with images must be, and no image may lie
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -74,6 +75,13 @@ class ImageRecord:
     is_reg: bool = False  # a regularization (prior-preservation) image: its loss is weighted by --prior-loss-weight
     dataset: int = 0  # which dataset of a dataset TOML: its resolution, buckets and batch size
     subset_repeats: int | None = None  # a regularization image's subset's own repeats, before matching the training images
+    mask: Path | None = None  # its loss mask: a mask image's red channel, or with `alpha_mask` this image's alpha
+    alpha_mask: bool = False  # the mask is the image's own alpha channel (kohya's alpha_mask)
+
+    @property
+    def mask_source(self) -> Path | None:
+        """The file the mask is read from (None: no mask, the whole image trains)."""
+        return self.path if self.alpha_mask else self.mask
 
 
 def find_images(
@@ -312,14 +320,34 @@ def load_image(
 ) -> torch.Tensor:
     """The image resized to cover `size` = (width, height), cut at `window` (default: `crop_window(record, size,
     crop, rng)`), optionally mirrored: float32 [3, H, W] in [-1, 1]."""
+    window = window if window is not None else crop_window(record, size, crop, rng)
+    image = _fitted(record.path, record, size, window, _to_rgb, flip)
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy())
+    return (pixels / 127.5 - 1.0).permute(2, 0, 1).contiguous()
+
+
+def load_mask(record: ImageRecord, size: Size, window: Window, flip: bool = False) -> torch.Tensor:
+    """The image's loss mask cut and resized exactly as `load_image` cuts and resizes the image (same window, same
+    resampling, same mirror): float32 [1, H, W] in [0, 1]. As kohya reads it: a mask image's red channel (its
+    `conditioning_images[:, 0]` mapped back to [0, 1], so value / 255), or the image's alpha / 255 (`alpha_mask`)."""
+    if record.mask_source is None:
+        raise ValueError(f"{record.path} has no mask")
+    channel = _alpha_channel if record.alpha_mask else _red_channel
+    image = _fitted(record.mask_source, record, size, window, channel, flip)
+    return torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).div_(255.0).unsqueeze(0)
+
+
+def _fitted(path: Path, record: ImageRecord, size: Size, window: Window, convert, flip: bool) -> Image.Image:
+    """`path` (the image, or its mask of the same displayed size) EXIF-rotated, converted by `convert`, resized from
+    `window` to `size` with Lanczos, optionally mirrored."""
     target_width, target_height = size
-    scale, left, top = window if window is not None else crop_window(record, size, crop, rng)
+    scale, left, top = window
     try:
-        with Image.open(record.path) as image:
+        with Image.open(path) as image:
             cover = max(target_width / record.width, target_height / record.height)
             # JPEG only: decode at 1/2, 1/4 or 1/8 scale when that still covers the target (much faster, same look)
             image.draft("RGB", (max(1, int(image.width * cover)), max(1, int(image.height * cover))))
-            image = _to_rgb(ImageOps.exif_transpose(image))
+            image = convert(ImageOps.exif_transpose(image))
             # the window is in the displayed image's pixels; a draft decode is smaller by this factor
             shrink_x, shrink_y = image.width / record.width, image.height / record.height
             # resize straight from the crop window in source pixels: one resample, exact aspect, no big intermediate
@@ -331,11 +359,80 @@ def load_image(
             )
             image = image.resize(size, Image.Resampling.LANCZOS, box=box)
     except OSError as err:
-        raise UserError(f"cannot read image {record.path}: {err}") from None
-    if flip:
-        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy())
-    return (pixels / 127.5 - 1.0).permute(2, 0, 1).contiguous()
+        raise UserError(f"cannot read image {path}: {err}") from None
+    return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else image
+
+
+def _red_channel(image: Image.Image) -> Image.Image:
+    """A mask image's red channel, as kohya's load_image (RGB) then `[:, 0]`; 16-bit greyscale scaled down."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        return Image.fromarray(np.clip(np.asarray(image, dtype=np.float64) / 257.0, 0, 255).astype(np.uint8))
+    return image.convert("RGB").getchannel("R")
+
+
+def _alpha_channel(image: Image.Image) -> Image.Image:
+    """The image's alpha channel (kohya's load_image(alpha=True): RGBA, then `[:, :, 3]`)."""
+    return image.convert("RGBA").getchannel("A")
+
+
+def _shown(path: Path, root: Path) -> str:
+    return path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
+
+
+def has_alpha(path: Path) -> bool:
+    """Whether the image file carries transparency (an alpha channel, or a palette or colour key marked transparent)."""
+    with Image.open(path) as image:
+        return image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+
+
+def with_masks(records: list[ImageRecord], root: Path, mask_dir: str | None, alpha_mask: bool, where: str) -> list[ImageRecord]:
+    """`records` (images under `root`) with their loss masks: from `mask_dir`, the mask image at the same relative
+    path and stem (any image extension, as kohya's conditioning_data_dir pairs them by stem), or each image's own
+    alpha channel. Refused in one line, naming the files: a missing mask, two masks for one image, a mask for no
+    image (kohya refuses those too), a mask of another size than its image (kohya asserts they are equal), an image
+    without transparency under alpha_mask (kohya would train all of it)."""
+    if alpha_mask:
+        opaque = [_shown(record.path, root) for record in records if not has_alpha(record.path)]
+        if opaque:
+            raise UserError(
+                f"{where}: alpha_mask, but {len(opaque)} images have no alpha channel ({_names(opaque)}): save them as PNG/WebP with "
+                "transparency, or give masks as a mask folder"
+            )
+        return [dataclasses.replace(record, alpha_mask=True) for record in records]
+    if mask_dir is None:
+        return records
+    folder = Path(mask_dir)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{where}: mask folder {folder} is not a folder")
+    masks: dict[str, list[Path]] = {}
+    for path in _walk_images(folder):
+        masks.setdefault(path.relative_to(folder).with_suffix("").as_posix(), []).append(path)
+    out, missing, twice, resized = [], [], [], []
+    for record in records:
+        stem = record.path.relative_to(root).with_suffix("").as_posix()
+        found = sorted(masks.pop(stem, []))
+        if not found:
+            missing.append(record.path.relative_to(root).as_posix())
+            continue
+        if len(found) > 1:
+            twice.append(" and ".join(path.name for path in found))
+            continue
+        size = displayed_size(found[0])
+        if isinstance(size, str):
+            raise UserError(f"{where}: cannot read mask {found[0]} ({size})")
+        if size != (record.width, record.height):
+            resized.append(f"{found[0].name} is {size[0]}x{size[1]}, {record.path.name} {record.width}x{record.height}")
+        out.append(dataclasses.replace(record, mask=found[0]))
+    if missing:
+        raise UserError(f"{where}: no mask in {folder} for {len(missing)} images ({_names(missing)}): add a mask of the same name")
+    if twice:
+        raise UserError(f"{where}: two masks for one image in {folder} ({_names(twice)}): keep one")
+    if resized:
+        raise UserError(f"{where}: masks must have their image's size ({_names(resized)}): resize the masks")
+    if masks:
+        extra = sorted(path.relative_to(folder).as_posix() for paths in masks.values() for path in paths)
+        raise UserError(f"{where}: {len(extra)} masks in {folder} have no image ({_names(extra)}): rename or remove them")
+    return out
 
 
 def sdxl_time_ids(record: ImageRecord, size: Size, window: Window, flip: bool) -> list[int]:

@@ -34,6 +34,7 @@ from .data import (
     find_images,
     read_text,
     split_validation,
+    with_masks,
     with_trigger,
 )
 
@@ -95,10 +96,10 @@ KOHYA_KEYS: dict[str, Key] = {
     "face_crop_aug_range": Key(_SUBSET_ALL, "pair", None, False, "crop faces beforehand"),
     "token_warmup_min": Key(_SUBSET_ALL, _INT, 1, False, "leave the token warm-up out"),
     "token_warmup_step": Key(_SUBSET_ALL, _FLOAT, 0, False, "leave the token warm-up out"),
-    "alpha_mask": Key("s", _BOOL, False, False, "train on whole images"),
+    "alpha_mask": Key("s", _BOOL, False),  # the images' alpha channels are their loss masks (with --masked-loss)
     "resize_interpolation": Key(_SUBSET_ALL, _STR, None, False, "images are resized with Lanczos"),
     "custom_attributes": Key(_SUBSET_ALL, dict, None, False, "leave it out (it is for custom training scripts)"),
-    "conditioning_data_dir": Key("s", _STR, None, False, "train ControlNets with another tool"),
+    "conditioning_data_dir": Key("s", _STR),  # the subset's loss masks (with --masked-loss), paired by file stem
 }
 _DATASET_KEYS = {name for name, key in KOHYA_KEYS.items() if key.levels == "gd"}
 
@@ -149,6 +150,8 @@ def load_training_data(data: DataConfig, seed: int, output_dir: str) -> Training
             data.data_dir, caption=data.caption, trigger=data.trigger, caption_extension=data.caption_extension,
             keep_tokens=data.keep_tokens,
         )  # fmt: skip
+        flag = "--alpha-mask" if data.alpha_mask else "--mask-dir"
+        records = with_masks(records, Path(data.data_dir), data.mask_dir, data.alpha_mask, f"{flag} (data folder {data.data_dir})")
         rules = rules_of(data)
         subsets = [[dataclasses.replace(record, rules=rules) for record in records]]
         if data.reg_data:
@@ -405,8 +408,15 @@ def _subset_records(options: dict[str, Any], dataset: int, data: DataConfig, out
         crop="random" if options.get("random_crop", data.crop == "random") else "center",
     )  # fmt: skip
     trigger = None if is_reg else data.trigger  # regularization images show the class without the trigger
+    # the run's --alpha-mask stands in for a training subset that does not say (kohya's fallback to its command line)
+    alpha_mask, mask_dir = options.get("alpha_mask", data.alpha_mask and not is_reg), options.get("conditioning_data_dir")
+    if alpha_mask and mask_dir:
+        raise UserError(f"{where}: alpha_mask and conditioning_data_dir are two mask sources for one subset: keep one")
+    if mask_dir and "metadata_file" in options:
+        raise UserError(f"{where}: conditioning_data_dir goes with an image_dir subset (kohya pairs masks with its files by name)")
     if "metadata_file" in options:
         records = _metadata_file_records(Path(options["metadata_file"]), options.get("image_dir"), where)
+        records = with_masks(records, Path(options.get("image_dir") or "."), None, alpha_mask, where)
         name = Path(options["metadata_file"]).name
     elif "image_dir" in options:
         folder = Path(options["image_dir"])
@@ -422,6 +432,9 @@ def _subset_records(options: dict[str, Any], dataset: int, data: DataConfig, out
             )  # fmt: skip
         except ValueError as err:  # no images, none readable, no captions: said with where the subset is
             raise UserError(f"{where}: {err}") from None
+        if mask_dir:
+            _check_outside(Path(mask_dir), output_dir, where)
+        records = with_masks(records, folder, mask_dir, alpha_mask, where)
         name = folder.resolve().name
     else:
         raise UserError(f"{where}: no image_dir; each [[datasets.subsets]] names its folder of images")

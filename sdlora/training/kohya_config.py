@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
+from . import blocks
 from .config import SECTION_OF, SECTIONS
 from .optimizers import parse_optimizer_args
 
@@ -153,8 +154,13 @@ def _text_encoder_lr(value: Any, config: dict[str, Any]) -> Options:
     return {"text_encoder_lr": float(rates[0])} | ({"text_encoder_2_lr": float(rates[1])} if len(rates) == 2 else {})
 
 
-# network_args that sdlora carries out (the others: not yet, one line each)
-_NETWORK_ARGS = ("conv_dim", "conv_alpha", "algo", "preset", "dora_wd", "factor")
+# network_args that sdlora carries out (the others: not yet, one line each); _LORA_ARGS for networks.lora only
+_LORA_ARGS = (
+    "down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold", "block_dims", "block_alphas",
+    "conv_block_dims", "conv_block_alphas", "rank_dropout", "module_dropout", "loraplus_lr_ratio",
+    "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio",
+)  # fmt: skip
+_NETWORK_ARGS = ("conv_dim", "conv_alpha", "algo", "preset", "dora_wd", "factor", *_LORA_ARGS)
 # LyCORIS's algo -> sdlora's --kind (dora: algo lora/locon with dora_wd=True, as LyCORIS writes it)
 KOHYA_ALGOS = {"lora": "lora", "locon": "lora", "loha": "loha", "lokr": "lokr"}
 _NOT_YET = "is not supported by sdlora's training yet"
@@ -187,8 +193,12 @@ def _network(value: Any, config: dict[str, Any]) -> Options:
             "(and dora_wd=True with lora/locon)"
         )
     for key in args:
-        if key not in _NETWORK_ARGS or (key in ("algo", "preset", "dora_wd", "factor") and module != "lycoris.kohya"):
-            raise UserError(f"kohya config: network_args {key}={args[key]} {_NOT_YET} (sdlora carries out conv_dim, conv_alpha)")
+        lycoris_only = key in ("algo", "preset", "dora_wd", "factor") and module != "lycoris.kohya"
+        if key not in _NETWORK_ARGS or lycoris_only or (key in _LORA_ARGS and module != "networks.lora"):
+            raise UserError(
+                f"kohya config: network_args {key}={args[key]} {_NOT_YET} with {module} (sdlora carries out conv_dim, conv_alpha; "
+                "and networks.lora's block, dropout and LoRA+ arguments)"
+            )
     if args.get("preset", "full") != "full":
         raise UserError(f"kohya config: network_args preset={args['preset']} {_NOT_YET}: sdlora trains LyCORIS's full preset")
     if args.get("factor", "-1").strip() != "-1":  # LyCORIS's default: the most balanced split of each dimension
@@ -204,23 +214,66 @@ def _network(value: Any, config: dict[str, Any]) -> Options:
             options |= {"preset": "all", "conv_rank": int(args["conv_dim"]), "conv_alpha": float(args.get("conv_alpha", 1))}
     except ValueError as err:
         raise UserError(f"kohya config: network_args {err}: conv_dim is an integer, conv_alpha a number") from None
+    return options | _lora_args(args, config)
+
+
+def _lora_args(args: dict[str, str], config: dict[str, Any]) -> Options:
+    """networks.lora's block, dropout and LoRA+ network_args as sdlora's options, parsed as networks/lora.py
+    create_network parses them: lists comma-separated (an empty down/mid/up entry is 0), down_lr_weight and
+    up_lr_weight also kohya's named curves (sine, cosine, linear, reverse_linear, zeros, each with +offset) over
+    the blocks of SD1/SD2 (12), or SDXL's (9) where the config says sdxl; conv_block_dims adapts the 3x3 convs
+    (--preset all) at conv_alpha, 1 unless given, as kohya."""
+    options: Options = {}
+    count = blocks.SDXL_BLOCKS[0] if config.get("sdxl") else blocks.SD_BLOCKS[0]
+    for key in _LORA_ARGS:
+        if key not in args:
+            continue
+        text = args[key]
+        try:
+            if key in ("down_lr_weight", "up_lr_weight") and "," not in text:
+                options[key] = None  # a named curve, expanded below (its own errors name it)
+            elif key in ("down_lr_weight", "mid_lr_weight", "up_lr_weight"):
+                options[key] = [float(part) if part.strip() else 0.0 for part in text.split(",")]
+            elif key in ("block_dims", "conv_block_dims"):
+                options[key] = [int(part) for part in text.split(",")]
+            elif key in ("block_alphas", "conv_block_alphas"):
+                options[key] = [float(part) for part in text.split(",")]
+            else:
+                options[key] = float(text)
+        except ValueError:
+            raise UserError(f"kohya config: network_args {key}={text}: give numbers, comma-separated for a list") from None
+        if options[key] is None:
+            options[key] = blocks.lr_weight_preset(text, count)
+    if "conv_block_dims" in options:
+        options["preset"] = "all"
+        options.setdefault("conv_alpha", float(args.get("conv_alpha", 1)))
     return options
+
+
+# networks/lora_sd3.py's network_args sdlora carries out: its block filter, and the dropouts and LoRA+ ratios it
+# shares with networks.lora (read as networks.lora's)
+_LORA_SD3_ARGS = ("train_block_indices", "rank_dropout", "module_dropout", "loraplus_lr_ratio", "loraplus_unet_lr_ratio",
+                  "loraplus_text_encoder_lr_ratio")  # fmt: skip
 
 
 def _network_sd3(config: dict[str, Any]) -> Options:
     """kohya's networks.lora_sd3: every Linear of the MMDiT's joint blocks (sdlora's --preset all on SD3, the same
-    layers: tests/core/test_targets.py), train_block_indices as --lora-blocks; its other network_args not yet."""
-    options: Options = {"preset": "all", "kind": "lora"}
+    layers: tests/core/test_targets.py), train_block_indices as --lora-blocks, its dropouts and LoRA+ ratios as
+    networks.lora's; its other network_args (emb_dims, per-type dims, split_qkv, train_t5xxl) not yet."""
+    args: dict[str, str] = {}
     for item in config.get("network_args", []):
         key, sep, text = (part.strip() for part in item.partition("="))
         if not sep:
             raise UserError(f"kohya config: network_args item {item!r} is not key=value")
-        if key != "train_block_indices":
+        if key not in _LORA_SD3_ARGS:
             raise UserError(
-                f"kohya config: network_args {key}={text} {_NOT_YET} (sdlora carries out train_block_indices for networks.lora_sd3)"
+                f"kohya config: network_args {key}={text} {_NOT_YET} with networks.lora_sd3 (sdlora carries out {', '.join(_LORA_SD3_ARGS)})"
             )
-        options["lora_blocks"] = text
-    return options
+        args[key] = text
+    options: Options = {"preset": "all", "kind": "lora"}
+    if "train_block_indices" in args:
+        options["lora_blocks"] = args.pop("train_block_indices")
+    return options | _lora_args(args, config)
 
 
 # sd3_train_utils.py's add_sd3_training_arguments: a config with any of them (or networks.lora_sd3) is an SD3 one
@@ -345,9 +398,10 @@ KEYS: dict[str, Key] = {
     "token_warmup_min": _refused("leave the token warm-up out", _INT, 1),
     "token_warmup_step": _refused("leave the token warm-up out", _FLOAT, 0),
     "resize_interpolation": _refused("images are resized with Lanczos", _STR),
-    "alpha_mask": _refused("masked loss " + _NOT_YET, _BOOL, False),
-    "masked_loss": _refused("masked loss " + _NOT_YET, _BOOL, False),
-    "conditioning_data_dir": _refused("masked loss " + _NOT_YET, _STR),
+    # kohya weighs the loss by alpha masks whether or not masked_loss is set (train_network.py: `masked_loss or alpha_masks`)
+    "alpha_mask": Key(_BOOL, lambda value, config: {"alpha_mask": True, "masked_loss": True} if value else {}),
+    "masked_loss": _to("masked_loss", _BOOL),
+    "conditioning_data_dir": _to("mask_dir", _STR),
     "dataset_class": _refused("give the images as a folder or a dataset_config", _STR),
     "dataset_repeats": _refused("give repeats as N_name folders or in a dataset_config", _INT, 1),
     "debug_dataset": _refused("it trains nothing", _BOOL, False),
@@ -366,19 +420,20 @@ KEYS: dict[str, Key] = {
     "network_args": Key((list,), lambda v, c: {}),  # read by network_module's converter
     "network_dim": _to("rank", _INT),
     "network_alpha": _to("alpha", _FLOAT),
-    # kohya drops the down projection's outputs (networks/lora.py: dropout(lora_down(x))); sdlora's --dropout is peft's,
-    # on the layer's input: another regularizer, so not taken for it
-    "network_dropout": _refused("kohya's network_dropout (on the down projection's output) " + _NOT_YET, _FLOAT, 0),
+    # kohya drops the down projection's outputs (networks/lora.py: dropout(lora_down(x))), as sdlora's --network-dropout;
+    # sdlora's --dropout is peft's, on the layer's input: another regularizer
+    "network_dropout": _to("network_dropout", _FLOAT),
     "network_weights": _to("init_lora", _STR),
     "dim_from_weights": _refused("give network_dim equal to network_weights' rank", _BOOL, False),
     "network_train_unet_only": Key(_BOOL, _flag("train_text_encoder", lambda v: not v)),
     "network_train_text_encoder_only": _refused("sdlora always trains the UNet's LoRA", _BOOL, False),
     "base_weights": _refused("merge them into the model first (sdlora merge)", None),
     "base_weights_multiplier": _refused("merge them into the model first (sdlora merge)", None),
-    "scale_weight_norms": _refused("scale_weight_norms " + _NOT_YET, _FLOAT),
-    "loraplus_lr_ratio": _refused("LoRA+ " + _NOT_YET, _FLOAT),
-    "loraplus_unet_lr_ratio": _refused("LoRA+ " + _NOT_YET, _FLOAT),
-    "loraplus_text_encoder_lr_ratio": _refused("LoRA+ " + _NOT_YET, _FLOAT),
+    "scale_weight_norms": Key(_FLOAT, lambda v, c: {"scale_weight_norms": float(v)} if v else {}),  # kohya: 0 or None is off
+    # LoRA+: network_args in today's sd-scripts, top-level keys in kohya_ss's JSON
+    "loraplus_lr_ratio": Key(_FLOAT, lambda v, c: {"loraplus_lr_ratio": float(v)} if v else {}),
+    "loraplus_unet_lr_ratio": Key(_FLOAT, lambda v, c: {"loraplus_unet_lr_ratio": float(v)} if v else {}),
+    "loraplus_text_encoder_lr_ratio": Key(_FLOAT, lambda v, c: {"loraplus_text_encoder_lr_ratio": float(v)} if v else {}),
     "training_comment": _ignored("a metadata text, " + _NO_EFFECT, _STR),
     "metadata_title": _ignored("a metadata text, " + _NO_EFFECT, _STR),
     "metadata_author": _ignored("a metadata text, " + _NO_EFFECT, _STR),
@@ -557,7 +612,7 @@ _GUI_SD3_NAMES = {
 }  # fmt: skip
 _GUI_SD3_KEYS = ("clip_l", "clip_g", "t5xxl", "clip_g_dropout_rate", "save_clip", "save_t5xxl", "t5xxl_device", "t5xxl_dtype",
                  "t5xxl_max_token_length", "apply_t5_attn_mask", "logit_mean", "logit_std", "mode_scale", "weighting_scheme")  # fmt: skip
-# the network settings lora_gui.py passes as network_args when set, for its LoRA types (all refused by _network)
+# the network settings lora_gui.py passes as network_args when set, for its LoRA types (_network reads networks.lora's)
 _GUI_NETWORK_ARGS = {
     "networks.lora": ("down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold", "block_dims",
                       "block_alphas", "conv_block_dims", "conv_block_alphas", "rank_dropout", "module_dropout"),

@@ -50,6 +50,7 @@ def add_lora(
     conv_alpha: float | None = None,
     dtype: torch.dtype = torch.float32,
     kind: str = "lora",
+    module_ranks: dict[str, tuple[int, float]] | None = None,
 ) -> list[nn.Parameter]:
     """Add a peft LoRA adapter to `target_modules` of `model`; return its (trainable, fp32) parameters.
 
@@ -62,6 +63,8 @@ def add_lora(
     `dtype`: the LoRA parameters' dtype; fp32 unless kohya's --full-bf16 / --full-fp16 ask for half precision.
     `kind` (module docstring): lora, dora (`init` applies to its A; the magnitude starts at the weight's row norms),
     loha or lokr (their own inits: LoHa's w2b zero, LoKr's w2 / w2b zero as LyCORIS; no input dropout).
+    `module_ranks`: {layer name: (rank, alpha)} of layers at their own rank and alpha (kohya's block_dims,
+    `training.blocks`), through peft's rank and alpha patterns as the convs'.
     """
     from peft import LoHaConfig, LoKrConfig, LoraConfig, inject_adapter_in_model  # peft takes a second to import
 
@@ -89,6 +92,10 @@ def add_lora(
         # peft matches each pattern as a regex suffix of the module's name: the escaped full name is that layer alone
         rank_pattern = {re.escape(name): conv_rank for name in convs} if conv_rank is not None else {}
         alpha_pattern = {re.escape(name): conv_alpha for name in convs} if conv_alpha is not None else {}
+    for name, (layer_rank, layer_alpha) in (module_ranks or {}).items():
+        if layer_rank < 1 or not (math.isfinite(layer_alpha) and layer_alpha > 0):
+            raise UserError(f"{name}: rank must be 1 or more and alpha positive, got {layer_rank} and {layer_alpha}")
+        rank_pattern[re.escape(name)], alpha_pattern[re.escape(name)] = layer_rank, layer_alpha
     if kind == "loha":  # use_effective_conv2d off: convs as [out, in * kh * kw] products, LyCORIS's non-Tucker form
         config = LoHaConfig(
             r=rank, alpha=alpha, target_modules=list(target_modules), rank_pattern=rank_pattern, alpha_pattern=alpha_pattern
@@ -343,3 +350,119 @@ def extract_lora_state(models: dict[str, nn.Module], adapter_name: str = "defaul
     if not modules:
         raise UserError(f"the model has no LoRA adapter named {adapter_name!r}")
     return LoraState(modules)
+
+
+# ---------------------------------------------------------------- kohya's network options on peft's LoRA layers
+
+
+def add_kohya_dropout(
+    model: nn.Module, network_dropout: float, rank_dropout: float, module_dropout: float, adapter_name: str = "default"
+) -> int:
+    """kohya's three dropouts on every LoRA layer of `model`, while training only (`set_adapter_training`); returns
+    the count of layers. They act on the down projection's output lx = A x, as sd-scripts networks/lora.py
+    `LoRAModule.forward` does (peft's `lora_dropout`, sdlora's --dropout, is on the input x instead):
+    - network_dropout: F.dropout(lx, p) (scaled by 1/(1-p), as F.dropout does);
+    - rank_dropout: each rank of each sample kept with probability 1-p (a mask [batch, r]) and the update scaled by
+      1/(1-p) (kohya scales `scale`; B is linear, so the same);
+    - module_dropout: with probability p (one torch.rand(1) per call) the layer adds no LoRA. kohya returns the base
+      output; here lx is multiplied by 0, the same output, so that every LoRA parameter still gets a (zero) gradient,
+      which DDP needs.
+    A forward hook on peft's lora_A module, so the parameters and their names stay peft's."""
+    if not (network_dropout or rank_dropout or module_dropout):
+        return 0
+    layers = _lora_layers(model, adapter_name)
+    for layer in layers.values():
+        if layer.use_dora.get(adapter_name, False):  # peft's DoRA calls lora_A on an identity to take the weight's norm
+            raise UserError("kohya's dropouts with DoRA would change the norm DoRA divides by: train them with --kind lora")
+        layer.lora_A[adapter_name].register_forward_hook(_KohyaDropout(network_dropout, rank_dropout, module_dropout))
+    return len(layers)
+
+
+class _KohyaDropout:
+    """The forward hook of `add_kohya_dropout` (a class, so that it pickles and says what it holds)."""
+
+    def __init__(self, network_dropout: float, rank_dropout: float, module_dropout: float):
+        self.network_dropout, self.rank_dropout, self.module_dropout = network_dropout, rank_dropout, module_dropout
+
+    def __call__(self, module: nn.Module, inputs: tuple, lx: torch.Tensor) -> torch.Tensor:
+        if not module.training:
+            return lx
+        if self.module_dropout and torch.rand(1) < self.module_dropout:
+            return lx * 0.0
+        if self.network_dropout:
+            lx = torch.nn.functional.dropout(lx, p=self.network_dropout)
+        if self.rank_dropout:
+            rank = module.weight.shape[0]
+            mask = torch.rand((lx.size(0), rank), device=lx.device) > self.rank_dropout
+            if lx.dim() == 3:  # [batch, tokens, r]: Linear layers on token sequences
+                mask = mask.unsqueeze(1)
+            elif lx.dim() == 4:  # [batch, r, h, w]: convs
+                mask = mask[:, :, None, None]
+            lx = lx * mask.to(lx.dtype) / (1.0 - self.rank_dropout)
+        return lx
+
+
+def set_adapter_training(model: nn.Module, training: bool) -> None:
+    """Put the adapter layers of `model` (peft's, with their dropouts) in training or evaluation mode; the frozen base
+    keeps its own mode (diffusers and transformers load models in evaluation mode, which also leaves the text
+    encoders' gradient checkpointing as it was)."""
+    for layer in _adapter_layers(model, None).values():
+        layer.train(training)  # its base layer too: a Linear or Conv2d, the same in either mode
+
+
+@torch.no_grad()
+def apply_max_norm(models: dict[str, nn.Module], max_norm: float, adapter_name: str = "default") -> tuple[int, float, float]:
+    """kohya's scale_weight_norms (sd-scripts networks/lora.py `apply_max_norm_regularization`), on every LoRA layer:
+    the update W = (alpha / r) B A (a 3x3 conv's as the conv of A by B) has its Frobenius norm n; where n > max_norm,
+    A and B are both multiplied by sqrt(max_norm / n), so the update's norm becomes max_norm. Returns (the number of
+    layers scaled, the mean and the max of the norms after scaling), which kohya logs as keys_scaled,
+    avg_key_norm and max_key_norm."""
+    scaled, norms = 0, []
+    for model in models.values():
+        for layer in _lora_layers(model, adapter_name).values():
+            down, up = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
+            norm = float(_update(down.float(), up.float()).norm()) * layer.scaling[adapter_name]
+            if norm > max_norm:
+                ratio = max_norm / norm
+                down.mul_(ratio**0.5)
+                up.mul_(ratio**0.5)
+                scaled += 1
+                norm *= ratio
+            norms.append(norm)
+    if not norms:
+        raise UserError("--scale-weight-norms: the model has no LoRA layers")
+    return scaled, sum(norms) / len(norms), max(norms)
+
+
+def _update(down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """B A of a Linear ([out, in]), a 1x1 conv or a 3x3 conv ([out, in, kh, kw]), without the scale."""
+    if down.dim() == 2:
+        return up @ down
+    if down.shape[2:] == (1, 1):
+        return (up.flatten(1) @ down.flatten(1))[:, :, None, None]
+    return torch.nn.functional.conv2d(down.permute(1, 0, 2, 3), up).permute(1, 0, 2, 3)
+
+
+def parameter_groups(
+    model: nn.Module, lr: float, loraplus_ratio: float | None = None, lr_weight=None, adapter_name: str = "default"
+) -> list[dict]:
+    """The optimizer's parameter groups of one component's adapter, as kohya's prepare_optimizer_params builds them
+    (sd-scripts networks/lora.py): with `lr_weight` (a layer name -> its block's factor: the UNet under block
+    learning-rate weights) one group per factor at lr x factor; with `loraplus_ratio` (LoRA+), each split into the
+    down projections and DoRA's magnitudes at that rate and the up projections (lora_B, kohya's lora_up) at rate x
+    ratio. Groups at rate 0 are left out, as kohya does."""
+    groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
+    seen: set[int] = set()  # a parameter peft lists under two containers is trained once (as lora_parameters)
+    for name, layer in _adapter_layers(model, adapter_name).items():
+        weight = 1.0 if lr_weight is None else lr_weight(name)
+        up = {id(layer.lora_B[adapter_name].weight)} if loraplus_ratio and hasattr(layer, "lora_B") else set()
+        for param in _layer_parameters(layer, adapter_name):
+            if id(param) not in seen:
+                seen.add(id(param))
+                groups.setdefault((weight, id(param) in up), []).append(param)
+    result = []
+    for (weight, is_up), params in groups.items():
+        rate = lr * weight * (loraplus_ratio if is_up else 1.0)
+        if rate:
+            result.append({"params": params, "lr": rate})
+    return result

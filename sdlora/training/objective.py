@@ -289,6 +289,13 @@ def noisy_inputs(
     return noise, scheduler.add_noise(latents, noised_with, timesteps), timesteps
 
 
+def latent_mask(mask: torch.Tensor, size) -> torch.Tensor:
+    """Loss masks [batch, 1, H, W] at pixel size brought to the latent grid `size` (h, w) by area averaging, as
+    kohya's apply_masked_loss resizes them (`interpolate(mode="area")`): each latent pixel weighs the mean of the
+    mask over the pixels it covers."""
+    return F.interpolate(mask.float(), size=tuple(size), mode="area")
+
+
 def diffusion_loss(
     unet,
     scheduler,
@@ -300,13 +307,16 @@ def diffusion_loss(
     noise: torch.Tensor | None = None,
     weights: torch.Tensor | None = None,
     flow_matching: bool = False,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The training loss of the model's kind: `flow_matching_loss` for a flow-matching model (SD3), else the diffusion
     loss below.
 
     Mean (optionally min-SNR-weighted) loss (`config.loss`) between the UNet's prediction and its target, as a scalar.
     `weights` weigh each image's loss in that mean (kohya's loss_weights: --prior-loss-weight for regularization
-    images): mean_i(w_i * loss_i).
+    images): mean_i(w_i * loss_i). `mask` ([batch, 1, h, w] on the latent grid, in [0, 1]) weighs each latent
+    pixel's loss before the mean over the image, as kohya's masked_loss (custom_train_functions.apply_masked_loss:
+    `loss * mask`, then the plain mean over channels and pixels, not renormalised by the mask's area).
 
     Noise and timesteps are drawn from `generator` unless given (given noise is used as is, without noise offset,
     pyramid noise or input perturbation; given timesteps ignore the timestep range): fixed ones make the loss
@@ -314,7 +324,7 @@ def diffusion_loss(
     mixed-precision dtype); noising, target and loss are computed in fp32.
     """
     if flow_matching:
-        return flow_matching_loss(unet, scheduler, latents, conditioning, config, generator, timesteps, noise, weights)
+        return flow_matching_loss(unet, scheduler, latents, conditioning, config, generator, timesteps, noise, weights, mask)
     prediction_type = _prediction_type(scheduler, config.prediction_type)
     clean = latents.to(torch.float32)
     noise, noisy, timesteps = noisy_inputs(scheduler, clean, config, generator, timesteps, noise)
@@ -325,7 +335,10 @@ def diffusion_loss(
     )[0]
     target = target_for(scheduler, clean, noise, timesteps, prediction_type)
     huber_c = None if config.loss == "l2" else huber_threshold(scheduler, timesteps, config.huber_c, config.huber_schedule)
-    per_sample = elementwise_loss(prediction.float(), target, config.loss, huber_c).mean(dim=tuple(range(1, target.ndim)))
+    elementwise = elementwise_loss(prediction.float(), target, config.loss, huber_c)
+    if mask is not None:
+        elementwise = elementwise * mask.to(elementwise.device, elementwise.dtype)
+    per_sample = elementwise.mean(dim=tuple(range(1, target.ndim)))
     if config.snr_gamma is not None:
         per_sample = per_sample * min_snr_weights(scheduler, timesteps, config.snr_gamma, prediction_type)
     if weights is not None:
@@ -419,10 +432,12 @@ def flow_matching_loss(
     timesteps: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
     weights: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The flow-matching loss (diffusers' train_dreambooth_lora_sd3.py, kohya's sd3_train.py), a scalar: the input
     (1 - sigma) x0 + sigma noise at timestep 1000 sigma, the target noise - x0 (with `precondition_outputs`, the
-    prediction turned into x0 = input - sigma prediction and compared with x0), each sample weighted by
+    prediction turned into x0 = input - sigma prediction and compared with x0), each latent pixel weighted by `mask`
+    (as in `diffusion_loss`; kohya's SD3 trainer applies the same apply_masked_loss), each sample by
     `flow_weighting` and `weights`. Draws from `generator`: noise (offset, pyramid), sigma, then the input
     perturbation; given `timesteps` (1000 sigma) and noise are used as is (the validation loss). The transformer
     runs in the dtype of `latents`; the rest in fp32."""
@@ -454,7 +469,10 @@ def flow_matching_loss(
     else:
         target = noise - clean
     huber_c = None if config.loss == "l2" else torch.full(sigmas.shape, config.huber_c, device=sigmas.device)
-    per_sample = elementwise_loss(prediction, target, config.loss, huber_c).mean(dim=tuple(range(1, target.ndim)))
+    elementwise = elementwise_loss(prediction, target, config.loss, huber_c)
+    if mask is not None:
+        elementwise = elementwise * mask.to(elementwise.device, elementwise.dtype)
+    per_sample = elementwise.mean(dim=tuple(range(1, target.ndim)))
     per_sample = per_sample * flow_weights(config.flow_weighting, sigmas)
     if weights is not None:
         per_sample = per_sample * weights.to(per_sample.device, per_sample.dtype)

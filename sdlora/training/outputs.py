@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from ..core.families import ModelFamily
-from ..core.files import write_diffusers, write_kohya
+from ..core.files import kohya_network_args, write_diffusers, write_kohya
 from ..core.kinds import KIND_NAMES
 from ..core.state import LoraState
 from ..core.version import __version__
@@ -144,7 +144,9 @@ def training_metadata(config: TrainConfig, records: Sequence[ImageRecord], datas
         "ss_full_bf16": str(config.base.full_bf16),
         "ss_lr_scheduler": config.optimization.lr_scheduler,
         "ss_lr_warmup_steps": str(config.optimization.lr_warmup_steps),
-        "ss_network_dropout": f"{config.network.dropout:g}",
+        "ss_network_dropout": f"{config.network.network_dropout:g}",  # kohya's, on the down projection's output
+        "ss_scale_weight_norms": f"{config.optimization.scale_weight_norms:g}" if config.optimization.scale_weight_norms else "None",
+        "sdlora_dropout": f"{config.network.dropout:g}",  # peft's, on the layer's input
         "ss_noise_offset": f"{config.objective.noise_offset:g}",
         "ss_min_snr_gamma": f"{config.objective.snr_gamma:g}" if config.objective.snr_gamma else "None",
         "ss_loss_type": config.objective.loss,
@@ -172,6 +174,29 @@ def training_metadata(config: TrainConfig, records: Sequence[ImageRecord], datas
     }
 
 
+# the options kohya passes as networks.lora's network_args, which its ss_network_args records as given (text)
+_NETWORK_ARGS = (
+    "block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas", "down_lr_weight", "mid_lr_weight", "up_lr_weight",
+    "block_lr_zero_threshold", "rank_dropout", "module_dropout",
+)  # fmt: skip
+_LORAPLUS = ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
+
+
+def training_network_args(config: TrainConfig) -> dict[str, str]:
+    """kohya's network_args of this run (block ranks and rates, rank and module dropout, LoRA+) as its
+    ss_network_args holds them: lists comma-separated; the ones at their default left out."""
+    args = {}
+    for name in _NETWORK_ARGS:
+        value = getattr(config.network, name)
+        if value:
+            args[name] = ",".join(f"{v:g}" for v in value) if isinstance(value, list) else f"{value:g}"
+    for name in _LORAPLUS:
+        value = getattr(config.optimization, name)
+        if value:
+            args[name] = f"{value:g}"
+    return args
+
+
 def lora_writers(
     state: LoraState,
     config: TrainConfig,
@@ -185,6 +210,7 @@ def lora_writers(
     `suffix` after each stem (the EMA's files). A --kind diffusers cannot load (`DIFFUSERS_KINDS`) gets the kohya
     file alone."""
     metadata = training_metadata(config, records, datasets)
+    metadata["ss_network_args"] = json.dumps(kohya_network_args(state) | training_network_args(config))
     if config.run.save_precision != "fp32":  # kohya's save_precision: the files' weights rounded once, as kohya saves them
         state = state.to({"fp16": torch.float16, "bf16": torch.bfloat16}[config.run.save_precision])
     if suffix:
@@ -244,7 +270,7 @@ A LoRA for Stable Diffusion trained with sdlora on {num_images} images from `{co
 | setting | value |
 | --- | --- |
 | base model | `{config.base.model}` |
-| kind, rank / alpha | {KIND_NAMES[config.network.kind]}, {config.network.rank} / {config.network.alpha:g} |
+| kind, rank / alpha | {KIND_NAMES[config.network.kind]}, {config.network.rank} / {config.network.alpha:g}{" (UNet: per block, kohya's block_dims)" if config.network.block_dims else ""} |
 | layers | `{config.network.preset}`{" + text encoder" if config.network.train_text_encoder else ""} |
 | steps x batch | {config.optimization.steps} x {config.data.batch_size} (accumulation {config.optimization.grad_accum}) |
 | learning rate | {config.optimization.lr:g} ({config.optimization.lr_scheduler}, warm-up {config.optimization.lr_warmup_steps}) |

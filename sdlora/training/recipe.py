@@ -29,11 +29,11 @@ from ..errors import UserError
 from ..inference.samplers import set_sampler
 from ..storage import output_rules
 from ..storage.atomic import remove_leftover_temporaries
-from . import checkpoint, ema, memory, network, outputs
+from . import blocks, checkpoint, ema, memory, network, outputs
 from .base_model import BaseModel, load_base_model
 from .buckets import BucketBatchSampler, Size
 from .cache import BatchEncoder, ImageLoader, build_caches, encoder_dropout_rates, fill_caches
-from .config import BaseModelConfig, DataConfig, LoggingConfig, NetworkConfig, OptimizationConfig, TrainConfig
+from .config import BaseModelConfig, DataConfig, LoggingConfig, NetworkConfig, ObjectiveConfig, OptimizationConfig, TrainConfig
 from .data import ImageRecord, dataset_summary
 from .datasets import DatasetSpec, TrainingData, batch_sizes, load_training_data, record_buckets
 from .metrics import MetricsLogger, progress_bar, tracking_options
@@ -117,10 +117,7 @@ def setup(config: TrainConfig) -> Run | None:
     sampler = _setup_sampler(config, data, buckets, accelerator)
     if config.optimization.epochs:  # the step count the schedule needs
         config = config.replace(steps=epoch_steps(len(sampler), config.optimization.grad_accum, config.optimization.epochs))
-    if model.flow_matching:  # SD3: the options the flow-matching objective takes
-        prepare_flow_scheduler(model.noise_scheduler, config.objective)
-    else:
-        prepare_noise_scheduler(model.noise_scheduler, config.objective)  # the timestep range must fit; --zero-terminal-snr
+    _setup_objective(config.objective, model)
     param_groups = _setup_network(config.network, config.optimization, config.base, model)
     plan = _setup_memory_plan(config, model, data, buckets, accelerator)
     if config.run.dry_run:
@@ -147,6 +144,14 @@ def setup(config: TrainConfig) -> Run | None:
     return run
 
 
+def _setup_objective(objective: ObjectiveConfig, model: BaseModel) -> None:
+    """The training scheduler set up for the objective's options, each refused where the model's kind has no use for it."""
+    if model.flow_matching:  # SD3: the options the flow-matching objective takes
+        prepare_flow_scheduler(model.noise_scheduler, objective)
+    else:
+        prepare_noise_scheduler(model.noise_scheduler, objective)  # the timestep range must fit; --zero-terminal-snr
+
+
 def _setup_accelerator(config: TrainConfig):
     """Everything that can be refused before anything loads (the optimizer and its arguments, the files the options
     name, the output folder), then the accelerator and the global seed; says when --kind gets no diffusers file."""
@@ -159,7 +164,7 @@ def _setup_accelerator(config: TrainConfig):
     # a new, empty or sdlora run folder, never one holding or inside an input (nothing is created until data and
     # model load)
     data, base = config.data, config.base
-    inputs = (data.data_dir, data.reg_data, data.dataset_config, base.model, base.model_config, config.network.init_lora,
+    inputs = (data.data_dir, data.reg_data, data.dataset_config, data.mask_dir, base.model, base.model_config, config.network.init_lora,
               config.samples.sample_prompts, base.vae)  # fmt: skip
     output_rules.check_run_folder(Path(config.run.output_dir), inputs, "--output", resume=bool(config.run.resume))
     accelerator = _accelerator(config.base, config.logging, config.run.output_dir)
@@ -175,11 +180,24 @@ def _setup_data(config: TrainConfig, accelerator) -> TrainingData:
     """The images: DATA_DIR (kohya's N_words subfolders too) and --reg-data, or a kohya dataset TOML; what they add up
     to, said when there is more than one folder."""
     data = load_training_data(config.data, config.run.seed, config.run.output_dir)
+    _check_masks(config, data)
     if data.structured and accelerator.is_local_main_process:
         tqdm.write(dataset_summary(data.records))  # subsets, images, samples per epoch (and the regularization share)
         if data.unused_reg:
             tqdm.write(f"{data.unused_reg} regularization images left out: the training images need fewer (as kohya does)")
     return data
+
+
+def _check_masks(config: TrainConfig, data: TrainingData) -> None:
+    """A dataset TOML's masks and --masked-loss go together (the flags' own are checked with the config)."""
+    masked = [record for record in data.records + data.val_records if record.mask_source is not None]
+    where = f"--dataset-config {config.data.dataset_config}"
+    if config.objective.masked_loss and not masked:
+        raise UserError(f"--masked-loss needs masks: {where} gives none; set conditioning_data_dir or alpha_mask = true in its subsets")
+    if masked and not config.objective.masked_loss:
+        raise UserError(
+            f"{where} gives loss masks ({masked[0].mask_source.name}...), which only --masked-loss uses: add --masked-loss (masked_loss = true)"
+        )
 
 
 def _setup_output_dir(out: Path, accelerator) -> None:
@@ -229,22 +247,32 @@ def _setup_network(options: NetworkConfig, optimization: OptimizationConfig, bas
     resumed checkpoint later overrides it); fp32 unless --full-bf16/--full-fp16. Returns the optimizer's parameter
     groups, each at its component's learning rate; `model.trained` names the components."""
     lora_dtype = model.dtype if base.full_bf16 or base.full_fp16 else torch.float32
-    unet_params = network.add_lora(
-        model.unet, targets.unet_target_modules(model.unet, options.preset, options.lora_blocks), options.rank, options.alpha, options.dropout,
+    unet_targets = targets.unet_target_modules(model.unet, options.preset, options.lora_blocks)
+    plan = blocks.block_plan(model.unet, unet_targets, options, model.family)  # kohya's block_dims / *_lr_weight
+    network.add_lora(
+        model.unet, list(plan.ranks) if plan else unet_targets, options.rank, options.alpha, options.dropout,
         conv_rank=options.conv_rank, conv_alpha=options.conv_alpha, dtype=lora_dtype, kind=options.kind,
+        module_ranks=plan.ranks if plan else None,
     )  # fmt: skip
-    param_groups = [{"params": unet_params, "lr": optimization.lr}]
+    param_groups = network.parameter_groups(
+        model.unet,
+        optimization.lr,
+        optimization.loraplus_ratio(model.family.denoiser),
+        plan.lr_weight if plan and plan.lr_weights else None,
+    )
     trained = {model.family.denoiser: model.unet}
     if options.train_text_encoder:
         for component, encoder in model.text_encoders.items():
             if model.family.text_encoder(component).architecture == "t5":  # SD3's T5 (4.7B parameters) stays frozen, as in kohya
                 continue
-            params = network.add_lora(
+            network.add_lora(
                 encoder, targets.text_encoder_target_modules(encoder, spec=model.family.text_encoder(component)), options.rank, options.alpha,
                 options.dropout, dtype=lora_dtype, kind=options.kind,
             )  # fmt: skip
-            param_groups.append({"params": params, "lr": optimization.lr_of(component)})
+            param_groups += network.parameter_groups(encoder, optimization.lr_of(component), optimization.loraplus_ratio(component))
             trained[component] = encoder
+    for part in trained.values():
+        network.add_kohya_dropout(part, options.network_dropout, options.rank_dropout, options.module_dropout)
     model.trained = tuple(trained)
     if options.init_lora:
         state = read_lora(options.init_lora, allow_pickle=base.allow_pickle)
@@ -421,30 +449,42 @@ def _start_or_resume(run: Run) -> None:
 def run_steps(run: Run) -> None:
     """Train from `run.state.step` to `config.optimization.steps`, with checkpoints, validation and metrics along the way."""
     config, accelerator, state, metrics = run.config, run.accelerator, run.state, run.metrics
+    _adapters_training(run, False)  # LoRA dropouts only in the steps, never in the held-out loss or the samples
     if state.step == 0 and config.samples.sample_at_first:
         run.validator.evaluate(metrics, 0)  # the base model's samples (and loss), to compare the LoRA against
     elif state.step == 0 and run.validator.records:
         metrics.log(0, val_loss=run.validator.loss())  # the base model's loss, to compare the LoRA against
     bar = progress_bar(config.optimization.steps, state.step, disable=not accelerator.is_local_main_process)
     batches = _Batches(run)
+    _adapters_training(run, True)
     with contextlib.closing(bar):  # closed on errors too, so an error message starts on a line of its own
         while state.step < config.optimization.steps:
-            loss, grad_norm, skipped = _optimizer_step(run, batches)
+            loss, grad_norm, skipped, norms = _optimizer_step(run, batches)
             state.step += 1
             state.skipped_steps += skipped
-            lr = run.lr_scheduler.get_last_lr()[0]
+            # the UNet's base rate: group 0 may be a block's (block learning-rate weights) at a multiple of it
+            lr = run.lr_scheduler.get_last_lr()[0] * config.optimization.lr / run.lr_scheduler.base_lrs[0]
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", **({"skipped": state.skipped_steps} if state.skipped_steps else {}))
             scaled = {"skipped_steps": state.skipped_steps} if accelerator.scaler is not None else {}  # fp16's overflows
-            metrics.log(state.step, loss=loss, lr=lr, grad_norm=grad_norm, epoch=state.epoch, **scaled)
+            metrics.log(state.step, loss=loss, lr=lr, grad_norm=grad_norm, epoch=state.epoch, **scaled, **norms)
             if config.run.checkpoint_every and state.step % config.run.checkpoint_every == 0 and state.step < config.optimization.steps:
                 _save_checkpoint(run)
             if config.samples.validate_every and state.step % config.samples.validate_every == 0 and state.step < config.optimization.steps:
+                _adapters_training(run, False)
                 run.validator.evaluate(metrics, state.step)
+                _adapters_training(run, True)  # the samples left the whole UNet in evaluation mode
+    _adapters_training(run, False)
     _save_checkpoint(run)
     run.validator.evaluate(metrics, state.step)
     if accelerator.num_processes > 1:
         metrics.log(state.step, processes_in_sync=_check_processes_in_sync(run))
+
+
+def _adapters_training(run: Run, training: bool) -> None:
+    """The trained parts' adapter layers in training mode (their dropouts on) for the steps, in evaluation mode otherwise."""
+    for component in run.model.trained:
+        network.set_adapter_training(_component(run.model, component), training)
 
 
 class _Batches:
@@ -480,10 +520,10 @@ def _step_seed(config: TrainConfig, step: int, process: int) -> int:
     return (config.run.seed * 1_000_003 + step * 1_009 + process) % 2**63
 
 
-def _optimizer_step(run: Run, batches: _Batches) -> tuple[float, float, bool]:
-    """grad_accum micro-batches, clip, step; returns the loss, the gradient norm and whether fp16's GradScaler skipped
-    the step (a gradient overflowed: no update, a halved loss scale, no lr-schedule or EMA step, as accelerate's
-    prepared scheduler does). Raises TrainingDiverged, on every process at once, on a non-finite loss on any process,
+def _optimizer_step(run: Run, batches: _Batches) -> tuple[float, float, bool, dict[str, float]]:
+    """grad_accum micro-batches, clip, step (then kohya's max-norm with --scale-weight-norms); returns the loss, the
+    gradient norm, whether fp16's GradScaler skipped the step (a gradient overflowed: no update, a halved loss scale,
+    no lr-schedule or EMA step, as accelerate's prepared scheduler does) and the max-norm's figures. Raises TrainingDiverged, on every process at once, on a non-finite loss on any process,
     a non-finite gradient without a scaler, or a loss scale that collapsed."""
     config, accelerator, step = run.config, run.accelerator, run.state.step + 1
     step_seed = _step_seed(config, step, accelerator.process_index)
@@ -498,7 +538,7 @@ def _optimizer_step(run: Run, batches: _Batches) -> tuple[float, float, bool]:
         run.encoder.loader.prefetch([d for micro in draws + following for d in micro])
     losses = []
     for micro, (indices, micro_draws) in enumerate(zip(micro_batches, draws)):
-        latents, embeddings = run.encoder.encode(micro_draws, run.generator)
+        latents, embeddings, masks = run.encoder.encode(micro_draws, run.generator)
         weights = _loss_weights(run, indices)
         sync = contextlib.nullcontext() if micro == config.optimization.grad_accum - 1 else accelerator.no_sync(run.model.unet)
         with sync, accelerator.autocast():
@@ -511,6 +551,7 @@ def _optimizer_step(run: Run, batches: _Batches) -> tuple[float, float, bool]:
                 generator=run.generator,
                 weights=weights,
                 flow_matching=run.model.flow_matching,
+                mask=masks if config.objective.masked_loss else None,
             )
         # backward even for a non-finite loss: the check below is collective, and DDP's backward is too
         accelerator.backward(loss / config.optimization.grad_accum)
@@ -536,9 +577,14 @@ def _optimizer_step(run: Run, batches: _Batches) -> tuple[float, float, bool]:
     else:
         run.lr_scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
+    norms = {}
+    if config.optimization.scale_weight_norms and not skipped:  # kohya's max-norm after each step, before the EMA sees it
+        models = {c: accelerator.unwrap_model(_component(run.model, c)) for c in run.model.trained}
+        keys_scaled, average, largest = network.apply_max_norm(models, config.optimization.scale_weight_norms)
+        norms = {"keys_scaled": keys_scaled, "average_key_norm": average, "max_key_norm": largest}
     if run.ema is not None and not skipped:
         run.ema.update(run.trainable, step)
-    return total, grad_norm, skipped
+    return total, grad_norm, skipped, norms
 
 
 def _step_numbers(run: Run, losses: list[torch.Tensor], grad_norm) -> tuple[list[float], float, list[int]]:

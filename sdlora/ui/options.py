@@ -46,6 +46,7 @@ def option_schema() -> list[dict[str, Any]]:
                     "name": item.name,
                     "flag": None if item.metadata["positional"] else "--" + item.name.replace("_", "-"),
                     "type": kind,
+                    "items": _items(option_annotations(section)[item.name]),
                     "optional": optional,
                     "default": _default(item),
                     "help": item.metadata["help"],
@@ -66,6 +67,11 @@ def _kind(annotation: Any) -> tuple[str, bool]:
     if get_origin(annotation) is list:
         return "list", optional
     return annotation.__name__, optional
+
+
+def _items(annotation: Any) -> str | None:
+    """A list option's element type (str, int, float); None for other options."""
+    return get_args(annotation)[0].__name__ if get_origin(annotation) is list else None
 
 
 def _default(item: Field) -> Any:

@@ -186,7 +186,7 @@ def test_every_path_option_in_a_toml_is_relative_to_the_file(tmp_path, monkeypat
 def test_path_options_are_one_list_from_the_field_metadata(tmp_path, monkeypatch):
     marked = {item.name for _, item in option_fields() if item.metadata.get("path")}
     assert marked == {
-        "data_dir", "dataset_config", "reg_data", "output_dir", "model", "model_config", "vae", "init_lora", "resume", "sample_prompts",
+        "data_dir", "dataset_config", "reg_data", "mask_dir", "output_dir", "model", "model_config", "vae", "init_lora", "resume", "sample_prompts",
     }  # fmt: skip
     assert set(PATH_OPTIONS) == marked
     monkeypatch.chdir(tmp_path)

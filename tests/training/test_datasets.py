@@ -474,7 +474,7 @@ batch_size = 4
     assert cached_before == {r.caption for r in run.records if r.subset == "plain"}
     indices = [2, 0, 3, 1]  # shuffled, plain, shuffled, plain
     rng, generator = random.Random(5), torch.Generator().manual_seed(5)
-    _, conditioning = encoder(indices, rng, generator)
+    _, conditioning, _ = encoder(indices, rng, generator)
     rng = random.Random(5)
     captions = []
     for index in indices:  # the same draws: flip, crop window (none: centre), caption

@@ -128,6 +128,33 @@ def test_preconditioning_weighs_the_velocity_error_by_sigma_squared():
     assert conditioned.item() == pytest.approx(0.25**2 * plain.item(), rel=1e-5)
 
 
+def test_flow_loss_takes_the_loss_mask_as_kohya_applies_it():
+    """--masked-loss under flow matching: loss * mask per latent pixel, then the plain mean (not renormalised); the
+    masked pixels' latents and noise do not reach the loss or the gradient."""
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    latents, noise, conditioning = _inputs()
+    timesteps = torch.tensor([100.0, 500.0, 900.0])
+    mask = torch.zeros(3, 1, 6, 5)
+    mask[..., :3, :] = 1.0  # the top half counts
+    sigma = (timesteps / 1000).view(-1, 1, 1, 1)
+
+    def loss_and_grad(latents, noise):
+        model = _Velocity()
+        loss = flow_matching_loss(model, scheduler, latents, conditioning, ObjectiveConfig(), timesteps=timesteps, noise=noise, mask=mask)
+        loss.backward()
+        return loss, model.scale.grad
+
+    loss, grad = loss_and_grad(latents, noise)
+    noisy = (1 - sigma) * latents + sigma * noise
+    expected = (((0.5 * noisy - (noise - latents)) ** 2) * mask).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    changed_latents, changed_noise = latents.clone(), noise.clone()
+    changed_latents[..., 3:, :] += 5.0
+    changed_noise[..., 3:, :] -= 3.0
+    loss2, grad2 = loss_and_grad(changed_latents, changed_noise)
+    assert loss2.item() == loss.item() and torch.equal(grad2, grad)
+
+
 def test_flow_loss_draws_are_seeded():
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
     latents, _, conditioning = _inputs()

@@ -68,7 +68,7 @@ def test_a_run_conditions_each_image_on_its_own_size_and_bucket(tmp_path, tiny_c
     wide = next(i for i, r in enumerate(run.records) if r.path.name == "wide.png")
     width, height = run.buckets[wide]
     assert width > height
-    _, conditioning = run.encoder([wide], random.Random(0), torch.Generator().manual_seed(0))
+    _, conditioning, _ = run.encoder([wide], random.Random(0), torch.Generator().manual_seed(0))
     record = run.records[wide]
     expected = sdxl_time_ids(record, (width, height), crop_window(record, (width, height), "center"), flip=False)
     assert conditioning.time_ids.tolist() == [[float(v) for v in expected]] and expected[:2] == [60, 96]

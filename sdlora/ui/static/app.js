@@ -81,7 +81,7 @@ function optionField(option) {
   } else if (option.type === "list") {
     input = document.createElement("textarea");
     input.rows = 2;
-    input.placeholder = "one per line";
+    input.placeholder = option.items === "str" ? "one per line" : "numbers, by commas or one per line";
     input.value = (option.default || []).join("\n");
   } else {
     input = document.createElement("input");
@@ -112,7 +112,8 @@ function formOptions() {
         if (input.checked === option.default) continue;
         value = input.checked;
       } else if (option.type === "list") {
-        value = input.value.split("\n").map((line) => line.trim()).filter((line) => line);
+        value = input.value.split(option.items === "str" ? "\n" : /[\n,]/).map((line) => line.trim()).filter((line) => line);
+        if (option.items !== "str") value = value.map((text) => (Number.isNaN(Number(text)) ? text : Number(text)));
         if (JSON.stringify(value) === JSON.stringify(option.default)) continue;
       } else {
         const text = input.value.trim();
