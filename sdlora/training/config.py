@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import sys
 import types
 from dataclasses import Field, dataclass, field, fields
 from pathlib import Path
@@ -22,6 +23,11 @@ from ..errors import UserError
 from ..inference.samplers import find_sampler
 from ..models.loading import ALLOW_PICKLE_HELP, MODEL_CONFIG_HELP, MODEL_HELP
 from .optimizers import OPTIMIZER_NAMES, parse_optimizer_args
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 PRESETS = ("attn", "attn-ff", "all")
 KINDS = ("lora", "loha", "lokr", "dora")  # what --kind trains: training/network.py builds each through peft's own layers
@@ -924,3 +930,54 @@ def toml_value(value: Any) -> str:
         return str(value)
     escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
     return f'"{escaped}"'
+
+
+def toml_options(text: str, path: Path) -> dict[str, Any]:
+    """The flat options of a config.toml's `text` (what `sdlora train --config` reads; `path` names the file in
+    messages, and relative paths are relative to its folder): see `sdlora.config.load_toml`."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise UserError(f"{path} is not valid TOML: {err}") from err
+    options: dict[str, Any] = {}
+    for key, value in _flat_entries(path, data):
+        option = key.replace("-", "_")
+        if option in options:
+            raise UserError(f"{path}: {key} is given twice (at the top level and in [{SECTION_OF[option]}]): keep one")
+        section = SECTIONS[SECTION_OF[option]]
+        item = section.__dataclass_fields__[option]
+        expected = value_problem(section, item, value, toml=True)  # here, to name the file: the section checks again
+        if expected is not None:
+            raise UserError(f"{path}: {key} = {toml_value(value)} must be {expected}")
+        options[option] = _relative_to(path, item, value)
+    return options
+
+
+def _flat_entries(path: Path, data: dict[str, Any]) -> list[tuple[str, Any]]:
+    """(key, value) of every option in the file, from the top level and from the [section] tables."""
+    entries = []
+    for key, value in data.items():
+        if key in SECTIONS and isinstance(value, dict):
+            for inner, inner_value in value.items():
+                owner = SECTION_OF.get(inner.replace("-", "_"))
+                if owner is None:
+                    raise UserError(f"{path}: unknown option {inner!r} in [{key}] (see sdlora train --help)")
+                if owner != key:
+                    raise UserError(f"{path}: {inner} is an option of [{owner}], not of [{key}]: move it there or to the top level")
+                entries.append((inner, inner_value))
+        elif key.replace("-", "_") in SECTION_OF:
+            entries.append((key, value))
+        else:
+            raise UserError(f"{path}: unknown option {key!r} (see sdlora train --help)")
+    return entries
+
+
+def _relative_to(path: Path, item: Field, value: Any) -> Any:
+    """A path option's value relative to the config file, so a dataset's train.toml works from anywhere; a name (a
+    hub id, a built-in model, `latest`, a checkpoint of the run) stays, unless it is a path there."""
+    if not item.metadata["path"] or not value or Path(value).expanduser().is_absolute():
+        return value
+    beside = path.parent / value
+    if not item.metadata["may_be_name"] or value.startswith(".") or beside.exists():
+        return str(beside.resolve())
+    return value

@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..core import targets
+from ..core.families import ModelFamily
 from ..core.files import read_lora
 from ..errors import UserError
 from ..inference.samplers import set_sampler
@@ -383,11 +384,20 @@ def _model_defaults(config: TrainConfig, model: BaseModel) -> TrainConfig:
     family's bucketing (on for SDXL) and gradient checkpointing (on for SDXL from 1024 px)."""
     data, pipe = config.data, model.pipe
     resolution = data.resolution or model.unet.config.sample_size * pipe.vae_scale_factor
-    buckets = model.family.buckets_by_default if data.buckets is None else data.buckets
+    defaults = family_defaults(model.family, resolution)
+    buckets = defaults["buckets"] if data.buckets is None else data.buckets
     checkpointing = config.base.gradient_checkpointing
     if checkpointing is None:
-        checkpointing = resolution >= CHECKPOINTING_FROM_RESOLUTION.get(model.family.name, math.inf)
+        checkpointing = defaults["gradient_checkpointing"]
     return config.replace(resolution=resolution, buckets=buckets, gradient_checkpointing=checkpointing)
+
+
+def family_defaults(family: ModelFamily, resolution: int) -> dict[str, bool]:
+    """What training takes, when not told, for a model of `family` trained at `resolution` (the UI's form shows it)."""
+    return {
+        "buckets": family.buckets_by_default,
+        "gradient_checkpointing": resolution >= CHECKPOINTING_FROM_RESOLUTION.get(family.name, math.inf),
+    }
 
 
 def _accelerator(base: BaseModelConfig, logging: LoggingConfig, output_dir: str):

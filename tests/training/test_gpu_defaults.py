@@ -96,7 +96,7 @@ def test_tf32_is_set_only_on_a_gpu(tiny_config, dataset, tmp_path, monkeypatch):
 
 def _model(family: str, sample_size: int = 64):
     pipe = SimpleNamespace(unet=SimpleNamespace(config=SimpleNamespace(sample_size=sample_size)), vae_scale_factor=8)
-    return SimpleNamespace(pipe=pipe, family=SimpleNamespace(name=family, buckets_by_default=family == "sdxl"))
+    return SimpleNamespace(pipe=pipe, unet=pipe.unet, family=SimpleNamespace(name=family, buckets_by_default=family == "sdxl"))
 
 
 @pytest.mark.parametrize(
