@@ -33,7 +33,7 @@ from ..storage.atomic import remove_leftover_temporaries
 from . import blocks, checkpoint, ema, memory, network, outputs
 from .base_model import BaseModel, load_base_model
 from .buckets import BucketBatchSampler, Size
-from .cache import BatchEncoder, ImageLoader, build_caches, fill_caches
+from .cache import BatchEncoder, ImageLoader, build_caches, encoder_dropout_rates, fill_caches
 from .config import BaseModelConfig, DataConfig, LoggingConfig, NetworkConfig, ObjectiveConfig, OptimizationConfig, TrainConfig
 from .data import ImageRecord, dataset_summary
 from .datasets import DatasetSpec, TrainingData, batch_sizes, load_training_data, record_buckets
@@ -232,10 +232,6 @@ def _setup_memory_plan(
     """The memory plan of this run (on an accelerator, or asked for with --dry-run), printed once."""
     if not (config.run.dry_run or accelerator.device.type != "cpu" or PLAN_ON_CPU):
         return None
-    if model.flow_matching:  # the plan's trace runs UNets; SD3's transformer is not traced yet
-        if accelerator.is_main_process:
-            tqdm.write("memory plan: not made for SD3 models yet")
-        return None
     records = data.records
     plan = memory.plan_memory(
         config, model, max(buckets, key=lambda size: size[0] * size[1]), max(batch_sizes(data, config.data)), accelerator.device,
@@ -252,7 +248,7 @@ def _setup_network(options: NetworkConfig, optimization: OptimizationConfig, bas
     resumed checkpoint later overrides it); fp32 unless --full-bf16/--full-fp16. Returns the optimizer's parameter
     groups, each at its component's learning rate; `model.trained` names the components."""
     lora_dtype = model.dtype if base.full_bf16 or base.full_fp16 else torch.float32
-    unet_targets = targets.unet_target_modules(model.unet, options.preset)
+    unet_targets = targets.unet_target_modules(model.unet, options.preset, options.lora_blocks)
     plan = blocks.block_plan(model.unet, unet_targets, options, model.family)  # kohya's block_dims / *_lr_weight
     network.add_lora(
         model.unet, list(plan.ranks) if plan else unet_targets, options.rank, options.alpha, options.dropout,
@@ -325,6 +321,7 @@ def _setup_caches(data: DataConfig, model: BaseModel, records, buckets, out: Pat
     """The latent and caption caches, filled before the first step (a disk cache once for all processes, each
     encoding its share), and the encoder of batches that reads them. What the caches now hold the steps no longer need: the VAE and frozen text encoders leave the accelerator (the
     encoders stay where some subset's captions change each step and are encoded then)."""
+    dropout = encoder_dropout_rates(data, model)  # SD3's per-encoder rates, refused for other families before any encoding
     latent_cache, embedding_cache = build_caches(data.cache, model, out, records)
     fill_caches(
         records, buckets, latent_cache, embedding_cache, show=accelerator.is_local_main_process, batch_size=data.vae_batch_size,
@@ -336,7 +333,7 @@ def _setup_caches(data: DataConfig, model: BaseModel, records, buckets, out: Pat
     for part in model.offloaded:
         part.to("cpu")
     loader = ImageLoader(records, data.workers) if latent_cache is None and data.workers else None  # uncached: load ahead
-    return BatchEncoder(data, model, records, buckets, latent_cache, embedding_cache, loader)
+    return BatchEncoder(data, model, records, buckets, latent_cache, embedding_cache, loader, dropout)
 
 
 def _setup_validation(config: TrainConfig, model: BaseModel, accelerator, data: TrainingData) -> Validator:
