@@ -4,7 +4,7 @@ transformer's forward + backward (the floor), as a table (median of `--repeats` 
 The issue's setting: the sd3-shaped model (SD3.5 Medium's transformer, SD3's VAE, text encoders of SD3's widths cut
 to 2 layers; `sdlora tiny-model DIR --variant sd3-shaped`) at 256 px, rank 16, batch 1, the attention preset (both
 streams' projections and attn2: diffusers' default `--lora_layers` plus attn2's four, passed to it so both adapt the
-same 280 layers), latents cached in both, T5 on in both (diffusers' script always loads it), prompts of 77 tokens in
+same 243 layers), latents cached in both, T5 on in both (diffusers' script always loads it), prompts of 77 tokens in
 both. s/step is taken inside each process over the steps after 2 warm-up steps (ours from metrics.jsonl, the
 reference from its progress bar, the floor from its own clock); peak RSS is each process's own. The reference script
 is fetched by you (never committed) and runs with `bench/reference_shims/torchvision` where torchvision does not
