@@ -10,14 +10,8 @@ from dataclasses import MISSING, Field
 from pathlib import Path
 from typing import Any, get_args, get_origin
 
-from .errors import UserError
-from .training.config import SECTION_OF, SECTIONS, TrainConfig, option_annotations, option_fields, section_title, toml_value, value_problem
+from .training.config import SECTION_OF, SECTIONS, TrainConfig, option_annotations, option_fields, section_title, toml_options
 from .training.kohya_config import read_kohya_config
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 __all__ = ["TrainConfig", "add_arguments", "config_from_args", "load_toml"]
 
@@ -85,53 +79,10 @@ def load_toml(path: str | os.PathLike) -> dict[str, Any]:
     and the value; relative paths are made relative to the file."""
     path = Path(path)
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError as err:
         raise FileNotFoundError(f"config file not found: {path}") from err
-    except tomllib.TOMLDecodeError as err:
-        raise UserError(f"{path} is not valid TOML: {err}") from err
-    options: dict[str, Any] = {}
-    for key, value in _flat_entries(path, data):
-        option = key.replace("-", "_")
-        if option in options:
-            raise UserError(f"{path}: {key} is given twice (at the top level and in [{SECTION_OF[option]}]): keep one")
-        section = SECTIONS[SECTION_OF[option]]
-        item = section.__dataclass_fields__[option]
-        expected = value_problem(section, item, value, toml=True)  # here, to name the file: the section checks again
-        if expected is not None:
-            raise UserError(f"{path}: {key} = {toml_value(value)} must be {expected}")
-        options[option] = _relative_to(path, item, value)
-    return options
-
-
-def _flat_entries(path: Path, data: dict[str, Any]) -> list[tuple[str, Any]]:
-    """(key, value) of every option in the file, from the top level and from the [section] tables."""
-    entries = []
-    for key, value in data.items():
-        if key in SECTIONS and isinstance(value, dict):
-            for inner, inner_value in value.items():
-                owner = SECTION_OF.get(inner.replace("-", "_"))
-                if owner is None:
-                    raise UserError(f"{path}: unknown option {inner!r} in [{key}] (see sdlora train --help)")
-                if owner != key:
-                    raise UserError(f"{path}: {inner} is an option of [{owner}], not of [{key}]: move it there or to the top level")
-                entries.append((inner, inner_value))
-        elif key.replace("-", "_") in SECTION_OF:
-            entries.append((key, value))
-        else:
-            raise UserError(f"{path}: unknown option {key!r} (see sdlora train --help)")
-    return entries
-
-
-def _relative_to(path: Path, item: Field, value: Any) -> Any:
-    """A path option's value relative to the config file, so a dataset's train.toml works from anywhere; a name (a
-    hub id, a built-in model, `latest`, a checkpoint of the run) stays, unless it is a path there."""
-    if not item.metadata["path"] or not value or Path(value).expanduser().is_absolute():
-        return value
-    beside = path.parent / value
-    if not item.metadata["may_be_name"] or value.startswith(".") or beside.exists():
-        return str(beside.resolve())
-    return value
+    return toml_options(text, path)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

@@ -56,9 +56,32 @@ TEXT_ENCODER_MLP = ("fc1", "fc2")
 _ENCODER_LAYER = re.compile(r"(?:^|\.)encoder\.layers\.(\d+)\.")
 
 
-def unet_target_modules(unet: nn.Module, preset: str) -> list[str]:
+_JOINT_BLOCK = re.compile(r"^transformer_blocks\.(\d+)\.")
+
+
+def parse_block_selection(text: str) -> tuple[int, ...] | None:
+    """`--lora-blocks` in kohya's train_block_indices syntax (networks/lora_sd3.py's parse_block_selection):
+    comma-separated indices and inclusive ranges, "0-11,20" -> (0, ..., 11, 20); "all" -> None (every block).
+    Anything else is a one-line UserError."""
+    text = text.strip()
+    if text == "all":
+        return None
+    selected: set[int] = set()
+    for part in text.split(","):
+        match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if match is None:
+            raise UserError(f"--lora-blocks {text!r}: {part.strip()!r} is not a block index or range: write e.g. 0-11,20")
+        start, end = int(match[1]), int(match[2] if match[2] is not None else match[1])
+        if start > end:
+            raise UserError(f"--lora-blocks {text!r}: the range {start}-{end} runs backwards: write {end}-{start}")
+        selected.update(range(start, end + 1))
+    return tuple(sorted(selected))
+
+
+def unet_target_modules(unet: nn.Module, preset: str, blocks: str | None = None) -> list[str]:
     """The full names of the denoiser's Linear/Conv2d layers that `preset` adapts (see the module docstring; SD3's
-    transformer by `MMDIT_PRESETS`)."""
+    transformer by `MMDIT_PRESETS`), in SD3's transformer only in the joint blocks `blocks` selects (`--lora-blocks`,
+    `parse_block_selection`; a UNet has no such row of blocks, and is refused)."""
     if preset not in PRESETS:
         raise UserError(f"unknown LoRA preset {preset!r}: use one of {', '.join(PRESETS)}")
     layers = base_layers(unet)
@@ -67,6 +90,18 @@ def unet_target_modules(unet: nn.Module, preset: str) -> list[str]:
     names = [name for name, layer in layers.items() if isinstance(layer, ADAPTABLE_LAYERS) and any(p.search(name) for p in patterns)]
     if not names:
         raise UserError(f"LoRA preset {preset!r} matches no layer of this UNet ({type(unet).__name__}): is it a Stable Diffusion UNet?")
+    selected = parse_block_selection(blocks) if blocks is not None else None
+    if selected is not None:
+        if not mmdit:
+            raise UserError(
+                f"--lora-blocks picks joint blocks of SD3's transformer; a UNet ({type(unet).__name__}) has none: leave it out and choose layers with --preset"
+            )
+        count = 1 + max(int(_JOINT_BLOCK.match(name)[1]) for name in layers if _JOINT_BLOCK.match(name))
+        if selected[-1] >= count:
+            raise UserError(
+                f"--lora-blocks {blocks}: block {selected[-1]} is beyond this transformer's {count} joint blocks (0-{count - 1})"
+            )
+        names = [name for name in names if int(_JOINT_BLOCK.match(name)[1]) in selected]
     return names
 
 

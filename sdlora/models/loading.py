@@ -374,7 +374,7 @@ def _explain_pickle_failure(path: Path) -> None:
 
 
 # the family of each built-in model, known without building it
-_BUILTIN_FAMILIES = {TINY_SD3: "sd3", SD3_SHAPED: "sd3"}
+_BUILTIN_FAMILIES = {TINY_SDXL: "sdxl", SDXL_SHAPED: "sdxl", TINY_SD3: "sd3", SD3_SHAPED: "sd3"}
 
 
 def peek_family(model: str) -> ModelFamily | None:
@@ -391,6 +391,28 @@ def peek_family(model: str) -> ModelFamily | None:
     except (UserError, OSError):
         return None
     return None
+
+
+# the training side of each built-in model (its denoiser's sample size times the VAE's factor), known without building it
+_BUILTIN_RESOLUTIONS = {TINY: 64, DEMO: 64, SD15_SHAPED: 512, TINY_SDXL: 64, SDXL_SHAPED: 1024, TINY_SD3: 64, SD3_SHAPED: 1024}
+
+
+def peek_resolution(model: str) -> int | None:
+    """The side in pixels a model generates at by default (what training takes when --resolution is not given), from a
+    built-in name or a diffusers folder's configs alone; None where that cannot tell (a single file, a hub id)."""
+    path = Path(model).expanduser()
+    if is_builtin_model(model):
+        return _BUILTIN_RESOLUTIONS[model]
+    try:
+        denoiser = next((path / part / "config.json" for part in ("unet", "transformer") if (path / part / "config.json").is_file()), None)
+        if denoiser is None:
+            return None
+        sample_size = json.loads(denoiser.read_text(encoding="utf-8"))["sample_size"]
+        vae_levels = len(json.loads((path / "vae" / "config.json").read_text(encoding="utf-8"))["block_out_channels"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    side = sample_size[0] if isinstance(sample_size, list) else sample_size
+    return int(side) * 2 ** (vae_levels - 1) if isinstance(side, int) else None  # diffusers' vae_scale_factor
 
 
 def is_builtin_model(model: str) -> bool:

@@ -331,6 +331,61 @@ def _encode_joint(
     return torch.cat([clip, t5.to(clip.dtype)], dim=-2), torch.cat(pooled, dim=-1)
 
 
+# SD3's per-encoder dropout options (kohya's --clip_l_dropout_rate, --clip_g_dropout_rate, --t5_dropout_rate) and the
+# component each zeroes
+ENCODER_DROPOUT = (("clip_l_dropout", "text_encoder"), ("clip_g_dropout", "text_encoder_2"), ("t5_dropout", "text_encoder_3"))
+
+
+def encoder_dropout_rates(data: DataConfig, model: BaseModel) -> dict[str, float]:
+    """The per-encoder dropout rates of `data` by component (those above 0); refused in one line for a model without
+    SD3's three encoders, and T5's with --no-t5 (its part is zeros already)."""
+    rates = {component: getattr(data, option) for option, component in ENCODER_DROPOUT if getattr(data, option)}
+    if not rates:
+        return rates
+    if not any(spec.architecture == "t5" for spec in model.family.text_encoders):
+        flags = ", ".join(f"--{option.replace('_', '-')}" for option, component in ENCODER_DROPOUT if component in rates)
+        raise UserError(
+            f"{flags}: per-encoder dropout is for SD3's three text encoders; {model.name} is {model.family.label}: use --caption-dropout"
+        )
+    if "text_encoder_3" in rates and "text_encoder_3" not in model.text_encoders:
+        raise UserError("--t5-dropout with --no-t5: T5's part of the text is always zeros then; drop one of them")
+    return rates
+
+
+def draw_encoder_dropout(rates: Mapping[str, float], count: int, rng: random.Random) -> list[frozenset[str]]:
+    """For each of `count` images, the components whose part of its text is dropped this step: one draw from `rng`
+    per image per encoder with a rate above 0, in the order of `rates` (as kohya draws, per image and encoder)."""
+    return [frozenset(component for component, rate in rates.items() if rng.random() < rate) for _ in range(count)]
+
+
+def zero_dropped_encoders(
+    model: BaseModel, hidden: torch.Tensor, pooled: torch.Tensor, dropped: Sequence[frozenset[str]]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SD3's text (`_encode_joint`'s layout) with each image's dropped encoders' parts set to zero, as kohya's
+    Sd3TextEncodingStrategy.drop_cached_text_encoder_outputs does: a CLIP's columns of the CLIP tokens and its
+    columns of the pooled embedding; T5's tokens (every column). New tensors: cached ones are never written."""
+    if not any(dropped):
+        return hidden, pooled
+    hidden_mask = torch.zeros(hidden.shape, dtype=torch.bool, device=hidden.device)
+    pooled_mask = torch.zeros(pooled.shape, dtype=torch.bool, device=pooled.device)
+    clip_rows = hidden.shape[1] - model.t5_max_length  # the CLIPs' tokens come first, T5's after them
+    column = pooled_column = 0
+    for spec in model.family.text_encoders:
+        if spec.architecture == "t5":
+            for image, parts in enumerate(dropped):
+                if spec.component in parts:
+                    hidden_mask[image, clip_rows:] = True
+            continue
+        config = getattr(model.pipe, spec.component).config  # the pipeline's own module (the run's may be wrapped)
+        width, pooled_width = config.hidden_size, config.projection_dim
+        for image, parts in enumerate(dropped):
+            if spec.component in parts:
+                hidden_mask[image, :clip_rows, column : column + width] = True
+                pooled_mask[image, pooled_column : pooled_column + pooled_width] = True
+        column, pooled_column = column + width, pooled_column + pooled_width
+    return hidden.masked_fill(hidden_mask, 0.0), pooled.masked_fill(pooled_mask, 0.0)
+
+
 def build_caches(
     mode: str, model: BaseModel, out: Path, records: Sequence[ImageRecord]
 ) -> tuple[LatentCache | None, EmbeddingCache | None]:
@@ -472,6 +527,7 @@ class Draw:
     flip: bool
     window: Window  # where the image is cut (`crop_window`)
     caption: str
+    dropped_encoders: frozenset[str] = frozenset()  # SD3: the text encoders whose part of its text is zeroed this step
 
     @property
     def key(self) -> tuple:
@@ -530,6 +586,7 @@ class BatchEncoder:
     latent_cache: LatentCache | None
     embedding_cache: EmbeddingCache | None
     loader: ImageLoader | None = None  # without a latent cache: the images, loaded ahead on worker threads
+    encoder_dropout: dict[str, float] = dataclasses.field(default_factory=dict)  # SD3: `encoder_dropout_rates`
 
     def __call__(
         self, indices: list[int], rng: random.Random, generator: torch.Generator
@@ -545,7 +602,8 @@ class BatchEncoder:
             window = crop_window(record, size, rules.crop, rng)
             draws.append(Draw(index, size, flip, window, step_caption(record.caption, rules, rng, self.data.trigger)))
         captions = drop_captions([d.caption for d in draws], [self.records[d.index].rules.caption_dropout for d in draws], rng)
-        return [dataclasses.replace(draw, caption=caption) for draw, caption in zip(draws, captions)]
+        dropped = draw_encoder_dropout(self.encoder_dropout, len(draws), rng) if self.encoder_dropout else [frozenset()] * len(draws)
+        return [dataclasses.replace(d, caption=c, dropped_encoders=parts) for d, c, parts in zip(draws, captions, dropped)]
 
     def encode(self, draws: Sequence[Draw], generator: torch.Generator) -> tuple[torch.Tensor, Conditioning, torch.Tensor | None]:
         """The UNet's inputs for the drawn micro-batch, and the loss masks on the latent grid ([batch, 1, h, w]; ones
@@ -576,6 +634,8 @@ class BatchEncoder:
         latents = scale_latents(mean + std * noise, model.pipe.vae)
         captions = [d.caption for d in draws]
         hidden, pooled = self._embed(captions, [c == "" or self.records[d.index].rules.static for c, d in zip(captions, draws)])
+        if self.encoder_dropout:  # after the cache: cached text stays whole, and each step drops its own parts
+            hidden, pooled = zero_dropped_encoders(model, hidden, pooled, [d.dropped_encoders for d in draws])
         time_ids = [sdxl_time_ids(self.records[d.index], d.size, d.window, d.flip) for d in draws]
         conditioning = Conditioning(hidden, pooled, torch.tensor(time_ids, dtype=torch.float32) if model.family.time_ids else None)
         return latents.to(model.dtype), conditioning.to(device, model.dtype), loss_masks

@@ -12,15 +12,22 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import sys
 import types
 from dataclasses import Field, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
+from ..core.targets import parse_block_selection
 from ..errors import UserError
 from ..inference.samplers import find_sampler
 from ..models.loading import ALLOW_PICKLE_HELP, MODEL_CONFIG_HELP, MODEL_HELP
 from .optimizers import OPTIMIZER_NAMES, parse_optimizer_args
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 PRESETS = ("attn", "attn-ff", "all")
 KINDS = ("lora", "loha", "lokr", "dora")  # what --kind trains: training/network.py builds each through peft's own layers
@@ -133,6 +140,18 @@ class DataConfig(_Section):
     flip: bool = _opt(False, "random horizontal flips; off when the style has handedness (text, logos)")
     val_split: float = _opt(0.0, "fraction of images held out for the validation loss (0 = none)")
     caption_dropout: float = _opt(0.0, "probability of training on an empty caption")
+    # SD3's per-encoder dropout (kohya's sd3_train_network.py): each drawn per image per step, after the caches
+    clip_l_dropout: float = _opt(
+        0.0,
+        "SD3: probability of zeroing CLIP-L's part of an image's text (its columns of the CLIP tokens and of the pooled "
+        "embedding), per image per step, as kohya's --clip_l_dropout_rate",
+    )
+    clip_g_dropout: float = _opt(0.0, "SD3: as --clip-l-dropout, for CLIP-G's part (kohya's --clip_g_dropout_rate)")
+    t5_dropout: float = _opt(
+        0.0,
+        "SD3: probability of zeroing T5's tokens of an image's text, per image per step (kohya's --t5_dropout_rate): "
+        "teaches the LoRA to work without T5 too",
+    )
     shuffle_captions: bool = _opt(
         False, "shuffle comma-separated caption tags each step (keeps the --keep-tokens first tags, and the trigger, in place)"
     )
@@ -194,6 +213,8 @@ class DataConfig(_Section):
         _check(bool(self.caption_extension.strip(". ")), "caption_extension", self.caption_extension, "an extension such as .txt")
         for name in ("caption_dropout", "tag_dropout", "val_split"):
             _check(0.0 <= getattr(self, name) < 1.0, name, getattr(self, name), "in [0, 1)")
+        for name in ("clip_l_dropout", "clip_g_dropout", "t5_dropout"):
+            _check(0.0 <= getattr(self, name) <= 1.0, name, getattr(self, name), "in [0, 1]")
 
 
 @dataclass(frozen=True)
@@ -289,6 +310,11 @@ class NetworkConfig(_Section):
         None, "rank of the 3x3 convs (resnets, down/upsamplers) in --preset all, as kohya's conv_dim; 4-16 is usual (default: --rank)"
     )
     conv_alpha: float | None = _opt(None, "alpha of the 3x3 convs in --preset all, as kohya's conv_alpha (default: --alpha)")
+    lora_blocks: str | None = _opt(
+        None,
+        "SD3: only these joint blocks of the transformer get LoRA, as kohya's train_block_indices: indices and inclusive "
+        "ranges, e.g. 0-11,20 (SD3.5 Medium has 24 blocks, 0-23; SD3.5 Large 38); default: every block. UNet models refuse it",
+    )
     train_text_encoder: bool = _opt(False, "also train LoRA on the attention projections of the text encoder(s) (SDXL: both)")
     init_lora: str | None = _opt(
         None,
@@ -353,6 +379,8 @@ class NetworkConfig(_Section):
             raise UserError(f"--init-lora continues a plain LoRA; with --kind {self.kind} training starts fresh: drop --init-lora")
         _check(self.rank >= 1, "rank", self.rank, "at least 1")
         _check(math.isfinite(self.alpha) and self.alpha > 0, "alpha", self.alpha, "a positive finite number")
+        if self.lora_blocks is not None:
+            parse_block_selection(self.lora_blocks)  # the syntax now; the block count when the model is loaded
         _check(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "in [0, 1)")
         self._check_kohya_values()
         if self.conv_rank is not None or self.conv_alpha is not None:
@@ -941,3 +969,54 @@ def toml_value(value: Any) -> str:
         return str(value)
     escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
     return f'"{escaped}"'
+
+
+def toml_options(text: str, path: Path) -> dict[str, Any]:
+    """The flat options of a config.toml's `text` (what `sdlora train --config` reads; `path` names the file in
+    messages, and relative paths are relative to its folder): see `sdlora.config.load_toml`."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise UserError(f"{path} is not valid TOML: {err}") from err
+    options: dict[str, Any] = {}
+    for key, value in _flat_entries(path, data):
+        option = key.replace("-", "_")
+        if option in options:
+            raise UserError(f"{path}: {key} is given twice (at the top level and in [{SECTION_OF[option]}]): keep one")
+        section = SECTIONS[SECTION_OF[option]]
+        item = section.__dataclass_fields__[option]
+        expected = value_problem(section, item, value, toml=True)  # here, to name the file: the section checks again
+        if expected is not None:
+            raise UserError(f"{path}: {key} = {toml_value(value)} must be {expected}")
+        options[option] = _relative_to(path, item, value)
+    return options
+
+
+def _flat_entries(path: Path, data: dict[str, Any]) -> list[tuple[str, Any]]:
+    """(key, value) of every option in the file, from the top level and from the [section] tables."""
+    entries = []
+    for key, value in data.items():
+        if key in SECTIONS and isinstance(value, dict):
+            for inner, inner_value in value.items():
+                owner = SECTION_OF.get(inner.replace("-", "_"))
+                if owner is None:
+                    raise UserError(f"{path}: unknown option {inner!r} in [{key}] (see sdlora train --help)")
+                if owner != key:
+                    raise UserError(f"{path}: {inner} is an option of [{owner}], not of [{key}]: move it there or to the top level")
+                entries.append((inner, inner_value))
+        elif key.replace("-", "_") in SECTION_OF:
+            entries.append((key, value))
+        else:
+            raise UserError(f"{path}: unknown option {key!r} (see sdlora train --help)")
+    return entries
+
+
+def _relative_to(path: Path, item: Field, value: Any) -> Any:
+    """A path option's value relative to the config file, so a dataset's train.toml works from anywhere; a name (a
+    hub id, a built-in model, `latest`, a checkpoint of the run) stays, unless it is a path there."""
+    if not item.metadata["path"] or not value or Path(value).expanduser().is_absolute():
+        return value
+    beside = path.parent / value
+    if not item.metadata["may_be_name"] or value.startswith(".") or beside.exists():
+        return str(beside.resolve())
+    return value

@@ -18,7 +18,7 @@ import os
 import random
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
@@ -92,6 +92,7 @@ def find_images(
     keep_tokens: int = 0,
     flat: bool = False,
     no_caption_hint: str = "pass --caption or --trigger or add .txt files",
+    size_of: Callable[[Path], tuple[int, int] | str] | None = None,
 ) -> list[ImageRecord]:
     """Every readable image under `data_dir` (nested folders too; only those directly in it when `flat`, as a
     dataset TOML's image_dir is read) with its caption, sorted by relative path; in a kohya-style folder (not
@@ -99,7 +100,7 @@ def find_images(
 
     Unreadable images are skipped with a warning; no images at all, an image left without any caption, a bad
     `metadata.jsonl` line, a badly named subset folder or a caption with fewer tags than `keep_tokens` raise a
-    one-line ValueError naming the file.
+    one-line ValueError naming the file. `size_of` stands in for `displayed_size` (the UI's remembers its answers).
     """
     root = Path(data_dir)
     if not root.exists():
@@ -121,7 +122,7 @@ def find_images(
     uncaptioned: list[str] = []
     for relative in sorted(found.keys() | listed.keys()):
         path = found.get(relative, root / relative)
-        size = displayed_size(path)
+        size = (size_of or displayed_size)(path)
         if isinstance(size, str):
             unreadable.append(f"{relative} ({size})")
             continue

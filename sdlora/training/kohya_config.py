@@ -46,6 +46,7 @@ class Key:
     ignored: str = ""
     refused: str = ""
     default: Any = None
+    sd3: bool = False  # an option of train_util.py that only sd3_train_network.py reads: ignored in other configs
 
 
 def _to(option: str, types: tuple[type, ...]) -> Key:
@@ -58,6 +59,10 @@ def _ignored(why: str, types: tuple[type, ...] | None = None) -> Key:
 
 def _refused(instead: str, types: tuple[type, ...] | None = None, default: Any = None) -> Key:
     return Key(types, refused=instead, default=default)
+
+
+def _sd3(to: str | Converter, types: tuple[type, ...]) -> Key:
+    return Key(types, to, ignored="for SD3 only (sd3_train_network.py)", sd3=True)
 
 
 # ---------------------------------------------------------------- converters where the meaning differs
@@ -171,10 +176,16 @@ def _network(value: Any, config: dict[str, Any]) -> Options:
     """network_module with network_args: kohya's networks.lora, or LyCORIS's LoRA/LoCon (`lycoris.kohya`, algo lora or
     locon). Both adapt every Linear and 1x1 conv of the transformer blocks (sdlora's --preset attn-ff); conv_dim adds
     the 3x3 convs of the ResNets and samplers (--preset all with --conv-rank/--conv-alpha)."""
-    module = config.get("network_module", "networks.lora")
+    sd3 = is_sd3_config(config)
+    module = config.get("network_module", "networks.lora_sd3" if sd3 else "networks.lora")
+    if module == "networks.lora_sd3":
+        return _network_sd3(config)
+    if sd3:
+        raise UserError(f"kohya config: network_module = {module!r} with SD3's keys {_NOT_YET}: sdlora trains SD3 with networks.lora_sd3")
     if module not in ("networks.lora", "lycoris.kohya"):
         raise UserError(
-            f"kohya config: network_module = {module!r} {_NOT_YET}: sdlora trains networks.lora and lycoris.kohya's lora/locon/loha/lokr"
+            f"kohya config: network_module = {module!r} {_NOT_YET}: sdlora trains networks.lora, networks.lora_sd3 and lycoris.kohya's "
+            "lora/locon/loha/lokr"
         )
     args: dict[str, str] = {}
     for item in config.get("network_args", []):
@@ -289,6 +300,63 @@ def _lora_args(args: dict[str, str], config: dict[str, Any]) -> Options:
         options["preset"] = "all"
         options.setdefault("conv_alpha", float(args.get("conv_alpha", 1)))
     return options
+
+
+# networks/lora_sd3.py's network_args sdlora carries out: its block filter, and the dropouts and LoRA+ ratios it
+# shares with networks.lora (read as networks.lora's)
+_LORA_SD3_ARGS = ("train_block_indices", "rank_dropout", "module_dropout", "loraplus_lr_ratio", "loraplus_unet_lr_ratio",
+                  "loraplus_text_encoder_lr_ratio")  # fmt: skip
+
+
+def _network_sd3(config: dict[str, Any]) -> Options:
+    """kohya's networks.lora_sd3: every Linear of the MMDiT's joint blocks (sdlora's --preset all on SD3, the same
+    layers: tests/core/test_targets.py), train_block_indices as --lora-blocks, its dropouts and LoRA+ ratios as
+    networks.lora's; its other network_args (emb_dims, per-type dims, split_qkv, train_t5xxl) not yet."""
+    args: dict[str, str] = {}
+    for item in config.get("network_args", []):
+        key, sep, text = (part.strip() for part in item.partition("="))
+        if not sep:
+            raise UserError(f"kohya config: network_args item {item!r} is not key=value")
+        if key not in _LORA_SD3_ARGS:
+            raise UserError(
+                f"kohya config: network_args {key}={text} {_NOT_YET} with networks.lora_sd3 (sdlora carries out {', '.join(_LORA_SD3_ARGS)})"
+            )
+        args[key] = text
+    options: Options = {"preset": "all", "kind": "lora"}
+    if "train_block_indices" in args:
+        options["lora_blocks"] = args.pop("train_block_indices")
+    return options | _lora_args(args, config)
+
+
+# sd3_train_utils.py's add_sd3_training_arguments: a config with any of them (or networks.lora_sd3) is an SD3 one
+SD3_KEYS = ("clip_l", "clip_g", "t5xxl", "save_clip", "save_t5xxl", "t5xxl_device", "t5xxl_dtype", "t5xxl_max_token_length",
+            "apply_lg_attn_mask", "apply_t5_attn_mask", "clip_l_dropout_rate", "clip_g_dropout_rate", "t5_dropout_rate",
+            "pos_emb_random_crop_rate", "enable_scaled_pos_embed", "training_shift")  # fmt: skip
+# sd3_train_network.py's defaults where they are not sdlora's SD3 ones (train_util.py: weighting_scheme uniform;
+# sd3_train_utils.py: training_shift 1.0, t5xxl_max_token_length 256); SD3 takes no prediction type
+KOHYA_SD3_DEFAULTS: Options = {"timestep_sampling": "uniform", "flow_shift": 1.0, "t5_max_length": 256}
+# kohya's one weighting_scheme (train_util.py's choices) as sdlora's two options: the sigma density (sd3_train_utils.py
+# compute_density_for_timestep_sampling: uniform unless logit_normal or mode) and the loss weight
+# (compute_loss_weighting_for_sd3: 1 unless sigma_sqrt or cosmap)
+_WEIGHTING_SCHEMES = {
+    "uniform": ("uniform", "none"), "none": ("uniform", "none"), "logit_normal": ("logit_normal", "none"),
+    "mode": ("mode", "none"), "sigma_sqrt": ("uniform", "sigma_sqrt"), "cosmap": ("uniform", "cosmap"),
+}  # fmt: skip
+
+
+def is_sd3_config(config: dict[str, Any]) -> bool:
+    """Whether sd-scripts' keys are sd3_train_network.py's (an SD3 key, or networks.lora_sd3)."""
+    return config.get("network_module") == "networks.lora_sd3" or any(key in config for key in SD3_KEYS)
+
+
+def _weighting_scheme(value: Any, config: dict[str, Any]) -> Options:
+    if value not in _WEIGHTING_SCHEMES:
+        raise UserError(f"kohya config: weighting_scheme = {value!r} must be one of {', '.join(_WEIGHTING_SCHEMES)}")
+    sampling, weighting = _WEIGHTING_SCHEMES[value]
+    return {"timestep_sampling": sampling, "flow_weighting": weighting}
+
+
+_SD3_ENCODER_FILES = "sdlora loads SD3's text encoders with the model: give pretrained_model_name_or_path a diffusers folder or a single file with its encoders"
 
 
 def _cache(value: Any, config: dict[str, Any]) -> Options:
@@ -486,7 +554,27 @@ KEYS: dict[str, Key] = {
     "v_pred_like_loss": _refused("use min_snr_gamma", _FLOAT),
     "debiased_estimation_loss": _refused("use min_snr_gamma", _BOOL, False),
     "weighted_captions": _refused("write captions without (word:weight)", _BOOL, False),
-    "weighting_scheme": _ignored("for SD3 and FLUX only", _STR),
+    # SD3 (sd3_train_network.py: train_util.py's flow-matching options, sd3_train_utils.py's own)
+    "weighting_scheme": _sd3(_weighting_scheme, _STR),
+    "logit_mean": _sd3("logit_mean", _FLOAT),
+    "logit_std": _sd3("logit_std", _FLOAT),
+    "mode_scale": _sd3("mode_scale", _FLOAT),
+    "training_shift": _to("flow_shift", _FLOAT),
+    "t5xxl_max_token_length": _to("t5_max_length", _INT),
+    "clip_l_dropout_rate": _to("clip_l_dropout", _FLOAT),
+    "clip_g_dropout_rate": _to("clip_g_dropout", _FLOAT),
+    "t5_dropout_rate": _to("t5_dropout", _FLOAT),
+    "apply_lg_attn_mask": _refused("sdlora encodes SD3's text as StableDiffusion3Pipeline does, without attention masks", _BOOL, False),
+    "apply_t5_attn_mask": _refused("sdlora encodes SD3's text as StableDiffusion3Pipeline does, without attention masks", _BOOL, False),
+    "clip_l": _refused(_SD3_ENCODER_FILES, _STR),
+    "clip_g": _refused(_SD3_ENCODER_FILES, _STR),
+    "t5xxl": _refused(_SD3_ENCODER_FILES, _STR),
+    "save_clip": _refused("sdlora writes the LoRA only", _BOOL, False),
+    "save_t5xxl": _refused("sdlora writes the LoRA only", _BOOL, False),
+    "t5xxl_device": _ignored("memory placement, " + _NO_EFFECT, _STR),
+    "t5xxl_dtype": _ignored("T5 runs in the run's precision (kohya: does not work yet)", _STR),
+    "pos_emb_random_crop_rate": _refused("the positional embeddings' random crop " + _NOT_YET, _FLOAT, 0.0),
+    "enable_scaled_pos_embed": _refused("scaled positional embeddings " + _NOT_YET, _BOOL, False),
     # outputs and checkpoints
     "output_dir": _to("output_dir", _STR),
     "output_name": _to("name", _STR),
@@ -565,6 +653,17 @@ _OTHER_MODELS = ("flux1_", "sd3_", "t5xxl", "clip_l", "clip_g", "ae", "guidance_
                  "model_prediction_type", "timestep_sampling", "split_mode", "train_blocks", "double_blocks_to_swap",
                  "single_blocks_to_swap", "save_clip", "save_t5xxl", "apply_t5_attn_mask", "logit_mean", "logit_std",
                  "mode_scale", "weighting_scheme", "flux_fused_backward_pass")  # fmt: skip
+# the GUI's SD3 tab (used when sd3_checkbox is on): its sd3_ names of sd-scripts' keys, and the keys it keeps as they are
+_GUI_SD3_NAMES = {
+    "sd3_clip_l": "clip_l", "sd3_t5xxl": "t5xxl", "sd3_clip_l_dropout_rate": "clip_l_dropout_rate",
+    "sd3_t5_dropout_rate": "t5_dropout_rate", "sd3_text_encoder_batch_size": "text_encoder_batch_size",
+    "sd3_cache_text_encoder_outputs": "cache_text_encoder_outputs",
+    "sd3_cache_text_encoder_outputs_to_disk": "cache_text_encoder_outputs_to_disk",
+    "sd3_enable_scaled_pos_embed": "enable_scaled_pos_embed", "sd3_fused_backward_pass": "fused_backward_pass",
+    "sd3_disable_mmap_load_safetensors": "disable_mmap_load_safetensors",
+}  # fmt: skip
+_GUI_SD3_KEYS = ("clip_l", "clip_g", "t5xxl", "clip_g_dropout_rate", "save_clip", "save_t5xxl", "t5xxl_device", "t5xxl_dtype",
+                 "t5xxl_max_token_length", "apply_t5_attn_mask", "logit_mean", "logit_std", "mode_scale", "weighting_scheme")  # fmt: skip
 # the network settings lora_gui.py passes as network_args when set, for its LoRA types (_network reads networks.lora's)
 _GUI_NETWORK_ARGS = {
     "networks.lora": ("down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold", "block_dims",
@@ -578,16 +677,23 @@ def _gui_to_kohya(data: dict[str, Any]) -> dict[str, Any]:
     """kohya_ss's JSON as sd-scripts' keys, as its lora_gui.py passes them: empty, zero and false values are the
     GUI's "not set" (it passes no flag for them), numbers it saved as text are numbers, its names renamed, its
     LoRA_type turned into network_module and network_args."""
-    if data.get("flux1_checkbox") or data.get("sd3_checkbox"):
-        raise UserError("kohya_ss config: FLUX and SD3 training is not supported by sdlora (flux1_checkbox / sd3_checkbox)")
+    if data.get("flux1_checkbox"):
+        raise UserError("kohya_ss config: FLUX training is not supported by sdlora (flux1_checkbox)")
+    sd3 = bool(data.get("sd3_checkbox"))
     for key in list(data):
-        if key.startswith(_OTHER_MODELS) or key in ("flux1_checkbox", "sd3_checkbox"):
+        if sd3 and key in _GUI_SD3_NAMES:
+            data[_GUI_SD3_NAMES[key]] = data.pop(key)
+        elif (key.startswith(_OTHER_MODELS) and not (sd3 and key in _GUI_SD3_KEYS)) or key in ("flux1_checkbox", "sd3_checkbox"):
             data.pop(key)
     data = {key: _gui_number(value) for key, value in data.items()}
     data = {key: value for key, value in data.items() if value not in ("", None, False, 0) or key in _GUI_KEPT_AT_ZERO}
     config: dict[str, Any] = {}
     lora_type = data.get("LoRA_type", "Standard")
-    if lora_type in ("Standard", "Kohya LoCon"):
+    if sd3 and lora_type != "Standard":
+        raise UserError(f"kohya_ss config: LoRA_type = {lora_type!r} with sd3_checkbox {_NOT_YET}: sdlora trains SD3's Standard LoRA")
+    if sd3:  # lora_gui.py runs sd3_train_network.py with networks.lora_sd3
+        module, args = "networks.lora_sd3", []
+    elif lora_type in ("Standard", "Kohya LoCon"):
         module, args = "networks.lora", []
     elif lora_type == "LyCORIS/LoCon":
         module, args = "lycoris.kohya", ["algo=locon", f"preset={data.get('LyCORIS_preset', 'full')}"]
@@ -595,7 +701,7 @@ def _gui_to_kohya(data: dict[str, Any]) -> dict[str, Any]:
         raise UserError(f"kohya_ss config: LoRA_type = {lora_type!r} {_NOT_YET}: sdlora trains Standard, Kohya LoCon and LyCORIS/LoCon")
     if lora_type != "Standard":
         args += [f"conv_dim={data.get('conv_dim', 1)}", f"conv_alpha={data.get('conv_alpha', 1)}"]
-    args += [f"{key}={data.pop(key)}" for key in _GUI_NETWORK_ARGS[module] if key in data]
+    args += [f"{key}={data.pop(key)}" for key in _GUI_NETWORK_ARGS.get(module, ()) if key in data]
     config |= {"network_module": module, "network_args": args}
     if data.get("lr_warmup"):  # a percentage of the steps
         config["lr_warmup_steps"] = data["lr_warmup"] / 100
@@ -693,6 +799,10 @@ def read_kohya_config(path: str | Path) -> KohyaConfig:
 def kohya_options(config: dict[str, Any]) -> tuple[Options, tuple[str, ...]]:
     """(sdlora's options, the ignored keys) from sd-scripts' keys and values."""
     options = dict(KOHYA_DEFAULTS)
+    sd3 = is_sd3_config(config)
+    if sd3:  # sd3_train_network.py's defaults; SD3 has no prediction type to choose
+        options.pop("prediction_type")
+        options |= KOHYA_SD3_DEFAULTS
     ignored = []
     for key, value in config.items():
         rule = KEYS.get(key)
@@ -701,7 +811,9 @@ def kohya_options(config: dict[str, Any]) -> tuple[Options, tuple[str, ...]]:
         if rule.types is not None and not _fits(rule.types, value):
             names = " or ".join(sorted({t.__name__ for t in rule.types}))
             raise UserError(f"kohya config: {key} = {value!r} must be {names.replace('str', 'a string').replace('list', 'a list')}")
-        if rule.ignored:
+        if rule.sd3 and sd3:
+            options |= {rule.to: float(value)} if isinstance(rule.to, str) else rule.to(value, config)
+        elif rule.ignored:
             ignored.append(key)
         elif rule.refused:
             if value not in (rule.default, None, "") and not (value is False and rule.default is None):

@@ -231,10 +231,11 @@ def plan_memory(
     frozen text encoders leave it too."""
     data, samples, base = config.data, config.samples, config.base
     pipe, unet = model.pipe, model.unet
+    denoiser = "transformer" if model.flow_matching else "UNet"  # SD3's MMDiT, or the UNet
     on_cpu = torch.device(device).type == "cpu"  # one memory: whatever is "offloaded" stays in it
     trained = [p for part in (unet, *model.text_encoders.values()) for p in part.parameters() if p.requires_grad]
     lora = sum(p.nelement() * p.element_size() for p in trained)
-    weights = {"UNet": module_bytes(unet, trainable=False), "VAE": module_bytes(pipe.vae)}
+    weights = {denoiser: module_bytes(unet, trainable=False), "VAE": module_bytes(pipe.vae)}
     weights["text encoders"] = sum(module_bytes(encoder, trainable=False) for encoder in model.text_encoders.values())
     state = optimizer_bytes(config.optimization.optimizer, trained, fp32_master=base.full_fp16)
     compute = model.dtype if base.mixed_precision != "no" else None  # what autocast computes trained weights in
@@ -246,13 +247,13 @@ def plan_memory(
             setup.parts["VAE"] = weights["VAE"]
         setup.parts["text encoders"] = weights["text encoders"]
         if on_cpu:
-            setup.parts["UNet"] = weights["UNet"] + lora
+            setup.parts[denoiser] = weights[denoiser] + lora
         if latents_cached:
             setup.parts["VAE encode"] = _vae_encode_peak(pipe.vae, data.vae_batch_size, size)
         phases.append(setup)
 
     step = Phase("training step")
-    step.parts["UNet"] = weights["UNet"]
+    step.parts[denoiser] = weights[denoiser]
     step.parts["LoRA + gradients"] = 2 * lora
     step.parts[f"{config.optimization.optimizer} state"] = state
     if not latents_cached or on_cpu:
@@ -264,7 +265,7 @@ def plan_memory(
 
     if samples.samples:
         sampling = Phase("sampling")
-        sampling.parts.update({name: weights[name] for name in ("UNet", "VAE", "text encoders")})
+        sampling.parts.update({name: weights[name] for name in (denoiser, "VAE", "text encoders")})
         sampling.parts["LoRA"] = lora
         sampling.parts[f"{config.optimization.optimizer} state"] = state
         resolution = data.resolution or size[0]
@@ -280,15 +281,23 @@ def plan_memory(
     return MemoryPlan(torch.device(device), phases, shape, capacity)
 
 
-def _conditioning(model, batch: int, dtype: torch.dtype) -> dict:
-    """Meta inputs the UNet is conditioned on, as training passes them."""
-    unet_config = model.unet.config
+def _denoise(model, latents: torch.Tensor, batch: int) -> torch.Tensor:
+    """The denoiser on meta `latents` with meta conditioning, as training calls it: the UNet with the text (and
+    SDXL's pooled text and time ids), or SD3's transformer with the joint text (the CLIPs' tokens, then T5's
+    `t5_max_length`) and the pooled embedding."""
+    config, dtype = model.unet.config, model.dtype
     tokens = model.pipe.tokenizer.model_max_length
-    kwargs = {"encoder_hidden_states": meta(batch, tokens, unet_config.cross_attention_dim, dtype=dtype)}
+    if model.flow_matching:
+        text = meta(batch, tokens + model.t5_max_length, config.joint_attention_dim, dtype=dtype)
+        pooled = meta(batch, config.pooled_projection_dim, dtype=dtype)
+        return model.unet(
+            hidden_states=latents, encoder_hidden_states=text, pooled_projections=pooled, timestep=meta(batch), return_dict=False
+        )[0]
+    kwargs = {"encoder_hidden_states": meta(batch, tokens, config.cross_attention_dim, dtype=dtype)}
     if model.family.time_ids:
-        pooled = unet_config.projection_class_embeddings_input_dim - 6 * unet_config.addition_time_embed_dim
+        pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
         kwargs["added_cond_kwargs"] = {"text_embeds": meta(batch, pooled, dtype=dtype), "time_ids": meta(batch, 6, dtype=dtype)}
-    return kwargs
+    return model.unet(latents, meta(batch, dtype=torch.long), **kwargs)[0]
 
 
 def _latents(model, batch: int, size: tuple[int, int]) -> torch.Tensor:
@@ -301,11 +310,11 @@ def _step_peak(model, size: tuple[int, int], batch: int, compute: torch.dtype | 
     encoders' forward first, then the UNet's, then the backward. The backward is taken to the latents only: it runs
     through every layer and releases every saved tensor as the real one does, but makes no weight gradients (counted
     with the weights, where they live until the optimizer steps, not here)."""
-    unet, trained_encoders = model.unet, [model.text_encoders[c] for c in model.trained if c != "unet"]
+    unet, trained_encoders = model.unet, [model.text_encoders[c] for c in model.trained[1:]]  # the denoiser first
     with on_meta(unet, *trained_encoders, dtype_of_trained=compute), counting() as live:
         text = [_text_forward(encoder, batch, model.pipe.tokenizer.model_max_length) for encoder in trained_encoders]
         latents = _latents(model, batch, size).requires_grad_()
-        prediction = unet(latents, meta(batch, dtype=torch.long), **_conditioning(model, batch, model.dtype))[0]
+        prediction = _denoise(model, latents, batch)
         loss = (prediction.float() - meta(*prediction.shape)).pow(2).mean()
         del prediction
         torch.autograd.backward(loss, inputs=[latents])
@@ -320,9 +329,9 @@ def _text_forward(encoder: nn.Module, batch: int, tokens: int) -> torch.Tensor:
 
 @torch.no_grad()
 def _sample_peak(model, size: tuple[int, int]) -> int:
-    """One denoising step of a sample: the UNet on the conditional and unconditional rows at once."""
+    """One denoising step of a sample: the denoiser on the conditional and unconditional rows at once."""
     with on_meta(model.unet), counting() as live:
-        model.unet(_latents(model, 2, size), meta(2, dtype=torch.long), **_conditioning(model, 2, model.dtype))
+        _denoise(model, _latents(model, 2, size), 2)
     return live.peak
 
 

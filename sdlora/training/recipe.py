@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..core import targets
+from ..core.families import ModelFamily
 from ..core.files import read_lora
 from ..errors import UserError
 from ..inference.samplers import set_sampler
@@ -32,7 +33,7 @@ from ..storage.atomic import remove_leftover_temporaries
 from . import blocks, checkpoint, ema, memory, network, outputs
 from .base_model import BaseModel, load_base_model
 from .buckets import BucketBatchSampler, Size
-from .cache import BatchEncoder, ImageLoader, build_caches, fill_caches
+from .cache import BatchEncoder, ImageLoader, build_caches, encoder_dropout_rates, fill_caches
 from .config import BaseModelConfig, DataConfig, LoggingConfig, NetworkConfig, ObjectiveConfig, OptimizationConfig, TrainConfig
 from .data import ImageRecord, dataset_summary
 from .datasets import DatasetSpec, TrainingData, batch_sizes, load_training_data, record_buckets
@@ -231,10 +232,6 @@ def _setup_memory_plan(
     """The memory plan of this run (on an accelerator, or asked for with --dry-run), printed once."""
     if not (config.run.dry_run or accelerator.device.type != "cpu" or PLAN_ON_CPU):
         return None
-    if model.flow_matching:  # the plan's trace runs UNets; SD3's transformer is not traced yet
-        if accelerator.is_main_process:
-            tqdm.write("memory plan: not made for SD3 models yet")
-        return None
     records = data.records
     plan = memory.plan_memory(
         config, model, max(buckets, key=lambda size: size[0] * size[1]), max(batch_sizes(data, config.data)), accelerator.device,
@@ -251,7 +248,7 @@ def _setup_network(options: NetworkConfig, optimization: OptimizationConfig, bas
     resumed checkpoint later overrides it); fp32 unless --full-bf16/--full-fp16. Returns the optimizer's parameter
     groups, each at its component's learning rate; `model.trained` names the components."""
     lora_dtype = model.dtype if base.full_bf16 or base.full_fp16 else torch.float32
-    unet_targets = targets.unet_target_modules(model.unet, options.preset)
+    unet_targets = targets.unet_target_modules(model.unet, options.preset, options.lora_blocks)
     plan = blocks.block_plan(model.unet, unet_targets, options, model.family)  # kohya's block_dims / *_lr_weight
     lycoris = None  # LyCORIS's LoHa/LoKr arguments (its dropouts among them); LoRA and DoRA take kohya's dropouts below
     if options.kind in network.TUCKER_KINDS:
@@ -331,6 +328,7 @@ def _setup_caches(data: DataConfig, model: BaseModel, records, buckets, out: Pat
     """The latent and caption caches, filled before the first step (a disk cache once for all processes, each
     encoding its share), and the encoder of batches that reads them. What the caches now hold the steps no longer need: the VAE and frozen text encoders leave the accelerator (the
     encoders stay where some subset's captions change each step and are encoded then)."""
+    dropout = encoder_dropout_rates(data, model)  # SD3's per-encoder rates, refused for other families before any encoding
     latent_cache, embedding_cache = build_caches(data.cache, model, out, records)
     fill_caches(
         records, buckets, latent_cache, embedding_cache, show=accelerator.is_local_main_process, batch_size=data.vae_batch_size,
@@ -342,7 +340,7 @@ def _setup_caches(data: DataConfig, model: BaseModel, records, buckets, out: Pat
     for part in model.offloaded:
         part.to("cpu")
     loader = ImageLoader(records, data.workers) if latent_cache is None and data.workers else None  # uncached: load ahead
-    return BatchEncoder(data, model, records, buckets, latent_cache, embedding_cache, loader)
+    return BatchEncoder(data, model, records, buckets, latent_cache, embedding_cache, loader, dropout)
 
 
 def _setup_validation(config: TrainConfig, model: BaseModel, accelerator, data: TrainingData) -> Validator:
@@ -393,11 +391,20 @@ def _model_defaults(config: TrainConfig, model: BaseModel) -> TrainConfig:
     family's bucketing (on for SDXL) and gradient checkpointing (on for SDXL from 1024 px)."""
     data, pipe = config.data, model.pipe
     resolution = data.resolution or model.unet.config.sample_size * pipe.vae_scale_factor
-    buckets = model.family.buckets_by_default if data.buckets is None else data.buckets
+    defaults = family_defaults(model.family, resolution)
+    buckets = defaults["buckets"] if data.buckets is None else data.buckets
     checkpointing = config.base.gradient_checkpointing
     if checkpointing is None:
-        checkpointing = resolution >= CHECKPOINTING_FROM_RESOLUTION.get(model.family.name, math.inf)
+        checkpointing = defaults["gradient_checkpointing"]
     return config.replace(resolution=resolution, buckets=buckets, gradient_checkpointing=checkpointing)
+
+
+def family_defaults(family: ModelFamily, resolution: int) -> dict[str, bool]:
+    """What training takes, when not told, for a model of `family` trained at `resolution` (the UI's form shows it)."""
+    return {
+        "buckets": family.buckets_by_default,
+        "gradient_checkpointing": resolution >= CHECKPOINTING_FROM_RESOLUTION.get(family.name, math.inf),
+    }
 
 
 def _accelerator(base: BaseModelConfig, logging: LoggingConfig, output_dir: str):

@@ -26,6 +26,7 @@ from ..training.config import TrainConfig, to_toml
 from ..training.metrics import METRICS_FILE
 from ..training.validation import SAMPLES_DIR
 from .child import EXIT_FILE
+from .images import job_images
 
 try:
     import fcntl
@@ -42,9 +43,12 @@ STOP_GRACE_S = 30.0  # a stop that has not ended the trainer by then kills its p
 _SCHEMA = """CREATE TABLE IF NOT EXISTS jobs (
     id INTEGER PRIMARY KEY AUTOINCREMENT, status TEXT NOT NULL, options TEXT NOT NULL, output_dir TEXT NOT NULL,
     steps INTEGER NOT NULL, created REAL NOT NULL, started REAL, finished REAL, pid INTEGER,
-    resume INTEGER NOT NULL DEFAULT 0, stop_requested INTEGER NOT NULL DEFAULT 0, error TEXT)"""
+    resume INTEGER NOT NULL DEFAULT 0, stop_requested INTEGER NOT NULL DEFAULT 0, error TEXT, command TEXT)"""
+# command: the JSON list of another sdlora command's arguments (grid, generate); NULL for a training job
 _TQDM_TOTAL = re.compile(r"(\d+)/(\d+) \[")
 _TAIL_BYTES = 65536
+_OWN_ERROR = re.compile(r"sdlora [a-z-]+: ")  # the command's own one-line error (sdlora train: ..., sdlora grid: error: ...)
+IMAGES_DIR = "images"  # an image job's output folder, inside its job folder
 
 
 class JobStore:
@@ -56,12 +60,15 @@ class JobStore:
         self._lock = threading.Lock()
         with self._lock:
             self._db.execute(_SCHEMA)
+            columns = {row["name"] for row in self._db.execute("PRAGMA table_info(jobs)")}
+            if "command" not in columns:  # a table an earlier version made: its jobs are all trainings
+                self._db.execute("ALTER TABLE jobs ADD COLUMN command TEXT")
 
-    def add(self, options: dict[str, Any], output_dir: str, steps: int) -> int:
+    def add(self, options: dict[str, Any], output_dir: str, steps: int, command: list[str] | None = None) -> int:
         with self._lock:
             cursor = self._db.execute(
-                "INSERT INTO jobs (status, options, output_dir, steps, created) VALUES ('queued', ?, ?, ?, ?)",
-                (json.dumps(options), output_dir, steps, time.time()),
+                "INSERT INTO jobs (status, options, output_dir, steps, created, command) VALUES ('queued', ?, ?, ?, ?, ?)",
+                (json.dumps(options), output_dir, steps, time.time(), None if command is None else json.dumps(command)),
             )
             return int(cursor.lastrowid)
 
@@ -126,6 +133,17 @@ class JobRunner:
             self._schedule()
         return job_id
 
+    def submit_command(self, args: list[str], options: dict[str, Any]) -> int:
+        """Queue another sdlora command (checked `args`, without --out: the job writes into its own `images` folder;
+        `options`: what was submitted); its id."""
+        with self._lock:
+            job_id = self.store.add(options, "", 0, command=args)
+            out = self.job_dir(job_id) / IMAGES_DIR
+            out.parent.mkdir(parents=True, exist_ok=True)
+            self.store.update(job_id, output_dir=str(out))
+            self._schedule()
+        return job_id
+
     def _schedule(self) -> None:
         with self._lock:
             running = len(self.store.all(("running",)))
@@ -135,9 +153,11 @@ class JobRunner:
     def _start(self, job: dict[str, Any]) -> None:
         folder = self.job_dir(job["id"])
         (folder / EXIT_FILE).unlink(missing_ok=True)
-        command = [sys.executable, "-m", "sdlora.ui.child", str(folder), "train", "--config", str(folder / OPTIONS_FILE)]
-        if job["resume"]:
-            command += ["--resume", "latest"]
+        command = [sys.executable, "-m", "sdlora.ui.child", str(folder)]
+        if job["command"]:
+            command += [*json.loads(job["command"]), "--out", job["output_dir"]]
+        else:
+            command += ["train", "--config", str(folder / OPTIONS_FILE)] + (["--resume", "latest"] if job["resume"] else [])
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         with open(folder / LOG_FILE, "ab") as log:
             process = subprocess.Popen(
@@ -204,6 +224,8 @@ class JobRunner:
         """Queue a stopped or failed job again, from its last complete checkpoint."""
         job = self._job(job_id)
         with self._lock:
+            if job["command"]:
+                raise UserError(f"job {job_id} is sdlora {json.loads(job['command'])[0]}: only a training can be resumed")
             if job["status"] not in ("stopped", "failed"):
                 raise UserError(f"job {job_id} is {job['status']}: only a stopped or failed job can be resumed")
             if self.checkpoint(job) is None:
@@ -215,7 +237,7 @@ class JobRunner:
 
     @staticmethod
     def checkpoint(job: dict[str, Any]) -> Path | None:
-        return latest_checkpoint(Path(job["output_dir"]) / "checkpoints")
+        return None if job["command"] else latest_checkpoint(Path(job["output_dir"]) / "checkpoints")
 
     def _job(self, job_id: int) -> dict[str, Any]:
         job = self.store.get(job_id)
@@ -246,6 +268,8 @@ class JobRunner:
             "options": json.loads(job["options"]),
             "samples": sample_names(out),
             "can_resume": job["status"] in ("stopped", "failed") and self.checkpoint(job) is not None,
+            "command": json.loads(job["command"])[0] if job["command"] else "train",
+            "images": job_images(out) if job["command"] else [],
         }
 
     def _total_steps(self, job: dict[str, Any]) -> int:
@@ -295,7 +319,7 @@ def _log_lines(path: Path) -> list[str]:
 def _error_line(log: Path, code: int | None) -> str:
     """The line that says why a job failed: the trainer's own error line, else what ended it, with the log's last line."""
     lines = _log_lines(log)
-    own = [line for line in lines if line.startswith("sdlora train:")]
+    own = [line for line in lines if _OWN_ERROR.match(line)]
     if own:
         return own[-1]
     last = f" (last output: {lines[-1]})" if lines else ""

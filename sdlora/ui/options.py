@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import Any, Union, get_args, get_origin
 
 from ..errors import UserError
+from ..models.loading import is_builtin_model, peek_family, peek_resolution
 from ..storage.output_rules import check_run_folder
 from ..training.config import SECTION_OF, SECTIONS, TrainConfig, option_annotations, option_fields, section_title, value_problem
+from ..training.recipe import family_defaults
 from .roots import OutsideRoots, Roots
 
 # options the page leaves out of the form: the UI's own resume button passes --resume latest
@@ -138,3 +140,26 @@ def _option_named(message: str) -> str | None:
             return name
     first = message.split(" ", 1)[0]
     return first if first in SECTION_OF else None
+
+
+def model_defaults(model: str, roots: Roots) -> dict[str, Any]:
+    """What training would take for the options left to the model named in the form: its family (from the built-in
+    name, the folder's model_index.json and configs, or a single file's keys, nothing loaded), its resolution (where
+    its configs tell) and the family's bucketing and gradient checkpointing at that resolution; nulls where the name
+    tells nothing yet (a hub id, a path being typed)."""
+    if not isinstance(model, str) or not model:
+        raise UserError("give ?model=...")
+    name = model if is_builtin_model(model) and not (roots.home / model).exists() else str(roots.resolve(model, "model"))
+    family = peek_family(name)
+    resolution = peek_resolution(name) if family is not None else None
+    defaults: dict[str, Any] = {"resolution": resolution, "buckets": None, "gradient_checkpointing": None}
+    if family is not None:
+        defaults |= {"buckets": family.buckets_by_default}
+        if resolution is not None:
+            defaults |= family_defaults(family, resolution)
+    return {
+        "model": name,
+        "family": family.name if family else None,
+        "label": family.label if family else None,
+        "defaults": defaults,
+    }

@@ -28,13 +28,15 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from ..core.version import __version__
 from ..errors import UserError
-from ..training.config import to_toml
 from ..training.metrics import METRICS_FILE
 from ..training.validation import SAMPLES_DIR
-from .datasets import describe_dataset, write_caption
+from .datasets import SizeCache, describe_dataset, write_caption
+from .images import generate_command, grid_command
 from .jobs import ACTIVE, JobRunner, read_new_metrics, sample_names
-from .options import OptionError, check_options, option_schema
+from .options import OptionError, check_options, model_defaults, option_schema
+from .presets import list_presets, load_preset, parse_preset, preset_text, save_preset
 from .roots import OutsideRoots, Roots
+from .thumbnails import THUMBNAILS_DIR, thumbnail
 from .tools import convert_lora, inspect_lora, list_loras, merge_loras
 
 DEFAULT_PORT = 7861
@@ -44,7 +46,7 @@ STATIC_DIR = Path(__file__).parent / "static"
 STATIC_FILES = {path.name: path for path in STATIC_DIR.iterdir() if path.is_file()}  # the only files served by name
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 EVENT_INTERVAL_S = 0.25  # how often a job's event stream looks for new metrics lines and samples
-_JOB_PATH = re.compile(r"^/api/jobs/(\d+)(?:/(events|log|stop|resume|samples/([^/]+)))?$")
+_JOB_PATH = re.compile(r"^/api/jobs/(\d+)(?:/(events|log|stop|resume|samples/([^/]+)|images/([^/]+)))?$")
 
 
 def is_loopback(host: str) -> bool:
@@ -82,6 +84,7 @@ class UiServer(ThreadingHTTPServer):
         self.runner = runner
         self.auth = auth
         self.csrf_token = secrets.token_urlsafe(32)
+        self.image_sizes = SizeCache()
         self.closing = threading.Event()
         if ":" in host:  # an IPv6 address such as ::1
             self.address_family = socket.AF_INET6
@@ -202,9 +205,20 @@ class Handler(BaseHTTPRequestHandler):
         if path == "/api/loras":
             return self._json(HTTPStatus.OK, list_loras(_required(query, "dir"), roots))
         if path == "/api/datasets":
-            return self._json(HTTPStatus.OK, describe_dataset(_required(query, "dir"), roots, query.get("caption_extension", ".txt")))
+            return self._json(
+                HTTPStatus.OK,
+                describe_dataset(_required(query, "dir"), roots, query.get("caption_extension", ".txt"), self.server.image_sizes),
+            )
+        if path == "/api/model":  # the family of the form's model and the defaults that follow from it
+            return self._json(HTTPStatus.OK, model_defaults(_required(query, "model"), roots))
+        if path == "/api/presets":  # a config.toml under the roots as the form's options; without ?path, the ones to pick
+            if "path" not in query:
+                return self._json(HTTPStatus.OK, {"presets": list_presets(roots)})
+            return self._json(HTTPStatus.OK, load_preset(_required(query, "path"), roots))
         if path == "/api/inspect":
             return self._json(HTTPStatus.OK, inspect_lora(_required(query, "path"), roots))
+        if path == "/api/thumb":  # an image's thumbnail, made once and cached in the state folder
+            return self._file(thumbnail(_required(query, "path"), roots, runner.state_dir / THUMBNAILS_DIR), cache=True)
         if path == "/api/file":
             real = roots.resolve(_required(query, "path"), "file")
             if real.suffix.lower() not in IMAGE_SUFFIXES:
@@ -219,6 +233,12 @@ class Handler(BaseHTTPRequestHandler):
                 return self._json(HTTPStatus.OK, {"lines": runner.log_tail(job_id)})
             if action == "events":
                 return self._events(job_id)
+            image = match.group(4)
+            if image is not None:  # an image job's picture, by a name it wrote
+                job = runner.describe(job_id)
+                if unquote(image) not in job["images"]:
+                    raise _HttpError(HTTPStatus.NOT_FOUND, f"job {job_id} has no image {unquote(image)}")
+                return self._file(Path(job["output_dir"]) / unquote(image))
             if sample is not None:
                 job = runner.describe(job_id)
                 if unquote(sample) not in job["samples"]:
@@ -237,10 +257,17 @@ class Handler(BaseHTTPRequestHandler):
         if path == "/api/check":  # the form checked without starting anything
             check_options(body, roots)
             return self._json(HTTPStatus.OK, {"ok": True})
-        if path == "/api/toml":  # the form as the config.toml `sdlora train --config` reads
-            return self._json(HTTPStatus.OK, {"toml": to_toml(check_options(body, roots))})
+        if path == "/api/toml":  # the form as the config.toml `sdlora train --config` reads (a preset to download)
+            return self._json(HTTPStatus.OK, {"toml": preset_text(body, roots)})
         if not isinstance(body, dict):
             raise UserError("the request body must be a JSON object")
+        if path == "/api/presets":  # {"path": FILE.toml, "options": FORM}: the preset written under a root
+            return self._json(HTTPStatus.OK, save_preset(_text(body, "path"), body.get("options"), roots))
+        if path == "/api/presets/parse":  # {"toml": TEXT, "name": FILE}: an uploaded preset as the form's options
+            return self._json(HTTPStatus.OK, parse_preset(body.get("toml"), body.get("name"), roots))
+        if path in ("/api/grid", "/api/generate"):  # an X/Y comparison or a generated image, run as a job
+            args = (grid_command if path == "/api/grid" else generate_command)(body, roots)
+            return self._json(HTTPStatus.CREATED, {"id": runner.submit_command(args, body)})
         if path == "/api/convert":
             result = convert_lora(_text(body, "input"), _text(body, "output"), _text(body, "to"), roots)
             return self._json(HTTPStatus.OK, result)
@@ -272,19 +299,23 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def _file(self, path: Path) -> None:
+    def _file(self, path: Path, cache: bool = False) -> None:
+        """A file's bytes; with `cache`, the browser may keep it for a day (a thumbnail: the dataset page asks for it
+        with the image's modification time and size in its URL, so an edited image's is asked for anew)."""
         data = path.read_bytes()
         kind = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
         self.send_response(HTTPStatus.OK)
-        self._common_headers(kind + ("; charset=utf-8" if kind.startswith("text/") or kind.endswith("javascript") else ""), len(data))
+        self._common_headers(
+            kind + ("; charset=utf-8" if kind.startswith("text/") or kind.endswith("javascript") else ""), len(data), cache
+        )
         self.end_headers()
         self.wfile.write(data)
 
-    def _common_headers(self, kind: str, length: int | None) -> None:
+    def _common_headers(self, kind: str, length: int | None, cache: bool = False) -> None:
         self.send_header("Content-Type", kind)
         if length is not None:
             self.send_header("Content-Length", str(length))
-        self.send_header("Cache-Control", "no-store")
+        self.send_header("Cache-Control", "private, max-age=86400" if cache else "no-store")
         self.send_header("X-Content-Type-Options", "nosniff")
         self.send_header("X-Frame-Options", "DENY")
         self.send_header("Content-Security-Policy", "default-src 'self'; img-src 'self' data:; style-src 'self'; frame-ancestors 'none'")

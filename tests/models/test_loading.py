@@ -13,7 +13,7 @@ from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file, save_file
 
 from sdlora.errors import UserError
-from sdlora.models.loading import _check_single_file_vae, load_pipeline, write_tiny_model
+from sdlora.models.loading import _check_single_file_vae, load_pipeline, peek_family, peek_resolution, write_tiny_model
 from sdlora.models.tiny import MAX_TOKENS, tiny_clip_vocab, tiny_tokenizer
 
 
@@ -200,3 +200,11 @@ def test_a_model_folder_whose_part_holds_only_a_pickle_needs_allow_pickle(tiny_m
     saved = load_file(tiny_model_dir / "text_encoder" / weights.name)
     loaded = pipe.text_encoder.state_dict()
     assert all(torch.equal(loaded[key], value) for key, value in saved.items() if key in loaded) and saved.keys() & loaded.keys()
+
+
+@pytest.mark.parametrize("model", ["tiny", "tiny-sdxl", "tiny-sd3"])
+def test_peek_family_and_resolution_of_a_builtin_model_are_what_it_builds(model, request):
+    pipe = request.getfixturevalue({"tiny": "tiny_pipe", "tiny-sdxl": "tiny_sdxl_pipe", "tiny-sd3": "tiny_sd3_pipe"}[model])
+    denoiser = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
+    assert peek_resolution(model) == denoiser.config.sample_size * pipe.vae_scale_factor
+    assert peek_family(model).name == {"tiny": "sd1", "tiny-sdxl": "sdxl", "tiny-sd3": "sd3"}[model]

@@ -96,7 +96,7 @@ def test_tf32_is_set_only_on_a_gpu(tiny_config, dataset, tmp_path, monkeypatch):
 
 def _model(family: str, sample_size: int = 64):
     pipe = SimpleNamespace(unet=SimpleNamespace(config=SimpleNamespace(sample_size=sample_size)), vae_scale_factor=8)
-    return SimpleNamespace(pipe=pipe, family=SimpleNamespace(name=family, buckets_by_default=family == "sdxl"))
+    return SimpleNamespace(pipe=pipe, unet=pipe.unet, family=SimpleNamespace(name=family, buckets_by_default=family == "sdxl"))
 
 
 @pytest.mark.parametrize(
@@ -374,8 +374,8 @@ def test_loader_forgets_loads_no_longer_wanted(dataset):
         loader.prefetch([first, second])
         loader.prefetch([second])  # the first is no longer wanted
         assert list(loader.pending) == [second.key]
-        pixels = loader(second)
-        assert pixels.shape == (3, 48, 64) and not loader.pending
+        pixels, mask = loader(second)  # no loss masks in this set
+        assert pixels.shape == (3, 48, 64) and mask is None and not loader.pending
         torch.testing.assert_close(pixels, cache.load_image(records[1], (64, 48), flip=True, window=(0.5, 0.0, 0.0)), rtol=0, atol=0)
     finally:
         loader.close()

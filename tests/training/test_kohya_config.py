@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -245,6 +246,92 @@ def test_kohya_ss_saved_json_as_the_gui_runs_it(tmp_path):
         read_kohya_config(_write(tmp_path, json.dumps(lycoris), "kohya.json"))
     with pytest.raises(ValueError, match="LoRA_type = 'LyCORIS/LoHa' is not supported"):
         read_kohya_config(_write(tmp_path, json.dumps(KOHYA_SS_LOCON | {"LoRA_type": "LyCORIS/LoHa"}), "kohya.json"))
+
+
+# sd3_train_network.py's config (its keys: library/train_util.py and sd3_train_utils.py's add_sd3_training_arguments)
+SD3_EXAMPLE = """
+pretrained_model_name_or_path = "tiny-sd3"
+train_data_dir = "img"
+output_dir = "out"
+network_module = "networks.lora_sd3"
+network_args = ["train_block_indices=0-1"]
+weighting_scheme = "sigma_sqrt"
+clip_l_dropout_rate = 0.1
+clip_g_dropout_rate = 0.2
+t5_dropout_rate = 0.3
+t5xxl_max_token_length = 128
+logit_std = 1.5
+"""
+
+
+def test_sd3_config_maps_to_sdlora_options_with_kohyas_sd3_defaults(tmp_path):
+    kohya = read_kohya_config(_write(tmp_path, SD3_EXAMPLE))
+    config = TrainConfig.from_options(**kohya.options)
+    # networks.lora_sd3 adapts every Linear of the joint blocks: --preset all (tests/core/test_targets.py counts them)
+    assert (config.network.preset, config.network.lora_blocks, config.network.kind) == ("all", "0-1", "lora")
+    # sigma_sqrt: uniform sigmas (kohya's density for every scheme but logit_normal and mode), weighted 1 / sigma^2
+    assert (config.objective.timestep_sampling, config.objective.flow_weighting) == ("uniform", "sigma_sqrt")
+    assert config.objective.flow_shift == 1.0  # kohya's training_shift default: no shift
+    assert config.objective.prediction_type is None and config.objective.logit_std == 1.5
+    assert (config.data.clip_l_dropout, config.data.clip_g_dropout, config.data.t5_dropout) == (0.1, 0.2, 0.3)
+    assert config.base.t5_max_length == 128
+    defaults = read_kohya_config(_write(tmp_path, 'pretrained_model_name_or_path = "tiny-sd3"\ntraining_shift = 3.0\n')).options
+    assert (defaults["timestep_sampling"], defaults["flow_shift"], defaults["t5_max_length"], defaults["preset"]) == (
+        "uniform",
+        3.0,
+        256,
+        "all",
+    )
+    for scheme, expected in {"logit_normal": ("logit_normal", "none"), "mode": ("mode", "none"), "cosmap": ("uniform", "cosmap"),
+                             "none": ("uniform", "none")}.items():  # fmt: skip
+        options = read_kohya_config(_write(tmp_path, SD3_EXAMPLE.replace("sigma_sqrt", scheme))).options
+        assert (options["timestep_sampling"], options["flow_weighting"]) == expected, scheme
+    # in an SD1/SDXL config (sd-scripts' output_config writes every argument) the flow-matching keys change nothing
+    sd1 = read_kohya_config(_write(tmp_path, 'weighting_scheme = "uniform"\nmode_scale = 1.29\n'))
+    assert sd1.ignored == ("weighting_scheme", "mode_scale") and "timestep_sampling" not in sd1.options
+    assert sd1.options["prediction_type"] == "epsilon"
+
+
+@pytest.mark.parametrize(
+    ("line", "says"),
+    [
+        ('clip_l = "clip_l.safetensors"', "clip_l = 'clip_l.safetensors' is not carried out by sdlora: sdlora loads SD3's text encoders"),
+        ('t5xxl = "t5xxl_fp16.safetensors"', "give pretrained_model_name_or_path a diffusers folder or a single file with its encoders"),
+        ("apply_t5_attn_mask = true", "apply_t5_attn_mask = True is not carried out by sdlora: sdlora encodes SD3's text"),
+        ("apply_lg_attn_mask = true", "without attention masks"),
+        ("pos_emb_random_crop_rate = 0.2", "the positional embeddings' random crop is not supported"),
+        ('network_args = ["emb_dims=[4,0,0,0,0,0]"]', "network_args emb_dims=[4,0,0,0,0,0] is not supported by sdlora's training yet"),
+        (
+            'weighting_scheme = "lognorm"',
+            "weighting_scheme = 'lognorm' must be one of uniform, none, logit_normal, mode, sigma_sqrt, cosmap",
+        ),
+    ],
+)
+def test_sd3_keys_sdlora_cannot_carry_out_are_one_line(tmp_path, line, says):
+    text = 'network_module = "networks.lora_sd3"\n' + line + "\n"
+    with pytest.raises(ValueError, match=re.escape(says)):
+        read_kohya_config(_write(tmp_path, text))
+    with pytest.raises(ValueError, match="network_module = 'networks.lora' with SD3's keys"):
+        read_kohya_config(_write(tmp_path, 'network_module = "networks.lora"\ntraining_shift = 3.0\n'))
+
+
+def test_kohya_ss_json_with_sd3_checkbox(tmp_path):
+    gui = KOHYA_SS_LOCON | {
+        "sd3_checkbox": True, "weighting_scheme": "logit_normal", "logit_mean": 0.5, "logit_std": 1, "mode_scale": 1.29,
+        "sd3_clip_l_dropout_rate": 0.25, "clip_g_dropout_rate": 0.5, "sd3_t5_dropout_rate": "0.75", "t5xxl_max_token_length": "200",
+        "sd3_clip_l": "", "sd3_t5xxl": "", "clip_g": "", "sd3_text_encoder_batch_size": 4, "t5xxl_dtype": "bf16",
+        "pretrained_model_name_or_path": "tiny-sd3", "flux1_checkbox": False, "discrete_flow_shift": 3.0, "guidance_scale": 3.5,
+    }  # fmt: skip
+    kohya = read_kohya_config(_write(tmp_path, json.dumps(gui), "kohya.json"))
+    config = TrainConfig.from_options(**kohya.options)
+    assert (config.objective.timestep_sampling, config.objective.logit_mean, config.objective.flow_shift) == ("logit_normal", 0.5, 1.0)
+    assert (config.data.clip_l_dropout, config.data.clip_g_dropout, config.data.t5_dropout) == (0.25, 0.5, 0.75)
+    assert (config.base.t5_max_length, config.network.preset, config.objective.prediction_type) == (200, "all", None)
+    assert "t5xxl_dtype" in kohya.ignored  # FLUX's tab (discrete_flow_shift, guidance_scale) is dropped, not read
+    with pytest.raises(ValueError, match="sdlora loads SD3's text encoders with the model"):
+        read_kohya_config(_write(tmp_path, json.dumps(gui | {"sd3_clip_l": "/models/clip_l.safetensors"}), "kohya.json"))
+    with pytest.raises(ValueError, match="FLUX training is not supported by sdlora"):
+        read_kohya_config(_write(tmp_path, json.dumps(gui | {"sd3_checkbox": False, "flux1_checkbox": True}), "kohya.json"))
 
 
 def test_run_level_bucket_options_reach_a_plain_folder():

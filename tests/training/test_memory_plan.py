@@ -184,3 +184,40 @@ def test_a_cpu_run_plans_only_when_asked(tiny_config, dataset, tmp_path, capsys)
 
 def test_train_config_carries_dry_run():
     assert TrainConfig.from_options(data_dir="d", output_dir="o", dry_run=True).run.dry_run
+
+
+@pytest.mark.slow  # three traces of SD3.5 Medium's 2.2 B-parameter transformer (on the meta device)
+def test_sd3_plan_traces_sd35_mediums_transformer_on_the_meta_device():
+    from sdlora.core.families import SD3
+    from sdlora.models.tiny import build_sd3_shaped_pipeline
+    from sdlora.training.base_model import BaseModel
+
+    pipe = build_sd3_shaped_pipeline(meta=True)
+    encoders = {c: getattr(pipe, c) for c in ("text_encoder", "text_encoder_2", "text_encoder_3")}
+    for part in (pipe.transformer, pipe.vae, *encoders.values()):
+        part.requires_grad_(False)  # frozen, as load_base_model leaves them
+    model = BaseModel("sd3-shaped", pipe, SD3, torch.bfloat16, torch.device("cuda"), pipe.transformer, encoders, None, ("transformer",))
+
+    def plan(size: int, **options) -> memory.MemoryPlan:
+        config = TrainConfig.from_options(data_dir="d", output_dir="o", mixed_precision="bf16", **options)
+        return memory.plan_memory(config, model, (size, size), 1, torch.device("cuda"), latents_cached=True, captions_cached=True)
+
+    small = plan(256, gradient_checkpointing=False)
+    step = small.phase("training step").parts
+    weights = sum(p.nelement() * 2 for p in pipe.transformer.parameters())  # 2.24 B parameters in bf16
+    pos_embed = pipe.transformer.pos_embed.pos_embed  # SD3's fp32 table of positions (384 x 384 x 1536): 0.84 GiB more
+    assert step["transformer"] == weights + pos_embed.nelement() * 4 and weights > 4 * 2**30
+    assert "text encoders" not in step and "VAE" not in step  # both cached: off the accelerator while the steps run
+    assert step["activations"] > 0 and small.phase("sampling").parts["denoise / decode"] > 0
+    larger = plan(384, gradient_checkpointing=False).phase("training step").parts["activations"]
+    pipe.transformer.enable_gradient_checkpointing()  # as _setup_network does for --gradient-checkpointing
+    checkpointed = plan(256, gradient_checkpointing=True).phase("training step").parts["activations"]
+    assert larger > 1.8 * step["activations"]  # 2.25x the image tokens (the text's 333 stay)
+    assert checkpointed < step["activations"] / 3  # only the blocks' inputs kept, one block recomputed at a time
+
+
+def test_sd3_dry_run_prints_the_plan(tiny_config, dataset, tmp_path, capsys):
+    run = recipe.setup(tiny_config(dataset, tmp_path / "out", model="tiny-sd3", dry_run=True))
+    out = capsys.readouterr().out
+    assert run is None and "memory plan (cpu" in out and "transformer" in out and "training step" in out
+    assert _last_plan.phase("training step").parts["activations"] > 0

@@ -69,6 +69,27 @@ def test_the_page_draws_the_training_form_and_shows_a_bad_value_at_its_field(ui,
     WebDriverWait(browser, 30).until(lambda _: toml.is_displayed())
     assert '[network]\nkind = "lora"\nrank = 4\n' in toml.text and f'data_dir = "{ui_root / "data"}"' in toml.text
     assert error.text == "" and browser.find_element(By.ID, "train-message").text == "the options are valid"
+    # a preset saved from the form and loaded back into it; the defaults shown follow the model's family
+    browser.find_element(By.ID, "preset-path").send_keys("presets/p.toml")
+    browser.find_element(By.ID, "preset-save").click()
+    preset_message = browser.find_element(By.ID, "preset-message")
+    WebDriverWait(browser, 30).until(lambda _: preset_message.text.startswith("saved"))
+    assert (ui_root / "presets" / "p.toml").read_text().endswith(toml.text.split("\n", 1)[1] + "\n")
+    rank.clear()
+    rank.send_keys("9")
+    browser.find_element(By.ID, "preset-load").click()
+    WebDriverWait(browser, 30).until(lambda _: preset_message.text.startswith("loaded"))
+    assert rank.get_attribute("value") == "4" and browser.find_element(By.ID, "opt-data_dir").get_attribute("value") == str(
+        ui_root / "data"
+    )
+    buckets_default = browser.find_element(By.CSS_SELECTOR, "#opt-buckets option")
+    assert buckets_default.text == "(default: false for this SD1.x model)"
+    model = browser.find_element(By.ID, "opt-model")
+    assert model.get_attribute("value") == "tiny"  # the preset's
+    model.clear()
+    model.send_keys("tiny-sdxl")
+    WebDriverWait(browser, 30).until(lambda _: buckets_default.text == "(default: true for this SDXL model)")
+    assert browser.find_element(By.ID, "opt-resolution").get_attribute("placeholder") == "64 for this SDXL model"
     # the dataset page: a caption edited in place is the .txt beside the image on disk
     browser.find_element(By.CSS_SELECTOR, '#tabs button[data-tab="dataset"]').click()
     browser.find_element(By.CSS_SELECTOR, "#dataset-form button").click()

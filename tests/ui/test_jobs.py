@@ -22,7 +22,7 @@ from sdlora.storage.steps import step_of
 from sdlora.training.checkpoint import latest_checkpoint
 from sdlora.training.config import TrainConfig
 from sdlora.ui.child import EXIT_FILE
-from sdlora.ui.jobs import LOG_FILE, OPTIONS_FILE, JobRunner
+from sdlora.ui.jobs import _SCHEMA, DATABASE, LOG_FILE, OPTIONS_FILE, JobRunner
 
 TINY = {"model": "tiny", "resolution": 64, "rank": 4, "alpha": 8.0, "batch_size": 2, "report_to": "none", "seed": 3}
 
@@ -208,3 +208,22 @@ def _job_pid(root: Path, job_id: int) -> int:
     """The pid of the job's child process, as the UI's table holds it."""
     with sqlite3.connect(root / ".sdlora-ui" / "jobs.sqlite") as database:
         return database.execute("SELECT pid FROM jobs WHERE id = ?", (job_id,)).fetchone()[0]
+
+
+def test_a_jobs_table_of_an_earlier_version_gains_the_command_column(tmp_path):
+    state = tmp_path / "state"
+    (state / "jobs").mkdir(parents=True)
+    old_schema = _SCHEMA.replace(", command TEXT)", ")")
+    assert "command" not in old_schema
+    with sqlite3.connect(state / DATABASE) as database:
+        database.execute(old_schema)
+        database.execute(
+            "INSERT INTO jobs (status, options, output_dir, steps, created) VALUES ('done', '{}', ?, 5, 0)", (str(tmp_path / "run"),)
+        )
+    runner = JobRunner(state)
+    try:
+        job = runner.describe(1)
+        assert (job["command"], job["images"], job["status"]) == ("train", [], "done")  # an earlier job: a training
+        assert runner.store.get(1)["command"] is None
+    finally:
+        runner.close()

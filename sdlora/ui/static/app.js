@@ -128,13 +128,126 @@ function formOptions() {
   return options;
 }
 
+// a preset's options into the form: each field shows the preset's value, or its default where the preset has none
+function fillForm(options) {
+  for (const section of schema) {
+    for (const option of section.options) {
+      const input = document.getElementById(`opt-${option.name}`);
+      const given = Object.prototype.hasOwnProperty.call(options, option.name);
+      const value = given ? options[option.name] : option.default;
+      if (input.type === "checkbox") input.checked = value === true;
+      else if (option.type === "list") input.value = (value || []).join("\n");
+      else if (input.tagName === "SELECT") input.value = value === null || (!given && option.optional) ? "" : String(value);
+      else input.value = given && value !== null ? String(value) : "";
+    }
+  }
+  modelChanged();
+}
+
+// the options training leaves to the model (resolution, buckets, gradient checkpointing): their shown defaults follow
+// the model field's family; a field left empty still goes as unset, so the trainer decides as the form says
+const MODEL_DEFAULTS = ["resolution", "buckets", "gradient_checkpointing"];
+let modelTimer = null;
+let modelAsked = 0;
+
+function modelChanged() {
+  clearTimeout(modelTimer);
+  modelTimer = setTimeout(showModelDefaults, 250);
+}
+
+async function showModelDefaults() {
+  const input = document.getElementById("opt-model");
+  const model = input.value.trim() || input.placeholder;
+  const asked = ++modelAsked;
+  let answer;
+  try {
+    answer = await api("GET", `/api/model?model=${encodeURIComponent(model)}`);
+  } catch (error) {
+    answer = {family: null, label: null, defaults: {}, error: error.message};
+  }
+  if (asked !== modelAsked) return; // a later model name was typed meanwhile
+  const field = document.querySelector('.field[data-option="model"]');
+  let info = $(".model-family", field);
+  if (!info) {
+    info = document.createElement("span");
+    info.className = "model-family note";
+    field.append(info);
+  }
+  info.textContent = answer.label ? `${answer.label} model` : answer.error || "family unknown until it loads";
+  info.classList.toggle("error", Boolean(answer.error));
+  const option = (name) => schema.flatMap((section) => section.options).find((item) => item.name === name);
+  for (const name of MODEL_DEFAULTS) {
+    const value = answer.defaults[name] === undefined ? null : answer.defaults[name];
+    const target = document.getElementById(`opt-${name}`);
+    const own = option(name).default;
+    const shown = value === null ? own : value;
+    const suffix = value === null || !answer.label ? "" : ` for this ${answer.label} model`;
+    target.dataset.modelDefault = shown === null ? "" : String(shown);
+    if (target.tagName === "SELECT") target.options[0].text = `(default${shown === null ? "" : ": " + shown}${suffix})`;
+    else target.placeholder = shown === null ? "" : `${shown}${suffix}`;
+  }
+}
+
+async function presetAction(action) {
+  clearErrors();
+  const message = $("#preset-message");
+  const path = $("#preset-path").value.trim();
+  try {
+    if (action === "load") {
+      const preset = await api("GET", `/api/presets?path=${encodeURIComponent(path)}`);
+      showPreset(preset, `loaded ${preset.path}`);
+    } else if (action === "save") {
+      const saved = await api("POST", "/api/presets", {path, options: formOptions()});
+      say(message, `saved ${saved.path}`);
+      listPresets();
+    } else {
+      const {toml} = await api("POST", "/api/toml", formOptions());
+      const link = document.createElement("a");
+      link.href = URL.createObjectURL(new Blob([toml], {type: "application/toml"}));
+      link.download = (path.split("/").pop() || "config.toml").replace(/(\.toml)?$/, ".toml");
+      link.click();
+      URL.revokeObjectURL(link.href);
+      say(message, `downloaded ${link.download}`);
+    }
+  } catch (error) {
+    if (action === "load") say(message, error.message, true);
+    else showOptionError(error, message);
+  }
+}
+
+// the .toml files under the roots, offered as the preset field's choices (asked again when the field is entered)
+async function listPresets() {
+  try {
+    const {presets} = await api("GET", "/api/presets");
+    $("#preset-list").replaceChildren(...presets.map((path) => new Option(path, path)));
+  } catch (error) {
+    // the list is a convenience: a path can still be typed
+  }
+}
+
+async function uploadPreset(event) {
+  const file = event.target.files[0];
+  if (!file) return;
+  try {
+    showPreset(await api("POST", "/api/presets/parse", {toml: await file.text(), name: file.name}), `loaded ${file.name}`);
+  } catch (error) {
+    say($("#preset-message"), error.message, true);
+  }
+  event.target.value = "";
+}
+
+function showPreset(preset, text) {
+  fillForm(preset.options);
+  const leftOut = preset.left_out.length ? ` (not a field of this form, left out: ${preset.left_out.join(", ")})` : "";
+  say($("#preset-message"), text + leftOut);
+}
+
 function clearErrors() {
   for (const element of document.querySelectorAll(".field-error")) element.textContent = "";
   for (const element of document.querySelectorAll(".field.invalid")) element.classList.remove("invalid");
 }
 
-function showOptionError(error) {
-  const message = $("#train-message");
+function showOptionError(error, message = $("#train-message")) {
   say(message, error.message, true);
   if (!error.option) return;
   const field = document.querySelector(`.field[data-option="${error.option}"]`);
@@ -185,7 +298,8 @@ async function refreshJobs() {
     const row = document.createElement("tr");
     row.dataset.job = job.id;
     row.classList.toggle("selected", job.id === selectedJob);
-    const cells = [job.id, job.status, `${job.step} / ${job.steps}`, job.loss === null ? "" : job.loss.toFixed(4), job.output_dir];
+    const progress = job.command === "train" ? `${job.step} / ${job.steps}` : `sdlora ${job.command}`;
+    const cells = [job.id, job.status, progress, job.loss === null ? "" : job.loss.toFixed(4), job.output_dir];
     for (const value of cells) {
       const cell = document.createElement("td");
       cell.textContent = value;
@@ -254,6 +368,15 @@ function showJob(job) {
   $("#job-loss").textContent = job.loss === null ? "" : `loss ${job.loss.toFixed(4)}`;
   $("#job-output").textContent = job.output_dir;
   $("#job-error").textContent = job.error || "";
+  // an image job (sdlora grid / generate): its pictures where a training's samples go
+  for (const image of job.images || []) {
+    if (document.querySelector(`#job-samples img[data-image="${CSS.escape(image)}"]`)) continue;
+    const picture = document.createElement("img");
+    picture.src = `/api/jobs/${job.id}/images/${encodeURIComponent(image)}`;
+    picture.alt = image;
+    picture.dataset.image = image;
+    $("#job-samples").append(picture);
+  }
   $("#job-stop").disabled = !(job.status === "running" || job.status === "queued");
   $("#job-resume").disabled = !job.can_resume;
   refreshJobs();
@@ -365,7 +488,7 @@ function imageCard(folder, image, extension) {
   card.className = "image-card";
   card.dataset.path = image.path;
   const picture = document.createElement("img");
-  picture.src = image.url;
+  picture.src = image.thumb;
   picture.alt = image.path;
   picture.loading = "lazy";
   const name = document.createElement("figcaption");
@@ -452,6 +575,83 @@ function mergeBody(form) {
   return {model: form.elements.model.value, loras, output: form.elements.output.value};
 }
 
+// ---------------------------------------------------------------- image jobs: the X/Y comparison and the generate box
+
+const lines = (text) => text.split("\n").map((line) => line.trim()).filter((line) => line);
+// a comma-separated field as a list of numbers (a text that is no number goes as text: the server says what it must be)
+const numbers = (text) => text.split(",").map((item) => item.trim()).filter((item) => item).map((item) => (Number.isNaN(Number(item)) ? item : Number(item)));
+const optionalNumber = (text) => (text.trim() === "" ? null : Number.isNaN(Number(text)) ? text : Number(text));
+
+function gridBody(form) {
+  const e = form.elements;
+  return {
+    model: e.model.value.trim(), lora_steps: lines(e.lora_steps.value), weights: numbers(e.weights.value), prompts: lines(e.prompts.value),
+    seeds: numbers(e.seeds.value), steps: numbers(e.steps.value), guidance: numbers(e.guidance.value),
+    samplers: e.samplers.value.split(",").map((item) => item.trim()).filter((item) => item),
+    x: e.x.value.trim() || null, y: e.y.value.trim() || null, lora_dir: e.lora_dir.value.trim() || null,
+    width: optionalNumber(e.width.value), height: optionalNumber(e.height.value),
+  };
+}
+
+function generateBody(form) {
+  const e = form.elements;
+  return {
+    model: e.model.value.trim(), prompt: e.prompt.value, lora_dir: e.lora_dir.value.trim() || null, negative_prompt: e.negative_prompt.value,
+    seed: optionalNumber(e.seed.value), steps: optionalNumber(e.steps.value), guidance: optionalNumber(e.guidance.value),
+    sampler: e.sampler.value.trim() || null, width: optionalNumber(e.width.value), height: optionalNumber(e.height.value),
+  };
+}
+
+// queue the job, then follow it until it ends and show its pictures (the labelled grid first, then each cell)
+async function runImageJob(event, path, body, name) {
+  event.preventDefault();
+  const message = $(`#${name}-message`);
+  const shown = $(`#${name}-images`);
+  shown.textContent = "";
+  let id;
+  try {
+    id = (await api("POST", path, body)).id;
+  } catch (error) {
+    say(message, error.message, true);
+    return;
+  }
+  say(message, `job ${id} queued (see Jobs)...`);
+  for (;;) {
+    await new Promise((resolve) => setTimeout(resolve, 1000));
+    let job;
+    try {
+      job = await api("GET", `/api/jobs/${id}`);
+    } catch (error) {
+      say(message, error.message, true);
+      return;
+    }
+    if (job.status === "queued" || job.status === "running") {
+      say(message, `job ${id} ${job.status}...`);
+      continue;
+    }
+    if (job.status !== "done") {
+      say(message, `job ${id} ${job.status}: ${job.error || ""}`, true);
+      return;
+    }
+    say(message, `job ${id} done: ${job.output_dir}`);
+    // a comparison: its labelled grid (each cell is a file beside it); generated images: each one
+    const pictures = job.command === "grid" ? job.images.filter((image) => image === "grid.png") : job.images.filter((image) => image !== "grid.png");
+    for (const image of pictures) {
+      const link = document.createElement("a");
+      link.href = `/api/jobs/${id}/images/${encodeURIComponent(image)}`;
+      link.target = "_blank";
+      const picture = document.createElement("img");
+      picture.src = link.href;
+      picture.alt = image;
+      picture.title = image;
+      picture.className = job.command === "grid" ? "grid" : "cell";
+      link.append(picture);
+      shown.append(link);
+    }
+    return;
+  }
+}
+
 // ---------------------------------------------------------------- start
 
 async function start() {
@@ -466,6 +666,12 @@ async function start() {
   });
   $("#train-check").addEventListener("click", () => submitTraining(false));
   $("#train-toml").addEventListener("click", () => submitTraining(false, true));
+  for (const action of ["load", "save", "download"]) $(`#preset-${action}`).addEventListener("click", () => presetAction(action));
+  $("#preset-upload").addEventListener("change", uploadPreset);
+  $("#preset-path").addEventListener("focus", listPresets);
+  listPresets();
+  document.getElementById("opt-model").addEventListener("input", modelChanged);
+  await showModelDefaults();
   $("#job-stop").addEventListener("click", () => jobAction("stop"));
   $("#job-resume").addEventListener("click", () => jobAction("resume"));
   $("#loras-form").addEventListener("submit", listLoras);
@@ -479,6 +685,8 @@ async function start() {
     runTool(event, "/api/convert", {input: form.input.value, output: form.output.value, to: form.to.value}, $("#convert-message"));
   });
   $("#merge-form").addEventListener("submit", (event) => runTool(event, "/api/merge", mergeBody(event.target), $("#merge-message")));
+  $("#grid-form").addEventListener("submit", (event) => runImageJob(event, "/api/grid", gridBody(event.target), "grid"));
+  $("#generate-form").addEventListener("submit", (event) => runImageJob(event, "/api/generate", generateBody(event.target), "generate"));
   await refreshJobs();
   if (selectedJob !== null) showTab("jobs");
   setInterval(() => {
