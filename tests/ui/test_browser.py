@@ -1,14 +1,17 @@
 """The page in a real browser (headless Chromium from the system's packages, through Selenium): the training form
 is drawn from the options' sections, a bad value is shown at its field without starting a run, the fixed form
-is shown as its config.toml, and a caption edited on the dataset page is written to its .txt file."""
+is shown as its config.toml, and a caption edited on the dataset page is written to its .txt file; a training
+submitted from the form is followed to its end, another stopped and resumed, and the LoRAs page lists the result."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
 
 from sdlora.errors import UserError
+from sdlora.training.checkpoint import latest_checkpoint
 from sdlora.training.config import SECTIONS, TrainConfig, option_fields, section_title
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="pip install selenium (the test extra) for the browser test")
@@ -106,3 +109,80 @@ def test_the_page_draws_the_training_form_and_shows_a_bad_value_at_its_field(ui,
     # no script error (the refused POST's 400 is logged as a network error, which it is meant to be)
     severe = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE" and entry["source"] != "network"]
     assert severe == []
+
+
+def _fill(browser, options: dict) -> None:
+    """Set form fields as a user would leave them (text, select or checkbox), each announcing its change."""
+    browser.execute_script(
+        """
+        for (const [name, value] of Object.entries(arguments[0])) {
+          const input = document.getElementById(`opt-${name}`);
+          if (input.type === "checkbox") input.checked = value === true; else input.value = String(value);
+          input.dispatchEvent(new Event("input", {bubbles: true}));
+          input.dispatchEvent(new Event("change", {bubbles: true}));
+        }""",
+        options,
+    )
+
+
+def test_a_training_started_in_the_page_runs_to_its_end_and_another_stops_and_resumes(ui, ui_root, browser):
+    """The form for the tiny model, submitted: the Jobs page's bar reaches the end, its loss chart has one point per
+    logged step, a sample image is shown; a second job is stopped and resumed from its checkpoint to its end; the
+    LoRAs page lists the new file with its rank and alpha."""
+    from selenium.webdriver.common.by import By  # selenium: only where the test runs
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    server, client = ui
+    browser.get(f"http://127.0.0.1:{server.port}/")
+    WebDriverWait(browser, 30).until(lambda driver: driver.execute_script("return document.body.dataset.ready") == "true")
+    tiny = {"model": "tiny", "resolution": 64, "rank": 4, "alpha": 8.0, "batch_size": 2, "report_to": "none", "seed": 3}
+    _fill(
+        browser,
+        tiny | {"data_dir": "data", "output_dir": "runs/a", "steps": 3, "checkpoint_every": 0, "validate_every": 3, "sample_steps": 1},
+    )
+    browser.find_element(By.ID, "train-start").click()
+    status = browser.find_element(By.ID, "job-status")
+    WebDriverWait(browser, 240).until(lambda _: status.text in ("done", "failed"))
+    assert status.text == "done", browser.find_element(By.ID, "job-error").text
+    bar = browser.find_element(By.ID, "job-bar")
+    assert bar.get_attribute("data-step") == "3" and browser.execute_script("return arguments[0].style.width", bar) == "100%"
+    logged = [json.loads(line) for line in (ui_root / "runs" / "a" / "metrics.jsonl").read_text().splitlines()]
+    chart = browser.find_element(By.ID, "loss-chart")
+    assert int(chart.get_attribute("data-points")) == sum("loss" in line for line in logged) == 3
+    WebDriverWait(browser, 30).until(lambda driver: driver.find_elements(By.CSS_SELECTOR, "#job-samples img"))
+    sample = browser.find_element(By.CSS_SELECTOR, "#job-samples img")
+    WebDriverWait(browser, 30).until(lambda _: browser.execute_script("return arguments[0].naturalWidth", sample) > 0)
+    assert sample.get_attribute("alt").startswith("step-")
+
+    # a second job, stopped once it has a checkpoint, then resumed to its end
+    browser.find_element(By.CSS_SELECTOR, '#tabs button[data-tab="train"]').click()
+    _fill(browser, {"output_dir": "runs/b", "steps": 40, "checkpoint_every": 2, "validate_every": 0, "samples": False})
+    browser.find_element(By.ID, "train-start").click()
+    checkpoints = ui_root / "runs" / "b" / "checkpoints"
+    WebDriverWait(browser, 240).until(lambda _: latest_checkpoint(checkpoints) if checkpoints.is_dir() else None)
+    WebDriverWait(browser, 30).until(lambda driver: driver.find_element(By.ID, "job-stop").is_enabled())
+    browser.find_element(By.ID, "job-stop").click()
+    WebDriverWait(browser, 120).until(lambda _: status.text in ("stopped", "done"))
+    assert status.text == "stopped"
+    stopped_at = int(bar.get_attribute("data-step"))
+    assert 2 <= stopped_at < 40
+    WebDriverWait(browser, 30).until(lambda driver: driver.find_element(By.ID, "job-resume").is_enabled())
+    browser.find_element(By.ID, "job-resume").click()
+    WebDriverWait(browser, 300).until(lambda _: status.text in ("done", "failed"))
+    assert status.text == "done" and bar.get_attribute("data-step") == "40"
+    lines = [json.loads(line) for line in (ui_root / "runs" / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines if "loss" in line] == list(range(1, 41))  # resumed from the checkpoint: every step once
+
+    # the LoRAs page lists what the first run wrote, with its rank and alpha
+    browser.find_element(By.CSS_SELECTOR, '#tabs button[data-tab="loras"]').click()
+    folder = browser.find_element(By.CSS_SELECTOR, '#loras-form input[name="dir"]')
+    folder.clear()
+    folder.send_keys("runs/a")
+    browser.find_element(By.CSS_SELECTOR, "#loras-form button").click()
+    WebDriverWait(browser, 30).until(lambda driver: driver.find_elements(By.CSS_SELECTOR, "#lora-table tbody tr"))
+    rows = {
+        cells[0]: cells
+        for row in browser.find_elements(By.CSS_SELECTOR, "#lora-table tbody tr")
+        for cells in [[cell.text for cell in row.find_elements(By.TAG_NAME, "td")]]
+    }
+    assert rows["lora.safetensors"][5:7] == ["4", "8"]  # rank, alpha
