@@ -400,7 +400,7 @@ def build_tiny_sd3_pipeline(seed: int = TINY_SEED, with_t5: bool = True):
     norms), the last with no context MLP (`context_pre_only`); CLIP-L 32 and CLIP-G 48 wide, both with projection;
     T5 96 wide (optional: `with_t5=False` leaves it out, as the pipeline allows); a 16-channel VAE with SD3's shift.
     """
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline  # only when built
+    from diffusers import SD3Transformer2DModel  # only when built
 
     torch.manual_seed(seed)
     text_encoder = _text_encoder(hidden=32, intermediate=37, heads=4, layers=5, projection=32, with_projection=True)
@@ -426,6 +426,13 @@ def build_tiny_sd3_pipeline(seed: int = TINY_SEED, with_t5: bool = True):
     vae = _tiny_vae(
         near_deterministic=False, latent_channels=16, shift_factor=TINY_SD3_VAE_SHIFT, use_quant_conv=False, use_post_quant_conv=False
     )
+    return _assemble_sd3(transformer, vae, text_encoder, text_encoder_2, text_encoder_3 if with_t5 else None, tokenizer_3)
+
+
+def _assemble_sd3(transformer, vae, text_encoder, text_encoder_2, text_encoder_3, tokenizer_3):
+    """An SD3 pipeline of these parts (T5 left out when `text_encoder_3` is None), SD3's flow-matching scheduler."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline  # only when a model is built
+
     return StableDiffusion3Pipeline(
         transformer=transformer.eval(),
         scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
@@ -434,8 +441,8 @@ def build_tiny_sd3_pipeline(seed: int = TINY_SEED, with_t5: bool = True):
         tokenizer=tiny_tokenizer(),
         text_encoder_2=text_encoder_2.eval(),
         tokenizer_2=tiny_tokenizer(),
-        text_encoder_3=text_encoder_3.eval() if with_t5 else None,
-        tokenizer_3=tokenizer_3 if with_t5 else None,
+        text_encoder_3=None if text_encoder_3 is None else text_encoder_3.eval(),
+        tokenizer_3=None if text_encoder_3 is None else tokenizer_3,
     )
 
 
@@ -476,7 +483,7 @@ def build_sd3_shaped_pipeline(seed: int = TINY_SEED, text_layers: int = 2, with_
 
 
 def _build_sd3_shaped(seed: int, text_layers: int, with_t5: bool):
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline  # only when built
+    from diffusers import SD3Transformer2DModel  # only when built
 
     torch.manual_seed(seed)
     transformer = SD3Transformer2DModel(**SD35_MEDIUM_TRANSFORMER)
@@ -493,15 +500,5 @@ def _build_sd3_shaped(seed: int, text_layers: int, with_t5: bool):
             vocab_size=len(tokenizer_3), d_model=4096, d_kv=64, d_ff=10240, num_layers=text_layers, num_heads=64,
             feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False,
         )  # fmt: skip
-        text_encoder_3 = T5EncoderModel(config).eval()
-    return StableDiffusion3Pipeline(
-        transformer=transformer.eval(),
-        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
-        vae=vae.eval(),
-        text_encoder=text_encoder.eval(),
-        tokenizer=tiny_tokenizer(),
-        text_encoder_2=text_encoder_2.eval(),
-        tokenizer_2=tiny_tokenizer(),
-        text_encoder_3=text_encoder_3,
-        tokenizer_3=tokenizer_3,
-    )
+        text_encoder_3 = T5EncoderModel(config)
+    return _assemble_sd3(transformer, vae, text_encoder, text_encoder_2, text_encoder_3, tokenizer_3)
