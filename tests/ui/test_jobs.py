@@ -199,6 +199,13 @@ def test_a_run_outlives_the_ui_and_a_ui_started_again_follows_it_to_its_end(ui_r
         failed = client.wait_for(job_id, ("stopped", "done", "failed"))
         assert failed["status"] == "failed" and failed["error"].startswith("the training process was killed by signal 9 (last output: ")
         assert failed["can_resume"]  # its checkpoints are complete: resume goes on from the last
+        killed_at = time.time()
+        checkpoint_step = step_of(latest_checkpoint(ui_root / "runs" / "kept" / "checkpoints").name)
+        assert client.post(f"/api/jobs/{job_id}/resume")[0] == 200
+        assert _stop_at(client, job_id, checkpoint_step + 2, after=killed_at)["status"] == "stopped"
+        lines = [json.loads(line) for line in (ui_root / "runs" / "kept" / "metrics.jsonl").read_text().splitlines()]
+        steps = [line["step"] for line in lines if "loss" in line]
+        assert steps == list(range(1, len(steps) + 1)) and len(steps) >= checkpoint_step + 2  # on from the checkpoint
     finally:
         second.terminate()
         second.wait(timeout=60)
