@@ -2,7 +2,7 @@
 Selenium; `apt-get install chromium chromium-driver`, `pip install selenium`). Not a page: run it by hand after
 changing a page.
 
-    python docs/ui_screenshots.py [--root /tmp/shots] [--pages train dataset loras]
+    python docs/ui_screenshots.py [--root /tmp/shots] [--pages train jobs dataset loras]
 
 The root gets `data/` (a copy of datasets_examples/flat_poster) and `runs/flat_poster` (the README's job on the demo
 model, 150 steps with a checkpoint every 50, trained once: about two minutes on a CPU)."""
@@ -102,10 +102,33 @@ def loras_page(driver) -> None:
     driver.save_screenshot(str(IMAGES / "ui-loras.png"))
 
 
+def jobs_page(driver) -> None:
+    """The README's job started from the form (120 steps, held-out loss and samples every 20), followed to its end."""
+    tab(driver, "train")
+    driver.find_element(By.ID, "preset-path").clear()
+    driver.find_element(By.ID, "preset-path").send_keys("presets/flat_poster.toml")
+    driver.find_element(By.ID, "preset-load").click()
+    message = driver.find_element(By.ID, "preset-message")
+    WebDriverWait(driver, 30).until(lambda _: message.text.startswith("loaded"))
+    for name, value in (("output_dir", "runs/flat_poster_ui"), ("steps", "120"), ("validate_every", "20"), ("checkpoint_every", "40")):
+        field = driver.find_element(By.ID, f"opt-{name}")
+        field.clear()
+        field.send_keys(value)
+    driver.find_element(By.ID, "train-start").click()
+    status = driver.find_element(By.ID, "job-status")
+    WebDriverWait(driver, 1200).until(lambda _: status.text in ("done", "failed"))
+    assert status.text == "done", driver.find_element(By.ID, "job-error").text
+    WebDriverWait(driver, 60).until(
+        lambda d: d.execute_script("return [...document.querySelectorAll('#job-samples img')].every((i) => i.complete && i.naturalWidth)")
+    )
+    driver.execute_script("window.scrollTo(0, 0)")
+    driver.save_screenshot(str(IMAGES / "ui-jobs.png"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", default="/tmp/shots")
-    parser.add_argument("--pages", nargs="+", default=["train", "dataset", "loras"], choices=["train", "dataset", "loras"])
+    parser.add_argument("--pages", nargs="+", default=["train", "jobs", "dataset", "loras"], choices=["train", "jobs", "dataset", "loras"])
     args = parser.parse_args()
     root = Path(args.root)
     root.mkdir(parents=True, exist_ok=True)
@@ -126,9 +149,8 @@ def main() -> None:
         )
         assert preset == 200, preset
         for page in args.pages:
-            {"train": lambda: train_page(driver, root), "dataset": lambda: dataset_page(driver), "loras": lambda: loras_page(driver)}[
-                page
-            ]()
+            pages = {"train": lambda: train_page(driver, root), "jobs": lambda: jobs_page(driver), "dataset": lambda: dataset_page(driver)}
+            (pages | {"loras": lambda: loras_page(driver)})[page]()
             print(f"wrote {IMAGES / f'ui-{page}.png'}")
     finally:
         driver.quit()
