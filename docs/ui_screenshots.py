@@ -103,17 +103,21 @@ def loras_page(driver) -> None:
 
 
 def jobs_page(driver) -> None:
-    """The README's job started from the form (120 steps, held-out loss and samples every 20), followed to its end."""
+    """The README's job (its train.toml as a preset) started from the form, 120 steps with the held-out loss and
+    samples every 20, followed to its end."""
     tab(driver, "train")
     driver.find_element(By.ID, "preset-path").clear()
-    driver.find_element(By.ID, "preset-path").send_keys("presets/flat_poster.toml")
+    driver.find_element(By.ID, "preset-path").send_keys("presets/readme_job.toml")
     driver.find_element(By.ID, "preset-load").click()
     message = driver.find_element(By.ID, "preset-message")
     WebDriverWait(driver, 30).until(lambda _: message.text.startswith("loaded"))
     for name, value in (("output_dir", "runs/flat_poster_ui"), ("steps", "120"), ("validate_every", "20"), ("checkpoint_every", "40")):
-        field = driver.find_element(By.ID, f"opt-{name}")
-        field.clear()
-        field.send_keys(value)
+        # set as typed, also where the field's section is folded
+        driver.execute_script(
+            "const f = document.getElementById(arguments[0]); f.value = arguments[1]; f.dispatchEvent(new Event('input', {bubbles: true}))",
+            f"opt-{name}",
+            value,
+        )
     driver.find_element(By.ID, "train-start").click()
     status = driver.find_element(By.ID, "job-status")
     WebDriverWait(driver, 1200).until(lambda _: status.text in ("done", "failed"))
@@ -148,6 +152,8 @@ def main() -> None:
             "name: 'flat_poster', trigger: 'flatposter', resolution: 64, rank: 4, alpha: 8.0, preset: 'all', steps: 300, lr: 0.001}})})).then((r) => r.status)"
         )
         assert preset == 200, preset
+        job = (EXAMPLE / "train.toml").read_text(encoding="utf-8").replace('data_dir = "."', 'data_dir = "../data"')
+        (root / "presets" / "readme_job.toml").write_text(job, encoding="utf-8")  # the README's job, read as the CLI would
         for page in args.pages:
             pages = {"train": lambda: train_page(driver, root), "jobs": lambda: jobs_page(driver), "dataset": lambda: dataset_page(driver)}
             (pages | {"loras": lambda: loras_page(driver)})[page]()
