@@ -39,6 +39,7 @@ CAPTION = "benchstyle, a square"
 # text of the trainer's shapes (77 CLIP + 77 T5 tokens, the pooled vector) at the same precision.
 FLOOR_CHILD = r"""
 import json, resource, sys, time, torch
+from pathlib import Path
 from diffusers import SD3Transformer2DModel
 from sdlora.training import network
 o = json.loads(sys.argv[1])
@@ -48,7 +49,7 @@ transformer.requires_grad_(False)
 params = network.add_lora(transformer, network.unet_target_modules(transformer, "attn"), o["rank"], o["rank"])
 transformer.train()
 optimizer = torch.optim.AdamW(params, lr=1e-4)
-vae_config = json.loads((__import__("pathlib").Path(o["model"]) / "vae" / "config.json").read_text())
+vae_config = json.loads((Path(o["model"]) / "vae" / "config.json").read_text())
 side = o["resolution"] // 2 ** (len(vae_config["block_out_channels"]) - 1)  # the tiny VAE halves, SD3's divides by 8
 latents = torch.randn(1, transformer.config.in_channels, side, side)
 text = torch.randn(1, 154, transformer.config.joint_attention_dim)
