@@ -182,7 +182,7 @@ def kohya_metadata(state: LoraState, extra: dict[str, str] | None = None, family
 
 def kohya_network_args(state: LoraState) -> dict[str, str]:
     """kohya's network args UIs show beside network dim/alpha: conv_dim/conv_alpha of 3x3-conv (LoCon) modules,
-    LyCORIS's `algo` (and `dora_wd`) for its kinds."""
+    LyCORIS's `algo` (and `dora_wd`, with `wd_on_output=False` for magnitudes per input column) for its kinds."""
     args = {}
     # a DoRA's algo is the kind it sits on (LyCORIS: algo=locon with dora_wd=True)
     kinds = sorted({m.inner.kind if isinstance(m, DoraModule) else m.kind for m in state.modules.values()})
@@ -191,6 +191,8 @@ def kohya_network_args(state: LoraState) -> dict[str, str]:
         args["algo"] = "+".join({"lora": "locon", "oft": "diag-oft"}.get(kind, kind) for kind in kinds)
     if "dora" in state.kinds():
         args["dora_wd"] = "True"
+        if all(not m.on_output for m in state.modules.values() if isinstance(m, DoraModule)):
+            args["wd_on_output"] = "False"  # lycoris.kohya's default is True
     conv = [
         (m.rank, m.effective_alpha)
         for m in state.modules.values()

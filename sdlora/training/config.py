@@ -31,6 +31,7 @@ else:  # pragma: no cover
 
 PRESETS = ("attn", "attn-ff", "all")
 KINDS = ("lora", "loha", "lokr", "dora")  # what --kind trains: training/network.py builds each through peft's own layers
+DORA_AXES = ("output", "input")  # --dora-axis: network.DORA_AXES
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 SAMPLE_VAE_TILING = ("auto", "on", "off")
 SAVE_PRECISIONS = ("fp32", "fp16", "bf16")
@@ -302,6 +303,13 @@ class NetworkConfig(_Section):
         "All are written in kohya/LyCORIS's layout; the diffusers file only for lora and dora",
         KINDS,
     )
+    dora_axis: str = _opt(
+        "output",
+        "--kind dora: the learnt magnitude per output row (peft's and the DoRA paper's, LyCORIS's default "
+        "wd_on_output=True; diffusers loads it, ComfyUI and A1111 apply it inexactly) or per input column (LyCORIS's "
+        "wd_on_output=False: what ComfyUI and A1111 apply exactly; kohya file only)",
+        DORA_AXES,
+    )
     rank: int = _opt(16, "LoRA rank: 4-8 for a light style, 32-128 for detailed subjects")
     alpha: float = _opt(16.0, "LoRA alpha; the update is scaled by alpha/rank")
     dropout: float = _opt(0.0, "dropout on the LoRA path; 0.05-0.1 against overfitting small sets")
@@ -375,6 +383,8 @@ class NetworkConfig(_Section):
             raise UserError(
                 f"--dropout is LoRA's dropout on the layer input, which {self.kind} has not: leave it at 0 with --kind {self.kind}"
             )
+        if self.dora_axis != "output" and self.kind != "dora":
+            raise UserError(f"--dora-axis sets DoRA's magnitude axis: use it with --kind dora (now {self.kind})")
         if self.kind != "lora" and self.init_lora:
             raise UserError(f"--init-lora continues a plain LoRA; with --kind {self.kind} training starts fresh: drop --init-lora")
         _check(self.rank >= 1, "rank", self.rank, "at least 1")

@@ -162,8 +162,8 @@ _LORA_ARGS = (
 )  # fmt: skip
 # lycoris.kohya's own (lycoris/kohya.py create_network); use_cp / use_conv_cp are its older names of use_tucker
 _LYCORIS_ARGS = (
-    "algo", "preset", "dora_wd", "factor", "decompose_both", "use_tucker", "use_cp", "use_conv_cp", "use_scalar",
-    "train_norm", "rank_dropout_scale",
+    "algo", "preset", "dora_wd", "wd_on_output", "factor", "decompose_both", "use_tucker", "use_cp", "use_conv_cp",
+    "use_scalar", "train_norm", "rank_dropout_scale", "bypass_mode",
 )  # fmt: skip
 _LYCORIS_DROPOUTS = ("rank_dropout", "module_dropout")  # lycoris.kohya's, for LoHa and LoKr (peft's LoHaConfig/LoKrConfig)
 _NETWORK_ARGS = ("conv_dim", "conv_alpha", *_LYCORIS_ARGS, *_LORA_ARGS)
@@ -218,6 +218,8 @@ def _network(value: Any, config: dict[str, Any]) -> Options:
         if kind != "lora":
             raise UserError(f"kohya config: network_args dora_wd=True with algo={algo}: sdlora trains DoRA on algo=lora/locon")
         options["kind"] = "dora"
+        if not _true(args.get("wd_on_output", "true")):  # lycoris.kohya's default: the magnitude per output row
+            options["dora_axis"] = "input"
     try:
         if int(args.get("conv_dim", 0)):
             options |= {"preset": "all", "conv_rank": int(args["conv_dim"]), "conv_alpha": float(args.get("conv_alpha", 1))}
@@ -668,8 +670,11 @@ _GUI_SD3_KEYS = ("clip_l", "clip_g", "t5xxl", "clip_g_dropout_rate", "save_clip"
 _GUI_NETWORK_ARGS = {
     "networks.lora": ("down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold", "block_dims",
                       "block_alphas", "conv_block_dims", "conv_block_alphas", "rank_dropout", "module_dropout"),
-    "lycoris.kohya": ("rank_dropout", "module_dropout", "use_tucker", "use_scalar", "rank_dropout_scale", "train_norm"),
+    "lycoris.kohya": ("rank_dropout", "module_dropout", "use_tucker", "use_scalar", "rank_dropout_scale", "train_norm",
+                      "dora_wd"),
 }  # fmt: skip
+_GUI_LYCORIS = {"LyCORIS/LoCon": "locon", "LyCORIS/LoHa": "loha", "LyCORIS/LoKr": "lokr"}  # LoRA_type -> LyCORIS's algo
+_GUI_LOKR_ARGS = ("factor", "decompose_both", "use_cp")  # what lora_gui.py adds for LyCORIS/LoKr alone
 _GUI_KEPT_AT_ZERO = ("max_grad_norm",)  # where the GUI's 0 is a value (no clipping), not "unset"
 
 
@@ -695,10 +700,15 @@ def _gui_to_kohya(data: dict[str, Any]) -> dict[str, Any]:
         module, args = "networks.lora_sd3", []
     elif lora_type in ("Standard", "Kohya LoCon"):
         module, args = "networks.lora", []
-    elif lora_type == "LyCORIS/LoCon":
-        module, args = "lycoris.kohya", ["algo=locon", f"preset={data.get('LyCORIS_preset', 'full')}"]
+    elif lora_type in _GUI_LYCORIS:
+        module, args = "lycoris.kohya", [f"algo={_GUI_LYCORIS[lora_type]}", f"preset={data.get('LyCORIS_preset', 'full')}"]
+        if lora_type == "LyCORIS/LoKr":
+            args += [f"{key}={data.pop(key)}" for key in _GUI_LOKR_ARGS if key in data]
     else:
-        raise UserError(f"kohya_ss config: LoRA_type = {lora_type!r} {_NOT_YET}: sdlora trains Standard, Kohya LoCon and LyCORIS/LoCon")
+        raise UserError(
+            f"kohya_ss config: LoRA_type = {lora_type!r} {_NOT_YET}: sdlora trains Standard, Kohya LoCon, LyCORIS/LoCon, "
+            "LyCORIS/LoHa and LyCORIS/LoKr"
+        )
     if lora_type != "Standard":
         args += [f"conv_dim={data.get('conv_dim', 1)}", f"conv_alpha={data.get('conv_alpha', 1)}"]
     args += [f"{key}={data.pop(key)}" for key in _GUI_NETWORK_ARGS.get(module, ()) if key in data]

@@ -10,6 +10,14 @@ sdlora's own reader apply LyCORIS's):
   over in x kh x kw of a conv); LyCORIS's `dora_scale` with `wd_on_out=True` is the same magnitude per output row,
   stored [out, 1] / [out, 1, 1, 1] (peft keeps [out] / [1, out, 1, 1]): lora_down/up/alpha as LoRA, the magnitude
   reshaped. (LyCORIS and sdlora add float32 eps to the norm, peft adds nothing: a relative 1e-7 apart.)
+  ComfyUI divides such a magnitude by the norm of W alone, not of W + dW (comfy/weight_adapter/base.py
+  `weight_decompose`, its output-axis branch), and A1111 (network.py `apply_weight_decompose`) reads every
+  magnitude as per input column: neither applies a per-output-row DoRA exactly.
+- DoRA on the input axis (`dora_axis="input"`, LyCORIS's `wd_on_output=False`): W' = (W + alpha/r B A) * m /
+  ||W + alpha/r B A|| per input column (the norm over the output rows, and kh x kw of a conv), the magnitude stored
+  [1, in] / [1, in, 1, 1] as LyCORIS does: exactly what ComfyUI, A1111, LyCORIS and sdlora apply. peft has no such
+  layer: a plain peft LoRA layer whose input is scaled per channel by m / ||W + dW|| (`_InputDora`), since
+  (W + dW) diag(d) x = (W + dW)(d * x); diffusers cannot load it (kohya file only).
 - LoHa: peft (w1a @ w1b) * (w2a @ w2b) * alpha / r, LyCORIS the same with dim = r: factors and alpha as they are
   (convs flattened to [out, in * kh * kw], LyCORIS's non-Tucker layout).
 - LoKr: peft kron(w1, w2) * alpha / r on every layer; LyCORIS (and ComfyUI, A1111) alpha / dim where a half is
@@ -37,6 +45,8 @@ from ..errors import UserError
 
 INITS = ("gaussian", "default")
 KINDS = ("lora", "loha", "lokr", "dora")  # config.KINDS: what add_lora builds (peft's layer types)
+DORA_AXES = ("output", "input")  # config.DORA_AXES: the axis of DoRA's magnitude (module docstring)
+INPUT_MAGNITUDE = "lora_input_magnitude"  # a peft LoRA layer's container of input-axis DoRA magnitudes (_InputDora)
 TUCKER_KINDS = ("loha", "lokr")  # the kinds whose peft layers have a Tucker form of 3x3 convs (use_effective_conv2d)
 
 
@@ -93,6 +103,7 @@ def add_lora(
     kind: str = "lora",
     module_ranks: dict[str, tuple[int, float]] | None = None,
     lycoris: LycorisOptions | None = None,
+    dora_axis: str = "output",
 ) -> list[nn.Parameter]:
     """Add a peft LoRA adapter to `target_modules` of `model`; return its (trainable, fp32) parameters.
 
@@ -107,6 +118,8 @@ def add_lora(
     loha or lokr (their own inits: LoHa's w2b zero, LoKr's w2 / w2b zero as LyCORIS; no input dropout).
     `module_ranks`: {layer name: (rank, alpha)} of layers at their own rank and alpha (kohya's block_dims,
     `training.blocks`), through peft's rank and alpha patterns as the convs'.
+    `dora_axis` (kind dora): the magnitude per output row (peft's DoRA, LyCORIS's default) or per input column
+    (`_InputDora`, what A1111 and ComfyUI apply exactly); module docstring.
     `lycoris`: LyCORIS's LoKr factor and decompose_both, Tucker 3x3 convs and its dropouts (`LycorisOptions`), for
     loha and lokr. The dropouts act as LyCORIS 4.1.3's (modules/loha.py, lokr.py) while the layer is in training
     mode: module_dropout skips the layer's whole update with probability p per forward call (a hook
@@ -124,6 +137,9 @@ def add_lora(
     _check_lycoris(lycoris, kind)
     if dropout and kind in ("loha", "lokr"):
         raise UserError(f"LoRA dropout is on the layer input, which {kind} has not: leave it at 0")
+    if dora_axis not in DORA_AXES:
+        raise UserError(f"unknown DoRA axis {dora_axis!r}: use one of {', '.join(DORA_AXES)}")
+    on_input = kind == "dora" and dora_axis == "input"
 
     if rank < 1:
         raise UserError(f"LoRA rank must be 1 or more, got {rank}")
@@ -170,7 +186,7 @@ def add_lora(
             init_lora_weights="gaussian" if init == "gaussian" else True,
             rank_pattern=rank_pattern,
             alpha_pattern=alpha_pattern,
-            use_dora=kind == "dora",
+            use_dora=kind == "dora" and not on_input,
         )
     # peft's LoKr layers split each dimension with peft's factorization; LyCORIS's differs (LycorisOptions.factor)
     with mock.patch.object(peft_lokr_layer, "factorization", lycoris_factorization):
@@ -178,6 +194,9 @@ def add_lora(
             model.add_adapter(config, adapter_name=adapter_name)
         else:
             inject_adapter_in_model(config, model, adapter_name)
+    if on_input:
+        for layer in _lora_layers(model, adapter_name).values():
+            _InputDora.attach(layer, adapter_name)
     model.requires_grad_(False)
     if lycoris.module_dropout:
         for layer in _adapter_layers(model, adapter_name).values():
@@ -217,6 +236,52 @@ class _LycorisModuleDropout:
         if not module.training or base is None or not torch.rand(1) < self.probability:
             return output
         return (base + (output - base) * 0.0).to(output.dtype)
+
+
+class _InputDora:
+    """DoRA with its magnitude per input column on a peft LoRA layer (module docstring): a forward pre-hook scaling the
+    layer's input per channel by m / (||W + dW|| + eps), the norm per input column of the merged weight (over the
+    output rows and a conv's kh x kw), taken in fp32 and, as peft's DoRA does (the DoRA paper's section 4.3), without
+    a gradient through it. eps is float32's, as LyCORIS and sdlora's merge add. m starts at the base weight's column
+    norms (the layer is unchanged at step 0) and is `INPUT_MAGNITUDE`[adapter], registered among the layer's
+    adapter containers, so that peft, `lora_parameters` and checkpoints treat it as its other weights."""
+
+    def __init__(self, adapter_name: str):
+        self.adapter_name = adapter_name
+
+    @classmethod
+    def attach(cls, layer: nn.Module, adapter_name: str) -> None:
+        if not hasattr(layer, INPUT_MAGNITUDE):
+            setattr(layer, INPUT_MAGNITUDE, nn.ParameterDict())
+            layer.adapter_layer_names = (*layer.adapter_layer_names, INPUT_MAGNITUDE)
+        weight = layer.get_base_layer().weight.detach().float()
+        getattr(layer, INPUT_MAGNITUDE)[adapter_name] = nn.Parameter(_column_norms(weight))
+        layer.register_forward_pre_hook(cls(adapter_name))
+
+    def __call__(self, layer: nn.Module, args: tuple) -> tuple | None:
+        if layer.disable_adapters or layer.merged or self.adapter_name not in layer.active_adapters:
+            return None
+        x = args[0]
+        scale = input_dora_scale(layer, self.adapter_name)
+        shape = [1] * x.dim()
+        shape[1 if isinstance(layer.get_base_layer(), nn.Conv2d) else -1] = -1
+        return (x * scale.view(shape).to(x.dtype), *args[1:])
+
+
+def _column_norms(weight: torch.Tensor) -> torch.Tensor:
+    """The norm of each input column of a [out, in] or [out, in, kh, kw] weight: over the other axes, [in]."""
+    return weight.transpose(0, 1).flatten(1).norm(dim=1)
+
+
+def input_dora_scale(layer: nn.Module, adapter_name: str = "default") -> torch.Tensor:
+    """The per-input-channel factor m / (||W + dW|| + eps) of an input-axis DoRA layer ([in], fp32; `_InputDora`):
+    the layer's effective weight is (W + dW) times it along the input axis."""
+    with torch.no_grad():
+        base = layer.get_base_layer().weight.float()
+        down, up = layer.lora_A[adapter_name].weight.float(), layer.lora_B[adapter_name].weight.float()
+        merged = base + _update(down, up).reshape(base.shape) * layer.scaling[adapter_name]
+        norms = _column_norms(merged) + torch.finfo(torch.float32).eps
+    return getattr(layer, INPUT_MAGNITUDE)[adapter_name].float() / norms
 
 
 def _check_lycoris(options: LycorisOptions, kind: str) -> None:
@@ -418,6 +483,9 @@ def _to_adapter(layer: nn.Module, name: str, adapter_name: str) -> Adapter:
             return LokrModule(alpha=float(layer.r[adapter_name]), **factors)  # alpha there for LyCORIS's loader, unused
         return LokrModule(alpha=_alpha(layer, adapter_name), **factors)
     lora = _to_lora_module(layer, name, adapter_name)
+    if adapter_name in getattr(layer, INPUT_MAGNITUDE, {}):  # LyCORIS's [1, in] / [1, in, 1, 1]
+        magnitude = _cpu(getattr(layer, INPUT_MAGNITUDE)[adapter_name])
+        return DoraModule(lora, magnitude.reshape(1, -1, *[1] * (lora.down.ndim - 2)), on_output=False)
     if not layer.use_dora.get(adapter_name, False):
         return lora
     magnitude = _cpu(layer.lora_magnitude_vector[adapter_name].weight)
@@ -480,7 +548,7 @@ def add_kohya_dropout(
         return 0
     layers = _lora_layers(model, adapter_name)
     for layer in layers.values():
-        if layer.use_dora.get(adapter_name, False):  # peft's DoRA calls lora_A on an identity to take the weight's norm
+        if layer.use_dora.get(adapter_name, False) or hasattr(layer, INPUT_MAGNITUDE):  # DoRA's norm is of B A, undropped
             raise UserError("kohya's dropouts with DoRA would change the norm DoRA divides by: train them with --kind lora")
         layer.lora_A[adapter_name].register_forward_hook(_KohyaDropout(network_dropout, rank_dropout, module_dropout))
     return len(layers)

@@ -225,22 +225,51 @@ def lora_writers(
         DIFFUSERS_FILE.replace(".safetensors", suffix + ".safetensors"): lambda path: write_diffusers(state, path, family),
         kohya_file(config).replace(".safetensors", suffix + ".safetensors"): lambda path: write_kohya(state, path, metadata, family),
     }
-    if config.network.kind not in DIFFUSERS_KINDS:
+    if not writes_diffusers(config):
         del writers[DIFFUSERS_FILE.replace(".safetensors", suffix + ".safetensors")]
     return writers
 
 
+def writes_diffusers(config: TrainConfig) -> bool:
+    """Whether the run writes the diffusers file: its --kind is one diffusers loads, and DoRA's magnitude per output
+    row (peft's; diffusers has no per-input-column DoRA)."""
+    return config.network.kind in DIFFUSERS_KINDS and not (config.network.kind == "dora" and config.network.dora_axis == "input")
+
+
 def no_diffusers_file(config: TrainConfig) -> str | None:
     """The line a run prints once when its --kind gets no diffusers file; None when it gets one."""
-    if config.network.kind in DIFFUSERS_KINDS:
+    if writes_diffusers(config):
         return None
     kind = KIND_NAMES[config.network.kind]
+    if config.network.kind == "dora":
+        return (
+            f"--kind dora --dora-axis input: diffusers (peft) has DoRA per output row only, so this run writes the kohya file "
+            f"{kohya_file(config)} only (A1111, Forge, ComfyUI, sdlora load it)"
+        )
     return f"--kind {config.network.kind}: diffusers cannot load {kind} files, so this run writes the kohya file {kohya_file(config)} only (A1111, Forge, ComfyUI, sdlora load it)"
+
+
+def loader_notes(config: TrainConfig) -> list[str]:
+    """The lines a run prints once where a loader people use would not apply the file it writes exactly (each checked
+    against that loader's code, tests/training/test_trained_kinds_in_loaders.py)."""
+    notes = []
+    if config.network.kind == "dora" and config.network.dora_axis == "output":
+        notes.append(
+            "--kind dora: the magnitude per output row (peft's, LyCORIS's default), which diffusers, LyCORIS and sdlora apply "
+            "exactly and ComfyUI and A1111 do not (ComfyUI divides by the norm of the base weight, A1111 reads every "
+            "magnitude per input column): for them, train with --dora-axis input"
+        )
+    if config.network.kind == "lokr" and config.network.use_tucker:
+        notes.append(
+            "--kind lokr --use-tucker: ComfyUI cannot apply LoKr's Tucker 3x3 convs (torch.kron refuses the layout of its "
+            "rebuilt half; it logs an error and skips them); A1111, LyCORIS and sdlora apply them: leave out --use-tucker for ComfyUI"
+        )
+    return notes
 
 
 def main_file(config: TrainConfig) -> str:
     """The run's first LoRA file: the diffusers file, or the kohya file for a --kind diffusers cannot load."""
-    return DIFFUSERS_FILE if config.network.kind in DIFFUSERS_KINDS else kohya_file(config)
+    return DIFFUSERS_FILE if writes_diffusers(config) else kohya_file(config)
 
 
 def write_config_and_card(config: TrainConfig, family: ModelFamily, num_images: int, out: Path) -> None:
@@ -255,7 +284,7 @@ def model_card(config: TrainConfig, family: ModelFamily, num_images: int, out: P
     """The run's README.md: what it was trained on, its settings, its files and how to use it."""
     grids = sorted((out / SAMPLES_DIR).glob("step-*.png"))
     sample = f"![samples]({SAMPLES_DIR}/{grids[-1].name})\n" if grids else ""
-    diffusers = config.network.kind in DIFFUSERS_KINDS
+    diffusers = writes_diffusers(config)
     diffusers_line = "- `pytorch_lora_weights.safetensors`: diffusers (`pipe.load_lora_weights(folder)`).\n" if diffusers else ""
     kind_note = "" if config.network.kind == "lora" else f" (a {KIND_NAMES[config.network.kind]} in LyCORIS's layout)"
     usage = (

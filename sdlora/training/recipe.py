@@ -174,6 +174,8 @@ def _setup_accelerator(config: TrainConfig):
     torch.manual_seed(config.run.seed)
     if (note := outputs.no_diffusers_file(config)) and accelerator.is_local_main_process:
         tqdm.write(note)  # once, before anything loads: a --kind diffusers cannot load gets the kohya file alone
+    for note in outputs.loader_notes(config) if accelerator.is_local_main_process else ():
+        tqdm.write(note)
     return accelerator
 
 
@@ -259,7 +261,7 @@ def _setup_network(options: NetworkConfig, optimization: OptimizationConfig, bas
     network.add_lora(
         model.unet, list(plan.ranks) if plan else unet_targets, options.rank, options.alpha, options.dropout,
         conv_rank=options.conv_rank, conv_alpha=options.conv_alpha, dtype=lora_dtype, kind=options.kind,
-        module_ranks=plan.ranks if plan else None, lycoris=lycoris,
+        module_ranks=plan.ranks if plan else None, lycoris=lycoris, dora_axis=options.dora_axis,
     )  # fmt: skip
     param_groups = network.parameter_groups(
         model.unet,
@@ -274,7 +276,7 @@ def _setup_network(options: NetworkConfig, optimization: OptimizationConfig, bas
                 continue
             network.add_lora(
                 encoder, targets.text_encoder_target_modules(encoder, spec=model.family.text_encoder(component)), options.rank, options.alpha,
-                options.dropout, dtype=lora_dtype, kind=options.kind, lycoris=lycoris,
+                options.dropout, dtype=lora_dtype, kind=options.kind, lycoris=lycoris, dora_axis=options.dora_axis,
             )  # fmt: skip
             param_groups += network.parameter_groups(encoder, optimization.lr_of(component), optimization.loraplus_ratio(component))
             trained[component] = encoder

@@ -158,6 +158,10 @@ def test_sdxl_example_with_lycoris_locon(tmp_path):
             {"kind": "loha", "use_tucker": True},
         ),
         ('network_module = "lycoris.kohya"\nnetwork_args = ["algo=locon", "dora_wd=True", "conv_dim=4"]', {"kind": "dora", "conv_rank": 4}),
+        (  # lycoris.kohya's wd_on_output=False: DoRA's magnitude per input column
+            'network_module = "lycoris.kohya"\nnetwork_args = ["algo=lora", "dora_wd=True", "wd_on_output=False"]',
+            {"kind": "dora", "dora_axis": "input"},
+        ),
         ('network_module = "networks.lora"', {"kind": "lora"}),
     ],
 )
@@ -244,8 +248,32 @@ def test_kohya_ss_saved_json_as_the_gui_runs_it(tmp_path):
     lycoris = KOHYA_SS_LOCON | {"LoRA_type": "LyCORIS/LoCon", "rank_dropout": 0.1}  # LyCORIS's own: not kohya's
     with pytest.raises(ValueError, match="network_args rank_dropout=0.1 is not supported by sdlora's training yet with lycoris.kohya"):
         read_kohya_config(_write(tmp_path, json.dumps(lycoris), "kohya.json"))
-    with pytest.raises(ValueError, match="LoRA_type = 'LyCORIS/LoHa' is not supported"):
-        read_kohya_config(_write(tmp_path, json.dumps(KOHYA_SS_LOCON | {"LoRA_type": "LyCORIS/LoHa"}), "kohya.json"))
+    with pytest.raises(ValueError, match="LoRA_type = 'LyCORIS/iA3' is not supported"):
+        read_kohya_config(_write(tmp_path, json.dumps(KOHYA_SS_LOCON | {"LoRA_type": "LyCORIS/iA3"}), "kohya.json"))
+
+
+def test_kohya_ss_lycoris_types_train_their_algo(tmp_path):
+    """lora_gui.py's LyCORIS/LoHa and LyCORIS/LoKr: lycoris.kohya with algo=loha / lokr and the GUI's LyCORIS fields
+    (LoKr's factor, decompose_both and use_cp; dora_wd on LyCORIS/LoCon), saved as the GUI saves them."""
+    gui = KOHYA_SS_LOCON | {"conv_dim": 4, "conv_alpha": 2, "module_dropout": "0.05", "use_tucker": True}
+    options = read_kohya_config(_write(tmp_path, json.dumps(gui | {"LoRA_type": "LyCORIS/LoHa"}), "kohya.json")).options
+    assert (options["kind"], options["preset"], options["conv_rank"], options["use_tucker"], options["module_dropout"]) == (
+        "loha", "all", 4, True, 0.05,
+    )  # fmt: skip
+    lokr = gui | {"LoRA_type": "LyCORIS/LoKr", "factor": "8", "decompose_both": True, "use_tucker": False, "use_cp": True}
+    options = read_kohya_config(_write(tmp_path, json.dumps(lokr), "kohya.json")).options
+    assert (options["kind"], options["lokr_factor"], options["lokr_decompose_both"], options["use_tucker"]) == ("lokr", 8, True, True)
+    config = TrainConfig.from_options(**options)
+    assert (config.network.kind, config.network.lokr_factor, config.network.conv_rank) == ("lokr", 8, 4)
+    # the GUI's factor -1 (its default) is LyCORIS's default too; LyCORIS/LoCon with DoRA checked trains DoRA
+    options = read_kohya_config(
+        _write(tmp_path, json.dumps(gui | {"LoRA_type": "LyCORIS/LoKr", "use_tucker": False}), "kohya.json")
+    ).options
+    assert options["kind"] == "lokr" and "lokr_factor" not in options
+    dora = gui | {"LoRA_type": "LyCORIS/LoCon", "use_tucker": False, "module_dropout": 0, "dora_wd": True}
+    assert read_kohya_config(_write(tmp_path, json.dumps(dora), "kohya.json")).options["kind"] == "dora"
+    with pytest.raises(ValueError, match="dora_wd=True with algo=loha"):
+        read_kohya_config(_write(tmp_path, json.dumps(dora | {"LoRA_type": "LyCORIS/LoHa"}), "kohya.json"))
 
 
 # sd3_train_network.py's config (its keys: library/train_util.py and sd3_train_utils.py's add_sd3_training_arguments)

@@ -145,20 +145,23 @@ def test_options_a_kind_lacks_are_refused_in_one_line(dataset, tmp_path, tiny_co
 
 
 @pytest.mark.slow  # three short runs per kind
-@pytest.mark.parametrize("kind", ["loha", "lokr", "dora"])
+@pytest.mark.parametrize("kind", ["loha", "lokr", "dora", "dora-input"])
 def test_each_kind_trains_and_resumes_bit_for_bit(kind, make_dataset, tmp_path, tiny_config, capsys):
     dataset = make_dataset(tmp_path / "data", count=2)
-    options = dict(kind=kind, samples=False, checkpoint_every=1, steps=2, batch_size=1, ema_decay=0.5)
+    axis = {"dora_axis": "input"} if kind == "dora-input" else {}
+    kind, on_input = kind.partition("-")[0], bool(axis)
+    options = dict(kind=kind, samples=False, checkpoint_every=1, steps=2, batch_size=1, ema_decay=0.5, **axis)
     straight = train(tiny_config(dataset, tmp_path / "straight", **options))
     card = (tmp_path / "straight" / "README.md").read_text()
     diffusers_file = tmp_path / "straight" / "pytorch_lora_weights.safetensors"
-    if kind == "dora":  # diffusers loads DoRA (peft's use_dora): both files
+    printed = capsys.readouterr().out
+    if kind == "dora" and not on_input:  # diffusers loads DoRA (peft's use_dora): both files
         assert straight == diffusers_file and "load_lora_weights" in card
-        assert "diffusers cannot load" not in capsys.readouterr().out
+        assert "diffusers cannot load" not in printed and printed.count("--dora-axis input") == 1  # the loaders' note
         straight = tmp_path / "straight" / "lora.safetensors"
-    else:  # the kohya file alone: diffusers cannot load LoHa or LoKr, which the run says once
+    else:  # the kohya file alone: diffusers cannot load LoHa, LoKr or DoRA per input column, which the run says once
         assert straight.name == "lora.safetensors" and not diffusers_file.exists()
-        assert capsys.readouterr().out.count("diffusers cannot load") == 1
+        assert printed.count("diffusers cannot load" if not on_input else "DoRA per output row only") == 1
         assert "pytorch_lora_weights" not in card and "load_lora(pipe" in card
     train(tiny_config(dataset, tmp_path / "resumed", **(options | {"steps": 1})))
     train(tiny_config(dataset, tmp_path / "resumed", **options, resume="latest"))
@@ -174,9 +177,12 @@ def test_each_kind_trains_and_resumes_bit_for_bit(kind, make_dataset, tmp_path, 
     assert {type(module) for module in state.modules.values()} == {CLASSES[kind]}
     # `sdlora grid --lora-steps RUN` finds each checkpoint's LoRA (the kohya file where there is no diffusers file)
     found = find_checkpoints([tmp_path / "straight"])
-    expected_name = "pytorch_lora_weights.safetensors" if kind == "dora" else "lora.safetensors"
+    expected_name = "pytorch_lora_weights.safetensors" if kind == "dora" and not on_input else "lora.safetensors"
     assert [(c.label, c.path.name) for c in found] == [("step 1", expected_name), ("step 2", expected_name)]
     # the header names LyCORIS's network and algo, as a LyCORIS-trained file's does
     assert state.metadata["ss_network_module"] == "lycoris.kohya"
     args = json.loads(state.metadata["ss_network_args"])
     assert args["algo"] == {"loha": "loha", "lokr": "lokr", "dora": "locon"}[kind] and (args.get("dora_wd") == "True") == (kind == "dora")
+    assert args.get("wd_on_output") == ("False" if on_input else None)  # lycoris.kohya's default is True
+    if on_input:  # LyCORIS's [1, in] / [1, in, 1, 1]
+        assert all(not m.on_output and m.magnitude.shape[0] == 1 for m in state.modules.values())
