@@ -4,7 +4,7 @@ table with each kind's ratio against plain LoRA measured in the same run (median
 process; time per step over the steps after 2 warm-up steps, from the metrics log's timestamps, as
 `bench/bench_train.py` measures).
 
-    python bench/bench_train_kinds.py [--repeats 3] [--steps 6] [--kinds lora loha lokr dora] [--preset attn]
+    python bench/bench_train_kinds.py [--repeats 3] [--steps 6] [--kinds lora loha lokr dora dora-input] [--preset attn]
 
 The issue's goals: LoHa and LoKr within 1.5x of a LoRA step, DoRA within 1.3x.
 """
@@ -23,14 +23,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_train import CHILD, make_dataset  # noqa: E402 - the same child and data as the training benchmark
 
-GOALS = {"loha": 1.5, "lokr": 1.5, "dora": 1.3}
+GOALS = {"loha": 1.5, "lokr": 1.5, "dora": 1.3, "dora-input": 1.3}
+# the names --kinds takes beyond sdlora's kinds: DoRA with its magnitude per input column (--dora-axis input)
+VARIANTS = {"dora-input": {"kind": "dora", "dora_axis": "input"}}
 
 
 def run(kind: str, model: Path, data: Path, out: Path, steps: int, preset: str) -> dict:
     options = dict(
         data_dir=str(data), output_dir=str(out), model=str(model), steps=steps, lr=1e-4, mixed_precision="no", cache="memory",
         checkpoint_every=0, validate_every=0, sample_steps=1, samples=False, seed=0, resolution=256, rank=16, alpha=8.0,
-        batch_size=1, kind=kind, preset=preset,
+        batch_size=1, preset=preset, **VARIANTS.get(kind, {"kind": kind}),
     )  # fmt: skip
     result = subprocess.run(
         [sys.executable, "-c", CHILD, json.dumps(options)], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}
