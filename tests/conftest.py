@@ -310,6 +310,74 @@ def tiny_config():
     return _tiny_config
 
 
+# ---------------------------------------------------------------- trained adapters of every kind on the tiny model
+
+
+def _adapted_tiny_pipe(kind: str, rank: int, alpha: float, conv_rank: int, conv_alpha: float, seed: int, **options):
+    """The tiny pipeline with `kind` on every UNet layer (`--preset all`, the 3x3 convs at `conv_rank`/`conv_alpha`)
+    and on the text encoder, its adapter weights moved at random (N(0, 0.2) from `seed`) as training would leave
+    them; `options`: add_lora's (lycoris, dora_axis)."""
+    from sdlora.core.targets import text_encoder_target_modules, unet_target_modules
+    from sdlora.training import network
+
+    pipe = build_tiny_pipeline()
+    unet_targets = unet_target_modules(pipe.unet, "all")
+    network.add_lora(pipe.unet, unet_targets, rank, alpha, kind=kind, conv_rank=conv_rank, conv_alpha=conv_alpha, **options)
+    network.add_lora(pipe.text_encoder, text_encoder_target_modules(pipe.text_encoder), rank, alpha, kind=kind, **options)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for model in (pipe.unet, pipe.text_encoder):
+            for param in network.lora_parameters(model):
+                param.add_(torch.randn(param.shape, generator=generator) * 0.2)
+    return pipe
+
+
+@pytest.fixture(scope="session")
+def adapted_tiny_pipe():
+    """`adapted_tiny_pipe(kind, rank, alpha, conv_rank, conv_alpha, seed, **add_lora options) -> pipe` with that
+    adapter on every UNet layer and the text encoder, its weights moved at random as training would leave them."""
+    return _adapted_tiny_pipe
+
+
+def _effective_weights(pipe) -> dict[str, torch.Tensor]:
+    """Each adapted layer's effective weight, by its LoraState path (`unet.…`, `text_encoder.text_model.…`): peft's
+    own merge, times the input scale where DoRA's magnitude is per input column (`network.input_dora_scale`)."""
+    from sdlora.training import network
+
+    weights = {}
+    for component, model in (("unet", pipe.unet), ("text_encoder", pipe.text_encoder)):
+        for name, layer in network._adapter_layers(model, "default").items():
+            layer.merge(adapter_names=["default"])
+            merged = layer.get_base_layer().weight.detach().clone()
+            layer.unmerge()
+            if hasattr(layer, network.INPUT_MAGNITUDE):
+                merged = merged * network.input_dora_scale(layer).view(1, -1, *[1] * (merged.dim() - 2))
+            weights[f"{component}.{network._canonical(component, name)}"] = merged
+    return weights
+
+
+@pytest.fixture(scope="session")
+def effective_weights():
+    """`effective_weights(pipe) -> {LoraState path: weight}`: what each adapted layer of `pipe` computes with."""
+    return _effective_weights
+
+
+def _layer_reference(layer: torch.nn.Module, weight: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """An input for `layer` (a Linear or a Conv2d) and the output the layer would give with `weight` instead of its own."""
+    if isinstance(layer, torch.nn.Conv2d):
+        x = torch.randn(2, layer.in_channels, 6, 5, generator=generator)
+        return x, torch.nn.functional.conv2d(x, weight, layer.bias, layer.stride, layer.padding)
+    x = torch.randn(3, layer.in_features, generator=generator)
+    return x, torch.nn.functional.linear(x, weight, layer.bias)
+
+
+@pytest.fixture(scope="session")
+def layer_reference():
+    """`layer_reference(layer, weight, generator) -> (x, output)`: the layer's output at another weight, for a
+    reference implementation's forward pass to be compared with."""
+    return _layer_reference
+
+
 # ---------------------------------------------------------------- an SDXL single-file checkpoint, built by hand
 
 

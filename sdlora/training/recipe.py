@@ -249,6 +249,11 @@ def _setup_network(options: NetworkConfig, optimization: OptimizationConfig, bas
     """LoRA on the UNet (and the text encoders with --train-text-encoder): fresh, or a file trained further (a
     resumed checkpoint later overrides it); fp32 unless --full-bf16/--full-fp16. Returns the optimizer's parameter
     groups, each at its component's learning rate; `model.trained` names the components."""
+    if model.family.kohya_unet_names == "mmdit" and options.kind != "lora":  # before the LoRA is added, let alone trained
+        raise UserError(
+            f"--kind {options.kind} on {model.family.label}: kohya's file (and ComfyUI's and Forge's reading of it) fuses "
+            "q, k and v into one qkv layer, which only a plain LoRA fits exactly in its own form; train it with --kind lora"
+        )
     lora_dtype = model.dtype if base.full_bf16 or base.full_fp16 else torch.float32
     unet_targets = targets.unet_target_modules(model.unet, options.preset, options.lora_blocks)
     plan = blocks.block_plan(model.unet, unet_targets, options, model.family)  # kohya's block_dims / *_lr_weight

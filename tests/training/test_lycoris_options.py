@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from sdlora.core.families import SD1
 from sdlora.core.files import read_lora, write_kohya
 from sdlora.core.kinds import LohaModule, LokrModule
-from sdlora.core.targets import text_encoder_target_modules, unet_target_modules
+from sdlora.core.targets import text_encoder_target_modules
 from sdlora.errors import UserError
 from sdlora.inference.merge import merge_lora
 from sdlora.models.tiny import build_tiny_pipeline
@@ -28,32 +28,20 @@ ALPHA, CONV_RANK, CONV_ALPHA = 6.0, 2, 3.0  # alpha != rank; the 3x3 convs at an
 PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
 
 
-def _trained(kind: str, rank: int, options: LycorisOptions):
+def _trained(make, kind: str, rank: int, options: LycorisOptions):
     """The tiny pipeline with `kind` on every UNet layer (3x3 convs at CONV_RANK) and the text encoder (whose MLP is
     37 wide: a prime, which no factor divides), its adapter weights set at random as training would leave them."""
-    pipe = build_tiny_pipeline()
-    unet_targets = unet_target_modules(pipe.unet, "all")
-    network.add_lora(pipe.unet, unet_targets, rank, ALPHA, kind=kind, conv_rank=CONV_RANK, conv_alpha=CONV_ALPHA, lycoris=options)
-    network.add_lora(pipe.text_encoder, text_encoder_target_modules(pipe.text_encoder), rank, ALPHA, kind=kind, lycoris=options)
-    generator = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for model in (pipe.unet, pipe.text_encoder):
-            for param in network.lora_parameters(model):
-                param.add_(torch.randn(param.shape, generator=generator) * 0.2)
-    return pipe
+    return make(kind, rank, ALPHA, CONV_RANK, CONV_ALPHA, 5, lycoris=options)
 
 
-def _check_file_against_peft_and_lycoris(pipe, kind: str, rank: int, options: LycorisOptions, tmp_path) -> dict[str, tuple[set[str], bool]]:
+def _check_file_against_peft_and_lycoris(
+    pipe, kind: str, rank: int, options: LycorisOptions, tmp_path, effective_weights, layer_reference
+) -> dict[str, tuple[set[str], bool]]:
     """The kohya file of `pipe`'s adapter: sdlora's merge of it and LyCORIS 4.1.3's module loaded from it equal each
     peft layer's effective weight (rtol 1e-5), and a LyCORIS module built on the base layer with the same arguments
     holds the same tensor names and shapes. Returns each module's tensor names and whether it is a 3x3 conv."""
     models = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
-    expected = {}
-    for component, model in models.items():
-        for name, layer in network._adapter_layers(model, "default").items():
-            layer.merge(adapter_names=["default"])
-            expected[f"{component}.{network._canonical(component, name)}"] = layer.get_base_layer().weight.detach().clone()
-            layer.unmerge()
+    expected = effective_weights(pipe)
     state = network.extract_lora_state(models)
     path = write_kohya(state, tmp_path / f"{kind}.safetensors", {}, SD1)
     tensors = load_file(path)
@@ -86,12 +74,7 @@ def _check_file_against_peft_and_lycoris(pipe, kind: str, rank: int, options: Ly
         )  # fmt: skip
         assert {k: tuple(t.shape) for k, t in built.state_dict().items()} == {k: tuple(t.shape) for k, t in ours.items()}, path_name
         built.load_state_dict(ours)
-        if isinstance(layer, torch.nn.Conv2d):
-            x = torch.randn(2, layer.in_channels, 6, 5, generator=generator)
-            reference = torch.nn.functional.conv2d(x, weight, layer.bias, layer.stride, layer.padding)
-        else:
-            x = torch.randn(3, layer.in_features, generator=generator)
-            reference = torch.nn.functional.linear(x, weight, layer.bias)
+        x, reference = layer_reference(layer, weight, generator)
         with torch.no_grad():
             torch.testing.assert_close(built(x), reference, rtol=1e-5, atol=1e-5, msg=path_name)
         held[lora_name] = (set(ours), conv3)
@@ -120,9 +103,11 @@ def test_factorization_is_lycoris_not_peft():
         (1, LycorisOptions(factor=16, decompose_both=True), {("w1a", "w1b", "w2a", "w2b"), ("w1", "w2a", "w2b")}),
     ],
 )
-def test_lokr_factor_and_decompose_both_write_the_trained_update(rank, options, forms, tmp_path):
-    pipe = _trained("lokr", rank, options)
-    _check_file_against_peft_and_lycoris(pipe, "lokr", rank, options, tmp_path)
+def test_lokr_factor_and_decompose_both_write_the_trained_update(
+    rank, options, forms, tmp_path, adapted_tiny_pipe, effective_weights, layer_reference
+):
+    pipe = _trained(adapted_tiny_pipe, "lokr", rank, options)
+    _check_file_against_peft_and_lycoris(pipe, "lokr", rank, options, tmp_path, effective_weights, layer_reference)
     state = read_lora(tmp_path / "lokr.safetensors")
     found = {tuple(sorted(module.factors())) for module in state.modules.values()}
     assert all(isinstance(module, LokrModule) for module in state.modules.values())
@@ -130,10 +115,10 @@ def test_lokr_factor_and_decompose_both_write_the_trained_update(rank, options, 
 
 
 @pytest.mark.parametrize("kind", ["loha", "lokr"])
-def test_tucker_convs_write_the_trained_update(kind, tmp_path):
+def test_tucker_convs_write_the_trained_update(kind, tmp_path, adapted_tiny_pipe, effective_weights, layer_reference):
     options = LycorisOptions(use_tucker=True)
-    pipe = _trained(kind, 4, options)
-    held = _check_file_against_peft_and_lycoris(pipe, kind, 4, options, tmp_path)
+    pipe = _trained(adapted_tiny_pipe, kind, 4, options)
+    held = _check_file_against_peft_and_lycoris(pipe, kind, 4, options, tmp_path, effective_weights, layer_reference)
     cores = {"loha": {"hada_t1", "hada_t2"}, "lokr": {"lokr_t2"}}[kind]
     with_core = {name for name, (keys, _) in held.items() if cores <= keys}
     assert with_core == {name for name, (_, conv3) in held.items() if conv3}  # the 3x3 convs, not 1x1 ones or Linears
@@ -142,9 +127,9 @@ def test_tucker_convs_write_the_trained_update(kind, tmp_path):
     assert len(tucker) == len(with_core)
 
 
-def test_lycoris_dropouts_act_in_training_mode_only():
+def test_lycoris_dropouts_act_in_training_mode_only(adapted_tiny_pipe):
     options = LycorisOptions(rank_dropout=0.5, module_dropout=0.5, rank_dropout_scale=True)
-    pipe = _trained("lokr", 4, options)
+    pipe = _trained(adapted_tiny_pipe, "lokr", 4, options)
     layers = network._adapter_layers(pipe.text_encoder, "default")
     layer = next(layer for name, layer in layers.items() if name.endswith("layers.0.self_attn.q_proj"))
     x = torch.randn(2, 3, layer.get_base_layer().in_features)

@@ -175,6 +175,11 @@ def test_sd3_refuses_diffusion_options(tmp_path, dataset, tiny_config):
 
     with pytest.raises(UserError, match="--snr-gamma is for diffusion"):
         recipe.setup(_sd3_config(tiny_config, dataset, tmp_path / "run", snr_gamma=5.0))
+    # kohya's SD3 file fuses q/k/v, which only a plain LoRA fits in its own form: the other kinds are refused before training
+    for kind in ("loha", "lokr", "dora"):
+        with pytest.raises(UserError, match=f"--kind {kind} on SD3.*fuses q, k and v .* --kind lora"):
+            recipe.setup(_sd3_config(tiny_config, dataset, tmp_path / kind, kind=kind))
+        assert not (tmp_path / kind / "checkpoints").exists()
 
 
 def test_lora_blocks_train_only_the_chosen_joint_blocks(tmp_path, dataset, tiny_config):

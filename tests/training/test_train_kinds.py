@@ -16,7 +16,6 @@ from sdlora.core.families import SD1
 from sdlora.core.files import read_lora, write_diffusers, write_kohya
 from sdlora.core.kinds import DoraModule, LohaModule, LokrModule
 from sdlora.core.state import LoraModule
-from sdlora.core.targets import text_encoder_target_modules, unet_target_modules
 from sdlora.errors import UserError
 from sdlora.inference.grid import find_checkpoints
 from sdlora.inference.merge import merge_lora
@@ -35,31 +34,6 @@ KOHYA_KEYS = {  # per kind, the LyCORIS tensor names each module of the kohya fi
 }
 
 
-def _trained(kind: str):
-    """The tiny pipeline with `kind` on every UNet layer (preset all, 3x3 convs at CONV_RANK) and the text encoder,
-    its adapter weights set at random as training would leave them."""
-    pipe = build_tiny_pipeline()
-    network.add_lora(pipe.unet, unet_target_modules(pipe.unet, "all"), RANK, ALPHA, kind=kind, conv_rank=CONV_RANK, conv_alpha=CONV_ALPHA)
-    network.add_lora(pipe.text_encoder, text_encoder_target_modules(pipe.text_encoder), RANK, ALPHA, kind=kind)
-    generator = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for model in (pipe.unet, pipe.text_encoder):
-            for param in network.lora_parameters(model):
-                param.add_(torch.randn(param.shape, generator=generator) * 0.2)
-    return pipe
-
-
-def _peft_weights(pipe) -> dict[str, torch.Tensor]:
-    """Each adapted layer's effective weight as peft computes it (peft's own merge), by its LoraState path."""
-    weights = {}
-    for component, model in (("unet", pipe.unet), ("text_encoder", pipe.text_encoder)):
-        for name, layer in network._adapter_layers(model, "default").items():
-            layer.merge(adapter_names=["default"])
-            weights[f"{component}.{network._canonical(component, name)}"] = layer.get_base_layer().weight.detach().clone()
-            layer.unmerge()
-    return weights
-
-
 def _layers(pipe) -> dict[str, torch.nn.Module]:
     """The pipeline's layers by LoraState path (text encoders with `text_model.` on any transformers)."""
     models = (("unet", pipe.unet), ("text_encoder", pipe.text_encoder))
@@ -67,9 +41,9 @@ def _layers(pipe) -> dict[str, torch.nn.Module]:
 
 
 @pytest.mark.parametrize("kind", ["lora", "loha", "lokr", "dora"])
-def test_kohya_file_holds_exactly_the_trained_update(kind, tmp_path):
-    pipe = _trained(kind)
-    expected = _peft_weights(pipe)
+def test_kohya_file_holds_exactly_the_trained_update(kind, tmp_path, adapted_tiny_pipe, effective_weights, layer_reference):
+    pipe = adapted_tiny_pipe(kind, RANK, ALPHA, CONV_RANK, CONV_ALPHA, 5)
+    expected = effective_weights(pipe)
     state = network.extract_lora_state({"unet": pipe.unet, "text_encoder": pipe.text_encoder})
     assert {type(module) for module in state.modules.values()} == {CLASSES[kind]}
     path = write_kohya(state, tmp_path / f"{kind}.safetensors", {}, SD1)
@@ -122,12 +96,7 @@ def test_kohya_file_holds_exactly_the_trained_update(kind, tmp_path):
         layer = base[name]
         lycoris_type, params = get_module(tensors, lora_name)
         module = make_module(lycoris_type, params, lora_name, layer)
-        if isinstance(layer, torch.nn.Conv2d):
-            x = torch.randn(2, layer.in_channels, 6, 5, generator=generator)
-            reference = torch.nn.functional.conv2d(x, weight, layer.bias, layer.stride, layer.padding)
-        else:
-            x = torch.randn(3, layer.in_features, generator=generator)
-            reference = torch.nn.functional.linear(x, weight, layer.bias)
+        x, reference = layer_reference(layer, weight, generator)
         with torch.no_grad():
             torch.testing.assert_close(module(x), reference, rtol=1e-5, atol=1e-5, msg=name)
 

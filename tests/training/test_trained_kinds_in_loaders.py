@@ -28,8 +28,6 @@ from safetensors.torch import load_file
 
 from sdlora.core.families import SD1
 from sdlora.core.files import write_kohya
-from sdlora.core.targets import text_encoder_target_modules, unet_target_modules
-from sdlora.models.tiny import build_tiny_pipeline
 from sdlora.training import network
 
 RANK, ALPHA, CONV_RANK, CONV_ALPHA = 4, 6.0, 2, 3.0  # alpha != rank; the 3x3 convs at their own rank and alpha
@@ -199,51 +197,29 @@ CASES = {  # name: (kind, add_lora's options, the LyCORIS tensors some module of
 }
 
 
-def _trained(kind: str, options: dict):
-    """The tiny pipeline with `kind` on every UNet layer (the 3x3 convs at CONV_RANK) and on the text encoder, its
-    adapter weights moved at random as training would leave them."""
+def _trained(make, kind: str, options: dict):
     options = dict(options)
-    rank = options.pop("rank", RANK)
-    pipe = build_tiny_pipeline()
-    unet_targets = unet_target_modules(pipe.unet, "all")
-    network.add_lora(pipe.unet, unet_targets, rank, ALPHA, kind=kind, conv_rank=CONV_RANK, conv_alpha=CONV_ALPHA, **options)
-    network.add_lora(
-        pipe.text_encoder,
-        text_encoder_target_modules(pipe.text_encoder),
-        rank,
-        ALPHA,
-        kind=kind,
-        dora_axis=options.get("dora_axis", "output"),
-    )
-    generator = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for model in (pipe.unet, pipe.text_encoder):
-            for param in network.lora_parameters(model):
-                param.add_(torch.randn(param.shape, generator=generator) * 0.2)
-    return pipe
+    return make(kind, options.pop("rank", RANK), ALPHA, CONV_RANK, CONV_ALPHA, 3, **options)
 
 
-def _trained_weights(pipe) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Each adapted layer's (base weight, effective weight) by its kohya name: peft's own merge, times the input
-    scale where DoRA's magnitude is per input column (`network.input_dora_scale`)."""
-    weights = {}
-    for component, model, prefix in (("unet", pipe.unet, "lora_unet_"), ("text_encoder", pipe.text_encoder, "lora_te_")):
+def _by_kohya_name(pipe, effective_weights) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Each adapted layer's (base weight, effective weight) by its name in the kohya file."""
+    base = {}
+    for component, model in (("unet", pipe.unet), ("text_encoder", pipe.text_encoder)):
         for name, layer in network._adapter_layers(model, "default").items():
-            base = layer.get_base_layer().weight.detach().clone()
-            layer.merge(adapter_names=["default"])
-            merged = layer.get_base_layer().weight.detach().clone()
-            layer.unmerge()
-            if hasattr(layer, network.INPUT_MAGNITUDE):
-                merged = merged * network.input_dora_scale(layer).view(1, -1, *[1] * (merged.dim() - 2))
-            weights[prefix + network._canonical(component, name).replace(".", "_")] = (base, merged)
-    return weights
+            base[f"{component}.{network._canonical(component, name)}"] = layer.get_base_layer().weight.detach().clone()
+    prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+    return {
+        prefixes[path.partition(".")[0]] + path.partition(".")[2].replace(".", "_"): (base[path], weight)
+        for path, weight in effective_weights(pipe).items()
+    }
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_comfyui_and_a1111_apply_exactly_the_trained_weight(case, tmp_path):
+def test_comfyui_and_a1111_apply_exactly_the_trained_weight(case, tmp_path, adapted_tiny_pipe, effective_weights):
     kind, options, must_hold = CASES[case]
-    pipe = _trained(kind, options)
-    trained = _trained_weights(pipe)
+    pipe = _trained(adapted_tiny_pipe, kind, options)
+    trained = _by_kohya_name(pipe, effective_weights)
     state = network.extract_lora_state({"unet": pipe.unet, "text_encoder": pipe.text_encoder})
     tensors = load_file(write_kohya(state, tmp_path / "lora.safetensors", {}, SD1))
     modules: dict[str, dict[str, torch.Tensor]] = {}
@@ -266,11 +242,11 @@ def test_comfyui_and_a1111_apply_exactly_the_trained_weight(case, tmp_path):
     assert convs  # the 3x3 convs (LoCon's, the Tucker forms') are among them
 
 
-def test_dora_per_output_row_is_what_those_loaders_apply_inexactly(tmp_path):
+def test_dora_per_output_row_is_what_those_loaders_apply_inexactly(tmp_path, adapted_tiny_pipe, effective_weights):
     """peft's DoRA (--dora-axis output) read back by the restated loaders: neither gives the trained weight, which is
     why the run prints a note (`outputs.loader_notes`) and `--dora-axis input` exists."""
-    pipe = _trained("dora", {})
-    trained = _trained_weights(pipe)
+    pipe = _trained(adapted_tiny_pipe, "dora", {})
+    trained = _by_kohya_name(pipe, effective_weights)
     state = network.extract_lora_state({"unet": pipe.unet, "text_encoder": pipe.text_encoder})
     tensors = load_file(write_kohya(state, tmp_path / "lora.safetensors", {}, SD1))
     name = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
