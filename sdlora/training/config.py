@@ -303,13 +303,6 @@ class NetworkConfig(_Section):
         "All are written in kohya/LyCORIS's layout; the diffusers file only for lora and dora",
         KINDS,
     )
-    dora_axis: str = _opt(
-        "output",
-        "--kind dora: the learnt magnitude per output row (peft's and the DoRA paper's, LyCORIS's default "
-        "wd_on_output=True; diffusers loads it, ComfyUI and A1111 apply it inexactly) or per input column (LyCORIS's "
-        "wd_on_output=False: what ComfyUI and A1111 apply exactly; kohya file only)",
-        DORA_AXES,
-    )
     rank: int = _opt(16, "LoRA rank: 4-8 for a light style, 32-128 for detailed subjects")
     alpha: float = _opt(16.0, "LoRA alpha; the update is scaled by alpha/rank")
     dropout: float = _opt(0.0, "dropout on the LoRA path; 0.05-0.1 against overfitting small sets")
@@ -356,6 +349,13 @@ class NetworkConfig(_Section):
     )
     use_tucker: bool = _opt(
         False, "LyCORIS's use_tucker (--kind loha/lokr, --preset all): the 3x3 convs with a Tucker core (hada_t1/t2, lokr_t2)"
+    )
+    dora_axis: str = _opt(
+        "output",
+        "--kind dora: the learnt magnitude per output row (peft's and the DoRA paper's, LyCORIS's default "
+        "wd_on_output=True; diffusers loads it, ComfyUI and A1111 apply it inexactly) or per input column (LyCORIS's "
+        "wd_on_output=False: what ComfyUI and A1111 apply exactly; kohya file only)",
+        DORA_AXES,
     )
     block_dims: list[int] = _opt(
         [],
