@@ -9,6 +9,12 @@
    held-out loss (`val_loss`) at the last validation of metrics.jsonl, and the wall time.
 
     python bench/bench_fp8.py [--only memory|loss] [--precision bf16 no ...] [--steps N] [--together]
+        [--seeds 42 1 2 3] [--no-samples]
+
+`--seeds` runs the pair once per seed (the job's own is 42) and adds the mean and spread of fp8 / plain: one pair's
+ratio mixes fp8's effect with where two chaotic trajectories happen to end. `--no-samples` leaves the job's sample
+images out (they take most of its wall time in bf16 on a CPU; the training steps and validation draw nothing from
+them, so the losses are the same).
 
 `--precision no` adds the fp32 pair (fp8 weights cast up to fp32), which is what `--fp8-base` does without mixed
 precision.
@@ -21,6 +27,7 @@ import ctypes
 import gc
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -70,22 +77,26 @@ def memory_table() -> list[str]:
     return rows
 
 
-def _command(precision: str, fp8: bool, out: Path, steps: int | None) -> list[str]:
+def _command(precision: str, fp8: bool, out: Path, steps: int | None, seed: int | None = None, samples: bool = True) -> list[str]:
     """The README's main job at `precision` (with --fp8-base if `fp8`); with `steps`, cut to that many steps with one
-    validation at the end and no samples at step 0."""
+    validation at the end and no samples at step 0; with `seed`, at that seed; without `samples`, drawing none."""
     command = [sys.executable, "-m", "sdlora", "train", str(EXAMPLE), "--config", str(EXAMPLE / "train.toml"), "--output", str(out)]
     command += ["--mixed-precision", precision] + (["--fp8-base"] if fp8 else [])
+    command += ["--seed", str(seed)] if seed is not None else []
+    command += [] if samples else ["--no-samples", "--no-sample-at-first"]
     if steps:
         command += ["--steps", str(steps), "--validate-every", str(steps), "--checkpoint-every", "0", "--no-sample-at-first"]
     return command
 
 
-def _train_pair(precision: str, folder: Path, steps: int | None, together: bool) -> list[tuple[float, float, float]]:
+def _train_pair(
+    precision: str, folder: Path, steps: int | None, together: bool, seed: int | None = None, samples: bool = True
+) -> list[tuple[float, float, float]]:
     """Plain and --fp8-base runs (one after the other, or at once with `together`): (val_loss at step 0, last
     val_loss, wall seconds) of each."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    outs = [folder / f"{precision}-plain", folder / f"{precision}-fp8"]
-    commands = [_command(precision, fp8, out, steps) for fp8, out in zip((False, True), outs)]
+    outs = [folder / f"{precision}-{seed}-plain", folder / f"{precision}-{seed}-fp8"]
+    commands = [_command(precision, fp8, out, steps, seed, samples) for fp8, out in zip((False, True), outs)]
     walls, pending = [0.0, 0.0], []
     for index, command in enumerate(commands):
         start = time.perf_counter()
@@ -111,20 +122,33 @@ def _finish(pending: tuple[int, float, subprocess.Popen], walls: list[float], co
         raise SystemExit(f"{' '.join(command)} failed:\n{stderr[-3000:]}")
 
 
-def loss_table(precisions: list[str], steps: int | None, together: bool) -> list[str]:
-    """Held-out loss after the README's main job (or its first `steps`), without and with --fp8-base, per precision."""
+def loss_table(
+    precisions: list[str], steps: int | None, together: bool, seeds: list[int | None] | None = None, samples: bool = True
+) -> list[str]:
+    """Held-out loss after the README's main job (or its first `steps`), without and with --fp8-base, per precision
+    and seed; with several seeds, each precision's mean fp8 / plain ratio and its spread (sample standard deviation)."""
     rows = [
-        "| `--mixed-precision` | steps | val_loss at step 0, plain / fp8 | val_loss at the end, plain | `--fp8-base` | fp8 / plain "
-        "| wall, plain | `--fp8-base` |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| `--mixed-precision` | seed | steps | val_loss at step 0, plain / fp8 | val_loss at the end, plain | `--fp8-base` "
+        "| fp8 / plain | wall, plain | `--fp8-base` |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
+    seeds = seeds or [None]
     with tempfile.TemporaryDirectory() as folder:
         for precision in precisions:
-            (plain_0, plain, plain_wall), (fp8_0, fp8, fp8_wall) = _train_pair(precision, Path(folder), steps, together)
-            rows.append(
-                f"| {precision} | {steps or 300} | {plain_0:.4f} / {fp8_0:.4f} | {plain:.4f} | {fp8:.4f} | {fp8 / plain:.3f} "
-                f"| {plain_wall:.0f} s | {fp8_wall:.0f} s |"
-            )
+            ratios = []
+            for seed in seeds:
+                pair = _train_pair(precision, Path(folder), steps, together, seed, samples)
+                (plain_0, plain, plain_wall), (fp8_0, fp8, fp8_wall) = pair
+                ratios.append(fp8 / plain)
+                rows.append(
+                    f"| {precision} | {42 if seed is None else seed} | {steps or 300} | {plain_0:.4f} / {fp8_0:.4f} | {plain:.4f} "
+                    f"| {fp8:.4f} | {fp8 / plain:.3f} | {plain_wall:.0f} s | {fp8_wall:.0f} s |"
+                )
+            if len(ratios) > 1:
+                rows.append(
+                    f"| {precision} | mean of {len(ratios)} | | | | | {statistics.mean(ratios):.3f} "
+                    f"(sd {statistics.stdev(ratios):.3f}) | | |"
+                )
     return rows
 
 
@@ -134,11 +158,13 @@ def main() -> None:
     parser.add_argument("--precision", nargs="+", default=["bf16"], choices=("bf16", "fp16", "no"))
     parser.add_argument("--steps", type=int, help="cut the job to this many steps (one validation at the end); default: its 300")
     parser.add_argument("--together", action="store_true", help="run the plain and fp8 jobs at once (a busy machine)")
+    parser.add_argument("--seeds", type=int, nargs="+", help="run the pair at each of these seeds (default: the job's 42)")
+    parser.add_argument("--no-samples", action="store_true", help="draw no sample images (the losses are the same)")
     args = parser.parse_args()
     if args.only != "loss":
         print("\n".join(memory_table()) + "\n")
     if args.only != "memory":
-        print("\n".join(loss_table(args.precision, args.steps, args.together)))
+        print("\n".join(loss_table(args.precision, args.steps, args.together, args.seeds, not args.no_samples)))
 
 
 if __name__ == "__main__":
