@@ -7,7 +7,7 @@ import os
 from collections import Counter
 from pathlib import Path
 
-from .families import guess_architecture
+from .families import family_of_lora, guess_architecture
 from .kinds import KIND_NAMES, DoraModule, OftModule
 from .state import FORMAT_METADATA_KEY, Adapter, LoraState
 
@@ -31,7 +31,7 @@ def describe(state: LoraState, path: str | os.PathLike | None = None) -> dict:
     info = {
         "file": str(path) if path else None,
         "format": state.metadata.get(FORMAT_METADATA_KEY, "unknown"),
-        "architecture": guess_architecture(state),
+        "architecture": _architecture(state),
         "components": dict(per_component),
         "modules": len(state),
         "layer_kinds": dict(kinds),
@@ -112,3 +112,13 @@ def format_description(info: dict) -> str:
 
 def to_json(info: dict) -> str:
     return json.dumps(info, indent=2, sort_keys=True)
+
+
+def _architecture(state: LoraState) -> str:
+    """What the tensor shapes say (`guess_architecture`); where they fit no released model (a test or demo model's
+    widths), the family kohya's metadata names, with the shapes' reason: "SD1.x by its metadata (cross-attention width 64)"."""
+    architecture = guess_architecture(state)
+    family = family_of_lora(state) if architecture.startswith("unknown") else None
+    if family is None:
+        return architecture
+    return f"{family.label} by its metadata ({architecture.removeprefix('unknown (').removesuffix(')')}: no released model's)"

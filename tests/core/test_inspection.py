@@ -98,3 +98,13 @@ def test_describe_our_kohya_file_shows_its_ss_metadata(tmp_path):
     info = describe(read_lora(path), path)
     assert info["metadata"]["ss_network_dim"] == "4" and info["metadata"]["ss_base_model_version"] == "sd_v1"
     assert info["architecture"] == "SD1.x" and info["alpha"] == 8.0
+
+
+def test_describe_names_the_family_kohya_metadata_gives_where_the_shapes_fit_no_released_model():
+    """The README's demo LoRA: the demo model's widths are no released model's, its kohya header says SD1."""
+    tiny = _state(unet__mid_block__attentions__0__transformer_blocks__0__attn2__to_v=(32, 64))
+    assert describe(tiny)["architecture"] == "unknown (cross-attention width 32)"  # no header: the shapes alone
+    labelled = LoraState(tiny.modules, {"ss_base_model_version": "sd_v1"})
+    assert describe(labelled)["architecture"] == "SD1.x by its metadata (cross-attention width 32: no released model's)"
+    released = _state(text_encoder__text_model__encoder__layers__0__self_attn__k_proj=(1024, 1024))
+    assert describe(LoraState(released.modules, {"ss_base_model_version": "sd_v1"}))["architecture"] == "SD2.x"  # shapes first
