@@ -231,28 +231,23 @@ def lora_writers(
 
 
 def writes_diffusers(config: TrainConfig) -> bool:
-    """Whether the run writes the diffusers file: its --kind is one diffusers loads, and DoRA's magnitude per output
-    row (peft's; diffusers has no per-input-column DoRA)."""
-    return config.network.kind in DIFFUSERS_KINDS and not (config.network.kind == "dora" and config.network.dora_axis == "input")
-
-
-def no_diffusers_file(config: TrainConfig) -> str | None:
-    """The line a run prints once when its --kind gets no diffusers file; None when it gets one."""
-    if writes_diffusers(config):
-        return None
-    kind = KIND_NAMES[config.network.kind]
-    if config.network.kind == "dora":
-        return (
-            f"--kind dora --dora-axis input: diffusers (peft) has DoRA per output row only, so this run writes the kohya file "
-            f"{kohya_file(config)} only (A1111, Forge, ComfyUI, sdlora load it)"
-        )
-    return f"--kind {config.network.kind}: diffusers cannot load {kind} files, so this run writes the kohya file {kohya_file(config)} only (A1111, Forge, ComfyUI, sdlora load it)"
+    """Whether the run writes the diffusers file: its --kind is one diffusers loads, with DoRA's magnitude per output
+    row (peft's; diffusers has no per-input-column DoRA; NetworkConfig allows --dora-axis input with --kind dora only)."""
+    return config.network.kind in DIFFUSERS_KINDS and config.network.dora_axis == "output"
 
 
 def loader_notes(config: TrainConfig) -> list[str]:
-    """The lines a run prints once where a loader people use would not apply the file it writes exactly (each checked
-    against that loader's code, tests/training/test_trained_kinds_in_loaders.py)."""
+    """The lines a run prints once where a loader people use would not load the file it writes, or not apply it
+    exactly (each checked against that loader's code, tests/training/test_trained_kinds_in_loaders.py)."""
     notes = []
+    if not writes_diffusers(config):
+        why = (
+            "diffusers (peft) has DoRA per output row only"
+            if config.network.dora_axis == "input"
+            else f"diffusers cannot load {KIND_NAMES[config.network.kind]} files"
+        )
+        flags = f"--kind {config.network.kind}" + (" --dora-axis input" if config.network.dora_axis == "input" else "")
+        notes.append(f"{flags}: {why}, so this run writes the kohya file {kohya_file(config)} only (A1111, Forge, ComfyUI, sdlora load it)")
     if config.network.kind == "dora" and config.network.dora_axis == "output":
         notes.append(
             "--kind dora: the magnitude per output row (peft's, LyCORIS's default), which diffusers, LyCORIS and sdlora apply "

@@ -172,10 +172,9 @@ def _setup_accelerator(config: TrainConfig):
     if accelerator.device.type == "cuda":  # TF32 products for the fp32 parts (Ampere and newer; ignored before)
         torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = "tf32" if config.base.tf32 else "ieee"
     torch.manual_seed(config.run.seed)
-    if (note := outputs.no_diffusers_file(config)) and accelerator.is_local_main_process:
-        tqdm.write(note)  # once, before anything loads: a --kind diffusers cannot load gets the kohya file alone
-    for note in outputs.loader_notes(config) if accelerator.is_local_main_process else ():
-        tqdm.write(note)
+    if accelerator.is_local_main_process:  # once, before anything loads: a file some loader cannot take as it is
+        for note in outputs.loader_notes(config):
+            tqdm.write(note)
     return accelerator
 
 

@@ -36,6 +36,13 @@ RANK, ALPHA, CONV_RANK, CONV_ALPHA = 4, 6.0, 2, 3.0  # alpha != rank; the 3x3 co
 # ---------------------------------------------------------------- ComfyUI, restated
 
 
+def _norm_per_input_column(weight: torch.Tensor) -> torch.Tensor:
+    """The norm of each input column over the other axes, shaped [1, in, 1, ...]: the expression ComfyUI's
+    `weight_decompose` (its input-axis branch) and A1111's `apply_weight_decompose` both compute."""
+    columns = weight.transpose(0, 1).reshape(weight.shape[1], -1).norm(dim=1, keepdim=True)
+    return columns.reshape(weight.shape[1], *[1] * (weight.dim() - 1)).transpose(0, 1)
+
+
 def _comfy_weight_decompose(dora_scale, weight, lora_diff, alpha):
     """comfy/weight_adapter/base.py `weight_decompose` at strength 1."""
     lora_diff = lora_diff * alpha
@@ -43,13 +50,7 @@ def _comfy_weight_decompose(dora_scale, weight, lora_diff, alpha):
     if dora_scale.shape[0] == weight_calc.shape[0]:  # its output-axis branch: the norm of W, not of W + dW
         weight_norm = weight.reshape(weight.shape[0], -1).norm(dim=1, keepdim=True).reshape(weight.shape[0], *[1] * (weight.dim() - 1))
     else:
-        weight_norm = (
-            weight_calc.transpose(0, 1)
-            .reshape(weight_calc.shape[1], -1)
-            .norm(dim=1, keepdim=True)
-            .reshape(weight_calc.shape[1], *[1] * (weight_calc.dim() - 1))
-            .transpose(0, 1)
-        )
+        weight_norm = _norm_per_input_column(weight_calc)
     weight_norm = weight_norm + torch.finfo(weight.dtype).eps
     return weight_calc * (dora_scale / weight_norm)
 
@@ -171,14 +172,7 @@ def a1111_weight(t: dict[str, torch.Tensor], weight: torch.Tensor) -> torch.Tens
     updown = updown * (alpha / dim if dim is not None and alpha is not None else 1.0)
     if "dora_scale" in t:  # apply_weight_decompose: the norm per input column, always
         merged = updown + weight
-        norm = (
-            merged.transpose(0, 1)
-            .reshape(merged.shape[1], -1)
-            .norm(dim=1, keepdim=True)
-            .reshape(merged.shape[1], *[1] * (weight.dim() - 1))
-            .transpose(0, 1)
-        )
-        updown = merged * (t["dora_scale"] / norm) - weight
+        updown = merged * (t["dora_scale"] / _norm_per_input_column(merged)) - weight
     return weight + updown
 
 
