@@ -110,6 +110,10 @@ def test_options_a_kind_lacks_are_refused_in_one_line(dataset, tmp_path, tiny_co
         tiny_config(dataset, tmp_path / "out", kind="oft")
     with pytest.raises(UserError, match="--kind dora .* --fp8-base"):
         tiny_config(dataset, tmp_path / "out", kind="dora", fp8_base=True)
+    with pytest.raises(UserError, match=r"--dora-axis sets DoRA's magnitude axis: use it with --kind dora \(now lora\)"):
+        tiny_config(dataset, tmp_path / "out", kind="lora", dora_axis="input")
+    with pytest.raises(UserError, match="--dora-axis 'rows' is invalid: it must be one of output, input"):
+        tiny_config(dataset, tmp_path / "out", kind="dora", dora_axis="rows")
     assert not (tmp_path / "out").exists()  # refused before anything is written
 
 
